@@ -1,0 +1,85 @@
+"""Which implementation runs an op, and how much scratch memory it may use.
+
+``"triton"``: the Triton kernels, on CUDA tensors, or on CPU tensors when the Triton
+interpreter is on (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
+``"torch"``: the same chunked algorithm in plain PyTorch, on any device.
+``"auto"``: Triton for CUDA tensors when Triton imports, the torch twin otherwise. When it
+has to fall back on a CUDA tensor it says so in a log line, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from gopd_kernels.validation import check_choice
+
+logger = logging.getLogger("gopd_kernels")
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Scratch for a tile of logits (or of their gradients). The torch twin streams
+# [token chunk, vocab chunk] fp32 tiles; 64 MiB keeps CPU caches and peak memory small.
+# The Triton backward writes [token chunk, V] gradient tiles that two GEMMs then read;
+# it may use as much as the LM-head weight itself (memory stays O(V*D)), because each
+# chunk costs one read-modify-write of the fp32 dW and fewer, larger chunks amortise it.
+# GOPD_WORKSPACE_MB overrides both.
+TORCH_WORKSPACE_BYTES = 64 << 20
+TRITON_MIN_WORKSPACE_BYTES = 64 << 20
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``; ValueError if impossible."""
+    check_choice(backend, BACKENDS, "backend")
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        if not triton_importable():
+            raise ValueError("backend='triton' needs the triton package, which is not importable here")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); on a CPU set TRITON_INTERPRET=1 "
+                "before triton is imported to run the kernels through the interpreter"
+            )
+        return "triton"
+    if device.type == "cuda":
+        if triton_importable():
+            return "triton"
+        _warn_once("backend='auto': triton is not importable, running the (slower) torch backend on CUDA")
+    return "torch"
+
+
+def workspace_bytes(backend: str, weight: torch.Tensor) -> int:
+    override = os.environ.get("GOPD_WORKSPACE_MB")
+    if override:
+        try:
+            mb = float(override)
+        except ValueError:
+            raise ValueError(f"GOPD_WORKSPACE_MB must be a number of MiB, got {override!r}") from None
+        if mb <= 0:
+            raise ValueError(f"GOPD_WORKSPACE_MB must be > 0, got {override!r}")
+        return int(mb * (1 << 20))
+    if backend == "torch":
+        return TORCH_WORKSPACE_BYTES
+    return max(TRITON_MIN_WORKSPACE_BYTES, weight.numel() * weight.element_size())
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)

@@ -1,0 +1,73 @@
+"""Public ops: thin checks and reshaping around the autograd functions in ``ops/``."""
+
+from __future__ import annotations
+
+import torch
+
+from gopd_kernels.backend import resolve_backend
+from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs
+from gopd_kernels.validation import check_backend_dtype, check_lm_head, check_targets, check_temperature
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each target token, straight from hidden states and the LM head.
+
+    Computes ``log_softmax((hidden @ weight.T + bias) / temperature)[..., targets]`` without
+    ever holding the [tokens, V] logits: extra memory is O(N*D + V*D) plus a bounded tile
+    workspace, in the forward and in the backward.
+
+    Args:
+        hidden: [..., D] final hidden states (float32, bfloat16 or float16).
+        weight: [V, D] LM-head weight, same dtype as ``hidden``.
+        targets: [...] integer token ids, the leading shape of ``hidden``; each in [0, V)
+            or equal to ``ignore_index``.
+        bias: optional [V] LM-head bias, same dtype.
+        temperature: tau > 0; the distribution is softmax(logits / tau), as in sampling.
+        ignore_index: positions with this target get log-prob 0.0 (and entropy 0.0), no
+            gradient, and no compute (they are removed before the kernels run).
+        return_entropy: also return the entropy of softmax(logits / tau) per position.
+        backend: "triton", "torch" or "auto" (see ``gopd_kernels.backend``).
+
+    Returns:
+        float32 log-probs [...] (float64 for float64 inputs, torch backend only); with
+        ``return_entropy``, ``(logp, entropy)``. Both are differentiable w.r.t. hidden,
+        weight and bias for any per-token upstream gradient; gradients come back in the
+        inputs' dtype, accumulated in float32.
+    """
+    check_lm_head(hidden, weight, bias)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    temperature = check_temperature(temperature)
+    if not isinstance(return_entropy, bool):
+        raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    backend = resolve_backend(backend, hidden.device)
+    check_backend_dtype(backend, hidden.dtype)
+
+    lead_shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = targets.reshape(-1)
+    valid = y != ignore_index
+    keep = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+    if keep is not None:  # skip ignored positions entirely: padding costs no compute
+        h, y = h.index_select(0, keep), y.index_select(0, keep)
+    logp, entropy = LinearTokenLogprobs.apply(
+        h.contiguous(), weight, bias, y.long().contiguous(), temperature, return_entropy, backend
+    )
+
+    def restore(x: torch.Tensor) -> torch.Tensor:
+        if keep is not None:
+            x = x.new_zeros(valid.numel()).index_copy(0, keep, x)
+        return x.reshape(lead_shape)
+
+    if return_entropy:
+        return restore(logp), restore(entropy)
+    return restore(logp)

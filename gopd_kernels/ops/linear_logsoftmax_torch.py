@@ -1,0 +1,168 @@
+"""The chunked twin of the Triton kernels, in plain PyTorch (any device, CPUs included).
+
+Logits z = (h W^T + b) / tau are only ever built one [row chunk, vocab chunk] tile at a
+time, in float32, inside a fixed workspace budget; the loop runs vocabulary chunks outside
+and row chunks inside so that each slice of W is read (and upcast) once.
+
+Forward: per-slice log-softmax partials (see vocab_partials) merged into logp, lse and
+entropy. Backward: each tile is recomputed and turned into dL/dz,
+
+    dL/dz_v = g_l (1[v = y] - p_v) + g_H p_v (E_p[z] - z_v)
+            = g_l 1[v = y] - p_v (g_l + g_H (H + z_v - lse))
+
+(g_l, g_H: upstream gradients of logp and entropy, per token), from which dH, dW and db
+follow by two GEMMs and a column sum. dW of a vocabulary chunk is complete once its row
+chunks are done, so it is written once, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gopd_kernels.ops.vocab_partials import merge_vocab_partials
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+ROWS_PER_TILE = 4096  # rows of a tile when the budget allows; more rows, fewer re-reads of W
+LIVE_TILES = 2  # tile-sized tensors alive at once (logits and their exp / probabilities)
+
+
+def tile_shape(rows: int, vocab: int, workspace_bytes: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(row chunk, vocab chunk) such that LIVE_TILES tiles fit in workspace_bytes."""
+    budget_elems = max(1, workspace_bytes // (LIVE_TILES * compute_dtype(dtype).itemsize))
+    row_chunk = max(1, min(rows, ROWS_PER_TILE, budget_elems))
+    vocab_chunk = max(1, min(vocab, budget_elems // row_chunk))
+    row_chunk = max(1, min(rows, budget_elems // vocab_chunk))
+    return row_chunk, vocab_chunk
+
+
+class TileWorkspace:
+    """LIVE_TILES reusable tile buffers, allocated once per call: fresh 32 MB tensors per
+    tile would be page-faulted in anew every time (glibc hands large blocks back to the OS)."""
+
+    def __init__(self, row_chunk: int, vocab_chunk: int, dtype: torch.dtype, device: torch.device):
+        self.buf = torch.empty(LIVE_TILES, row_chunk * vocab_chunk, dtype=dtype, device=device)
+
+    def tile(self, k: int, rows: int, cols: int) -> torch.Tensor:
+        return self.buf[k, : rows * cols].view(rows, cols)
+
+
+def _logits_tile(
+    out: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    inv_temp: float,
+    col_bias: torch.Tensor | None,
+    row_shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out <- (h @ w.T) * inv_temp + col_bias - row_shift[:, None]."""
+    out.addmm_(h, w.T, beta=0, alpha=inv_temp)  # beta = 0: the old contents are ignored
+    if col_bias is not None:
+        out.add_(col_bias)
+    if row_shift is not None:
+        out.sub_(row_shift[:, None])
+    return out
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _targets_in(targets: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose target lies in vocabulary chunk [c0, c1), and the target's column in it."""
+    rows = ((targets >= c0) & (targets < c1)).nonzero().squeeze(1)
+    return rows, targets[rows] - c0
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    inv_temp: float,
+    with_entropy: bool,
+    workspace_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """hidden [M, D], weight [V, D], targets [M] int64 in [0, V) -> (logp, lse, entropy|None)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
+    n_slices = -(-vocab // vocab_chunk)
+    acc = compute_dtype(hidden.dtype)
+    h = hidden.to(acc)
+    m = torch.empty(n_slices, rows, dtype=acc, device=hidden.device)
+    s = torch.empty_like(m)
+    t = torch.empty_like(m) if with_entropy else None
+    zy = torch.zeros_like(m)
+    ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
+    for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
+        w = weight[c0:c1].to(acc)
+        b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
+        for r0, r1 in _chunks(rows, row_chunk):
+            z = _logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b)
+            sel, col = _targets_in(targets[r0:r1], c0, c1)
+            zy[k, r0 + sel] = z[sel, col]
+            m_k = z.amax(dim=1)
+            u = z.sub_(m_k[:, None])
+            e = torch.exp(u, out=ws.tile(1, r1 - r0, c1 - c0))
+            m[k, r0:r1] = m_k
+            s[k, r0:r1] = e.sum(dim=1)
+            if t is not None:
+                t[k, r0:r1] = e.mul_(u).sum(dim=1)
+    return merge_vocab_partials(m, s, t, zy)
+
+
+def backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    inv_temp: float,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+    workspace_bytes: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients (dhidden, dweight, dbias) for per-token upstream grad_logp / grad_entropy [M]."""
+    need_dh, need_dw, need_db = needs
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
+    acc = compute_dtype(hidden.dtype)
+    h = hidden.to(acc)
+    # dz/d(raw logits) = dz/dz_scaled * inv_temp: fold it into the per-token upstream grads.
+    g_l = grad_logp.to(acc) * inv_temp
+    g_e = grad_entropy.to(acc) * inv_temp if grad_entropy is not None else None
+    like = dict(dtype=acc, device=hidden.device)
+    dh = torch.zeros(rows, dim, **like) if need_dh else None
+    dw = torch.empty(vocab, dim, **like) if need_dw else None
+    db = torch.zeros(vocab, **like) if need_db else None
+    ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
+    for c0, c1 in _chunks(vocab, vocab_chunk):
+        w = weight[c0:c1].to(acc)
+        b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
+        for r0, r1 in _chunks(rows, row_chunk):
+            u = _logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, lse[r0:r1])  # log p
+            if g_e is None:
+                dz = u.exp_().mul_(-g_l[r0:r1, None])
+            else:
+                p = torch.exp(u, out=ws.tile(1, r1 - r0, c1 - c0))
+                dz = u.add_(entropy[r0:r1, None]).mul_(g_e[r0:r1, None]).add_(g_l[r0:r1, None]).mul_(p).neg_()
+            sel, col = _targets_in(targets[r0:r1], c0, c1)
+            dz[sel, col] += g_l[r0 + sel]
+            if dh is not None:
+                dh[r0:r1].addmm_(dz, w)
+            if dw is not None:
+                if r0 == 0:
+                    torch.mm(dz.T, h[r0:r1], out=dw[c0:c1])
+                else:
+                    dw[c0:c1].addmm_(dz.T, h[r0:r1])
+            if db is not None:
+                db[c0:c1] += dz.sum(dim=0)
+    cast = lambda x, like: None if x is None else x.to(like.dtype)
+    return cast(dh, hidden), cast(dw, weight), cast(db, bias if bias is not None else weight)

@@ -1,0 +1,277 @@
+"""Triton kernels for token log-probs through a linear layer, streamed over the vocabulary.
+
+Forward (`vocab_partials_kernel`): a program owns BLOCK_M token rows and one slice of the
+vocabulary; it walks the slice in BLOCK_V tiles, each tile z = (H W^T + b) / tau built
+with tl.dot over D in BLOCK_D steps (fp32 accumulator), and keeps an online log-sum-exp
+(m, s), the entropy sum t and the target logit. Slices run in parallel programs so that
+small token counts still fill the GPU; their partials are merged by `merge_vocab_partials`.
+
+Backward (`logits_grad_kernel` + two GEMMs): for a chunk of rows, each (row tile, vocab
+tile) program recomputes z and writes dL/dz_raw (see linear_logsoftmax_torch) into a
+[rows, V] workspace in the input dtype (bf16 for fp16 inputs: fp16 would underflow small
+gradients); then dH = dZ @ W and dW += dZ^T @ H run on tensor cores with fp32
+accumulators (`matmul_triton`). The workspace rows are sized so that it is no larger than
+the weight: memory stays O(N*D + V*D).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gopd_kernels.ops.matmul_triton import matmul
+from gopd_kernels.ops.triton_common import DOT_PRECISION, config, dot_acc, grouped_tile, launch, make_pruner
+from gopd_kernels.ops.vocab_partials import merge_vocab_partials
+
+TILE_CONFIGS = [  # (BLOCK_M rows) x (BLOCK_V vocab) logit tiles, BLOCK_D deep
+    config(8, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
+    config(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),
+    config(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64),
+    config(4, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=32),
+    config(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=32),
+]
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_D=32)
+SLICE_ALIGN = 512  # vocabulary slices are multiples of every BLOCK_V above
+GROUP_M = 8
+
+
+@triton.jit
+def logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    cols,
+    M,
+    V,
+    D,
+    stride_hm,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """z[rows, cols] = (H[rows] . W[cols] + b[cols]) * inv_temp in fp32; -inf past V."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_d[None, :] * stride_hd
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_wv + offs_d[None, :] * stride_wd
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + offs_d) < D
+        h = tl.load(h_ptrs, mask=(rows[:, None] < M) & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=(cols[:, None] < V) & d_ok[None, :], other=0.0)
+        acc = dot_acc(h, tl.trans(w), acc, DOT_PRECISION)
+        h_ptrs += BLOCK_D * stride_hd
+        w_ptrs += BLOCK_D * stride_wd
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+    # Columns past V must weigh nothing in the softmax: -inf, never 0 (verl #2899).
+    return tl.where(cols[None, :] < V, acc * inv_temp, float("-inf"))
+
+
+@triton.jit
+def vocab_partials_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    m_ptr,
+    s_ptr,
+    t_ptr,
+    zy_ptr,
+    M,
+    V,
+    D,
+    stride_hm,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    inv_temp,
+    slice_len,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    vocab_slice = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    v_start = vocab_slice * slice_len
+    v_end = tl.minimum(v_start + slice_len, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, cols, M, V, D, stride_hm, stride_hd, stride_wv, stride_wd,
+            inv_temp, HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile holds a column < V
+        alpha = tl.exp(m - m_new)
+        u = z - m_new[:, None]
+        e = tl.exp(u)
+        if WITH_ENTROPY:  # t = sum e^(z-m) (z-m), rescaled when m moves
+            moved = tl.where(s > 0, m - m_new, 0.0) * s  # first tile: m = -inf, s = 0
+            t = alpha * (t + moved) + tl.sum(e * tl.where(cols[None, :] < V, u, 0.0), axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    out = vocab_slice * M + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(zy_ptr + out, zy, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(t_ptr + out, t, mask=row_ok)
+
+
+@triton.jit
+def logits_grad_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    lse_ptr,
+    ent_ptr,
+    gl_ptr,
+    ge_ptr,
+    dz_ptr,
+    M,
+    V,
+    D,
+    stride_hm,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_dzm,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dZ[rows, cols] = g_l 1[col = y] - p (g_l + g_H (H + z - lse)), g already / tau."""
+    pid_m, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < M
+    z = logits_tile(
+        h_ptr, w_ptr, b_ptr, rows, cols, M, V, D, stride_hm, stride_hd, stride_wv, stride_wd,
+        inv_temp, HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+    )  # fmt: skip
+    y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_l = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
+    u = z - lse[:, None]  # log p; -inf past V
+    p = tl.exp(u)
+    if WITH_ENTROPY:
+        g_e = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        coef = g_l[:, None] + g_e[:, None] * (ent[:, None] + tl.where(cols[None, :] < V, u, 0.0))
+    else:
+        coef = g_l[:, None]
+    dz = tl.where(cols[None, :] == y[:, None], g_l[:, None], 0.0) - p * coef
+    dz_ptrs = dz_ptr + rows[:, None].to(tl.int64) * stride_dzm + cols[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < V))
+
+
+_prune = make_pruner("BLOCK_M", "BLOCK_V", "BLOCK_D", "h_ptr")
+vocab_partials_kernel_tuned = triton.autotune(
+    TILE_CONFIGS, key=["M", "V", "D", "slice_len"], prune_configs_by={"early_config_prune": _prune}
+)(vocab_partials_kernel)
+logits_grad_kernel_tuned = triton.autotune(
+    TILE_CONFIGS, key=["M", "V", "D"], prune_configs_by={"early_config_prune": _prune}
+)(logits_grad_kernel)
+
+
+def vocab_slices(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(number of slices, slice length): enough programs for ~2 waves over the SMs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    row_blocks = triton.cdiv(rows, 128)
+    wanted = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, SLICE_ALIGN)))
+    slice_len = triton.cdiv(triton.cdiv(vocab, wanted), SLICE_ALIGN) * SLICE_ALIGN
+    return triton.cdiv(vocab, slice_len), slice_len
+
+
+def _lm_head_args(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
+    M, D = hidden.shape
+    return (M, weight.shape[0], D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+
+
+def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_bytes):
+    """Same contract as linear_logsoftmax_torch.forward; no workspace needed."""
+    M, V = hidden.shape[0], weight.shape[0]
+    n_slices, slice_len = vocab_slices(M, V, hidden.device)
+    m = torch.empty(n_slices, M, dtype=torch.float32, device=hidden.device)
+    s, zy = torch.empty_like(m), torch.empty_like(m)
+    t = torch.empty_like(m) if with_entropy else None
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_slices)
+    launch(
+        vocab_partials_kernel,
+        vocab_partials_kernel_tuned,
+        grid,
+        INTERPRET_CONFIG,
+        hidden, weight, hidden if bias is None else bias, targets, m, s, m if t is None else t, zy,
+        *_lm_head_args(hidden, weight), inv_temp, slice_len,
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=with_entropy,
+        DOT_PRECISION=DOT_PRECISION[hidden.dtype],
+    )  # fmt: skip
+    return merge_vocab_partials(m, s, t, zy)
+
+
+def backward(
+    hidden, weight, bias, targets, inv_temp, lse, entropy, grad_logp, grad_entropy, needs, workspace_bytes
+):
+    """Same contract as linear_logsoftmax_torch.backward."""
+    need_dh, need_dw, need_db = needs
+    M, D = hidden.shape
+    V = weight.shape[0]
+    g_l = grad_logp.float() * inv_temp
+    g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
+    dz_dtype = torch.float32 if hidden.dtype == torch.float32 else torch.bfloat16
+    rows_per_chunk = max(1, min(M, workspace_bytes // (V * dz_dtype.itemsize)))
+    if rows_per_chunk >= 128:
+        rows_per_chunk -= rows_per_chunk % 128
+    dz = torch.empty(rows_per_chunk, V, dtype=dz_dtype, device=hidden.device)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.empty(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
+    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_db else None
+    for r0 in range(0, M, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, M)
+        h, dz_c = hidden[r0:r1], dz[: r1 - r0]
+        grid = lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+        launch(
+            logits_grad_kernel,
+            logits_grad_kernel_tuned,
+            grid,
+            INTERPRET_CONFIG,
+            h, weight, h if bias is None else bias, targets[r0:r1], lse[r0:r1],
+            lse if entropy is None else entropy[r0:r1], g_l[r0:r1], g_l if g_e is None else g_e[r0:r1],
+            dz_c, *_lm_head_args(h, weight), dz_c.stride(0), inv_temp,
+            HAS_BIAS=bias is not None,
+            WITH_ENTROPY=g_e is not None,
+            DOT_PRECISION=DOT_PRECISION[hidden.dtype],
+            GROUP_M=GROUP_M,
+        )  # fmt: skip
+        if dh is not None:
+            matmul(dz_c, weight, out=dh[r0:r1])
+        if dw is not None:
+            matmul(dz_c.T, h, out=dw, accumulate=r0 > 0)
+        if db is not None:
+            db += dz_c.sum(dim=0, dtype=torch.float32)
+    return dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)

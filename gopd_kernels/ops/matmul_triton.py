@@ -1,0 +1,105 @@
+"""C (+)= A @ B with a float32 accumulator, on tensor cores, for the backward GEMMs.
+
+The backward needs two products of the logit-gradient tile dZ [rows, V]:
+dH = dZ @ W (written in the hidden dtype) and dW += dZ^T @ H (summed over row chunks in a
+float32 buffer, never in bf16). Strides make dZ^T free. Both operands are cast to A's dtype
+before the dot (bf16 x bf16, or fp32 x fp32 through 3xTF32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gopd_kernels.ops.triton_common import DOT_PRECISION, config, dot_acc, grouped_tile, launch, make_pruner
+
+CONFIGS = [
+    config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
+    config(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64),
+    config(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+    config(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+    config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+]
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)
+GROUP_M = 8
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # int64 offsets: rows x stride exceeds 2^31 for [16k, 152k] gradient tiles.
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn[None, :] < N), other=0.0)
+        acc = dot_acc(a, b.to(a.dtype), acc, DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :].to(tl.int64) * stride_cn
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+matmul_kernel_tuned = triton.autotune(
+    CONFIGS,
+    key=["M", "N", "K", "ACCUMULATE"],
+    prune_configs_by={"early_config_prune": make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr")},
+    restore_value=["c_ptr"],  # timing runs must not accumulate into C
+)(matmul_kernel)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
+    """out (+)= a @ b; a [M, K], b [K, N] (any strides), out [M, N] of any float dtype."""
+    M, K = a.shape
+    N = b.shape[1]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    launch(
+        matmul_kernel,
+        matmul_kernel_tuned,
+        grid,
+        INTERPRET_CONFIG,
+        a,
+        b,
+        out,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ACCUMULATE=accumulate,
+        DOT_PRECISION=DOT_PRECISION[a.dtype],
+        GROUP_M=GROUP_M,
+    )
+    return out

@@ -1,0 +1,68 @@
+"""Autograd wrapper for the fused linear + log-softmax + gather op (both backends).
+
+Saves only O(N) statistics (lse, entropy) besides the inputs; the backward recomputes the
+logit tiles. Upstream gradients are per token: any weighting of the tokens (masks,
+advantages, token-mean scaling) flows through exactly, unlike kernels that fold a scalar
+loss gradient into the forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+from gopd_kernels.backend import workspace_bytes
+
+
+def implementation(backend: str) -> ModuleType:
+    """The module with forward()/backward() for a resolved backend ("torch" or "triton")."""
+    name = "linear_logsoftmax_triton" if backend == "triton" else "linear_logsoftmax_torch"
+    return importlib.import_module(f"gopd_kernels.ops.{name}")  # triton imports lazily
+
+
+class LinearTokenLogprobs(torch.autograd.Function):
+    """(hidden [M, D], weight [V, D], bias [V]|None, targets [M]) -> (logp [M], entropy [M]|None).
+
+    All targets must be valid ids (ignored positions are removed by the caller).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend):
+        impl = implementation(backend)
+        inv_temp = 1.0 / temperature
+        ws = workspace_bytes(backend, weight)
+        if hidden.shape[0] == 0:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            lse, logp, entropy = empty, empty, empty.clone() if with_entropy else None
+        else:
+            logp, lse, entropy = impl.forward(hidden, weight, bias, targets, inv_temp, with_entropy, ws)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.impl, ctx.inv_temp, ctx.workspace = impl, inv_temp, ws
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if hidden.shape[0] == 0 or (grad_logp is None and grad_entropy is None):
+            inputs = (hidden, weight, bias)
+            dh, dw, db = (torch.zeros_like(x) if n else None for x, n in zip(inputs, needs, strict=True))
+            return dh, dw, db, None, None, None, None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        dh, dw, db = ctx.impl.backward(
+            hidden,
+            weight,
+            bias,
+            targets,
+            ctx.inv_temp,
+            lse,
+            entropy,
+            grad_logp.contiguous(),
+            None if grad_entropy is None else grad_entropy.contiguous(),
+            needs,
+            ctx.workspace,
+        )
+        return dh, dw, db, None, None, None, None

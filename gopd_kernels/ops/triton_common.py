@@ -1,0 +1,95 @@
+"""Pieces shared by the Triton kernels: tile ordering, launch configs, config pruning.
+
+Configs are listed once per kernel family; on a GPU the autotuner picks among those that
+fit the device's shared memory for the input dtype, under the interpreter one small config
+runs (the interpreter cannot time kernels, and small tiles keep it fast). The AOT test
+compiles every (config, dtype, sm_80/sm_90) combination that this pruning can let through.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from gopd_kernels.backend import interpreter_enabled
+
+# Bytes of shared memory a block may use (opt-in maximum): H100 227 KiB, A100 163 KiB.
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
+
+DOT_PRECISION = {  # fp32 inputs take 3xTF32 on tensor cores: ~fp32 accuracy, not plain TF32
+    torch.float32: "tf32x3",
+    torch.bfloat16: "ieee",
+    torch.float16: "ieee",
+}
+
+
+def config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+def estimated_shared_bytes(cfg: triton.Config, a_rows: str, b_rows: str, k: str, elem_bytes: int) -> int:
+    """Pipelined operand tiles: stages x (A tile + B tile)."""
+    kw = cfg.kwargs
+    return cfg.num_stages * (kw[a_rows] + kw[b_rows]) * kw[k] * elem_bytes
+
+
+def fitting_configs(configs, a_rows, b_rows, k, elem_bytes, limit):
+    """The configs whose pipelined tiles fit `limit` bytes (with 10% headroom for the epilogue)."""
+    return [c for c in configs if estimated_shared_bytes(c, a_rows, b_rows, k, elem_bytes) * 1.1 <= limit]
+
+
+@functools.cache
+def device_shared_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT[80])
+
+
+def make_pruner(a_rows: str, b_rows: str, k: str, elem_arg: str):
+    """early_config_prune for triton.autotune: drop configs too big for this device and dtype."""
+
+    def prune(configs, named_args, **_):
+        t = named_args[elem_arg]
+        elem = 2 if t.dtype in (torch.bfloat16, torch.float16) else 4
+        kept = fitting_configs(configs, a_rows, b_rows, k, elem, device_shared_limit(t.device.index or 0))
+        return kept or configs[-1:]
+
+    return prune
+
+
+def launch(kernel, tuned, grid, interpret_config: dict, *args, **kwargs) -> None:
+    """Run the autotuned kernel on a GPU, the raw one with a fixed small config when interpreting."""
+    if interpreter_enabled():
+        kernel[grid](*args, **kwargs, **interpret_config)
+    else:
+        tuned[grid](*args, **kwargs)
+
+
+# The interpreter keeps bf16 tensors as raw uint16 and its tl.dot would multiply the bit
+# patterns; there, and only there, bf16 tiles are upcast before the dot. Compiled kernels
+# never see this branch.
+_INTERPRETED = tl.constexpr(interpreter_enabled())
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b on tensor cores (fp32 accumulator)."""
+    if _INTERPRETED:
+        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Map a 1-D program id to a (row tile, column tile) in groups of GROUP_M row tiles,
+    so that programs running together share column tiles in L2."""
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    return pid_m, pid_n

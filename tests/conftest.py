@@ -1,0 +1,24 @@
+"""Test-wide set-up.
+
+Without a GPU the Triton kernels run through the interpreter, which must be switched on
+before `triton` is first imported, hence at the top of this file. With a GPU (and no
+explicit TRITON_INTERPRET), the same tests run the compiled kernels on CUDA tensors.
+"""
+
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the Triton backend runs here: CUDA when present, else the CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    return torch.device("cuda")

@@ -1,0 +1,46 @@
+"""Shared test helpers: seeded inputs, float64 references, error measures."""
+
+from __future__ import annotations
+
+import torch
+
+from gopd_kernels import token_logprobs_reference
+
+# Value and gradient tolerances per input dtype (gradients: max error / max |reference|).
+VALUE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float64: 1e-10}
+GRAD_REL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-10}
+
+
+def make_inputs(n, d, v, dtype=torch.float32, device="cpu", bias=True, ignore_frac=0.0, seed=0, scale=1.0):
+    """Hidden states and an LM head whose logits have a realistic spread (std ~ 2 * scale)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g) * scale
+    weight = torch.randn(v, d, generator=g) * (2.0 / d**0.5)
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    if ignore_frac:
+        targets[torch.rand(n, generator=g) < ignore_frac] = -100
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return to(hidden), to(weight), to(b), targets.to(device)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double().cpu()
+    return float((actual.double().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+def run_with_grads(fn, hidden, weight, bias, upstream):
+    """Call fn(h, w, b) -> output(s); backprop sum(out_i * upstream_i); return (outs, grads)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.double() * g.to(o.device)).sum() for o, g in zip(outs, upstream, strict=True))
+    loss.backward()
+    return outs, [None if t is None else t.grad for t in leaves]
+
+
+def reference_with_grads(hidden, weight, bias, targets, upstream, **kw):
+    """The float64 reference on the same (already rounded) values, with its gradients."""
+    to64 = lambda t: None if t is None else t.detach().cpu().double()
+    fn = lambda h, w, b: token_logprobs_reference(h, w, targets.cpu(), bias=b, **kw)
+    return run_with_grads(fn, to64(hidden), to64(weight), to64(bias), upstream)

@@ -1,0 +1,193 @@
+"""token_logprobs, both backends, against the float64 materialising reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gopd_kernels import token_logprobs, token_logprobs_reference
+from tests.kernels.helpers import (
+    GRAD_REL,
+    VALUE_ATOL,
+    make_inputs,
+    reference_with_grads,
+    rel_err,
+    run_with_grads,
+)
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+# Odd shapes: one token, V smaller than any block, prime V, D not a multiple of 16.
+SHAPES = [(1, 16, 5), (7, 17, 97), (130, 64, 1031), (7, 64, 1031), (130, 17, 97)]
+
+
+def _device(backend, device):
+    return device if backend == "triton" else torch.device("cpu")
+
+
+def check_against_reference(
+    backend, device, n, d, v, dtype, *, temperature, entropy, bias, ignore_frac, seed=0
+):
+    hidden, weight, b, targets = make_inputs(
+        n, d, v, dtype, device, bias=bias, ignore_frac=ignore_frac, seed=seed
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    upstream = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2 if entropy else 1)]
+    kw = dict(temperature=temperature, return_entropy=entropy)
+    outs, grads = run_with_grads(
+        lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, backend=backend, **kw),
+        hidden,
+        weight,
+        b,
+        upstream,
+    )
+    ref_outs, ref_grads = reference_with_grads(hidden, weight, b, targets, upstream, **kw)
+    for out, ref in zip(outs, ref_outs, strict=True):
+        assert out.dtype == torch.float32 and out.shape == (n,)
+        torch.testing.assert_close(out.double().cpu(), ref, atol=VALUE_ATOL[dtype], rtol=VALUE_ATOL[dtype])
+    assert (outs[0] <= 0).all()
+    ignored = targets == -100
+    for out in outs:
+        assert (out[ignored] == 0).all()
+    for grad, ref, inp in zip(grads, ref_grads, (hidden, weight, b), strict=True):
+        if inp is None:
+            continue
+        assert grad.dtype == inp.dtype and grad.shape == inp.shape
+        assert rel_err(grad, ref) <= GRAD_REL[dtype], rel_err(grad, ref)
+    assert (grads[0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference_all_options(backend, device, shape, dtype):
+    """Bias, temperature, ignored positions, entropy and random per-token upstream grads at once."""
+    check_against_reference(
+        backend,
+        _device(backend, device),
+        *shape,
+        dtype,
+        temperature=0.7,
+        entropy=True,
+        bias=True,
+        ignore_frac=0.3,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 1.9])
+def test_option_combinations(backend, device, bias, entropy, temperature):
+    check_against_reference(
+        backend, _device(backend, device), 37, 24, 211, torch.float32,
+        temperature=temperature, entropy=entropy, bias=bias, ignore_frac=0.0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "backend,workspace_mb",
+    [("torch", "0.002"), pytest.param("triton", "0.1", marks=pytest.mark.triton)],  # ~5 row chunks
+)
+def test_small_workspace_forces_many_chunks(backend, workspace_mb, device, monkeypatch):
+    """A tiny workspace splits rows (and, in torch, the vocabulary) into chunks; results must not change."""
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", workspace_mb)
+    check_against_reference(
+        backend, _device(backend, device), 130, 32, 1031, torch.float32,
+        temperature=0.8, entropy=True, bias=True, ignore_frac=0.2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_non_contiguous_inputs(backend, device):
+    dev = _device(backend, device)
+    b_, t_, d, v = 3, 5, 24, 97
+    g = torch.Generator().manual_seed(3)
+    # hidden: a [B, T, D] view with a stride gap; weight: transposed storage; targets: strided.
+    hidden = torch.randn(b_, t_, 2 * d, generator=g)[..., ::2].to(dev)
+    weight = (torch.randn(d, v, generator=g) * 0.3).to(dev).T
+    bias = torch.randn(2 * v, generator=g).to(dev)[::2]
+    targets = torch.randint(0, v, (b_, 2 * t_), generator=g)[:, ::2].to(dev)
+    targets[1, 2] = -100
+    assert not (hidden.is_contiguous() or weight.is_contiguous() or bias.is_contiguous())
+    assert not targets.is_contiguous()
+    upstream = [torch.randn(b_, t_, generator=g, dtype=torch.float64) for _ in range(2)]
+    outs, grads = run_with_grads(
+        lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, return_entropy=True, backend=backend),
+        hidden, weight, bias, upstream,
+    )  # fmt: skip
+    ref_outs, ref_grads = reference_with_grads(hidden, weight, bias, targets, upstream, return_entropy=True)
+    for out, ref in zip(outs, ref_outs, strict=True):
+        assert out.shape == (b_, t_)
+        torch.testing.assert_close(out.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        assert rel_err(grad, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peaked_and_large_logits_stay_finite_and_non_positive(backend, device):
+    """Logits in the hundreds (p ~ 1 on one token) must not overflow or give log p > 0."""
+    dev = _device(backend, device)
+    hidden, weight, bias, targets = make_inputs(16, 32, 97, torch.float32, dev, scale=60.0)
+    logits = hidden @ weight.T + bias
+    targets[:8] = logits[:8].argmax(-1)  # the most likely token: log p ~ 0 from below
+    logp, ent = token_logprobs(hidden, weight, targets, bias=bias, return_entropy=True, backend=backend)
+    ref_logp, ref_ent = token_logprobs_reference_64(hidden, weight, targets, bias)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert (logp <= 0).all() and (ent >= 0).all()
+    torch.testing.assert_close(logp.double().cpu(), ref_logp, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ent.double().cpu(), ref_ent, atol=1e-4, rtol=1e-4)
+
+
+def token_logprobs_reference_64(hidden, weight, targets, bias):
+    f64 = lambda t: t.detach().cpu().double()
+    return token_logprobs_reference(
+        f64(hidden), f64(weight), targets.cpu(), bias=f64(bias), return_entropy=True
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_only_and_partial_requires_grad(backend, device):
+    """Gradient through the entropy alone, and to the hidden states only (frozen head)."""
+    dev = _device(backend, device)
+    hidden, weight, bias, targets = make_inputs(9, 16, 53, torch.float32, dev)
+    h = hidden.clone().requires_grad_()
+    _, ent = token_logprobs(h, weight, targets, bias=bias, return_entropy=True, backend=backend)
+    ent.sum().backward()
+    h64 = hidden.detach().cpu().double().requires_grad_()
+    _, ref_ent = token_logprobs_reference(
+        h64, weight.cpu().double(), targets.cpu(), bias=bias.cpu().double(), return_entropy=True
+    )
+    ref_ent.sum().backward()
+    assert rel_err(h.grad, h64.grad) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens_and_all_ignored(backend, device):
+    dev = _device(backend, device)
+    hidden, weight, _, _ = make_inputs(4, 16, 11, torch.float32, dev, bias=False)
+    empty = token_logprobs(hidden[:0], weight, torch.zeros(0, dtype=torch.long, device=dev), backend=backend)
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    targets = torch.full((4,), -100, device=dev)
+    logp, ent = token_logprobs(h, w, targets, return_entropy=True, backend=backend)
+    assert (logp == 0).all() and (ent == 0).all()
+    (logp.sum() + ent.sum()).backward()
+    assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+def test_backends_agree_on_custom_ignore_index(device):
+    hidden, weight, bias, targets = make_inputs(20, 16, 97, torch.float32, device)
+    targets[::3] = 7  # 7 is a real id, but declared ignored here
+    args = dict(bias=bias, ignore_index=7, return_entropy=True)
+    a = token_logprobs(hidden, weight, targets, backend="torch", **args)
+    b = token_logprobs(hidden, weight, targets, backend="triton", **args)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x.cpu(), y.cpu(), atol=1e-5, rtol=1e-5)
+        assert (x[::3] == 0).all()
+
+
+def test_auto_backend_on_cpu_is_torch():
+    from gopd_kernels.backend import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
