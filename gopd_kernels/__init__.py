@@ -6,6 +6,17 @@ chunked PyTorch twin everywhere else.
 """
 
 from gopd_kernels.functional import token_logprobs
+from gopd_kernels.losses import aggregate_token_losses, gopd_advantage, gopd_dense_loss, gopd_loss
 from gopd_kernels.reference import token_logprobs_reference
+from gopd_kernels.scoring import FrozenScores, frozen_logprobs
 
-__all__ = ["token_logprobs", "token_logprobs_reference"]
+__all__ = [
+    "FrozenScores",
+    "aggregate_token_losses",
+    "frozen_logprobs",
+    "gopd_advantage",
+    "gopd_dense_loss",
+    "gopd_loss",
+    "token_logprobs",
+    "token_logprobs_reference",
+]

@@ -42,6 +42,7 @@ class KernelVariant:
 def kernel_variants() -> list[KernelVariant]:
     lls = "gopd_kernels.ops.linear_logsoftmax_triton"
     mm = "gopd_kernels.ops.matmul_triton"
+    dense = "gopd_kernels.ops.dense_kl_triton"
     tile = ("BLOCK_M", "BLOCK_V", "BLOCK_D")
     out = []
     for dt in ("bfloat16", "float16", "float32"):
@@ -50,9 +51,9 @@ def kernel_variants() -> list[KernelVariant]:
         common = dict(HAS_BIAS=True, WITH_ENTROPY=True, DOT_PRECISION=prec)
         out.append(KernelVariant(
             lls, "vocab_partials_kernel", "TILE_CONFIGS", tile, dt,
-            {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64",
+            {"h_ptr": x, "w_ptr": x, "b_ptr": x, "h2_ptr": x, "w2_ptr": x, "b2_ptr": x, "y_ptr": "i64",
              "m_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "fp32", "zy_ptr": "fp32"},
-            common, floats=("inv_temp",),
+            dict(common, HAS_BIAS2=True, TWO_MODELS=True), floats=("inv_temp",),
         ))  # fmt: skip
         dz = "fp32" if dt == "float32" else "bf16"
         out.append(KernelVariant(
@@ -60,6 +61,17 @@ def kernel_variants() -> list[KernelVariant]:
             {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64", "lse_ptr": "fp32", "ent_ptr": "fp32",
              "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": dz},
             dict(common, GROUP_M=8), floats=("inv_temp",),
+        ))  # fmt: skip
+        heads = {f"{p}_ptr": x for p in ("hs", "ws", "ht", "wt", "hr", "wr")}
+        out.append(KernelVariant(
+            dense, "dense_kl_partials_kernel", "DENSE_CONFIGS", tile, dt,
+            heads | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
+            dict(HAS_REF=True, TEACHER_KL=True, DOT_PRECISION=prec), floats=("inv_temp", "lam"),
+        ))  # fmt: skip
+        out.append(KernelVariant(
+            dense, "dense_kl_grad_kernel", "DENSE_CONFIGS", tile, dt,
+            heads | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")} | {"dz_ptr": dz},
+            dict(HAS_REF=True, DOT_PRECISION=prec, GROUP_M=8), floats=("inv_temp", "lam"),
         ))  # fmt: skip
     # Backward GEMMs: dH = dZ @ W (out in the hidden dtype), dW += dZ^T @ H (fp32 buffer).
     for a, b, c, prec in (("bf16", "bf16", "fp32", "ieee"), ("bf16", "fp16", "fp16", "ieee"),

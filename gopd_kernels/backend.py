@@ -10,8 +10,10 @@ has to fall back on a CUDA tensor it says so in a log line, once.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
+from types import ModuleType
 
 import torch
 
@@ -83,3 +85,11 @@ def workspace_bytes(backend: str, weight: torch.Tensor) -> int:
 @functools.cache
 def _warn_once(message: str) -> None:
     logger.warning(message)
+
+
+def implementation(op: str, backend: str) -> ModuleType:
+    """The module with forward()/backward() of `op` for a resolved backend: ops/{op}_{backend}.py.
+
+    Imported on first use, so that the torch backend never imports triton.
+    """
+    return importlib.import_module(f"gopd_kernels.ops.{op}_{backend}")

@@ -6,6 +6,7 @@ import torch
 
 from gopd_kernels.backend import resolve_backend
 from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs
+from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import check_backend_dtype, check_lm_head, check_targets, check_temperature
 
 
@@ -52,22 +53,16 @@ def token_logprobs(
     backend = resolve_backend(backend, hidden.device)
     check_backend_dtype(backend, hidden.dtype)
 
-    lead_shape = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1)
-    valid = y != ignore_index
-    keep = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-    if keep is not None:  # skip ignored positions entirely: padding costs no compute
-        h, y = h.index_select(0, keep), y.index_select(0, keep)
+    rows = RowSelection(targets != ignore_index)
     logp, entropy = LinearTokenLogprobs.apply(
-        h.contiguous(), weight, bias, y.long().contiguous(), temperature, return_entropy, backend
+        rows.take(hidden).contiguous(),
+        weight,
+        bias,
+        rows.take(targets).long().contiguous(),
+        temperature,
+        return_entropy,
+        backend,
     )
-
-    def restore(x: torch.Tensor) -> torch.Tensor:
-        if keep is not None:
-            x = x.new_zeros(valid.numel()).index_copy(0, keep, x)
-        return x.reshape(lead_shape)
-
     if return_entropy:
-        return restore(logp), restore(entropy)
-    return restore(logp)
+        return rows.put(logp), rows.put(entropy)
+    return rows.put(logp)

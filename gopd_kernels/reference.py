@@ -50,3 +50,75 @@ def token_logprobs_reference(
         return logp
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, torch.where(valid, entropy, torch.zeros_like(entropy))
+
+
+def gopd_loss_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    lam: float = 1.0,
+    temperature: float = 1.0,
+    old_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    clip_ratio: tuple[float, float] = (0.2, 0.2),
+    is_cap: float | None = None,
+    loss_agg: str = "token-mean",
+    num_tokens: float | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """gopd_loss written out naively (materialised logits, explicit per-sequence loops)."""
+    s = token_logprobs_reference(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index)
+    valid = targets != ignore_index
+    o = s.detach() if old_logp is None else old_logp.to(s.dtype)
+    teacher = teacher_logp.to(s.dtype)
+    ref = teacher * 0 if ref_logp is None else ref_logp.to(s.dtype)  # lam must be 1 without a reference
+    adv = (lam * (teacher - ref) - (o - ref)).detach()
+    ratio = torch.exp(s - o)
+    low, high = clip_ratio
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - low, 1 + high))
+    if is_cap is not None:
+        loss = loss * torch.clamp(torch.exp(o - rollout_logp.to(s.dtype)), max=is_cap).detach()
+    return _aggregate_reference(loss, valid, loss_agg, num_tokens)
+
+
+def _aggregate_reference(loss, valid, loss_agg, num_tokens):
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    if loss_agg == "token-mean":
+        return loss.sum() / (num_tokens if num_tokens is not None else valid.sum())
+    per_seq = []
+    for b in range(loss.shape[0]):
+        n = int(valid[b].sum())
+        if n:
+            total = loss[b].sum()
+            per_seq.append(total / n if loss_agg == "seq-mean-token-mean" else total)
+    return torch.stack(per_seq).mean() if per_seq else loss.sum() * 0
+
+
+def gopd_dense_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    *,
+    lam: float = 1.0,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    loss_agg: str = "token-mean",
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per-position KL(p_s || q)) with the three [N, V] log-softmaxes materialised."""
+    log_ps = linear_log_softmax_reference(student_hidden, student_weight, None, temperature)
+    log_pt = linear_log_softmax_reference(teacher_hidden, teacher_weight, None, temperature).detach()
+    if ref_hidden is None:
+        log_q = log_pt
+    else:
+        log_pr = linear_log_softmax_reference(ref_hidden, ref_weight, None, temperature).detach()
+        log_q = torch.log_softmax(lam * log_pt + (1 - lam) * log_pr, dim=-1)
+    kl = (log_ps.exp() * (log_ps - log_q)).sum(-1)
+    valid = torch.ones(kl.shape, dtype=torch.bool, device=kl.device) if mask is None else mask
+    return _aggregate_reference(kl, valid, loss_agg, num_tokens), kl

@@ -30,9 +30,11 @@ ROWS_PER_TILE = 4096  # rows of a tile when the budget allows; more rows, fewer 
 LIVE_TILES = 2  # tile-sized tensors alive at once (logits and their exp / probabilities)
 
 
-def tile_shape(rows: int, vocab: int, workspace_bytes: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(row chunk, vocab chunk) such that LIVE_TILES tiles fit in workspace_bytes."""
-    budget_elems = max(1, workspace_bytes // (LIVE_TILES * compute_dtype(dtype).itemsize))
+def tile_shape(
+    rows: int, vocab: int, workspace_bytes: int, dtype: torch.dtype, live: int = LIVE_TILES
+) -> tuple[int, int]:
+    """(row chunk, vocab chunk) such that `live` tiles fit in workspace_bytes."""
+    budget_elems = max(1, workspace_bytes // (live * compute_dtype(dtype).itemsize))
     row_chunk = max(1, min(rows, ROWS_PER_TILE, budget_elems))
     vocab_chunk = max(1, min(vocab, budget_elems // row_chunk))
     row_chunk = max(1, min(rows, budget_elems // vocab_chunk))
@@ -43,11 +45,21 @@ class TileWorkspace:
     """LIVE_TILES reusable tile buffers, allocated once per call: fresh 32 MB tensors per
     tile would be page-faulted in anew every time (glibc hands large blocks back to the OS)."""
 
-    def __init__(self, row_chunk: int, vocab_chunk: int, dtype: torch.dtype, device: torch.device):
-        self.buf = torch.empty(LIVE_TILES, row_chunk * vocab_chunk, dtype=dtype, device=device)
+    def __init__(
+        self,
+        row_chunk: int,
+        vocab_chunk: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        live: int = LIVE_TILES,
+    ):
+        self.buf = torch.empty(live, row_chunk * vocab_chunk, dtype=dtype, device=device)
 
     def tile(self, k: int, rows: int, cols: int) -> torch.Tensor:
         return self.buf[k, : rows * cols].view(rows, cols)
+
+    def tiles(self, rows: int, cols: int) -> list[torch.Tensor]:
+        return [self.tile(k, rows, cols) for k in range(self.buf.shape[0])]
 
 
 def _logits_tile(

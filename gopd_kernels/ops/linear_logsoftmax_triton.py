@@ -76,10 +76,28 @@ def logits_tile(
 
 
 @triton.jit
+def online_softmax_update(z, cols, y, V, m, s, t, zy, WITH_ENTROPY: tl.constexpr):
+    """Fold one [BLOCK_M, BLOCK_V] logit tile into the running (m, s, t, zy) of its rows."""
+    zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile holds a column < V
+    alpha = tl.exp(m - m_new)
+    u = z - m_new[:, None]
+    e = tl.exp(u)
+    if WITH_ENTROPY:  # t = sum e^(z-m) (z-m), rescaled when m moves
+        moved = tl.where(s > 0, m - m_new, 0.0) * s  # first tile: m = -inf, s = 0
+        t = alpha * (t + moved) + tl.sum(e * tl.where(cols[None, :] < V, u, 0.0), axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    return m_new, s, t, zy
+
+
+@triton.jit
 def vocab_partials_kernel(
     h_ptr,
     w_ptr,
     b_ptr,
+    h2_ptr,
+    w2_ptr,
+    b2_ptr,
     y_ptr,
     m_ptr,
     s_ptr,
@@ -88,19 +106,28 @@ def vocab_partials_kernel(
     M,
     V,
     D,
+    D2,
     stride_hm,
     stride_hd,
     stride_wv,
     stride_wd,
+    stride_h2m,
+    stride_h2d,
+    stride_w2v,
+    stride_w2d,
     inv_temp,
     slice_len,
     HAS_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr,
+    TWO_MODELS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Partials [model, slice, row] for one model, or two (teacher and reference) sharing
+    targets and V, whose tiles are streamed side by side in the same program."""
     pid_m = tl.program_id(0)
     vocab_slice = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -110,6 +137,10 @@ def vocab_partials_kernel(
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    zy2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     v_start = vocab_slice * slice_len
     v_end = tl.minimum(v_start + slice_len, V)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -118,22 +149,26 @@ def vocab_partials_kernel(
             h_ptr, w_ptr, b_ptr, rows, cols, M, V, D, stride_hm, stride_hd, stride_wv, stride_wd,
             inv_temp, HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile holds a column < V
-        alpha = tl.exp(m - m_new)
-        u = z - m_new[:, None]
-        e = tl.exp(u)
-        if WITH_ENTROPY:  # t = sum e^(z-m) (z-m), rescaled when m moves
-            moved = tl.where(s > 0, m - m_new, 0.0) * s  # first tile: m = -inf, s = 0
-            t = alpha * (t + moved) + tl.sum(e * tl.where(cols[None, :] < V, u, 0.0), axis=1)
-        s = alpha * s + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t, zy = online_softmax_update(z, cols, y, V, m, s, t, zy, WITH_ENTROPY)
+        if TWO_MODELS:
+            z2 = logits_tile(
+                h2_ptr, w2_ptr, b2_ptr, rows, cols, M, V, D2, stride_h2m, stride_h2d, stride_w2v, stride_w2d,
+                inv_temp, HAS_BIAS2, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            )  # fmt: skip
+            m2, s2, t2, zy2 = online_softmax_update(z2, cols, y, V, m2, s2, t2, zy2, WITH_ENTROPY)
     out = vocab_slice * M + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     tl.store(zy_ptr + out, zy, mask=row_ok)
     if WITH_ENTROPY:
         tl.store(t_ptr + out, t, mask=row_ok)
+    if TWO_MODELS:
+        out2 = out + tl.num_programs(1) * M
+        tl.store(m_ptr + out2, m2, mask=row_ok)
+        tl.store(s_ptr + out2, s2, mask=row_ok)
+        tl.store(zy_ptr + out2, zy2, mask=row_ok)
+        if WITH_ENTROPY:
+            tl.store(t_ptr + out2, t2, mask=row_ok)
 
 
 @triton.jit
@@ -207,42 +242,57 @@ def vocab_slices(rows: int, vocab: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(vocab, slice_len), slice_len
 
 
-def _lm_head_args(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
-    M, D = hidden.shape
-    return (M, weight.shape[0], D, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+def lm_head_args(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
+    return (hidden.shape[1], hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
 
 
-def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_bytes):
-    """Same contract as linear_logsoftmax_torch.forward; no workspace needed."""
-    M, V = hidden.shape[0], weight.shape[0]
-    n_slices, slice_len = vocab_slices(M, V, hidden.device)
-    m = torch.empty(n_slices, M, dtype=torch.float32, device=hidden.device)
+LinearModel = tuple  # (hidden [M, D], weight [V, D], bias [V] | None)
+
+
+def forward_models(models: list[LinearModel], targets, inv_temp, with_entropy):
+    """(logp, lse, entropy|None) of one model, or of two sharing targets, in one launch."""
+    if len(models) not in (1, 2):
+        raise ValueError(f"forward_models takes one or two models, got {len(models)}")
+    (h, w, b), (h2, w2, b2) = models[0], models[-1]
+    M, V = h.shape[0], w.shape[0]
+    n_slices, slice_len = vocab_slices(M, V, h.device)
+    m = torch.empty(len(models), n_slices, M, dtype=torch.float32, device=h.device)
     s, zy = torch.empty_like(m), torch.empty_like(m)
     t = torch.empty_like(m) if with_entropy else None
+    d, *strides = lm_head_args(h, w)
+    d2, *strides2 = lm_head_args(h2, w2)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_slices)
     launch(
         vocab_partials_kernel,
         vocab_partials_kernel_tuned,
         grid,
         INTERPRET_CONFIG,
-        hidden, weight, hidden if bias is None else bias, targets, m, s, m if t is None else t, zy,
-        *_lm_head_args(hidden, weight), inv_temp, slice_len,
-        HAS_BIAS=bias is not None,
+        h, w, h if b is None else b, h2, w2, h2 if b2 is None else b2, targets,
+        m, s, m if t is None else t, zy, M, V, d, d2, *strides, *strides2, inv_temp, slice_len,
+        HAS_BIAS=b is not None,
+        HAS_BIAS2=b2 is not None,
+        TWO_MODELS=len(models) == 2,
         WITH_ENTROPY=with_entropy,
-        DOT_PRECISION=DOT_PRECISION[hidden.dtype],
+        DOT_PRECISION=DOT_PRECISION[h.dtype],
     )  # fmt: skip
-    return merge_vocab_partials(m, s, t, zy)
+    return [merge_vocab_partials(m[k], s[k], None if t is None else t[k], zy[k]) for k in range(len(models))]
 
 
-def backward(
-    hidden, weight, bias, targets, inv_temp, lse, entropy, grad_logp, grad_entropy, needs, workspace_bytes
-):
-    """Same contract as linear_logsoftmax_torch.backward."""
+def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_bytes):
+    """Same contract as linear_logsoftmax_torch.forward; no workspace needed."""
+    return forward_models([(hidden, weight, bias)], targets, inv_temp, with_entropy)[0]
+
+
+def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads):
+    """The backward's second half, shared by every loss over a linear head.
+
+    For each chunk of rows, write_logit_grads(r0, r1, dz) fills dz [r1 - r0, V] with
+    dL/d(raw logits); then dH = dZ @ W and dW += dZ^T @ H run as tensor-core GEMMs with fp32
+    accumulators, and db += column sums. The workspace holds at most workspace_bytes.
+    """
     need_dh, need_dw, need_db = needs
     M, D = hidden.shape
     V = weight.shape[0]
-    g_l = grad_logp.float() * inv_temp
-    g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
     dz_dtype = torch.float32 if hidden.dtype == torch.float32 else torch.bfloat16
     rows_per_chunk = max(1, min(M, workspace_bytes // (V * dz_dtype.itemsize)))
     if rows_per_chunk >= 128:
@@ -253,8 +303,28 @@ def backward(
     db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_db else None
     for r0 in range(0, M, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, M)
-        h, dz_c = hidden[r0:r1], dz[: r1 - r0]
-        grid = lambda meta, n=r1 - r0: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+        dz_c = dz[: r1 - r0]
+        write_logit_grads(r0, r1, dz_c)
+        if dh is not None:
+            matmul(dz_c, weight, out=dh[r0:r1])
+        if dw is not None:
+            matmul(dz_c.T, hidden[r0:r1], out=dw, accumulate=r0 > 0)
+        if db is not None:
+            db += dz_c.sum(dim=0, dtype=torch.float32)
+    return dh, None if dw is None else dw.to(weight.dtype), db
+
+
+def backward(
+    hidden, weight, bias, targets, inv_temp, lse, entropy, grad_logp, grad_entropy, needs, workspace_bytes
+):
+    """Same contract as linear_logsoftmax_torch.backward."""
+    V = weight.shape[0]
+    g_l = grad_logp.float() * inv_temp
+    g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
+
+    def write_logit_grads(r0, r1, dz):
+        h = hidden[r0:r1]
+        grid = lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
         launch(
             logits_grad_kernel,
             logits_grad_kernel_tuned,
@@ -262,16 +332,12 @@ def backward(
             INTERPRET_CONFIG,
             h, weight, h if bias is None else bias, targets[r0:r1], lse[r0:r1],
             lse if entropy is None else entropy[r0:r1], g_l[r0:r1], g_l if g_e is None else g_e[r0:r1],
-            dz_c, *_lm_head_args(h, weight), dz_c.stride(0), inv_temp,
+            dz, r1 - r0, V, *lm_head_args(h, weight), dz.stride(0), inv_temp,
             HAS_BIAS=bias is not None,
             WITH_ENTROPY=g_e is not None,
             DOT_PRECISION=DOT_PRECISION[hidden.dtype],
             GROUP_M=GROUP_M,
         )  # fmt: skip
-        if dh is not None:
-            matmul(dz_c, weight, out=dh[r0:r1])
-        if dw is not None:
-            matmul(dz_c.T, h, out=dw, accumulate=r0 > 0)
-        if db is not None:
-            db += dz_c.sum(dim=0, dtype=torch.float32)
-    return dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype)
+
+    dh, dw, db = grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads)
+    return dh, dw, None if db is None else db.to(bias.dtype)

@@ -8,18 +8,9 @@ loss gradient into the forward.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 import torch
 
-from gopd_kernels.backend import workspace_bytes
-
-
-def implementation(backend: str) -> ModuleType:
-    """The module with forward()/backward() for a resolved backend ("torch" or "triton")."""
-    name = "linear_logsoftmax_triton" if backend == "triton" else "linear_logsoftmax_torch"
-    return importlib.import_module(f"gopd_kernels.ops.{name}")  # triton imports lazily
+from gopd_kernels.backend import implementation, workspace_bytes
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
@@ -30,7 +21,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend):
-        impl = implementation(backend)
+        impl = implementation("linear_logsoftmax", backend)
         inv_temp = 1.0 / temperature
         ws = workspace_bytes(backend, weight)
         if hidden.shape[0] == 0:

@@ -49,8 +49,14 @@ def test_all_configs_compile_with_tensor_cores_within_shared_memory(aot_report):
 def test_each_kernel_dtype_and_target_has_configs(aot_report):
     per = Counter((r["kernel"], r["operand_dtype"], r["target"]) for r in aot_report["results"])
     kernels = {k for k, _, _ in per}
-    assert {"vocab_partials_kernel", "logits_grad_kernel", "matmul_kernel"} <= kernels
-    for kernel in ("vocab_partials_kernel", "logits_grad_kernel"):
+    tile_kernels = (
+        "vocab_partials_kernel",
+        "logits_grad_kernel",
+        "dense_kl_partials_kernel",
+        "dense_kl_grad_kernel",
+    )
+    assert {*tile_kernels, "matmul_kernel"} <= kernels
+    for kernel in tile_kernels:
         for dtype in ("bfloat16", "float16", "float32"):
             for target in (80, 90):
                 assert per[(kernel, dtype, target)] >= 1, (kernel, dtype, target)

@@ -1,0 +1,310 @@
+"""G-OPD objectives: the per-token advantage, the policy-gradient loss, the dense loss.
+
+Symbols as in the project's method notes: s_t student log-prob (with gradient), o_t the
+student's log-prob before the update, r_t the rollout engine's, T_t teacher, R_t reference,
+lam the reward scale (1 = OPD, > 1 = ExOPD reward extrapolation), tau the temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from gopd_kernels.backend import resolve_backend
+from gopd_kernels.functional import token_logprobs
+from gopd_kernels.ops.dense_kl import DenseGopdKL
+from gopd_kernels.selection import RowSelection
+from gopd_kernels.validation import (
+    check_backend_dtype,
+    check_choice,
+    check_lm_head,
+    check_temperature,
+)
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def check_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, Real) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def check_per_token(t: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
+    """A float tensor with the shape and device of `like` (None passes)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+        )
+    if t.shape != like.shape:
+        raise ValueError(f"{name} shape {tuple(t.shape)} must equal {tuple(like.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} ({t.device}) must be on {like.device}")
+
+
+def _check_num_tokens(num_tokens, loss_agg: str):
+    if num_tokens is None:
+        return None
+    if loss_agg != "token-mean":
+        raise ValueError(f"num_tokens applies to loss_agg='token-mean' only, got loss_agg={loss_agg!r}")
+    value = (
+        float(num_tokens) if isinstance(num_tokens, torch.Tensor) and num_tokens.numel() == 1 else num_tokens
+    )
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"num_tokens must be a number > 0 (the whole batch's valid tokens), got {num_tokens!r}"
+        )
+    return float(value)
+
+
+def gopd_advantage(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """A_t = lam (T_t - R_t) - (s_t - R_t), elementwise, float32 (float64 stays float64).
+
+    ``ref_logp`` may be None only when lam == 1 (OPD: A = T - s, the reference cancels).
+    """
+    lam = check_lam(lam)
+    if not isinstance(student_logp, torch.Tensor):
+        raise ValueError(f"student_logp must be a tensor, got {type(student_logp).__name__}")
+    check_per_token(student_logp, "student_logp", student_logp)
+    check_per_token(teacher_logp, "teacher_logp", student_logp)
+    check_per_token(ref_logp, "ref_logp", student_logp)
+    dtype = torch.promote_types(torch.promote_types(student_logp.dtype, teacher_logp.dtype), torch.float32)
+    s, t = student_logp.to(dtype), teacher_logp.to(dtype)
+    if ref_logp is None:
+        if lam != 1.0:
+            raise ValueError(f"ref_logp is required when lam != 1 (got lam={lam}); only OPD (lam=1) drops it")
+        return t - s
+    r = ref_logp.to(dtype)
+    return lam * (t - r) - (s - r)
+
+
+def aggregate_token_losses(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str = "token-mean", num_tokens: float | None = None
+) -> torch.Tensor:
+    """Reduce per-token losses [..] over valid positions (mask) to a scalar.
+
+    token-mean: sum(l m) / (num_tokens or sum(m)); with num_tokens = the valid tokens of the
+    whole batch, the micro-batches of a gradient-accumulation step add up to its token mean.
+    seq-mean-token-mean / seq-mean-token-sum ([B, T] inputs): per sequence the mean / sum
+    over its valid tokens, then the mean over sequences that have any.
+    """
+    check_choice(loss_agg, LOSS_AGGS, "loss_agg")
+    num_tokens = _check_num_tokens(num_tokens, loss_agg)
+    masked = torch.where(mask, per_token, torch.zeros_like(per_token))  # NaN at padding stays out
+    if loss_agg == "token-mean":
+        denom = num_tokens if num_tokens is not None else mask.sum().clamp_min(1)
+        return masked.sum() / denom
+    if per_token.dim() != 2:
+        raise ValueError(f"loss_agg={loss_agg!r} needs [B, T] inputs, got shape {tuple(per_token.shape)}")
+    tokens = mask.sum(dim=-1)
+    per_seq = masked.sum(dim=-1)
+    if loss_agg == "seq-mean-token-mean":
+        per_seq = per_seq / tokens.clamp_min(1)
+    has_tokens = tokens > 0
+    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp_min(1)).detach()
+
+
+def gopd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    lam: float = 1.0,
+    temperature: float = 1.0,
+    old_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    clip_ratio: tuple[float, float] = (0.2, 0.2),
+    is_cap: float | None = None,
+    loss_agg: str = "token-mean",
+    num_tokens: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The G-OPD policy-gradient loss on sampled tokens, fused from the student's hidden states.
+
+        s_t   = log softmax(h W^T / tau)[y_t]          (token_logprobs: never [N, V])
+        o_t   = old_logp, or s_t detached (on-policy)
+        A_t   = lam (T_t - R_t) - (o_t - R_t)          (detached)
+        rho_t = exp(s_t - o_t)
+        l_t   = max(-A_t rho_t, -A_t clip(rho_t, 1 - clip_ratio[0], 1 + clip_ratio[1]))
+        l_t  *= min(exp(o_t - r_t), is_cap)            (when is_cap is set; needs rollout_logp)
+        loss  = aggregate(l, valid = targets != ignore_index, loss_agg, num_tokens)
+
+    On-policy (old_logp None) rho = 1 exactly: the loss is -mean(A) and its gradient
+    -mean(A grad s), REINFORCE with a per-token advantage, as in the official runs.
+
+    Returns ``(loss, stats)``; stats holds detached 0-d tensors (no device sync): the mean
+    advantage, the reverse-KL estimate mean(s - T), the reward mean(T - R) (with a
+    reference), the clip fraction, the importance weight's mean and max (with is_cap), the
+    rollout mismatch mean(o - r) (with rollout_logp), and the valid-token count.
+    """
+    lam = check_lam(lam)
+    check_per_token(
+        teacher_logp, "teacher_logp", targets if isinstance(targets, torch.Tensor) else teacher_logp
+    )
+    for name, t in (("ref_logp", ref_logp), ("old_logp", old_logp), ("rollout_logp", rollout_logp)):
+        check_per_token(t, name, teacher_logp)
+    if ref_logp is None and lam != 1.0:
+        raise ValueError(f"ref_logp is required when lam != 1 (got lam={lam}); only OPD (lam=1) drops it")
+    clip_low, clip_high = _check_clip_ratio(clip_ratio)
+    if is_cap is not None:
+        if (
+            isinstance(is_cap, bool)
+            or not isinstance(is_cap, Real)
+            or not math.isfinite(is_cap)
+            or is_cap <= 0
+        ):
+            raise ValueError(f"is_cap must be a finite number > 0 or None, got {is_cap!r}")
+        if rollout_logp is None:
+            raise ValueError(
+                "is_cap is set but rollout_logp is None: the truncated IS weight needs rollout_logp"
+            )
+    check_choice(loss_agg, LOSS_AGGS, "loss_agg")
+    _check_num_tokens(num_tokens, loss_agg)
+
+    s = token_logprobs(
+        hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend
+    )
+    mask = targets != ignore_index
+    o = s.detach() if old_logp is None else old_logp.to(s.dtype)
+    adv = gopd_advantage(o, teacher_logp, ref_logp, lam=lam).to(s.dtype).detach()
+    ratio = torch.exp(s - o)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    stats = {
+        "advantage": _masked_mean(adv, mask),
+        "reverse_kl": _masked_mean(s.detach() - teacher_logp.to(s.dtype), mask),
+        "clip_frac": _masked_mean((clipped > unclipped).to(s.dtype), mask),
+        "num_tokens": mask.sum().detach(),
+    }
+    if ref_logp is not None:
+        stats["reward"] = _masked_mean((teacher_logp - ref_logp).to(s.dtype), mask)
+    if rollout_logp is not None:
+        log_w = o - rollout_logp.to(s.dtype)
+        stats["rollout_mismatch"] = _masked_mean(log_w, mask)
+        if is_cap is not None:
+            is_weight = torch.exp(log_w).clamp(max=float(is_cap)).detach()
+            per_token = per_token * is_weight
+            stats["is_weight_mean"] = _masked_mean(is_weight, mask)
+            stats["is_weight_max"] = torch.where(mask, is_weight, torch.zeros_like(is_weight)).max().detach()
+    loss = aggregate_token_losses(per_token, mask, loss_agg, num_tokens)
+    return loss, stats
+
+
+def _check_clip_ratio(clip_ratio) -> tuple[float, float]:
+    pair = (
+        (clip_ratio, clip_ratio)
+        if isinstance(clip_ratio, Real) and not isinstance(clip_ratio, bool)
+        else clip_ratio
+    )
+    try:
+        low, high = (float(x) for x in pair)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_ratio must be a pair (low, high) of numbers, got {clip_ratio!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or not 0 <= low < 1 or high < 0:
+        raise ValueError(f"clip_ratio must satisfy 0 <= low < 1 and high >= 0, got {clip_ratio!r}")
+    return low, high
+
+
+def gopd_dense_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    *,
+    lam: float = 1.0,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    loss_agg: str = "token-mean",
+    num_tokens: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Dense G-OPD: KL(p_s || q) over the whole vocabulary at every valid position.
+
+    q is proportional to p_T^lam p_R^(1 - lam), all three at temperature tau: the
+    expectation over the vocabulary of the G-OPD per-token reward, lam log p_T +
+    (1 - lam) log p_R - log p_s, is -KL(p_s || q) + log Z. With lam == 1, q = p_T and the
+    reference is not needed (nor computed, when given). One streaming pass over the
+    vocabulary with the three models' logit tiles side by side; never [N, V], forward or
+    backward. Gradients flow to the student's hidden states and head only.
+
+    Hidden sizes may differ between the models; V must be the same. Returns
+    ``(loss, stats)`` with stats "kl" (mean KL(p_s || q)), "kl_teacher" (mean KL(p_s || p_T)),
+    and "num_tokens".
+    """
+    lam = check_lam(lam)
+    temperature = check_temperature(temperature)
+    check_lm_head(student_hidden, student_weight, names=("student_hidden", "student_weight", "-"))
+    check_lm_head(teacher_hidden, teacher_weight, names=("teacher_hidden", "teacher_weight", "-"))
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight must be given together")
+    if ref_hidden is None and lam != 1.0:
+        raise ValueError(f"ref_hidden / ref_weight are required when lam != 1 (got lam={lam})")
+    heads = {"teacher": (teacher_hidden, teacher_weight)}
+    if ref_hidden is not None:
+        check_lm_head(ref_hidden, ref_weight, names=("ref_hidden", "ref_weight", "-"))
+        heads["ref"] = (ref_hidden, ref_weight)
+    lead = student_hidden.shape[:-1]
+    vocab = student_weight.shape[0]
+    for name, (h, w) in heads.items():
+        if h.shape[:-1] != lead:
+            raise ValueError(
+                f"{name}_hidden leading shape {tuple(h.shape[:-1])} must equal the student's {tuple(lead)}"
+            )
+        if w.shape[0] != vocab:
+            raise ValueError(
+                f"{name}_weight has V={w.shape[0]}, the student's has V={vocab}: vocabularies must match"
+            )
+        if h.dtype != student_hidden.dtype:
+            raise ValueError(
+                f"{name}_hidden is {h.dtype}, the student's is {student_hidden.dtype}: use one dtype"
+            )
+        if h.device != student_hidden.device:
+            raise ValueError(f"{name}_hidden is on {h.device}, the student's on {student_hidden.device}")
+    if mask is None:
+        mask = torch.ones(lead, dtype=torch.bool, device=student_hidden.device)
+    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != lead:
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(lead)}, got {getattr(mask, 'shape', mask)!r}"
+        )
+    check_choice(loss_agg, LOSS_AGGS, "loss_agg")
+    _check_num_tokens(num_tokens, loss_agg)
+    backend = resolve_backend(backend, student_hidden.device)
+    check_backend_dtype(backend, student_hidden.dtype, "student_hidden")
+
+    use_ref = ref_hidden is not None and lam != 1.0  # lam == 1: q = p_T, the reference cancels
+    rows = RowSelection(mask)
+    take = lambda h: rows.take(h).contiguous()
+    kl, kl_teacher = DenseGopdKL.apply(
+        take(student_hidden), student_weight,
+        take(teacher_hidden).detach(), teacher_weight.detach(),
+        take(ref_hidden).detach() if use_ref else None, ref_weight.detach() if use_ref else None,
+        lam, temperature, use_ref, backend,
+    )  # fmt: skip
+    kl = rows.put(kl)
+    loss = aggregate_token_losses(kl, mask, loss_agg, num_tokens)
+    stats = {
+        "kl": _masked_mean(kl, mask),
+        "kl_teacher": _masked_mean(kl if kl_teacher is None else rows.put(kl_teacher), mask),
+        "num_tokens": mask.sum().detach(),
+    }
+    return loss, stats

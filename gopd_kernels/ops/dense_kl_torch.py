@@ -1,0 +1,131 @@
+"""Dense (full-vocabulary) G-OPD in plain PyTorch: the chunked twin of dense_kl_triton.
+
+At every position the loss is KL(p_s || q) with q proportional to p_T^lam p_R^(1 - lam),
+all at temperature tau. With a = z_s / tau and c = (lam z_T + (1 - lam) z_R) / tau (the
+teacher's and reference's own normalisers fold into q's):
+
+    KL = E_ps[a - c] - lse(a) + lse(c)
+    dKL/da_v = p_s,v ((a_v - lse(a)) - (c_v - lse(c)) - KL)
+
+Only the student gets gradients. Tiles of a, c (and the teacher's own logits when the
+KL to the teacher is asked for) stream over the vocabulary as in linear_logsoftmax_torch.
+A head is (hidden [M, D_k], weight [V, D_k]); D may differ between the three models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gopd_kernels.ops.linear_logsoftmax_torch import (
+    TileWorkspace,
+    _chunks,
+    _logits_tile,
+    compute_dtype,
+    tile_shape,
+)
+from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
+
+Head = tuple[torch.Tensor, torch.Tensor]
+
+
+def _target_tile(out, teacher: Head, ref: Head | None, lam: float, inv_temp: float) -> torch.Tensor:
+    """out <- c = (lam z_T + (1 - lam) z_R) / tau; heads already sliced to the tile."""
+    (ht, wt) = teacher
+    out.addmm_(ht, wt.T, beta=0, alpha=(lam if ref is not None else 1.0) * inv_temp)
+    if ref is not None and lam != 1.0:
+        out.addmm_(ref[0], ref[1].T, alpha=(1.0 - lam) * inv_temp)
+    return out
+
+
+def _lse_partials(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, sum exp(z - max)) per row; scratch is left holding exp(z - max)."""
+    m = z.amax(dim=1)
+    return m, torch.sub(z, m[:, None], out=scratch).exp_().sum(dim=1)
+
+
+def _tile_heads(heads, r0, r1, c0, c1, acc):
+    return [None if hd is None else (hd[0][r0:r1], hd[1][c0:c1].to(acc)) for hd in heads]
+
+
+def forward(
+    student: Head,
+    teacher: Head,
+    ref: Head | None,
+    lam: float,
+    inv_temp: float,
+    with_teacher_kl: bool,
+    workspace_bytes: int,
+):
+    """-> (kl, lse_a, lse_c, kl_to_teacher | None), each [M]."""
+    rows, vocab = student[0].shape[0], student[1].shape[0]
+    acc = compute_dtype(student[0].dtype)
+    live = 4 if with_teacher_kl else 3
+    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, live)
+    heads = [None if hd is None else (hd[0].to(acc), hd[1]) for hd in (student, teacher, ref)]
+    n_slices = -(-vocab // vocab_chunk)
+    new = lambda: torch.empty(n_slices, rows, dtype=acc, device=student[0].device)
+    ma, sa, u, mc, sc = new(), new(), new(), new(), new()
+    mt, st, ut = (new(), new(), new()) if with_teacher_kl else (None, None, None)
+    buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=live)
+    for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
+        for r0, r1 in _chunks(rows, row_chunk):
+            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1, acc)
+            tiles = buf.tiles(r1 - r0, c1 - c0)
+            a = _logits_tile(tiles[0], hs, ws, inv_temp, None)
+            if with_teacher_kl:  # the teacher's own logits first, then c from them
+                zt = _target_tile(tiles[3], tch, None, 1.0, inv_temp)
+                mt[k, r0:r1], st[k, r0:r1] = _lse_partials(zt, tiles[2])
+                c = torch.mul(zt, lam, out=tiles[1])
+                if lam != 1.0:
+                    c.addmm_(rf[0], rf[1].T, alpha=(1.0 - lam) * inv_temp)
+            else:
+                c = _target_tile(tiles[1], tch, rf, lam, inv_temp)
+            mc[k, r0:r1], sc[k, r0:r1] = _lse_partials(c, tiles[2])
+            ma[k, r0:r1], sa[k, r0:r1] = _lse_partials(a, tiles[2])
+            e = tiles[2]  # exp(a - m_a), left there by the last _lse_partials
+            u[k, r0:r1] = torch.sub(a, c, out=c).mul_(e).sum(dim=1)
+            if with_teacher_kl:
+                ut[k, r0:r1] = torch.sub(a, zt, out=zt).mul_(e).sum(dim=1)
+    return merge_dense_kl_partials((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
+
+
+def backward(
+    student: Head,
+    teacher: Head,
+    ref: Head | None,
+    lam: float,
+    inv_temp: float,
+    lse_a: torch.Tensor,
+    lse_c: torch.Tensor,
+    kl: torch.Tensor,
+    grad_kl: torch.Tensor,
+    needs: tuple[bool, bool],
+    workspace_bytes: int,
+):
+    """Gradients (d student hidden, d student weight) for a per-position upstream grad_kl."""
+    need_dh, need_dw = needs
+    rows, dim = student[0].shape
+    vocab = student[1].shape[0]
+    acc = compute_dtype(student[0].dtype)
+    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, 3)
+    heads = [None if hd is None else (hd[0].to(acc), hd[1]) for hd in (student, teacher, ref)]
+    g = grad_kl.to(acc) * inv_temp  # d/d(raw logits) = d/da / tau
+    dh = torch.zeros(rows, dim, dtype=acc, device=student[0].device) if need_dh else None
+    dw = torch.empty(vocab, dim, dtype=acc, device=student[0].device) if need_dw else None
+    buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=3)
+    for c0, c1 in _chunks(vocab, vocab_chunk):
+        for r0, r1 in _chunks(rows, row_chunk):
+            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1, acc)
+            tiles = buf.tiles(r1 - r0, c1 - c0)
+            log_p = _logits_tile(tiles[0], hs, ws, inv_temp, None, lse_a[r0:r1])
+            log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])
+            p = torch.exp(log_p, out=tiles[2])
+            dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])
+            if dh is not None:
+                dh[r0:r1].addmm_(dz, ws)
+            if dw is not None:
+                if r0 == 0:
+                    torch.mm(dz.T, hs, out=dw[c0:c1])
+                else:
+                    dw[c0:c1].addmm_(dz.T, hs)
+    return None if dh is None else dh.to(student[0].dtype), None if dw is None else dw.to(student[1].dtype)

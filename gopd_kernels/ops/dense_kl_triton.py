@@ -1,0 +1,237 @@
+"""Dense (full-vocabulary) G-OPD: Triton kernels (math in dense_kl_torch's docstring).
+
+Forward (`dense_kl_partials_kernel`): a program owns BLOCK_M rows and a vocabulary slice
+and streams, tile by tile, the student's logits a, the teacher's z_T and (lam != 1) the
+reference's z_R side by side, each from its own hidden states and head (D may differ),
+keeping online log-sum-exps of a and of c = lam z_T + (1 - lam) z_R, the sum of
+exp(a - m)(a - c), and optionally the same for the teacher alone (KL to the teacher).
+
+Backward (`dense_kl_grad_kernel`): recomputes the three tiles and writes
+dL/d(raw a) = g p_s (log p_s - log q - KL) / tau into the workspace that
+`grads_from_logit_grads` turns into dH and dW of the student with tensor-core GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gopd_kernels.ops.linear_logsoftmax_triton import (
+    GROUP_M,
+    INTERPRET_CONFIG,
+    grads_from_logit_grads,
+    lm_head_args,
+    logits_tile,
+    vocab_slices,
+)
+from gopd_kernels.ops.triton_common import DOT_PRECISION, config, grouped_tile, launch, make_pruner
+from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
+
+# Three logit tiles live at once: smaller tiles than the single-model kernels.
+DENSE_CONFIGS = [
+    config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=64),
+    config(4, 3, BLOCK_M=64, BLOCK_V=64, BLOCK_D=64),
+    config(4, 3, BLOCK_M=64, BLOCK_V=128, BLOCK_D=32),
+    config(4, 4, BLOCK_M=64, BLOCK_V=64, BLOCK_D=32),
+]
+
+
+@triton.jit
+def target_tile(
+    ht_ptr, wt_ptr, hr_ptr, wr_ptr, rows, cols, M, V, DT, DR,
+    s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
+    HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(z_T tile, c tile) with c = lam z_T + (1 - lam) z_R (c = z_T without a reference); -inf past V."""
+    zt = logits_tile(
+        ht_ptr, wt_ptr, ht_ptr, rows, cols, M, V, DT, s_htm, s_htd, s_wtv, s_wtd,
+        inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+    )  # fmt: skip
+    c = zt
+    if HAS_REF:
+        zr = logits_tile(
+            hr_ptr, wr_ptr, hr_ptr, rows, cols, M, V, DR, s_hrm, s_hrd, s_wrv, s_wrd,
+            inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        # Both are -inf past V: combine real columns only (lam > 1 would give -inf + inf there).
+        col_ok = cols[None, :] < V
+        mixed = lam * tl.where(col_ok, zt, 0.0) + (1.0 - lam) * tl.where(col_ok, zr, 0.0)
+        c = tl.where(col_ok, mixed, float("-inf"))
+    return zt, c
+
+
+@triton.jit
+def lse_update(z, m, s):
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def dense_kl_partials_kernel(
+    hs_ptr, ws_ptr, ht_ptr, wt_ptr, hr_ptr, wr_ptr,
+    ma_ptr, sa_ptr, u_ptr, mc_ptr, sc_ptr, mt_ptr, st_ptr, ut_ptr,
+    M, V, DS, DT, DR,
+    s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd,
+    inv_temp, lam, slice_len,
+    HAS_REF: tl.constexpr, TEACHER_KL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    vocab_slice = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    ma = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    mc = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    mt = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    sa = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    st = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    ut = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    v_start = vocab_slice * slice_len
+    v_end = tl.minimum(v_start + slice_len, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols[None, :] < V
+        a = logits_tile(
+            hs_ptr, ws_ptr, hs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
+            inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        zt, c = target_tile(
+            ht_ptr, wt_ptr, hr_ptr, wr_ptr, rows, cols, M, V, DT, DR,
+            s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
+            HAS_REF, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        ma_new = tl.maximum(ma, tl.max(a, axis=1))
+        alpha = tl.exp(ma - ma_new)
+        e = tl.exp(a - ma_new[:, None])  # 0 past V
+        u = alpha * u + tl.sum(e * tl.where(col_ok, a - c, 0.0), axis=1)
+        if TEACHER_KL:
+            ut = alpha * ut + tl.sum(e * tl.where(col_ok, a - zt, 0.0), axis=1)
+            mt, st = lse_update(zt, mt, st)
+        sa = alpha * sa + tl.sum(e, axis=1)
+        ma = ma_new
+        mc, sc = lse_update(c, mc, sc)
+    out = vocab_slice * M + rows
+    tl.store(ma_ptr + out, ma, mask=row_ok)
+    tl.store(sa_ptr + out, sa, mask=row_ok)
+    tl.store(u_ptr + out, u, mask=row_ok)
+    tl.store(mc_ptr + out, mc, mask=row_ok)
+    tl.store(sc_ptr + out, sc, mask=row_ok)
+    if TEACHER_KL:
+        tl.store(mt_ptr + out, mt, mask=row_ok)
+        tl.store(st_ptr + out, st, mask=row_ok)
+        tl.store(ut_ptr + out, ut, mask=row_ok)
+
+
+@triton.jit
+def dense_kl_grad_kernel(
+    hs_ptr, ws_ptr, ht_ptr, wt_ptr, hr_ptr, wr_ptr,
+    lse_a_ptr, lse_c_ptr, kl_ptr, g_ptr, dz_ptr,
+    M, V, DS, DT, DR,
+    s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, stride_dzm,
+    inv_temp, lam,
+    HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dZ = g p_s (log p_s - log q - KL), g already divided by tau."""
+    pid_m, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < M
+    col_ok = cols[None, :] < V
+    a = logits_tile(
+        hs_ptr, ws_ptr, hs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
+        inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+    )  # fmt: skip
+    _, c = target_tile(
+        ht_ptr, wt_ptr, hr_ptr, wr_ptr, rows, cols, M, V, DT, DR,
+        s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
+        HAS_REF, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+    )  # fmt: skip
+    lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0)
+    lse_c = tl.load(lse_c_ptr + rows, mask=row_ok, other=0.0)
+    kl = tl.load(kl_ptr + rows, mask=row_ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    log_p = a - lse_a[:, None]
+    log_q = c - lse_c[:, None]
+    dz = g[:, None] * tl.exp(log_p) * tl.where(col_ok, log_p - log_q - kl[:, None], 0.0)
+    dz_ptrs = dz_ptr + rows[:, None].to(tl.int64) * stride_dzm + cols[None, :]
+    tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
+
+
+_prune = make_pruner("BLOCK_M", "BLOCK_V", "BLOCK_D", "hs_ptr")
+dense_kl_partials_kernel_tuned = triton.autotune(
+    DENSE_CONFIGS,
+    key=["M", "V", "DS", "DT", "DR", "slice_len"],
+    prune_configs_by={"early_config_prune": _prune},
+)(dense_kl_partials_kernel)
+dense_kl_grad_kernel_tuned = triton.autotune(
+    DENSE_CONFIGS, key=["M", "V", "DS", "DT", "DR"], prune_configs_by={"early_config_prune": _prune}
+)(dense_kl_grad_kernel)
+
+
+def _head_args(heads):
+    """Pointers, dims and strides of the three heads; the teacher stands in for a missing ref."""
+    student, teacher, ref = heads
+    ref = ref if ref is not None else teacher
+    ptrs = [t for hd in (student, teacher, ref) for t in hd]
+    dims, strides = [], []
+    for h, w in (student, teacher, ref):
+        d, *st = lm_head_args(h, w)
+        dims.append(d)
+        strides += st
+    return ptrs, dims, strides
+
+
+def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_bytes):
+    """Same contract as dense_kl_torch.forward."""
+    M, V = student[0].shape[0], student[1].shape[0]
+    n_slices, slice_len = vocab_slices(M, V, student[0].device)
+    new = lambda: torch.empty(n_slices, M, dtype=torch.float32, device=student[0].device)
+    ma, sa, u, mc, sc = new(), new(), new(), new(), new()
+    mt, st, ut = (new(), new(), new()) if with_teacher_kl else (ma, sa, u)  # placeholders when unused
+    ptrs, dims, strides = _head_args((student, teacher, ref))
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_slices)
+    launch(
+        dense_kl_partials_kernel,
+        dense_kl_partials_kernel_tuned,
+        grid,
+        INTERPRET_CONFIG,
+        *ptrs, ma, sa, u, mc, sc, mt, st, ut, M, V, *dims, *strides, inv_temp, float(lam), slice_len,
+        HAS_REF=ref is not None and lam != 1.0,
+        TEACHER_KL=with_teacher_kl,
+        DOT_PRECISION=DOT_PRECISION[student[0].dtype],
+    )  # fmt: skip
+    return merge_dense_kl_partials((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
+
+
+def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes):
+    """Same contract as dense_kl_torch.backward."""
+    hs, ws = student
+    V = ws.shape[0]
+    g = grad_kl.float() * inv_temp
+
+    def write_logit_grads(r0, r1, dz):
+        heads = [None if hd is None else (hd[0][r0:r1], hd[1]) for hd in (student, teacher, ref)]
+        ptrs, dims, strides = _head_args(heads)
+        grid = lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+        launch(
+            dense_kl_grad_kernel,
+            dense_kl_grad_kernel_tuned,
+            grid,
+            INTERPRET_CONFIG,
+            *ptrs, lse_a[r0:r1], lse_c[r0:r1], kl[r0:r1], g[r0:r1], dz,
+            r1 - r0, V, *dims, *strides, dz.stride(0), inv_temp, float(lam),
+            HAS_REF=ref is not None and lam != 1.0,
+            DOT_PRECISION=DOT_PRECISION[hs.dtype],
+            GROUP_M=GROUP_M,
+        )  # fmt: skip
+
+    dh, dw, _ = grads_from_logit_grads(
+        hs, ws, (needs[0], needs[1], False), workspace_bytes, write_logit_grads
+    )
+    return dh, dw

@@ -1,0 +1,110 @@
+"""Scoring the frozen models: teacher and reference log-probs of the student's samples.
+
+Both come from their own final hidden states and LM heads, without gradient, in one pass:
+on the Triton backend one launch streams the teacher's and the reference's logit tiles
+side by side (sharing the targets and the vocabulary loop); on the torch backend the two
+chunked passes run one after the other.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from gopd_kernels.backend import implementation, resolve_backend, workspace_bytes
+from gopd_kernels.losses import check_lam, check_per_token, gopd_advantage
+from gopd_kernels.selection import RowSelection
+from gopd_kernels.validation import (
+    check_backend_dtype,
+    check_lm_head,
+    check_targets,
+    check_temperature,
+)
+
+
+class FrozenScores(NamedTuple):
+    teacher_logp: torch.Tensor  # [...] float32, 0.0 at ignored positions
+    ref_logp: torch.Tensor | None  # [...] or None without a reference
+    advantage: torch.Tensor | None  # gopd_advantage(student_logp, ...) when student_logp is given
+
+
+@torch.no_grad()
+def frozen_logprobs(
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    targets: torch.Tensor,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    *,
+    teacher_bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    student_logp: torch.Tensor | None = None,
+    lam: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> FrozenScores:
+    """Teacher (T_t) and reference (R_t) log-probs of `targets` at temperature tau, and the
+    G-OPD advantage lam (T - R) - (s - R) when ``student_logp`` (s) is given.
+
+    Hidden sizes of teacher and reference may differ; their vocabularies must match (and
+    the targets index both). Without a reference (``ref_hidden=None``) only lam == 1 can
+    give an advantage (A = T - s). Never [N, V], no autograd graph.
+    """
+    check_lm_head(
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        names=("teacher_hidden", "teacher_weight", "teacher_bias"),
+    )
+    check_targets(
+        targets, teacher_hidden.shape[:-1], teacher_weight.shape[0], ignore_index, teacher_hidden.device
+    )
+    temperature = check_temperature(temperature)
+    lam = check_lam(lam)
+    if (ref_hidden is None) != (ref_weight is None):
+        raise ValueError("ref_hidden and ref_weight must be given together")
+    models = [(teacher_hidden, teacher_weight, teacher_bias)]
+    if ref_hidden is not None:
+        check_lm_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
+        if ref_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+            raise ValueError(
+                f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} must equal the teacher's "
+                f"{tuple(teacher_hidden.shape[:-1])}"
+            )
+        if ref_weight.shape[0] != teacher_weight.shape[0]:
+            raise ValueError(
+                f"ref_weight has V={ref_weight.shape[0]}, teacher_weight V={teacher_weight.shape[0]}"
+            )
+        if ref_hidden.dtype != teacher_hidden.dtype or ref_hidden.device != teacher_hidden.device:
+            raise ValueError("ref_hidden must share the teacher's dtype and device")
+        models.append((ref_hidden, ref_weight, ref_bias))
+    elif student_logp is not None and lam != 1.0:
+        raise ValueError(f"an advantage with lam={lam} != 1 needs the reference (ref_hidden, ref_weight)")
+    if student_logp is not None:
+        check_per_token(student_logp, "student_logp", torch.empty(targets.shape, device=targets.device))
+    backend = resolve_backend(backend, teacher_hidden.device)
+    check_backend_dtype(backend, teacher_hidden.dtype, "teacher_hidden")
+
+    rows = RowSelection(targets != ignore_index)
+    y = rows.take(targets).long().contiguous()
+    compact = [(rows.take(h).contiguous(), w, b) for h, w, b in models]
+    logps = _score(compact, y, 1.0 / temperature, backend)
+    teacher_logp = rows.put(logps[0])
+    ref_logp = rows.put(logps[1]) if len(logps) > 1 else None
+    advantage = None
+    if student_logp is not None:
+        advantage = gopd_advantage(student_logp, teacher_logp, ref_logp, lam=lam)
+        advantage = torch.where(targets != ignore_index, advantage, torch.zeros_like(advantage))
+    return FrozenScores(teacher_logp, ref_logp, advantage)
+
+
+def _score(models, targets, inv_temp, backend) -> list[torch.Tensor]:
+    if models[0][0].shape[0] == 0:
+        return [models[0][0].new_zeros(0, dtype=torch.float32) for _ in models]
+    impl = implementation("linear_logsoftmax", backend)
+    if backend == "triton":  # one launch for both models
+        return [logp for logp, _, _ in impl.forward_models(models, targets, inv_temp, False)]
+    ws = workspace_bytes(backend, models[0][1])
+    return [impl.forward(h, w, b, targets, inv_temp, False, ws)[0] for h, w, b in models]

@@ -1,0 +1,83 @@
+"""frozen_logprobs: teacher and reference scoring in one pass, and the advantage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gopd_kernels import frozen_logprobs, gopd_advantage, token_logprobs_reference
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def models(device, n=(2, 9), v=1031, dims=(24, 17), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for d in dims:
+        h = torch.randn(*n, d, generator=g)
+        w = torch.randn(v, d, generator=g) * (2.0 / d**0.5)
+        b = torch.randn(v, generator=g) * 0.3
+        out.append(tuple(t.to(device=device, dtype=dtype) for t in (h, w, b)))
+    targets = torch.randint(0, v, n, generator=g)
+    targets[0, -2:] = -100
+    return out, targets.to(device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_teacher_and_reference_match_reference(backend, dtype, device):
+    dev = device if backend == "triton" else torch.device("cpu")
+    (teacher, ref), targets = models(dev, dtype=dtype)
+    student_logp = -torch.rand(targets.shape, device=dev)
+    scores = frozen_logprobs(
+        teacher[0], teacher[1], targets, ref[0], ref[1], teacher_bias=teacher[2], ref_bias=ref[2],
+        student_logp=student_logp, lam=1.25, temperature=0.7, backend=backend,
+    )  # fmt: skip
+    to64 = lambda t: t.cpu().double()
+    atol = 1e-5 if dtype == torch.float32 else 1e-3
+    for got, (h, w, b) in ((scores.teacher_logp, teacher), (scores.ref_logp, ref)):
+        want = token_logprobs_reference(to64(h), to64(w), targets.cpu(), bias=to64(b), temperature=0.7)
+        torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=atol)
+        assert got.dtype == torch.float32 and not got.requires_grad
+    adv = gopd_advantage(student_logp, scores.teacher_logp, scores.ref_logp, lam=1.25)
+    valid = targets != -100
+    torch.testing.assert_close(scores.advantage[valid], adv[valid])
+    assert (scores.advantage[~valid] == 0).all() and (scores.teacher_logp[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_only(backend, device):
+    dev = device if backend == "triton" else torch.device("cpu")
+    (teacher, _), targets = models(dev, v=97)
+    s = -torch.rand(targets.shape, device=dev)
+    scores = frozen_logprobs(teacher[0], teacher[1], targets, student_logp=s, backend=backend)
+    assert scores.ref_logp is None
+    valid = targets != -100
+    torch.testing.assert_close(scores.advantage[valid], (scores.teacher_logp - s)[valid])
+
+
+def test_no_graph_even_when_inputs_require_grad():
+    (teacher, ref), targets = models("cpu", v=97)
+    h = teacher[0].clone().requires_grad_()
+    scores = frozen_logprobs(h, teacher[1], targets, ref[0], ref[1])
+    assert not scores.teacher_logp.requires_grad and not scores.ref_logp.requires_grad
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda t, r, y: (t, (r[0], r[1][:-1], None), y, {}), "V="),
+        (lambda t, r, y: (t, (r[0][:1], r[1], None), y, {}), "leading shape"),
+        (lambda t, r, y: (t, (r[0].double(), r[1].double(), None), y, {}), "dtype"),
+        (lambda t, r, y: (t, None, y, {"student_logp": torch.zeros(y.shape), "lam": 1.25}), "reference"),
+        (lambda t, r, y: (t, r, y, {"student_logp": torch.zeros(3)}), "student_logp"),
+        (lambda t, r, y: (t, r, torch.full(y.shape, 5000), {}), "targets"),
+        (lambda t, r, y: (t, r, y, {"lam": -1.0}), "lam"),
+    ],
+)
+def test_bad_inputs(change, match):
+    (teacher, ref), targets = models("cpu", v=97)
+    teacher, ref, targets, kw = change(teacher, ref, targets)
+    rh, rw = (None, None) if ref is None else ref[:2]
+    with pytest.raises(ValueError, match=match):
+        frozen_logprobs(teacher[0], teacher[1], targets, rh, rw, **kw)
