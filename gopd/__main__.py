@@ -1,0 +1,5 @@
+import sys
+
+from gopd.cli import main
+
+sys.exit(main())

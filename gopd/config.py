@@ -1,0 +1,214 @@
+"""The trainer's one config: a dataclass, loadable from YAML, overridable from the command line.
+
+Defaults follow the official G-OPD / ExOPD runs (lam 1.25, temperature 1.0, top_p 1.0, lr
+1e-5 constant, one sample per prompt, one update per batch, truncated IS cap 5,
+token-mean). A setting that cannot take effect is an error, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+OBJECTIVES = ("sampled", "dense")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("hf", "vllm")
+LOGGERS = ("jsonl", "console", "tensorboard", "wandb")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    # -- models -----------------------------------------------------------------------
+    student: str = _f("", "student checkpoint: a local directory in Hugging Face format (or a hub id)")
+    teachers: Any = _f("", "teacher checkpoint, or a mapping {domain: checkpoint} for multi-teacher merging")
+    reference: str = _f(
+        "student",
+        "reference model: 'student' (the student's initial weights) or a checkpoint, e.g. the teacher's "
+        "pre-RL base (reward correction)",
+    )
+    # -- objective --------------------------------------------------------------------
+    lam: float = _f(1.25, "reward scale lambda: 1 = OPD, > 1 = ExOPD reward extrapolation, < 1 interpolation")
+    objective: str = _f("sampled", "'sampled' (the paper's per-token loss) or 'dense' (full-vocabulary KL)")
+    temperature: float = _f(1.0, "sampling temperature; every log-prob (student, teacher, reference) uses it")
+    top_p: float = _f(1.0, "nucleus sampling for rollouts (1.0 = off)")
+    loss_agg: str = _f("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum")
+    clip_ratio: list = _f([0.2, 0.2], "PPO clip (low, high); acts only off-policy")
+    is_cap: float | None = _f(
+        5.0, "truncated importance weight cap on exp(old - rollout) log-probs; null = off"
+    )
+    # -- data -------------------------------------------------------------------------
+    train_data: str = _f("", "training prompts: a .jsonl or .parquet file")
+    eval_data: str | None = _f(None, "held-out prompts with reference answers (.jsonl or .parquet)")
+    prompt_field: str = _f("prompt", "record field holding the prompt text")
+    answer_field: str = _f("answer", "record field holding the reference answer (eval)")
+    domain_field: str = _f("domain", "record field naming the domain (picks the teacher when several)")
+    chat_template: bool = _f(True, "apply the tokenizer's chat template to prompts when it has one")
+    max_prompt_tokens: int = _f(1024, "longest prompt allowed (tokens); longer ones are an error")
+    max_new_tokens: int = _f(1024, "longest response sampled (tokens)")
+    # -- batch ------------------------------------------------------------------------
+    prompts_per_step: int = _f(64, "prompts per optimizer step")
+    samples_per_prompt: int = _f(1, "responses sampled per prompt")
+    micro_batch_size: int = _f(16, "sequences per forward/backward (gradient accumulation)")
+    # -- optimisation -----------------------------------------------------------------
+    lr: float = _f(1e-5, "AdamW learning rate")
+    lr_schedule: str = _f("constant", "constant | cosine | linear (decay to 0 after warmup)")
+    warmup_steps: int = _f(0, "linear warmup steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_betas: list = _f([0.9, 0.999], "AdamW betas")
+    grad_clip: float | None = _f(1.0, "clip the global gradient norm to this; null = off")
+    steps: int | None = _f(None, "optimizer steps; null = as many as `epochs` passes over train_data take")
+    epochs: int = _f(1, "passes over train_data when steps is null")
+    # -- evaluation, checkpoints, logging ---------------------------------------------
+    eval_every: int = _f(0, "evaluate every N steps (0 = only at the start and the end)")
+    eval_samples: int = _f(4, "k of avg@k: samples per eval prompt")
+    eval_max_prompts: int | None = _f(None, "evaluate on at most this many eval prompts")
+    save_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)")
+    output_dir: str = _f("runs/gopd", "where checkpoints, metrics.jsonl and logs go")
+    loggers: list = _f(["jsonl", "console"], "any of jsonl, console, tensorboard, wandb")
+    wandb_project: str = _f("gopd", "W&B project (with the wandb logger)")
+    # -- execution --------------------------------------------------------------------
+    seed: int = _f(0, "seed for data order, sampling and initialisation")
+    dtype: str = _f("float32", "float32 | bfloat16 | float16: weights and compute of all models")
+    device: str = _f("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
+    rollout_engine: str = _f("hf", "hf (transformers generate) | vllm (colocated, optional extra)")
+    offload_frozen: bool = _f(False, "keep teachers and reference on the CPU between uses")
+    gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward")
+    liger: bool = _f(False, "apply liger-kernel's model patches to the student (CUDA only)")
+    kernel_backend: str = _f("auto", "gopd_kernels backend: auto | triton | torch")
+
+    @property
+    def teacher_map(self) -> dict[str, str]:
+        """{domain: checkpoint}; a single teacher serves every domain under the key 'default'."""
+        return dict(self.teachers) if isinstance(self.teachers, dict) else {"default": self.teachers}
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the setting for anything that cannot work."""
+        err = _Errors()
+        err.need(bool(self.student), "student", "is required")
+        teachers = self.teacher_map
+        err.need(
+            all(teachers.values()) and bool(teachers), "teachers", "is required (a path or {domain: path})"
+        )
+        for name, path in [("student", self.student), *((f"teachers.{k}", v) for k, v in teachers.items())]:
+            err.need(not path or _exists_or_hub_id(path), name, f"path {path!r} does not exist")
+        if self.reference != "student":
+            err.need(
+                _exists_or_hub_id(self.reference), "reference", f"path {self.reference!r} does not exist"
+            )
+        err.need(
+            _finite(self.lam) and self.lam >= 0, "lam", f"must be a finite number >= 0, got {self.lam!r}"
+        )
+        err.choice(self.objective, OBJECTIVES, "objective")
+        err.need(_finite(self.temperature) and self.temperature > 0, "temperature", "must be > 0")
+        err.need(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        err.choice(self.loss_agg, LOSS_AGGS, "loss_agg")
+        err.need(len(self.clip_ratio) == 2 and 0 <= self.clip_ratio[0] < 1 and self.clip_ratio[1] >= 0,
+                 "clip_ratio", "must be [low, high] with 0 <= low < 1, high >= 0")  # fmt: skip
+        err.need(
+            self.is_cap is None or (_finite(self.is_cap) and self.is_cap > 0), "is_cap", "must be > 0 or null"
+        )
+        if self.objective == "dense":
+            err.need(
+                self.is_cap is None,
+                "is_cap",
+                "applies to objective 'sampled' only; set it to null for 'dense'",
+            )
+        err.need(bool(self.train_data), "train_data", "is required")
+        for name in ("train_data", "eval_data"):
+            path = getattr(self, name)
+            if path:
+                err.need(os.path.isfile(path), name, f"file {path!r} does not exist")
+                err.need(path.endswith((".jsonl", ".parquet")), name, "must be a .jsonl or .parquet file")
+        for name in ("max_prompt_tokens", "max_new_tokens", "prompts_per_step", "samples_per_prompt",
+                     "micro_batch_size", "eval_samples", "epochs"):  # fmt: skip
+            err.need(
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1"
+            )
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            err.need(
+                isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an int >= 0"
+            )
+        err.need(
+            self.steps is None or (isinstance(self.steps, int) and self.steps >= 1), "steps", "must be >= 1"
+        )
+        err.need(_finite(self.lr) and self.lr > 0, "lr", "must be > 0")
+        err.choice(self.lr_schedule, SCHEDULES, "lr_schedule")
+        err.need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        err.need(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas", "2 in [0,1)"
+        )
+        err.need(
+            self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0), "grad_clip", "> 0"
+        )
+        err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
+        err.choice(self.dtype, DTYPES, "dtype")
+        err.choice(self.rollout_engine, ENGINES, "rollout_engine")
+        err.choice(self.kernel_backend, KERNEL_BACKENDS, "kernel_backend")
+        for name in self.loggers:
+            err.choice(name, LOGGERS, "loggers")
+        err.need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                 f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")  # fmt: skip
+        err.raise_if_any()
+        return self
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _exists_or_hub_id(path: str) -> bool:
+    """Local paths must exist; 'org/name' with no such local path is taken for a hub id."""
+    if os.path.exists(path):
+        return True
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    return not looks_local
+
+
+class _Errors:
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def need(self, ok: bool, name: str, message: str) -> None:
+        if not ok:
+            self.messages.append(f"{name}: {message}")
+
+    def choice(self, value, choices, name: str) -> None:
+        self.need(value in choices, name, f"must be one of {choices}, got {value!r}")
+
+    def raise_if_any(self) -> None:
+        if self.messages:
+            raise ValueError("invalid config:\n  " + "\n  ".join(self.messages))
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (optional) then overrides; unknown keys are an error. Returns a validated config."""
+    values: dict[str, Any] = {}
+    if path:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config {path!r} must hold a mapping of settings")
+    values.update(overrides or {})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys: {unknown}")
+    return TrainConfig(**values).validate()
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,111 @@
+"""Prompts from JSONL or Parquet: tokenised (chat template when there is one), with their
+domain (which teacher scores them) and reference answer (for evaluation); and a sampler
+whose position is part of the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from gopd.config import TrainConfig
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    domain: str
+    answer: str | None
+    prompt: str
+
+
+def read_records(path: str) -> list[dict]:
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: expected a .jsonl or .parquet file")
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool) -> list[int]:
+    if chat_template and tokenizer.chat_template:
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def load_examples(
+    path: str,
+    cfg: TrainConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    context_length: int,
+    need_answers: bool = False,
+) -> list[Example]:
+    """Every record becomes an Example; a bad record is an error naming its line."""
+    domains = cfg.teacher_map
+    examples = []
+    for i, rec in enumerate(read_records(path)):
+        where = f"{path} record {i}"
+        if cfg.prompt_field not in rec:
+            raise ValueError(f"{where}: no field {cfg.prompt_field!r} (prompt_field)")
+        domain = str(rec.get(cfg.domain_field, "default")) if len(domains) > 1 else "default"
+        if domain not in domains:
+            raise ValueError(f"{where}: domain {domain!r} has no teacher (teachers: {sorted(domains)})")
+        answer = rec.get(cfg.answer_field)
+        if need_answers and answer is None:
+            raise ValueError(f"{where}: no field {cfg.answer_field!r} (answer_field) for evaluation")
+        ids = encode_prompt(tokenizer, str(rec[cfg.prompt_field]), cfg.chat_template)
+        if len(ids) > cfg.max_prompt_tokens:
+            raise ValueError(
+                f"{where}: prompt has {len(ids)} tokens > max_prompt_tokens={cfg.max_prompt_tokens}"
+            )
+        if len(ids) + cfg.max_new_tokens > context_length:
+            raise ValueError(
+                f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                f"model's context of {context_length} tokens"
+            )
+        examples.append(
+            Example(ids, domain, None if answer is None else str(answer), str(rec[cfg.prompt_field]))
+        )
+    if not examples:
+        raise ValueError(f"{path}: no records")
+    return examples
+
+
+class PromptSampler:
+    """Shuffled passes over the examples; (epoch, position) is saved with checkpoints."""
+
+    def __init__(self, examples: list[Example], seed: int):
+        self.examples, self.seed = examples, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next_batch(self, n: int) -> list[Example]:
+        batch = []
+        while len(batch) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            batch.append(self.examples[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle()

@@ -1,0 +1,52 @@
+"""Evaluation with a verifiable reward: exact match of the final answer, avg@k over k samples."""
+
+from __future__ import annotations
+
+import re
+
+from gopd.data import Example
+from gopd.rollout import RolloutEngine
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response: the last \\boxed{...}, else what follows the last
+    '####', else the last number; None when there is none."""
+    boxed = _BOXED.findall(text)
+    if boxed:
+        return boxed[-1].strip()
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip() or None
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def is_correct(response: str, answer: str) -> bool:
+    got = extract_answer(response)
+    return got is not None and got == answer.strip()
+
+
+def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, temperature: float,
+             batch_prompts: int = 64) -> dict[str, float]:  # fmt: skip
+    """avg@k: the mean over prompts of the fraction of k samples whose answer is right;
+    pass@k: the fraction of prompts with at least one right sample."""
+    per_prompt = []
+    lengths = []
+    for start in range(0, len(examples), batch_prompts):
+        chunk = examples[start : start + batch_prompts]
+        rollouts = engine.generate(chunk, samples=k, temperature=temperature)
+        texts = tokenizer.batch_decode(
+            rollouts.targets.clamp_min(0) * rollouts.response_mask, skip_special_tokens=True
+        )
+        lengths += rollouts.response_mask.sum(-1).tolist()
+        for i, ex in enumerate(chunk):
+            right = [is_correct(texts[i * k + j], ex.answer) for j in range(k)]
+            per_prompt.append(sum(right) / k)
+    return {
+        f"avg@{k}": sum(per_prompt) / len(per_prompt),
+        f"pass@{k}": sum(p > 0 for p in per_prompt) / len(per_prompt),
+        "response_length": sum(lengths) / len(lengths),
+        "prompts": len(per_prompt),
+    }

@@ -1,0 +1,190 @@
+"""Loading the student, teacher(s) and reference, and reading their final hidden states.
+
+Log-probs never come from a model's logits: each model gives its final hidden states
+(after the last norm) and its LM-head weight, and gopd_kernels does the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from gopd.config import TrainConfig
+
+logger = logging.getLogger("gopd")
+
+
+@dataclass
+class Models:
+    student: PreTrainedModel
+    teachers: dict[str, PreTrainedModel]  # domain -> teacher ("default" for a single teacher)
+    reference: PreTrainedModel | None  # None when lam == 1 (it cancels)
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    offload_frozen: bool = False
+
+    def frozen(self) -> list[PreTrainedModel]:
+        return [*self.teachers.values(), *([self.reference] if self.reference is not None else [])]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    return device
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device, trainable: bool) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    check_supported(model, path)
+    model.to(device)
+    if trainable:
+        model.train()
+    else:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def check_supported(model: PreTrainedModel, path: str) -> None:
+    """Models whose logits are not plain `head(hidden)` would be scored wrongly by the fused ops."""
+    cfg = model.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        value = getattr(cfg, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{path}: config.{attr}={value} transforms the logits; gopd's fused ops do not")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{path}: the model has no output embeddings (LM head)")
+
+
+def load_models(cfg: TrainConfig) -> Models:
+    dtype = getattr(torch, cfg.dtype)
+    device = resolve_device(cfg.device)
+    frozen_device = torch.device("cpu") if cfg.offload_frozen else device
+    tokenizer = load_tokenizer(cfg.student)
+    student = load_model(cfg.student, dtype, device, trainable=True)
+    teachers = {}
+    for domain, path in cfg.teacher_map.items():
+        check_same_tokenizer(tokenizer, load_tokenizer(path), cfg.student, path)
+        teachers[domain] = load_model(path, dtype, frozen_device, trainable=False)
+    reference = None
+    if cfg.objective == "sampled" and cfg.lam == 1.0:
+        logger.info(
+            "lam == 1: the reference cancels out of the G-OPD loss and is not loaded (%s)", cfg.reference
+        )
+    elif cfg.objective == "dense" and cfg.lam == 1.0:
+        logger.info("lam == 1: q = p_teacher, the reference is not loaded (%s)", cfg.reference)
+    else:
+        ref_path = cfg.student if cfg.reference == "student" else cfg.reference
+        if ref_path != cfg.student:
+            check_same_tokenizer(tokenizer, load_tokenizer(ref_path), cfg.student, ref_path)
+        reference = load_model(ref_path, dtype, frozen_device, trainable=False)
+    models = Models(student, teachers, reference, tokenizer, device, cfg.offload_frozen)
+    check_same_vocabulary(models)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    if cfg.liger:
+        apply_liger(student)
+    return models
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{path}: no tokenizer could be loaded ({exc}); gopd needs one beside every model"
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{path}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_same_tokenizer(
+    student: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase, s_path: str, o_path: str
+):
+    """Same tokens -> same ids, same EOS and pad: otherwise teacher rewards are garbage (TRL #2215)."""
+    problems = []
+    sv, ov = student.get_vocab(), other.get_vocab()
+    if sv != ov:
+        differ = sorted(t for t in set(sv) | set(ov) if sv.get(t) != ov.get(t))
+        examples = ", ".join(f"{t!r}: {sv.get(t)} vs {ov.get(t)}" for t in differ[:5])
+        problems.append(f"{len(differ)} tokens map to different ids ({examples})")
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(student, name) != getattr(other, name):
+            problems.append(f"{name} {getattr(student, name)} vs {getattr(other, name)}")
+    if problems:
+        raise ValueError(
+            f"tokenizer of {o_path} does not match the student's ({s_path}): " + "; ".join(problems)
+        )
+
+
+def check_same_vocabulary(models: Models) -> None:
+    vocab = head_weight(models.student).shape[0]
+    for name, model in [*models.teachers.items(), ("reference", models.reference)]:
+        if model is not None and head_weight(model).shape[0] != vocab:
+            rows = head_weight(model).shape[0]
+            raise ValueError(
+                f"{name}: LM head has {rows} rows, the student's {vocab}: vocabularies must match"
+            )
+
+
+def apply_liger(model: PreTrainedModel) -> None:
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        raise ValueError(
+            "liger=True: liger-kernel's patches are Triton kernels that need the student on CUDA"
+        )
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        raise ValueError("liger=True needs liger-kernel: pip install 'gopd[bench]' or liger-kernel") from exc
+    # Our loss never calls the model's own head, so the cross-entropy patch is irrelevant: norms, MLP, RoPE.
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def head_weight(model: PreTrainedModel) -> torch.Tensor:
+    return model.get_output_embeddings().weight
+
+
+def head_bias(model: PreTrainedModel) -> torch.Tensor | None:
+    return getattr(model.get_output_embeddings(), "bias", None)
+
+
+def final_hidden(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Hidden states after the decoder's last norm, [B, T, D], for left-padded sequences.
+
+    Position ids follow the attention mask (as generate() does), so left padding does not
+    shift the positions of the real tokens.
+    """
+    decoder = getattr(model, model.base_model_prefix)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    out = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    return out.last_hidden_state
+
+
+@contextmanager
+def frozen_on_device(models: Models, domain: str):
+    """(teacher of `domain`, reference or None), on the compute device for the block; back on
+    the CPU afterwards when offload_frozen is set."""
+    pair = [models.teachers[domain], models.reference]
+    moved = [m for m in pair if m is not None] if models.offload_frozen else []
+    for m in moved:
+        m.to(models.device)
+    try:
+        yield pair[0], pair[1]
+    finally:
+        for m in moved:
+            m.to("cpu")

@@ -1,0 +1,210 @@
+"""Rollouts: the student samples responses; each keeps the engine's own log-probs of its
+tokens (r_t, for the truncated importance-sampling correction).
+
+Engines: `HFRolloutEngine` (transformers generate; CPU or GPU, batched, left padding) and
+`VLLMRolloutEngine` (colocated vLLM, the optional `vllm` extra; needs CUDA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from gopd.config import TrainConfig
+from gopd.data import Example
+
+IGNORE = -100
+
+
+@dataclass
+class Rollouts:
+    sequences: torch.Tensor  # [B, P + R]: left-padded prompt, then right-padded response
+    attention_mask: torch.Tensor  # [B, P + R]
+    prompt_len: int  # P
+    response_mask: torch.Tensor  # [B, R] bool: response tokens up to and including EOS
+    rollout_logp: torch.Tensor  # [B, R] float32: the engine's log-prob of each response token (0 elsewhere)
+    examples: list[Example]  # one per row
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len :]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Response token ids, IGNORE where the response has ended: the targets of the losses."""
+        return self.responses.masked_fill(~self.response_mask, IGNORE)
+
+    def select(self, rows: torch.Tensor | list[int]) -> Rollouts:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return replace(
+            self,
+            sequences=self.sequences[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            rollout_logp=self.rollout_logp[rows],
+            examples=[self.examples[i] for i in rows.tolist()],
+        )
+
+
+class RolloutEngine(Protocol):
+    def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts: ...
+
+    def update_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """True up to and including the first EOS of each row (everything when there is none)."""
+    is_eos = responses == eos_id
+    return (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+
+
+class _SampledLogprobs(LogitsProcessor):
+    """Records log p(sampled token) under the final processed scores (temperature, top-p),
+    keeping one step of scores: generate(output_scores=True) would keep all R x B x V."""
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.logps: list[torch.Tensor] = []
+
+    def _record(self, tokens: torch.Tensor) -> None:
+        logp = torch.log_softmax(self.previous.float(), dim=-1)
+        self.logps.append(logp.gather(-1, tokens[:, None]).squeeze(-1))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self._record(input_ids[:, -1])
+        self.previous = scores
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        self._record(last_tokens)
+        return torch.stack(self.logps, dim=1)
+
+
+class HFRolloutEngine:
+    """Batched sampling with transformers' generate from the student itself."""
+
+    def __init__(self, model, tokenizer, cfg: TrainConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+
+    def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
+        rows = [ex for ex in examples for _ in range(samples)]
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        ids, mask = left_pad([ex.prompt_ids for ex in rows], pad)
+        device = next(self.model.parameters()).device
+        # Temperature and top-p are applied here, before the recorder: generate() would apply
+        # its own warpers after custom processors, and r_t would then be at the wrong temperature.
+        # Explicit config: never inherit a checkpoint's sampling defaults (e.g. top_k=50).
+        gen = GenerationConfig(
+            do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+        )  # fmt: skip
+        recorder = _SampledLogprobs()
+        processors = []
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if self.cfg.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.cfg.top_p))
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=gen,
+                logits_processor=LogitsProcessorList([*processors, recorder]),
+            )
+        self.model.train(was_training)
+        sequences = out.cpu()
+        responses = sequences[:, ids.shape[1] :]
+        rollout_logp = recorder.finish(responses[:, -1].to(device)).float().cpu()
+        valid = response_mask(responses, eos)
+        attention = torch.cat([mask, valid.long()], dim=1)
+        return Rollouts(sequences, attention, ids.shape[1], valid, rollout_logp * valid, rows)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Nothing to do: generate() samples from the live student."""
+
+
+class VLLMRolloutEngine:
+    """Colocated vLLM sampling (optional extra `vllm`, CUDA only); weights pushed after each update."""
+
+    def __init__(self, model_path: str, tokenizer, cfg: TrainConfig, gpu_memory_utilization: float = 0.4):
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise ValueError(
+                "rollout_engine='vllm' needs vLLM: pip install 'gopd[vllm]' (CUDA machines)"
+            ) from exc
+        if not torch.cuda.is_available():
+            raise ValueError("rollout_engine='vllm' needs a CUDA GPU")
+        self.tokenizer, self.cfg = tokenizer, cfg
+        # processed_logprobs: r_t under the sampling distribution (temperature, top-p), not the raw one.
+        self.llm = LLM(
+            model=model_path, dtype=cfg.dtype, gpu_memory_utilization=gpu_memory_utilization, seed=cfg.seed,
+            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+        )  # fmt: skip
+
+    def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=samples, temperature=temperature, top_p=self.cfg.top_p, top_k=-1,
+                                max_tokens=self.cfg.max_new_tokens, logprobs=0)  # fmt: skip
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ex.prompt_ids) for ex in examples], params)
+        rows, responses, logps = [], [], []
+        for ex, out in zip(examples, outputs, strict=True):
+            for completion in out.outputs:
+                rows.append(ex)
+                responses.append(list(completion.token_ids))
+                steps = zip(completion.logprobs, completion.token_ids, strict=True)
+                logps.append([step[tok].logprob for step, tok in steps])
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        ids, mask = left_pad([ex.prompt_ids for ex in rows], pad)
+        width = max(1, max(len(r) for r in responses))
+        resp = torch.full((len(rows), width), pad, dtype=torch.long)
+        logp = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, (r, lp) in enumerate(zip(responses, logps, strict=True)):
+            resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            logp[i, : len(lp)] = torch.tensor(lp)
+        valid = response_mask(resp, eos) & (
+            torch.arange(width)[None, :] < torch.tensor([len(r) for r in responses])[:, None]
+        )
+        sequences = torch.cat([ids, resp], dim=1)
+        return Rollouts(
+            sequences, torch.cat([mask, valid.long()], 1), ids.shape[1], valid, logp * valid, rows
+        )
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        try:
+            runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        except AttributeError as exc:
+            raise RuntimeError(
+                "this vLLM version hides its model runner; weight sync is not implemented for it"
+            ) from exc
+        runner.model.load_weights(model.state_dict().items())
+
+
+def make_engine(cfg: TrainConfig, student, tokenizer) -> RolloutEngine:
+    if cfg.rollout_engine == "vllm":
+        return VLLMRolloutEngine(cfg.student, tokenizer, cfg)
+    return HFRolloutEngine(student, tokenizer, cfg)

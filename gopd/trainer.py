@@ -1,0 +1,130 @@
+"""The G-OPD loop: prompts -> student rollouts -> teacher / reference scoring -> update.
+
+for step in 1 .. steps:
+    rollouts = engine.generate(sampler.next_batch(prompts_per_step))   # rollout.py
+    scores   = score_rollouts(models, rollouts)                        # scoring.py
+    loss     = policy_update(models, rollouts, scores, ...)            # update.py
+    log / evaluate / checkpoint                                        # logs, evaluate, checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from gopd.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
+from gopd.config import TrainConfig, to_dict
+from gopd.data import PromptSampler, load_examples
+from gopd.evaluate import evaluate
+from gopd.logs import MetricsLogger
+from gopd.models import load_models
+from gopd.rollout import make_engine
+from gopd.scoring import score_rollouts
+from gopd.update import make_optimizer, make_scheduler, policy_update
+
+logger = logging.getLogger("gopd")
+MAX_BAD_STEPS = 3
+
+
+def context_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or 10**9)
+
+
+def planned_steps(cfg: TrainConfig, n_prompts: int) -> int:
+    return cfg.steps if cfg.steps is not None else math.ceil(n_prompts * cfg.epochs / cfg.prompts_per_step)
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Run (or resume) a G-OPD training; returns a summary with the evaluations and last loss."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    models = load_models(cfg)
+    tokenizer, ctx = models.tokenizer, context_length(models.student)
+    train_examples = load_examples(cfg.train_data, cfg, tokenizer, ctx)
+    eval_examples = []
+    if cfg.eval_data:
+        eval_examples = load_examples(cfg.eval_data, cfg, tokenizer, ctx, need_answers=True)[
+            : cfg.eval_max_prompts
+        ]
+    sampler = PromptSampler(train_examples, cfg.seed)
+    steps = planned_steps(cfg, len(train_examples))
+    optimizer = make_optimizer(models.student, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    start = 0
+    if resume:
+        path = resolve_resume(resume, cfg.output_dir)
+        state = load_trainer_state(path)
+        trained = AutoModelForCausalLM.from_pretrained(path, dtype=models.student.dtype)
+        models.student.load_state_dict(trained.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        logger.info("resumed from %s at step %d", path, start)
+    engine = make_engine(cfg, models.student, tokenizer)
+    log = MetricsLogger(cfg, console=tqdm.write)
+    Path(cfg.output_dir, "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    summary = {"steps": steps, "evals": {}}
+
+    def run_eval(step: int) -> None:
+        if eval_examples:
+            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, cfg.temperature)
+            log.log(step, result, "eval")
+            summary["evals"][step] = result
+
+    if start == 0:
+        run_eval(0)
+    bad_steps = 0
+    saved_at = start
+    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="gopd", unit="step"):
+        t0 = time.perf_counter()
+        rollouts = engine.generate(
+            sampler.next_batch(cfg.prompts_per_step), cfg.samples_per_prompt, cfg.temperature
+        )
+        t1 = time.perf_counter()
+        scores = score_rollouts(models, rollouts, cfg) if cfg.objective == "sampled" else None
+        t2 = time.perf_counter()
+        loss, stats, stepped = policy_update(models, rollouts, scores, optimizer, scheduler, cfg)
+        t3 = time.perf_counter()
+        if stepped:
+            engine.update_weights(models.student)
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            logger.warning("step %d: non-finite loss or gradient (%s), step skipped", step, loss)
+            if bad_steps >= MAX_BAD_STEPS:
+                raise RuntimeError(
+                    f"{MAX_BAD_STEPS} non-finite steps in a row (last at step {step}): stopping"
+                )
+        tokens = int(rollouts.response_mask.sum())
+        metrics = {
+            "loss": loss, **stats,
+            "response_length": tokens / len(rollouts.examples),
+            "tokens_per_s": tokens / (t3 - t0),
+            "time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_update": t3 - t2,
+            "skipped": not stepped,
+        }  # fmt: skip
+        log.log(step, metrics)
+        summary["last_loss"] = loss
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            run_eval(step)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
+            save_checkpoint(
+                cfg.output_dir, step, models.student, tokenizer, optimizer, scheduler, sampler, {}
+            )
+            saved_at = step
+    if eval_examples and steps not in summary["evals"] and start < steps:
+        run_eval(steps)
+    log.close()
+    summary["checkpoint"] = saved_at
+    return summary

@@ -1,0 +1,138 @@
+"""Update stage: the G-OPD loss over micro-batches, one optimizer step.
+
+The normalisation is global: with token-mean every micro-batch divides by the valid tokens
+of the whole step (num_tokens), with the sequence-mean modes each micro-batch's mean is
+weighted by its share of the step's sequences; so accumulation gives exactly the loss of
+the whole batch at once (TRL #4719).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gopd.config import TrainConfig
+from gopd.models import Models, frozen_on_device, head_weight
+from gopd.rollout import IGNORE, Rollouts
+from gopd.scoring import Scores, micro_batches, response_hidden, rows_by_domain
+from gopd_kernels import gopd_dense_loss, gopd_loss
+
+MEAN_STATS = ("advantage", "reverse_kl", "reward", "clip_frac", "is_weight_mean", "rollout_mismatch", "kl",
+              "kl_teacher")  # fmt: skip
+
+
+class StatsAccumulator:
+    """Token-weighted means of the per-micro-batch stats; maxima where a max was asked for."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.tokens: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        n = float(stats["num_tokens"])
+        for key, value in stats.items():
+            if key in MEAN_STATS:
+                self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
+                self.tokens[key] = self.tokens.get(key, 0.0) + n
+            elif key == "is_weight_max":
+                self.maxima[key] = max(self.maxima.get(key, -math.inf), float(value))
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.tokens[k] for k in self.sums if self.tokens[k] > 0}
+        return out | self.maxima
+
+
+def _part_weight(cfg: TrainConfig, part: Rollouts, total_seqs: int) -> float:
+    """Scale of a micro-batch's loss: 1 for token-mean (num_tokens does it), else its share of sequences."""
+    if cfg.loss_agg == "token-mean":
+        return 1.0
+    return float(part.response_mask.any(-1).sum()) / max(total_seqs, 1)
+
+
+def _sampled_loss(models, part, scores, rows, cfg, num_tokens):
+    student = models.student
+    hidden = response_hidden(student, part)
+    idx = torch.tensor(rows)
+    dev = hidden.device
+    return gopd_loss(
+        hidden, head_weight(student), part.targets.to(dev), scores.teacher_logp[idx].to(dev),
+        None if scores.ref_logp is None else scores.ref_logp[idx].to(dev),
+        lam=cfg.lam, temperature=cfg.temperature, rollout_logp=part.rollout_logp.to(dev),
+        clip_ratio=tuple(cfg.clip_ratio), is_cap=cfg.is_cap, loss_agg=cfg.loss_agg,
+        num_tokens=num_tokens, ignore_index=IGNORE, backend=cfg.kernel_backend,
+    )  # fmt: skip
+
+
+def _dense_loss(models, part, domain, cfg, num_tokens):
+    hidden = response_hidden(models.student, part)
+    with frozen_on_device(models, domain) as (teacher, ref):
+        with torch.no_grad():
+            t_hidden = response_hidden(teacher, part)
+            r_hidden = None if ref is None else response_hidden(ref, part)
+        return gopd_dense_loss(
+            hidden, head_weight(models.student), t_hidden, head_weight(teacher),
+            r_hidden, None if ref is None else head_weight(ref),
+            lam=cfg.lam, temperature=cfg.temperature, mask=part.response_mask.to(hidden.device),
+            loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend,
+        )  # fmt: skip
+
+
+def policy_update(
+    models: Models, rollouts: Rollouts, scores: Scores | None, optimizer, scheduler, cfg: TrainConfig
+):
+    """One optimizer step over the step's rollouts. Returns (loss, stats, stepped: bool)."""
+    student = models.student
+    mask = rollouts.response_mask
+    total_tokens = int(mask.sum())
+    total_seqs = int(mask.any(-1).sum())
+    num_tokens = max(total_tokens, 1) if cfg.loss_agg == "token-mean" else None
+    acc = StatsAccumulator()
+    loss_total = 0.0
+    if cfg.objective == "sampled":
+        groups = [(None, list(range(len(rollouts.examples))))]
+    else:  # the dense loss needs each row's own teacher during the update
+        groups = list(rows_by_domain(rollouts, models.teachers).items())
+    for domain, rows in groups:
+        for chunk in micro_batches(rows, cfg.micro_batch_size):
+            part = rollouts.select(chunk)
+            if cfg.objective == "sampled":
+                loss, stats = _sampled_loss(models, part, scores, chunk, cfg, num_tokens)
+            else:
+                loss, stats = _dense_loss(models, part, domain, cfg, num_tokens)
+            weighted = loss * _part_weight(cfg, part, total_seqs)
+            weighted.backward()
+            loss_total += float(weighted.detach())
+            acc.add(stats)
+    params = [p for p in student.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
+    stats = acc.result() | {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+    if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
+        optimizer.zero_grad(set_to_none=True)
+        return loss_total, stats, False
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, stats, True
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
+    )
+    return optimizer
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,60 @@
+"""Config: YAML + overrides, and clear errors for settings that cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gopd.config import TrainConfig, load_config
+from tests.trainer.conftest import base_config
+
+
+def test_yaml_and_overrides(tiny, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"student": str(tiny["student"]), "teachers": str(tiny["teacher"]),
+                                    "train_data": str(tiny["train"]), "lam": 1.5}))  # fmt: skip
+    cfg = load_config(str(path), {"lam": 2.0, "clip_ratio": [0.2, 0.28]})
+    assert cfg.lam == 2.0 and cfg.clip_ratio == [0.2, 0.28]
+    assert cfg.teacher_map == {"default": str(tiny["teacher"])}
+
+
+def test_official_defaults():
+    cfg = TrainConfig()
+    assert (cfg.lam, cfg.temperature, cfg.top_p, cfg.lr, cfg.is_cap, cfg.loss_agg) == (
+        1.25, 1.0, 1.0, 1e-5, 5.0, "token-mean"
+    )  # fmt: skip
+    assert cfg.samples_per_prompt == 1 and cfg.reference == "student"
+
+
+def test_unknown_key_is_an_error(tiny):
+    with pytest.raises(ValueError, match="unknown config keys: \\['lambda'\\]"):
+        load_config(None, {"student": str(tiny["student"]), "lambda": 1.25})
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(student="/no/such/model"), "student: path '/no/such/model' does not exist"),
+        (dict(teachers={"math": "/no/teacher"}), "teachers.math"),
+        (dict(reference="/no/ref"), "reference"),
+        (dict(lam=-0.5), "lam"),
+        (dict(objective="forward-kl"), "objective"),
+        (dict(temperature=0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(loss_agg="sum"), "loss_agg"),
+        (dict(clip_ratio=[1.0, 0.2]), "clip_ratio"),
+        (dict(is_cap=0), "is_cap"),
+        (dict(objective="dense"), "is_cap: applies to objective 'sampled' only"),
+        (dict(train_data="/no/data.jsonl"), "train_data"),
+        (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(lr_schedule="step"), "lr_schedule"),
+        (dict(eval_every=5), "eval_every: needs eval_data"),
+        (dict(dtype="fp8"), "dtype"),
+        (dict(rollout_engine="sglang"), "rollout_engine"),
+        (dict(loggers=["jsonl", "mlflow"]), "loggers"),
+        (dict(device="tpu"), "device"),
+    ],
+)
+def test_bad_settings_name_themselves(tiny, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        base_config(tiny, tmp_path, **overrides)

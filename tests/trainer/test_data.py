@@ -1,0 +1,82 @@
+"""Prompt loading (JSONL, Parquet, chat template, domains, length checks) and the sampler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gopd.data import PromptSampler, load_examples
+from gopd.models import load_tokenizer
+from tests.trainer.conftest import base_config
+
+
+def test_jsonl_and_parquet_give_the_same_examples(tiny, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in tiny["train"].read_text().splitlines()]
+    parquet = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(records), parquet)
+    cfg = base_config(tiny, tmp_path)
+    tok = load_tokenizer(str(tiny["student"]))
+    a = load_examples(str(tiny["train"]), cfg, tok, 64)
+    b = load_examples(str(parquet), cfg, tok, 64)
+    assert [e.prompt_ids for e in a] == [e.prompt_ids for e in b] and len(a) == 40
+    assert a[0].prompt_ids[0] == tok.bos_token_id and a[0].answer == records[0]["answer"]
+
+
+def test_chat_template_is_applied_when_present(tiny, tmp_path):
+    tok = load_tokenizer(str(tiny["student"]))
+    tok.chat_template = (
+        "{% for m in messages %}=={{ m['content'] }}{% endfor %}{% if add_generation_prompt %}+{% endif %}"
+    )
+    cfg = base_config(tiny, tmp_path)
+    with_template = load_examples(str(tiny["train"]), cfg, tok, 64)[0]
+    cfg.chat_template = False
+    plain = load_examples(str(tiny["train"]), cfg, tok, 64)[0]
+    assert tok.decode(with_template.prompt_ids) == "==" + plain.prompt + "+"
+    assert with_template.prompt_ids != plain.prompt_ids
+
+
+def test_domains_pick_teachers_and_unknown_domain_is_an_error(tiny, tmp_path):
+    teachers = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
+    cfg = base_config(tiny, tmp_path, teachers=teachers, train_data=str(tiny["train_domains"]))
+    tok = load_tokenizer(str(tiny["student"]))
+    examples = load_examples(cfg.train_data, cfg, tok, 64)
+    assert {e.domain for e in examples} == {"math", "code"}
+    cfg.teachers = {"math": str(tiny["teacher"]), "physics": str(tiny["teacher_b"])}
+    with pytest.raises(ValueError, match="domain 'code' has no teacher"):
+        load_examples(cfg.train_data, cfg, tok, 64)
+
+
+def test_too_long_prompts_are_errors(tiny, tmp_path):
+    tok = load_tokenizer(str(tiny["student"]))
+    cfg = base_config(tiny, tmp_path, max_prompt_tokens=4)
+    with pytest.raises(ValueError, match="record 0: prompt has 7 tokens > max_prompt_tokens=4"):
+        load_examples(cfg.train_data, cfg, tok, 64)
+    cfg = base_config(tiny, tmp_path, max_new_tokens=60)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens"):
+        load_examples(cfg.train_data, cfg, tok, 64)
+
+
+def test_eval_data_needs_answers(tiny, tmp_path):
+    path = tmp_path / "no_answers.jsonl"
+    path.write_text(json.dumps({"prompt": "12+34="}) + "\n")
+    cfg = base_config(tiny, tmp_path)
+    with pytest.raises(ValueError, match="no field 'answer'"):
+        load_examples(str(path), cfg, load_tokenizer(str(tiny["student"])), 64, need_answers=True)
+
+
+def test_sampler_is_deterministic_and_resumable(tiny, tmp_path):
+    cfg = base_config(tiny, tmp_path)
+    examples = load_examples(cfg.train_data, cfg, load_tokenizer(str(tiny["student"])), 64)
+    a = PromptSampler(examples, seed=3)
+    first = [e.prompt for e in a.next_batch(30)]
+    state = a.state_dict()
+    rest = [e.prompt for e in a.next_batch(30)]  # crosses into epoch 1
+    b = PromptSampler(examples, seed=3)
+    b.load_state_dict(state)
+    assert [e.prompt for e in b.next_batch(30)] == rest
+    assert sorted(first + rest[:10]) == sorted(e.prompt for e in examples)  # epoch 0 covers every prompt once
+    assert [e.prompt for e in PromptSampler(examples, seed=4).next_batch(30)] != first

@@ -1,0 +1,148 @@
+"""A few real G-OPD steps of tiny models on the CPU: single teacher, two domain teachers, a
+separate reference, the dense objective; checkpoints and exact resume; the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gopd.checkpoint import latest_checkpoint
+from gopd.trainer import train
+from tests.trainer.conftest import base_config
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(str(path)).state_dict().items()}
+
+
+def changed(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def train_losses(cfg) -> list[float]:
+    lines = (cfg.output_dir + "/metrics.jsonl",)
+    records = [json.loads(x) for x in open(lines[0])]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["single-teacher", "two-domain-teachers", "separate-reference", "dense"],
+)
+def test_training_runs_and_changes_only_the_student(tiny, tmp_path, setting):
+    overrides = {
+        "single-teacher": dict(eval_data=str(tiny["eval"]), eval_every=2, eval_samples=2),
+        "two-domain-teachers": dict(
+            teachers={"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])},
+            train_data=str(tiny["train_domains"]),
+        ),  # fmt: skip
+        "separate-reference": dict(reference=str(tiny["reference"]), lam=1.25),
+        "dense": dict(objective="dense", is_cap=None, lam=1.25, loss_agg="seq-mean-token-mean"),
+    }[setting]
+    cfg = base_config(tiny, tmp_path, **overrides)
+    frozen = {name: weights(tiny[name]) for name in ("student", "teacher", "teacher_b", "reference")}
+    summary = train(cfg)
+    losses = train_losses(cfg)
+    assert len(losses) == 3 and all(map(lambda x: x == x and abs(x) < 1e6, losses))
+    final = latest_checkpoint(cfg.output_dir)
+    assert final.name == "step_0000003"
+    assert changed(frozen["student"], weights(final))
+    for name in ("student", "teacher", "teacher_b", "reference"):  # the inputs on disk are untouched
+        assert not changed(frozen[name], weights(tiny[name]))
+    if setting == "single-teacher":
+        assert set(summary["evals"]) == {0, 2, 3} and 0 <= summary["evals"][3]["avg@2"] <= 1
+    records = [json.loads(x) for x in open(cfg.output_dir + "/metrics.jsonl")]
+    train_rec = [r for r in records if r["kind"] == "train"][0]
+    for key in ("loss", "response_length", "tokens_per_s", "time_rollout", "time_scoring", "time_update"):
+        assert key in train_rec
+    assert ("reverse_kl" in train_rec) == (setting != "dense") and ("kl" in train_rec) == (setting == "dense")
+
+
+def test_teachers_in_memory_are_frozen(tiny, tmp_path):
+    """The frozen models get no gradients and keep their weights during training."""
+    from gopd import trainer
+
+    seen = {}
+    original = trainer.load_models
+
+    def spy(cfg):
+        models = original(cfg)
+        seen["models"] = models
+        seen["before"] = [p.detach().clone() for m in models.frozen() for p in m.parameters()]
+        return models
+
+    trainer.load_models = spy
+    try:
+        train(base_config(tiny, tmp_path, lam=1.25, reference=str(tiny["reference"])))
+    finally:
+        trainer.load_models = original
+    params = [p for m in seen["models"].frozen() for p in m.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in params)
+    assert all(torch.equal(a, b) for a, b in zip(seen["before"], params, strict=True))
+
+
+def test_resume_gives_the_same_next_step_loss(tiny, tmp_path):
+    full = base_config(tiny, tmp_path, steps=4, save_every=2, output_dir=str(tmp_path / "full"))
+    train(full)
+    interrupted = base_config(tiny, tmp_path, steps=4, save_every=2, output_dir=str(tmp_path / "cut"))
+    train(base_config(tiny, tmp_path, steps=2, save_every=2, output_dir=str(tmp_path / "cut")))
+    train(interrupted, resume="latest")
+    a, b = train_losses(full), train_losses(interrupted)
+    assert len(a) == 4 and len(b) == 4
+    assert b[2] == pytest.approx(a[2], rel=1e-6, abs=1e-7) and b[3] == pytest.approx(a[3], rel=1e-6, abs=1e-7)
+
+
+def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        train(base_config(tiny, tmp_path), resume="latest")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gopd", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_help_describes_every_option():
+    from gopd.cli import build_parser
+    from gopd.config import TrainConfig
+
+    out = run_cli("train", "--help").stdout
+    for field in TrainConfig.__dataclass_fields__:
+        assert f"--{field.replace('_', '-')}" in out
+    assert "reward scale lambda" in out
+    for command in ("eval", "demo"):
+        assert run_cli(command, "--help").returncode == 0
+    assert build_parser().prog == "gopd"
+
+
+def test_cli_bad_config_exits_with_a_clear_error(tiny, tmp_path):
+    proc = run_cli("train", "--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]),
+                   "--train-data", str(tiny["train"]), "--lam", "-1", "--objective", "reverse")  # fmt: skip
+    assert proc.returncode == 2
+    assert "lam: must be a finite number >= 0" in proc.stderr and "objective" in proc.stderr
+
+
+def test_cli_train_and_eval(tiny, tmp_path):
+    out = tmp_path / "cli"
+    proc = run_cli("train", "--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]),
+                   "--train-data", str(tiny["train"]), "--steps", "2", "--prompts-per-step", "4",
+                   "--max-new-tokens", "4", "--max-prompt-tokens", "16", "--output-dir", str(out),
+                   "--device", "cpu", "--loggers", "[jsonl]")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = latest_checkpoint(str(out))
+    proc = run_cli("eval", "--model", str(ckpt), "--data", str(tiny["eval"]), "--k", "2",
+                   "--max-new-tokens", "4", "--device", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "avg@2:" in proc.stdout and "pass@2:" in proc.stdout
+
+
+def test_demo_quick_runs(tmp_path):
+    from gopd.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", quick=True)
+    assert {"teacher", "student_before", "student_after"} <= set(result)
+    assert all(0 <= result[k] <= 1 for k in ("teacher", "student_before", "student_after"))

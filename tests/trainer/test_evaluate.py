@@ -1,0 +1,60 @@
+"""Answer extraction and avg@k / pass@k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gopd.data import Example
+from gopd.evaluate import evaluate, extract_answer, is_correct
+from gopd.rollout import Rollouts
+
+
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("so the answer is \\boxed{42}.", "42"),
+        ("\\boxed{1} then \\boxed{x+1}", "x+1"),
+        ("reasoning... #### 17", "17"),
+        ("3 apples and 4 pears: 7", "7"),
+        ("-3.5 degrees", "-3.5"),
+        ("no digits here", None),
+    ],
+)
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_is_correct_is_exact():
+    assert is_correct("0579", "0579") and not is_correct("579", "0579") and not is_correct("", "1")
+
+
+class ScriptedEngine:
+    """Returns fixed responses: prompt i's samples are responses[i]."""
+
+    def __init__(self, tokenizer, responses):
+        self.tokenizer, self.responses = tokenizer, responses
+
+    def generate(self, examples, samples, temperature):
+        texts = [r for i in range(len(examples)) for r in self.responses[i][:samples]]
+        ids = [
+            self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            for t in texts
+        ]
+        width = max(map(len, ids))
+        resp = torch.tensor([x + [self.tokenizer.pad_token_id] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], dtype=torch.bool)
+        prompt = torch.zeros(len(texts), 1, dtype=torch.long)
+        rows = [ex for ex in examples for _ in range(samples)]
+        return Rollouts(torch.cat([prompt, resp], 1), torch.cat([torch.ones_like(prompt), mask.long()], 1), 1,
+                        mask, torch.zeros(mask.shape), rows)  # fmt: skip
+
+
+def test_avg_and_pass_at_k(tiny):
+    from gopd.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny["student"]))
+    examples = [Example([3], "default", "12", "a"), Example([3], "default", "7", "b")]
+    engine = ScriptedEngine(tok, [["12", "13", "12", "1"], ["8", "9", "6", "5"]])
+    result = evaluate(engine, tok, examples, k=4, temperature=1.0)
+    assert result["avg@4"] == pytest.approx((2 / 4 + 0) / 2) and result["pass@4"] == 0.5

@@ -1,0 +1,77 @@
+"""Models (tokenizer checks, hidden states with left padding) and rollouts (masks, engine log-probs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gopd.data import load_examples
+from gopd.models import check_same_tokenizer, final_hidden, head_weight, load_model, load_tokenizer
+from gopd.rollout import HFRolloutEngine, left_pad, response_mask
+from gopd.scoring import response_hidden
+from gopd_kernels import token_logprobs
+from tests.trainer.conftest import base_config, make_model_dir
+
+
+def test_tokenizer_mismatch_is_refused(tiny, tmp_path):
+    student = load_tokenizer(str(tiny["student"]))
+    check_same_tokenizer(student, load_tokenizer(str(tiny["teacher"])), "s", "t")  # same: fine
+    other = load_tokenizer(str(make_model_dir(tmp_path / "other", seed=0, alphabet="9876543210+=")))
+    with pytest.raises(ValueError, match="tokens map to different ids"):
+        check_same_tokenizer(student, other, "s", "other")
+    eos = load_tokenizer(str(tiny["teacher"]))
+    eos.eos_token = "<unk>"
+    with pytest.raises(ValueError, match="eos_token_id"):
+        check_same_tokenizer(student, eos, "s", "t")
+
+
+def test_training_refuses_a_teacher_with_another_tokenizer(tiny, tmp_path):
+    from gopd.models import load_models
+
+    other = make_model_dir(tmp_path / "other", seed=0, alphabet="9876543210+=")
+    with pytest.raises(ValueError, match="does not match the student's"):
+        load_models(base_config(tiny, tmp_path, teachers=str(other)))
+
+
+def test_logit_softcapping_models_are_refused(tiny, tmp_path):
+    model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=False)
+    model.config.final_logit_softcapping = 30.0
+    model.save_pretrained(tmp_path / "capped")
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        load_model(str(tmp_path / "capped"), torch.float32, torch.device("cpu"), trainable=False)
+
+
+def test_left_padding_does_not_change_hidden_states(tiny):
+    model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=False)
+    seqs = [[3, 5, 6, 14, 7], [3, 9, 15]]
+    ids, mask = left_pad(seqs, pad_id=0)
+    padded = final_hidden(model, ids, mask)
+    for row, seq in enumerate(seqs):
+        alone = final_hidden(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+        torch.testing.assert_close(padded[row, -len(seq) :], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_response_mask_stops_after_first_eos():
+    responses = torch.tensor([[5, 1, 0, 0], [5, 6, 7, 8], [1, 5, 1, 0]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(response_mask(responses, eos_id=1), expected)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_engine_logprobs_match_the_students_at_the_sampling_temperature(tiny, tmp_path, temperature):
+    """r_t recorded during generate equals s_t recomputed from hidden states at tau."""
+    cfg = base_config(tiny, tmp_path, temperature=temperature)
+    tok = load_tokenizer(str(tiny["student"]))
+    model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=True)
+    examples = load_examples(cfg.train_data, cfg, tok, 64)[:5]
+    torch.manual_seed(0)
+    ro = HFRolloutEngine(model, tok, cfg).generate(examples, samples=3, temperature=temperature)
+    assert ro.sequences.shape[0] == 15 and ro.responses.shape[1] <= cfg.max_new_tokens
+    assert [e.prompt for e in ro.examples] == [e.prompt for e in examples for _ in range(3)]
+    with torch.no_grad():
+        s = token_logprobs(
+            response_hidden(model, ro), head_weight(model), ro.targets, temperature=temperature
+        )
+    torch.testing.assert_close(ro.rollout_logp, s * ro.response_mask, atol=1e-5, rtol=1e-5)
+    assert (ro.rollout_logp[~ro.response_mask] == 0).all()
+    assert model.training  # generate() left the student in train mode
