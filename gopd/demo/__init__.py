@@ -25,6 +25,7 @@ from gopd.demo.tiny import build_model, build_tokenizer, save
 from gopd.evaluate import evaluate
 from gopd.models import load_model, load_tokenizer
 from gopd.rollout import HFRolloutEngine
+from gopd.trainer import train
 
 DIGITS = 3
 STUDENT_GREEDY_ACC = 0.5  # snapshot the student when it first answers half the problems greedily
@@ -79,8 +80,6 @@ def train_teacher_and_student(out: Path, seed: int, quick: bool) -> tuple[Path, 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | None = None,
              quick: bool = False) -> dict:  # fmt: skip
-    from gopd.trainer import train
-
     out = Path(out)
     started = time.perf_counter()
     distill_steps = distill_steps or (3 if quick else 150)

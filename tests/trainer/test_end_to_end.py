@@ -25,8 +25,7 @@ def changed(a: dict, b: dict) -> bool:
 
 
 def train_losses(cfg) -> list[float]:
-    lines = (cfg.output_dir + "/metrics.jsonl",)
-    records = [json.loads(x) for x in open(lines[0])]
+    records = [json.loads(x) for x in open(cfg.output_dir + "/metrics.jsonl")]
     return [r["loss"] for r in records if r["kind"] == "train"]
 
 
