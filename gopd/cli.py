@@ -41,12 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from gopd.data import load_examples
-    from gopd.evaluate import evaluate
-    from gopd.models import load_model, load_tokenizer, resolve_device
-    from gopd.rollout import HFRolloutEngine
+    from gopd.evaluate import evaluate_checkpoint
 
     cfg = TrainConfig(
         student=args.model, teachers=args.model, train_data=args.data, eval_data=args.data,
@@ -54,12 +49,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, top_p=args.top_p,
         chat_template=args.chat_template,
     ).validate()  # fmt: skip
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, getattr(torch, args.dtype), resolve_device(args.device), trainable=False)
-    ctx = int(getattr(model.config, "max_position_embeddings", None) or 10**9)
-    examples = load_examples(args.data, cfg, tokenizer, ctx, need_answers=True)[: args.max_prompts]
-    result = evaluate(HFRolloutEngine(model, tokenizer, cfg), tokenizer, examples, args.k, args.temperature)
+    result = evaluate_checkpoint(args.model, cfg, args.k, max_prompts=args.max_prompts, dtype=args.dtype,
+                                 device=args.device, seed=args.seed)  # fmt: skip
     print(yaml.safe_dump({"model": args.model, "data": args.data, **result}, sort_keys=False))
     return 0
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 
-from gopd.data import Example
-from gopd.rollout import RolloutEngine
+import torch
+
+from gopd.config import TrainConfig
+from gopd.data import Example, load_examples
+from gopd.models import load_model, load_tokenizer, resolve_device
+from gopd.rollout import HFRolloutEngine, RolloutEngine
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
@@ -50,3 +54,23 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
         "response_length": sum(lengths) / len(lengths),
         "prompts": len(per_prompt),
     }
+
+
+def evaluate_checkpoint(
+    path: str,
+    cfg: TrainConfig,
+    k: int,
+    *,
+    max_prompts: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
+    """avg@k / pass@k of a saved model on cfg.eval_data (fields, chat template, lengths and
+    temperature from cfg)."""
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
+    context = int(getattr(model.config, "max_position_embeddings", None) or 10**9)
+    examples = load_examples(cfg.eval_data, cfg, tokenizer, context, need_answers=True)[:max_prompts]
+    torch.manual_seed(seed)
+    return evaluate(HFRolloutEngine(model, tokenizer, cfg), tokenizer, examples, k, cfg.temperature)

@@ -20,6 +20,7 @@ from gopd_kernels.validation import (
     check_backend_dtype,
     check_choice,
     check_lm_head,
+    check_matching_head,
     check_temperature,
 )
 
@@ -259,27 +260,12 @@ def gopd_dense_loss(
         raise ValueError("ref_hidden and ref_weight must be given together")
     if ref_hidden is None and lam != 1.0:
         raise ValueError(f"ref_hidden / ref_weight are required when lam != 1 (got lam={lam})")
-    heads = {"teacher": (teacher_hidden, teacher_weight)}
     if ref_hidden is not None:
         check_lm_head(ref_hidden, ref_weight, names=("ref_hidden", "ref_weight", "-"))
-        heads["ref"] = (ref_hidden, ref_weight)
     lead = student_hidden.shape[:-1]
-    vocab = student_weight.shape[0]
-    for name, (h, w) in heads.items():
-        if h.shape[:-1] != lead:
-            raise ValueError(
-                f"{name}_hidden leading shape {tuple(h.shape[:-1])} must equal the student's {tuple(lead)}"
-            )
-        if w.shape[0] != vocab:
-            raise ValueError(
-                f"{name}_weight has V={w.shape[0]}, the student's has V={vocab}: vocabularies must match"
-            )
-        if h.dtype != student_hidden.dtype:
-            raise ValueError(
-                f"{name}_hidden is {h.dtype}, the student's is {student_hidden.dtype}: use one dtype"
-            )
-        if h.device != student_hidden.device:
-            raise ValueError(f"{name}_hidden is on {h.device}, the student's on {student_hidden.device}")
+    for name, h, w in (("teacher", teacher_hidden, teacher_weight), ("ref", ref_hidden, ref_weight)):
+        if h is not None:
+            check_matching_head(name, h, w, "student", student_hidden, student_weight)
     if mask is None:
         mask = torch.ones(lead, dtype=torch.bool, device=student_hidden.device)
     elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != lead:

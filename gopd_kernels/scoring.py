@@ -18,6 +18,7 @@ from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
     check_lm_head,
+    check_matching_head,
     check_targets,
     check_temperature,
 )
@@ -68,17 +69,7 @@ def frozen_logprobs(
     models = [(teacher_hidden, teacher_weight, teacher_bias)]
     if ref_hidden is not None:
         check_lm_head(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
-        if ref_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-            raise ValueError(
-                f"ref_hidden leading shape {tuple(ref_hidden.shape[:-1])} must equal the teacher's "
-                f"{tuple(teacher_hidden.shape[:-1])}"
-            )
-        if ref_weight.shape[0] != teacher_weight.shape[0]:
-            raise ValueError(
-                f"ref_weight has V={ref_weight.shape[0]}, teacher_weight V={teacher_weight.shape[0]}"
-            )
-        if ref_hidden.dtype != teacher_hidden.dtype or ref_hidden.device != teacher_hidden.device:
-            raise ValueError("ref_hidden must share the teacher's dtype and device")
+        check_matching_head("ref", ref_hidden, ref_weight, "teacher", teacher_hidden, teacher_weight)
         models.append((ref_hidden, ref_weight, ref_bias))
     elif student_logp is not None and lam != 1.0:
         raise ValueError(f"an advantage with lam={lam} != 1 needs the reference (ref_hidden, ref_weight)")

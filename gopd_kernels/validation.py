@@ -66,6 +66,29 @@ def check_lm_head(
             raise ValueError(f"{b_name} ({bias.device}) and {w_name} ({weight.device}) must be on one device")
 
 
+def check_matching_head(
+    name: str, hidden: torch.Tensor, weight: torch.Tensor, like: str, like_hidden: torch.Tensor, like_weight
+) -> None:
+    """A second model (name) scored at the positions of a first (like): the same leading shape,
+    vocabulary, dtype and device; the hidden size D may differ."""
+    if hidden.shape[:-1] != like_hidden.shape[:-1]:
+        raise ValueError(
+            f"{name}_hidden leading shape {tuple(hidden.shape[:-1])} must equal the {like}'s "
+            f"{tuple(like_hidden.shape[:-1])}"
+        )
+    if weight.shape[0] != like_weight.shape[0]:
+        raise ValueError(
+            f"{name}_weight has V={weight.shape[0]}, the {like}'s has V={like_weight.shape[0]}: "
+            "vocabularies must match"
+        )
+    if hidden.dtype != like_hidden.dtype:
+        raise ValueError(
+            f"{name}_hidden is {hidden.dtype}, the {like}'s is {like_hidden.dtype}: use one dtype"
+        )
+    if hidden.device != like_hidden.device:
+        raise ValueError(f"{name}_hidden is on {hidden.device}, the {like}'s on {like_hidden.device}")
+
+
 def check_targets(
     targets: torch.Tensor,
     lead_shape: torch.Size,

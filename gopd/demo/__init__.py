@@ -15,35 +15,17 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
 from gopd.config import TrainConfig
-from gopd.data import load_examples
 from gopd.demo.sft import greedy_accuracy, sft
 from gopd.demo.task import ALPHABET, make_splits, problem
 from gopd.demo.tiny import build_model, build_tokenizer, save
-from gopd.evaluate import evaluate
-from gopd.models import load_model, load_tokenizer
-from gopd.rollout import HFRolloutEngine
+from gopd.evaluate import evaluate_checkpoint
 from gopd.trainer import train
 
 DIGITS = 3
 STUDENT_GREEDY_ACC = 0.5  # snapshot the student when it first answers half the problems greedily
 TEACHER_GREEDY_ACC = 0.97  # and the teacher once it is nearly always right,
 TEACHER_EXTRA_STEPS = 200  # plus this many steps
-
-
-def _accuracy(path: Path, cfg: TrainConfig, k: int) -> float:
-    """avg@k of a saved model on cfg.eval_data at cfg.temperature."""
-    model = load_model(str(path), torch.float32, torch.device("cpu"), trainable=False)
-    tokenizer = load_tokenizer(str(path))
-    examples = load_examples(
-        cfg.eval_data, cfg, tokenizer, model.config.max_position_embeddings, need_answers=True
-    )
-    torch.manual_seed(cfg.seed + 1)
-    return evaluate(HFRolloutEngine(model, tokenizer, cfg), tokenizer, examples, k, cfg.temperature)[
-        f"avg@{k}"
-    ]
 
 
 def train_teacher_and_student(out: Path, seed: int, quick: bool) -> tuple[Path, Path, dict]:
@@ -98,7 +80,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
         eval_samples=k, output_dir=str(out / "gopd"), seed=seed, loggers=["jsonl"], device="cpu",
     ).validate()  # fmt: skip
     print(f"[3/4] teacher's accuracy (avg@{k} on {n_eval} held-out prompts, temperature {cfg.temperature})")
-    teacher_acc = _accuracy(teacher_dir, cfg, k)
+    teacher_acc = evaluate_checkpoint(str(teacher_dir), cfg, k, seed=cfg.seed + 1)[f"avg@{k}"]
     print(f"      teacher {teacher_acc:.3f}")
     print(f"[4/4] ExOPD: lam={cfg.lam}, reference = the student's initial weights, {distill_steps} steps "
           f"of {cfg.prompts_per_step} prompts, lr {cfg.lr}")  # fmt: skip

@@ -20,6 +20,7 @@ from gopd_kernels.ops.linear_logsoftmax_torch import (
     TileWorkspace,
     _chunks,
     _logits_tile,
+    accumulate_head_grads,
     compute_dtype,
     tile_shape,
 )
@@ -121,11 +122,5 @@ def backward(
             log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])
             p = torch.exp(log_p, out=tiles[2])
             dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])
-            if dh is not None:
-                dh[r0:r1].addmm_(dz, ws)
-            if dw is not None:
-                if r0 == 0:
-                    torch.mm(dz.T, hs, out=dw[c0:c1])
-                else:
-                    dw[c0:c1].addmm_(dz.T, hs)
+            accumulate_head_grads(dz, hs, ws, dh, dw, (r0, r1), (c0, c1))
     return None if dh is None else dh.to(student[0].dtype), None if dw is None else dw.to(student[1].dtype)

@@ -90,6 +90,19 @@ def _targets_in(targets: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, 
     return rows, targets[rows] - c0
 
 
+def accumulate_head_grads(dz, h, w, dh, dw, rows: tuple[int, int], cols: tuple[int, int]) -> None:
+    """From one tile's dL/dz: dh[rows] += dz @ w; dw[cols] = dz^T @ h on the first row chunk,
+    += after (each vocabulary chunk's dW is complete after its row chunks, written in place)."""
+    (r0, r1), (c0, c1) = rows, cols
+    if dh is not None:
+        dh[r0:r1].addmm_(dz, w)
+    if dw is not None:
+        if r0 == 0:
+            torch.mm(dz.T, h, out=dw[c0:c1])
+        else:
+            dw[c0:c1].addmm_(dz.T, h)
+
+
 def forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -167,13 +180,7 @@ def backward(
                 dz = u.add_(entropy[r0:r1, None]).mul_(g_e[r0:r1, None]).add_(g_l[r0:r1, None]).mul_(p).neg_()
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             dz[sel, col] += g_l[r0 + sel]
-            if dh is not None:
-                dh[r0:r1].addmm_(dz, w)
-            if dw is not None:
-                if r0 == 0:
-                    torch.mm(dz.T, h[r0:r1], out=dw[c0:c1])
-                else:
-                    dw[c0:c1].addmm_(dz.T, h[r0:r1])
+            accumulate_head_grads(dz, h[r0:r1], w, dh, dw, (r0, r1), (c0, c1))
             if db is not None:
                 db[c0:c1] += dz.sum(dim=0)
     cast = lambda x, like: None if x is None else x.to(like.dtype)
