@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,9 +39,30 @@ def machine_description() -> dict:
     return desc
 
 
+def machine_slug(desc: dict) -> str:
+    """Folder name for a machine's results: the GPU's name, else the CPU's and its core count."""
+    name = desc["gpu"] or f"cpu {desc['cpu']} {desc['cores']}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux clear_refs); returns it in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _proc_status_kib("VmRSS") * 1024
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size since the last reset_peak_rss (or the process's start)."""
+    return _proc_status_kib("VmHWM") * 1024
 
 
 def run_child(

@@ -1,0 +1,310 @@
+"""What the benchmarks run: each op, its inputs, its FLOP count and every implementation of it.
+
+An implementation is a function of the inputs dict that runs the forward and returns its
+output; the harness then runs the backward (when the op has one) with ``Op.upstream`` and
+reads the gradients of ``hidden`` and ``weight``. Every implementation of an op computes the
+same quantity from the same inputs, so outputs and gradients are compared across them:
+
+    naive          the materialising reference a user would write (gopd_kernels.reference)
+    torch-compile  torch.compile of that same function
+    gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
+    liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
+    cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
+
+A peer that cannot run somewhere says why (``Impl.unavailable``) and is left out of that run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+
+import gopd_kernels as gk
+from gopd_kernels import reference as ref
+
+LAM = 1.25  # the ExOPD setting of the official runs; the dense op uses lam = 1 (see its description)
+
+
+@dataclass
+class Impl:
+    description: str
+    run: Callable[[dict], torch.Tensor]
+    needs: str | None = None  # importable module it needs
+    cuda_only: bool = False
+    compiled: bool = False  # warm up (compile) before measuring
+
+    def unavailable(self, device: str) -> str | None:
+        if self.cuda_only and device != "cuda":
+            return "needs CUDA (its kernels are Triton-only)"
+        if self.needs and importlib.util.find_spec(self.needs) is None:
+            return f"{self.needs} is not installed (pip install -e '.[bench]')"
+        return None
+
+
+@dataclass
+class Op:
+    description: str
+    backward: bool
+    flops: Callable[[int, int, int], float]  # useful FLOPs for (N, D, V): the GEMMs any method must do
+    make_extra: Callable[[dict, torch.Generator], None]  # adds the op's own inputs
+    impls: dict[str, Impl] = field(default_factory=dict)
+
+    def upstream(self, x: dict) -> torch.Tensor | None:
+        return x.get("upstream") if self.backward else None
+
+
+def make_inputs(op: Op, n: int, d: int, v: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    """The student's hidden states and LM head, the sampled tokens, and the op's own inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = {"n": n, "d": d, "v": v, "dtype": dtype, "device": device}
+    x["hidden"], x["weight"] = _model(x, g)
+    x["targets"] = torch.randint(0, v, (n,), generator=g).to(device)
+    op.make_extra(x, g)
+    return x
+
+
+def _model(x: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [N, D] and an LM head [V, D] whose logits have std ~2 (peaked, not degenerate)."""
+    n, d, v = x["n"], x["d"], x["v"]
+    h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g) * (2.0 / d**0.5)
+    return h.to(x["device"], x["dtype"]), w.to(x["device"], x["dtype"])
+
+
+def _per_token(x: dict, t: torch.Tensor) -> torch.Tensor:
+    return t.to(x["device"], torch.float32)  # per-token values stay fp32, as a trainer holds them
+
+
+def with_leaves(x: dict, requires_grad: bool) -> dict:
+    """x plus leaf copies "h", "w" of the student's hidden states and head, for run_impl."""
+    h = x["hidden"].detach().clone().requires_grad_(requires_grad)
+    return {**x, "h": h, "w": x["weight"].detach().clone().requires_grad_(requires_grad)}
+
+
+# --- peers' entry points, imported lazily so that a missing peer only removes its rows -------
+
+
+@cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)
+
+
+def _cce_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = "cce" if h.is_cuda else "torch_compile"
+    return -linear_cross_entropy(h, w, y, reduction="none", impl=impl).float()
+
+
+def _liger_flce_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return -LigerFusedLinearCrossEntropyLoss(reduction="none")(w, h, y).float()
+
+
+# --- token_logprobs: forward only, and forward + backward with a per-token upstream gradient ---
+
+
+def _upstream(x: dict, g: torch.Generator) -> None:
+    x["upstream"] = _per_token(x, torch.randn(x["n"], generator=g))
+
+
+def _student(x: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x["h"], x["w"], x["targets"]
+
+
+def _logprob_impls() -> dict[str, Impl]:
+    return {
+        "naive": Impl("materialised [N, V] logits, log_softmax, gather",
+                      lambda x: ref.token_logprobs_reference(*_student(x))),
+        "torch-compile": Impl("torch.compile of naive",
+                              lambda x: _compiled(ref.token_logprobs_reference)(*_student(x)),
+                              compiled=True),
+        "gopd": Impl("gopd_kernels.token_logprobs", lambda x: gk.token_logprobs(*_student(x))),
+        "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), negated",
+                      lambda x: _liger_flce_logp(*_student(x)),
+                      needs="liger_kernel", cuda_only=True),
+        "cce": Impl("cut_cross_entropy.linear_cross_entropy(reduction='none'), negated",
+                    lambda x: _cce_logp(*_student(x)), needs="cut_cross_entropy",
+                    compiled=True),
+    }  # fmt: skip
+
+
+# --- gopd_loss: the on-policy G-OPD policy-gradient loss ------------------------------------
+
+
+def _loss_inputs(x: dict, g: torch.Generator) -> None:
+    n = x["n"]
+    x["teacher_logp"] = _per_token(x, -torch.rand(n, generator=g) * 10)
+    x["ref_logp"] = _per_token(x, -torch.rand(n, generator=g) * 10)
+    # Liger's GRPO loss takes the advantage as an input: it gets the student's log-probs from
+    # before the update, as a trainer holds them from the rollout (chunked, never [N, V]).
+    with torch.no_grad():
+        x["old_logp"] = gk.token_logprobs(x["hidden"], x["weight"], x["targets"])
+
+
+def _naive_gopd_loss(h, w, y, teacher_logp, ref_logp):
+    return ref.gopd_loss_reference(h, w, y, teacher_logp, ref_logp, lam=LAM)
+
+
+def _cce_gopd_loss(x: dict) -> torch.Tensor:
+    s = _cce_logp(*_student(x))
+    adv = gk.gopd_advantage(s.detach(), x["teacher_logp"], x["ref_logp"], lam=LAM)
+    return -(adv * torch.exp(s - s.detach())).mean()
+
+
+def _liger_gopd_loss(x: dict) -> torch.Tensor:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # One token per "sequence": Liger's advantages are per sequence, G-OPD's per token. With
+    # loss_type "grpo" the loss is then the token mean, as ours.
+    n = x["n"]
+    adv = gk.gopd_advantage(x["old_logp"], x["teacher_logp"], x["ref_logp"], lam=LAM)
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", chunk_size=1024,
+                                       compiled=True)  # fmt: skip
+    out = loss_fn(x["h"].unsqueeze(1), x["w"], x["targets"].unsqueeze(1),
+                  torch.ones(n, 1, dtype=torch.long, device=x["h"].device), adv,
+                  old_per_token_logps=x["old_logp"].unsqueeze(1))  # fmt: skip
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _loss_impls() -> dict[str, Impl]:
+    args = lambda x: (x["h"], x["w"], x["targets"], x["teacher_logp"], x["ref_logp"])
+    return {
+        "naive": Impl("materialised logits, then the loss (gopd_loss_reference)",
+                      lambda x: _naive_gopd_loss(*args(x))),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x)),
+                              compiled=True),
+        "gopd": Impl("gopd_kernels.gopd_loss", lambda x: gk.gopd_loss(*args(x), lam=LAM)[0]),
+        "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
+                      _liger_gopd_loss, needs="liger_kernel", compiled=True),
+        "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",
+                    _cce_gopd_loss, needs="cut_cross_entropy", compiled=True),
+    }  # fmt: skip
+
+
+# --- gopd_dense_loss at lam = 1: the full-vocabulary reverse KL to the teacher ----------------
+
+
+def _teacher_head(x: dict, g: torch.Generator) -> None:
+    x["teacher"] = _model(x, g)
+
+
+def _naive_dense(h, w, th, tw):
+    return ref.gopd_dense_loss_reference(h, w, th, tw)[0]
+
+
+def _liger_dense(x: dict) -> torch.Tensor:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    # beta = 1 is KL(student || teacher); no hard (cross-entropy) term
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=True)
+    return loss_fn(x["h"], x["w"], *x["teacher"], x["targets"])
+
+
+def _dense_impls() -> dict[str, Impl]:
+    args = lambda x: (x["h"], x["w"], *x["teacher"])
+    return {
+        "naive": Impl("two materialised [N, V] log-softmaxes (gopd_dense_loss_reference)",
+                      lambda x: _naive_dense(*args(x))),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense)(*args(x)),
+                              compiled=True),
+        "gopd": Impl("gopd_kernels.gopd_dense_loss", lambda x: gk.gopd_dense_loss(*args(x))[0]),
+        "liger": Impl("LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0)", _liger_dense,
+                      needs="liger_kernel", compiled=True),
+    }  # fmt: skip
+
+
+# --- frozen scoring: teacher and reference log-probs of the sampled tokens, no grad ----------
+
+
+def _teacher_and_ref(x: dict, g: torch.Generator) -> None:
+    x["teacher"], x["ref"] = _model(x, g), _model(x, g)
+
+
+def _naive_scores(th, tw, rh, rw, y):
+    return torch.stack([ref.token_logprobs_reference(th, tw, y), ref.token_logprobs_reference(rh, rw, y)])
+
+
+def _scoring_impls() -> dict[str, Impl]:
+    args = lambda x: (*x["teacher"], *x["ref"], x["targets"])
+
+    def ours(x):
+        th, tw, rh, rw, y = args(x)
+        return torch.stack(gk.frozen_logprobs(th, tw, y, rh, rw)[:2])
+
+    def per_model(logp_fn):
+        return lambda x: torch.stack([logp_fn(*x["teacher"], x["targets"]), logp_fn(*x["ref"], x["targets"])])
+
+    return {
+        "naive": Impl("two materialised [N, V] log-softmaxes", lambda x: _naive_scores(*args(x))),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_scores)(*args(x)),
+                              compiled=True),
+        "gopd": Impl("gopd_kernels.frozen_logprobs (one launch for both models on Triton)", ours),
+        "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), once per model",
+                      per_model(_liger_flce_logp), needs="liger_kernel", cuda_only=True),
+        "cce": Impl("linear_cross_entropy(reduction='none'), once per model", per_model(_cce_logp),
+                    needs="cut_cross_entropy", compiled=True),
+    }  # fmt: skip
+
+
+OPS: dict[str, Op] = {
+    "token_logprobs_fwd": Op(
+        "log-probs of N sampled tokens, forward only (no grad)",
+        False, lambda n, d, v: 2 * n * d * v, lambda x, g: None, _logprob_impls()),
+    "token_logprobs": Op(
+        "log-probs of N sampled tokens, forward + backward with a random per-token upstream gradient",
+        True, lambda n, d, v: 6 * n * d * v, _upstream, _logprob_impls()),
+    "gopd_loss": Op(
+        f"on-policy G-OPD policy-gradient loss, lam={LAM}, token-mean; teacher/ref log-probs given",
+        True, lambda n, d, v: 6 * n * d * v, _loss_inputs, _loss_impls()),
+    "gopd_dense_loss": Op(
+        "dense G-OPD at lam=1, KL(p_s || p_T) over the full vocabulary (the only lam a reverse-KL "
+        "peer can do); student and teacher of hidden size D",
+        True, lambda n, d, v: 8 * n * d * v, _teacher_head, _dense_impls()),
+    "frozen_scoring": Op(
+        "teacher and reference log-probs of N sampled tokens (no grad), both of hidden size D",
+        False, lambda n, d, v: 4 * n * d * v, _teacher_and_ref, _scoring_impls()),
+}  # fmt: skip
+
+
+def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One forward (+ backward) on ``call = with_leaves(x, op.backward)``; returns (output, dH, dW)."""
+    h, w = call["h"], call["w"]
+    if not op.backward:
+        with torch.no_grad():
+            return impl.run(call), None, None
+    h.grad = w.grad = None
+    out = impl.run(call)
+    out.backward(op.upstream(call))
+    return out.detach(), h.grad, w.grad
+
+
+def float64_errors(op: Op, impl: Impl, x: dict) -> dict[str, float]:
+    """Relative max errors of ``impl`` on inputs ``x`` against the float64 naive reference."""
+    got = run_impl(op, impl, with_leaves(x, op.backward))
+    to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    x64 = {k: tuple(map(to64, t)) if isinstance(t, tuple) else to64(t) for k, t in x.items()}
+    want = run_impl(op, op.impls["naive"], with_leaves(x64, op.backward))
+    return errors(op, got, want)
+
+
+def errors(op: Op, got: tuple, want: tuple) -> dict[str, float]:
+    """Relative max errors of (output, dH, dW) against another run's."""
+    names = ("out", "dh", "dw") if op.backward else ("out",)
+    return {k: rel_err(a, b) for k, a, b in zip(names, got, want, strict=False)}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are 0)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    diff = float((a - b).abs().max()) if b.numel() else 0.0
+    return diff / scale if scale else diff
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 3e-2

@@ -1,0 +1,405 @@
+"""Side-by-side report: gopd vs naive PyTorch, torch.compile, Liger-Kernel and Cut Cross-Entropy.
+
+    python -m benchmarks.report --preset cpu     # the CPU report committed under results/<machine>/
+    python -m benchmarks.report --preset gpu     # on CUDA: bf16 and fp32 up to N=16384, D=4096, V=151936
+    python -m benchmarks.report --op token_logprobs --n 1024,4096 --d 512 --v 32000 --no-save
+    python -m benchmarks.report --plots-only     # redraw the plots and the summary from saved JSON
+
+For each op and shape, every implementation that can run here (benchmarks/ops.py) is first
+checked against the float64 naive reference on a slice of the same D and V (N=67); one that
+disagrees is reported and not timed. Then:
+
+- CPU: each (implementation, round) runs in a fresh process; rounds interleave the
+  implementations so that drift in a shared machine's speed favours none of them. Peak memory
+  is the process's peak RSS above its RSS once the inputs exist (torch.compile'd ones are
+  warmed up first and the peak is reset after). Times are wall-clock per call.
+- CUDA: in this process; time from triton.testing.do_bench after a warm-up call (compile,
+  autotune), memory from torch.cuda.max_memory_allocated above the allocation before the call.
+
+Memory includes the returned gradients (dW is V x D in the weight's dtype), which every
+implementation pays. Outputs and gradients are also compared with naive's at the timed shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import ops as bops
+from benchmarks.common import (
+    RESULTS_DIR,
+    machine_description,
+    machine_slug,
+    markdown_table,
+    peak_rss_bytes,
+    reset_peak_rss,
+    run_child,
+)
+
+CHECK_N = 67  # rows of the float64 correctness check: odd, and more than one tile row on CPU
+WARMUP_NS = (64, 67)  # torch.compile'd implementations: the shapes it compiles for before timing
+DW_ROWS = 512  # rows of dW kept for the comparison with naive at the timed shape
+
+
+@dataclass(frozen=True)
+class Spec:
+    op: str
+    n: int
+    d: int
+    v: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}_{self.dtype}_N{self.n}_D{self.d}_V{self.v}"
+
+    def as_args(self) -> list[str]:
+        return ["--spec", f"{self.op},{self.n},{self.d},{self.v},{self.dtype}"]
+
+
+def _grid(ops, ns, ds, vs, dtypes) -> list[Spec]:
+    return [Spec(o, n, d, v, t) for t in dtypes for o in ops for d in ds for v in vs for n in ns]
+
+
+V_QWEN = 151936  # Qwen2.5/Qwen3, the official runs' vocabulary
+PRESETS = {
+    # a smoke run of every op and implementation, ~2 minutes on 2 cores
+    "quick": lambda: _grid(list(bops.OPS), [512], [256], [32000], ["float32"]),
+    # the committed CPU report: memory and time against N at Qwen's vocabulary, plus V
+    "cpu": lambda: (
+        _grid(["token_logprobs"], [1024, 2048, 4096, 8192], [1024], [V_QWEN], ["float32"])
+        + _grid(["token_logprobs"], [1024], [1024], [32000, 128256, 256000], ["float32"])
+        + _grid(["token_logprobs_fwd", "frozen_scoring"], [1024, 4096], [1024], [V_QWEN], ["float32"])
+        + _grid(["gopd_loss"], [2048, 8192], [1024], [V_QWEN], ["float32"])
+        + _grid(["gopd_dense_loss"], [512, 1024], [1024], [V_QWEN], ["float32"])
+    ),
+    "gpu": lambda: (
+        _grid(list(bops.OPS), [2048, 4096, 8192, 16384], [4096], [V_QWEN], ["bfloat16"])
+        + _grid(list(bops.OPS), [16384], [4096], [V_QWEN], ["float32"])
+        + _grid(["token_logprobs"], [16384], [4096], [32000, 128256, 256000], ["bfloat16"])
+    ),
+}  # fmt: skip
+
+
+# --- one implementation at one shape -----------------------------------------------------------
+
+
+def _keep(got: tuple) -> dict:
+    """The tensors compared with naive's: output, dH, and every k-th row of dW."""
+    out, dh, dw = got
+    kept = {"out": out.detach().float().cpu()}
+    if dh is not None:
+        kept["dh"] = dh.float().cpu()
+        kept["dw"] = dw[:: max(1, dw.shape[0] // DW_ROWS)].float().cpu()
+    return kept
+
+
+def child(spec: Spec, impl_name: str, repeats: int, out_file: Path) -> None:
+    """Runs in a fresh process: peak RSS of the first measured call, then the time of each call."""
+    op, impl = bops.OPS[spec.op], bops.OPS[spec.op].impls[impl_name]
+    x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu")
+    call = bops.with_leaves(x, op.backward)
+    torch.randn(256, 256) @ torch.randn(256, 256)  # load BLAS and its thread pool before the baseline
+    warmup_s = None
+    if impl.compiled:
+        # Compile outside the measurement, on two small N of the same D and V: the second
+        # makes torch.compile generalise N (its "automatic dynamic" shapes, as in a trainer
+        # whose batches vary), so the timed call does not compile and is not a static-shape
+        # special case.
+        t0 = time.perf_counter()
+        for n in WARMUP_NS:
+            small = bops.make_inputs(op, n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu", seed=2)
+            bops.run_impl(op, impl, bops.with_leaves(small, op.backward))
+        warmup_s = time.perf_counter() - t0
+        del small
+    times, kept = [], None
+    base = reset_peak_rss()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        got = bops.run_impl(op, impl, call)
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            peak = peak_rss_bytes() - base
+            kept = _keep(got)
+        del got
+    torch.save(kept, out_file.with_suffix(".pt"))
+    out_file.write_text(json.dumps({"peak_bytes": peak, "times_s": times, "warmup_s": warmup_s}))
+
+
+def measure_cpu(spec: Spec, names: list[str], rounds: int, repeats: int) -> tuple[dict, dict]:
+    runs = {name: {"peak_bytes": [], "times_s": [], "warmup_s": []} for name in names}
+    kept = {}
+    for r in range(rounds):
+        for name in names:
+            res, kept[name] = run_child(
+                "benchmarks.report", [*spec.as_args(), "--child", name, "--repeats", str(repeats)]
+            )
+            runs[name]["peak_bytes"].append(res["peak_bytes"])
+            runs[name]["times_s"] += res["times_s"]
+            runs[name]["warmup_s"].append(res["warmup_s"])
+            times = " ".join(f"{t:.2f}" for t in res["times_s"])
+            mib = res["peak_bytes"] / 2**20
+            print(f"    round {r + 1} {name:14s} +{mib:7.0f} MiB  {times} s", flush=True)
+    return runs, kept
+
+
+def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tuple[dict, dict]:
+    from triton.testing import do_bench
+
+    op = bops.OPS[spec.op]
+    x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cuda")
+    runs, kept = {}, {}
+    for name in names:
+        impl = op.impls[name]
+        call = bops.with_leaves(x, op.backward)
+        fn = functools.partial(bops.run_impl, op, impl, call)
+        t0 = time.perf_counter()
+        kept[name] = _keep(fn())  # warm-up: compile, autotune
+        torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - t0
+        call["h"].grad = call["w"].grad = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = do_bench(fn, warmup=max(1, repeats // 4) * 25, rep=100 * rounds, return_mode="all")
+        runs[name] = {"peak_bytes": [peak], "times_s": [t / 1e3 for t in ms], "warmup_s": [warmup_s]}
+        print(f"    {name:14s} +{peak / 2**20:7.0f} MiB  median {statistics.median(ms):.2f} ms", flush=True)
+        del call, fn
+        torch.cuda.empty_cache()
+    return runs, kept
+
+
+# --- one op at one shape: check, measure, compare --------------------------------------------
+
+
+def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, device: str) -> dict:
+    op = bops.OPS[spec.op]
+    dtype = getattr(torch, spec.dtype)
+    record = {"spec": asdict(spec), "description": op.description, "flops": op.flops(spec.n, spec.d, spec.v),
+              "impls": {}}  # fmt: skip
+    print(f"{spec.name}: {op.description}", flush=True)
+    small = bops.make_inputs(op, CHECK_N, spec.d, spec.v, dtype, device, seed=1)
+    timed = []
+    for name, impl in op.impls.items():
+        if wanted and name not in wanted and name != "naive":
+            continue
+        entry = record["impls"][name] = {"description": impl.description}
+        why = impl.unavailable(device)
+        if why is None:
+            try:
+                entry["check_vs_float64"] = bops.float64_errors(op, impl, small)
+            except Exception as e:  # a peer that fails on a supported input is a result, not a crash
+                why = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        if why is None and max(entry["check_vs_float64"].values()) > bops.tolerance(dtype):
+            why = f"disagrees with the float64 reference: {entry['check_vs_float64']}"
+        if why:
+            entry["skipped"] = why
+            print(f"    {name:14s} skipped: {why}")
+        else:
+            timed.append(name)
+    measure = measure_cuda if device == "cuda" else measure_cpu
+    runs, kept = measure(spec, timed, rounds, repeats)
+    for name in timed:
+        entry = record["impls"][name]
+        entry |= runs[name]
+        if "naive" in kept:
+            entry["vs_naive"] = bops.errors(op, tuple(kept[name].values()), tuple(kept["naive"].values()))
+    return record
+
+
+# --- tables and plots --------------------------------------------------------------------------
+
+
+def summarize(record: dict) -> list[dict]:
+    """Medians and ratios for each timed implementation; peers = every implementation but ours."""
+    rows = []
+    for name, e in record["impls"].items():
+        if "times_s" in e:
+            t = statistics.median(e["times_s"])
+            rows.append({"impl": name, "time": t, "lo": min(e["times_s"]), "hi": max(e["times_s"]),
+                         "peak": statistics.median(e["peak_bytes"]), "tflops": record["flops"] / t / 1e12,
+                         "err": max((e.get("vs_naive") or {"-": 0.0}).values()),
+                         "check": max(e["check_vs_float64"].values())})  # fmt: skip
+    peers = [r for r in rows if r["impl"] != "gopd"]
+    best_t = min((r["time"] for r in peers), default=None)
+    best_m = min((r["peak"] for r in peers), default=None)
+    naive = next((r for r in rows if r["impl"] == "naive"), None)
+    for r in rows:
+        r["t_naive"] = r["time"] / naive["time"] if naive else None
+        r["m_naive"] = r["peak"] / naive["peak"] if naive else None
+        r["t_peer"] = r["time"] / best_t if best_t else None
+        r["m_peer"] = r["peak"] / best_m if best_m else None
+    return rows
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.3g} s" if t >= 1 else f"{t * 1e3:.3g} ms"
+
+
+def markdown(record: dict) -> str:
+    s = Spec(**record["spec"])
+    rows = [[r["impl"], f"{_seconds(r['time'])} ({_seconds(r['lo'])}-{_seconds(r['hi'])})",
+             _ratio(r["t_naive"]), _ratio(r["t_peer"]), f"{r['tflops']:.3f}", f"{r['peak'] / 2**20:.0f}",
+             _ratio(r["m_naive"]), _ratio(r["m_peer"]), f"{r['check']:.0e}", f"{r['err']:.0e}"]
+            for r in summarize(record)]  # fmt: skip
+    skipped = [f"- {n}: not run, {e['skipped']}" for n, e in record["impls"].items() if "skipped" in e]
+    headers = ["impl", "time median (min-max)", "time / naive", "time / best peer", "TFLOP/s", "peak MiB",
+               "memory / naive", "memory / best peer", "float64 check", "vs naive"]  # fmt: skip
+    return "\n".join([f"### {s.op}, N={s.n} D={s.d} V={s.v} {s.dtype}", "", record["description"] + ".", "",
+                      markdown_table(headers, rows), *([""] + skipped if skipped else [])])  # fmt: skip
+
+
+def _series(records: list[dict], key: str) -> dict[tuple, list[dict]]:
+    """Records grouped by every spec field but `key` (n or v), for the groups that vary it."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        s = rec["spec"]
+        group = tuple((k, s[k]) for k in ("op", "dtype", "n", "d", "v") if k != key)
+        groups.setdefault(group, []).append(rec)
+    return {g: sorted(rs, key=lambda r: r["spec"][key]) for g, rs in groups.items() if len(rs) > 1}
+
+
+def plot(records: list[dict], folder: Path) -> list[Path]:
+    """Time and peak memory against N (and against V), log scales, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, label in (("n", "tokens N"), ("v", "vocabulary V")):
+        for group, recs in _series(records, key).items():
+            fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+            impls = dict.fromkeys(name for r in recs for name in r["impls"])
+            for name in impls:
+                pts = [(r["spec"][key], row) for r in recs for row in summarize(r) if row["impl"] == name]
+                if pts:
+                    xs = [p for p, _ in pts]
+                    style = {"linewidth": 2.5, "color": "black"} if name == "gopd" else {}
+                    ax_t.plot(xs, [row["time"] for _, row in pts], "o-", label=name, **style)
+                    ax_m.plot(xs, [row["peak"] / 2**20 for _, row in pts], "o-", label=name, **style)
+            for ax, ylabel in ((ax_t, "time per call, s"), (ax_m, "peak memory, MiB")):
+                ax.set(xscale="log", yscale="log", xlabel=label, ylabel=ylabel)
+                ax.grid(True, which="both", alpha=0.3)
+            ax_m.legend()
+            fixed = dict(group)
+            fig.suptitle(" ".join(f"{k}={v}" for k, v in fixed.items()))
+            fig.tight_layout()
+            rest = "_".join(f"{k.upper() if k in 'ndv' else ''}{v}" for k, v in fixed.items())
+            path = folder / f"{rest}_vs_{key.upper()}.png"
+            fig.savefig(path, dpi=90)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def write_summary(folder: Path) -> Path:
+    """results/<machine>/README.md: every saved table, and the plots, regenerated from the JSON."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    order = list(bops.OPS)
+    records.sort(key=lambda r: (order.index(r["spec"]["op"]), r["spec"]["dtype"], r["spec"]["d"],
+                                r["spec"]["v"], r["spec"]["n"]))  # fmt: skip
+    plots = plot(records, folder)
+    machines = {json.dumps(r["machine"], sort_keys=True) for r in records}
+    lines = [f"# Benchmarks on {folder.name}", "", "Written by `python -m benchmarks.report`; each table is "
+             "one run, its machine and date in the JSON beside it.", ""]  # fmt: skip
+    for m in sorted(machines):
+        m = json.loads(m)
+        lines.append(f"- {m['gpu'] or m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, "
+                     f"torch {m['torch']}, {m['date']}")  # fmt: skip
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    for r in records:
+        lines += [markdown(r), ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def _commit() -> str:
+    """The gopd commit measured, with '+dirty' when the work tree has changes."""
+    import subprocess
+
+    run = lambda *a: subprocess.run(
+        ["git", *a], capture_output=True, text=True, cwd=RESULTS_DIR
+    ).stdout.strip()
+    return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain") else "")
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), help="a predefined sweep (else --op, --n, ...)")
+    p.add_argument("--op", default=",".join(bops.OPS), help=f"comma-separated, of: {', '.join(bops.OPS)}")
+    p.add_argument("--n", type=_ints, default=[2048], help="tokens N, comma-separated")
+    p.add_argument("--d", type=_ints, default=[1024], help="hidden size D, comma-separated")
+    p.add_argument("--v", type=_ints, default=[V_QWEN], help="vocabulary V, comma-separated")
+    p.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
+    p.add_argument("--impls", help="comma-separated subset (naive always runs: it is the reference)")
+    p.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per impl, interleaved")
+    p.add_argument("--repeats", type=int, default=1, help="CPU: calls per process (first: memory)")
+    p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    p.add_argument("--plots-only", action="store_true", help="redraw plots and summary from saved JSON")
+    p.add_argument("--results", type=Path, help="results folder (default: results/<this machine>)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        op, n, d, v, dtype = args.spec.split(",")
+        return child(Spec(op, int(n), int(d), int(v), dtype), args.child, args.repeats, Path(args.out))
+
+    machine = machine_description()
+    folder = args.results or RESULTS_DIR / machine_slug(machine)
+    if args.plots_only:
+        print(write_summary(folder))
+        return
+    ops, dtypes = args.op.split(","), args.dtype.split(",")
+    for name in ops:
+        if name not in bops.OPS:
+            raise ValueError(f"--op: unknown op {name!r}; choose from {', '.join(bops.OPS)}")
+    for dtype in dtypes:
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype: {dtype!r} is not float32 or bfloat16")
+    if args.preset:  # --op still filters it
+        specs = [s for s in PRESETS[args.preset]() if s.op in ops]
+    else:
+        specs = _grid(ops, args.n, args.d, args.v, dtypes)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and "bfloat16" in {s.dtype for s in specs}:
+        print("note: bfloat16 on CPU times PyTorch's CPU bf16 GEMMs, not tensor cores")
+    wanted = args.impls.split(",") if args.impls else None
+    for spec in specs:
+        record = bench_spec(spec, wanted, args.rounds, args.repeats, device)
+        record["machine"] = machine
+        record["method"] = {"rounds": args.rounds, "repeats": args.repeats, "device": device,
+                            "commit": _commit()}  # fmt: skip
+        print(markdown(record), "\n", flush=True)
+        if not args.no_save:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{spec.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    if not args.no_save:
+        print(f"saved under {folder}; summary {write_summary(folder)}")
+
+
+if __name__ == "__main__":
+    main()
