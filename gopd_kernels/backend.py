@@ -67,7 +67,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "torch"
 
 
-def workspace_bytes(backend: str, weight: torch.Tensor) -> int:
+def workspace_bytes(backend: str, weight: torch.Tensor, default: int | None = None) -> int:
+    """Tile workspace budget: GOPD_WORKSPACE_MB when set, else `default` or the backend's."""
     override = os.environ.get("GOPD_WORKSPACE_MB")
     if override:
         try:
@@ -77,6 +78,8 @@ def workspace_bytes(backend: str, weight: torch.Tensor) -> int:
         if mb <= 0:
             raise ValueError(f"GOPD_WORKSPACE_MB must be > 0, got {override!r}")
         return int(mb * (1 << 20))
+    if default is not None:
+        return default
     if backend == "torch":
         return TORCH_WORKSPACE_BYTES
     return max(TRITON_MIN_WORKSPACE_BYTES, weight.numel() * weight.element_size())

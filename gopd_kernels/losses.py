@@ -15,12 +15,14 @@ import torch
 from gopd_kernels.backend import resolve_backend
 from gopd_kernels.functional import token_logprobs
 from gopd_kernels.ops.dense_kl import DenseGopdKL
+from gopd_kernels.ops.folded_loss_torch import FoldedTokenLoss, fold_workspace_bytes
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
     check_choice,
     check_lm_head,
     check_matching_head,
+    check_targets,
     check_temperature,
 )
 
@@ -99,20 +101,24 @@ def aggregate_token_losses(
     seq-mean-token-mean / seq-mean-token-sum ([B, T] inputs): per sequence the mean / sum
     over its valid tokens, then the mean over sequences that have any.
     """
+    masked = torch.where(mask, per_token, torch.zeros_like(per_token))  # NaN at padding stays out
+    return (masked * token_loss_weights(mask, loss_agg, num_tokens).to(masked.dtype)).sum()
+
+
+def token_loss_weights(mask: torch.Tensor, loss_agg: str, num_tokens: float | None = None) -> torch.Tensor:
+    """Weights a_t with aggregate_token_losses(l) = sum_t a_t l_t (0 at masked-out positions)."""
     check_choice(loss_agg, LOSS_AGGS, "loss_agg")
     num_tokens = _check_num_tokens(num_tokens, loss_agg)
-    masked = torch.where(mask, per_token, torch.zeros_like(per_token))  # NaN at padding stays out
+    m = mask.to(torch.float64)  # exact counts; callers cast
     if loss_agg == "token-mean":
-        denom = num_tokens if num_tokens is not None else mask.sum().clamp_min(1)
-        return masked.sum() / denom
-    if per_token.dim() != 2:
-        raise ValueError(f"loss_agg={loss_agg!r} needs [B, T] inputs, got shape {tuple(per_token.shape)}")
-    tokens = mask.sum(dim=-1)
-    per_seq = masked.sum(dim=-1)
+        return m / (num_tokens if num_tokens is not None else m.sum().clamp_min(1))
+    if mask.dim() != 2:
+        raise ValueError(f"loss_agg={loss_agg!r} needs [B, T] inputs, got shape {tuple(mask.shape)}")
+    tokens = m.sum(dim=-1, keepdim=True)
+    sequences = (tokens > 0).sum().clamp_min(1)
     if loss_agg == "seq-mean-token-mean":
-        per_seq = per_seq / tokens.clamp_min(1)
-    has_tokens = tokens > 0
-    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+        return m / tokens.clamp_min(1) / sequences
+    return m / sequences
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -179,34 +185,87 @@ def gopd_loss(
     check_choice(loss_agg, LOSS_AGGS, "loss_agg")
     _check_num_tokens(num_tokens, loss_agg)
 
-    s = token_logprobs(
-        hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend
+    terms = lambda s, teacher, ref, old, rollout: _policy_terms(
+        s, teacher, ref, old, rollout, lam, (clip_low, clip_high), is_cap
     )
-    mask = targets != ignore_index
-    o = s.detach() if old_logp is None else old_logp.to(s.dtype)
-    adv = gopd_advantage(o, teacher_logp, ref_logp, lam=lam).to(s.dtype).detach()
-    ratio = torch.exp(s - o)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token_inputs = (teacher_logp, ref_logp, old_logp, rollout_logp)
+    if _fold_gradient(backend, hidden, weight):
+        loss, s = _folded_policy_loss(
+            hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens
+        )
+        _, adv, clipped, is_weight = terms(s, *per_token_inputs)
+        mask = targets != ignore_index
+    else:
+        s = token_logprobs(
+            hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend
+        )
+        per_token, adv, clipped, is_weight = terms(s, *per_token_inputs)
+        mask = targets != ignore_index
+        loss = aggregate_token_losses(per_token, mask, loss_agg, num_tokens)
     stats = {
         "advantage": _masked_mean(adv, mask),
         "reverse_kl": _masked_mean(s.detach() - teacher_logp.to(s.dtype), mask),
-        "clip_frac": _masked_mean((clipped > unclipped).to(s.dtype), mask),
+        "clip_frac": _masked_mean(clipped.to(s.dtype), mask),
         "num_tokens": mask.sum().detach(),
     }
     if ref_logp is not None:
         stats["reward"] = _masked_mean((teacher_logp - ref_logp).to(s.dtype), mask)
     if rollout_logp is not None:
-        log_w = o - rollout_logp.to(s.dtype)
-        stats["rollout_mismatch"] = _masked_mean(log_w, mask)
-        if is_cap is not None:
-            is_weight = torch.exp(log_w).clamp(max=float(is_cap)).detach()
-            per_token = per_token * is_weight
-            stats["is_weight_mean"] = _masked_mean(is_weight, mask)
-            stats["is_weight_max"] = torch.where(mask, is_weight, torch.zeros_like(is_weight)).max().detach()
-    loss = aggregate_token_losses(per_token, mask, loss_agg, num_tokens)
+        o = s.detach() if old_logp is None else old_logp.to(s.dtype)
+        stats["rollout_mismatch"] = _masked_mean(o - rollout_logp.to(s.dtype), mask)
+    if is_weight is not None:
+        stats["is_weight_mean"] = _masked_mean(is_weight, mask)
+        stats["is_weight_max"] = torch.where(mask, is_weight, torch.zeros_like(is_weight)).max().detach()
     return loss, stats
+
+
+def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
+    """(l_t, A_t, clipped_t, IS weight_t | None) of gopd_loss's docstring, from s_t."""
+    o = s.detach() if old is None else old.to(s.dtype)
+    adv = gopd_advantage(o, teacher, ref, lam=lam).to(s.dtype).detach()
+    ratio = torch.exp(s - o)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_ratio[0], 1.0 + clip_ratio[1])
+    per_token = torch.maximum(unclipped, clipped)
+    is_weight = None
+    if is_cap is not None:
+        is_weight = torch.exp(o - rollout.to(s.dtype)).clamp(max=float(is_cap)).detach()
+        per_token = per_token * is_weight
+    return per_token, adv, clipped > unclipped, is_weight
+
+
+def _fold_gradient(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The torch backend folds the loss gradient into the forward (3 GEMMs, not 4) when one is needed.
+
+    The Triton backend keeps the recomputing backward of token_logprobs: on a GPU the
+    folded form would need the [rows, V] logits chunk in memory, a trade not yet measured.
+    """
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return wants_grad and resolve_backend(backend, hidden.device) == "torch"
+
+
+def _folded_policy_loss(
+    hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens
+):
+    """(loss, s) with FoldedTokenLoss: each row chunk's loss and dL/ds are known in its one pass."""
+    check_lm_head(hidden, weight, None)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    inv_temp = 1.0 / check_temperature(temperature)
+    check_backend_dtype("torch", hidden.dtype)
+    mask = targets != ignore_index
+    rows = RowSelection(mask)
+    inputs = [None if t is None else rows.take(t) for t in per_token_inputs]
+    weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
+
+    def chunk_loss(s: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        per_token = terms(s, *(None if t is None else t[r0:r1] for t in inputs))[0]
+        return (per_token * weights[r0:r1].to(s.dtype)).sum()
+
+    loss, s = FoldedTokenLoss.apply(
+        rows.take(hidden).contiguous(), weight, rows.take(targets).long().contiguous(), inv_temp, chunk_loss,
+        fold_workspace_bytes(weight),
+    )  # fmt: skip
+    return loss, rows.put(s)
 
 
 def _check_clip_ratio(clip_ratio) -> tuple[float, float]:

@@ -1,0 +1,93 @@
+"""A scalar loss of the sampled tokens' log-probs, its gradient folded into the forward (torch).
+
+For L = sum_t l_t(s_t) with s_t = log softmax(z_t)[y_t], the gradient on the logits is
+
+    dL/dz_tv = c_t (1[v = y_t] - p_tv),    c_t = dL/ds_t,
+
+and c_t is known as soon as row t's log-softmax is. So each chunk of rows takes one pass:
+its [rows, V] logits once, their log-softmax, c from the loss, dL/dz in place, then
+dH = dz W and dW += dz^T H. That is three GEMMs of 2NDV FLOP, as materialising autograd
+does, where token_logprobs needs four: its backward learns the upstream gradient only
+later and must recompute the logits. The backward here scales the saved dH, dW by the
+scalar upstream gradient.
+
+Costs: dH and dW are held from the forward to the backward (they are what the backward
+returns); dW is read and written once per row chunk, so a chunk needs hundreds of rows to
+keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gopd_kernels.backend import workspace_bytes
+from gopd_kernels.ops.linear_logsoftmax_torch import compute_dtype
+
+FOLD_ROWS = 512  # rows per chunk unless GOPD_WORKSPACE_MB says otherwise (measured: 110 rows gain nothing)
+
+# token_loss(s, r0, r1) -> 0-d loss of rows r0:r1 given their log-probs s (differentiable in s)
+TokenLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def fold_workspace_bytes(weight: torch.Tensor) -> int:
+    return workspace_bytes("torch", weight, default=FOLD_ROWS * weight.shape[0] * 4)
+
+
+class FoldedTokenLoss(torch.autograd.Function):
+    """(hidden [M, D], weight [V, D], targets [M] valid ids, inv_temp, token_loss) -> (loss, logp [M]).
+
+    logp is returned detached (for statistics); the loss is differentiable w.r.t. hidden and weight.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int):
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        rows, dim = hidden.shape
+        vocab = weight.shape[0]
+        acc = compute_dtype(hidden.dtype)
+        h, w = hidden.to(acc), weight.to(acc)
+        chunk = max(1, min(rows, ws_bytes // (vocab * acc.itemsize)))
+        buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
+        dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
+        dw = torch.zeros(vocab, dim, dtype=acc, device=hidden.device) if need_dw else None
+        logp = torch.empty(rows, dtype=acc, device=hidden.device)
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        for r0 in range(0, rows, chunk):
+            r1 = min(rows, r0 + chunk)
+            y = targets[r0:r1, None]
+            z = torch.mm(h[r0:r1], w.T, out=buf[: (r1 - r0) * vocab].view(r1 - r0, vocab))
+            if inv_temp != 1.0:
+                z.mul_(inv_temp)
+            z_y = z.gather(1, y).squeeze(1)
+            m = z.amax(dim=1)
+            e = z.sub_(m[:, None]).exp_()  # in place: the tile now holds exp(z - m)
+            sum_e = e.sum(dim=1)
+            s = z_y - m - sum_e.log()
+            logp[r0:r1] = s
+            with torch.enable_grad():
+                s_leaf = s.detach().requires_grad_(need_dh or need_dw)
+                part = token_loss(s_leaf, r0, r1)
+            loss += part.detach().to(acc)
+            if not part.requires_grad:  # no gradient wanted, or this chunk's loss does not depend on s
+                continue
+            (c,) = torch.autograd.grad(part, s_leaf)
+            c = c * inv_temp  # through z = raw logits * inv_temp
+            dz = e.mul_((-c / sum_e)[:, None]).scatter_add_(1, y, c[:, None])  # c (1[v = y] - p)
+            if dh is not None:
+                torch.mm(dz, w, out=dh[r0:r1])
+            if dw is not None:
+                dw.addmm_(dz.T, h[r0:r1])
+        ctx.save_for_backward(
+            None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype)
+        )
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        dh, dw = ctx.saved_tensors
+        unit = bool(grad_loss == 1)  # the usual case: no pass over dW
+        scale = lambda g: None if g is None else g if unit else g * grad_loss.to(g.dtype)
+        return scale(dh), scale(dw), None, None, None, None

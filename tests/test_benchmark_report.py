@@ -1,0 +1,40 @@
+"""The benchmark report's arithmetic: medians, ratios to naive and to the best peer."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.report import markdown, summarize
+
+
+def record(impls: dict) -> dict:
+    return {
+        "spec": {"op": "token_logprobs", "n": 8, "d": 4, "v": 16, "dtype": "float32"},
+        "description": "test",
+        "flops": 6e12,
+        "impls": impls,
+    }
+
+
+def timed(times, peak, check=1e-7, vs_naive=0.0):
+    return {"times_s": times, "peak_bytes": [peak], "check_vs_float64": {"out": check},
+            "vs_naive": {"out": vs_naive}}  # fmt: skip
+
+
+def test_ratios_are_to_naive_and_to_the_best_peer_excluding_ours():
+    rec = record({
+        "naive": timed([4.0, 2.0, 3.0], 1000),
+        "torch-compile": timed([2.0], 400),
+        "gopd": timed([1.0, 1.0], 100),
+        "liger": {"description": "x", "skipped": "needs CUDA"},
+    })  # fmt: skip
+    rows = {r["impl"]: r for r in summarize(rec)}
+    assert set(rows) == {"naive", "torch-compile", "gopd"}  # skipped ones are not rows
+    assert rows["naive"]["time"] == 3.0 and rows["naive"]["lo"] == 2.0 and rows["naive"]["hi"] == 4.0
+    assert rows["gopd"]["t_naive"] == pytest.approx(1 / 3)
+    assert rows["gopd"]["t_peer"] == pytest.approx(0.5)  # best peer: torch-compile, 2 s
+    assert rows["gopd"]["m_peer"] == pytest.approx(0.25) and rows["gopd"]["m_naive"] == pytest.approx(0.1)
+    assert rows["torch-compile"]["t_peer"] == 1.0 and rows["naive"]["t_peer"] == pytest.approx(1.5)
+    assert rows["gopd"]["tflops"] == pytest.approx(6.0)
+    table = markdown(rec)
+    assert "- liger: not run, needs CUDA" in table and "| gopd | 1 s (1 s-1 s) | 0.33x | 0.50x |" in table
