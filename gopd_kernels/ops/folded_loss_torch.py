@@ -14,6 +14,8 @@ scalar upstream gradient.
 Costs: dH and dW are held from the forward to the backward (they are what the backward
 returns); dW is read and written once per row chunk, so a chunk needs hundreds of rows to
 keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS rows).
+Half-precision inputs are upcast to one fp32 copy of W for the whole pass; dH and dW are
+accumulated in fp32 and rounded once.
 """
 
 from __future__ import annotations
