@@ -7,7 +7,7 @@ import torch
 from gopd_kernels.backend import resolve_backend
 from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs
 from gopd_kernels.selection import RowSelection
-from gopd_kernels.validation import check_backend_dtype, check_lm_head, check_targets, check_temperature
+from gopd_kernels.validation import check_backend_dtype, check_token_inputs
 
 
 def token_logprobs(
@@ -45,9 +45,7 @@ def token_logprobs(
         weight and bias for any per-token upstream gradient; gradients come back in the
         inputs' dtype, accumulated in float32.
     """
-    check_lm_head(hidden, weight, bias)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
-    temperature = check_temperature(temperature)
+    temperature = check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)

@@ -22,8 +22,8 @@ from gopd_kernels.validation import (
     check_choice,
     check_lm_head,
     check_matching_head,
-    check_targets,
     check_temperature,
+    check_token_inputs,
 )
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -194,14 +194,13 @@ def gopd_loss(
             hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens
         )
         _, adv, clipped, is_weight = terms(s, *per_token_inputs)
-        mask = targets != ignore_index
     else:
         s = token_logprobs(
             hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend
         )
         per_token, adv, clipped, is_weight = terms(s, *per_token_inputs)
-        mask = targets != ignore_index
-        loss = aggregate_token_losses(per_token, mask, loss_agg, num_tokens)
+        loss = aggregate_token_losses(per_token, targets != ignore_index, loss_agg, num_tokens)
+    mask = targets != ignore_index
     stats = {
         "advantage": _masked_mean(adv, mask),
         "reverse_kl": _masked_mean(s.detach() - teacher_logp.to(s.dtype), mask),
@@ -248,9 +247,7 @@ def _folded_policy_loss(
     hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens
 ):
     """(loss, s) with FoldedTokenLoss: each row chunk's loss and dL/ds are known in its one pass."""
-    check_lm_head(hidden, weight, None)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
-    inv_temp = 1.0 / check_temperature(temperature)
+    inv_temp = 1.0 / check_token_inputs(hidden, weight, None, targets, ignore_index, temperature)
     check_backend_dtype("torch", hidden.dtype)
     mask = targets != ignore_index
     rows = RowSelection(mask)

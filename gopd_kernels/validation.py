@@ -130,3 +130,17 @@ def check_backend_dtype(backend: str, dtype: torch.dtype, name: str = "hidden") 
     """float64 has no Triton kernels (no float64 tensor cores); say so rather than cast."""
     if backend == "triton" and dtype in TORCH_ONLY_DTYPES:
         raise ValueError(f"{name} is {dtype}, which only backend='torch' supports")
+
+
+def check_token_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+) -> float:
+    """The checks of every op on sampled tokens: the LM head, the targets, tau (returned as a float)."""
+    check_lm_head(hidden, weight, bias)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    return check_temperature(temperature)
