@@ -93,11 +93,3 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def save_results(subdir: str, name: str, payload: dict, markdown: str) -> Path:
-    folder = RESULTS_DIR / subdir
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (folder / f"{name}.md").write_text(markdown + "\n")
-    return folder
