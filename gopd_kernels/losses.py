@@ -15,6 +15,7 @@ import torch
 from gopd_kernels.backend import resolve_backend
 from gopd_kernels.functional import token_logprobs
 from gopd_kernels.ops.dense_kl import DenseGopdKL
+from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseKL
 from gopd_kernels.ops.folded_loss_torch import FoldedTokenLoss, fold_workspace_bytes
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
@@ -234,9 +235,11 @@ def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
 
 
 def _fold_gradient(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The torch backend folds the loss gradient into the forward (3 GEMMs, not 4) when one is needed.
+    """The torch backend folds the loss gradient into the forward when one is needed: the logits
+    are computed once, not recomputed in the backward (gopd_loss: 3 GEMMs, not 4; the dense
+    loss at lam = 1: 4, not 6).
 
-    The Triton backend keeps the recomputing backward of token_logprobs: on a GPU the
+    The Triton backend keeps its recomputing backwards: on a GPU the
     folded form would need the [rows, V] logits chunk in memory, a trade not yet measured.
     """
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -300,9 +303,11 @@ def gopd_dense_loss(
     q is proportional to p_T^lam p_R^(1 - lam), all three at temperature tau: the
     expectation over the vocabulary of the G-OPD per-token reward, lam log p_T +
     (1 - lam) log p_R - log p_s, is -KL(p_s || q) + log Z. With lam == 1, q = p_T and the
-    reference is not needed (nor computed, when given). One streaming pass over the
-    vocabulary with the three models' logit tiles side by side; never [N, V], forward or
-    backward. Gradients flow to the student's hidden states and head only.
+    reference is not needed (nor computed, when given). The models' logit tiles stream side
+    by side and [N, V] is never built: over vocabulary slices, with a recomputing backward,
+    on Triton and without gradients; in chunks of rows over the whole vocabulary, the
+    gradient folded into the forward (FoldedDenseKL), on the torch backend with gradients.
+    Gradients flow to the student's hidden states and head only.
 
     Hidden sizes may differ between the models; V must be the same. Returns
     ``(loss, stats)`` with stats "kl" (mean KL(p_s || q)), "kl_teacher" (mean KL(p_s || p_T)),
@@ -336,14 +341,20 @@ def gopd_dense_loss(
     use_ref = ref_hidden is not None and lam != 1.0  # lam == 1: q = p_T, the reference cancels
     rows = RowSelection(mask)
     take = lambda h: rows.take(h).contiguous()
-    kl, kl_teacher = DenseGopdKL.apply(
+    heads = (
         take(student_hidden), student_weight,
         take(teacher_hidden).detach(), teacher_weight.detach(),
         take(ref_hidden).detach() if use_ref else None, ref_weight.detach() if use_ref else None,
-        lam, temperature, use_ref, backend,
     )  # fmt: skip
-    kl = rows.put(kl)
-    loss = aggregate_token_losses(kl, mask, loss_agg, num_tokens)
+    if _fold_gradient(backend, student_hidden, student_weight):
+        weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
+        ws_bytes = fold_workspace_bytes(student_weight, live=3 if use_ref else 2, rows=DENSE_FOLD_ROWS)
+        loss, kl, kl_teacher = FoldedDenseKL.apply(*heads, lam, 1.0 / temperature, weights, use_ref, ws_bytes)
+        kl = rows.put(kl)
+    else:
+        kl, kl_teacher = DenseGopdKL.apply(*heads, lam, temperature, use_ref, backend)
+        kl = rows.put(kl)
+        loss = aggregate_token_losses(kl, mask, loss_agg, num_tokens)
     stats = {
         "kl": _masked_mean(kl, mask),
         "kl_teacher": _masked_mean(kl if kl_teacher is None else rows.put(kl_teacher), mask),

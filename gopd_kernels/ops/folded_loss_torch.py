@@ -33,8 +33,20 @@ FOLD_ROWS = 512  # rows per chunk unless GOPD_WORKSPACE_MB says otherwise (measu
 TokenLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def fold_workspace_bytes(weight: torch.Tensor) -> int:
-    return workspace_bytes("torch", weight, default=FOLD_ROWS * weight.shape[0] * 4)
+def fold_workspace_bytes(weight: torch.Tensor, live: int = 1, rows: int = FOLD_ROWS) -> int:
+    """Budget for `live` fp32 [rows, V] tiles, unless GOPD_WORKSPACE_MB says otherwise."""
+    return workspace_bytes("torch", weight, default=live * rows * weight.shape[0] * 4)
+
+
+def fold_rows(ws_bytes: int, vocab: int, acc: torch.dtype, live: int = 1) -> int:
+    """Rows per chunk such that `live` full-vocabulary tiles fit in ws_bytes (at least 1)."""
+    return max(1, ws_bytes // (live * vocab * acc.itemsize))
+
+
+def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The backward of a folded loss: its saved gradients times the scalar upstream gradient."""
+    unit = bool(grad_loss == 1)  # the usual case: no pass over dW
+    return tuple(None if g is None else g if unit else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
 
 
 class FoldedTokenLoss(torch.autograd.Function):
@@ -50,7 +62,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         vocab = weight.shape[0]
         acc = compute_dtype(hidden.dtype)
         h, w = hidden.to(acc), weight.to(acc)
-        chunk = max(1, min(rows, ws_bytes // (vocab * acc.itemsize)))
+        chunk = max(1, min(rows, fold_rows(ws_bytes, vocab, acc)))
         buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
         dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
         dw = torch.zeros(vocab, dim, dtype=acc, device=hidden.device) if need_dw else None
@@ -89,7 +101,4 @@ class FoldedTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
-        dh, dw = ctx.saved_tensors
-        unit = bool(grad_loss == 1)  # the usual case: no pass over dW
-        scale = lambda g: None if g is None else g if unit else g * grad_loss.to(g.dtype)
-        return scale(dh), scale(dw), None, None, None, None
+        return *scale_saved_grads(ctx, grad_loss), None, None, None, None
