@@ -8,6 +8,7 @@ same quantity from the same inputs, so outputs and gradients are compared across
     naive          the materialising reference a user would write (gopd_kernels.reference)
     torch-compile  torch.compile of that same function
     gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
+    gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs; the losses fold their gradient)
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
@@ -26,7 +27,7 @@ import torch
 import gopd_kernels as gk
 from gopd_kernels import reference as ref
 
-LAM = 1.25  # the ExOPD setting of the official runs; the dense op uses lam = 1 (see its description)
+LAM = 1.25  # the ExOPD setting of the official runs; gopd_dense_loss uses lam = 1 (see its description)
 
 
 @dataclass
@@ -34,15 +35,28 @@ class Impl:
     description: str
     run: Callable[[dict], torch.Tensor]
     needs: str | None = None  # importable module it needs
-    cuda_only: bool = False
+    cuda_only: str | None = None  # why it runs on CUDA only
     compiled: bool = False  # warm up (compile) before measuring
 
     def unavailable(self, device: str) -> str | None:
         if self.cuda_only and device != "cuda":
-            return "needs CUDA (its kernels are Triton-only)"
+            return f"needs CUDA ({self.cuda_only})"
         if self.needs and importlib.util.find_spec(self.needs) is None:
             return f"{self.needs} is not installed (pip install -e '.[bench]')"
         return None
+
+
+TRITON_ONLY = "its kernels are Triton-only"
+
+
+def _ours(name: str, run: Callable[[dict, str], torch.Tensor]) -> dict[str, Impl]:
+    """gopd with its default backend, and on CUDA also with backend='torch', to compare Triton's
+    recomputing kernels with cuBLAS GEMMs (and, for the losses, the folded gradient)."""
+    return {
+        "gopd": Impl(f"gopd_kernels.{name}", lambda x: run(x, "auto")),
+        "gopd-torch": Impl(f"gopd_kernels.{name}(backend='torch')", lambda x: run(x, "torch"),
+                           cuda_only="on CPU it is the gopd row"),
+    }  # fmt: skip
 
 
 @dataclass
@@ -123,10 +137,10 @@ def _logprob_impls() -> dict[str, Impl]:
         "torch-compile": Impl("torch.compile of naive",
                               lambda x: _compiled(ref.token_logprobs_reference)(*_student(x)),
                               compiled=True),
-        "gopd": Impl("gopd_kernels.token_logprobs", lambda x: gk.token_logprobs(*_student(x))),
+        **_ours("token_logprobs", lambda x, b: gk.token_logprobs(*_student(x), backend=b)),
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), negated",
                       lambda x: _liger_flce_logp(*_student(x)),
-                      needs="liger_kernel", cuda_only=True),
+                      needs="liger_kernel", cuda_only=TRITON_ONLY),
         "cce": Impl("cut_cross_entropy.linear_cross_entropy(reduction='none'), negated",
                     lambda x: _cce_logp(*_student(x)), needs="cut_cross_entropy",
                     compiled=True),
@@ -178,7 +192,7 @@ def _loss_impls() -> dict[str, Impl]:
                       lambda x: _naive_gopd_loss(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x)),
                               compiled=True),
-        "gopd": Impl("gopd_kernels.gopd_loss", lambda x: gk.gopd_loss(*args(x), lam=LAM)[0]),
+        **_ours("gopd_loss", lambda x, b: gk.gopd_loss(*args(x), lam=LAM, backend=b)[0]),
         "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
                       _liger_gopd_loss, needs="liger_kernel", compiled=True),
         "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",
@@ -212,7 +226,7 @@ def _dense_impls() -> dict[str, Impl]:
                       lambda x: _naive_dense(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense)(*args(x)),
                               compiled=True),
-        "gopd": Impl("gopd_kernels.gopd_dense_loss", lambda x: gk.gopd_dense_loss(*args(x))[0]),
+        **_ours("gopd_dense_loss", lambda x, b: gk.gopd_dense_loss(*args(x), backend=b)[0]),
         "liger": Impl("LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0)", _liger_dense,
                       needs="liger_kernel", compiled=True),
     }  # fmt: skip
@@ -225,6 +239,24 @@ def _teacher_and_ref(x: dict, g: torch.Generator) -> None:
     x["teacher"], x["ref"] = _model(x, g), _model(x, g)
 
 
+# --- gopd_dense_loss_exopd: dense G-OPD at lam != 1, which needs the reference; no peer has it -
+
+
+def _naive_dense_exopd(h, w, th, tw, rh, rw):
+    return ref.gopd_dense_loss_reference(h, w, th, tw, rh, rw, lam=LAM)[0]
+
+
+def _dense_exopd_impls() -> dict[str, Impl]:
+    args = lambda x: (x["h"], x["w"], *x["teacher"], *x["ref"])
+    return {
+        "naive": Impl("three materialised [N, V] log-softmaxes (gopd_dense_loss_reference)",
+                      lambda x: _naive_dense_exopd(*args(x))),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense_exopd)(*args(x)),
+                              compiled=True),
+        **_ours("gopd_dense_loss", lambda x, b: gk.gopd_dense_loss(*args(x), lam=LAM, backend=b)[0]),
+    }  # fmt: skip
+
+
 def _naive_scores(th, tw, rh, rw, y):
     return torch.stack([ref.token_logprobs_reference(th, tw, y), ref.token_logprobs_reference(rh, rw, y)])
 
@@ -232,9 +264,9 @@ def _naive_scores(th, tw, rh, rw, y):
 def _scoring_impls() -> dict[str, Impl]:
     args = lambda x: (*x["teacher"], *x["ref"], x["targets"])
 
-    def ours(x):
+    def ours(x, backend):
         th, tw, rh, rw, y = args(x)
-        return torch.stack(gk.frozen_logprobs(th, tw, y, rh, rw)[:2])
+        return torch.stack(gk.frozen_logprobs(th, tw, y, rh, rw, backend=backend)[:2])
 
     def per_model(logp_fn):
         return lambda x: torch.stack([logp_fn(*x["teacher"], x["targets"]), logp_fn(*x["ref"], x["targets"])])
@@ -243,9 +275,9 @@ def _scoring_impls() -> dict[str, Impl]:
         "naive": Impl("two materialised [N, V] log-softmaxes", lambda x: _naive_scores(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_scores)(*args(x)),
                               compiled=True),
-        "gopd": Impl("gopd_kernels.frozen_logprobs (one launch for both models on Triton)", ours),
+        **_ours("frozen_logprobs (one launch for both models on Triton)", ours),
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), once per model",
-                      per_model(_liger_flce_logp), needs="liger_kernel", cuda_only=True),
+                      per_model(_liger_flce_logp), needs="liger_kernel", cuda_only=TRITON_ONLY),
         "cce": Impl("linear_cross_entropy(reduction='none'), once per model", per_model(_cce_logp),
                     needs="cut_cross_entropy", compiled=True),
     }  # fmt: skip
@@ -265,6 +297,10 @@ OPS: dict[str, Op] = {
         "dense G-OPD at lam=1, KL(p_s || p_T) over the full vocabulary (the only lam a reverse-KL "
         "peer can do); student and teacher of hidden size D",
         True, lambda n, d, v: 8 * n * d * v, _teacher_head, _dense_impls()),
+    "gopd_dense_loss_exopd": Op(
+        f"dense G-OPD at lam={LAM} (ExOPD), KL(p_s || q) with q ~ p_T^lam p_R^(1-lam) over the full "
+        "vocabulary; student, teacher and reference of hidden size D (no peer computes it)",
+        True, lambda n, d, v: 10 * n * d * v, _teacher_and_ref, _dense_exopd_impls()),
     "frozen_scoring": Op(
         "teacher and reference log-probs of N sampled tokens (no grad), both of hidden size D",
         False, lambda n, d, v: 4 * n * d * v, _teacher_and_ref, _scoring_impls()),

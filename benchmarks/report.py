@@ -78,7 +78,7 @@ PRESETS = {
         + _grid(["token_logprobs"], [1024], [1024], [32000, 128256, 256000], ["float32"])
         + _grid(["token_logprobs_fwd", "frozen_scoring"], [1024, 4096], [1024], [V_QWEN], ["float32"])
         + _grid(["gopd_loss"], [2048, 8192], [1024], [V_QWEN], ["float32"])
-        + _grid(["gopd_dense_loss"], [512, 1024], [1024], [V_QWEN], ["float32"])
+        + _grid(["gopd_dense_loss", "gopd_dense_loss_exopd"], [512, 1024], [1024], [V_QWEN], ["float32"])
     ),
     "gpu": lambda: (
         _grid(list(bops.OPS), [2048, 4096, 8192, 16384], [4096], [V_QWEN], ["bfloat16"])
@@ -221,7 +221,8 @@ def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, 
 
 
 def summarize(record: dict) -> list[dict]:
-    """Medians and ratios for each timed implementation; peers = every implementation but ours."""
+    """Medians and ratios for each timed implementation; peers = every implementation but ours
+    (gopd, and gopd-torch on CUDA)."""
     rows = []
     for name, e in record["impls"].items():
         if "times_s" in e:
@@ -230,7 +231,7 @@ def summarize(record: dict) -> list[dict]:
                          "peak": statistics.median(e["peak_bytes"]), "tflops": record["flops"] / t / 1e12,
                          "err": max((e.get("vs_naive") or {"-": 0.0}).values()),
                          "check": max(e["check_vs_float64"].values())})  # fmt: skip
-    peers = [r for r in rows if r["impl"] != "gopd"]
+    peers = [r for r in rows if not r["impl"].startswith("gopd")]
     best_t = min((r["time"] for r in peers), default=None)
     best_m = min((r["peak"] for r in peers), default=None)
     naive = next((r for r in rows if r["impl"] == "naive"), None)
@@ -273,6 +274,12 @@ def _series(records: list[dict], key: str) -> dict[tuple, list[dict]]:
     return {g: sorted(rs, key=lambda r: r["spec"][key]) for g, rs in groups.items() if len(rs) > 1}
 
 
+OURS_STYLE = {
+    "gopd": {"linewidth": 2.5, "color": "black"},
+    "gopd-torch": {"linewidth": 2.5, "color": "black", "linestyle": "--"},
+}
+
+
 def plot(records: list[dict], folder: Path) -> list[Path]:
     """Time and peak memory against N (and against V), log scales, one line per implementation."""
     import matplotlib
@@ -289,7 +296,7 @@ def plot(records: list[dict], folder: Path) -> list[Path]:
                 pts = [(r["spec"][key], row) for r in recs for row in summarize(r) if row["impl"] == name]
                 if pts:
                     xs = [p for p, _ in pts]
-                    style = {"linewidth": 2.5, "color": "black"} if name == "gopd" else {}
+                    style = OURS_STYLE.get(name, {})
                     ax_t.plot(xs, [row["time"] for _, row in pts], "o-", label=name, **style)
                     ax_m.plot(xs, [row["peak"] / 2**20 for _, row in pts], "o-", label=name, **style)
             for ax, ylabel in ((ax_t, "time per call, s"), (ax_m, "peak memory, MiB")):

@@ -348,7 +348,7 @@ def gopd_dense_loss(
     )  # fmt: skip
     if _fold_gradient(backend, student_hidden, student_weight):
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
-        ws_bytes = fold_workspace_bytes(student_weight, live=3 if use_ref else 2, rows=DENSE_FOLD_ROWS)
+        ws_bytes = fold_workspace_bytes(student_weight, live=2, rows=DENSE_FOLD_ROWS)  # 3 tiles: fewer rows
         loss, kl, kl_teacher = FoldedDenseKL.apply(*heads, lam, 1.0 / temperature, weights, use_ref, ws_bytes)
         kl = rows.put(kl)
     else:

@@ -26,10 +26,11 @@ def test_ratios_are_to_naive_and_to_the_best_peer_excluding_ours():
         "naive": timed([4.0, 2.0, 3.0], 1000),
         "torch-compile": timed([2.0], 400),
         "gopd": timed([1.0, 1.0], 100),
+        "gopd-torch": timed([0.5], 50),  # ours too: not a peer
         "liger": {"description": "x", "skipped": "needs CUDA"},
     })  # fmt: skip
     rows = {r["impl"]: r for r in summarize(rec)}
-    assert set(rows) == {"naive", "torch-compile", "gopd"}  # skipped ones are not rows
+    assert set(rows) == {"naive", "torch-compile", "gopd", "gopd-torch"}  # skipped ones are not rows
     assert rows["naive"]["time"] == 3.0 and rows["naive"]["lo"] == 2.0 and rows["naive"]["hi"] == 4.0
     assert rows["gopd"]["t_naive"] == pytest.approx(1 / 3)
     assert rows["gopd"]["t_peer"] == pytest.approx(0.5)  # best peer: torch-compile, 2 s

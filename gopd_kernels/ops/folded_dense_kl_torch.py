@@ -13,8 +13,9 @@ autograd does, where the streaming forward plus the recomputing backward of Dens
 need 6 (5 against 8 when lam != 1: c then takes a reference GEMM too).
 
 Costs, as for FoldedTokenLoss: dH and dW are held from the forward to the backward, and
-dW is read and written once per row chunk, so chunks need hundreds of rows (DENSE_FOLD_ROWS)
-of 2 full-vocabulary tiles (3 when the KL to the teacher is reported too).
+dW is read and written once per row chunk, so chunks need hundreds of rows: the workspace
+holds 2 full-vocabulary tiles of DENSE_FOLD_ROWS rows, or 3 tiles of 2/3 as many when the
+KL to the teacher is reported too (lam != 1), so that memory does not grow with lam.
 """
 
 from __future__ import annotations
