@@ -10,6 +10,10 @@ teacher's and reference's own normalisers fold into q's):
 Only the student gets gradients. Tiles of a, c (and the teacher's own logits when the
 KL to the teacher is asked for) stream over the vocabulary as in linear_logsoftmax_torch.
 A head is (hidden [M, D_k], weight [V, D_k]); D may differ between the three models.
+
+With gradients, gopd_dense_loss runs folded_dense_kl_torch on this backend instead (the
+logits once, not twice); the backward here stays the twin of the Triton kernels' and is
+checked against that folded path in the tests.
 """
 
 from __future__ import annotations
