@@ -38,9 +38,15 @@ def fold_workspace_bytes(weight: torch.Tensor, live: int = 1, rows: int = FOLD_R
     return workspace_bytes("torch", weight, default=live * rows * weight.shape[0] * 4)
 
 
-def fold_rows(ws_bytes: int, vocab: int, acc: torch.dtype, live: int = 1) -> int:
-    """Rows per chunk such that `live` full-vocabulary tiles fit in ws_bytes (at least 1)."""
-    return max(1, ws_bytes // (live * vocab * acc.itemsize))
+def fold_rows(ws_bytes: int, rows: int, vocab: int, acc: torch.dtype, live: int = 1) -> int:
+    """Rows per chunk (1 to `rows`) such that `live` full-vocabulary tiles fit in ws_bytes."""
+    return max(1, min(rows, ws_bytes // (live * vocab * acc.itemsize)))
+
+
+def save_folded_grads(ctx, dh: torch.Tensor | None, dw: torch.Tensor | None, hidden, weight) -> None:
+    """Keep a folded loss's dH, dW (accumulated in fp32) in the inputs' dtypes for its backward."""
+    cast = lambda g, like: None if g is None else g.to(like.dtype)
+    ctx.save_for_backward(cast(dh, hidden), cast(dw, weight))
 
 
 def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -62,7 +68,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         vocab = weight.shape[0]
         acc = compute_dtype(hidden.dtype)
         h, w = hidden.to(acc), weight.to(acc)
-        chunk = max(1, min(rows, fold_rows(ws_bytes, vocab, acc)))
+        chunk = fold_rows(ws_bytes, rows, vocab, acc)
         buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
         dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
         dw = torch.zeros(vocab, dim, dtype=acc, device=hidden.device) if need_dw else None
@@ -93,9 +99,7 @@ class FoldedTokenLoss(torch.autograd.Function):
                 torch.mm(dz, w, out=dh[r0:r1])
             if dw is not None:
                 dw.addmm_(dz.T, h[r0:r1])
-        ctx.save_for_backward(
-            None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype)
-        )
+        save_folded_grads(ctx, dh, dw, hidden, weight)
         ctx.mark_non_differentiable(logp)
         return loss, logp
 
