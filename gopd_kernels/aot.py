@@ -1,10 +1,19 @@
 """Compile every Triton kernel ahead of time for sm_80 (A100) and sm_90 (H100), no GPU needed.
 
 For each kernel, input dtype, target and launch config that the runtime pruning can pick,
-this reports the shared memory the compiled kernel uses and the tensor-core instructions
-in its PTX (``mma.sync`` on sm_80, ``wgmma`` on sm_90). The interpreter accepts code that
-the GPU compiler rejects (small or non-power-of-two dots, mixed dtypes), so this is the
-proof that the kernels build for real GPUs.
+this reports the shared memory the compiled kernel uses, the tensor-core instructions in
+its PTX (``mma.sync`` on sm_80, ``wgmma`` on sm_90) and, read off the machine code
+(SASS) with cuobjdump, its registers per thread, register spills and tensor-core
+instructions (HMMA / HGMMA). The interpreter accepts code that the GPU compiler rejects
+(small or non-power-of-two dots, mixed dtypes), so this is the proof that the kernels
+build for real GPUs.
+
+Each kernel is compiled as the JIT would specialise it at the GPU benchmark's shape
+(LAUNCH_SHAPE: contiguous tensors, D = 4096, V = 151936, an odd token count): integer
+arguments equal to 1 become constants and multiples of 16 carry a divisibility hint, as
+do the (aligned) pointers. Without those hints loads cannot be vectorised and every
+element needs its own 64-bit address: the registers then spill where the real launch
+does not, and the report would describe a kernel that never runs.
 
     python -m gopd_kernels.aot            # a table; exit status 1 if anything fails
 
@@ -22,7 +31,40 @@ from dataclasses import asdict, dataclass
 
 TARGETS = (80, 90)
 MMA_PATTERN = {80: r"\bmma\.sync\.aligned\.\S+", 90: r"\bwgmma\.mma_async\.\S+"}
+SASS_MMA_NAME = {80: "HMMA", 90: "HGMMA"}
+SASS_MMA = {t: rf"\b{name}\b" for t, name in SASS_MMA_NAME.items()}
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+HALF = ("bfloat16", "float16")
+
+TOKENS, HIDDEN, VOCAB = 16383, 4096, 151936  # LAUNCH_SHAPE: token counts are arbitrary
+LAUNCH_INTS = {  # representative integer arguments by name; matmul layouts give their own
+    "M": TOKENS,
+    "V": VOCAB,
+    "slice_len": 4 * 512,  # a multiple of SLICE_ALIGN
+    "stride_dzm": VOCAB,  # the [rows, V] logit-gradient tile
+}
+
+
+def launch_int(name: str, overrides: dict) -> int:
+    """The value an integer kernel argument takes at LAUNCH_SHAPE."""
+    if name in overrides:
+        return overrides[name]
+    if name in LAUNCH_INTS:
+        return LAUNCH_INTS[name]
+    if re.fullmatch(r"D\w*", name):  # hidden sizes: D, D2, DS, DT, DR
+        return HIDDEN
+    if re.fullmatch(r"(stride|s)_\w*d", name):  # along D in a contiguous [rows, D] tensor
+        return 1
+    if re.fullmatch(r"(stride|s)_\w*[mv]", name):  # to the next row of H or W
+        return HIDDEN
+    raise KeyError(f"no representative launch value for integer argument {name!r}")
+
+
+def int_specialization(value: int) -> tuple[str, bool]:
+    """(signature type, divisible by 16) as Triton's JIT specialises an int; 1 is a constant."""
+    if value == 1:
+        return "constexpr", False
+    return ("i32" if -(2**31) <= value < 2**31 else "i64"), value % 16 == 0
 
 
 @dataclass(frozen=True)
@@ -37,6 +79,15 @@ class KernelVariant:
     pointers: dict
     constexprs: dict
     floats: tuple[str, ...] = ()
+    ints: tuple[tuple[str, int], ...] = ()  # launch values that differ from LAUNCH_INTS
+    # A path training runs (not only every feature switched on, to prove it builds): it
+    # must keep a config without register spills.
+    hot: bool = False
+
+    @property
+    def features(self) -> str:
+        flags = ("TWO_MODELS", "WITH_ENTROPY", "HAS_BIAS", "HAS_REF", "TEACHER_KL", "ACCUMULATE")
+        return ",".join(f for f in flags if self.constexprs.get(f)) or "-"
 
 
 def kernel_variants() -> list[KernelVariant]:
@@ -66,22 +117,61 @@ def kernel_variants() -> list[KernelVariant]:
         out.append(KernelVariant(
             dense, "dense_kl_partials_kernel", "DENSE_CONFIGS", tile, dt,
             heads | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
-            dict(HAS_REF=True, TEACHER_KL=True, DOT_PRECISION=prec), floats=("inv_temp", "lam"),
+            dict(HAS_REF=True, TEACHER_KL=True, DOT_PRECISION=prec), floats=("inv_temp", "lam"), hot=True,
         ))  # fmt: skip
         out.append(KernelVariant(
             dense, "dense_kl_grad_kernel", "DENSE_CONFIGS", tile, dt,
             heads | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")} | {"dz_ptr": dz},
-            dict(HAS_REF=True, DOT_PRECISION=prec, GROUP_M=8), floats=("inv_temp", "lam"),
+            dict(HAS_REF=True, DOT_PRECISION=prec, GROUP_M=8), floats=("inv_temp", "lam"), hot=True,
         ))  # fmt: skip
-    # Backward GEMMs: dH = dZ @ W (out in the hidden dtype), dW += dZ^T @ H (fp32 buffer).
-    for a, b, c, prec in (("bf16", "bf16", "fp32", "ieee"), ("bf16", "fp16", "fp16", "ieee"),
-                          ("fp32", "fp32", "fp32", "tf32x3")):  # fmt: skip
-        dt = {"bf16": "bfloat16", "fp32": "float32"}[a]
+    # The paths training runs, for the spill check: the student's forward and backward
+    # (no bias, no entropy), teacher + reference scoring, the dense loss at lam = 1 (the
+    # all-features variants above are ExOPD's). fp16 compiles to the same code as bf16.
+    for dt in ("bfloat16", "float32"):
+        x = TRITON_DTYPE[dt]
+        prec = "tf32x3" if dt == "float32" else "ieee"
+        dz = "fp32" if dt == "float32" else "bf16"
+        plain = dict(HAS_BIAS=False, WITH_ENTROPY=False, DOT_PRECISION=prec)
+        for two in (False, True):
+            out.append(KernelVariant(
+                lls, "vocab_partials_kernel", "TILE_CONFIGS", tile, dt,
+                {"h_ptr": x, "w_ptr": x, "b_ptr": x, "h2_ptr": x, "w2_ptr": x, "b2_ptr": x, "y_ptr": "i64",
+                 "m_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "fp32", "zy_ptr": "fp32"},
+                dict(plain, HAS_BIAS2=False, TWO_MODELS=two), floats=("inv_temp",), hot=True,
+            ))  # fmt: skip
         out.append(KernelVariant(
-            mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"), dt,
-            {"a_ptr": a, "b_ptr": b, "c_ptr": c},
-            dict(ACCUMULATE=True, DOT_PRECISION=prec, GROUP_M=8),
+            lls, "logits_grad_kernel", "TILE_CONFIGS", tile, dt,
+            {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64", "lse_ptr": "fp32", "ent_ptr": "fp32",
+             "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": dz},
+            dict(plain, GROUP_M=8), floats=("inv_temp",), hot=True,
         ))  # fmt: skip
+        heads = {f"{p}_ptr": x for p in ("hs", "ws", "ht", "wt", "hr", "wr")}
+        out.append(KernelVariant(
+            dense, "dense_kl_partials_kernel", "DENSE_CONFIGS", tile, dt,
+            heads | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
+            dict(HAS_REF=False, TEACHER_KL=False, DOT_PRECISION=prec), floats=("inv_temp", "lam"), hot=True,
+        ))  # fmt: skip
+    # Backward GEMMs, per row chunk of the logit gradient dZ [rows, V] (rows: 4096 at the
+    # launch shape's workspace): dH = dZ @ W, out in the hidden dtype; dW += dZ^T @ H, into
+    # a float32 buffer. dZ is bf16 for half-precision models, fp32 for fp32 ones.
+    rows = 4096
+    layouts = {
+        "dH": dict(M=rows, N=HIDDEN, K=VOCAB, stride_am=VOCAB, stride_ak=1,
+                   stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
+        "dW": dict(M=VOCAB, N=HIDDEN, K=rows, stride_am=1, stride_ak=VOCAB,
+                   stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
+    }  # fmt: skip
+    for model in ("bf16", "fp16", "fp32"):
+        dz = "fp32" if model == "fp32" else "bf16"
+        prec = "tf32x3" if model == "fp32" else "ieee"
+        for layout, out_dtype in (("dH", model), ("dW", "fp32")):
+            out.append(KernelVariant(
+                mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                {"bf16": "bfloat16", "fp32": "float32"}[dz],
+                {"a_ptr": dz, "b_ptr": model, "c_ptr": out_dtype},
+                dict(ACCUMULATE=layout == "dW", DOT_PRECISION=prec, GROUP_M=8),
+                ints=tuple(layouts[layout].items()), hot=True,
+            ))  # fmt: skip
     return out
 
 
@@ -96,30 +186,83 @@ def compile_variant(variant: KernelVariant, target: int, config_index: int) -> d
     kernel = getattr(module, variant.kernel)
     cfg = getattr(module, variant.configs)[config_index]
     constexprs = {**variant.constexprs, **cfg.kwargs}
-    signature = {}
+    signature, divisible = {}, []
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in variant.pointers:
             signature[name] = "*" + variant.pointers[name]
+            divisible.append(name)  # torch allocations (and our row-chunk views) are 16-byte aligned
         elif name in variant.floats:
             signature[name] = "fp32"
         else:
-            signature[name] = "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            value = launch_int(name, dict(variant.ints))
+            signature[name], div16 = int_specialization(value)
+            if signature[name] == "constexpr":
+                constexprs[name] = value
+            elif div16:
+                divisible.append(name)
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", target, 32),
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     mma = sorted(set(re.findall(MMA_PATTERN[target], compiled.asm["ptx"])))
-    return {"shared": compiled.metadata.shared, "mma": mma}
+    return {"shared": compiled.metadata.shared, "mma": mma, **sass_usage(compiled.asm["cubin"], target)}
+
+
+def _cuda_tool(name: str) -> str:
+    import os
+
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} is not in this triton install ({path})")
+    return path
+
+
+def sass_usage(cubin: bytes, target: int) -> dict:
+    """What the GPU will execute, read off the cubin with cuobjdump: registers per thread,
+    stack bytes, register spills (local-memory STL / LDL instructions) and tensor-core
+    instructions in SASS (HGMMA is wgmma on sm_90; HMMA the sm_80 mma.sync path)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        listing = [
+            subprocess.run(
+                [_cuda_tool("cuobjdump"), flag, f.name], capture_output=True, text=True, check=True
+            ).stdout
+            for flag in ("-res-usage", "-sass")
+        ]
+    return parse_sass_usage(*listing, target)
+
+
+def parse_sass_usage(res_usage: str, sass: str, target: int) -> dict:
+    """The figures of sass_usage from cuobjdump's -res-usage and -sass listings."""
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", res_usage)
+    if regs is None:
+        raise ValueError(f"no REG:/STACK: line in cuobjdump -res-usage output: {res_usage[-300:]!r}")
+    return {
+        "registers": int(regs.group(1)),
+        "stack": int(regs.group(2)),
+        "spill_stores": len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
+        "spill_loads": len(re.findall(r"\bLDL(?:\.\w+)*\b", sass)),
+        "sass_mma": len(re.findall(SASS_MMA[target], sass)),
+    }
 
 
 @dataclass
 class AotResult:
     kernel: str
     operand_dtype: str
+    features: str
+    hot: bool
     pointers: str
     target: int
     config: str
@@ -128,6 +271,11 @@ class AotResult:
     mma: list
     ok: bool
     error: str = ""
+    registers: int = -1
+    stack: int = -1  # bytes of local memory per thread
+    spill_stores: int = -1  # STL instructions in SASS
+    spill_loads: int = -1  # LDL instructions in SASS
+    sass_mma: int = -1  # HMMA (sm_80) / HGMMA (sm_90) instructions in SASS
 
 
 def jobs():
@@ -155,17 +303,31 @@ def _run(job) -> AotResult:
     cfg = getattr(importlib.import_module(variant.module), variant.configs)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
+    base = dict(
+        kernel=variant.kernel, operand_dtype=variant.operand_dtype, features=variant.features,
+        hot=variant.hot, pointers=pointers, target=target, config=desc, shared_limit=limit,
+    )  # fmt: skip
     try:
         r = compile_variant(variant, target, index)
     except Exception as exc:  # a compile failure is a result to report, not a crash
         msg = f"{type(exc).__name__}: {str(exc)[:300]}"
-        return AotResult(
-            variant.kernel, variant.operand_dtype, pointers, target, desc, -1, limit, [], False, msg
-        )
-    ok = r["shared"] <= limit and bool(r["mma"])
-    return AotResult(
-        variant.kernel, variant.operand_dtype, pointers, target, desc, r["shared"], limit, r["mma"], ok
-    )
+        return AotResult(**base, shared=-1, mma=[], ok=False, error=msg)
+    ok = r["shared"] <= limit and bool(r["mma"]) and r["sass_mma"] > 0
+    return AotResult(**base, **r, ok=ok)
+
+
+def hot_paths_that_spill(results: list[AotResult], dtypes: tuple[str, ...] = HALF) -> list[str]:
+    """Hot (kernel, features, dtype, target) whose every compiled config spills registers.
+
+    Required empty for half precision, what training runs. fp32 goes through 3xTF32,
+    which holds each operand twice; some of its paths spill in every config that fits,
+    and the table says which (`note:` lines)."""
+    best: dict[str, int] = {}
+    for r in results:
+        if r.hot and r.operand_dtype in dtypes:
+            key = f"{r.kernel} [{r.features}] {r.operand_dtype} sm_{r.target}"
+            best[key] = min(best.get(key, 1 << 30), r.spill_stores if r.spill_stores >= 0 else 1 << 30)
+    return sorted(k for k, spills in best.items() if spills > 0)
 
 
 def jit_kernels() -> list[str]:
@@ -205,17 +367,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = check_all(args.workers)
     uncovered = sorted(set(jit_kernels()) - {v.kernel for v in kernel_variants()})
+    spilling = hot_paths_that_spill(results)
     if args.json:
         print(json.dumps({"results": [asdict(r) for r in results], "uncovered": uncovered}))
     else:
         for r in results:
             mark = "ok  " if r.ok else "FAIL"
-            mma = r.mma[0] if r.mma else "no tensor-core MMA"
-            print(f"{mark} sm_{r.target} {r.kernel:22s} {r.operand_dtype:8s} {r.shared / 1024:6.1f}/"
-                  f"{r.shared_limit / 1024:.0f} KiB  {mma:40s} {r.config} {r.error}")  # fmt: skip
+            mma = f"{SASS_MMA_NAME[r.target]} x{r.sass_mma}" if r.sass_mma > 0 else "no tensor-core MMA"
+            print(f"{mark} sm_{r.target} {r.kernel:24s} {r.operand_dtype:8s} {r.features:32s} "
+                  f"{'hot' if r.hot else '   '} {r.shared / 1024:6.1f}/{r.shared_limit / 1024:.0f} KiB "
+                  f"reg {r.registers:3d} spill {r.spill_stores:4d}/{r.spill_loads:<4d} {mma:10s} "
+                  f"{r.config} {r.error}")  # fmt: skip
+        for path in hot_paths_that_spill(results, ("float32",)):
+            print(f"note: no spill-free config for {path}")
+        for path in spilling:
+            print(f"FAIL no spill-free config for {path}")
         if uncovered:
             print(f"FAIL kernels without an AOT variant: {uncovered}")
-    return 0 if all(r.ok for r in results) and not uncovered else 1
+    return 0 if all(r.ok for r in results) and not uncovered and not spilling else 1
 
 
 if __name__ == "__main__":

@@ -28,11 +28,13 @@ from gopd_kernels.ops.linear_logsoftmax_triton import (
 from gopd_kernels.ops.triton_common import DOT_PRECISION, config, grouped_tile, launch, make_pruner
 from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
 
-# Three logit tiles live at once: smaller tiles than the single-model kernels.
+# Three logit tiles live at once (student, teacher, reference): narrower tiles than the
+# single-model kernels, chosen with the AOT report's spill counts.
 DENSE_CONFIGS = [
     config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=64),
-    config(4, 3, BLOCK_M=64, BLOCK_V=64, BLOCK_D=64),
-    config(4, 3, BLOCK_M=64, BLOCK_V=128, BLOCK_D=32),
+    config(8, 3, BLOCK_M=128, BLOCK_V=32, BLOCK_D=64),
+    config(8, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=32),
+    config(8, 4, BLOCK_M=128, BLOCK_V=64, BLOCK_D=32),
     config(4, 4, BLOCK_M=64, BLOCK_V=64, BLOCK_D=32),
 ]
 

@@ -24,12 +24,19 @@ from gopd_kernels.ops.matmul_triton import matmul
 from gopd_kernels.ops.triton_common import DOT_PRECISION, config, dot_acc, grouped_tile, launch, make_pruner
 from gopd_kernels.ops.vocab_partials import merge_vocab_partials
 
-TILE_CONFIGS = [  # (BLOCK_M rows) x (BLOCK_V vocab) logit tiles, BLOCK_D deep
-    config(8, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
+# (BLOCK_M rows) x (BLOCK_V vocab) logit tiles, BLOCK_D deep. The online softmax holds
+# the fp32 tile and its exponentials at once, so a tile over 64 fp32 values per thread
+# (128 x 128 on 4 warps) spills registers; `python -m gopd_kernels.aot` reports spills
+# per config, and every hot path keeps at least one spill-free config on sm_80 and sm_90
+# (the 3xTF32 fp32 ones need the narrow 64-deep-or-less tiles at the end).
+TILE_CONFIGS = [
+    config(8, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),  # the backward's widest; forward spills
     config(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),
-    config(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64),
-    config(4, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=32),
-    config(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=32),
+    config(8, 3, BLOCK_M=64, BLOCK_V=256, BLOCK_D=64),
+    config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=64),
+    config(8, 4, BLOCK_M=128, BLOCK_V=128, BLOCK_D=32),
+    config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=32),
+    config(4, 4, BLOCK_M=64, BLOCK_V=64, BLOCK_D=32),
 ]
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_D=32)
 SLICE_ALIGN = 512  # vocabulary slices are multiples of every BLOCK_V above

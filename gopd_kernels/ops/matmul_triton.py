@@ -14,12 +14,12 @@ import triton.language as tl
 
 from gopd_kernels.ops.triton_common import DOT_PRECISION, config, dot_acc, grouped_tile, launch, make_pruner
 
-CONFIGS = [
+CONFIGS = [  # 8 warps for 128 x 128 tiles: on 4 warps the dW accumulation spills registers
     config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
     config(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64),
-    config(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-    config(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+    config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
     config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
+    config(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
 ]
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)
 GROUP_M = 8

@@ -1,8 +1,10 @@
-"""Every Triton kernel compiles for sm_80 and sm_90, uses tensor-core MMA and fits shared memory.
+"""Every Triton kernel compiles for sm_80 and sm_90, uses tensor-core MMA and fits shared memory,
+and every path training runs keeps a launch config that does not spill registers.
 
 Runs `python -m gopd_kernels.aot` in a child process without TRITON_INTERPRET (which
 would replace the kernels by interpreted functions), at every launch config the runtime
-pruning can pick for each dtype and target.
+pruning can pick for each dtype and target. The fast tests below check the pieces the
+report rests on: Triton's argument specialisation and the cuobjdump parsing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,72 @@ from collections import Counter
 
 import pytest
 
-pytestmark = [pytest.mark.aot, pytest.mark.slow]
+from gopd_kernels import aot
+
+slow_aot = [pytest.mark.aot, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("value", [1, 2, 16, 17, 4096, 151936, 16383, 2**31 - 16, 2**33])
+def test_int_specialization_is_the_jits(value):
+    """The AOT compile must see integers as a real launch does, or its register counts lie."""
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    jit_type, jit_key = native(BaseBackend, value, False, True, True)
+    ours, div16 = aot.int_specialization(value)
+    assert ours == jit_type
+    if jit_type != "constexpr":
+        assert div16 == (jit_key == "D")
+
+
+def test_every_integer_argument_has_a_launch_value():
+    import importlib
+
+    for v in aot.kernel_variants():
+        kernel = getattr(importlib.import_module(v.module), v.kernel)
+        cfg = getattr(importlib.import_module(v.module), v.configs)[0]
+        fixed = {**v.constexprs, **cfg.kwargs, **v.pointers, **dict.fromkeys(v.floats)}
+        for name in kernel.arg_names:
+            if name not in fixed:
+                aot.launch_int(name, dict(v.ints))  # KeyError names the argument
+    with pytest.raises(KeyError, match="n_experts"):
+        aot.launch_int("n_experts", {})
+
+
+RES_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function logits_grad_kernel:
+  REG:255 STACK:240 SHARED:1024 LOCAL:0 CONSTANT[0]:656 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+SASS = """
+        /*0a50*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0a60*/                   STL.64 [R1+0x10], R24 ;
+        /*0a70*/                   STL [R1+0x18], R26 ;
+        /*0a80*/                   LDL.LU R27, [R1+0x18] ;
+        /*0a90*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0aa0*/                   FFMA R3, R2, R4, R3 ;
+"""
+
+
+def test_parse_sass_usage_counts_spills_and_tensor_core_instructions():
+    got = aot.parse_sass_usage(RES_USAGE, SASS, 90)
+    assert got == {"registers": 255, "stack": 240, "spill_stores": 2, "spill_loads": 1, "sass_mma": 2}
+    assert aot.parse_sass_usage(RES_USAGE, SASS, 80)["sass_mma"] == 0  # HGMMA is not sm_80's HMMA
+    with pytest.raises(ValueError, match="REG:"):
+        aot.parse_sass_usage("no usage here", SASS, 90)
+
+
+def test_hot_paths_that_spill_needs_one_spill_free_config_per_path():
+    def result(spills, dtype="bfloat16", hot=True, features="-"):
+        return aot.AotResult("k", dtype, features, hot, "", 90, "", 0, 1, [], True, spill_stores=spills)
+
+    assert aot.hot_paths_that_spill([result(3), result(0)]) == []
+    assert aot.hot_paths_that_spill([result(3), result(1)]) == ["k [-] bfloat16 sm_90"]
+    assert aot.hot_paths_that_spill([result(3, hot=False)]) == []
+    assert aot.hot_paths_that_spill([result(3, dtype="float32")]) == []
+    assert aot.hot_paths_that_spill([result(3, dtype="float32")], ("float32",)) == ["k [-] float32 sm_90"]
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +99,14 @@ def aot_report() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.aot
+@pytest.mark.slow
 def test_every_kernel_has_an_aot_variant(aot_report):
     assert aot_report["uncovered"] == []
 
 
+@pytest.mark.aot
+@pytest.mark.slow
 def test_all_configs_compile_with_tensor_cores_within_shared_memory(aot_report):
     results = aot_report["results"]
     assert results
@@ -44,8 +115,19 @@ def test_all_configs_compile_with_tensor_cores_within_shared_memory(aot_report):
     for r in results:
         assert r["shared"] <= r["shared_limit"]
         assert any(("wgmma" if r["target"] == 90 else "mma.sync") in m for m in r["mma"]), r
+        assert r["sass_mma"] > 0, r  # and the machine code runs on the tensor cores
 
 
+@pytest.mark.aot
+@pytest.mark.slow
+def test_hot_paths_keep_a_config_without_register_spills(aot_report):
+    results = [aot.AotResult(**r) for r in aot_report["results"]]
+    assert any(r.hot for r in results)
+    assert aot.hot_paths_that_spill(results) == []
+
+
+@pytest.mark.aot
+@pytest.mark.slow
 def test_each_kernel_dtype_and_target_has_configs(aot_report):
     per = Counter((r["kernel"], r["operand_dtype"], r["target"]) for r in aot_report["results"])
     kernels = {k for k, _, _ in per}
