@@ -49,6 +49,8 @@ def launch_int(name: str, overrides: dict) -> int:
     """The value an integer kernel argument takes at LAUNCH_SHAPE."""
     if name in overrides:
         return overrides[name]
+    if name.endswith("_BUCKET"):  # token_bucket of the dimension it keys
+        return 1 << (launch_int(name.removesuffix("_BUCKET"), overrides) - 1).bit_length()
     if name in LAUNCH_INTS:
         return LAUNCH_INTS[name]
     if re.fullmatch(r"D\w*", name):  # hidden sizes: D, D2, DS, DT, DR

@@ -25,7 +25,14 @@ from gopd_kernels.ops.linear_logsoftmax_triton import (
     logits_tile,
     vocab_slices,
 )
-from gopd_kernels.ops.triton_common import DOT_PRECISION, config, grouped_tile, launch, make_pruner
+from gopd_kernels.ops.triton_common import (
+    DOT_PRECISION,
+    config,
+    grouped_tile,
+    launch,
+    make_pruner,
+    token_bucket,
+)
 from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
 
 # Three logit tiles live at once (student, teacher, reference): narrower tiles than the
@@ -77,7 +84,7 @@ def dense_kl_partials_kernel(
     ma_ptr, sa_ptr, u_ptr, mc_ptr, sc_ptr, mt_ptr, st_ptr, ut_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd,
-    inv_temp, lam, slice_len,
+    inv_temp, lam, slice_len, M_BUCKET,
     HAS_REF: tl.constexpr, TEACHER_KL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -135,7 +142,7 @@ def dense_kl_grad_kernel(
     lse_a_ptr, lse_c_ptr, kl_ptr, g_ptr, dz_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, stride_dzm,
-    inv_temp, lam,
+    inv_temp, lam, M_BUCKET,
     HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -168,11 +175,11 @@ def dense_kl_grad_kernel(
 _prune = make_pruner("BLOCK_M", "BLOCK_V", "BLOCK_D", "hs_ptr")
 dense_kl_partials_kernel_tuned = triton.autotune(
     DENSE_CONFIGS,
-    key=["M", "V", "DS", "DT", "DR", "slice_len"],
+    key=["M_BUCKET", "V", "DS", "DT", "DR", "slice_len"],
     prune_configs_by={"early_config_prune": _prune},
 )(dense_kl_partials_kernel)
 dense_kl_grad_kernel_tuned = triton.autotune(
-    DENSE_CONFIGS, key=["M", "V", "DS", "DT", "DR"], prune_configs_by={"early_config_prune": _prune}
+    DENSE_CONFIGS, key=["M_BUCKET", "V", "DS", "DT", "DR"], prune_configs_by={"early_config_prune": _prune}
 )(dense_kl_grad_kernel)
 
 
@@ -203,7 +210,8 @@ def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_byt
         dense_kl_partials_kernel_tuned,
         grid,
         INTERPRET_CONFIG,
-        *ptrs, ma, sa, u, mc, sc, mt, st, ut, M, V, *dims, *strides, inv_temp, float(lam), slice_len,
+        *ptrs, ma, sa, u, mc, sc, mt, st, ut, M, V, *dims, *strides,
+        inv_temp, float(lam), slice_len, token_bucket(M),
         HAS_REF=ref is not None and lam != 1.0,
         TEACHER_KL=with_teacher_kl,
         DOT_PRECISION=DOT_PRECISION[student[0].dtype],
@@ -227,7 +235,7 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
             grid,
             INTERPRET_CONFIG,
             *ptrs, lse_a[r0:r1], lse_c[r0:r1], kl[r0:r1], g[r0:r1], dz,
-            r1 - r0, V, *dims, *strides, dz.stride(0), inv_temp, float(lam),
+            r1 - r0, V, *dims, *strides, dz.stride(0), inv_temp, float(lam), token_bucket(r1 - r0),
             HAS_REF=ref is not None and lam != 1.0,
             DOT_PRECISION=DOT_PRECISION[hs.dtype],
             GROUP_M=GROUP_M,

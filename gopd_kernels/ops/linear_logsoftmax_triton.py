@@ -21,7 +21,15 @@ import triton
 import triton.language as tl
 
 from gopd_kernels.ops.matmul_triton import matmul
-from gopd_kernels.ops.triton_common import DOT_PRECISION, config, dot_acc, grouped_tile, launch, make_pruner
+from gopd_kernels.ops.triton_common import (
+    DOT_PRECISION,
+    config,
+    dot_acc,
+    grouped_tile,
+    launch,
+    make_pruner,
+    token_bucket,
+)
 from gopd_kernels.ops.vocab_partials import merge_vocab_partials
 
 # (BLOCK_M rows) x (BLOCK_V vocab) logit tiles, BLOCK_D deep. The online softmax holds
@@ -124,6 +132,7 @@ def vocab_partials_kernel(
     stride_w2d,
     inv_temp,
     slice_len,
+    M_BUCKET,  # token_bucket(M): the autotuning key, not read
     HAS_BIAS: tl.constexpr,
     HAS_BIAS2: tl.constexpr,
     TWO_MODELS: tl.constexpr,
@@ -198,6 +207,7 @@ def logits_grad_kernel(
     stride_wd,
     stride_dzm,
     inv_temp,
+    M_BUCKET,  # token_bucket(M): the autotuning key, not read
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -233,17 +243,20 @@ def logits_grad_kernel(
 
 _prune = make_pruner("BLOCK_M", "BLOCK_V", "BLOCK_D", "h_ptr")
 vocab_partials_kernel_tuned = triton.autotune(
-    TILE_CONFIGS, key=["M", "V", "D", "slice_len"], prune_configs_by={"early_config_prune": _prune}
+    TILE_CONFIGS, key=["M_BUCKET", "V", "D", "slice_len"], prune_configs_by={"early_config_prune": _prune}
 )(vocab_partials_kernel)
 logits_grad_kernel_tuned = triton.autotune(
-    TILE_CONFIGS, key=["M", "V", "D"], prune_configs_by={"early_config_prune": _prune}
+    TILE_CONFIGS, key=["M_BUCKET", "V", "D"], prune_configs_by={"early_config_prune": _prune}
 )(logits_grad_kernel)
 
 
 def vocab_slices(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
-    """(number of slices, slice length): enough programs for ~2 waves over the SMs."""
+    """(number of slices, slice length): enough programs for ~2 waves over the SMs.
+
+    Sized for token_bucket(rows), so that the slice length (an autotuning key) takes one
+    value per bucket."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    row_blocks = triton.cdiv(rows, 128)
+    row_blocks = triton.cdiv(token_bucket(rows), 128)
     wanted = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, SLICE_ALIGN)))
     slice_len = triton.cdiv(triton.cdiv(vocab, wanted), SLICE_ALIGN) * SLICE_ALIGN
     return triton.cdiv(vocab, slice_len), slice_len
@@ -275,7 +288,8 @@ def forward_models(models: list[LinearModel], targets, inv_temp, with_entropy):
         grid,
         INTERPRET_CONFIG,
         h, w, h if b is None else b, h2, w2, h2 if b2 is None else b2, targets,
-        m, s, m if t is None else t, zy, M, V, d, d2, *strides, *strides2, inv_temp, slice_len,
+        m, s, m if t is None else t, zy, M, V, d, d2, *strides, *strides2,
+        inv_temp, slice_len, token_bucket(M),
         HAS_BIAS=b is not None,
         HAS_BIAS2=b2 is not None,
         TWO_MODELS=len(models) == 2,
@@ -339,7 +353,7 @@ def backward(
             INTERPRET_CONFIG,
             h, weight, h if bias is None else bias, targets[r0:r1], lse[r0:r1],
             lse if entropy is None else entropy[r0:r1], g_l[r0:r1], g_l if g_e is None else g_e[r0:r1],
-            dz, r1 - r0, V, *lm_head_args(h, weight), dz.stride(0), inv_temp,
+            dz, r1 - r0, V, *lm_head_args(h, weight), dz.stride(0), inv_temp, token_bucket(r1 - r0),
             HAS_BIAS=bias is not None,
             WITH_ENTROPY=g_e is not None,
             DOT_PRECISION=DOT_PRECISION[hidden.dtype],

@@ -12,7 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.ops.triton_common import DOT_PRECISION, config, dot_acc, grouped_tile, launch, make_pruner
+from gopd_kernels.ops.triton_common import (
+    DOT_PRECISION,
+    config,
+    dot_acc,
+    grouped_tile,
+    launch,
+    make_pruner,
+    token_bucket,
+)
 
 CONFIGS = [  # 8 warps for 128 x 128 tiles: on 4 warps the dW accumulation spills registers
     config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
@@ -39,6 +47,9 @@ def matmul_kernel(
     stride_bn,
     stride_cm,
     stride_cn,
+    M_BUCKET,  # token_bucket of M, N, K: the autotuning key (rows of dZ are M or K), not read
+    N_BUCKET,
+    K_BUCKET,
     ACCUMULATE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -70,7 +81,7 @@ def matmul_kernel(
 
 matmul_kernel_tuned = triton.autotune(
     CONFIGS,
-    key=["M", "N", "K", "ACCUMULATE"],
+    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACCUMULATE"],
     prune_configs_by={"early_config_prune": make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr")},
     restore_value=["c_ptr"],  # timing runs must not accumulate into C
 )(matmul_kernel)
@@ -98,6 +109,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
         b.stride(1),
         out.stride(0),
         out.stride(1),
+        token_bucket(M),
+        token_bucket(N),
+        token_bucket(K),
         ACCUMULATE=accumulate,
         DOT_PRECISION=DOT_PRECISION[a.dtype],
         GROUP_M=GROUP_M,

@@ -26,6 +26,16 @@ DOT_PRECISION = {  # fp32 inputs take 3xTF32 on tensor cores: ~fp32 accuracy, no
 }
 
 
+def token_bucket(n: int) -> int:
+    """What the autotuner keys on for a token count: the next power of two.
+
+    Token counts change every step (rollouts differ in length). Keyed on the raw count,
+    the autotuner would time every config again at each new count, a stall of a second or
+    more per step that never ends (xformers #1037, flash-linear-attention #1147). The
+    kernels take the bucket as an argument they never read, only for the key."""
+    return triton.next_power_of_2(max(1, n))
+
+
 def config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 

@@ -1,0 +1,52 @@
+"""Launch plumbing shared by the Triton kernels: what the autotuner keys on."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+import gopd_kernels.ops as ops  # noqa: E402
+from gopd_kernels.ops.linear_logsoftmax_triton import vocab_slices  # noqa: E402
+from gopd_kernels.ops.triton_common import token_bucket  # noqa: E402
+
+# Arguments that carry a token count (rows of H, or of dZ: M, and K in dW += dZ^T H).
+TOKEN_COUNTS = {"M", "K"}
+
+
+def autotuned_kernels() -> dict[str, Autotuner]:
+    found = {}
+    for info in pkgutil.iter_modules(ops.__path__):
+        if info.name.endswith("_triton"):
+            module = importlib.import_module(f"gopd_kernels.ops.{info.name}")
+            found.update({name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)})
+    return found
+
+
+@pytest.mark.parametrize(
+    ("n", "bucket"), [(0, 1), (1, 1), (2, 2), (3, 4), (4096, 4096), (4097, 8192), (16383, 16384)]
+)
+def test_token_bucket_is_the_next_power_of_two(n, bucket):
+    assert token_bucket(n) == bucket
+
+
+def test_no_autotuner_keys_on_a_raw_token_count():
+    """Token counts change every step; a raw one in the key re-tunes every config each time."""
+    tuned = autotuned_kernels()
+    assert {"vocab_partials_kernel_tuned", "logits_grad_kernel_tuned", "matmul_kernel_tuned"} <= set(tuned)
+    for name, autotuner in tuned.items():
+        assert not TOKEN_COUNTS & set(autotuner.keys), (name, autotuner.keys)
+        assert any(k.endswith("_BUCKET") for k in autotuner.keys), (name, autotuner.keys)
+
+
+def test_vocab_slices_take_one_value_per_token_bucket():
+    """The slice length is an autotuning key too: it must not move within a bucket."""
+    cpu = torch.device("cpu")
+    for lo in (1025, 4097):
+        assert len({vocab_slices(rows, 151936, cpu) for rows in range(lo, 2 * lo - 1, 31)}) == 1
