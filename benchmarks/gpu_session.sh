@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs, one device call (10 minutes at most) per part.
+#
+# Once, on the CPU machine, in the repository root (the GPU image has torch and triton but
+# neither peer, and cannot reach a registry):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#       liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+# Then one device `run` per part, each with carry [".whl"]:
+#   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton tests compiled, quick report
+#   bash benchmarks/gpu_session.sh token   # --preset gpu: token_logprobs, token_logprobs_fwd
+#   bash benchmarks/gpu_session.sh loss    # --preset gpu: gopd_loss, frozen_scoring
+#   bash benchmarks/gpu_session.sh dense   # --preset gpu: gopd_dense_loss, gopd_dense_loss_exopd
+# Each part leaves log.txt and results.tar.gz under $OUT (the tool brings back 8 files at
+# most). Untar the latter in the repository root: the JSON lands in
+# benchmarks/results/<card>/; `python -m benchmarks.report --plots-only --results <that
+# folder>` draws the plots and the summary there. A part stops itself before the device
+# limit; every finished shape is already saved, so a part cut short is rerun with --op and
+# --n for what is missing.
+set -uo pipefail
+part=${1:?usage: gpu_session.sh check|token|loss|dense}
+out=${OUT:-/tmp/gopd-gpu-out}
+mkdir -p "$out"
+exec > >(tee "$out/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    echo "note: no .whl/ carried: Liger-Kernel and CCE rows will say they are not installed"
+    export PYTHONPATH=$PWD
+fi
+stamp=$(mktemp)  # results written after this are the part's
+budget=${BUDGET_S:-540}  # seconds for this part's report, inside the 600 s device limit
+
+report() {  # the gpu preset for some ops, saved under results/<card>/, stopped before the limit
+    timeout --signal=INT "$budget" python3 -m benchmarks.report --preset gpu --op "$1"
+}
+
+case $part in
+check)
+    status=0
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    python3 -m benchmarks.ceilings || status=1
+    # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there
+    timeout 240 python3 -m pytest -q -x -m triton tests/kernels || status=1
+    timeout 200 python3 -m benchmarks.report --preset quick --no-save || status=1  # every CUDA path once
+    (exit $status)
+    ;;
+token) report token_logprobs,token_logprobs_fwd ;;
+loss) report gopd_loss,frozen_scoring ;;
+dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
+*) echo "unknown part $part: check, token, loss or dense"; exit 2 ;;
+esac
+status=$?
+find benchmarks/results -type f -newer "$stamp" > "$stamp.list"
+if [ -s "$stamp.list" ]; then tar -czf "$out/results.tar.gz" -T "$stamp.list"; else echo "no results written"; fi
+exit $status
