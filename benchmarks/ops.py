@@ -66,6 +66,7 @@ class Op:
     flops: Callable[[int, int, int], float]  # useful FLOPs for (N, D, V): the GEMMs any method must do
     make_extra: Callable[[dict, torch.Generator], None]  # adds the op's own inputs
     impls: dict[str, Impl] = field(default_factory=dict)
+    frozen_head: bool = False  # the backward wants dH only (LoRA, a frozen LM head)
 
     def upstream(self, x: dict) -> torch.Tensor | None:
         return x.get("upstream") if self.backward else None
@@ -92,10 +93,12 @@ def _per_token(x: dict, t: torch.Tensor) -> torch.Tensor:
     return t.to(x["device"], torch.float32)  # per-token values stay fp32, as a trainer holds them
 
 
-def with_leaves(x: dict, requires_grad: bool) -> dict:
-    """x plus leaf copies "h", "w" of the student's hidden states and head, for run_impl."""
-    h = x["hidden"].detach().clone().requires_grad_(requires_grad)
-    return {**x, "h": h, "w": x["weight"].detach().clone().requires_grad_(requires_grad)}
+def with_leaves(x: dict, op: Op) -> dict:
+    """x plus leaf copies "h", "w" of the student's hidden states and head, for run_impl; they
+    need gradients when the op has a backward, the head not when the op freezes it."""
+    h = x["hidden"].detach().clone().requires_grad_(op.backward)
+    w = x["weight"].detach().clone().requires_grad_(op.backward and not op.frozen_head)
+    return {**x, "h": h, "w": w}
 
 
 # --- peers' entry points, imported lazily so that a missing peer only removes its rows -------
@@ -290,6 +293,10 @@ OPS: dict[str, Op] = {
     "token_logprobs": Op(
         "log-probs of N sampled tokens, forward + backward with a random per-token upstream gradient",
         True, lambda n, d, v: 6 * n * d * v, _upstream, _logprob_impls()),
+    "token_logprobs_frozen_head": Op(
+        "log-probs of N sampled tokens, forward + backward to the hidden states only (frozen LM "
+        "head, as under LoRA), random per-token upstream gradient",
+        True, lambda n, d, v: 4 * n * d * v, _upstream, _logprob_impls(), frozen_head=True),
     "gopd_loss": Op(
         f"on-policy G-OPD policy-gradient loss, lam={LAM}, token-mean; teacher/ref log-probs given",
         True, lambda n, d, v: 6 * n * d * v, _loss_inputs, _loss_impls()),
@@ -308,7 +315,7 @@ OPS: dict[str, Op] = {
 
 
 def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One forward (+ backward) on ``call = with_leaves(x, op.backward)``; returns (output, dH, dW)."""
+    """One forward (+ backward) on ``call = with_leaves(x, op)``; returns (output, dH, dW|None)."""
     h, w = call["h"], call["w"]
     if not op.backward:
         with torch.no_grad():
@@ -321,17 +328,17 @@ def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor
 
 def float64_errors(op: Op, impl: Impl, x: dict) -> dict[str, float]:
     """Relative max errors of ``impl`` on inputs ``x`` against the float64 naive reference."""
-    got = run_impl(op, impl, with_leaves(x, op.backward))
+    got = run_impl(op, impl, with_leaves(x, op))
     to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     x64 = {k: tuple(map(to64, t)) if isinstance(t, tuple) else to64(t) for k, t in x.items()}
-    want = run_impl(op, op.impls["naive"], with_leaves(x64, op.backward))
+    want = run_impl(op, op.impls["naive"], with_leaves(x64, op))
     return errors(op, got, want)
 
 
 def errors(op: Op, got: tuple, want: tuple) -> dict[str, float]:
-    """Relative max errors of (output, dH, dW) against another run's."""
+    """Relative max errors of (output, dH, dW) against another run's (dW: unless frozen)."""
     names = ("out", "dh", "dw") if op.backward else ("out",)
-    return {k: rel_err(a, b) for k, a, b in zip(names, got, want, strict=False)}
+    return {k: rel_err(a, b) for k, a, b in zip(names, got, want, strict=False) if b is not None}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

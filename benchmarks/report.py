@@ -77,7 +77,8 @@ PRESETS = {
     "cpu": lambda: (
         _grid(["token_logprobs"], [1024, 2048, 4096, 8192], [1024], [V_QWEN], ["float32"])
         + _grid(["token_logprobs"], [1024], [1024], [32000, 128256, 256000], ["float32"])
-        + _grid(["token_logprobs_fwd", "frozen_scoring"], [1024, 4096], [1024], [V_QWEN], ["float32"])
+        + _grid(["token_logprobs_fwd", "token_logprobs_frozen_head", "frozen_scoring"], [1024, 4096], [1024],
+                [V_QWEN], ["float32"])
         + _grid(["gopd_loss"], [2048, 8192], [1024], [V_QWEN], ["float32"])
         + _grid(["gopd_dense_loss", "gopd_dense_loss_exopd"], [512, 1024], [1024], [V_QWEN], ["float32"])
     ),
@@ -98,6 +99,7 @@ def _keep(got: tuple) -> dict:
     kept = {"out": out.detach().float().cpu()}
     if dh is not None:
         kept["dh"] = dh.float().cpu()
+    if dw is not None:
         kept["dw"] = dw[:: max(1, dw.shape[0] // DW_ROWS)].float().cpu()
     return kept
 
@@ -106,7 +108,7 @@ def child(spec: Spec, impl_name: str, repeats: int, out_file: Path) -> None:
     """Runs in a fresh process: peak RSS of the first measured call, then the time of each call."""
     op, impl = bops.OPS[spec.op], bops.OPS[spec.op].impls[impl_name]
     x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu")
-    call = bops.with_leaves(x, op.backward)
+    call = bops.with_leaves(x, op)
     torch.randn(256, 256) @ torch.randn(256, 256)  # load BLAS and its thread pool before the baseline
     warmup_s = None
     if impl.compiled:
@@ -117,7 +119,7 @@ def child(spec: Spec, impl_name: str, repeats: int, out_file: Path) -> None:
         t0 = time.perf_counter()
         for n in WARMUP_NS:
             small = bops.make_inputs(op, n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu", seed=2)
-            bops.run_impl(op, impl, bops.with_leaves(small, op.backward))
+            bops.run_impl(op, impl, bops.with_leaves(small, op))
         warmup_s = time.perf_counter() - t0
         del small
     times, kept = [], None
@@ -166,7 +168,7 @@ def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tup
     runs, kept = {}, {}
     for name in names:
         impl = op.impls[name]
-        call = bops.with_leaves(x, op.backward)
+        call = bops.with_leaves(x, op)
         fn = functools.partial(bops.run_impl, op, impl, call)
         t0 = time.perf_counter()
         kept[name] = _keep(fn())  # warm-up: compile, autotune

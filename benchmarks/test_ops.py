@@ -37,7 +37,7 @@ def test_op(benchmark, op_name, impl_name, shape):
     errors = bops.float64_errors(op, impl, small)
     assert max(errors.values()) <= bops.tolerance(DTYPE), errors
 
-    call = bops.with_leaves(bops.make_inputs(op, n, d, v, DTYPE, DEVICE), op.backward)
+    call = bops.with_leaves(bops.make_inputs(op, n, d, v, DTYPE, DEVICE), op)
     run = lambda: bops.run_impl(op, impl, call)
     sync = torch.cuda.synchronize if CUDA else lambda: None
     run()  # warm-up: compile, autotune, allocator

@@ -13,6 +13,12 @@ entropy. Backward: each tile is recomputed and turned into dL/dz,
 (g_l, g_H: upstream gradients of logp and entropy, per token), from which dH, dW and db
 follow by two GEMMs and a column sum. dW of a vocabulary chunk is complete once its row
 chunks are done, so it is written once, in float32.
+
+Frozen head (only dH wanted, no entropy): dL/dh = g_l / tau (W_y - E_p[W]), and the
+forward can accumulate E_p[W] = sum_v p_v W_v with one more GEMM per tile (an online
+softmax over vocabulary chunks, rescaled as the running row maximum moves). The backward
+is then a gather, with no GEMM: 2 GEMMs in all, as autograd through materialised logits
+(forward, dH), where recomputing takes 3.
 """
 
 from __future__ import annotations
@@ -111,8 +117,12 @@ def forward(
     inv_temp: float,
     with_entropy: bool,
     workspace_bytes: int,
+    expected_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """hidden [M, D], weight [V, D], targets [M] int64 in [0, V) -> (logp, lse, entropy|None)."""
+    """hidden [M, D], weight [V, D], targets [M] int64 in [0, V) -> (logp, lse, entropy|None).
+
+    expected_weight: an optional [M, D] float32 buffer, filled with E_p[W] (frozen-head backward).
+    """
     rows, vocab = hidden.shape[0], weight.shape[0]
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
     n_slices = -(-vocab // vocab_chunk)
@@ -122,6 +132,10 @@ def forward(
     s = torch.empty_like(m)
     t = torch.empty_like(m) if with_entropy else None
     zy = torch.zeros_like(m)
+    ew = expected_weight
+    if ew is not None:  # sum_v exp(z_v - running max) W_v, and that running max
+        ew.zero_()
+        running_max = torch.full((rows,), float("-inf"), dtype=acc, device=hidden.device)
     ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
     for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
         w = weight[c0:c1].to(acc)
@@ -131,13 +145,35 @@ def forward(
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             zy[k, r0 + sel] = z[sel, col]
             m_k = z.amax(dim=1)
+            if ew is not None:  # shift by the running max: the slice's sums stay valid partials
+                m_k = torch.maximum(m_k, running_max[r0:r1])
+                ew[r0:r1].mul_(torch.exp(running_max[r0:r1] - m_k)[:, None])
+                running_max[r0:r1] = m_k
             u = z.sub_(m_k[:, None])
             e = torch.exp(u, out=ws.tile(1, r1 - r0, c1 - c0))
             m[k, r0:r1] = m_k
             s[k, r0:r1] = e.sum(dim=1)
+            if ew is not None:
+                ew[r0:r1].addmm_(e, w)
             if t is not None:
                 t[k, r0:r1] = e.mul_(u).sum(dim=1)
-    return merge_vocab_partials(m, s, t, zy)
+    logp, lse, entropy = merge_vocab_partials(m, s, t, zy)
+    if ew is not None:
+        ew.mul_(torch.exp(running_max - lse)[:, None])  # / sum_v exp(z_v - running max)
+    return logp, lse, entropy
+
+
+def hidden_grad_frozen_head(
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    inv_temp: float,
+    expected_weight: torch.Tensor,
+    grad_logp: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """dL/dh = g_l / tau (W_y - E_p[W]) from forward's expected_weight: no logits, no GEMM."""
+    g = grad_logp.to(expected_weight.dtype) * inv_temp
+    return ((weight[targets].to(expected_weight.dtype) - expected_weight) * g[:, None]).to(dtype)
 
 
 def backward(

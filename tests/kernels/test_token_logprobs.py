@@ -161,6 +161,58 @@ def test_entropy_only_and_partial_requires_grad(backend, device):
     assert rel_err(h.grad, h64.grad) <= 1e-4
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_frozen_head_backward_from_expected_weight(shape, dtype, contiguous, monkeypatch):
+    """Frozen head, torch backend: the forward keeps E_p[W] over many vocabulary chunks (the
+    running max moves between them) and the backward is a gather; it never recomputes."""
+    import gopd_kernels.ops.linear_logsoftmax_torch as twin
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the frozen-head backward recomputed the logits")
+
+    monkeypatch.setattr(twin, "backward", no_recompute)
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", "0.002")
+    n, d, v = shape
+    hidden, weight, bias, targets = make_inputs(n, 2 * d, v, dtype, bias=True, ignore_frac=0.3)
+    pick = (lambda t: t[:, :d].contiguous()) if contiguous else (lambda t: t[:, ::2])
+    hidden, weight = pick(hidden), pick(weight)
+    upstream = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    kw = dict(bias=bias, temperature=0.7)
+    h = hidden.clone().requires_grad_()
+    logp = token_logprobs(h, weight, targets, backend="torch", **kw)
+    (logp.double() * upstream).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    ref = token_logprobs_reference(h64, weight.double(), targets, bias=bias.double(), temperature=0.7)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(logp.double(), ref.detach(), atol=VALUE_ATOL[dtype], rtol=VALUE_ATOL[dtype])
+    assert h.grad.dtype == dtype and rel_err(h.grad, h64.grad) <= GRAD_REL[dtype], rel_err(h.grad, h64.grad)
+    assert (h.grad[targets == -100] == 0).all()
+
+
+def test_frozen_head_path_only_when_nothing_else_needs_the_logits():
+    from gopd_kernels.ops.token_logprobs import frozen_head_fast_path
+
+    assert frozen_head_fast_path("torch", (True, False, False), with_entropy=False)
+    assert not frozen_head_fast_path("torch", (True, False, False), with_entropy=True)  # entropy's grad
+    assert not frozen_head_fast_path("torch", (True, True, False), with_entropy=False)  # dW
+    assert not frozen_head_fast_path("torch", (True, False, True), with_entropy=False)  # db
+    assert not frozen_head_fast_path("triton", (True, False, False), with_entropy=False)
+
+
+def test_frozen_head_equals_the_recomputing_backward():
+    """Same inputs, fp32: the gather backward and the recomputing one agree to rounding."""
+    hidden, weight, bias, targets = make_inputs(64, 32, 1031, torch.float32, bias=False, seed=5)
+    g = torch.randn(64, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for w_grad in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(w_grad)
+        (token_logprobs(h, w, targets, backend="torch") * g).sum().backward()
+        grads.append(h.grad)
+    assert rel_err(grads[0], grads[1]) <= 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens_and_all_ignored(backend, device):
     dev = _device(backend, device)
