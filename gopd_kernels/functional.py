@@ -43,7 +43,9 @@ def token_logprobs(
         float32 log-probs [...] (float64 for float64 inputs, torch backend only); with
         ``return_entropy``, ``(logp, entropy)``. Both are differentiable w.r.t. hidden,
         weight and bias for any per-token upstream gradient; gradients come back in the
-        inputs' dtype, accumulated in float32.
+        inputs' dtype, accumulated in float32. With a frozen head (only ``hidden`` requires
+        grad, no entropy) the torch backend keeps E_p[W] ([N, D] float32) from the forward
+        and its backward needs no GEMM.
     """
     temperature = check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature)
     if not isinstance(return_entropy, bool):
