@@ -230,9 +230,15 @@ def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, 
 # --- tables and plots --------------------------------------------------------------------------
 
 
+# A CUDA record's "ceilings" (benchmarks.ceilings, measured in the same run): the GEMM rate
+# an op's TFLOP/s is set against, by input dtype. fp32 against plain fp32 cuBLAS (our fp32
+# kernels use 3xTF32, which is about fp32-exact).
+CEILING_OF = {"bfloat16": "bf16_gemm_TFLOP_per_s", "float32": "fp32_gemm_TFLOP_per_s"}
+
+
 def summarize(record: dict) -> list[dict]:
     """Medians and ratios for each timed implementation; peers = every implementation but ours
-    (gopd, and gopd-torch on CUDA)."""
+    (gopd, and gopd-torch on CUDA). of_peak: TFLOP/s over the measured GEMM rate, on CUDA."""
     rows = []
     for name, e in record["impls"].items():
         if "times_s" in e:
@@ -245,7 +251,9 @@ def summarize(record: dict) -> list[dict]:
     best_t = min((r["time"] for r in peers), default=None)
     best_m = min((r["peak"] for r in peers), default=None)
     naive = next((r for r in rows if r["impl"] == "naive"), None)
+    peak_rate = (record.get("ceilings") or {}).get(CEILING_OF[record["spec"]["dtype"]])
     for r in rows:
+        r["of_peak"] = r["tflops"] / peak_rate if peak_rate else None
         r["t_naive"] = r["time"] / naive["time"] if naive else None
         r["m_naive"] = r["peak"] / naive["peak"] if naive else None
         r["t_peer"] = r["time"] / best_t if best_t else None
@@ -263,13 +271,18 @@ def _seconds(t: float) -> str:
 
 def markdown(record: dict) -> str:
     s = Spec(**record["spec"])
+    summary = summarize(record)
     rows = [[r["impl"], f"{_seconds(r['time'])} ({_seconds(r['lo'])}-{_seconds(r['hi'])})",
              _ratio(r["t_naive"]), _ratio(r["t_peer"]), f"{r['tflops']:.3f}", f"{r['peak'] / 2**20:.0f}",
              _ratio(r["m_naive"]), _ratio(r["m_peer"]), f"{r['check']:.0e}", f"{r['err']:.0e}"]
-            for r in summarize(record)]  # fmt: skip
-    skipped = [f"- {n}: not run, {e['skipped']}" for n, e in record["impls"].items() if "skipped" in e]
+            for r in summary]  # fmt: skip
     headers = ["impl", "time median (min-max)", "time / naive", "time / best peer", "TFLOP/s", "peak MiB",
                "memory / naive", "memory / best peer", "float64 check", "vs naive"]  # fmt: skip
+    if any(r["of_peak"] is not None for r in summary):
+        headers.insert(5, "of GEMM peak")
+        for row, r in zip(rows, summary, strict=True):
+            row.insert(5, f"{100 * r['of_peak']:.0f}%")
+    skipped = [f"- {n}: not run, {e['skipped']}" for n, e in record["impls"].items() if "skipped" in e]
     return "\n".join([f"### {s.op}, N={s.n} D={s.d} V={s.v} {s.dtype}", "", record["description"] + ".", "",
                       markdown_table(headers, rows), *([""] + skipped if skipped else [])])  # fmt: skip
 
@@ -405,9 +418,17 @@ def main(argv: list[str] | None = None) -> None:
     if device == "cpu" and "bfloat16" in {s.dtype for s in specs}:
         print("note: bfloat16 on CPU times PyTorch's CPU bf16 GEMMs, not tensor cores")
     wanted = args.impls.split(",") if args.impls else None
+    ceilings = None
+    if device == "cuda":  # the card's own rates, for the "of GEMM peak" column
+        from benchmarks.ceilings import measure as measure_ceilings
+
+        ceilings = measure_ceilings()
+        print(f"ceilings: {ceilings}", flush=True)
     for spec in specs:
         record = bench_spec(spec, wanted, args.rounds, args.repeats, device)
         record["machine"] = machine
+        if ceilings:
+            record["ceilings"] = ceilings
         record["method"] = {"rounds": args.rounds, "repeats": args.repeats, "device": device,
                             "commit": _commit()}  # fmt: skip
         print(markdown(record), "\n", flush=True)

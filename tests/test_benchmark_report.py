@@ -39,3 +39,15 @@ def test_ratios_are_to_naive_and_to_the_best_peer_excluding_ours():
     assert rows["gopd"]["tflops"] == pytest.approx(6.0)
     table = markdown(rec)
     assert "- liger: not run, needs CUDA" in table and "| gopd | 1 s (1 s-1 s) | 0.33x | 0.50x |" in table
+
+
+def test_cuda_records_set_tflops_against_the_measured_gemm_rate():
+    rec = record({"naive": timed([3.0], 1000), "gopd": timed([1.0], 100)})
+    assert all(r["of_peak"] is None for r in summarize(rec))  # CPU: no ceilings, no column
+    assert "GEMM peak" not in markdown(rec)
+    rec["ceilings"] = {"fp32_gemm_TFLOP_per_s": 12.0, "bf16_gemm_TFLOP_per_s": 600.0}
+    rows = {r["impl"]: r for r in summarize(rec)}
+    assert rows["gopd"]["of_peak"] == pytest.approx(0.5)  # 6 TFLOP/s of fp32's 12
+    rec["spec"]["dtype"] = "bfloat16"
+    assert {r["impl"]: r for r in summarize(rec)}["gopd"]["of_peak"] == pytest.approx(0.01)
+    assert "| of GEMM peak |" in markdown(rec) and "| 1% |" in markdown(rec)
