@@ -43,6 +43,7 @@ DENSE_CONFIGS = [
     config(8, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=32),
     config(8, 4, BLOCK_M=128, BLOCK_V=64, BLOCK_D=32),
     config(4, 4, BLOCK_M=64, BLOCK_V=64, BLOCK_D=32),
+    config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=16),  # fp32 (3xTF32 holds operands twice)
 ]
 
 

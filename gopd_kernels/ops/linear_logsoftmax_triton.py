@@ -45,6 +45,7 @@ TILE_CONFIGS = [
     config(8, 4, BLOCK_M=128, BLOCK_V=128, BLOCK_D=32),
     config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=32),
     config(4, 4, BLOCK_M=64, BLOCK_V=64, BLOCK_D=32),
+    config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=16),  # fp32 teacher + reference on sm_80
 ]
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_D=32)
 SLICE_ALIGN = 512  # vocabulary slices are multiples of every BLOCK_V above
