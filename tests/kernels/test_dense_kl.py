@@ -103,6 +103,32 @@ def test_kl_teacher_stat_with_reference():
     assert stats["kl_teacher"] != stats["kl"]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grads", [True, False], ids=["with-grad", "no-grad"])
+def test_without_teacher_kl_the_loss_and_gradients_do_not_change(backend, device, grads):
+    student, teacher, ref = heads(device=device if backend == "triton" else "cpu", seed=4)
+    runs = []
+    for teacher_kl in (True, False):
+        hs, ws = (t.clone().requires_grad_(grads) for t in student)
+        with torch.set_grad_enabled(grads):
+            loss, stats = gopd_dense_loss(
+                hs, ws, *teacher, *ref, lam=1.25, teacher_kl=teacher_kl, backend=backend
+            )
+        if grads:
+            loss.backward()
+        runs.append((loss.detach(), stats, hs.grad, ws.grad))
+    (loss_a, stats_a, dh_a, dw_a), (loss_b, stats_b, dh_b, dw_b) = runs
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(stats_a["kl"], stats_b["kl"])
+    assert "kl_teacher" in stats_a and "kl_teacher" not in stats_b
+    if grads:
+        torch.testing.assert_close(dh_a, dh_b)
+        torch.testing.assert_close(dw_a, dw_b)
+    # at lam = 1 the KL to the teacher is the loss's own KL, reported either way
+    _, stats = gopd_dense_loss(*student, *teacher, lam=1.0, teacher_kl=False, backend="torch")
+    torch.testing.assert_close(stats["kl_teacher"], stats["kl"])
+
+
 def test_num_tokens_and_empty_mask():
     student, teacher, ref = heads()
     mask = torch.zeros(3, 5, dtype=torch.bool)
@@ -135,6 +161,7 @@ BAD = {
     "temperature": (lambda s, t, r: (s, t, r, {"temperature": -1.0}), "temperature"),
     "loss-agg": (lambda s, t, r: (s, t, r, {"loss_agg": "mean"}), "loss_agg"),
     "student-weight-1d": (lambda s, t, r: ((s[0], s[1][:, 0]), t, r, {}), "student_weight"),
+    "teacher-kl-not-bool": (lambda s, t, r: (s, t, r, {"teacher_kl": 1}), "teacher_kl"),
 }
 
 
