@@ -256,7 +256,9 @@ def _dense_exopd_impls() -> dict[str, Impl]:
                       lambda x: _naive_dense_exopd(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense_exopd)(*args(x)),
                               compiled=True),
-        **_ours("gopd_dense_loss", lambda x, b: gk.gopd_dense_loss(*args(x), lam=LAM, backend=b)[0]),
+        # the loss alone, as naive computes it: no KL-to-teacher statistic
+        **_ours("gopd_dense_loss(teacher_kl=False)",
+                lambda x, b: gk.gopd_dense_loss(*args(x), lam=LAM, teacher_kl=False, backend=b)[0]),
     }  # fmt: skip
 
 
