@@ -92,67 +92,82 @@ class KernelVariant:
         return ",".join(f for f in flags if self.constexprs.get(f)) or "-"
 
 
+LLS = "gopd_kernels.ops.linear_logsoftmax_triton"
+DENSE = "gopd_kernels.ops.dense_kl_triton"
+TILE = ("BLOCK_M", "BLOCK_V", "BLOCK_D")
+
+
+def _precision(dt: str) -> str:
+    return "tf32x3" if dt == "float32" else "ieee"
+
+
+def _logit_grad_dtype(dt: str) -> str:  # the dZ workspace: fp32 for fp32 models, else bf16
+    return "fp32" if dt == "float32" else "bf16"
+
+
+def _forward(dt: str, hot: bool, **switches) -> KernelVariant:
+    x = TRITON_DTYPE[dt]
+    return KernelVariant(
+        LLS, "vocab_partials_kernel", "TILE_CONFIGS", TILE, dt,
+        {"h_ptr": x, "w_ptr": x, "b_ptr": x, "h2_ptr": x, "w2_ptr": x, "b2_ptr": x, "y_ptr": "i64",
+         "m_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "fp32", "zy_ptr": "fp32"},
+        dict(switches, DOT_PRECISION=_precision(dt)), floats=("inv_temp",), hot=hot,
+    )  # fmt: skip
+
+
+def _logits_grad(dt: str, hot: bool, **switches) -> KernelVariant:
+    x = TRITON_DTYPE[dt]
+    return KernelVariant(
+        LLS, "logits_grad_kernel", "TILE_CONFIGS", TILE, dt,
+        {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64", "lse_ptr": "fp32", "ent_ptr": "fp32",
+         "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": _logit_grad_dtype(dt)},
+        dict(switches, GROUP_M=8, DOT_PRECISION=_precision(dt)), floats=("inv_temp",), hot=hot,
+    )  # fmt: skip
+
+
+def _dense_heads(dt: str) -> dict:
+    return {f"{p}_ptr": TRITON_DTYPE[dt] for p in ("hs", "ws", "ht", "wt", "hr", "wr")}
+
+
+def _dense_partials(dt: str, **switches) -> KernelVariant:
+    return KernelVariant(
+        DENSE, "dense_kl_partials_kernel", "DENSE_CONFIGS", TILE, dt,
+        _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
+        dict(switches, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "lam"), hot=True,
+    )  # fmt: skip
+
+
+def _dense_grad(dt: str) -> KernelVariant:
+    return KernelVariant(
+        DENSE, "dense_kl_grad_kernel", "DENSE_CONFIGS", TILE, dt,
+        _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")}
+        | {"dz_ptr": _logit_grad_dtype(dt)},
+        dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "lam"), hot=True,
+    )  # fmt: skip
+
+
 def kernel_variants() -> list[KernelVariant]:
-    lls = "gopd_kernels.ops.linear_logsoftmax_triton"
     mm = "gopd_kernels.ops.matmul_triton"
-    dense = "gopd_kernels.ops.dense_kl_triton"
-    tile = ("BLOCK_M", "BLOCK_V", "BLOCK_D")
     out = []
+    every = dict(HAS_BIAS=True, WITH_ENTROPY=True)  # every feature on: proof that all code builds
     for dt in ("bfloat16", "float16", "float32"):
-        x = TRITON_DTYPE[dt]
-        prec = "tf32x3" if dt == "float32" else "ieee"
-        common = dict(HAS_BIAS=True, WITH_ENTROPY=True, DOT_PRECISION=prec)
-        out.append(KernelVariant(
-            lls, "vocab_partials_kernel", "TILE_CONFIGS", tile, dt,
-            {"h_ptr": x, "w_ptr": x, "b_ptr": x, "h2_ptr": x, "w2_ptr": x, "b2_ptr": x, "y_ptr": "i64",
-             "m_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "fp32", "zy_ptr": "fp32"},
-            dict(common, HAS_BIAS2=True, TWO_MODELS=True), floats=("inv_temp",),
-        ))  # fmt: skip
-        dz = "fp32" if dt == "float32" else "bf16"
-        out.append(KernelVariant(
-            lls, "logits_grad_kernel", "TILE_CONFIGS", tile, dt,
-            {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64", "lse_ptr": "fp32", "ent_ptr": "fp32",
-             "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": dz},
-            dict(common, GROUP_M=8), floats=("inv_temp",),
-        ))  # fmt: skip
-        heads = {f"{p}_ptr": x for p in ("hs", "ws", "ht", "wt", "hr", "wr")}
-        out.append(KernelVariant(
-            dense, "dense_kl_partials_kernel", "DENSE_CONFIGS", tile, dt,
-            heads | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
-            dict(HAS_REF=True, TEACHER_KL=True, DOT_PRECISION=prec), floats=("inv_temp", "lam"), hot=True,
-        ))  # fmt: skip
-        out.append(KernelVariant(
-            dense, "dense_kl_grad_kernel", "DENSE_CONFIGS", tile, dt,
-            heads | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")} | {"dz_ptr": dz},
-            dict(HAS_REF=True, DOT_PRECISION=prec, GROUP_M=8), floats=("inv_temp", "lam"), hot=True,
-        ))  # fmt: skip
+        out += [
+            _forward(dt, False, **every, HAS_BIAS2=True, TWO_MODELS=True),
+            _logits_grad(dt, False, **every),
+            _dense_partials(dt, HAS_REF=True, TEACHER_KL=True),  # ExOPD's, hot as it is
+            _dense_grad(dt),
+        ]
     # The paths training runs, for the spill check: the student's forward and backward
     # (no bias, no entropy), teacher + reference scoring, the dense loss at lam = 1 (the
     # all-features variants above are ExOPD's). fp16 compiles to the same code as bf16.
+    plain = dict(HAS_BIAS=False, WITH_ENTROPY=False)
     for dt in ("bfloat16", "float32"):
-        x = TRITON_DTYPE[dt]
-        prec = "tf32x3" if dt == "float32" else "ieee"
-        dz = "fp32" if dt == "float32" else "bf16"
-        plain = dict(HAS_BIAS=False, WITH_ENTROPY=False, DOT_PRECISION=prec)
-        for two in (False, True):
-            out.append(KernelVariant(
-                lls, "vocab_partials_kernel", "TILE_CONFIGS", tile, dt,
-                {"h_ptr": x, "w_ptr": x, "b_ptr": x, "h2_ptr": x, "w2_ptr": x, "b2_ptr": x, "y_ptr": "i64",
-                 "m_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "fp32", "zy_ptr": "fp32"},
-                dict(plain, HAS_BIAS2=False, TWO_MODELS=two), floats=("inv_temp",), hot=True,
-            ))  # fmt: skip
-        out.append(KernelVariant(
-            lls, "logits_grad_kernel", "TILE_CONFIGS", tile, dt,
-            {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64", "lse_ptr": "fp32", "ent_ptr": "fp32",
-             "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": dz},
-            dict(plain, GROUP_M=8), floats=("inv_temp",), hot=True,
-        ))  # fmt: skip
-        heads = {f"{p}_ptr": x for p in ("hs", "ws", "ht", "wt", "hr", "wr")}
-        out.append(KernelVariant(
-            dense, "dense_kl_partials_kernel", "DENSE_CONFIGS", tile, dt,
-            heads | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
-            dict(HAS_REF=False, TEACHER_KL=False, DOT_PRECISION=prec), floats=("inv_temp", "lam"), hot=True,
-        ))  # fmt: skip
+        out += [
+            _forward(dt, True, **plain, HAS_BIAS2=False, TWO_MODELS=False),
+            _forward(dt, True, **plain, HAS_BIAS2=False, TWO_MODELS=True),
+            _logits_grad(dt, True, **plain),
+            _dense_partials(dt, HAS_REF=False, TEACHER_KL=False),
+        ]
     # Backward GEMMs, per row chunk of the logit gradient dZ [rows, V] (rows: 4096 at the
     # launch shape's workspace): dH = dZ @ W, out in the hidden dtype; dW += dZ^T @ H, into
     # a float32 buffer. dZ is bf16 for half-precision models, fp32 for fp32 ones.
