@@ -15,7 +15,7 @@ need 6 (5 against 8 when lam != 1: c then takes a reference GEMM too).
 Costs, as for FoldedTokenLoss: dH and dW are held from the forward to the backward, and
 dW is read and written once per row chunk, so chunks need hundreds of rows: the workspace
 holds 2 full-vocabulary tiles of DENSE_FOLD_ROWS rows, or 3 tiles of 2/3 as many when the
-KL to the teacher is reported too (lam != 1), so that memory does not grow with lam.
+KL to the teacher is reported too (lam != 1 and teacher_kl), so that memory does not grow with lam.
 """
 
 from __future__ import annotations

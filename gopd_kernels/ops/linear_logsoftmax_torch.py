@@ -132,10 +132,9 @@ def forward(
     s = torch.empty_like(m)
     t = torch.empty_like(m) if with_entropy else None
     zy = torch.zeros_like(m)
-    ew = expected_weight
-    if ew is not None:  # sum_v exp(z_v - running max) W_v, and that running max
+    ew = expected_weight  # sum_v exp(z_v - m[k]) W_v over the slices so far; m[k] only grows
+    if ew is not None:
         ew.zero_()
-        running_max = torch.full((rows,), float("-inf"), dtype=acc, device=hidden.device)
     ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
     for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
         w = weight[c0:c1].to(acc)
@@ -145,10 +144,9 @@ def forward(
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             zy[k, r0 + sel] = z[sel, col]
             m_k = z.amax(dim=1)
-            if ew is not None:  # shift by the running max: the slice's sums stay valid partials
-                m_k = torch.maximum(m_k, running_max[r0:r1])
-                ew[r0:r1].mul_(torch.exp(running_max[r0:r1] - m_k)[:, None])
-                running_max[r0:r1] = m_k
+            if ew is not None and k > 0:  # shift by the running max: the sums stay valid partials
+                m_k = torch.maximum(m_k, m[k - 1, r0:r1])
+                ew[r0:r1].mul_(torch.exp(m[k - 1, r0:r1] - m_k)[:, None])
             u = z.sub_(m_k[:, None])
             e = torch.exp(u, out=ws.tile(1, r1 - r0, c1 - c0))
             m[k, r0:r1] = m_k
@@ -159,7 +157,7 @@ def forward(
                 t[k, r0:r1] = e.mul_(u).sum(dim=1)
     logp, lse, entropy = merge_vocab_partials(m, s, t, zy)
     if ew is not None:
-        ew.mul_(torch.exp(running_max - lse)[:, None])  # / sum_v exp(z_v - running max)
+        ew.mul_(torch.exp(m[-1] - lse)[:, None])  # / sum_v exp(z_v - m[-1]), the rows' max
     return logp, lse, entropy
 
 
