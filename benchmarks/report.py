@@ -73,10 +73,11 @@ V_QWEN = 151936  # Qwen2.5/Qwen3, the official runs' vocabulary
 PRESETS = {
     # a smoke run of every op and implementation, ~2 minutes on 2 cores
     "quick": lambda: _grid(list(bops.OPS), [512], [256], [32000], ["float32"]),
-    # the committed CPU report: memory and time against N at Qwen's vocabulary, plus V
+    # the committed CPU report: memory and time against N at Qwen's vocabulary, plus V and D
     "cpu": lambda: (
         _grid(["token_logprobs"], [1024, 2048, 4096, 8192], [1024], [V_QWEN], ["float32"])
         + _grid(["token_logprobs"], [1024], [1024], [32000, 128256, 256000], ["float32"])
+        + _grid(["token_logprobs"], [2048], [512, 2048, 4096], [V_QWEN], ["float32"])
         + _grid(["token_logprobs_fwd", "token_logprobs_frozen_head", "frozen_scoring"], [1024, 4096], [1024],
                 [V_QWEN], ["float32"])
         + _grid(["gopd_loss"], [2048, 8192], [1024], [V_QWEN], ["float32"])
@@ -288,7 +289,7 @@ def markdown(record: dict) -> str:
 
 
 def _series(records: list[dict], key: str) -> dict[tuple, list[dict]]:
-    """Records grouped by every spec field but `key` (n or v), for the groups that vary it."""
+    """Records grouped by every spec field but `key` (n, v or d), for the groups that vary it."""
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         s = rec["spec"]
@@ -304,14 +305,14 @@ OURS_STYLE = {
 
 
 def plot(records: list[dict], folder: Path) -> list[Path]:
-    """Time and peak memory against N (and against V), log scales, one line per implementation."""
+    """Time and peak memory against N (and against V, D), log scales, one line per implementation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for key, label in (("n", "tokens N"), ("v", "vocabulary V")):
+    for key, label in (("n", "tokens N"), ("v", "vocabulary V"), ("d", "hidden size D")):
         for group, recs in _series(records, key).items():
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
             impls = dict.fromkeys(name for r in recs for name in r["impls"])

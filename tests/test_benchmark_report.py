@@ -51,3 +51,18 @@ def test_cuda_records_set_tflops_against_the_measured_gemm_rate():
     rec["spec"]["dtype"] = "bfloat16"
     assert {r["impl"]: r for r in summarize(rec)}["gopd"]["of_peak"] == pytest.approx(0.01)
     assert "| of GEMM peak |" in markdown(rec) and "| 1% |" in markdown(rec)
+
+
+def test_series_group_the_records_that_vary_one_field():
+    from benchmarks.report import _series
+
+    def rec(n, d, v):
+        return {"spec": {"op": "token_logprobs", "n": n, "d": d, "v": v, "dtype": "float32"}}
+
+    recs = [rec(2048, 4096, 7), rec(1024, 1024, 7), rec(2048, 512, 7), rec(2048, 1024, 7), rec(1024, 1024, 5)]
+    by_d = _series(recs, "d")
+    assert list(by_d) == [(("op", "token_logprobs"), ("dtype", "float32"), ("n", 2048), ("v", 7))]
+    assert [r["spec"]["d"] for r in next(iter(by_d.values()))] == [512, 1024, 4096]  # sorted by D
+    assert [r["spec"]["n"] for r in _series(recs, "n")[(("op", "token_logprobs"), ("dtype", "float32"),
+                                                       ("d", 1024), ("v", 7))]] == [1024, 2048]  # fmt: skip
+    assert [r["spec"]["v"] for r in next(iter(_series(recs, "v").values()))] == [5, 7]
