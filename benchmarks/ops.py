@@ -8,7 +8,8 @@ same quantity from the same inputs, so outputs and gradients are compared across
     naive          the materialising reference a user would write (gopd_kernels.reference)
     torch-compile  torch.compile of that same function
     gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
-    gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs; the losses fold their gradient)
+    gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 operands with fp32 results;
+                   the losses fold their gradient)
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
@@ -328,13 +329,19 @@ def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor
     return out.detach(), h.grad, w.grad
 
 
-def float64_errors(op: Op, impl: Impl, x: dict) -> dict[str, float]:
-    """Relative max errors of ``impl`` on inputs ``x`` against the float64 naive reference."""
-    got = run_impl(op, impl, with_leaves(x, op))
+def float64_reference(op: Op, x: dict) -> tuple:
+    """naive in float64 on the values of ``x`` (already rounded to its dtype): (output, dH, dW).
+
+    Computed once per shape: at D = 4096, V = 151936 its inputs, leaves and dW are 5 GB each.
+    """
     to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     x64 = {k: tuple(map(to64, t)) if isinstance(t, tuple) else to64(t) for k, t in x.items()}
-    want = run_impl(op, op.impls["naive"], with_leaves(x64, op))
-    return errors(op, got, want)
+    return run_impl(op, op.impls["naive"], with_leaves(x64, op))
+
+
+def float64_errors(op: Op, impl: Impl, x: dict, want: tuple) -> dict[str, float]:
+    """Relative max errors of ``impl`` on inputs ``x`` against ``want = float64_reference(op, x)``."""
+    return errors(op, run_impl(op, impl, with_leaves(x, op)), want)
 
 
 def errors(op: Op, got: tuple, want: tuple) -> dict[str, float]:

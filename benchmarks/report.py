@@ -200,6 +200,7 @@ def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, 
               "impls": {}}  # fmt: skip
     print(f"{spec.name}: {op.description}", flush=True)
     small = bops.make_inputs(op, CHECK_N, spec.d, spec.v, dtype, device, seed=1)
+    want = bops.float64_reference(op, small)
     timed = []
     for name, impl in op.impls.items():
         if wanted and name not in wanted and name != "naive":
@@ -208,7 +209,7 @@ def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, 
         why = impl.unavailable(device)
         if why is None:
             try:
-                entry["check_vs_float64"] = bops.float64_errors(op, impl, small)
+                entry["check_vs_float64"] = bops.float64_errors(op, impl, small, want)
             except Exception as e:  # a peer that fails on a supported input is a result, not a crash
                 why = f"failed: {type(e).__name__}: {str(e)[:200]}"
         if why is None and max(entry["check_vs_float64"].values()) > bops.tolerance(dtype):
@@ -218,6 +219,7 @@ def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, 
             print(f"    {name:14s} skipped: {why}")
         else:
             timed.append(name)
+    del small, want
     measure = measure_cuda if device == "cuda" else measure_cpu
     runs, kept = measure(spec, timed, rounds, repeats)
     for name in timed:
