@@ -8,8 +8,9 @@
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #       liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 # Then one device `run` per part, each with carry [".whl"]:
-#   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton tests compiled, quick report
+#   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton and CUDA tests, quick report
 #   bash benchmarks/gpu_session.sh token   # --preset gpu: token_logprobs, token_logprobs_fwd
+#   bash benchmarks/gpu_session.sh frozen  # --preset gpu: token_logprobs_frozen_head
 #   bash benchmarks/gpu_session.sh loss    # --preset gpu: gopd_loss, frozen_scoring
 #   bash benchmarks/gpu_session.sh dense   # --preset gpu: gopd_dense_loss, gopd_dense_loss_exopd
 # Each part leaves log.txt and results.tar.gz under $OUT (the tool brings back 8 files at
@@ -19,7 +20,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|token|loss|dense}
+part=${1:?usage: gpu_session.sh check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -44,15 +45,17 @@ check)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     python3 -m benchmarks.ceilings || status=1
-    # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there
-    timeout 240 python3 -m pytest -q -x -m triton tests/kernels || status=1
+    # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there; the
+    # cuda tests check the torch backend's bf16 cuBLAS GEMMs (matmul_torch)
+    timeout 240 python3 -m pytest -q -x -m "triton or cuda" tests/kernels || status=1
     timeout 200 python3 -m benchmarks.report --preset quick --no-save || status=1  # every CUDA path once
     (exit $status)
     ;;
 token) report token_logprobs,token_logprobs_fwd ;;
+frozen) report token_logprobs_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: check, token, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

@@ -25,9 +25,9 @@ from gopd_kernels.ops.linear_logsoftmax_torch import (
     _chunks,
     _logits_tile,
     accumulate_head_grads,
-    compute_dtype,
     tile_shape,
 )
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
 from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
 
 Head = tuple[torch.Tensor, torch.Tensor]
@@ -36,9 +36,9 @@ Head = tuple[torch.Tensor, torch.Tensor]
 def _target_tile(out, teacher: Head, ref: Head | None, lam: float, inv_temp: float) -> torch.Tensor:
     """out <- c = (lam z_T + (1 - lam) z_R) / tau; heads already sliced to the tile."""
     (ht, wt) = teacher
-    out.addmm_(ht, wt.T, beta=0, alpha=(lam if ref is not None else 1.0) * inv_temp)
+    mm_into(out, ht, wt.T, alpha=(lam if ref is not None else 1.0) * inv_temp)
     if ref is not None and lam != 1.0:
-        out.addmm_(ref[0], ref[1].T, alpha=(1.0 - lam) * inv_temp)
+        mm_add(out, ref[0], ref[1].T, alpha=(1.0 - lam) * inv_temp)
     return out
 
 
@@ -48,8 +48,8 @@ def _lse_partials(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor,
     return m, torch.sub(z, m[:, None], out=scratch).exp_().sum(dim=1)
 
 
-def _tile_heads(heads, r0, r1, c0, c1, acc):
-    return [None if hd is None else (hd[0][r0:r1], hd[1][c0:c1].to(acc)) for hd in heads]
+def _tile_heads(heads, r0, r1, c0, c1):
+    return [None if hd is None else (hd[0][r0:r1], operand(hd[1][c0:c1])) for hd in heads]
 
 
 def forward(
@@ -66,7 +66,7 @@ def forward(
     acc = compute_dtype(student[0].dtype)
     live = 4 if with_teacher_kl else 3
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, live)
-    heads = [None if hd is None else (hd[0].to(acc), hd[1]) for hd in (student, teacher, ref)]
+    heads = [None if hd is None else (operand(hd[0]), hd[1]) for hd in (student, teacher, ref)]
     n_slices = -(-vocab // vocab_chunk)
     new = lambda: torch.empty(n_slices, rows, dtype=acc, device=student[0].device)
     ma, sa, u, mc, sc = new(), new(), new(), new(), new()
@@ -74,7 +74,7 @@ def forward(
     buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=live)
     for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
         for r0, r1 in _chunks(rows, row_chunk):
-            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1, acc)
+            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
             tiles = buf.tiles(r1 - r0, c1 - c0)
             a = _logits_tile(tiles[0], hs, ws, inv_temp, None)
             if with_teacher_kl:  # the teacher's own logits first, then c from them
@@ -82,7 +82,7 @@ def forward(
                 mt[k, r0:r1], st[k, r0:r1] = _lse_partials(zt, tiles[2])
                 c = torch.mul(zt, lam, out=tiles[1])
                 if lam != 1.0:
-                    c.addmm_(rf[0], rf[1].T, alpha=(1.0 - lam) * inv_temp)
+                    mm_add(c, rf[0], rf[1].T, alpha=(1.0 - lam) * inv_temp)
             else:
                 c = _target_tile(tiles[1], tch, rf, lam, inv_temp)
             mc[k, r0:r1], sc[k, r0:r1] = _lse_partials(c, tiles[2])
@@ -113,14 +113,14 @@ def backward(
     vocab = student[1].shape[0]
     acc = compute_dtype(student[0].dtype)
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, 3)
-    heads = [None if hd is None else (hd[0].to(acc), hd[1]) for hd in (student, teacher, ref)]
+    heads = [None if hd is None else (operand(hd[0]), hd[1]) for hd in (student, teacher, ref)]
     g = grad_kl.to(acc) * inv_temp  # d/d(raw logits) = d/da / tau
     dh = torch.zeros(rows, dim, dtype=acc, device=student[0].device) if need_dh else None
     dw = torch.empty(vocab, dim, dtype=acc, device=student[0].device) if need_dw else None
     buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=3)
     for c0, c1 in _chunks(vocab, vocab_chunk):
         for r0, r1 in _chunks(rows, row_chunk):
-            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1, acc)
+            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
             tiles = buf.tiles(r1 - r0, c1 - c0)
             log_p = _logits_tile(tiles[0], hs, ws, inv_temp, None, lse_a[r0:r1])
             log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])

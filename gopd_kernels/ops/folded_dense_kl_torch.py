@@ -24,7 +24,8 @@ import torch
 
 from gopd_kernels.ops.dense_kl_torch import _lse_partials, _target_tile
 from gopd_kernels.ops.folded_loss_torch import fold_rows, save_folded_grads, scale_saved_grads
-from gopd_kernels.ops.linear_logsoftmax_torch import _logits_tile, compute_dtype
+from gopd_kernels.ops.linear_logsoftmax_torch import _logits_tile
+from gopd_kernels.ops.matmul_torch import compute_dtype, like_operand, mm_add, mm_into, operand
 
 # Measured at N = 1024, D = 1024, V = 151936 fp32 on the 2-core CPU, lam = 1 (s per call):
 # 128 rows 15.3-16.0, 256 rows 12.7-14.5, 512 rows 11.8-14.0; 256 rows keep the tiles at 297 MiB.
@@ -50,7 +51,7 @@ class FoldedDenseKL(torch.autograd.Function):
         rows, vocab = hs.shape[0], ws.shape[0]
         acc = compute_dtype(hs.dtype)
         like = dict(dtype=acc, device=hs.device)
-        up = lambda t: None if t is None else t.to(acc)
+        up = lambda t: None if t is None else operand(t)
         hs_, ws_, ht_, wt_, hr_, wr_ = (up(t) for t in (hs, ws, ht, wt, hr, wr))
         live = 3 if with_teacher_kl else 2
         chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
@@ -69,7 +70,7 @@ class FoldedDenseKL(torch.autograd.Function):
                 lse_t = _lse(_logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
                 torch.mul(zt, lam, out=c)
                 if hr_ is not None:
-                    c.addmm_(hr_[r0:r1], wr_.T, alpha=(1.0 - lam) * inv_temp)
+                    mm_add(c, hr_[r0:r1], wr_.T, alpha=(1.0 - lam) * inv_temp)
             else:
                 _target_tile(c, (ht_[r0:r1], wt_), None if hr_ is None else (hr_[r0:r1], wr_), lam, inv_temp)
             lse_c = _lse(c, a)
@@ -88,10 +89,11 @@ class FoldedDenseKL(torch.autograd.Function):
             if dh is None and dw is None:
                 continue
             dz = diff.addcmul_(e, -u[:, None]).mul_((coef[r0:r1] / s_a)[:, None])  # e (a - c - u) coef / s_a
+            dz = like_operand(dz, ws_)
             if dh is not None:
-                torch.mm(dz, ws_, out=dh[r0:r1])
+                mm_into(dh[r0:r1], dz, ws_)
             if dw is not None:
-                dw.addmm_(dz.T, hs_[r0:r1])
+                mm_add(dw, dz.T, hs_[r0:r1])
         save_folded_grads(ctx, dh, dw, hs, ws)
         ctx.mark_non_differentiable(kl, *(() if kl_t is None else (kl_t,)))
         loss = (kl * weights).sum()

@@ -14,8 +14,8 @@ scalar upstream gradient.
 Costs: dH and dW are held from the forward to the backward (they are what the backward
 returns); dW is read and written once per row chunk, so a chunk needs hundreds of rows to
 keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS rows).
-Half-precision inputs are upcast to one fp32 copy of W for the whole pass; dH and dW are
-accumulated in fp32 and rounded once.
+GEMM operands are the inputs upcast to fp32 (one copy of W for the whole pass), or bf16 as
+they are on CUDA (matmul_torch); dH and dW are accumulated in fp32 and rounded once.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from gopd_kernels.backend import workspace_bytes
-from gopd_kernels.ops.linear_logsoftmax_torch import compute_dtype
+from gopd_kernels.ops.matmul_torch import compute_dtype, like_operand, mm_add, mm_into, operand
 
 FOLD_ROWS = 512  # rows per chunk unless GOPD_WORKSPACE_MB says otherwise (measured: 110 rows gain nothing)
 
@@ -67,7 +67,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         rows, dim = hidden.shape
         vocab = weight.shape[0]
         acc = compute_dtype(hidden.dtype)
-        h, w = hidden.to(acc), weight.to(acc)
+        h, w = operand(hidden), operand(weight)
         chunk = fold_rows(ws_bytes, rows, vocab, acc)
         buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
         dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
@@ -77,9 +77,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
             y = targets[r0:r1, None]
-            z = torch.mm(h[r0:r1], w.T, out=buf[: (r1 - r0) * vocab].view(r1 - r0, vocab))
-            if inv_temp != 1.0:
-                z.mul_(inv_temp)
+            z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
             z_y = z.gather(1, y).squeeze(1)
             m = z.amax(dim=1)
             e = z.sub_(m[:, None]).exp_()  # in place: the tile now holds exp(z - m)
@@ -95,10 +93,11 @@ class FoldedTokenLoss(torch.autograd.Function):
             (c,) = torch.autograd.grad(part, s_leaf)
             c = c * inv_temp  # through z = raw logits * inv_temp
             dz = e.mul_((-c / sum_e)[:, None]).scatter_add_(1, y, c[:, None])  # c (1[v = y] - p)
+            dz = like_operand(dz, w)
             if dh is not None:
-                torch.mm(dz, w, out=dh[r0:r1])
+                mm_into(dh[r0:r1], dz, w)
             if dw is not None:
-                dw.addmm_(dz.T, h[r0:r1])
+                mm_add(dw, dz.T, h[r0:r1])
         save_folded_grads(ctx, dh, dw, hidden, weight)
         ctx.mark_non_differentiable(logp)
         return loss, logp

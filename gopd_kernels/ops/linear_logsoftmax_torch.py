@@ -2,7 +2,8 @@
 
 Logits z = (h W^T + b) / tau are only ever built one [row chunk, vocab chunk] tile at a
 time, in float32, inside a fixed workspace budget; the loop runs vocabulary chunks outside
-and row chunks inside so that each slice of W is read (and upcast) once.
+and row chunks inside so that each slice of W is read (and upcast, where the GEMMs need
+it: matmul_torch) once.
 
 Forward: per-slice log-softmax partials (see vocab_partials) merged into logp, lse and
 entropy. Backward: each tile is recomputed and turned into dL/dz,
@@ -25,12 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from gopd_kernels.ops.matmul_torch import compute_dtype, like_operand, mm_add, mm_into, operand
 from gopd_kernels.ops.vocab_partials import merge_vocab_partials
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
 
 ROWS_PER_TILE = 4096  # rows of a tile when the budget allows; more rows, fewer re-reads of W
 LIVE_TILES = 2  # tile-sized tensors alive at once (logits and their exp / probabilities)
@@ -77,7 +74,7 @@ def _logits_tile(
     row_shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out <- (h @ w.T) * inv_temp + col_bias - row_shift[:, None]."""
-    out.addmm_(h, w.T, beta=0, alpha=inv_temp)  # beta = 0: the old contents are ignored
+    mm_into(out, h, w.T, alpha=inv_temp)
     if col_bias is not None:
         out.add_(col_bias)
     if row_shift is not None:
@@ -100,13 +97,11 @@ def accumulate_head_grads(dz, h, w, dh, dw, rows: tuple[int, int], cols: tuple[i
     """From one tile's dL/dz: dh[rows] += dz @ w; dw[cols] = dz^T @ h on the first row chunk,
     += after (each vocabulary chunk's dW is complete after its row chunks, written in place)."""
     (r0, r1), (c0, c1) = rows, cols
+    dz = like_operand(dz, w)
     if dh is not None:
-        dh[r0:r1].addmm_(dz, w)
+        mm_add(dh[r0:r1], dz, w)
     if dw is not None:
-        if r0 == 0:
-            torch.mm(dz.T, h, out=dw[c0:c1])
-        else:
-            dw[c0:c1].addmm_(dz.T, h)
+        (mm_into if r0 == 0 else mm_add)(dw[c0:c1], dz.T, h)
 
 
 def forward(
@@ -127,7 +122,7 @@ def forward(
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
     n_slices = -(-vocab // vocab_chunk)
     acc = compute_dtype(hidden.dtype)
-    h = hidden.to(acc)
+    h = operand(hidden)
     m = torch.empty(n_slices, rows, dtype=acc, device=hidden.device)
     s = torch.empty_like(m)
     t = torch.empty_like(m) if with_entropy else None
@@ -137,7 +132,7 @@ def forward(
         ew.zero_()
     ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
     for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
-        w = weight[c0:c1].to(acc)
+        w = operand(weight[c0:c1])
         b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
         for r0, r1 in _chunks(rows, row_chunk):
             z = _logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b)
@@ -152,7 +147,7 @@ def forward(
             m[k, r0:r1] = m_k
             s[k, r0:r1] = e.sum(dim=1)
             if ew is not None:
-                ew[r0:r1].addmm_(e, w)
+                mm_add(ew[r0:r1], like_operand(e, w), w)
             if t is not None:
                 t[k, r0:r1] = e.mul_(u).sum(dim=1)
     logp, lse, entropy = merge_vocab_partials(m, s, t, zy)
@@ -193,7 +188,7 @@ def backward(
     vocab = weight.shape[0]
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
     acc = compute_dtype(hidden.dtype)
-    h = hidden.to(acc)
+    h = operand(hidden)
     # dz/d(raw logits) = dz/dz_scaled * inv_temp: fold it into the per-token upstream grads.
     g_l = grad_logp.to(acc) * inv_temp
     g_e = grad_entropy.to(acc) * inv_temp if grad_entropy is not None else None
@@ -203,7 +198,7 @@ def backward(
     db = torch.zeros(vocab, **like) if need_db else None
     ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
     for c0, c1 in _chunks(vocab, vocab_chunk):
-        w = weight[c0:c1].to(acc)
+        w = operand(weight[c0:c1])
         b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
         for r0, r1 in _chunks(rows, row_chunk):
             u = _logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, lse[r0:r1])  # log p

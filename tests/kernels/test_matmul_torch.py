@@ -1,0 +1,181 @@
+"""The torch backend's GEMM operands (matmul_torch): bf16 with float32 results where torch
+has such GEMMs (CUDA), upcast elsewhere.
+
+This CPU's torch has none, so the native path runs here with the GEMM emulated exactly as
+cuBLAS computes it: bf16 operands, products and sums in fp32 (bf16 x bf16 is exact in fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from gopd_kernels import frozen_logprobs, gopd_dense_loss, gopd_loss, token_logprobs, token_logprobs_reference
+from gopd_kernels.ops import matmul_torch
+from gopd_kernels.reference import gopd_dense_loss_reference, gopd_loss_reference
+from tests.kernels.helpers import GRAD_REL, VALUE_ATOL, make_inputs, rel_err
+from tests.kernels.test_dense_kl import compare as compare_dense
+from tests.kernels.test_dense_kl import heads
+from tests.kernels.test_losses import batch, run_loss
+from tests.kernels.test_token_logprobs import SHAPES, check_against_reference
+
+CPU = torch.device("cpu")
+
+
+def emulated_mm(a, b, out=None):
+    """What cuBLAS computes for bf16 operands and a float32 result."""
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+@pytest.fixture
+def fresh_probe():
+    matmul_torch.native_bf16_gemm.cache_clear()
+    yield
+    matmul_torch.native_bf16_gemm.cache_clear()  # the next test probes the real torch again
+
+
+@pytest.fixture
+def native_gemms(monkeypatch, fresh_probe):
+    """bf16 x bf16 -> fp32 GEMMs on the CPU, emulated; records the operands' dtypes."""
+    seen = []
+
+    def emulated(a, b, out=None):
+        seen.append((a.dtype, b.dtype))
+        return emulated_mm(a, b, out)
+
+    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", emulated)
+    return seen
+
+
+def test_cpu_torch_has_no_fp32_result_gemm_and_says_so(fresh_probe, caplog):
+    with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
+        assert not matmul_torch.native_bf16_gemm(CPU)
+    assert "no bf16 GEMM with a float32 result" in caplog.text and "upcast" in caplog.text
+    assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_probe_refuses_a_gemm_that_rounds_its_result(monkeypatch, fresh_probe, caplog):
+    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", lambda a, b, out=None: torch.mm(a, b).float())
+    with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
+        assert not matmul_torch.native_bf16_gemm(CPU)
+    assert "16.25 for 16.2509765625" in caplog.text
+
+
+def test_probe_accepts_an_exact_gemm_and_only_bf16_stays_bf16(native_gemms):
+    assert matmul_torch.native_bf16_gemm(CPU)
+    assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.float16)).dtype == torch.float32  # dz underflow
+    assert matmul_torch.operand(torch.ones(2, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_mm_into_and_add_scale_and_accumulate_in_fp32(native_gemms, alpha):
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(5, 7, generator=g).bfloat16() for _ in range(2))
+    want = alpha * a.double() @ b.double().T
+    out = torch.full((5, 5), float("nan"))  # mm_into ignores the old contents
+    matmul_torch.mm_into(out, a, b.T, alpha=alpha)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-6)
+    matmul_torch.mm_add(out, a, b.T, alpha=alpha)
+    torch.testing.assert_close(out.double(), 2 * want, rtol=1e-6, atol=1e-6)
+    assert set(native_gemms) == {(torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_token_logprobs_native_bf16_matches_reference(native_gemms, shape, monkeypatch):
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", "0.002")  # many row and vocabulary chunks
+    check_against_reference(
+        "torch", CPU, *shape, torch.bfloat16, temperature=0.7, entropy=True, bias=True, ignore_frac=0.3
+    )
+    assert native_gemms and set(native_gemms) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_native_forward_keeps_fp32_logits(monkeypatch, fresh_probe):
+    """bf16 operands are exact in the GEMM: the native log-probs equal the upcast path's to fp32
+    rounding, where logits rounded to bf16 (|z| ~ 6 here) would be off by ~1e-2."""
+    hidden, weight, bias, targets = make_inputs(33, 64, 1031, torch.bfloat16, bias=True, seed=2, scale=3.0)
+    upcast = token_logprobs(hidden, weight, targets, bias=bias, backend="torch")  # this CPU: upcast
+    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", emulated_mm)
+    matmul_torch.native_bf16_gemm.cache_clear()
+    native = token_logprobs(hidden, weight, targets, bias=bias, backend="torch")
+    assert (native - upcast).abs().max() <= 2e-5
+
+
+def test_frozen_head_native_bf16(native_gemms, monkeypatch):
+    """E_p[W] accumulated from bf16 probabilities and W, dH by the gather."""
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", "0.002")
+    hidden, weight, bias, targets = make_inputs(130, 17, 97, torch.bfloat16, bias=True, ignore_frac=0.3)
+    upstream = torch.randn(130, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    h = hidden.clone().requires_grad_()
+    (token_logprobs(h, weight, targets, bias=bias, backend="torch").double() * upstream).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    ref = token_logprobs_reference(h64, weight.double(), targets, bias=bias.double())
+    (ref * upstream).sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and rel_err(h.grad, h64.grad) <= GRAD_REL[torch.bfloat16]
+    assert set(native_gemms) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_folded_gopd_loss_native_bf16(native_gemms, monkeypatch):
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))  # chunks of 3 rows
+    data = batch(b=3, t=8, d=17, v=211, seed=5)
+    data["ref_used"] = data["ref"]
+    loss, dh, dw, _ = run_loss(lambda *a, **k: gopd_loss(*a, backend="torch", **k), data, torch.bfloat16,
+                               lam=1.25, temperature=0.8)  # fmt: skip
+    data64 = {**data, "hidden": data["hidden"].bfloat16(), "weight": data["weight"].bfloat16()}
+    ref_loss, ref_dh, ref_dw, _ = run_loss(
+        gopd_loss_reference, data64, torch.float64, lam=1.25, temperature=0.8
+    )
+    torch.testing.assert_close(loss.double(), ref_loss, atol=VALUE_ATOL[torch.bfloat16], rtol=1e-3)
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    assert rel_err(dh, ref_dh) <= GRAD_REL[torch.bfloat16] and rel_err(dw, ref_dw) <= GRAD_REL[torch.bfloat16]
+    assert set(native_gemms) == {(torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("lam", [1.0, 1.25])
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "streaming"])
+def test_dense_loss_native_bf16(native_gemms, monkeypatch, lam, folded):
+    """Folded (with gradients) and the streaming forward (without)."""
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(6 * 211 * 4 / 2**20))
+    if folded:
+        compare_dense("torch", "cpu", lam, dtype=torch.bfloat16)
+    else:
+        heads_bf16 = [t for head in heads(dtype=torch.bfloat16) for t in head]
+        with torch.no_grad():
+            _, stats = gopd_dense_loss(*heads_bf16, lam=lam, backend="torch")
+        _, ref_kl = gopd_dense_loss_reference(*(t.double() for t in heads_bf16), lam=lam)
+        torch.testing.assert_close(stats["kl"].double(), ref_kl.mean(), atol=1e-4, rtol=1e-4)
+    assert native_gemms and set(native_gemms) == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_frozen_scoring_native_bf16(native_gemms):
+    th, tw, _, y = make_inputs(41, 24, 211, torch.bfloat16, bias=False, seed=1)
+    rh, rw, _, _ = make_inputs(41, 16, 211, torch.bfloat16, bias=False, seed=2)
+    scores = frozen_logprobs(th, tw, y, rh, rw, temperature=0.9, backend="torch")
+    for got, (h, w) in ((scores.teacher_logp, (th, tw)), (scores.ref_logp, (rh, rw))):
+        want = token_logprobs_reference(h.double(), w.double(), y, temperature=0.9)
+        torch.testing.assert_close(got.double(), want, atol=VALUE_ATOL[torch.bfloat16], rtol=0)
+    assert set(native_gemms) == {(torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real bf16 -> fp32 cuBLAS GEMM")
+def test_cuda_runs_native_bf16_gemms(fresh_probe):
+    """On a GPU (torch >= 2.8) the probe finds cuBLAS's fp32-result GEMM and the ops are right with it."""
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    assert matmul_torch.native_bf16_gemm(cuda), f"torch {torch.__version__} has no mm(out_dtype=float32)"
+    check_against_reference(
+        "torch",
+        cuda,
+        130,
+        64,
+        1031,
+        torch.bfloat16,
+        temperature=0.7,
+        entropy=True,
+        bias=True,
+        ignore_frac=0.3,
+    )
+    compare_dense("torch", "cuda", 1.25, dtype=torch.bfloat16)
