@@ -94,11 +94,13 @@ def _per_token(x: dict, t: torch.Tensor) -> torch.Tensor:
     return t.to(x["device"], torch.float32)  # per-token values stay fp32, as a trainer holds them
 
 
-def with_leaves(x: dict, op: Op) -> dict:
+def with_leaves(x: dict, op: Op, copy: bool = True) -> dict:
     """x plus leaf copies "h", "w" of the student's hidden states and head, for run_impl; they
-    need gradients when the op has a backward, the head not when the op freezes it."""
-    h = x["hidden"].detach().clone().requires_grad_(op.backward)
-    w = x["weight"].detach().clone().requires_grad_(op.backward and not op.frozen_head)
+    need gradients when the op has a backward, the head not when the op freezes it. With
+    copy=False the leaves share x's storage (for an x made for one call)."""
+    leaf = (lambda t: t.detach().clone()) if copy else (lambda t: t.detach())
+    h = leaf(x["hidden"]).requires_grad_(op.backward)
+    w = leaf(x["weight"]).requires_grad_(op.backward and not op.frozen_head)
     return {**x, "h": h, "w": w}
 
 
@@ -332,11 +334,12 @@ def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor
 def float64_reference(op: Op, x: dict) -> tuple:
     """naive in float64 on the values of ``x`` (already rounded to its dtype): (output, dH, dW).
 
-    Computed once per shape: at D = 4096, V = 151936 its inputs, leaves and dW are 5 GB each.
+    Computed once per shape, on leaves that are the float64 copies themselves: at D = 4096,
+    V = 151936 the head and its gradient are 5 GB each in float64.
     """
     to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     x64 = {k: tuple(map(to64, t)) if isinstance(t, tuple) else to64(t) for k, t in x.items()}
-    return run_impl(op, op.impls["naive"], with_leaves(x64, op))
+    return run_impl(op, op.impls["naive"], with_leaves(x64, op, copy=False))
 
 
 def float64_errors(op: Op, impl: Impl, x: dict, want: tuple) -> dict[str, float]:

@@ -1,10 +1,13 @@
-"""The benchmark report's arithmetic: medians, ratios to naive and to the best peer."""
+"""The benchmark report's arithmetic (medians, ratios to naive and to the best peer), its
+grouping for plots, and the float64 check every implementation passes before it is timed."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from benchmarks.report import markdown, summarize
+from benchmarks import ops as bops
+from benchmarks.report import _series, markdown, summarize
 
 
 def record(impls: dict) -> dict:
@@ -54,8 +57,6 @@ def test_cuda_records_set_tflops_against_the_measured_gemm_rate():
 
 
 def test_series_group_the_records_that_vary_one_field():
-    from benchmarks.report import _series
-
     def rec(n, d, v):
         return {"spec": {"op": "token_logprobs", "n": n, "d": d, "v": v, "dtype": "float32"}}
 
@@ -66,3 +67,15 @@ def test_series_group_the_records_that_vary_one_field():
     assert [r["spec"]["n"] for r in _series(recs, "n")[(("op", "token_logprobs"), ("dtype", "float32"),
                                                        ("d", 1024), ("v", 7))]] == [1024, 2048]  # fmt: skip
     assert [r["spec"]["v"] for r in next(iter(_series(recs, "v").values()))] == [5, 7]
+
+
+def test_float64_check_passes_gopd_and_catches_a_wrong_implementation():
+    op = bops.OPS["token_logprobs"]
+    small = bops.make_inputs(op, 5, 8, 31, torch.float32, "cpu", seed=1)
+    weight = small["weight"].clone()
+    want = bops.float64_reference(op, small)
+    assert want[0].dtype == want[1].dtype == want[2].dtype == torch.float64
+    assert torch.equal(small["weight"], weight) and small["weight"].grad is None  # inputs untouched
+    assert max(bops.float64_errors(op, op.impls["gopd"], small, want).values()) < 1e-5
+    off = bops.Impl("1% off", lambda x: 1.01 * op.impls["naive"].run(x))
+    assert bops.float64_errors(op, off, small, want)["out"] > 5e-3
