@@ -366,13 +366,15 @@ def write_summary(folder: Path) -> Path:
 
 
 def _commit() -> str:
-    """The gopd commit measured, with '+dirty' when the work tree has changes."""
+    """The gopd commit measured, with '+dirty' when the work tree has changes other than the
+    results the report itself writes."""
     import subprocess
 
     run = lambda *a: subprocess.run(
-        ["git", *a], capture_output=True, text=True, cwd=RESULTS_DIR
+        ["git", *a], capture_output=True, text=True, cwd=RESULTS_DIR.parent.parent
     ).stdout.strip()
-    return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain") else "")
+    changes = run("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    return run("rev-parse", "--short", "HEAD") + ("+dirty" if changes else "")
 
 
 def _ints(s: str) -> list[int]:

@@ -3,10 +3,13 @@ grouping for plots, and the float64 check every implementation passes before it 
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
 from benchmarks import ops as bops
+from benchmarks import report
 from benchmarks.report import _series, markdown, summarize
 
 
@@ -79,3 +82,17 @@ def test_float64_check_passes_gopd_and_catches_a_wrong_implementation():
     assert max(bops.float64_errors(op, op.impls["gopd"], small, want).values()) < 1e-5
     off = bops.Impl("1% off", lambda x: 1.01 * op.impls["naive"].run(x))
     assert bops.float64_errors(op, off, small, want)["out"] > 5e-3
+
+
+def test_commit_is_dirty_for_code_changes_not_for_the_reports_own_results(tmp_path, monkeypatch):
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "ops.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "benchmarks" / "results")
+    (tmp_path / "benchmarks" / "results" / "new.json").write_text("{}")
+    assert not report._commit().endswith("+dirty")
+    (tmp_path / "ops.py").write_text("x = 2\n")
+    assert report._commit().endswith("+dirty")
