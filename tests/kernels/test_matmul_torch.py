@@ -24,48 +24,75 @@ from tests.kernels.test_token_logprobs import SHAPES, check_against_reference
 CPU = torch.device("cpu")
 
 
-def emulated_mm(a, b, out=None):
+def emulated_mm(a, b):
     """What cuBLAS computes for bf16 operands and a float32 result."""
-    return torch.mm(a.float(), b.float(), out=out)
+    return torch.mm(a.float(), b.float())
+
+
+def emulated_addmm(out, a, b, beta, alpha):
+    out.addmm_(a.float(), b.float(), beta=beta, alpha=alpha)
 
 
 @pytest.fixture
 def fresh_probe():
-    matmul_torch.native_bf16_gemm.cache_clear()
+    matmul_torch.bf16_gemm_mode.cache_clear()
     yield
-    matmul_torch.native_bf16_gemm.cache_clear()  # the next test probes the real torch again
+    matmul_torch.bf16_gemm_mode.cache_clear()  # the next test probes the real torch again
 
 
-@pytest.fixture
-def native_gemms(monkeypatch, fresh_probe):
-    """bf16 x bf16 -> fp32 GEMMs on the CPU, emulated; records the operands' dtypes."""
+def no_fused_accumulate(out, a, b, beta, alpha):
+    raise RuntimeError("self and mat2 must have the same dtype")  # an older torch's addmm(out_dtype)
+
+
+@pytest.fixture(params=["addmm", "mm"])
+def native_gemms(request, monkeypatch, fresh_probe):
+    """bf16 x bf16 -> fp32 GEMMs on the CPU, emulated, with ("addmm") or without ("mm") the
+    in-place float32 accumulation; records the operands' dtypes."""
     seen = []
 
-    def emulated(a, b, out=None):
+    def mm(a, b):
         seen.append((a.dtype, b.dtype))
-        return emulated_mm(a, b, out)
+        return emulated_mm(a, b)
 
-    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", emulated)
+    def addmm(out, a, b, beta, alpha):
+        seen.append((a.dtype, b.dtype))
+        emulated_addmm(out, a, b, beta, alpha)
+
+    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", mm)
+    monkeypatch.setattr(
+        matmul_torch, "_addmm_fp32_", addmm if request.param == "addmm" else no_fused_accumulate
+    )
+    assert matmul_torch.bf16_gemm_mode(CPU) == request.param
+    seen.clear()  # the probe's own GEMMs
     return seen
 
 
 def test_cpu_torch_has_no_fp32_result_gemm_and_says_so(fresh_probe, caplog):
     with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
-        assert not matmul_torch.native_bf16_gemm(CPU)
+        assert matmul_torch.bf16_gemm_mode(CPU) is None
     assert "no bf16 GEMM with a float32 result" in caplog.text and "upcast" in caplog.text
     assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.bfloat16)).dtype == torch.float32
     assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_probe_refuses_a_gemm_that_rounds_its_result(monkeypatch, fresh_probe, caplog):
-    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", lambda a, b, out=None: torch.mm(a, b).float())
+    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", lambda a, b: torch.mm(a, b).float())
+    ignores_beta = lambda out, a, b, beta, alpha: out.copy_(emulated_mm(a, b)).mul_(alpha)
+    monkeypatch.setattr(matmul_torch, "_addmm_fp32_", ignores_beta)
     with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
-        assert not matmul_torch.native_bf16_gemm(CPU)
+        assert matmul_torch.bf16_gemm_mode(CPU) is None  # the fused one drops beta, the plain one rounds
     assert "16.25 for 16.2509765625" in caplog.text
 
 
-def test_probe_accepts_an_exact_gemm_and_only_bf16_stays_bf16(native_gemms):
-    assert matmul_torch.native_bf16_gemm(CPU)
+def test_probe_says_when_accumulation_takes_a_temporary(monkeypatch, fresh_probe, caplog):
+    monkeypatch.setattr(matmul_torch, "_mm_fp32_out", emulated_mm)
+    monkeypatch.setattr(matmul_torch, "_addmm_fp32_", no_fused_accumulate)
+    with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
+        assert matmul_torch.bf16_gemm_mode(CPU) == "mm"
+    assert "cannot accumulate bf16 GEMMs into float32 in place" in caplog.text
+
+
+def test_only_bf16_stays_bf16_where_native(native_gemms):
     assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.float16)).dtype == torch.float32  # dz underflow
     assert matmul_torch.operand(torch.ones(2, 2)).dtype == torch.float32
@@ -99,7 +126,8 @@ def test_native_forward_keeps_fp32_logits(monkeypatch, fresh_probe):
     hidden, weight, bias, targets = make_inputs(33, 64, 1031, torch.bfloat16, bias=True, seed=2, scale=3.0)
     upcast = token_logprobs(hidden, weight, targets, bias=bias, backend="torch")  # this CPU: upcast
     monkeypatch.setattr(matmul_torch, "_mm_fp32_out", emulated_mm)
-    matmul_torch.native_bf16_gemm.cache_clear()
+    monkeypatch.setattr(matmul_torch, "_addmm_fp32_", emulated_addmm)
+    matmul_torch.bf16_gemm_mode.cache_clear()
     native = token_logprobs(hidden, weight, targets, bias=bias, backend="torch")
     assert (native - upcast).abs().max() <= 2e-5
 
@@ -165,7 +193,9 @@ def test_frozen_scoring_native_bf16(native_gemms):
 def test_cuda_runs_native_bf16_gemms(fresh_probe):
     """On a GPU (torch >= 2.8) the probe finds cuBLAS's fp32-result GEMM and the ops are right with it."""
     cuda = torch.device("cuda", torch.cuda.current_device())
-    assert matmul_torch.native_bf16_gemm(cuda), f"torch {torch.__version__} has no mm(out_dtype=float32)"
+    assert matmul_torch.bf16_gemm_mode(cuda) is not None, (
+        f"torch {torch.__version__}: no mm(out_dtype=float32)"
+    )
     check_against_reference(
         "torch",
         cuda,
