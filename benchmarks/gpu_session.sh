@@ -7,7 +7,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #       liger-kernel==0.8.5 cut-cross-entropy==25.1.1
-# Then one device `run` per part, each with carry [".whl"]:
+# Then one device `run` per part, each with carry [".whl"]. A lease of 15 minutes of device
+# time (the present rule, the machine's start included) fits one call: run `first`.
+#   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (150 s),
+#                                          # then token_logprobs and gopd_loss at N = 16384 bf16
+# With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton and CUDA tests, quick report
 #   bash benchmarks/gpu_session.sh token   # --preset gpu: token_logprobs, token_logprobs_fwd
 #   bash benchmarks/gpu_session.sh frozen  # --preset gpu: token_logprobs_frozen_head
@@ -20,7 +24,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh first|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -39,15 +43,27 @@ report() {  # the gpu preset for some ops, saved under results/<card>/, stopped 
     timeout --signal=INT "$budget" python3 -m benchmarks.report --preset gpu --op "$1"
 }
 
-case $part in
-check)
-    status=0
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
+basics() {  # the card, the versions, its measured ceilings, and the tests on CUDA ($1 seconds)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || return 1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    python3 -m benchmarks.ceilings || status=1
+    python3 -m benchmarks.ceilings || return 1
     # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there; the
     # cuda tests check the torch backend's bf16 cuBLAS GEMMs (matmul_torch)
-    timeout 240 python3 -m pytest -q -x -m "triton or cuda" tests/kernels || status=1
+    timeout "$1" python3 -m pytest -q -x -m "triton or cuda" tests/kernels
+}
+
+case $part in
+first)
+    status=0
+    basics 150 || status=1
+    # the headline shapes, saved as they finish; what is cut short is rerun later with --op
+    timeout --signal=INT 300 python3 -m benchmarks.report --op token_logprobs,gopd_loss \
+        --n 16384 --d 4096 --v 151936 --dtype bfloat16 || status=1
+    (exit $status)
+    ;;
+check)
+    status=0
+    basics 240 || status=1
     timeout 200 python3 -m benchmarks.report --preset quick --no-save || status=1  # every CUDA path once
     (exit $status)
     ;;
@@ -55,7 +71,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: first, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"
