@@ -358,9 +358,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     size of `a` (a dW at D = 4096 is 5 GB in float64)."""
     if not b.numel():
         return 0.0
-    diff = a.to("cpu", torch.float64, copy=True).sub_(b.to("cpu", torch.float64))
-    inf = float("inf")
-    scale, diff = float(torch.linalg.vector_norm(b, inf)), float(torch.linalg.vector_norm(diff, inf))
+    a_minus_b = a.to("cpu", torch.float64, copy=True).sub_(b.to("cpu", torch.float64))
+    max_abs = lambda t: float(torch.linalg.vector_norm(t, float("inf")))  # no |t| temporary
+    diff, scale = max_abs(a_minus_b), max_abs(b)
     return diff / scale if scale else diff
 
 
