@@ -46,6 +46,8 @@ report() {  # the gpu preset for some ops, saved under results/<card>/, stopped 
 basics() {  # the card, the versions, its measured ceilings, and the tests on CUDA ($1 seconds)
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || return 1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    python3 -c "import torch; from gopd_kernels.ops.matmul_torch import bf16_gemm_mode as m
+print('torch backend bf16 GEMMs:', m(torch.device('cuda', 0)))"  # addmm, mm or None (upcast)
     python3 -m benchmarks.ceilings || return 1
     # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there; the
     # cuda tests check the torch backend's bf16 cuBLAS GEMMs (matmul_torch)
