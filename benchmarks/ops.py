@@ -37,7 +37,6 @@ class Impl:
     run: Callable[[dict], torch.Tensor]
     needs: str | None = None  # importable module it needs
     cuda_only: str | None = None  # why it runs on CUDA only
-    compiled: bool = False  # warm up (compile) before measuring
 
     def unavailable(self, device: str) -> str | None:
         if self.cuda_only and device != "cuda":
@@ -141,15 +140,13 @@ def _logprob_impls() -> dict[str, Impl]:
         "naive": Impl("materialised [N, V] logits, log_softmax, gather",
                       lambda x: ref.token_logprobs_reference(*_student(x))),
         "torch-compile": Impl("torch.compile of naive",
-                              lambda x: _compiled(ref.token_logprobs_reference)(*_student(x)),
-                              compiled=True),
+                              lambda x: _compiled(ref.token_logprobs_reference)(*_student(x))),
         **_ours("token_logprobs", lambda x, b: gk.token_logprobs(*_student(x), backend=b)),
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), negated",
                       lambda x: _liger_flce_logp(*_student(x)),
                       needs="liger_kernel", cuda_only=TRITON_ONLY),
         "cce": Impl("cut_cross_entropy.linear_cross_entropy(reduction='none'), negated",
-                    lambda x: _cce_logp(*_student(x)), needs="cut_cross_entropy",
-                    compiled=True),
+                    lambda x: _cce_logp(*_student(x)), needs="cut_cross_entropy"),
     }  # fmt: skip
 
 
@@ -196,13 +193,12 @@ def _loss_impls() -> dict[str, Impl]:
     return {
         "naive": Impl("materialised logits, then the loss (gopd_loss_reference)",
                       lambda x: _naive_gopd_loss(*args(x))),
-        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x)),
-                              compiled=True),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x))),
         **_ours("gopd_loss", lambda x, b: gk.gopd_loss(*args(x), lam=LAM, backend=b)[0]),
         "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
-                      _liger_gopd_loss, needs="liger_kernel", compiled=True),
+                      _liger_gopd_loss, needs="liger_kernel"),
         "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",
-                    _cce_gopd_loss, needs="cut_cross_entropy", compiled=True),
+                    _cce_gopd_loss, needs="cut_cross_entropy"),
     }  # fmt: skip
 
 
@@ -230,11 +226,10 @@ def _dense_impls() -> dict[str, Impl]:
     return {
         "naive": Impl("two materialised [N, V] log-softmaxes (gopd_dense_loss_reference)",
                       lambda x: _naive_dense(*args(x))),
-        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense)(*args(x)),
-                              compiled=True),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense)(*args(x))),
         **_ours("gopd_dense_loss", lambda x, b: gk.gopd_dense_loss(*args(x), backend=b)[0]),
         "liger": Impl("LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0)", _liger_dense,
-                      needs="liger_kernel", compiled=True),
+                      needs="liger_kernel"),
     }  # fmt: skip
 
 
@@ -257,8 +252,7 @@ def _dense_exopd_impls() -> dict[str, Impl]:
     return {
         "naive": Impl("three materialised [N, V] log-softmaxes (gopd_dense_loss_reference)",
                       lambda x: _naive_dense_exopd(*args(x))),
-        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense_exopd)(*args(x)),
-                              compiled=True),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense_exopd)(*args(x))),
         # the loss alone, as naive computes it: no KL-to-teacher statistic
         **_ours("gopd_dense_loss(teacher_kl=False)",
                 lambda x, b: gk.gopd_dense_loss(*args(x), lam=LAM, teacher_kl=False, backend=b)[0]),
@@ -281,13 +275,12 @@ def _scoring_impls() -> dict[str, Impl]:
 
     return {
         "naive": Impl("two materialised [N, V] log-softmaxes", lambda x: _naive_scores(*args(x))),
-        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_scores)(*args(x)),
-                              compiled=True),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_scores)(*args(x))),
         **_ours("frozen_logprobs (one launch for both models on Triton)", ours),
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), once per model",
                       per_model(_liger_flce_logp), needs="liger_kernel", cuda_only=TRITON_ONLY),
         "cce": Impl("linear_cross_entropy(reduction='none'), once per model", per_model(_cce_logp),
-                    needs="cut_cross_entropy", compiled=True),
+                    needs="cut_cross_entropy"),
     }  # fmt: skip
 
 

@@ -11,9 +11,9 @@ disagrees is reported and not timed. Then:
 
 - CPU: each (implementation, round) runs in a fresh process; rounds interleave the
   implementations so that drift in a shared machine's speed favours none of them. Peak memory
-  is the process's peak RSS above its RSS once the inputs exist (torch.compile'd ones are
-  warmed up first and the peak is reset after; glibc's mmap threshold is fixed at 64 KiB so
-  that no allocation reuses freed heap unseen). Times are wall-clock per call.
+  is the process's peak RSS above its RSS once the inputs exist (every implementation is
+  warmed up first, at two small N, and the peak is reset after; glibc's mmap threshold is
+  fixed at 64 KiB so that no allocation reuses freed heap unseen). Times are wall-clock per call.
 - CUDA: in this process; time from triton.testing.do_bench after a warm-up call (compile,
   autotune), memory from torch.cuda.max_memory_allocated above the allocation before the call.
 
@@ -45,7 +45,7 @@ from benchmarks.common import (
 )
 
 CHECK_N = 67  # rows of the float64 correctness check: odd, and more than one tile row on CPU
-WARMUP_NS = (64, 67)  # torch.compile'd implementations: the shapes it compiles for before timing
+WARMUP_NS = (64, 67)  # CPU: the shapes every implementation runs on before it is measured
 DW_ROWS = 512  # rows of dW kept for the comparison with naive at the timed shape
 
 
@@ -111,18 +111,18 @@ def child(spec: Spec, impl_name: str, repeats: int, out_file: Path) -> None:
     x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu")
     call = bops.with_leaves(x, op)
     torch.randn(256, 256) @ torch.randn(256, 256)  # load BLAS and its thread pool before the baseline
-    warmup_s = None
-    if impl.compiled:
-        # Compile outside the measurement, on two small N of the same D and V: the second
-        # makes torch.compile generalise N (its "automatic dynamic" shapes, as in a trainer
-        # whose batches vary), so the timed call does not compile and is not a static-shape
-        # special case.
-        t0 = time.perf_counter()
-        for n in WARMUP_NS:
-            small = bops.make_inputs(op, n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu", seed=2)
-            bops.run_impl(op, impl, bops.with_leaves(small, op))
-        warmup_s = time.perf_counter() - t0
-        del small
+    # Every implementation is warmed up outside the measurement, on two small N of the same D
+    # and V. First calls pay one-time costs that a trainer pays once: lazy imports, BLAS code
+    # pages, allocator set-up, and for torch.compile the compile itself; the second N makes it
+    # generalise N (its "automatic dynamic" shapes, as in a trainer whose batches vary), so the
+    # timed call does not compile and is not a static-shape special case. Measured: a cold first
+    # call of gopd's dense loss at N = 512 had a peak 35 MiB higher than a warmed one.
+    t0 = time.perf_counter()
+    for n in WARMUP_NS:
+        small = bops.make_inputs(op, n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu", seed=2)
+        bops.run_impl(op, impl, bops.with_leaves(small, op))
+    warmup_s = time.perf_counter() - t0
+    del small
     times, kept = [], None
     base = reset_peak_rss()
     for i in range(repeats):
@@ -138,7 +138,7 @@ def child(spec: Spec, impl_name: str, repeats: int, out_file: Path) -> None:
 
 
 # glibc hands blocks below its mmap threshold (dynamic, up to 32 MiB) out of a heap that it
-# keeps after free: a compiled implementation's warm-up leaves such a heap behind, its timed
+# keeps after free: an implementation's warm-up leaves such a heap behind, its timed
 # call reuses it, and its peak RSS came out 3 MiB where it needs 194 (measured). A fixed
 # threshold of 64 KiB maps every tensor fresh and unmaps it on free, for every implementation.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

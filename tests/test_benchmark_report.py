@@ -96,3 +96,15 @@ def test_commit_is_dirty_for_code_changes_not_for_the_reports_own_results(tmp_pa
     assert not report._commit().endswith("+dirty")
     (tmp_path / "ops.py").write_text("x = 2\n")
     assert report._commit().endswith("+dirty")
+
+
+def test_child_warms_up_every_implementation_before_it_resets_the_peak(tmp_path, monkeypatch):
+    events = []
+    monkeypatch.setattr(report, "reset_peak_rss", lambda: events.append("reset") or 0)
+    monkeypatch.setattr(report, "peak_rss_bytes", lambda: 123)
+    real_run = bops.run_impl
+    monkeypatch.setattr(bops, "run_impl", lambda op, impl, x: events.append(x["h"].shape[0]) or real_run(op, impl, x))
+    spec = report.Spec("token_logprobs", 5, 8, 31, "float32")
+    report.child(spec, "naive", repeats=2, out_file=tmp_path / "r.json")  # naive: neither compiled nor ours
+    assert events == [*report.WARMUP_NS, "reset", 5, 5]
+    assert '"peak_bytes": 123' in (tmp_path / "r.json").read_text()
