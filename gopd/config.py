@@ -87,6 +87,11 @@ class TrainConfig:
     rollout_engine: str = _f("hf", "hf (transformers generate) | vllm (colocated, optional extra)")
     offload_frozen: bool = _f(False, "keep teachers and reference on the CPU between uses")
     gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward")
+    freeze_lm_head: bool = _f(
+        False,
+        "keep the student's LM head fixed (and its input embeddings when the two are tied): the loss "
+        "then skips the head's gradient GEMM, and neither the V x D gradient nor its optimizer state exist",
+    )
     liger: bool = _f(False, "apply liger-kernel's model patches to the student (CUDA only)")
     kernel_backend: str = _f("auto", "gopd_kernels backend: auto | triton | torch")
 

@@ -86,8 +86,10 @@ def load_models(cfg: TrainConfig) -> Models:
         reference = load_model(ref_path, dtype, frozen_device, trainable=False)
     models = Models(student, teachers, reference, tokenizer, device, cfg.offload_frozen)
     check_same_vocabulary(models)
+    if cfg.freeze_lm_head:
+        freeze_lm_head(student)
     if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+        enable_checkpointing(student)
     if cfg.liger:
         apply_liger(student)
     return models
@@ -134,6 +136,25 @@ def check_same_vocabulary(models: Models) -> None:
             raise ValueError(
                 f"{name}: LM head has {rows} rows, the student's {vocab}: vocabularies must match"
             )
+
+
+def freeze_lm_head(model: PreTrainedModel) -> None:
+    """Fix the LM head's weight (and bias); tied input embeddings are the same tensor: fixed too."""
+    head = model.get_output_embeddings()
+    head.requires_grad_(False)
+    if head.weight is model.get_input_embeddings().weight:
+        logger.info("freeze_lm_head: the LM head is tied to the input embeddings; both stay fixed")
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing, non-reentrant, whatever the transformers release defaults to:
+    the reentrant form gives the layers no gradient when nothing before them is trainable,
+    as with a frozen tied embedding."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_liger(model: PreTrainedModel) -> None:

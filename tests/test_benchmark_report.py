@@ -103,7 +103,8 @@ def test_child_warms_up_every_implementation_before_it_resets_the_peak(tmp_path,
     monkeypatch.setattr(report, "reset_peak_rss", lambda: events.append("reset") or 0)
     monkeypatch.setattr(report, "peak_rss_bytes", lambda: 123)
     real_run = bops.run_impl
-    monkeypatch.setattr(bops, "run_impl", lambda op, impl, x: events.append(x["h"].shape[0]) or real_run(op, impl, x))
+    run = lambda op, impl, x: events.append(x["h"].shape[0]) or real_run(op, impl, x)
+    monkeypatch.setattr(bops, "run_impl", run)
     spec = report.Spec("token_logprobs", 5, 8, 31, "float32")
     report.child(spec, "naive", repeats=2, out_file=tmp_path / "r.json")  # naive: neither compiled nor ours
     assert events == [*report.WARMUP_NS, "reset", 5, 5]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -63,6 +65,42 @@ def test_micro_batches_add_up_to_the_whole_batch(tiny, tmp_path, objective, loss
         grads.append(stats["grad_norm"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert grads[0] == pytest.approx(grads[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["sampled", "dense"])
+def test_freeze_lm_head_fixes_the_tied_head_and_trains_the_rest(tiny, tmp_path, objective, caplog):
+    grad_norms = []
+    for checkpointing in (False, True):
+        cfg = base_config(tiny, tmp_path, freeze_lm_head=True, gradient_checkpointing=checkpointing,
+                          objective=objective, is_cap=None if objective == "dense" else 5.0)  # fmt: skip
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gopd"):
+            models = load_models(cfg)
+        assert "tied to the input embeddings" in caplog.text  # the tiny Qwen3 ties them, as small Qwen3s do
+        student = models.student
+        layers = [m for m in student.modules() if getattr(m, "gradient_checkpointing", False)]
+        assert bool(layers) == checkpointing
+        # non-reentrant, whatever this transformers release defaults to
+        assert all(m._gradient_checkpointing_func.keywords == {"use_reentrant": False} for m in layers)
+        head = head_weight(student).detach().clone()
+        trainable = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+        optimizer = make_optimizer(student, cfg)
+        assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+            p.numel() for p in trainable.values()
+        )
+        ro = rollouts_for(cfg, models)
+        scores = score_rollouts(models, ro, cfg) if objective == "sampled" else None
+        scheduler = make_scheduler(optimizer, cfg, 3)
+        _, stats, stepped = policy_update(models, ro, scores, optimizer, scheduler, cfg)
+        assert stepped
+        grad_norms.append(stats["grad_norm"])
+        assert torch.equal(head_weight(student), head)
+        # every other tensor moved: with reentrant checkpointing, nothing trainable before the
+        # layers and no input-grad hook, they would get no gradient and stay where they were
+        params = dict(student.named_parameters())
+        moved = [n for n in trainable if not torch.equal(params[n], trainable[n])]
+        assert moved == list(trainable) and len(moved) > 1
+    assert grad_norms[1] == pytest.approx(grad_norms[0], rel=1e-5)  # checkpointing changes no gradient
 
 
 def test_non_finite_loss_skips_the_step(tiny, tmp_path):
