@@ -151,7 +151,7 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     the reentrant form gives the layers no gradient when nothing before them is trainable,
     as with a frozen tied embedding."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers (5.24): the old name warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

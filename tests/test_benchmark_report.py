@@ -106,6 +106,6 @@ def test_child_warms_up_every_implementation_before_it_resets_the_peak(tmp_path,
     run = lambda op, impl, x: events.append(x["h"].shape[0]) or real_run(op, impl, x)
     monkeypatch.setattr(bops, "run_impl", run)
     spec = report.Spec("token_logprobs", 5, 8, 31, "float32")
-    report.child(spec, "naive", repeats=2, out_file=tmp_path / "r.json")  # naive: neither compiled nor ours
+    report.child(spec, "naive", repeats=2, out_file=tmp_path / "r.json")  # eager: once measured cold
     assert events == [*report.WARMUP_NS, "reset", 5, 5]
     assert '"peak_bytes": 123' in (tmp_path / "r.json").read_text()
