@@ -85,6 +85,11 @@ class TrainConfig:
     dtype: str = _f("float32", "float32 | bfloat16 | float16: weights and compute of all models")
     device: str = _f("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
     rollout_engine: str = _f("hf", "hf (transformers generate) | vllm (colocated, optional extra)")
+    vllm_gpu_memory_utilization: float | None = _f(
+        None,
+        "share of the GPU's memory vLLM may take for its weights and KV cache (rollout_engine "
+        "vllm; null = 0.4, leaving the rest to the student, the teachers and the update)",
+    )
     offload_frozen: bool = _f(False, "keep teachers and reference on the CPU between uses")
     gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward")
     freeze_lm_head: bool = _f(
@@ -162,6 +167,13 @@ class TrainConfig:
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
         err.choice(self.dtype, DTYPES, "dtype")
         err.choice(self.rollout_engine, ENGINES, "rollout_engine")
+        share = self.vllm_gpu_memory_utilization
+        if self.rollout_engine == "vllm":
+            err.need(share is None or (_finite(share) and 0 < share < 1), "vllm_gpu_memory_utilization",
+                     "must be in (0, 1) or null")  # fmt: skip
+        else:
+            err.need(self.vllm_gpu_memory_utilization is None, "vllm_gpu_memory_utilization",
+                     "applies to rollout_engine 'vllm' only; leave it null")  # fmt: skip
         err.choice(self.kernel_backend, KERNEL_BACKENDS, "kernel_backend")
         for name in self.loggers:
             err.choice(name, LOGGERS, "loggers")

@@ -2,11 +2,13 @@
 tokens (r_t, for the truncated importance-sampling correction).
 
 Engines: `HFRolloutEngine` (transformers generate; CPU or GPU, batched, left padding) and
-`VLLMRolloutEngine` (colocated vLLM, the optional `vllm` extra; needs CUDA).
+`VLLMRolloutEngine` (colocated vLLM >= 0.10.2, the optional `vllm` extra; needs CUDA).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -23,6 +25,9 @@ from gopd.config import TrainConfig
 from gopd.data import Example
 
 IGNORE = -100
+VLLM_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+VLLM_GPU_MEMORY_UTILIZATION = 0.4  # when the config leaves it null
+logger = logging.getLogger("gopd")
 
 
 @dataclass
@@ -145,24 +150,40 @@ class HFRolloutEngine:
         """Nothing to do: generate() samples from the live student."""
 
 
-class VLLMRolloutEngine:
-    """Colocated vLLM sampling (optional extra `vllm`, CUDA only); weights pushed after each update."""
+def load_vllm(cfg: TrainConfig):
+    """A colocated vLLM `LLM` for the student, its engine in this process (see below)."""
+    try:
+        from vllm import LLM
+    except ImportError as exc:
+        raise ValueError(
+            "rollout_engine='vllm' needs vLLM >= 0.10.2: pip install 'gopd[vllm]' (CUDA machines)"
+        ) from exc
+    if not torch.cuda.is_available():
+        raise ValueError("rollout_engine='vllm' needs a CUDA GPU")
+    # vLLM's V1 engine runs its model in a child process by default, out of the trainer's reach:
+    # the weight sync needs it in this process (as TRL's colocate mode does).
+    user_value = os.environ.get(VLLM_MULTIPROCESSING, "0")
+    if user_value != "0":
+        logger.warning("rollout_engine='vllm': %s=%s overridden to 0 (the weight sync needs the "
+                       "engine in this process)", VLLM_MULTIPROCESSING, user_value)  # fmt: skip
+    os.environ[VLLM_MULTIPROCESSING] = "0"
+    # processed_logprobs: r_t under the sampling distribution (temperature, top-p), not the raw one.
+    return LLM(
+        model=cfg.student, dtype=cfg.dtype, seed=cfg.seed,
+        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or VLLM_GPU_MEMORY_UTILIZATION,
+        max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+        enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+    )  # fmt: skip
 
-    def __init__(self, model_path: str, tokenizer, cfg: TrainConfig, gpu_memory_utilization: float = 0.4):
-        try:
-            from vllm import LLM
-        except ImportError as exc:
-            raise ValueError(
-                "rollout_engine='vllm' needs vLLM: pip install 'gopd[vllm]' (CUDA machines)"
-            ) from exc
-        if not torch.cuda.is_available():
-            raise ValueError("rollout_engine='vllm' needs a CUDA GPU")
-        self.tokenizer, self.cfg = tokenizer, cfg
-        # processed_logprobs: r_t under the sampling distribution (temperature, top-p), not the raw one.
-        self.llm = LLM(
-            model=model_path, dtype=cfg.dtype, gpu_memory_utilization=gpu_memory_utilization, seed=cfg.seed,
-            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-        )  # fmt: skip
+
+class VLLMRolloutEngine:
+    """Sampling with a colocated vLLM `LLM` (see `load_vllm`), which holds its own copy of the
+    student: `update_weights` pushes the live student's weights into it after every update,
+    and once at the start (a resumed student is not the checkpoint vLLM loaded)."""
+
+    def __init__(self, llm, tokenizer, cfg: TrainConfig, student: torch.nn.Module):
+        self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg
+        self.update_weights(student)
 
     def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
         from vllm import SamplingParams
@@ -195,16 +216,21 @@ class VLLMRolloutEngine:
         )
 
     def update_weights(self, model: torch.nn.Module) -> None:
+        """Copy the student's weights into vLLM's model, then drop vLLM's prefix cache: its KV
+        blocks were computed with the old weights, and reusing them would make the next
+        rollouts (and their r_t) come from a mix of old and new policies."""
         try:
             runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         except AttributeError as exc:
             raise RuntimeError(
-                "this vLLM version hides its model runner; weight sync is not implemented for it"
+                "vLLM's model is not reachable in this process (is its engine running in a child "
+                f"process? {VLLM_MULTIPROCESSING} must be 0); the weight sync cannot work"
             ) from exc
         runner.model.load_weights(model.state_dict().items())
+        self.llm.reset_prefix_cache()
 
 
 def make_engine(cfg: TrainConfig, student, tokenizer) -> RolloutEngine:
     if cfg.rollout_engine == "vllm":
-        return VLLMRolloutEngine(cfg.student, tokenizer, cfg)
+        return VLLMRolloutEngine(load_vllm(cfg), tokenizer, cfg, student)
     return HFRolloutEngine(student, tokenizer, cfg)

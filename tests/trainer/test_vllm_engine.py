@@ -1,0 +1,142 @@
+"""The vLLM rollout engine's glue, against a CPU stand-in for vLLM (tests/trainer/fake_vllm.py):
+how it builds the LLM, the weight sync (in this process, then the prefix cache dropped), and
+that its rollouts have the HF engine's layout. vLLM itself is not run here (it needs CUDA)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+
+from gopd import rollout
+from gopd.data import load_examples
+from gopd.models import load_model, load_tokenizer
+from gopd.rollout import VLLM_MULTIPROCESSING, HFRolloutEngine, VLLMRolloutEngine, load_vllm
+from gopd.trainer import train
+from tests.trainer import fake_vllm
+from tests.trainer.conftest import base_config
+from tests.trainer.test_end_to_end import train_losses, weights
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    fake_vllm.install(monkeypatch)
+    monkeypatch.setenv(VLLM_MULTIPROCESSING, "0")  # and restored after the test
+    return fake_vllm
+
+
+def student(tiny):
+    return load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=True)
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def test_load_vllm_without_vllm_names_the_extra(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ValueError, match=r"vllm.*pip install 'gopd\[vllm\]'"):
+        load_vllm(base_config(tiny, tmp_path, rollout_engine="vllm"))
+
+
+@pytest.mark.parametrize("share", [None, 0.25])
+def test_load_vllm_runs_the_engine_in_process_with_the_configs_settings(tiny, tmp_path, fake, monkeypatch,
+                                                                        caplog, share):  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(VLLM_MULTIPROCESSING, "1")
+    cfg = base_config(tiny, tmp_path, rollout_engine="vllm", vllm_gpu_memory_utilization=share)
+    with caplog.at_level(logging.WARNING, logger="gopd"):
+        llm = load_vllm(cfg)
+    assert llm.multiprocessing == "0"
+    assert f"{VLLM_MULTIPROCESSING}=1 overridden to 0" in caplog.text  # the user's setting, said
+    assert llm.engine_args == dict(
+        dtype="float32", seed=0, gpu_memory_utilization=share or 0.4, max_model_len=16 + 4,
+        enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+    )  # fmt: skip
+
+
+def test_vllm_gpu_memory_utilization_is_checked(tiny, tmp_path):
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization: applies to rollout_engine 'vllm'"):
+        base_config(tiny, tmp_path, vllm_gpu_memory_utilization=0.5)
+    with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization: must be in \(0, 1\)"):
+        base_config(tiny, tmp_path, rollout_engine="vllm", vllm_gpu_memory_utilization=1.5)
+
+
+def test_engine_starts_from_the_live_student_and_resyncs_after_each_update(tiny, tmp_path, fake):
+    cfg = base_config(tiny, tmp_path, rollout_engine="vllm")
+    model = student(tiny)
+    perturb(model, seed=1)  # e.g. resumed: no longer the checkpoint vLLM loaded
+    llm = fake.LLM(str(tiny["student"]), dtype="float32")
+    engine = VLLMRolloutEngine(llm, load_tokenizer(str(tiny["student"])), cfg, model)
+    names = list(model.state_dict())
+    assert llm.events == [("load_weights", names), ("reset_prefix_cache",)]
+    assert fake.weights_fingerprint(llm.hf) == fake.weights_fingerprint(model)
+
+    perturb(model, seed=2)  # an update
+    engine.update_weights(model)
+    assert llm.events[2:] == [("load_weights", names), ("reset_prefix_cache",)]
+    assert fake.weights_fingerprint(llm.hf) == fake.weights_fingerprint(model)
+
+
+def test_engine_refuses_a_model_in_another_process(tiny, tmp_path, fake, monkeypatch):
+    monkeypatch.setenv(VLLM_MULTIPROCESSING, "1")
+    llm = fake.LLM(str(tiny["student"]), dtype="float32")
+    cfg = base_config(tiny, tmp_path, rollout_engine="vllm")
+    with pytest.raises(RuntimeError, match=f"{VLLM_MULTIPROCESSING} must be 0"):
+        VLLMRolloutEngine(llm, load_tokenizer(str(tiny["student"])), cfg, student(tiny))
+
+
+def test_vllm_rollouts_have_the_hf_engines_layout(tiny, tmp_path, fake):
+    """Same weights, same seed: the completions vLLM returns (ragged, up to EOS) become the same
+    padded rollouts, masks and r_t as the HF engine's."""
+    cfg = base_config(tiny, tmp_path, rollout_engine="vllm", max_new_tokens=8, temperature=1.3)
+    tok = load_tokenizer(str(tiny["student"]))
+    model = student(tiny)
+    examples = load_examples(cfg.train_data, cfg, tok, 64)[:6]
+    engine = VLLMRolloutEngine(fake.LLM(str(tiny["student"]), dtype="float32"), tok, cfg, model)
+    torch.manual_seed(0)
+    got = engine.generate(examples, samples=3, temperature=cfg.temperature)
+    torch.manual_seed(0)
+    want = HFRolloutEngine(model, tok, cfg).generate(examples, samples=3, temperature=cfg.temperature)
+    lengths = got.response_mask.sum(1)
+    assert lengths.min() < lengths.max() == cfg.max_new_tokens  # some rows stopped at EOS: ragged
+    for name in ("sequences", "attention_mask", "response_mask", "rollout_logp"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.prompt_len == want.prompt_len and got.examples == want.examples
+
+
+def test_training_with_vllm_samples_every_batch_from_the_current_student(tiny, tmp_path, fake, monkeypatch):
+    """Each generate sees the weights of the student it trains, a resumed run included: the
+    resumed run's next-step losses equal an uninterrupted run's."""
+    llms = []
+
+    def fake_load_vllm(cfg):
+        llms.append(fake.LLM(cfg.student, dtype=cfg.dtype))
+        return llms[-1]
+
+    monkeypatch.setattr(rollout, "load_vllm", fake_load_vllm)
+
+    def config(run: str, steps: int = 4):
+        return base_config(tiny, tmp_path, rollout_engine="vllm", steps=steps, save_every=2,
+                           output_dir=str(tmp_path / run))  # fmt: skip
+
+    full = config("a")
+    train(full)
+    events = llms[0].events
+    generates = [i for i, e in enumerate(events) if e[0] == "generate"]
+    assert len(generates) == 4
+    for i in generates[1:]:  # the update before it was pushed, then the stale KV dropped
+        assert [e[0] for e in events[i - 2 : i]] == ["load_weights", "reset_prefix_cache"]
+    trained = weights(tmp_path / "a" / "checkpoints" / "step_0000004")
+    assert torch.equal(llms[0].hf.state_dict()["model.norm.weight"], trained["model.norm.weight"])
+
+    cut = config("b")
+    train(config("b", steps=2))
+    train(cut, resume="latest")
+    a, b = train_losses(full), train_losses(cut)
+    assert b[2:] == pytest.approx(a[2:], rel=1e-6, abs=1e-7)
