@@ -82,7 +82,11 @@ class TrainConfig:
     wandb_project: str = _f("gopd", "W&B project (with the wandb logger)")
     # -- execution --------------------------------------------------------------------
     seed: int = _f(0, "seed for data order, sampling and initialisation")
-    dtype: str = _f("float32", "float32 | bfloat16 | float16: weights and compute of all models")
+    dtype: str = _f(
+        "float32",
+        "float32 | bfloat16 | float16: weights and compute of all models (a half-precision "
+        "student's optimizer steps float32 master copies of its weights)",
+    )
     device: str = _f("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
     rollout_engine: str = _f("hf", "hf (transformers generate) | vllm (colocated, optional extra)")
     vllm_gpu_memory_utilization: float | None = _f(

@@ -8,16 +8,19 @@ the whole batch at once (TRL #4719).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from gopd.config import TrainConfig
 from gopd.models import Models, frozen_on_device, head_weight
+from gopd.optim import MasterWeightAdamW
 from gopd.rollout import IGNORE, Rollouts
 from gopd.scoring import Scores, micro_batches, response_hidden, rows_by_domain
 from gopd_kernels import gopd_dense_loss, gopd_loss
 
+logger = logging.getLogger("gopd")
 MEAN_STATS = ("advantage", "reverse_kl", "reward", "clip_frac", "is_weight_mean", "rollout_mismatch", "kl",
               "kl_teacher")  # fmt: skip
 
@@ -83,7 +86,6 @@ def policy_update(
     models: Models, rollouts: Rollouts, scores: Scores | None, optimizer, scheduler, cfg: TrainConfig
 ):
     """One optimizer step over the step's rollouts. Returns (loss, stats, stepped: bool)."""
-    student = models.student
     mask = rollouts.response_mask
     total_tokens = int(mask.sum())
     total_seqs = int(mask.any(-1).sum())
@@ -105,7 +107,7 @@ def policy_update(
             weighted.backward()
             loss_total += float(weighted.detach())
             acc.add(stats)
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # masters, if any
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
     stats = acc.result() | {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
     if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
@@ -117,12 +119,17 @@ def policy_update(
     return loss_total, stats, True
 
 
-def make_optimizer(model, cfg: TrainConfig):
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights; on float32 master copies when they are bf16 / fp16."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
-    )
-    return optimizer
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, **kwargs)
+    if any(p.dtype == torch.float16 for p in params):
+        logger.warning("dtype float16: the student's gradients are not loss-scaled and may underflow; "
+                       "bfloat16 has float32's range")  # fmt: skip
+    logger.info("half-precision student: AdamW steps float32 master copies of its weights")
+    return MasterWeightAdamW(params, **kwargs)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
