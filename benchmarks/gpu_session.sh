@@ -14,7 +14,7 @@
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton and CUDA tests, quick report
 #   bash benchmarks/gpu_session.sh token   # --preset gpu: token_logprobs, token_logprobs_fwd
-#   bash benchmarks/gpu_session.sh frozen  # --preset gpu: token_logprobs_frozen_head
+#   bash benchmarks/gpu_session.sh frozen  # --preset gpu: token_logprobs_frozen_head, gopd_loss_frozen_head
 #   bash benchmarks/gpu_session.sh loss    # --preset gpu: gopd_loss, frozen_scoring
 #   bash benchmarks/gpu_session.sh dense   # --preset gpu: gopd_dense_loss, gopd_dense_loss_exopd
 # Each part leaves log.txt and results.tar.gz under $OUT (the tool brings back 8 files at
@@ -70,7 +70,7 @@ check)
     (exit $status)
     ;;
 token) report token_logprobs,token_logprobs_fwd ;;
-frozen) report token_logprobs_frozen_head ;;
+frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
 *) echo "unknown part $part: first, check, token, frozen, loss or dense"; exit 2 ;;

@@ -298,6 +298,10 @@ OPS: dict[str, Op] = {
     "gopd_loss": Op(
         f"on-policy G-OPD policy-gradient loss, lam={LAM}, token-mean; teacher/ref log-probs given",
         True, lambda n, d, v: 6 * n * d * v, _loss_inputs, _loss_impls()),
+    "gopd_loss_frozen_head": Op(
+        f"gopd_loss (lam={LAM}) with a frozen LM head (the trainer's freeze_lm_head, or LoRA): "
+        "gradient to the hidden states only",
+        True, lambda n, d, v: 4 * n * d * v, _loss_inputs, _loss_impls(), frozen_head=True),
     "gopd_dense_loss": Op(
         "dense G-OPD at lam=1, KL(p_s || p_T) over the full vocabulary (the only lam a reverse-KL "
         "peer can do); student and teacher of hidden size D",
