@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from gopd_kernels import gopd_loss, token_logprobs
+from gopd_kernels import losses as losses_module
 from gopd_kernels.losses import aggregate_token_losses, gopd_advantage
+from gopd_kernels.ops import linear_logsoftmax_torch
+from gopd_kernels.reference import gopd_loss_reference
 from tests.kernels.helpers import rel_err
 from tests.kernels.test_losses import batch, compare
 
@@ -82,3 +85,33 @@ def test_no_grad_takes_the_plain_forward():
     h = data["hidden"].clone().requires_grad_()
     folded, _ = gopd_loss(h, data["weight"], data["targets"], data["teacher"], data["ref"], lam=1.25)
     torch.testing.assert_close(loss, folded.detach())
+
+
+def test_frozen_head_takes_the_frozen_head_path_not_the_fold(tiny_chunks, monkeypatch):
+    """Only dH wanted: token_logprobs keeps E_p[W] from its forward (tiles, 2 GEMMs) and the
+    backward is a gather; the fold (full-vocabulary rows, also 2 GEMMs) is not used. dH
+    against the float64 reference, off-policy with clipping, IS and a temperature."""
+
+    def no_fold(*args):
+        raise AssertionError("a frozen head must not take the fold")
+
+    gathers = []
+    frozen_grad = linear_logsoftmax_torch.hidden_grad_frozen_head
+    monkeypatch.setattr(losses_module, "_folded_policy_loss", no_fold)
+    monkeypatch.setattr(linear_logsoftmax_torch, "hidden_grad_frozen_head",
+                        lambda *a: gathers.append(1) or frozen_grad(*a))  # fmt: skip
+    data = batch(b=2, t=9, d=17, v=211, seed=8)
+    kw = dict(lam=1.25, temperature=0.7, old_logp=data["old"], rollout_logp=data["rollout"], is_cap=2.0)
+    h = data["hidden"].clone().requires_grad_()
+    loss, _ = gopd_loss(
+        h, data["weight"], data["targets"], data["teacher"], data["ref"], backend="torch", **kw
+    )
+    (loss * 1.7).backward()
+    h64 = data["hidden"].double().requires_grad_()
+    want = gopd_loss_reference(
+        h64, data["weight"].double(), data["targets"], data["teacher"], data["ref"], **kw
+    )
+    (want * 1.7).backward()
+    assert gathers == [1]
+    torch.testing.assert_close(loss.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    assert rel_err(h.grad, h64.grad) <= 1e-4
