@@ -58,7 +58,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         return loss
 
     def state_dict(self) -> dict:
-        return super().state_dict() | {"master_weights": [m.detach().clone() for m in self.masters]}
+        # references, not copies, as torch.optim keeps its own state tensors in state_dict()
+        return super().state_dict() | {"master_weights": [m.detach() for m in self.masters]}
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
