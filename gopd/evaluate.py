@@ -41,9 +41,12 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     for start in range(0, len(examples), batch_prompts):
         chunk = examples[start : start + batch_prompts]
         rollouts = engine.generate(chunk, samples=k, temperature=temperature)
-        texts = tokenizer.batch_decode(
-            rollouts.targets.clamp_min(0) * rollouts.response_mask, skip_special_tokens=True
-        )
+        # Only each response's own tokens: a placeholder id in the padding would decode as
+        # whatever token has that id (Qwen's id 0 is "!") and end up in the answer.
+        texts = [
+            tokenizer.decode(row[valid], skip_special_tokens=True)
+            for row, valid in zip(rollouts.responses, rollouts.response_mask, strict=True)
+        ]
         lengths += rollouts.response_mask.sum(-1).tolist()
         for i, ex in enumerate(chunk):
             right = [is_correct(texts[i * k + j], ex.answer) for j in range(k)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from gopd.data import Example
 from gopd.evaluate import evaluate, extract_answer, is_correct
@@ -58,3 +60,16 @@ def test_avg_and_pass_at_k(tiny):
     engine = ScriptedEngine(tok, [["12", "13", "12", "1"], ["8", "9", "6", "5"]])
     result = evaluate(engine, tok, examples, k=4, temperature=1.0)
     assert result["avg@4"] == pytest.approx((2 / 4 + 0) / 2) and result["pass@4"] == 0.5
+
+
+def test_padding_never_reaches_the_answer():
+    """A tokenizer whose id 0 is an ordinary character (as Qwen's "!"): the shorter response
+    of a batch must decode without its padding."""
+    vocab = {c: i for i, c in enumerate(["7", "<pad>", "<eos>", "#", " ", "1", "2", "3", "4"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    examples = [Example([3], "default", "12", "a")]
+    engine = ScriptedEngine(tok, [["#### 12", "#### 1234"]])
+    assert evaluate(engine, tok, examples, k=2, temperature=1.0)["avg@2"] == 0.5
