@@ -129,16 +129,24 @@ class HFRolloutEngine:
             processors.append(TemperatureLogitsWarper(temperature))
         if self.cfg.top_p < 1.0:
             processors.append(TopPLogitsWarper(self.cfg.top_p))
-        was_training = self.model.training
+        was_training, checkpoint_defaults = self.model.training, self.model.generation_config
         self.model.eval()
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=gen,
-                logits_processor=LogitsProcessorList([*processors, recorder]),
-            )
-        self.model.train(was_training)
+        # generate() fills every field `gen` leaves unset from the model's own generation_config:
+        # a checkpoint's repetition_penalty (Qwen2.5-Instruct ships 1.05), min_p, num_beams or
+        # no_repeat_ngram_size would change the sampling distribution, or apply after the
+        # recorder. Rollouts come from the student's distribution alone, so it is set aside.
+        self.model.generation_config = GenerationConfig()
+        try:
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=gen,
+                    logits_processor=LogitsProcessorList([*processors, recorder]),
+                )
+        finally:
+            self.model.generation_config = checkpoint_defaults
+            self.model.train(was_training)
         sequences = out.cpu()
         responses = sequences[:, ids.shape[1] :]
         rollout_logp = recorder.finish(responses[:, -1].to(device)).float().cpu()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -75,3 +77,26 @@ def test_engine_logprobs_match_the_students_at_the_sampling_temperature(tiny, tm
     torch.testing.assert_close(ro.rollout_logp, s * ro.response_mask, atol=1e-5, rtol=1e-5)
     assert (ro.rollout_logp[~ro.response_mask] == 0).all()
     assert model.training  # generate() left the student in train mode
+
+
+def test_the_checkpoints_generation_config_does_not_reach_the_rollouts(tiny, tmp_path):
+    """generate() fills what the engine leaves unset from model.generation_config. A
+    checkpoint's repetition penalty would change the distribution before the recorder, min_p
+    would truncate it after, num_beams would beam-search: none of them may act."""
+    cfg = base_config(tiny, tmp_path, max_new_tokens=8)
+    tok = load_tokenizer(str(tiny["student"]))
+    model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=True)
+    checkpoint_defaults = model.generation_config
+    for name, value in dict(repetition_penalty=3.0, min_p=0.5, num_beams=2, no_repeat_ngram_size=1).items():
+        setattr(checkpoint_defaults, name, value)
+    examples = load_examples(cfg.train_data, cfg, tok, 64)[:8]
+    torch.manual_seed(0)
+    ro = HFRolloutEngine(model, tok, cfg).generate(examples, samples=4, temperature=1.0)
+    with torch.no_grad():
+        logits = response_hidden(model, ro) @ head_weight(model).T
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    s = logp.gather(-1, ro.targets.clamp_min(0)[..., None]).squeeze(-1).float()
+    torch.testing.assert_close(ro.rollout_logp, s * ro.response_mask, atol=1e-5, rtol=1e-5)
+    below_min_p = (s - logp.max(-1).values.float())[ro.response_mask] < math.log(0.5)
+    assert below_min_p.any()  # tokens min_p = 0.5 would have removed were sampled
+    assert model.generation_config is checkpoint_defaults and checkpoint_defaults.repetition_penalty == 3.0
