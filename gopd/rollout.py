@@ -132,7 +132,7 @@ class HFRolloutEngine:
         was_training, checkpoint_defaults = self.model.training, self.model.generation_config
         self.model.eval()
         # generate() fills every field `gen` leaves unset from the model's own generation_config:
-        # a checkpoint's repetition_penalty (Qwen2.5-Instruct ships 1.05), min_p, num_beams or
+        # a checkpoint's repetition_penalty (instruct models often set one), min_p, num_beams or
         # no_repeat_ngram_size would change the sampling distribution, or apply after the
         # recorder. Rollouts come from the student's distribution alone, so it is set aside.
         self.model.generation_config = GenerationConfig()
