@@ -47,7 +47,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         student=args.model, teachers=args.model, train_data=args.data, eval_data=args.data,
         prompt_field=args.prompt_field, answer_field=args.answer_field, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, top_p=args.top_p,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs,
     ).validate()  # fmt: skip
     result = evaluate_checkpoint(args.model, cfg, args.k, max_prompts=args.max_prompts, dtype=args.dtype,
                                  device=args.device, seed=args.seed)  # fmt: skip
@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chat-template", type=_parse_value, default=True, help="apply the chat template; default true"
     )
+    p.add_argument(
+        "--chat-template-kwargs", type=_parse_value, default={}, metavar="MAPPING",
+        help="extra chat-template variables (YAML), e.g. '{enable_thinking: false}'; default {}",
+    )  # fmt: skip
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="default float32"
     )

@@ -57,6 +57,10 @@ class TrainConfig:
     answer_field: str = _f("answer", "record field holding the reference answer (eval)")
     domain_field: str = _f("domain", "record field naming the domain (picks the teacher when several)")
     chat_template: bool = _f(True, "apply the tokenizer's chat template to prompts when it has one")
+    chat_template_kwargs: dict = _f(
+        {},
+        "extra variables for the chat template, e.g. {enable_thinking: false} for Qwen3's non-thinking mode",
+    )
     max_prompt_tokens: int = _f(1024, "longest prompt allowed (tokens); longer ones are an error")
     max_new_tokens: int = _f(1024, "longest response sampled (tokens)")
     # -- batch ------------------------------------------------------------------------
@@ -142,6 +146,9 @@ class TrainConfig:
                 "applies to objective 'sampled' only; set it to null for 'dense'",
             )
         err.need(bool(self.train_data), "train_data", "is required")
+        err.need(isinstance(self.chat_template_kwargs, dict), "chat_template_kwargs", "must be a mapping")
+        err.need(self.chat_template or not self.chat_template_kwargs, "chat_template_kwargs",
+                 "applies only with chat_template: true")  # fmt: skip
         for name in ("train_data", "eval_data"):
             path = getattr(self, name)
             if path:

@@ -34,11 +34,16 @@ def read_records(path: str) -> list[dict]:
     raise ValueError(f"{path}: expected a .jsonl or .parquet file")
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool) -> list[int]:
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool, template_kwargs: dict | None = None
+) -> list[int]:
+    """Token ids of a prompt: the chat template's user turn and generation prompt (with
+    template_kwargs as extra template variables) when asked and present, else the plain text."""
     if chat_template and tokenizer.chat_template:
         encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+            **(template_kwargs or {}),
+        )  # fmt: skip
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
@@ -63,7 +68,9 @@ def load_examples(
         answer = rec.get(cfg.answer_field)
         if need_answers and answer is None:
             raise ValueError(f"{where}: no field {cfg.answer_field!r} (answer_field) for evaluation")
-        ids = encode_prompt(tokenizer, str(rec[cfg.prompt_field]), cfg.chat_template)
+        ids = encode_prompt(
+            tokenizer, str(rec[cfg.prompt_field]), cfg.chat_template, cfg.chat_template_kwargs
+        )
         if len(ids) > cfg.max_prompt_tokens:
             raise ValueError(
                 f"{where}: prompt has {len(ids)} tokens > max_prompt_tokens={cfg.max_prompt_tokens}"

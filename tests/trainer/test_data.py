@@ -39,6 +39,27 @@ def test_chat_template_is_applied_when_present(tiny, tmp_path):
     assert with_template.prompt_ids != plain.prompt_ids
 
 
+def test_chat_template_kwargs_reach_the_template(tiny, tmp_path):
+    """Qwen3's template appends an empty think block when enable_thinking is false."""
+    tok = load_tokenizer(str(tiny["student"]))
+    tok.chat_template = (
+        "{% for m in messages %}=={{ m['content'] }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}+{% endif %}"
+    )
+    cfg = base_config(tiny, tmp_path, chat_template_kwargs={"enable_thinking": False})
+    non_thinking = load_examples(str(tiny["train"]), cfg, tok, 64)[0]
+    assert tok.decode(non_thinking.prompt_ids) == "==" + non_thinking.prompt + "+"
+    cfg.chat_template_kwargs = {}
+    assert (
+        tok.decode(load_examples(str(tiny["train"]), cfg, tok, 64)[0].prompt_ids)
+        == "==" + non_thinking.prompt
+    )
+    with pytest.raises(ValueError, match="chat_template_kwargs: applies only with chat_template: true"):
+        base_config(tiny, tmp_path, chat_template=False, chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(ValueError, match="chat_template_kwargs: must be a mapping"):
+        base_config(tiny, tmp_path, chat_template_kwargs=["enable_thinking"])
+
+
 def test_domains_pick_teachers_and_unknown_domain_is_an_error(tiny, tmp_path):
     teachers = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
     cfg = base_config(tiny, tmp_path, teachers=teachers, train_data=str(tiny["train_domains"]))
