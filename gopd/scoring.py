@@ -48,9 +48,10 @@ def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig) -> Scor
     teacher_logp = torch.zeros(B, R)
     ref_logp = torch.zeros(B, R) if models.reference is not None else None
     for domain, rows in rows_by_domain(rollouts, models.teachers).items():
-        for chunk in micro_batches(rows, cfg.micro_batch_size):
-            part = rollouts.select(chunk)
-            with frozen_on_device(models, domain) as (teacher, ref):
+        # with offload_frozen: on the device once per domain, not once per micro-batch
+        with frozen_on_device(models, domain) as (teacher, ref):
+            for chunk in micro_batches(rows, cfg.micro_batch_size):
+                part = rollouts.select(chunk)
                 t_hidden = response_hidden(teacher, part)
                 r_hidden = None if ref is None else response_hidden(ref, part)
                 out = frozen_logprobs(
@@ -59,8 +60,8 @@ def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig) -> Scor
                     teacher_bias=head_bias(teacher), ref_bias=None if ref is None else head_bias(ref),
                     temperature=cfg.temperature, ignore_index=IGNORE, backend=cfg.kernel_backend,
                 )  # fmt: skip
-            idx = torch.tensor(chunk)
-            teacher_logp[idx] = out.teacher_logp.float().cpu()
-            if ref_logp is not None:
-                ref_logp[idx] = out.ref_logp.float().cpu()
+                idx = torch.tensor(chunk)
+                teacher_logp[idx] = out.teacher_logp.float().cpu()
+                if ref_logp is not None:
+                    ref_logp[idx] = out.ref_logp.float().cpu()
     return Scores(teacher_logp, ref_logp)

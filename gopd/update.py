@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -68,18 +69,17 @@ def _sampled_loss(models, part, scores, rows, cfg, num_tokens):
     )  # fmt: skip
 
 
-def _dense_loss(models, part, domain, cfg, num_tokens):
+def _dense_loss(models, part, teacher, ref, cfg, num_tokens):
     hidden = response_hidden(models.student, part)
-    with frozen_on_device(models, domain) as (teacher, ref):
-        with torch.no_grad():
-            t_hidden = response_hidden(teacher, part)
-            r_hidden = None if ref is None else response_hidden(ref, part)
-        return gopd_dense_loss(
-            hidden, head_weight(models.student), t_hidden, head_weight(teacher),
-            r_hidden, None if ref is None else head_weight(ref),
-            lam=cfg.lam, temperature=cfg.temperature, mask=part.response_mask.to(hidden.device),
-            loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend,
-        )  # fmt: skip
+    with torch.no_grad():
+        t_hidden = response_hidden(teacher, part)
+        r_hidden = None if ref is None else response_hidden(ref, part)
+    return gopd_dense_loss(
+        hidden, head_weight(models.student), t_hidden, head_weight(teacher),
+        r_hidden, None if ref is None else head_weight(ref),
+        lam=cfg.lam, temperature=cfg.temperature, mask=part.response_mask.to(hidden.device),
+        loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend,
+    )  # fmt: skip
 
 
 def policy_update(
@@ -97,16 +97,20 @@ def policy_update(
     else:  # the dense loss needs each row's own teacher during the update
         groups = list(rows_by_domain(rollouts, models.teachers).items())
     for domain, rows in groups:
-        for chunk in micro_batches(rows, cfg.micro_batch_size):
-            part = rollouts.select(chunk)
-            if cfg.objective == "sampled":
-                loss, stats = _sampled_loss(models, part, scores, chunk, cfg, num_tokens)
-            else:
-                loss, stats = _dense_loss(models, part, domain, cfg, num_tokens)
-            weighted = loss * _part_weight(cfg, part, total_seqs)
-            weighted.backward()
-            loss_total += float(weighted.detach())
-            acc.add(stats)
+        # with offload_frozen, the domain's teacher (and the reference) come to the device once
+        # for all its micro-batches, not once per micro-batch
+        frozen = nullcontext((None, None)) if domain is None else frozen_on_device(models, domain)
+        with frozen as (teacher, ref):
+            for chunk in micro_batches(rows, cfg.micro_batch_size):
+                part = rollouts.select(chunk)
+                if cfg.objective == "sampled":
+                    loss, stats = _sampled_loss(models, part, scores, chunk, cfg, num_tokens)
+                else:
+                    loss, stats = _dense_loss(models, part, teacher, ref, cfg, num_tokens)
+                weighted = loss * _part_weight(cfg, part, total_seqs)
+                weighted.backward()
+                loss_total += float(weighted.detach())
+                acc.add(stats)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # masters, if any
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
     stats = acc.result() | {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}

@@ -43,6 +43,30 @@ def test_each_row_is_scored_by_its_domain_teacher(tiny, tmp_path):
         torch.testing.assert_close(scores.ref_logp[i], want.ref_logp[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("objective", ["sampled", "dense"])
+def test_offloaded_models_move_once_per_domain_not_per_micro_batch(tiny, tmp_path, objective):
+    """offload_frozen: each domain's teacher and the reference come to the device once per
+    stage (scoring, or the dense update), whatever the number of micro-batches."""
+    teachers = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
+    cfg = base_config(tiny, tmp_path, teachers=teachers, train_data=str(tiny["train_domains"]),
+                      micro_batch_size=2, offload_frozen=True, objective=objective,
+                      is_cap=5.0 if objective == "sampled" else None)  # fmt: skip
+    models = load_models(cfg)
+    ro = rollouts_for(cfg, models)  # 16 rows: 4 micro-batches per domain
+    moves = []
+    for name, m in [*models.teachers.items(), ("reference", models.reference)]:
+        to = m.to
+        m.to = lambda *a, _to=to, _name=name, **k: moves.append((_name, str(a[0]))) or _to(*a, **k)
+    if objective == "sampled":
+        scores = score_rollouts(models, ro, cfg)
+        assert scores.teacher_logp.abs().sum() > 0
+    else:
+        opt = make_optimizer(models.student, cfg)
+        policy_update(models, ro, None, opt, make_scheduler(opt, cfg, 1), cfg)
+    per_domain = lambda d: [(d, "cpu"), ("reference", "cpu")] * 2  # there and back (device: cpu)
+    assert sorted(moves) == sorted(per_domain("math") + per_domain("code"))
+
+
 def test_lam_one_loads_no_reference(tiny, tmp_path):
     models = load_models(base_config(tiny, tmp_path, lam=1.0))
     assert models.reference is None
