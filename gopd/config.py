@@ -183,7 +183,7 @@ class TrainConfig:
             err.need(share is None or (_finite(share) and 0 < share < 1), "vllm_gpu_memory_utilization",
                      "must be in (0, 1) or null")  # fmt: skip
         else:
-            err.need(self.vllm_gpu_memory_utilization is None, "vllm_gpu_memory_utilization",
+            err.need(share is None, "vllm_gpu_memory_utilization",
                      "applies to rollout_engine 'vllm' only; leave it null")  # fmt: skip
         err.choice(self.kernel_backend, KERNEL_BACKENDS, "kernel_backend")
         for name in self.loggers:

@@ -32,8 +32,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
         self.model_params = list(params)
         masters = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
         super().__init__(masters, **adamw_kwargs)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._to_master(m))
-                       for p, m in zip(self.model_params, masters, strict=True)]  # fmt: skip
+        for p, m in zip(self.model_params, masters, strict=True):
+            p.register_post_accumulate_grad_hook(self._to_master(m))
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -71,9 +71,3 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for p, m, s in zip(self.model_params, self.masters, saved, strict=True):
             m.copy_(s)
             p.copy_(m)
-
-    def remove_hooks(self) -> None:
-        """Detach from the model (its gradients then stay in its own `.grad` again)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
