@@ -95,3 +95,18 @@ def test_bf16_training_updates_every_weight_and_resumes_exactly(tiny, tmp_path):
 def _params(state: dict) -> list[torch.Tensor]:
     """The state dict's tensors in model.parameters() order (tied lm_head left out)."""
     return [v for k, v in state.items() if k != "lm_head.weight"]
+
+
+def test_gradient_checkpointing_feeds_the_masters_the_same_gradients(tiny, tmp_path):
+    """The post-accumulate hooks see the same gradients under checkpointing's recomputed backward."""
+
+    def masters(checkpointing: bool) -> list[torch.Tensor]:
+        run = tmp_path / f"ckpt_{checkpointing}"
+        train(base_config(tiny, tmp_path, dtype="bfloat16", steps=2, gradient_checkpointing=checkpointing,
+                          output_dir=str(run)))  # fmt: skip
+        state = torch.load(run / "checkpoints" / "step_0000002" / "trainer_state.pt", weights_only=False)
+        return state["optimizer"]["master_weights"]
+
+    plain, checkpointed = masters(False), masters(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
+    assert not torch.equal(plain[0], weights(tiny["student"])["model.embed_tokens.weight"].float())
