@@ -77,8 +77,6 @@ class FakeModel:
 
 
 class LLM:
-    instances: list[LLM] = []
-
     def __init__(self, model: str, **engine_args):
         self.engine_args = engine_args
         self.multiprocessing = os.environ.get(VLLM_MULTIPROCESSING, "1")
@@ -90,7 +88,6 @@ class LLM:
             runner = SimpleNamespace(model=FakeModel(self.hf, self.events))
             worker = SimpleNamespace(model_runner=runner)
             self.llm_engine.model_executor = SimpleNamespace(driver_worker=worker)
-        LLM.instances.append(self)
 
     def reset_prefix_cache(self) -> bool:
         self.events.append(("reset_prefix_cache",))
@@ -121,4 +118,3 @@ def install(monkeypatch) -> None:
     vllm.inputs = inputs
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    monkeypatch.setattr(LLM, "instances", [])
