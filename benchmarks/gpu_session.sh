@@ -9,8 +9,9 @@
 #       liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 # Then one device `run` per part, each with carry [".whl"]. A lease of 15 minutes of device
 # time (the present rule, the machine's start included) fits one call: run `first`.
-#   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (150 s),
-#                                          # then token_logprobs and gopd_loss at N = 16384 bf16
+#   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (120 s),
+#                                          # token_logprobs and gopd_loss at N = 16384 bf16,
+#                                          # token_logprobs at N = 16384 fp32 (~8 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton and CUDA tests, quick report
 #   bash benchmarks/gpu_session.sh token   # --preset gpu: token_logprobs, token_logprobs_fwd
@@ -51,16 +52,22 @@ print('torch backend bf16 GEMMs:', m(torch.device('cuda', 0)))"  # addmm, mm or 
     python3 -m benchmarks.ceilings || return 1
     # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there; the
     # cuda tests check the torch backend's bf16 cuBLAS GEMMs (matmul_torch)
-    timeout "$1" python3 -m pytest -q -x -m "triton or cuda" tests/kernels
+    # xdist (in the GPU image) spreads the autotuner's compiles over the CPU cores
+    local workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 8"
+    timeout "$1" python3 -m pytest -q -x $workers -m "triton or cuda" tests/kernels
 }
 
 case $part in
 first)
     status=0
-    basics 150 || status=1
-    # the issue's headline shapes, saved as they finish; what is cut short is rerun later with --op
-    timeout --signal=INT 300 python3 -m benchmarks.report --op token_logprobs,gopd_loss \
+    basics 120 || status=1
+    # the issue's headline shapes, saved as they finish; what is cut short is rerun later with
+    # --op. The autotuner prints each kernel's chosen config (the tuning record).
+    export TRITON_PRINT_AUTOTUNING=1
+    timeout --signal=INT 230 python3 -m benchmarks.report --op token_logprobs,gopd_loss \
         --n 16384 --d 4096 --v 151936 --dtype bfloat16 || status=1
+    timeout --signal=INT 110 python3 -m benchmarks.report --op token_logprobs \
+        --n 16384 --d 4096 --v 151936 --dtype float32 || status=1
     (exit $status)
     ;;
 check)
