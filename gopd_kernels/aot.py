@@ -169,8 +169,8 @@ def kernel_variants() -> list[KernelVariant]:
             _dense_partials(dt, HAS_REF=False, TEACHER_KL=False),
         ]
     # Backward GEMMs, per row chunk of the logit gradient dZ [rows, V] (rows: 4096 at the
-    # launch shape's workspace): dH = dZ @ W, out in the hidden dtype; dW += dZ^T @ H, into
-    # a float32 buffer. dZ is bf16 for half-precision models, fp32 for fp32 ones.
+    # launch shape's workspace): dH = dZ @ W, out in the hidden dtype; dW += dZ^T @ H, summed
+    # in the weight's dtype. dZ is bf16 for half-precision models, fp32 for fp32 ones.
     rows = 4096
     layouts = {
         "dH": dict(M=rows, N=HIDDEN, K=VOCAB, stride_am=VOCAB, stride_ak=1,
@@ -181,11 +181,11 @@ def kernel_variants() -> list[KernelVariant]:
     for model in ("bf16", "fp16", "fp32"):
         dz = "fp32" if model == "fp32" else "bf16"
         prec = "tf32x3" if model == "fp32" else "ieee"
-        for layout, out_dtype in (("dH", model), ("dW", "fp32")):
+        for layout in ("dH", "dW"):
             out.append(KernelVariant(
                 mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                 {"bf16": "bfloat16", "fp32": "float32"}[dz],
-                {"a_ptr": dz, "b_ptr": model, "c_ptr": out_dtype},
+                {"a_ptr": dz, "b_ptr": model, "c_ptr": model},
                 dict(ACCUMULATE=layout == "dW", DOT_PRECISION=prec, GROUP_M=8),
                 ints=tuple(layouts[layout].items()), hot=True,
             ))  # fmt: skip

@@ -311,6 +311,10 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
     For each chunk of rows, write_logit_grads(r0, r1, dz) fills dz [r1 - r0, V] with
     dL/d(raw logits); then dH = dZ @ W and dW += dZ^T @ H run as tensor-core GEMMs with fp32
     accumulators, and db += column sums. The workspace holds at most workspace_bytes.
+
+    dW is summed across chunks in the weight's own dtype, as Liger-Kernel and CCE do: a bf16
+    head pays one bf16 rounding per chunk (N / rows of them, 4 at N = 16384, D = 4096) and
+    saves an fp32 [V, D] buffer and its cast (2.3 GiB and 3.5 GiB of traffic at V = 151936).
     """
     need_dh, need_dw, need_db = needs
     M, D = hidden.shape
@@ -321,7 +325,7 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
         rows_per_chunk -= rows_per_chunk % 128
     dz = torch.empty(rows_per_chunk, V, dtype=dz_dtype, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.empty(V, D, dtype=torch.float32, device=hidden.device) if need_dw else None
+    dw = torch.empty(V, D, dtype=weight.dtype, device=hidden.device) if need_dw else None
     db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_db else None
     for r0 in range(0, M, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, M)
@@ -333,7 +337,7 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
             matmul(dz_c.T, hidden[r0:r1], out=dw, accumulate=r0 > 0)
         if db is not None:
             db += dz_c.sum(dim=0, dtype=torch.float32)
-    return dh, None if dw is None else dw.to(weight.dtype), db
+    return dh, dw, db
 
 
 def backward(
