@@ -47,6 +47,7 @@ from benchmarks.common import (
 CHECK_N = 67  # rows of the float64 correctness check: odd, and more than one tile row on CPU
 WARMUP_NS = (64, 67)  # CPU: the shapes every implementation runs on before it is measured
 DW_ROWS = 512  # rows of dW kept for the comparison with naive at the timed shape
+MIN_CUDA_CALLS = 10  # CUDA: timed calls per implementation, at least
 
 
 @dataclass(frozen=True)
@@ -181,10 +182,15 @@ def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tup
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
             fn()
             torch.cuda.synchronize()
+            call_ms = (time.perf_counter() - t0) * 1e3
             peak = torch.cuda.max_memory_allocated() - base
-            ms = do_bench(fn, rep=100 * rounds, return_mode="all")  # repeats: a CPU setting
+            # rep is do_bench's time budget in ms; at least MIN_CUDA_CALLS timed calls, for
+            # a median and a spread (a 150 ms call in rep = 200 ms was timed once)
+            rep = max(100 * rounds, MIN_CUDA_CALLS * call_ms)
+            ms = do_bench(fn, rep=rep, return_mode="all")  # repeats: a CPU setting
         except Exception as e:  # passed the small check, fails at this shape: a result, as in bench_spec
             runs[name] = {"skipped": f"failed at this shape: {type(e).__name__}: {str(e)[:200]}"}
             kept.pop(name, None)
@@ -233,7 +239,7 @@ def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, 
     for name in timed:
         entry = record["impls"][name]
         entry |= runs[name]
-        if "naive" in kept:
+        if name in kept and "naive" in kept:  # not when it failed at the timed shape
             entry["vs_naive"] = bops.errors(op, tuple(kept[name].values()), tuple(kept["naive"].values()))
     return record
 

@@ -109,3 +109,22 @@ def test_child_warms_up_every_implementation_before_it_resets_the_peak(tmp_path,
     report.child(spec, "naive", repeats=2, out_file=tmp_path / "r.json")  # eager: once measured cold
     assert events == [*report.WARMUP_NS, "reset", 5, 5]
     assert '"peak_bytes": 123' in (tmp_path / "r.json").read_text()
+
+
+def test_a_peer_failing_at_the_timed_shape_is_recorded_as_skipped(monkeypatch):
+    """A peer can pass the small float64 check and fail at the timed shape (Liger's chunked
+    GRPO loss under torch 2.11's dynamo at N = 16384 did): the record keeps the others."""
+    spec = report.Spec("token_logprobs", 8, 8, 31, "float32")
+
+    def measure(spec, names, rounds, repeats):
+        runs = {name: {"peak_bytes": [1], "times_s": [1.0], "warmup_s": [0.0]} for name in names}
+        runs["gopd"] = {"skipped": "failed at this shape: RuntimeError: boom"}
+        kept = {name: {"out": torch.zeros(8)} for name in names if name != "gopd"}
+        return runs, kept
+
+    monkeypatch.setattr(report, "measure_cpu", measure)
+    rec = report.bench_spec(spec, ["naive", "gopd"], rounds=1, repeats=1, device="cpu")
+    assert rec["impls"]["gopd"]["skipped"].endswith("boom") and "vs_naive" not in rec["impls"]["gopd"]
+    assert "vs_naive" in rec["impls"]["naive"]
+    assert [r["impl"] for r in summarize(rec)] == ["naive"]
+    assert "- gopd: not run, failed at this shape" in markdown(rec)
