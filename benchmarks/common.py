@@ -9,10 +9,12 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MIN_CUDA_CALLS = 10  # CUDA: timed calls per measurement, at least
 
 
 def machine_description() -> dict:
@@ -93,3 +95,18 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cuda_times_ms(fn, min_rep_ms: float = 200.0) -> list[float]:
+    """Milliseconds per call of fn, from triton.testing.do_bench (CUDA events, after its warm-up),
+    over at least MIN_CUDA_CALLS calls: its `rep` is a time budget, and a 150 ms call in the
+    200 ms default was timed once."""
+    import torch
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    call_ms = (time.perf_counter() - t0) * 1e3
+    return do_bench(fn, rep=max(min_rep_ms, MIN_CUDA_CALLS * call_ms), return_mode="all")

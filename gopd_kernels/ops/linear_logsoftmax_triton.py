@@ -305,6 +305,18 @@ def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_byt
     return forward_models([(hidden, weight, bias)], targets, inv_temp, with_entropy)[0]
 
 
+def logit_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dZ's dtype: bf16 for half-precision models (the GEMM operand), fp32 for fp32 ones."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+
+
+def chunk_rows(rows: int, vocab: int, dz_dtype: torch.dtype, workspace_bytes: int) -> int:
+    """Rows of dZ [rows, V] per backward chunk: all of them if the workspace holds them, else
+    what it holds, in whole 128-row tiles."""
+    n = max(1, min(rows, workspace_bytes // (vocab * dz_dtype.itemsize)))
+    return n - n % 128 if 128 <= n < rows else n
+
+
 def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads):
     """The backward's second half, shared by every loss over a linear head.
 
@@ -319,10 +331,8 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
     need_dh, need_dw, need_db = needs
     M, D = hidden.shape
     V = weight.shape[0]
-    dz_dtype = torch.float32 if hidden.dtype == torch.float32 else torch.bfloat16
-    rows_per_chunk = max(1, min(M, workspace_bytes // (V * dz_dtype.itemsize)))
-    if rows_per_chunk >= 128:
-        rows_per_chunk -= rows_per_chunk % 128
+    dz_dtype = logit_grad_dtype(hidden.dtype)
+    rows_per_chunk = chunk_rows(M, V, dz_dtype, workspace_bytes)
     dz = torch.empty(rows_per_chunk, V, dtype=dz_dtype, device=hidden.device)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=hidden.device) if need_dw else None
@@ -344,26 +354,33 @@ def backward(
     hidden, weight, bias, targets, inv_temp, lse, entropy, grad_logp, grad_entropy, needs, workspace_bytes
 ):
     """Same contract as linear_logsoftmax_torch.backward."""
-    V = weight.shape[0]
     g_l = grad_logp.float() * inv_temp
     g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
 
     def write_logit_grads(r0, r1, dz):
-        h = hidden[r0:r1]
-        grid = lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
-        launch(
-            logits_grad_kernel,
-            logits_grad_kernel_tuned,
-            grid,
-            INTERPRET_CONFIG,
-            h, weight, h if bias is None else bias, targets[r0:r1], lse[r0:r1],
-            lse if entropy is None else entropy[r0:r1], g_l[r0:r1], g_l if g_e is None else g_e[r0:r1],
-            dz, r1 - r0, V, *lm_head_args(h, weight), dz.stride(0), inv_temp, token_bucket(r1 - r0),
-            HAS_BIAS=bias is not None,
-            WITH_ENTROPY=g_e is not None,
-            DOT_PRECISION=DOT_PRECISION[hidden.dtype],
-            GROUP_M=GROUP_M,
-        )  # fmt: skip
+        rows = lambda t: None if t is None else t[r0:r1]
+        logit_grads(rows(hidden), weight, bias, rows(targets), rows(lse), rows(entropy), rows(g_l), rows(g_e),
+                    inv_temp, dz)  # fmt: skip
 
     dh, dw, db = grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads)
     return dh, dw, None if db is None else db.to(bias.dtype)
+
+
+def logit_grads(hidden, weight, bias, targets, lse, entropy, g_l, g_e, inv_temp, dz) -> None:
+    """dz [M, V] <- dL/d(raw logits) of M rows, the logits recomputed tile by tile (g_l, g_e:
+    the upstream gradients of logp and entropy, already / tau; g_e None without entropy)."""
+    M, V = hidden.shape[0], weight.shape[0]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+    launch(
+        logits_grad_kernel,
+        logits_grad_kernel_tuned,
+        grid,
+        INTERPRET_CONFIG,
+        hidden, weight, hidden if bias is None else bias, targets, lse,
+        lse if entropy is None else entropy, g_l, g_l if g_e is None else g_e,
+        dz, M, V, *lm_head_args(hidden, weight), dz.stride(0), inv_temp, token_bucket(M),
+        HAS_BIAS=bias is not None,
+        WITH_ENTROPY=g_e is not None,
+        DOT_PRECISION=DOT_PRECISION[hidden.dtype],
+        GROUP_M=GROUP_M,
+    )  # fmt: skip

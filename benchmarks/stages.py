@@ -1,0 +1,156 @@
+"""Where the Triton token_logprobs spends its time, stage by stage, beside cuBLAS.
+
+    python -m benchmarks.stages                           # CUDA: N = 16384, D = 4096, V = 151936 bf16
+    python -m benchmarks.stages --n 67 --d 64 --v 211     # any shape; on CPU through the interpreter
+
+Forward + backward is one forward launch and, per row chunk of R rows of the backward, three
+launches (gopd_kernels/ops/linear_logsoftmax_triton.py):
+
+    forward      logits tiles -> running log-sum-exp, the target's logit   2 N D V FLOPs
+    logit grad   the chunk's logits again -> dZ [R, V]                      2 R D V
+    dH           dZ @ W                                                     2 R D V
+    dW           dW += dZ^T @ H, in the head's dtype                        2 R D V
+
+Each stage is timed beside cuBLAS's plain GEMM of its shape on the same operands (torch.mm,
+torch.addmm; for the forward and the logit grad, the logits GEMM without the softmax): the
+gap is what tuning that stage can win, the softmax's own cost included. Every stage's output
+is checked against torch before it is timed. The forward plus chunks x (logit grad + dH + dW)
+against the measured whole says how much time lies outside the kernels (allocation, the
+autograd glue). On CPU the kernels run in the interpreter, once each: that checks the
+harness, its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.common import cuda_times_ms, markdown_table  # noqa: E402
+from benchmarks.ops import OPS, make_inputs  # noqa: E402
+from gopd_kernels import token_logprobs  # noqa: E402
+from gopd_kernels.backend import workspace_bytes  # noqa: E402
+from gopd_kernels.ops import linear_logsoftmax_triton as tri  # noqa: E402
+from gopd_kernels.ops.matmul_triton import matmul  # noqa: E402
+
+CHECK_ROWS = 256  # rows of the forward's log-sum-exp checked against torch (the rest would be N x V)
+
+
+def time_ms(fn, device: torch.device) -> float:
+    """Median of at least 10 timed calls on CUDA; one call under the interpreter."""
+    if device.type == "cuda":
+        times = cuda_times_ms(fn)
+        return sorted(times)[len(times) // 2]
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+    if not err <= tol:  # NaN fails too
+        raise AssertionError(f"stage {name}: relative error {err:.1e} against torch exceeds {tol:.0e}")
+
+
+def measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device) -> tuple[list[dict], dict]:
+    x = make_inputs(OPS["token_logprobs"], n, d, v, dtype, str(device))
+    h, w, y = x["hidden"], x["weight"], x["targets"]
+    tol = 1e-2 if dtype != torch.float32 else 1e-4
+    gemm_flops = lambda rows: 2.0 * rows * d * v
+    rows = tri.chunk_rows(n, v, tri.logit_grad_dtype(dtype), workspace_bytes("triton", w))
+    out = []
+
+    def stage(name, shape, flops, ours, cublas):
+        ms, cublas_ms = time_ms(ours, device), time_ms(cublas, device) if cublas else None
+        out.append({"stage": name, "shape": shape, "flops": flops, "ms": ms, "cublas_ms": cublas_ms})
+
+    # forward: (logp, lse) for all N rows
+    logp, lse, _ = tri.forward(h, w, None, y, 1.0, False, 0)
+    want_lse = torch.logsumexp((h[:CHECK_ROWS].float() @ w.float().T), dim=1)
+    _close("forward", lse[:CHECK_ROWS], want_lse, tol)
+    stage("forward", f"{n} x {v} x {d}", gemm_flops(n),
+          lambda: tri.forward(h, w, None, y, 1.0, False, 0), lambda: torch.mm(h, w.T))  # fmt: skip
+
+    # one backward chunk of `rows` rows, with a random upstream gradient of logp
+    r = slice(0, rows)
+    g_l = torch.randn(n, device=device)
+    dz = torch.empty(rows, v, dtype=tri.logit_grad_dtype(dtype), device=device)
+    grad = lambda: tri.logit_grads(h[r], w, None, y[r], lse[r], None, g_l[r], None, 1.0, dz)
+    grad()
+    p = torch.softmax(h[r][:CHECK_ROWS].float() @ w.float().T, dim=1)
+    want_dz = -g_l[r][:CHECK_ROWS, None] * p
+    want_dz[torch.arange(len(want_dz)), y[r][:CHECK_ROWS]] += g_l[r][:CHECK_ROWS]
+    _close("logit grad", dz[:CHECK_ROWS], want_dz, tol)
+    stage("logit grad (chunk)", f"{rows} x {v} x {d}", gemm_flops(rows), grad, lambda: torch.mm(h[r], w.T))
+
+    dh = torch.empty(rows, d, dtype=dtype, device=device)
+    mm_w = w.to(dz.dtype)  # cuBLAS wants one dtype; the Triton GEMM casts W's tiles itself
+    matmul(dz, w, out=dh)
+    _close("dH", dh, dz.float() @ w.float(), tol)
+    stage("dH (chunk)", f"{rows} x {d} x {v}", gemm_flops(rows),
+          lambda: matmul(dz, w, out=dh), lambda: torch.mm(dz, mm_w))  # fmt: skip
+
+    dw = torch.randn(v, d, device=device).to(dtype)
+    mm_h = h[r].to(dz.dtype)
+    want_dw = dw.float() + dz.float().T @ h[r].float()
+    matmul(dz.T, h[r], out=dw, accumulate=True)
+    _close("dW", dw, want_dw, tol)
+    stage("dW += (chunk)", f"{v} x {d} x {rows}", gemm_flops(rows),
+          lambda: matmul(dz.T, h[r], out=dw, accumulate=True),
+          lambda: torch.addmm(dw, dz.T, mm_h, out=dw))  # fmt: skip
+
+    # the whole op through autograd, as the trainer calls it
+    hl, wl = h.detach().requires_grad_(), w.detach().requires_grad_()
+
+    def whole():
+        hl.grad = wl.grad = None
+        token_logprobs(hl, wl, y, backend="triton").backward(g_l)
+
+    chunks = -(-n // rows)
+    stage("fwd + bwd (autograd)", f"{chunks} chunks of {rows} rows", 8.0 * n * d * v, whole, None)
+    return out, {"chunks": chunks, "rows": rows}
+
+
+def table(rows: list[dict], chunks: int, gemm_tflops: float | None) -> str:
+    body = []
+    for s in rows:
+        tf = s["flops"] / (s["ms"] / 1e3) / 1e12
+        of_peak = f"{tf / gemm_tflops:.0%}" if gemm_tflops else "-"
+        cublas = f"{s['cublas_ms']:.2f} ms" if s["cublas_ms"] else "-"
+        ratio = f"{s['ms'] / s['cublas_ms']:.2f}x" if s["cublas_ms"] else "-"
+        body.append([s["stage"], s["shape"], f"{s['ms']:.2f} ms", f"{tf:.0f}", of_peak, cublas, ratio])
+    parts = rows[0]["ms"] + chunks * sum(s["ms"] for s in rows[1:4])
+    headers = ["stage", "GEMM (M x N x K)", "ours", "TFLOP/s", "of GEMM peak", "cuBLAS", "ours / cuBLAS"]
+    whole = f"forward + {chunks} x (logit grad + dH + dW) = {parts:.2f} ms; the whole {rows[-1]['ms']:.2f} ms"
+    return markdown_table(headers, body) + "\n" + whole
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=16384)
+    p.add_argument("--d", type=int, default=4096)
+    p.add_argument("--v", type=int, default=151936)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print("note: no CUDA device: the kernels run in the Triton interpreter once each; times mean nothing")
+    dtype = getattr(torch, args.dtype)
+    rows, info = measure(args.n, args.d, args.v, dtype, device)
+    rate = None
+    if device.type == "cuda":
+        from benchmarks.ceilings import gemm_rate
+
+        rate = gemm_rate(dtype) / 1e12
+        print(f"{torch.cuda.get_device_name()}: cuBLAS {args.dtype} GEMM {rate:.0f} TFLOP/s (8192^3)")
+    print(f"token_logprobs stages, N={args.n} D={args.d} V={args.v} {args.dtype}; fwd + bwd counts 8 N D V")
+    print(table(rows, info["chunks"], rate))
+
+
+if __name__ == "__main__":
+    main()
