@@ -7,11 +7,14 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
 #       liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+# and before every run, the commit that travels (the device's copy of .git is not this
+# checkout's: the first H100 run recorded the session's starting commit):
+#   git describe --always --dirty --abbrev=7 > .whl/COMMIT
 # Then one device `run` per part, each with carry [".whl"]. A lease of 15 minutes of device
 # time (the present rule, the machine's start included) fits one call: run `first`.
 #   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (100 s),
-#                                          # gopd_loss and token_logprobs at N = 16384 bf16
-#                                          # (~6 minutes)
+#                                          # gopd_loss and token_logprobs at N = 16384 bf16,
+#                                          # python -m benchmarks.stages (~7 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton and CUDA tests, quick report
@@ -34,6 +37,7 @@ export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
+    [ -f .whl/COMMIT ] && export GOPD_COMMIT=$(cat .whl/COMMIT)  # what benchmarks.report records
 else
     echo "note: no .whl/ carried: Liger-Kernel and CCE rows will say they are not installed"
     export PYTHONPATH=$PWD
@@ -54,18 +58,20 @@ print('torch backend bf16 GEMMs:', m(torch.device('cuda', 0)))"  # addmm, mm or 
     # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there; the
     # cuda tests check the torch backend's bf16 cuBLAS GEMMs (matmul_torch)
     # xdist (in the GPU image) spreads the autotuner's compiles over the CPU cores
-    local workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 8"
+    local workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 16"
     timeout "$1" python3 -m pytest -q $workers -m "triton or cuda" tests/kernels
 }
 
 case $part in
 first)
     status=0
-    basics 100 || status=1  # 40 tests, 96 s on 8 workers (H100, 2026-11-26)
+    basics 100 || status=1  # 40 tests took 96 s on 8 workers (H100, 2026-11-26)
     # the issue's headline shapes, saved as they finish (~100 s each); what is cut short is
     # rerun later with --op. The autotuner prints each kernel's chosen config.
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT 215 python3 -m benchmarks.report \
         --op gopd_loss,token_logprobs --n 16384 --d 4096 --v 151936 --dtype bfloat16 || status=1
+    # where token_logprobs' time goes, stage by stage, beside cuBLAS on the same GEMMs
+    TRITON_PRINT_AUTOTUNING=1 timeout 90 python3 -m benchmarks.stages || status=1
     (exit $status)
     ;;
 fp32)  # the headline shapes in fp32 (3xTF32 in gopd; cuBLAS fp32 or TF32-free in the peers)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ import torch
 from benchmarks import ops as bops
 from benchmarks.common import (
     RESULTS_DIR,
+    cuda_times_ms,
     machine_description,
     machine_slug,
     markdown_table,
@@ -47,7 +49,6 @@ from benchmarks.common import (
 CHECK_N = 67  # rows of the float64 correctness check: odd, and more than one tile row on CPU
 WARMUP_NS = (64, 67)  # CPU: the shapes every implementation runs on before it is measured
 DW_ROWS = 512  # rows of dW kept for the comparison with naive at the timed shape
-MIN_CUDA_CALLS = 10  # CUDA: timed calls per implementation, at least
 
 
 @dataclass(frozen=True)
@@ -164,8 +165,6 @@ def measure_cpu(spec: Spec, names: list[str], rounds: int, repeats: int) -> tupl
 
 
 def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tuple[dict, dict]:
-    from triton.testing import do_bench
-
     op = bops.OPS[spec.op]
     x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cuda")
     runs, kept = {}, {}
@@ -182,15 +181,10 @@ def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tup
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
             fn()
             torch.cuda.synchronize()
-            call_ms = (time.perf_counter() - t0) * 1e3
             peak = torch.cuda.max_memory_allocated() - base
-            # rep is do_bench's time budget in ms; at least MIN_CUDA_CALLS timed calls, for
-            # a median and a spread (a 150 ms call in rep = 200 ms was timed once)
-            rep = max(100 * rounds, MIN_CUDA_CALLS * call_ms)
-            ms = do_bench(fn, rep=rep, return_mode="all")  # repeats: a CPU setting
+            ms = cuda_times_ms(fn, min_rep_ms=100 * rounds)  # repeats: a CPU setting
         except Exception as e:  # passed the small check, fails at this shape: a result, as in bench_spec
             runs[name] = {"skipped": f"failed at this shape: {type(e).__name__}: {str(e)[:200]}"}
             kept.pop(name, None)
@@ -381,8 +375,12 @@ def write_summary(folder: Path) -> Path:
 
 def _commit() -> str:
     """The gopd commit measured, with '+dirty' when the work tree has changes other than the
-    results the report itself writes."""
+    results the report itself writes; GOPD_COMMIT when set (a copy of the tree whose .git is
+    not the checkout's, as on the device machine)."""
     import subprocess
+
+    if os.environ.get("GOPD_COMMIT"):
+        return os.environ["GOPD_COMMIT"]
 
     run = lambda *a: subprocess.run(
         ["git", *a], capture_output=True, text=True, cwd=RESULTS_DIR.parent.parent
