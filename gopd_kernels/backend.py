@@ -27,7 +27,7 @@ BACKENDS = ("auto", "triton", "torch")
 # [token chunk, vocab chunk] fp32 tiles; 64 MiB keeps CPU caches and peak memory small.
 # The Triton backward writes [token chunk, V] gradient tiles that two GEMMs then read;
 # it may use as much as the LM-head weight itself (memory stays O(V*D)), because each
-# chunk costs one read-modify-write of the fp32 dW and fewer, larger chunks amortise it.
+# chunk costs one read-modify-write of dW and fewer, larger chunks amortise it.
 # GOPD_WORKSPACE_MB overrides both.
 TORCH_WORKSPACE_BYTES = 64 << 20
 TRITON_MIN_WORKSPACE_BYTES = 64 << 20

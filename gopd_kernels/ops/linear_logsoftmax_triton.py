@@ -10,8 +10,8 @@ Backward (`logits_grad_kernel` + two GEMMs): for a chunk of rows, each (row tile
 tile) program recomputes z and writes dL/dz_raw (see linear_logsoftmax_torch) into a
 [rows, V] workspace in the input dtype (bf16 for fp16 inputs: fp16 would underflow small
 gradients); then dH = dZ @ W and dW += dZ^T @ H run on tensor cores with fp32
-accumulators (`matmul_triton`). The workspace rows are sized so that it is no larger than
-the weight: memory stays O(N*D + V*D).
+accumulators (`matmul_triton`), dW summed across row chunks in the weight's dtype. The
+workspace rows are sized so that it is no larger than the weight: memory stays O(N*D + V*D).
 """
 
 from __future__ import annotations
