@@ -17,6 +17,7 @@
 #                                          # python -m benchmarks.stages (~7 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
+#   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
 #   bash benchmarks/gpu_session.sh check   # versions, ceilings, Triton and CUDA tests, quick report
 #   bash benchmarks/gpu_session.sh token   # --preset gpu: token_logprobs, token_logprobs_fwd
 #   bash benchmarks/gpu_session.sh frozen  # --preset gpu: token_logprobs_frozen_head, gopd_loss_frozen_head
@@ -29,7 +30,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|fp32|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh first|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -78,6 +79,15 @@ fp32)  # the headline shapes in fp32 (3xTF32 in gopd; cuBLAS fp32 or TF32-free i
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT "$budget" python3 -m benchmarks.report \
         --op token_logprobs,gopd_loss --n 16384 --d 4096 --v 151936 --dtype float32
     ;;
+tune)  # the Triton backward's dZ chunk and the torch fold's tiles; the log is the record
+    status=0
+    head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
+    timeout 200 python3 -m benchmarks.stages $head --sweep-workspace 600,1200,2400 \
+        --op gopd_loss --impls gopd,gopd-torch || status=1
+    timeout 120 python3 -m benchmarks.stages $head --sweep-workspace 300,600,2400 \
+        --op token_logprobs --impls gopd || status=1
+    (exit $status)
+    ;;
 check)
     status=0
     basics 240 || status=1
@@ -88,7 +98,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: first, fp32, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: first, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

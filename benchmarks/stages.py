@@ -2,6 +2,7 @@
 
     python -m benchmarks.stages                           # CUDA: N = 16384, D = 4096, V = 151936 bf16
     python -m benchmarks.stages --n 67 --d 64 --v 211     # any shape; on CPU through the interpreter
+    python -m benchmarks.stages --sweep-workspace 600,1200,2400 --op gopd_loss --impls gopd,gopd-torch
 
 Forward + backward is one forward launch and, per row chunk of R rows of the backward, three
 launches (gopd_kernels/ops/linear_logsoftmax_triton.py):
@@ -18,6 +19,10 @@ is checked against torch before it is timed. The forward plus chunks x (logit gr
 against the measured whole says how much time lies outside the kernels (allocation, the
 autograd glue). On CPU the kernels run in the interpreter, once each: that checks the
 harness, its times mean nothing.
+
+--sweep-workspace times whole ops (benchmarks.ops, as the report measures them: peak memory
+and time) under several GOPD_WORKSPACE_MB: the Triton backward's dZ chunk and the torch
+backend's tiles and folds. Every setting's outputs are compared with the first setting's.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ if not torch.cuda.is_available():  # before triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import cuda_times_ms, markdown_table  # noqa: E402
-from benchmarks.ops import OPS, make_inputs  # noqa: E402
+from benchmarks.ops import OPS, errors, make_inputs  # noqa: E402
+from benchmarks.report import Spec, measure_cpu, measure_cuda  # noqa: E402
 from gopd_kernels import token_logprobs  # noqa: E402
 from gopd_kernels.backend import workspace_bytes  # noqa: E402
 from gopd_kernels.ops import linear_logsoftmax_triton as tri  # noqa: E402
@@ -130,14 +136,61 @@ def table(rows: list[dict], chunks: int, gemm_tflops: float | None) -> str:
     return markdown_table(headers, body) + "\n" + whole
 
 
+def sweep_workspace(spec: Spec, impls: list[str], mbs: list[float], device: torch.device) -> list[dict]:
+    """Peak memory and times of `impls` of spec.op under each GOPD_WORKSPACE_MB in `mbs`."""
+    measure = measure_cuda if device.type == "cuda" else measure_cpu
+    op, first, out = OPS[spec.op], {}, []
+    old = os.environ.get("GOPD_WORKSPACE_MB")
+    try:
+        for mb in mbs:
+            os.environ["GOPD_WORKSPACE_MB"] = str(mb)
+            runs, kept = measure(spec, impls, rounds=1, repeats=1)
+            for name in impls:
+                got = tuple(kept[name].values()) if name in kept else None
+                first.setdefault(name, got)
+                vs = errors(op, got, first[name]) if got and first[name] else {}
+                out.append({"workspace_mb": mb, "impl": name, "vs_first": vs, **runs[name]})
+    finally:
+        os.environ.pop("GOPD_WORKSPACE_MB") if old is None else os.environ.update(GOPD_WORKSPACE_MB=old)
+    return out
+
+
+def sweep_table(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        if "times_s" not in r:
+            body.append([r["workspace_mb"], r["impl"], r.get("skipped", "-"), "-", "-"])
+            continue
+        times = sorted(r["times_s"])
+        err = max(r["vs_first"].values(), default=0.0)
+        body.append([r["workspace_mb"], r["impl"], f"{times[len(times) // 2] * 1e3:.2f} ms",
+                     f"{max(r['peak_bytes']) / 2**20:.0f}", f"{err:.0e}"])  # fmt: skip
+    return markdown_table(["GOPD_WORKSPACE_MB", "impl", "time median", "peak MiB", "vs first setting"], body)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--v", type=int, default=151936)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--sweep-workspace", help="comma-separated MiB: time whole ops under each instead")
+    p.add_argument("--op", default="gopd_loss", help="--sweep-workspace: the op (benchmarks.ops)")
+    p.add_argument("--impls", default="gopd,gopd-torch", help="--sweep-workspace: comma-separated")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.sweep_workspace:
+        if args.op not in OPS:
+            raise ValueError(f"--op: unknown op {args.op!r}; choose from {', '.join(OPS)}")
+        impls = args.impls.split(",")
+        unknown = [i for i in impls if i not in OPS[args.op].impls]
+        if unknown:
+            raise ValueError(f"--impls: {unknown} are not implementations of {args.op}")
+        spec = Spec(args.op, args.n, args.d, args.v, args.dtype)
+        mbs = [float(mb) for mb in args.sweep_workspace.split(",")]
+        print(f"{spec.name}: GOPD_WORKSPACE_MB sweep")
+        print(sweep_table(sweep_workspace(spec, impls, mbs, device)))
+        return
     if device.type == "cpu":
         print("note: no CUDA device: the kernels run in the Triton interpreter once each; times mean nothing")
     dtype = getattr(torch, args.dtype)

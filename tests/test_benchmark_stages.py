@@ -3,6 +3,8 @@ it is timed (through the interpreter without a GPU), and a wrong stage stops the
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -32,3 +34,21 @@ def test_a_wrong_stage_fails_its_check(device, monkeypatch):
     monkeypatch.setattr(stages.tri, "logit_grads", off_by_a_bit)
     with pytest.raises(AssertionError, match="stage logit grad"):
         stages.measure(67, 32, 97, torch.float32, device)
+
+
+def test_workspace_sweep_sets_each_size_compares_with_the_first_and_restores(monkeypatch):
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", "7")
+    seen = []
+
+    def measure(spec, names, rounds, repeats):
+        mb = float(os.environ["GOPD_WORKSPACE_MB"])
+        seen.append(mb)
+        runs = {name: {"peak_bytes": [int(mb) << 20], "times_s": [mb / 1e3]} for name in names}
+        return runs, {name: {"out": torch.full((4,), 1.0 + (mb > 1) * 0.5)} for name in names}
+
+    monkeypatch.setattr(stages, "measure_cpu", measure)
+    spec = stages.Spec("token_logprobs_fwd", 4, 8, 16, "float32")
+    rows = stages.sweep_workspace(spec, ["gopd"], [1.0, 2.0], torch.device("cpu"))
+    assert seen == [1.0, 2.0] and os.environ["GOPD_WORKSPACE_MB"] == "7"
+    assert [r["vs_first"]["out"] for r in rows] == [0.0, pytest.approx(0.5)]
+    assert "| 2.0 | gopd | 2.00 ms | 2 | 5e-01 |" in stages.sweep_table(rows)
