@@ -13,8 +13,8 @@
 # Then one device `run` per part, each with carry [".whl"]. A lease of 15 minutes of device
 # time (the present rule, the machine's start included) fits one call: run `first`.
 #   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (100 s),
-#                                          # gopd_loss and token_logprobs at N = 16384 bf16,
-#                                          # python -m benchmarks.stages (~7 minutes)
+#                                          # gopd demo --quick, gopd_loss and token_logprobs at
+#                                          # N = 16384 bf16, benchmarks.stages (~8 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -67,6 +67,8 @@ case $part in
 first)
     status=0
     basics 100 || status=1  # 40 tests took 96 s on 8 workers (H100, 2026-11-26)
+    # the trainer end to end on CUDA (never run there before): SFT, G-OPD and ExOPD, a few steps
+    timeout 60 python3 -m gopd.cli demo --quick --out /tmp/gopd-demo || status=1
     # the headline shapes, saved as they finish (~100 s each); what is cut short is
     # rerun later with --op. The autotuner prints each kernel's chosen config.
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT 215 python3 -m benchmarks.report \
