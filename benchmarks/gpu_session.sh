@@ -81,12 +81,12 @@ fp32)  # the headline shapes in fp32 (3xTF32 in gopd; cuBLAS fp32 or TF32-free i
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT "$budget" python3 -m benchmarks.report \
         --op token_logprobs,gopd_loss --n 16384 --d 4096 --v 151936 --dtype float32
     ;;
-tune)  # the Triton backward's dZ chunk and the torch fold's tiles; the log is the record
+tune)  # the Triton backward's dZ tile and the torch fold's tiles; the log is the record
     status=0
     head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
     timeout 200 python3 -m benchmarks.stages $head --sweep-workspace 600,1200,2400 \
         --op gopd_loss --impls gopd,gopd-torch || status=1
-    timeout 120 python3 -m benchmarks.stages $head --sweep-workspace 300,600,2400 \
+    timeout 150 python3 -m benchmarks.stages $head --sweep-workspace 300,600,1200,2400 \
         --op token_logprobs --impls gopd || status=1
     (exit $status)
     ;;

@@ -4,24 +4,24 @@
     python -m benchmarks.stages --n 67 --d 64 --v 211     # any shape; on CPU through the interpreter
     python -m benchmarks.stages --sweep-workspace 600,1200,2400 --op gopd_loss --impls gopd,gopd-torch
 
-Forward + backward is one forward launch and, per row chunk of R rows of the backward, three
-launches (gopd_kernels/ops/linear_logsoftmax_triton.py):
+Forward + backward is one forward launch and, per tile of the backward (R rows by C
+vocabulary columns, linear_logsoftmax_triton.backward_tiles), three launches:
 
     forward      logits tiles -> running log-sum-exp, the target's logit   2 N D V FLOPs
-    logit grad   the chunk's logits again -> dZ [R, V]                      2 R D V
-    dH           dZ @ W                                                     2 R D V
-    dW           dW += dZ^T @ H, in the head's dtype                        2 R D V
+    logit grad   the tile's logits again -> dZ [R, C]                       2 R D C
+    dH           dH[rows] += dZ @ W[cols], fp32 across the slices           2 R D C
+    dW           dW[cols] = dZ^T @ H[rows], in the head's dtype             2 R D C
 
-Each stage is timed beside cuBLAS's plain GEMM of its shape on the same operands (torch.mm,
-torch.addmm; for the forward and the logit grad, the logits GEMM without the softmax): the
-gap is what tuning that stage can win, the softmax's own cost included. Every stage's output
-is checked against torch before it is timed. The forward plus chunks x (logit grad + dH + dW)
-against the measured whole says how much time lies outside the kernels (allocation, the
-autograd glue). On CPU the kernels run in the interpreter, once each: that checks the
-harness, its times mean nothing.
+Each stage is timed beside cuBLAS's plain GEMM of its shape on the same operands (torch.mm;
+for the forward and the logit grad, the logits GEMM without the softmax): the gap is what
+tuning that stage can win, the softmax's own cost included. Every stage's output is checked
+against torch before it is timed. The forward plus tiles x (logit grad + dH + dW) against the
+measured whole says how much time lies outside the kernels (allocation, the autograd glue).
+On CPU the kernels run in the interpreter, once each: that checks the harness, its times
+mean nothing.
 
 --sweep-workspace times whole ops (benchmarks.ops, as the report measures them: peak memory
-and time) under several GOPD_WORKSPACE_MB: the Triton backward's dZ chunk and the torch
+and time) under several GOPD_WORKSPACE_MB: the Triton backward's dZ tile and the torch
 backend's tiles and folds. Every setting's outputs are compared with the first setting's.
 """
 
@@ -67,8 +67,8 @@ def measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device) ->
     x = make_inputs(OPS["token_logprobs"], n, d, v, dtype, str(device))
     h, w, y = x["hidden"], x["weight"], x["targets"]
     tol = 1e-2 if dtype != torch.float32 else 1e-4
-    gemm_flops = lambda rows: 2.0 * rows * d * v
-    rows = tri.chunk_rows(n, v, tri.logit_grad_dtype(dtype), workspace_bytes("triton", w))
+    dz_dtype = tri.logit_grad_dtype(dtype)
+    rows, cols = tri.backward_tiles(n, v, d, dz_dtype, workspace_bytes("triton", w))
     out = []
 
     def stage(name, shape, flops, ours, cublas):
@@ -79,36 +79,36 @@ def measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device) ->
     logp, lse, _ = tri.forward(h, w, None, y, 1.0, False, 0)
     want_lse = torch.logsumexp((h[:CHECK_ROWS].float() @ w.float().T), dim=1)
     _close("forward", lse[:CHECK_ROWS], want_lse, tol)
-    stage("forward", f"{n} x {v} x {d}", gemm_flops(n),
+    stage("forward", f"{n} x {v} x {d}", 2.0 * n * d * v,
           lambda: tri.forward(h, w, None, y, 1.0, False, 0), lambda: torch.mm(h, w.T))  # fmt: skip
 
-    # one backward chunk of `rows` rows, with a random upstream gradient of logp
-    r = slice(0, rows)
+    # the backward's first tile (rows x cols of the vocabulary), random upstream gradient of logp
+    r, c = slice(0, rows), slice(0, cols)
+    tile_flops = 2.0 * rows * d * cols
     g_l = torch.randn(n, device=device)
-    dz = torch.empty(rows, v, dtype=tri.logit_grad_dtype(dtype), device=device)
-    grad = lambda: tri.logit_grads(h[r], w, None, y[r], lse[r], None, g_l[r], None, 1.0, dz)
+    dz = torch.empty(rows, cols, dtype=dz_dtype, device=device)
+    grad = lambda: tri.logit_grads(h[r], w[c], None, y[r], lse[r], None, g_l[r], None, 1.0, dz)
     grad()
-    p = torch.softmax(h[r][:CHECK_ROWS].float() @ w.float().T, dim=1)
-    want_dz = -g_l[r][:CHECK_ROWS, None] * p
-    want_dz[torch.arange(len(want_dz)), y[r][:CHECK_ROWS]] += g_l[r][:CHECK_ROWS]
-    _close("logit grad", dz[:CHECK_ROWS], want_dz, tol)
-    stage("logit grad (chunk)", f"{rows} x {v} x {d}", gemm_flops(rows), grad, lambda: torch.mm(h[r], w.T))
+    k = min(rows, CHECK_ROWS)
+    want_dz = -g_l[:k, None] * torch.softmax(h[:k].float() @ w.float().T, dim=1)
+    want_dz[torch.arange(k), y[:k]] += g_l[:k]
+    _close("logit grad", dz[:k], want_dz[:, c], tol)
+    stage("logit grad (tile)", f"{rows} x {cols} x {d}", tile_flops, grad, lambda: torch.mm(h[r], w[c].T))
 
-    dh = torch.empty(rows, d, dtype=dtype, device=device)
-    mm_w = w.to(dz.dtype)  # cuBLAS wants one dtype; the Triton GEMM casts W's tiles itself
-    matmul(dz, w, out=dh)
-    _close("dH", dh, dz.float() @ w.float(), tol)
-    stage("dH (chunk)", f"{rows} x {d} x {v}", gemm_flops(rows),
-          lambda: matmul(dz, w, out=dh), lambda: torch.mm(dz, mm_w))  # fmt: skip
-
-    dw = torch.randn(v, d, device=device).to(dtype)
-    mm_h = h[r].to(dz.dtype)
-    want_dw = dw.float() + dz.float().T @ h[r].float()
-    matmul(dz.T, h[r], out=dw, accumulate=True)
-    _close("dW", dw, want_dw, tol)
-    stage("dW += (chunk)", f"{v} x {d} x {rows}", gemm_flops(rows),
-          lambda: matmul(dz.T, h[r], out=dw, accumulate=True),
-          lambda: torch.addmm(dw, dz.T, mm_h, out=dw))  # fmt: skip
+    # dH += dZ @ W[cols] into an fp32 accumulator (when there are several slices; cuBLAS's
+    # plain product beside it), dW[cols] = dZ^T @ H over the tile's rows
+    dh = torch.randn(rows, d, device=device)
+    want_dh = dh + dz.float() @ w[c].float()
+    matmul(dz, w[c], out=dh, accumulate=True)
+    _close("dH", dh, want_dh, tol)
+    mm_w, mm_h = w[c].to(dz_dtype), h[r].to(dz_dtype)  # cuBLAS wants one dtype; ours casts tiles
+    stage("dH += (tile)", f"{rows} x {d} x {cols}", tile_flops,
+          lambda: matmul(dz, w[c], out=dh, accumulate=True), lambda: torch.mm(dz, mm_w))  # fmt: skip
+    dw = torch.empty(cols, d, dtype=dtype, device=device)
+    matmul(dz.T, h[r], out=dw)
+    _close("dW", dw, dz.float().T @ h[r].float(), tol)
+    stage("dW (tile)", f"{cols} x {d} x {rows}", tile_flops,
+          lambda: matmul(dz.T, h[r], out=dw), lambda: torch.mm(dz.T, mm_h))  # fmt: skip
 
     # the whole op through autograd, as the trainer calls it
     hl, wl = h.detach().requires_grad_(), w.detach().requires_grad_()
@@ -117,12 +117,12 @@ def measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device) ->
         hl.grad = wl.grad = None
         token_logprobs(hl, wl, y, backend="triton").backward(g_l)
 
-    chunks = -(-n // rows)
-    stage("fwd + bwd (autograd)", f"{chunks} chunks of {rows} rows", 8.0 * n * d * v, whole, None)
-    return out, {"chunks": chunks, "rows": rows}
+    tiles = -(-n // rows) * -(-v // cols)
+    stage("fwd + bwd (autograd)", f"{tiles} tiles of {rows} x {cols}", 8.0 * n * d * v, whole, None)
+    return out, {"tiles": tiles, "rows": rows, "cols": cols}
 
 
-def table(rows: list[dict], chunks: int, gemm_tflops: float | None) -> str:
+def table(rows: list[dict], tiles: int, gemm_tflops: float | None) -> str:
     body = []
     for s in rows:
         tf = s["flops"] / (s["ms"] / 1e3) / 1e12
@@ -130,9 +130,9 @@ def table(rows: list[dict], chunks: int, gemm_tflops: float | None) -> str:
         cublas = f"{s['cublas_ms']:.2f} ms" if s["cublas_ms"] else "-"
         ratio = f"{s['ms'] / s['cublas_ms']:.2f}x" if s["cublas_ms"] else "-"
         body.append([s["stage"], s["shape"], f"{s['ms']:.2f} ms", f"{tf:.0f}", of_peak, cublas, ratio])
-    parts = rows[0]["ms"] + chunks * sum(s["ms"] for s in rows[1:4])
+    parts = rows[0]["ms"] + tiles * sum(s["ms"] for s in rows[1:4])  # the last slice is narrower
     headers = ["stage", "GEMM (M x N x K)", "ours", "TFLOP/s", "of GEMM peak", "cuBLAS", "ours / cuBLAS"]
-    whole = f"forward + {chunks} x (logit grad + dH + dW) = {parts:.2f} ms; the whole {rows[-1]['ms']:.2f} ms"
+    whole = f"forward + {tiles} x (logit grad + dH + dW) = {parts:.2f} ms; the whole {rows[-1]['ms']:.2f} ms"
     return markdown_table(headers, body) + "\n" + whole
 
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         rate = gemm_rate(dtype) / 1e12
         print(f"{torch.cuda.get_device_name()}: cuBLAS {args.dtype} GEMM {rate:.0f} TFLOP/s (8192^3)")
     print(f"token_logprobs stages, N={args.n} D={args.d} V={args.v} {args.dtype}; fwd + bwd counts 8 N D V")
-    print(table(rows, info["chunks"], rate))
+    print(table(rows, info["tiles"], rate))
 
 
 if __name__ == "__main__":

@@ -37,11 +37,15 @@ TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 HALF = ("bfloat16", "float16")
 
 TOKENS, HIDDEN, VOCAB = 16383, 4096, 151936  # LAUNCH_SHAPE: token counts are arbitrary
+# The backward's dZ tiles at LAUNCH_SHAPE with a workspace of the head's size: all rows by
+# 30464 vocabulary columns (linear_logsoftmax_triton.backward_tiles). Like VOCAB, a multiple
+# of 16: the logit-gradient kernels, which see a slice as their vocabulary, compile the same.
+SLICE = 30464
 LAUNCH_INTS = {  # representative integer arguments by name; matmul layouts give their own
     "M": TOKENS,
     "V": VOCAB,
     "slice_len": 4 * 512,  # a multiple of SLICE_ALIGN
-    "stride_dzm": VOCAB,  # the [rows, V] logit-gradient tile
+    "stride_dzm": SLICE,  # the [rows, slice] logit-gradient tile
 }
 
 
@@ -168,14 +172,13 @@ def kernel_variants() -> list[KernelVariant]:
             _logits_grad(dt, True, **plain),
             _dense_partials(dt, HAS_REF=False, TEACHER_KL=False),
         ]
-    # Backward GEMMs, per row chunk of the logit gradient dZ [rows, V] (rows: 4096 at the
-    # launch shape's workspace): dH = dZ @ W, out in the hidden dtype; dW += dZ^T @ H, summed
-    # in the weight's dtype. dZ is bf16 for half-precision models, fp32 for fp32 ones.
-    rows = 4096
+    # Backward GEMMs, per dZ tile [rows, slice] (all rows at the launch shape): dH += dZ @ W,
+    # summed over the slices in fp32; dW[slice] = dZ^T @ H over all rows, in the weight's
+    # dtype. dZ is bf16 for half-precision models, fp32 for fp32 ones.
     layouts = {
-        "dH": dict(M=rows, N=HIDDEN, K=VOCAB, stride_am=VOCAB, stride_ak=1,
+        "dH": dict(M=TOKENS, N=HIDDEN, K=SLICE, stride_am=SLICE, stride_ak=1,
                    stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
-        "dW": dict(M=VOCAB, N=HIDDEN, K=rows, stride_am=1, stride_ak=VOCAB,
+        "dW": dict(M=SLICE, N=HIDDEN, K=TOKENS, stride_am=1, stride_ak=SLICE,
                    stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
     }  # fmt: skip
     for model in ("bf16", "fp16", "fp32"):
@@ -185,8 +188,8 @@ def kernel_variants() -> list[KernelVariant]:
             out.append(KernelVariant(
                 mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
                 {"bf16": "bfloat16", "fp32": "float32"}[dz],
-                {"a_ptr": dz, "b_ptr": model, "c_ptr": model},
-                dict(ACCUMULATE=layout == "dW", DOT_PRECISION=prec, GROUP_M=8),
+                {"a_ptr": dz, "b_ptr": model, "c_ptr": "fp32" if layout == "dH" else model},
+                dict(ACCUMULATE=layout == "dH", DOT_PRECISION=prec, GROUP_M=8),
                 ints=tuple(layouts[layout].items()), hot=True,
             ))  # fmt: skip
     return out

@@ -25,9 +25,9 @@ BACKENDS = ("auto", "triton", "torch")
 
 # Scratch for a tile of logits (or of their gradients). The torch twin streams
 # [token chunk, vocab chunk] fp32 tiles; 64 MiB keeps CPU caches and peak memory small.
-# The Triton backward writes [token chunk, V] gradient tiles that two GEMMs then read;
-# it may use as much as the LM-head weight itself (memory stays O(V*D)), because each
-# chunk costs one read-modify-write of dW and fewer, larger chunks amortise it.
+# The Triton backward writes [tokens, vocabulary slice] gradient tiles that two GEMMs then
+# read; it may use as much as the LM-head weight itself (memory stays O(V*D)), because each
+# slice costs one read-modify-write of an fp32 dH and fewer, larger slices amortise it.
 # GOPD_WORKSPACE_MB overrides both.
 TORCH_WORKSPACE_BYTES = 64 << 20
 TRITON_MIN_WORKSPACE_BYTES = 64 << 20

@@ -12,15 +12,15 @@ from benchmarks import stages
 
 
 @pytest.mark.triton
-def test_every_stage_runs_checked_and_adds_up_to_the_chunks(device, monkeypatch):
-    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(130 * 211 * 2 / 2**20))  # 130 rows of bf16 dZ: 3 chunks
+def test_every_stage_runs_checked_and_adds_up_to_the_tiles(device, monkeypatch):
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(54 * 512 * 2 / 2**20))  # 54 columns of bf16 for 512 rows
     rows, info = stages.measure(300, 32, 211, torch.bfloat16, device)
-    assert info == {"chunks": 3, "rows": 128}  # 130 rounded down to whole 128-row tiles
-    assert [r["stage"] for r in rows] == ["forward", "logit grad (chunk)", "dH (chunk)", "dW += (chunk)",
+    assert info == {"tiles": 4, "rows": 300, "cols": 54}  # all rows (bucket 512), 4 vocabulary slices
+    assert [r["stage"] for r in rows] == ["forward", "logit grad (tile)", "dH += (tile)", "dW (tile)",
                                           "fwd + bwd (autograd)"]  # fmt: skip
     assert all(r["ms"] > 0 for r in rows) and rows[-1]["cublas_ms"] is None
-    assert rows[1]["flops"] == 2 * 128 * 32 * 211 and rows[-1]["flops"] == 8 * 300 * 32 * 211
-    assert "3 x (logit grad + dH + dW)" in stages.table(rows, info["chunks"], None)
+    assert rows[1]["flops"] == 2 * 300 * 32 * 54 and rows[-1]["flops"] == 8 * 300 * 32 * 211
+    assert "4 x (logit grad + dH + dW)" in stages.table(rows, info["tiles"], None)
 
 
 @pytest.mark.triton

@@ -223,20 +223,20 @@ def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_byt
 def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes):
     """Same contract as dense_kl_torch.backward."""
     hs, ws = student
-    V = ws.shape[0]
     g = grad_kl.float() * inv_temp
 
-    def write_logit_grads(r0, r1, dz):
-        heads = [None if hd is None else (hd[0][r0:r1], hd[1]) for hd in (student, teacher, ref)]
+    def write_logit_grads(rows, cols, dz):  # the three heads' columns `cols`: a vocabulary of their own
+        heads = [None if hd is None else (hd[0][rows], hd[1][cols]) for hd in (student, teacher, ref)]
         ptrs, dims, strides = _head_args(heads)
-        grid = lambda meta: (triton.cdiv(r1 - r0, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
+        M, V = dz.shape
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
         launch(
             dense_kl_grad_kernel,
             dense_kl_grad_kernel_tuned,
             grid,
             INTERPRET_CONFIG,
-            *ptrs, lse_a[r0:r1], lse_c[r0:r1], kl[r0:r1], g[r0:r1], dz,
-            r1 - r0, V, *dims, *strides, dz.stride(0), inv_temp, float(lam), token_bucket(r1 - r0),
+            *ptrs, lse_a[rows], lse_c[rows], kl[rows], g[rows], dz,
+            M, V, *dims, *strides, dz.stride(0), inv_temp, float(lam), token_bucket(M),
             HAS_REF=ref is not None and lam != 1.0,
             DOT_PRECISION=DOT_PRECISION[hs.dtype],
             GROUP_M=GROUP_M,

@@ -6,12 +6,12 @@ with tl.dot over D in BLOCK_D steps (fp32 accumulator), and keeps an online log-
 (m, s), the entropy sum t and the target logit. Slices run in parallel programs so that
 small token counts still fill the GPU; their partials are merged by `merge_vocab_partials`.
 
-Backward (`logits_grad_kernel` + two GEMMs): for a chunk of rows, each (row tile, vocab
-tile) program recomputes z and writes dL/dz_raw (see linear_logsoftmax_torch) into a
-[rows, V] workspace in the input dtype (bf16 for fp16 inputs: fp16 would underflow small
-gradients); then dH = dZ @ W and dW += dZ^T @ H run on tensor cores with fp32
-accumulators (`matmul_triton`), dW summed across row chunks in the weight's dtype. The
-workspace rows are sized so that it is no larger than the weight: memory stays O(N*D + V*D).
+Backward (`logits_grad_kernel` + two GEMMs, grads_from_logit_grads): for a tile of rows by
+a vocabulary slice, each (row tile, vocab tile) program recomputes z and writes dL/dz_raw
+(see linear_logsoftmax_torch) into a workspace in the input dtype (bf16 for fp16 inputs:
+fp16 would underflow small gradients); then dW[slice] = dZ^T @ H and dH += dZ @ W[slice]
+run on tensor cores with fp32 accumulators (`matmul_triton`). The workspace is no larger
+than the weight: memory stays O(N*D + V*D).
 """
 
 from __future__ import annotations
@@ -310,43 +310,75 @@ def logit_grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def chunk_rows(rows: int, vocab: int, dz_dtype: torch.dtype, workspace_bytes: int) -> int:
-    """Rows of dZ [rows, V] per backward chunk: all of them if the workspace holds them, else
-    what it holds, in whole 128-row tiles."""
-    n = max(1, min(rows, workspace_bytes // (vocab * dz_dtype.itemsize)))
-    return n - n % 128 if 128 <= n < rows else n
+def backward_tiles(rows: int, vocab: int, hidden_size: int, dz_dtype: torch.dtype, workspace_bytes: int):
+    """(rows per chunk, vocabulary columns per slice) of the backward's dZ tiles.
+
+    All rows in one chunk unless an fp32 [rows, D] dH accumulator would outgrow the
+    workspace; then chunks of whole 128-row tiles. The vocabulary is cut into as few slices
+    as the workspace allows, of near-equal widths in whole 128 columns (no narrow last
+    slice, a GEMM too thin for the tensor cores). The width is sized for token_bucket(rows), not for
+    rows, so that it (an autotuning key of the kernels) takes one value per bucket and
+    training's changing token counts do not re-tune every step."""
+    max_rows = max(128, workspace_bytes // (hidden_size * 4))
+    row_chunk = rows if rows <= max_rows else max_rows - max_rows % 128
+    max_cols = max(1, min(vocab, workspace_bytes // (token_bucket(row_chunk) * dz_dtype.itemsize)))
+    if max_cols < 128 or max_cols == vocab:
+        return row_chunk, max_cols
+    max_cols -= max_cols % 128
+    slices = -(-vocab // max_cols)
+    width = -(-vocab // slices)  # ceil(V / slices), then up to whole 128 columns (<= max_cols)
+    return row_chunk, -(-width // 128) * 128 if slices > 1 else vocab
 
 
 def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads):
     """The backward's second half, shared by every loss over a linear head.
 
-    For each chunk of rows, write_logit_grads(r0, r1, dz) fills dz [r1 - r0, V] with
-    dL/d(raw logits); then dH = dZ @ W and dW += dZ^T @ H run as tensor-core GEMMs with fp32
-    accumulators, and db += column sums. The workspace holds at most workspace_bytes.
+    The logit gradient dZ [N, V] is formed tile by tile, a tile being a chunk of rows by a
+    slice of the vocabulary (backward_tiles; at N = 16384, V = 151936 and a workspace of the
+    weight's size: all rows by 5 slices of 30464 columns). For each, write_logit_grads(rows, cols, dz)
+    fills dz with dL/d(raw logits) of those rows and columns; then
 
-    dW is summed across chunks in the weight's own dtype, as Liger-Kernel and CCE do: a bf16
-    head pays one bf16 rounding per chunk (N / rows of them, 4 at N = 16384, D = 4096) and
-    saves an fp32 [V, D] buffer and its cast (2.3 GiB and 3.5 GiB of traffic at V = 151936).
+        dW[cols] = dZ^T @ H[rows]      one GEMM over all rows when they are one chunk
+        dH[rows] += dZ @ W[cols]       summed over the slices in fp32 ([rows, D], small)
+        db[cols] += column sums of dZ
+
+    run as tensor-core GEMMs with fp32 accumulators. dW is never summed across chunks in
+    bf16 (a known precision loss of chunked kernels); only when the rows come in several
+    chunks (an fp32 dH accumulator over all of them would not fit the workspace) does an
+    fp32 [V, D] buffer carry dW across them.
     """
     need_dh, need_dw, need_db = needs
     M, D = hidden.shape
     V = weight.shape[0]
+    dev, f32 = hidden.device, torch.float32
     dz_dtype = logit_grad_dtype(hidden.dtype)
-    rows_per_chunk = chunk_rows(M, V, dz_dtype, workspace_bytes)
-    dz = torch.empty(rows_per_chunk, V, dtype=dz_dtype, device=hidden.device)
+    row_chunk, cols = backward_tiles(M, V, D, dz_dtype, workspace_bytes)
+    dz = torch.empty(row_chunk, cols, dtype=dz_dtype, device=dev)
     dh = torch.empty_like(hidden) if need_dh else None
-    dw = torch.empty(V, D, dtype=weight.dtype, device=hidden.device) if need_dw else None
-    db = torch.zeros(V, dtype=torch.float32, device=hidden.device) if need_db else None
-    for r0 in range(0, M, rows_per_chunk):
-        r1 = min(r0 + rows_per_chunk, M)
-        dz_c = dz[: r1 - r0]
-        write_logit_grads(r0, r1, dz_c)
-        if dh is not None:
-            matmul(dz_c, weight, out=dh[r0:r1])
-        if dw is not None:
-            matmul(dz_c.T, hidden[r0:r1], out=dw, accumulate=r0 > 0)
-        if db is not None:
-            db += dz_c.sum(dim=0, dtype=torch.float32)
+    dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if need_dw else None
+    db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
+    # fp32 accumulators where a sum runs over tiles and the output is not fp32 itself
+    sums_dh, sums_dw = need_dh and cols < V and dh.dtype != f32, need_dw and row_chunk < M and dw.dtype != f32
+    dh_acc = torch.empty(row_chunk, D, dtype=f32, device=dev) if sums_dh else None
+    dw_acc = torch.empty(V, D, dtype=f32, device=dev) if sums_dw else None
+    for r0 in range(0, M, row_chunk):
+        r1 = min(r0 + row_chunk, M)
+        for v0 in range(0, V, cols):
+            v1 = min(v0 + cols, V)
+            dz_t = dz[: r1 - r0, : v1 - v0]
+            write_logit_grads(slice(r0, r1), slice(v0, v1), dz_t)
+            if dh is not None:
+                out = dh[r0:r1] if dh_acc is None else dh_acc[: r1 - r0]
+                matmul(dz_t, weight[v0:v1], out=out, accumulate=v0 > 0)
+            if dw is not None:
+                out = dw[v0:v1] if dw_acc is None else dw_acc[v0:v1]
+                matmul(dz_t.T, hidden[r0:r1], out=out, accumulate=r0 > 0)
+            if db is not None:
+                db[v0:v1] += dz_t.sum(dim=0, dtype=f32)
+        if dh_acc is not None:
+            dh[r0:r1] = dh_acc[: r1 - r0]
+    if dw_acc is not None:
+        dw.copy_(dw_acc)
     return dh, dw, db
 
 
@@ -357,10 +389,12 @@ def backward(
     g_l = grad_logp.float() * inv_temp
     g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
 
-    def write_logit_grads(r0, r1, dz):
-        rows = lambda t: None if t is None else t[r0:r1]
-        logit_grads(rows(hidden), weight, bias, rows(targets), rows(lse), rows(entropy), rows(g_l), rows(g_e),
-                    inv_temp, dz)  # fmt: skip
+    def write_logit_grads(rows, cols, dz):
+        r = lambda t: None if t is None else t[rows]
+        # the kernel sees a vocabulary of the slice's columns: ids shift with it, and the ids
+        # outside it (negative or past its end) match no column
+        logit_grads(r(hidden), weight[cols], None if bias is None else bias[cols], r(targets) - cols.start,
+                    r(lse), r(entropy), r(g_l), r(g_e), inv_temp, dz)  # fmt: skip
 
     dh, dw, db = grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads)
     return dh, dw, None if db is None else db.to(bias.dtype)

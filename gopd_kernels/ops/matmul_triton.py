@@ -1,8 +1,8 @@
 """C (+)= A @ B with a float32 accumulator, on tensor cores, for the backward GEMMs.
 
 The backward needs two products of the logit-gradient tile dZ [rows, V]:
-dH = dZ @ W (written in the hidden dtype) and dW += dZ^T @ H (each chunk's product summed in
-fp32, added to dW in the weight's dtype). Strides make dZ^T free. Both operands are cast to A's dtype
+dH += dZ @ W (summed over vocabulary slices in an fp32 buffer) and dW = dZ^T @ H (over all
+rows of a slice, written in the weight's dtype). Strides make dZ^T free. Both operands are cast to A's dtype
 before the dot (bf16 x bf16, or fp32 x fp32 through 3xTF32).
 """
 

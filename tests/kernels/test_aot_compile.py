@@ -49,6 +49,16 @@ def test_every_integer_argument_has_a_launch_value():
         aot.launch_int("n_experts", {})
 
 
+def test_launch_shape_slice_is_the_backwards():
+    import torch
+
+    from gopd_kernels.ops.linear_logsoftmax_triton import backward_tiles
+
+    for dtype in (torch.bfloat16, torch.float32):  # a workspace of the head's size
+        ws = aot.VOCAB * aot.HIDDEN * dtype.itemsize
+        assert backward_tiles(aot.TOKENS, aot.VOCAB, aot.HIDDEN, dtype, ws) == (aot.TOKENS, aot.SLICE)
+
+
 RES_USAGE = """
 Resource usage:
  Common:

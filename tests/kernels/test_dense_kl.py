@@ -69,6 +69,16 @@ def test_backends_match_reference_odd_shapes(backend, lam, device):
     compare(backend, dev, lam, n=(1, 7), v=97, dims=(17, 16, 33), temperature=1.4)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("workspace_mb", ["0.05", "0.005"], ids=["vocab-slices", "row-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_backward_tiles_change_nothing(workspace_mb, dtype, device, monkeypatch):
+    """158 tokens: in slices of the vocabulary, or in 2 row chunks (the fp32 dH of all rows
+    outgrows 5 KiB) by slices; the three heads are sliced together."""
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", workspace_mb)
+    compare("triton", device, 1.25, dtype=dtype, n=(4, 40), v=211)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision(backend, device):
     dev = device if backend == "triton" else torch.device("cpu")

@@ -1,0 +1,76 @@
+"""The Triton backward's tiling (rows x vocabulary slices) and where its sums run in fp32.
+
+The kernels themselves are checked against float64 through the public op (test_token_logprobs);
+here grads_from_logit_grads gets a known dZ, so that its GEMMs' sums can be held to one
+final bf16 rounding: a dW summed across chunks in bf16 (a pitfall of chunked kernels) fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gopd_kernels.ops.linear_logsoftmax_triton import backward_tiles, grads_from_logit_grads
+from gopd_kernels.ops.triton_common import token_bucket
+
+pytestmark = pytest.mark.triton
+
+
+def test_tiles_take_all_rows_while_an_fp32_dh_fits_and_key_the_slice_on_the_token_bucket():
+    mib = 1 << 20
+    # N = 16384, D = 4096 at a workspace of the bf16 head's size: all rows, 5 slices of 30464
+    # columns (37888 would fit; 4 of them do not cover V, and 5 even ones leave no thin remainder)
+    assert backward_tiles(16384, 151936, 4096, torch.bfloat16, 151936 * 4096 * 2) == (16384, 30464)
+    # 130 and 200 tokens share a bucket (256): same slice width, so no new autotuning key
+    tiles = lambda n: backward_tiles(n, 1031, 32, torch.float32, mib)
+    assert tiles(130)[1] == tiles(200)[1] > tiles(257)[1]  # 257: the next bucket
+    # an fp32 dH over all rows would outgrow the workspace: chunks of whole 128-row tiles
+    assert backward_tiles(1000, 1031, 64, torch.float32, 100 * 64 * 4) == (128, 50)  # 25600 B / (128 x 4 B)
+    assert backward_tiles(1000, 1031, 64, torch.float32, 300 * 64 * 4)[0] == 256
+    # everything fits: one tile
+    assert backward_tiles(7, 97, 16, torch.bfloat16, mib) == (7, 97)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_tiles_cover_the_vocabulary_within_the_workspace(seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        n, v, d = (int(torch.randint(1, hi, (1,), generator=g)) for hi in (40_000, 300_000, 8192))
+        ws = int(torch.randint(1 << 16, 1 << 31, (1,), generator=g))
+        dtype = torch.bfloat16 if seed % 2 else torch.float32
+        rows, cols = backward_tiles(n, v, d, dtype, ws)
+        assert 1 <= rows <= n and 1 <= cols <= v
+        assert rows == n or (rows % 128 == 0 and rows * d * 4 <= ws)  # fp32 dH of a chunk fits
+        if cols >= 128:  # whole 128 columns within the workspace (sized for the token bucket)
+            widest = ws // (token_bucket(rows) * dtype.itemsize)
+            assert (cols % 128 == 0 or cols == v) and cols <= widest
+            fewest = 1 if widest >= v else -(-v // (widest - widest % 128))
+            assert -(-v // cols) == fewest
+
+
+def within_one_bf16_rounding(got: torch.Tensor, exact: torch.Tensor) -> bool:
+    """|got - exact| < one bf16 ulp of exact: one rounding of an fp32 sum. (One ulp, not half:
+    the interpreter's fp32 -> bf16 casts truncate, where GPUs round to nearest.) Summing k
+    chunks in bf16 rounds k times and lands several ulps off."""
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    return bool(((got.double() - exact).abs() <= ulp * 1.001 + 1e-12).all())
+
+
+@pytest.mark.parametrize("workspace", [2000, 40_000], ids=["row-chunks", "vocab-slices"])
+def test_dw_and_dh_take_one_bf16_rounding_however_they_are_tiled(workspace, device):
+    n, d, v = 300, 32, 211
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).to(device, torch.bfloat16)
+    weight = torch.randn(v, d, generator=g).to(device, torch.bfloat16)
+    dz_all = torch.randn(n, v, generator=g).to(torch.bfloat16)  # what each tile's dZ holds
+    rows, cols = backward_tiles(n, v, d, torch.bfloat16, workspace)
+    assert (rows < n) == (workspace == 2000) and cols < v  # both regimes are what they say
+
+    def write_logit_grads(r, c, dz):
+        dz.copy_(dz_all[r, c])
+
+    dh, dw, db = grads_from_logit_grads(hidden, weight, (True, True, True), workspace, write_logit_grads)
+    exact = dz_all.double()
+    assert dh.dtype == dw.dtype == torch.bfloat16
+    assert within_one_bf16_rounding(dw.cpu(), exact.T @ hidden.cpu().double())
+    assert within_one_bf16_rounding(dh.cpu(), exact @ weight.cpu().double())
+    torch.testing.assert_close(db.cpu().double(), exact.sum(0), atol=1e-4, rtol=1e-5)
