@@ -103,7 +103,11 @@ def test_small_workspace_forces_many_chunks(backend, workspace_mb, dtype, device
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_leading_dims_and_non_contiguous_inputs(backend, device):
+@pytest.mark.parametrize("workspace_mb", [None, "0.002"], ids=["one-tile", "tiles"])
+def test_leading_dims_and_non_contiguous_inputs(backend, workspace_mb, device, monkeypatch):
+    """Strided views everywhere; with a tiny workspace, slices of a transposed weight too."""
+    if workspace_mb:
+        monkeypatch.setenv("GOPD_WORKSPACE_MB", workspace_mb)
     dev = _device(backend, device)
     b_, t_, d, v = 3, 5, 24, 97
     g = torch.Generator().manual_seed(3)
