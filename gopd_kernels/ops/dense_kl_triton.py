@@ -180,7 +180,9 @@ dense_kl_partials_kernel_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune},
 )(dense_kl_partials_kernel)
 dense_kl_grad_kernel_tuned = triton.autotune(
-    DENSE_CONFIGS, key=["M_BUCKET", "V", "DS", "DT", "DR"], prune_configs_by={"early_config_prune": _prune}
+    DENSE_CONFIGS,  # keyed on the slice width, as logits_grad_kernel_tuned
+    key=["M_BUCKET", "stride_dzm", "DS", "DT", "DR"],
+    prune_configs_by={"early_config_prune": _prune},
 )(dense_kl_grad_kernel)
 
 

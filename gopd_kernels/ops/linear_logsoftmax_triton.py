@@ -246,8 +246,10 @@ _prune = make_pruner("BLOCK_M", "BLOCK_V", "BLOCK_D", "h_ptr")
 vocab_partials_kernel_tuned = triton.autotune(
     TILE_CONFIGS, key=["M_BUCKET", "V", "D", "slice_len"], prune_configs_by={"early_config_prune": _prune}
 )(vocab_partials_kernel)
+# Keyed on dZ's row stride, the backward's slice width, not on V: the last vocabulary slice
+# is narrower than the others, and keyed on its own width it would be tuned again.
 logits_grad_kernel_tuned = triton.autotune(
-    TILE_CONFIGS, key=["M_BUCKET", "V", "D"], prune_configs_by={"early_config_prune": _prune}
+    TILE_CONFIGS, key=["M_BUCKET", "stride_dzm", "D"], prune_configs_by={"early_config_prune": _prune}
 )(logits_grad_kernel)
 
 

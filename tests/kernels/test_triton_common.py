@@ -50,3 +50,19 @@ def test_vocab_slices_take_one_value_per_token_bucket():
     cpu = torch.device("cpu")
     for lo in (1025, 4097):
         assert len({vocab_slices(rows, 151936, cpu) for rows in range(lo, 2 * lo - 1, 31)}) == 1
+
+
+def test_gradient_kernels_key_on_the_slice_width_not_on_each_slice():
+    """The backward's last vocabulary slice is narrower than the others; keyed on V (the
+    width a launch sees) it would be tuned again. dZ's row stride is the width of them all,
+    and takes one value per token bucket (backward_tiles)."""
+    from gopd_kernels.ops.linear_logsoftmax_triton import backward_tiles
+
+    tuned = autotuned_kernels()
+    for name in ("logits_grad_kernel_tuned", "dense_kl_grad_kernel_tuned"):
+        assert "stride_dzm" in tuned[name].keys and "V" not in tuned[name].keys, tuned[name].keys
+    widths = {
+        backward_tiles(rows, 151936, 4096, torch.bfloat16, 151936 * 4096 * 2)[1]
+        for rows in range(8193, 16385, 97)
+    }
+    assert len(widths) == 1
