@@ -14,7 +14,8 @@
 # time (the present rule, the machine's start included) fits one call: run `first`.
 #   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (100 s),
 #                                          # gopd demo --quick, gopd_loss and token_logprobs at
-#                                          # N = 16384 bf16, benchmarks.stages (~8 minutes)
+#                                          # N = 16384 bf16, benchmarks.stages (~8 minutes;
+#                                          # then `tune` fits the rest of a 15-minute lease)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -66,13 +67,15 @@ print('torch backend bf16 GEMMs:', m(torch.device('cuda', 0)))"  # addmm, mm or 
 case $part in
 first)
     status=0
-    basics 100 || status=1  # 40 tests took 96 s on 8 workers (H100, 2026-11-26)
+    basics 90 || status=1  # 40 tests took 96 s on 8 workers (H100, 2026-11-26); now 16
     # the trainer end to end on CUDA (never run there before): SFT, G-OPD and ExOPD, a few steps
     timeout 60 python3 -m gopd.cli demo --quick --out /tmp/gopd-demo || status=1
-    # the issue's headline shapes, saved as they finish (~100 s each); what is cut short is
-    # rerun later with --op. The autotuner prints each kernel's chosen config.
-    TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT 215 python3 -m benchmarks.report \
-        --op gopd_loss,token_logprobs --n 16384 --d 4096 --v 151936 --dtype bfloat16 || status=1
+    # the issue's headline shapes, saved as they finish (~100 s each; gopd's torch backend,
+    # 2.5x slower than its Triton one there, left out for time); what is cut short is rerun
+    # later with --op. The autotuner prints each kernel's chosen config.
+    TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT 200 python3 -m benchmarks.report \
+        --op gopd_loss,token_logprobs --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
+        --impls naive,torch-compile,gopd,liger,cce || status=1
     # where token_logprobs' time goes, stage by stage, beside cuBLAS on the same GEMMs
     TRITON_PRINT_AUTOTUNING=1 timeout 90 python3 -m benchmarks.stages || status=1
     (exit $status)
@@ -84,9 +87,9 @@ fp32)  # the headline shapes in fp32 (3xTF32 in gopd; cuBLAS fp32 or TF32-free i
 tune)  # the Triton backward's dZ tile and the torch fold's tiles; the log is the record
     status=0
     head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
-    timeout 200 python3 -m benchmarks.stages $head --sweep-workspace 600,1200,2400 \
+    timeout 150 python3 -m benchmarks.stages $head --sweep-workspace 600,1200,2400 \
         --op gopd_loss --impls gopd,gopd-torch || status=1
-    timeout 150 python3 -m benchmarks.stages $head --sweep-workspace 300,600,1200,2400 \
+    timeout 110 python3 -m benchmarks.stages $head --sweep-workspace 300,600,1200,2400 \
         --op token_logprobs --impls gopd || status=1
     (exit $status)
     ;;
