@@ -68,8 +68,9 @@ case $part in
 first)
     status=0
     basics 90 || status=1  # 40 tests took 96 s on 8 workers (H100, 2026-11-26); now 16
-    # the trainer end to end on CUDA (never run there before): SFT, G-OPD and ExOPD, a few steps
-    timeout 60 python3 -m gopd.cli demo --quick --out /tmp/gopd-demo || status=1
+    # the trainer end to end on CUDA (never run there before): rollouts, scoring, ExOPD
+    # updates and evaluation with the Triton kernels (the demo's tiny SFT stays on the CPU)
+    timeout 60 python3 -m gopd.cli demo --quick --device cuda --out /tmp/gopd-demo || status=1
     # the headline shapes, saved as they finish (~100 s each; gopd's torch backend,
     # 2.5x slower than its Triton one there, left out for time); what is cut short is rerun
     # later with --op. The autotuner prints each kernel's chosen config.

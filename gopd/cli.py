@@ -58,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gopd.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, distill_steps=args.distill_steps, quick=args.quick)
+    run_demo(args.out, seed=args.seed, distill_steps=args.distill_steps, quick=args.quick, device=args.device)
     return 0
 
 
@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed; default 0")
     p.add_argument("--distill-steps", type=int, default=None, help="G-OPD steps (default: the demo's choice)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    p.add_argument("--device", default="cpu",
+                   help="where the evaluation and G-OPD run: cpu (default; the README's figures) | auto | "
+                   "cuda | cuda:N; the tiny SFT stays on the CPU")  # fmt: skip
     p.set_defaults(func=cmd_demo)
     return parser
 

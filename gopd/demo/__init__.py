@@ -20,6 +20,7 @@ from gopd.demo.sft import greedy_accuracy, sft
 from gopd.demo.task import ALPHABET, make_splits, problem
 from gopd.demo.tiny import build_model, build_tokenizer, save
 from gopd.evaluate import evaluate_checkpoint
+from gopd.models import resolve_device
 from gopd.trainer import train
 
 DIGITS = 3
@@ -61,8 +62,11 @@ def train_teacher_and_student(out: Path, seed: int, quick: bool) -> tuple[Path, 
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | None = None,
-             quick: bool = False) -> dict:  # fmt: skip
+             quick: bool = False, device: str = "cpu") -> dict:  # fmt: skip
+    """device: where the teacher's evaluation and the G-OPD stage run (the tiny SFT stays on
+    the CPU); the README's figures are from "cpu"."""
     out = Path(out)
+    resolve_device(device)  # an unusable device fails now, not after the SFT
     started = time.perf_counter()
     distill_steps = distill_steps or (3 if quick else 150)
     n_eval, k = (16, 2) if quick else (200, 4)
@@ -77,10 +81,10 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
         student=str(student_dir), teachers=str(teacher_dir), reference="student", lam=1.25,
         train_data=str(train_path), eval_data=str(eval_path), max_prompt_tokens=16, max_new_tokens=DIGITS + 2,
         prompts_per_step=128, micro_batch_size=128, lr=2e-4, steps=distill_steps, eval_every=0,
-        eval_samples=k, output_dir=str(out / "gopd"), seed=seed, loggers=["jsonl"], device="cpu",
+        eval_samples=k, output_dir=str(out / "gopd"), seed=seed, loggers=["jsonl"], device=device,
     ).validate()  # fmt: skip
     print(f"[3/4] teacher's accuracy (avg@{k} on {n_eval} held-out prompts, temperature {cfg.temperature})")
-    teacher_acc = evaluate_checkpoint(str(teacher_dir), cfg, k, seed=cfg.seed + 1)[f"avg@{k}"]
+    teacher_acc = evaluate_checkpoint(str(teacher_dir), cfg, k, device=device, seed=cfg.seed + 1)[f"avg@{k}"]
     print(f"      teacher {teacher_acc:.3f}")
     print(f"[4/4] ExOPD: lam={cfg.lam}, reference = the student's initial weights, {distill_steps} steps "
           f"of {cfg.prompts_per_step} prompts, lr {cfg.lr}")  # fmt: skip

@@ -151,6 +151,14 @@ def test_cli_train_and_eval(tiny, tmp_path):
     assert "avg@2:" in proc.stdout and "pass@2:" in proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_demo_on_an_unusable_device_fails_before_the_sft(tmp_path):
+    for device, message in (("cuda", "CUDA is not available"), ("tpu:0", "not a device")):
+        proc = run_cli("demo", "--quick", "--device", device, "--out", str(tmp_path / "demo"))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "demo").exists()  # nothing was built
+
+
 def test_demo_quick_runs(tmp_path):
     from gopd.demo import run_demo
 
