@@ -312,24 +312,25 @@ def logit_grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
-def backward_tiles(rows: int, vocab: int, hidden_size: int, dz_dtype: torch.dtype, workspace_bytes: int):
+def backward_tiles(
+    rows: int, vocab: int, hidden_size: int, dz_dtype: torch.dtype, workspace_bytes: int
+) -> tuple[int, int]:
     """(rows per chunk, vocabulary columns per slice) of the backward's dZ tiles.
 
     All rows in one chunk unless an fp32 [rows, D] dH accumulator would outgrow the
     workspace; then chunks of whole 128-row tiles. The vocabulary is cut into as few slices
     as the workspace allows, of near-equal widths in whole 128 columns (no narrow last
-    slice, a GEMM too thin for the tensor cores). The width is sized for token_bucket(rows), not for
-    rows, so that it (an autotuning key of the kernels) takes one value per bucket and
-    training's changing token counts do not re-tune every step."""
+    slice: a GEMM too thin for the tensor cores). The width is sized for
+    token_bucket(rows), not rows, so that it (an autotuning key of the kernels) takes one
+    value per bucket and training's changing token counts do not re-tune every step."""
     max_rows = max(128, workspace_bytes // (hidden_size * 4))
     row_chunk = rows if rows <= max_rows else max_rows - max_rows % 128
     max_cols = max(1, min(vocab, workspace_bytes // (token_bucket(row_chunk) * dz_dtype.itemsize)))
     if max_cols < 128 or max_cols == vocab:
         return row_chunk, max_cols
-    max_cols -= max_cols % 128
-    slices = -(-vocab // max_cols)
+    slices = -(-vocab // (max_cols - max_cols % 128))  # >= 2
     width = -(-vocab // slices)  # ceil(V / slices), then up to whole 128 columns (<= max_cols)
-    return row_chunk, -(-width // 128) * 128 if slices > 1 else vocab
+    return row_chunk, -(-width // 128) * 128
 
 
 def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads):
@@ -337,8 +338,9 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
 
     The logit gradient dZ [N, V] is formed tile by tile, a tile being a chunk of rows by a
     slice of the vocabulary (backward_tiles; at N = 16384, V = 151936 and a workspace of the
-    weight's size: all rows by 5 slices of 30464 columns). For each, write_logit_grads(rows, cols, dz)
-    fills dz with dL/d(raw logits) of those rows and columns; then
+    weight's size: all rows by 5 slices of 30464 columns). For each tile,
+    write_logit_grads(rows, cols, dz) fills dz with dL/d(raw logits) of those rows and
+    columns; then
 
         dW[cols] = dZ^T @ H[rows]      one GEMM over all rows when they are one chunk
         dH[rows] += dZ @ W[cols]       summed over the slices in fp32 ([rows, D], small)
