@@ -144,6 +144,7 @@ def sweep_workspace(spec: Spec, impls: list[str], mbs: list[float], device: torc
     try:
         for mb in mbs:
             os.environ["GOPD_WORKSPACE_MB"] = str(mb)
+            print(f"  GOPD_WORKSPACE_MB={mb}", flush=True)  # a run cut short keeps what it printed
             runs, kept = measure(spec, impls, rounds=1, repeats=1)
             for name in impls:
                 got = tuple(kept[name].values()) if name in kept else None
