@@ -27,6 +27,7 @@ from gopd_kernels.ops.linear_logsoftmax_triton import (
 )
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
+    autotuned,
     config,
     grouped_tile,
     launch,
@@ -174,16 +175,12 @@ def dense_kl_grad_kernel(
 
 
 _prune = make_pruner("BLOCK_M", "BLOCK_V", "BLOCK_D", "hs_ptr")
-dense_kl_partials_kernel_tuned = triton.autotune(
-    DENSE_CONFIGS,
-    key=["M_BUCKET", "V", "DS", "DT", "DR", "slice_len"],
-    prune_configs_by={"early_config_prune": _prune},
-)(dense_kl_partials_kernel)
-dense_kl_grad_kernel_tuned = triton.autotune(
-    DENSE_CONFIGS,  # keyed on the slice width, as logits_grad_kernel_tuned
-    key=["M_BUCKET", "stride_dzm", "DS", "DT", "DR"],
-    prune_configs_by={"early_config_prune": _prune},
-)(dense_kl_grad_kernel)
+dense_kl_partials_kernel_tuned = autotuned(
+    dense_kl_partials_kernel, DENSE_CONFIGS, ["M_BUCKET", "V", "DS", "DT", "DR", "slice_len"], _prune
+)
+dense_kl_grad_kernel_tuned = autotuned(  # keyed on the slice width, as logits_grad_kernel_tuned
+    dense_kl_grad_kernel, DENSE_CONFIGS, ["M_BUCKET", "stride_dzm", "DS", "DT", "DR"], _prune
+)
 
 
 def _head_args(heads):

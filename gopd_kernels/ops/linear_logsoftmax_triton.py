@@ -23,6 +23,7 @@ import triton.language as tl
 from gopd_kernels.ops.matmul_triton import matmul
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
+    autotuned,
     config,
     dot_acc,
     grouped_tile,
@@ -243,14 +244,14 @@ def logits_grad_kernel(
 
 
 _prune = make_pruner("BLOCK_M", "BLOCK_V", "BLOCK_D", "h_ptr")
-vocab_partials_kernel_tuned = triton.autotune(
-    TILE_CONFIGS, key=["M_BUCKET", "V", "D", "slice_len"], prune_configs_by={"early_config_prune": _prune}
-)(vocab_partials_kernel)
+vocab_partials_kernel_tuned = autotuned(
+    vocab_partials_kernel, TILE_CONFIGS, ["M_BUCKET", "V", "D", "slice_len"], _prune
+)
 # Keyed on dZ's row stride, the backward's slice width, not on V: the last vocabulary slice
 # is narrower than the others, and keyed on its own width it would be tuned again.
-logits_grad_kernel_tuned = triton.autotune(
-    TILE_CONFIGS, key=["M_BUCKET", "stride_dzm", "D"], prune_configs_by={"early_config_prune": _prune}
-)(logits_grad_kernel)
+logits_grad_kernel_tuned = autotuned(
+    logits_grad_kernel, TILE_CONFIGS, ["M_BUCKET", "stride_dzm", "D"], _prune
+)
 
 
 def vocab_slices(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
+    autotuned,
     config,
     dot_acc,
     grouped_tile,
@@ -79,12 +80,13 @@ def matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-matmul_kernel_tuned = triton.autotune(
+matmul_kernel_tuned = autotuned(
+    matmul_kernel,
     CONFIGS,
-    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACCUMULATE"],
-    prune_configs_by={"early_config_prune": make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr")},
+    ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACCUMULATE"],
+    make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr"),
     restore_value=["c_ptr"],  # timing runs must not accumulate into C
-)(matmul_kernel)
+)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:

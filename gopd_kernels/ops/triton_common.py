@@ -69,6 +69,16 @@ def make_pruner(a_rows: str, b_rows: str, k: str, elem_arg: str):
     return prune
 
 
+def autotuned(kernel, configs: list, key: list[str], prune, **kwargs):
+    """`kernel` under triton.autotune, its picks kept on disk in Triton's cache (keyed by the
+    Triton version, the GPU target, the kernel's source, the configs and the tuning key):
+    a new process, a resumed run or the next benchmark does not time every config again,
+    a stall of seconds per kernel and token bucket (measured on an H100: 5-12 s at
+    N = 16384). To tune afresh, empty TRITON_CACHE_DIR (default ~/.triton/cache)."""
+    prune_by = {"early_config_prune": prune}
+    return triton.autotune(configs, key=key, prune_configs_by=prune_by, cache_results=True, **kwargs)(kernel)
+
+
 def launch(kernel, tuned, grid, interpret_config: dict, *args, **kwargs) -> None:
     """Run the autotuned kernel on a GPU, the raw one with a fixed small config when interpreting."""
     if interpreter_enabled():

@@ -66,3 +66,21 @@ def test_gradient_kernels_key_on_the_slice_width_not_on_each_slice():
         for rows in range(8193, 16385, 97)
     }
     assert len(widths) == 1
+
+
+def test_autotuned_keeps_its_picks_on_disk(monkeypatch):
+    """A new process (a resumed run, the next benchmark) reuses the picks instead of timing
+    every config again; Triton ignores the flag under the interpreter, so the call is checked."""
+    from gopd_kernels.ops import triton_common
+
+    seen = {}
+
+    def fake_autotune(configs, **kwargs):
+        seen.update(kwargs, configs=configs)
+        return lambda kernel: ("tuned", kernel)
+
+    monkeypatch.setattr(triton_common.triton, "autotune", fake_autotune)
+    prune = object()
+    assert triton_common.autotuned("k", ["c"], ["M_BUCKET"], prune, restore_value=["c_ptr"]) == ("tuned", "k")
+    assert seen == {"configs": ["c"], "key": ["M_BUCKET"], "prune_configs_by": {"early_config_prune": prune},
+                    "cache_results": True, "restore_value": ["c_ptr"]}  # fmt: skip
