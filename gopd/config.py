@@ -98,6 +98,11 @@ class TrainConfig:
         "share of the GPU's memory vLLM may take for its weights and KV cache (rollout_engine "
         "vllm; null = 0.4, leaving the rest to the student, the teachers and the update)",
     )
+    vllm_sleep: bool = _f(
+        False,
+        "rollout_engine vllm: free vLLM's GPU memory (weights and KV cache, sleep level 2) between "
+        "rollouts, for scoring and the update; the student's weights are loaded at each wake-up",
+    )
     offload_frozen: bool = _f(False, "keep teachers and reference on the CPU between uses")
     gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward")
     freeze_lm_head: bool = _f(
@@ -185,6 +190,7 @@ class TrainConfig:
         else:
             err.need(share is None, "vllm_gpu_memory_utilization",
                      "applies to rollout_engine 'vllm' only; leave it null")  # fmt: skip
+            err.need(not self.vllm_sleep, "vllm_sleep", "applies to rollout_engine 'vllm' only")
         err.choice(self.kernel_backend, KERNEL_BACKENDS, "kernel_backend")
         for name in self.loggers:
             err.choice(name, LOGGERS, "loggers")

@@ -180,17 +180,22 @@ def load_vllm(cfg: TrainConfig):
         model=cfg.student, dtype=cfg.dtype, seed=cfg.seed,
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or VLLM_GPU_MEMORY_UTILIZATION,
         max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-        enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+        enable_prefix_caching=True, logprobs_mode="processed_logprobs", enable_sleep_mode=cfg.vllm_sleep,
     )  # fmt: skip
 
 
 class VLLMRolloutEngine:
     """Sampling with a colocated vLLM `LLM` (see `load_vllm`), which holds its own copy of the
     student: `update_weights` pushes the live student's weights into it after every update,
-    and once at the start (a resumed student is not the checkpoint vLLM loaded)."""
+    and once at the start (a resumed student is not the checkpoint vLLM loaded).
+
+    With `vllm_sleep`, vLLM sleeps (level 2: its weights and KV cache freed) as soon as a
+    generate returns, so that scoring and the update have its GPU memory; the next generate
+    wakes it, its weights first, loads the student's into them, then its KV cache."""
 
     def __init__(self, llm, tokenizer, cfg: TrainConfig, student: torch.nn.Module):
         self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg
+        self.asleep = False
         self.update_weights(student)
 
     def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
@@ -199,7 +204,14 @@ class VLLMRolloutEngine:
 
         params = SamplingParams(n=samples, temperature=temperature, top_p=self.cfg.top_p, top_k=-1,
                                 max_tokens=self.cfg.max_new_tokens, logprobs=0)  # fmt: skip
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ex.prompt_ids) for ex in examples], params)
+        self._wake()
+        try:
+            prompts = [TokensPrompt(prompt_token_ids=ex.prompt_ids) for ex in examples]
+            outputs = self.llm.generate(prompts, params)
+        finally:
+            if self.cfg.vllm_sleep:
+                self.llm.sleep(level=2)
+                self.asleep = True
         rows, responses, logps = [], [], []
         for ex, out in zip(examples, outputs, strict=True):
             for completion in out.outputs:
@@ -226,7 +238,14 @@ class VLLMRolloutEngine:
     def update_weights(self, model: torch.nn.Module) -> None:
         """Copy the student's weights into vLLM's model, then drop vLLM's prefix cache: its KV
         blocks were computed with the old weights, and reusing them would make the next
-        rollouts (and their r_t) come from a mix of old and new policies."""
+        rollouts (and their r_t) come from a mix of old and new policies. Asleep, vLLM has no
+        weights to copy into: the student is kept, and loaded when it wakes."""
+        self.student = model
+        if not self.asleep:
+            self._load_weights()
+            self.llm.reset_prefix_cache()
+
+    def _load_weights(self) -> None:
         try:
             runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         except AttributeError as exc:
@@ -234,8 +253,17 @@ class VLLMRolloutEngine:
                 "vLLM's model is not reachable in this process (is its engine running in a child "
                 f"process? {VLLM_MULTIPROCESSING} must be 0); the weight sync cannot work"
             ) from exc
-        runner.model.load_weights(model.state_dict().items())
-        self.llm.reset_prefix_cache()
+        runner.model.load_weights(self.student.state_dict().items())
+
+    def _wake(self) -> None:
+        """Weights first, filled with the student's, then the KV cache: the copy runs before
+        the KV cache takes its memory back."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._load_weights()
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+            self.llm.reset_prefix_cache()
 
 
 def make_engine(cfg: TrainConfig, student, tokenizer) -> RolloutEngine:

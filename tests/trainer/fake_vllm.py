@@ -3,7 +3,9 @@
 It copies the shapes of vLLM 0.33's API, read from its source: `LLM(model, **engine_args)`,
 `LLM.generate(prompts, SamplingParams)` returning one output per prompt with `n` completions
 (token ids up to and including EOS, one `{token_id: Logprob}` per step),
-`LLM.reset_prefix_cache()`, and the model reachable at
+`LLM.reset_prefix_cache()`, sleep mode (`LLM(enable_sleep_mode=True)`, `LLM.sleep(level)`,
+`LLM.wake_up(tags)`, where level 2 discards the weights and a partial wake-up keeps the rest
+asleep), and the model reachable at
 `llm.llm_engine.model_executor.driver_worker.model_runner.model` only when the V1 engine runs
 in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Sampling is gopd's HF engine run on the
 fake's own copy of the checkpoint, so the fake's policy is whatever weights were pushed to it.
@@ -93,7 +95,26 @@ class LLM:
         self.events.append(("reset_prefix_cache",))
         return True
 
+    asleep: frozenset = frozenset()  # what sleep freed and wake_up has not brought back
+
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        if not self.engine_args.get("enable_sleep_mode"):
+            raise RuntimeError("Sleep mode is not enabled")  # vLLM's check, in its worker
+        self.events.append(("sleep", level))
+        self.asleep = frozenset({"weights", "kv_cache"})
+        if level == 2:  # discarded: garbage until weights are loaded again
+            with torch.no_grad():
+                for p in self.hf.parameters():
+                    p.fill_(float("nan"))
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        self.events.append(("wake_up", tags))
+        self.asleep = self.asleep - set(tags or self.asleep)
+        return not self.asleep
+
     def generate(self, prompts: list[dict], params: SamplingParams) -> list[RequestOutput]:
+        if self.asleep:
+            raise RuntimeError(f"generate while asleep ({sorted(self.asleep)})")
         examples = [Example(p["prompt_token_ids"], "default", None, "") for p in prompts]
         sampler = HFRolloutEngine(self.hf, self.tokenizer, SimpleNamespace(max_new_tokens=params.max_tokens,
                                                                          top_p=params.top_p))  # fmt: skip

@@ -14,9 +14,10 @@ from gopd import rollout
 from gopd.data import load_examples
 from gopd.models import load_model, load_tokenizer
 from gopd.rollout import VLLM_MULTIPROCESSING, HFRolloutEngine, VLLMRolloutEngine, load_vllm
+from gopd.trainer import train
 from tests.trainer import fake_vllm
 from tests.trainer.conftest import base_config
-from tests.trainer.test_end_to_end import check_resume_continues_the_run, weights
+from tests.trainer.test_end_to_end import changed, check_resume_continues_the_run, train_losses, weights
 
 
 @pytest.fixture
@@ -43,25 +44,29 @@ def test_load_vllm_without_vllm_names_the_extra(tiny, tmp_path, monkeypatch):
         load_vllm(base_config(tiny, tmp_path, rollout_engine="vllm"))
 
 
-@pytest.mark.parametrize("share", [None, 0.25])
+@pytest.mark.parametrize("share,sleep", [(None, False), (0.25, True)])
 def test_load_vllm_runs_the_engine_in_process_with_the_configs_settings(tiny, tmp_path, fake, monkeypatch,
-                                                                        caplog, share):  # fmt: skip
+                                                                        caplog, share, sleep):  # fmt: skip
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv(VLLM_MULTIPROCESSING, "1")
-    cfg = base_config(tiny, tmp_path, rollout_engine="vllm", vllm_gpu_memory_utilization=share)
+    cfg = base_config(
+        tiny, tmp_path, rollout_engine="vllm", vllm_gpu_memory_utilization=share, vllm_sleep=sleep
+    )
     with caplog.at_level(logging.WARNING, logger="gopd"):
         llm = load_vllm(cfg)
     assert llm.multiprocessing == "0"
     assert f"{VLLM_MULTIPROCESSING}=1 overridden to 0" in caplog.text  # the user's setting, said
     assert llm.engine_args == dict(
         dtype="float32", seed=0, gpu_memory_utilization=share or 0.4, max_model_len=16 + 4,
-        enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+        enable_prefix_caching=True, logprobs_mode="processed_logprobs", enable_sleep_mode=sleep,
     )  # fmt: skip
 
 
-def test_vllm_gpu_memory_utilization_is_checked(tiny, tmp_path):
+def test_vllm_settings_are_checked(tiny, tmp_path):
     with pytest.raises(ValueError, match="vllm_gpu_memory_utilization: applies to rollout_engine 'vllm'"):
         base_config(tiny, tmp_path, vllm_gpu_memory_utilization=0.5)
+    with pytest.raises(ValueError, match="vllm_sleep: applies to rollout_engine 'vllm' only"):
+        base_config(tiny, tmp_path, vllm_sleep=True)
     with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization: must be in \(0, 1\)"):
         base_config(tiny, tmp_path, rollout_engine="vllm", vllm_gpu_memory_utilization=1.5)
 
@@ -128,3 +133,55 @@ def test_training_with_vllm_samples_every_batch_from_the_current_student(tiny, t
         assert [e[0] for e in events[i - 2 : i]] == ["load_weights", "reset_prefix_cache"]
     trained = weights(tmp_path / "full" / "checkpoints" / "step_0000004")
     assert torch.equal(llms[0].hf.state_dict()["model.norm.weight"], trained["model.norm.weight"])
+
+
+def test_a_sleeping_engine_wakes_weights_first_and_samples_the_current_student(tiny, tmp_path, fake):
+    """Asleep (level 2), vLLM has no weights: an update is kept, not pushed, and the next
+    generate wakes the weights, loads the student into them, then wakes the KV cache."""
+    cfg = base_config(tiny, tmp_path, rollout_engine="vllm", vllm_sleep=True, max_new_tokens=8)
+    tok = load_tokenizer(str(tiny["student"]))
+    model = student(tiny)
+    examples = load_examples(cfg.train_data, cfg, tok, 64)[:4]
+    llm = fake.LLM(str(tiny["student"]), dtype="float32", enable_sleep_mode=True)
+    engine = VLLMRolloutEngine(llm, tok, cfg, model)
+    engine.generate(examples, samples=2, temperature=1.0)
+    assert [e[0] for e in llm.events] == ["load_weights", "reset_prefix_cache", "generate", "sleep"]
+    assert llm.events[-1] == ("sleep", 2) and engine.asleep
+
+    perturb(model, seed=3)  # an update while vLLM sleeps: nothing to copy into yet
+    engine.update_weights(model)
+    assert len(llm.events) == 4
+    torch.manual_seed(0)
+    got = engine.generate(examples, samples=2, temperature=1.0)
+    assert llm.events[4:] == [("wake_up", ["weights"]), ("load_weights", list(model.state_dict())),
+                              ("wake_up", ["kv_cache"]), ("reset_prefix_cache",),
+                              ("generate", fake.weights_fingerprint(model)), ("sleep", 2)]  # fmt: skip
+    torch.manual_seed(0)
+    want = HFRolloutEngine(model, tok, cfg).generate(examples, samples=2, temperature=1.0)
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.rollout_logp, want.rollout_logp)
+
+
+def test_training_with_a_sleeping_vllm_matches_an_awake_one(tiny, tmp_path, fake, monkeypatch):
+    """Same run with and without vllm_sleep: same losses and weights; every generate of the
+    sleeping run is followed by a sleep, so scoring and the update run with vLLM asleep."""
+    llms = []
+
+    def fake_load_vllm(cfg):
+        llms.append(fake.LLM(cfg.student, dtype=cfg.dtype, enable_sleep_mode=cfg.vllm_sleep))
+        return llms[-1]
+
+    monkeypatch.setattr(rollout, "load_vllm", fake_load_vllm)
+    runs = {}
+    for sleep in (False, True):
+        cfg = base_config(tiny, tmp_path, rollout_engine="vllm", vllm_sleep=sleep, save_every=3,
+                          output_dir=str(tmp_path / f"sleep-{sleep}"))  # fmt: skip
+        train(cfg)
+        runs[sleep] = (
+            train_losses(cfg),
+            weights(tmp_path / f"sleep-{sleep}" / "checkpoints" / "step_0000003"),
+        )
+    assert runs[True][0] == runs[False][0] and not changed(runs[True][1], runs[False][1])
+    kinds = [e[0] for e in llms[1].events]
+    generates = [i for i, k in enumerate(kinds) if k == "generate"]
+    assert len(generates) == 3 and all(kinds[i + 1] == "sleep" for i in generates)
+    assert "sleep" not in kinds[: generates[0]]
