@@ -11,6 +11,12 @@ Gradients are moved into the masters' float32 `.grad` as soon as autograd has ac
 each one (a post-accumulate hook), so micro-batches add up in float32 and the half-precision
 gradient is freed at once. Memory per trained weight: 2 (weight) + 4 (master) + 4 (gradient)
 + 8 (AdamW moments) bytes, against 16 for a float32 student.
+
+A float16 student's gradients also need loss scaling: float16 flushes to zero below 6e-8
+(bf16 has float32's range), so the loss is multiplied by `loss_scale.scale` before the
+backward and the float32 gradients divided by it after. The scale is dynamic (as
+torch.amp.GradScaler's): halved on an overflow, whose step is skipped, doubled after
+GROWTH_INTERVAL steps without one.
 """
 
 from __future__ import annotations
@@ -20,18 +26,44 @@ from collections.abc import Iterable
 import torch
 
 
+class LossScale:
+    """The dynamic loss scale of a float16 student (see the module doc)."""
+
+    INIT = 2.0**16
+    GROWTH_INTERVAL = 2000
+
+    def __init__(self) -> None:
+        self.scale, self.good_steps = self.INIT, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.GROWTH_INTERVAL:
+                self.scale, self.good_steps = self.scale * 2, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
 class MasterWeightAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose parameters are float32 copies of `params` (half precision).
 
     Clip and inspect gradients through `param_groups` (the masters), as for any optimizer:
-    the model's own `.grad` stays None. The state dict carries the masters, so a resumed run
-    continues from the float32 weights, not their rounding.
+    the model's own `.grad` stays None. The state dict carries the masters (and the loss
+    scale), so a resumed run continues from the float32 weights, not their rounding.
+    `loss_scale` is a LossScale when any parameter is float16, else None.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], **adamw_kwargs):
         self.model_params = list(params)
         masters = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
         super().__init__(masters, **adamw_kwargs)
+        self.loss_scale = LossScale() if any(p.dtype == torch.float16 for p in self.model_params) else None
         for p, m in zip(self.model_params, masters, strict=True):
             p.register_post_accumulate_grad_hook(self._to_master(m))
 
@@ -57,9 +89,20 @@ class MasterWeightAdamW(torch.optim.AdamW):
             p.copy_(m)
         return loss
 
+    def unscale_grads(self) -> bool:
+        """Divide the masters' gradients by the loss scale; False (and nothing divided) if any
+        is not finite: the float16 backward overflowed at this scale."""
+        grads = [m.grad for m in self.masters if m.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            return False
+        for g in grads:
+            g.div_(self.loss_scale.scale)
+        return True
+
     def state_dict(self) -> dict:
         # references, not copies, as torch.optim keeps its own state tensors in state_dict()
-        return super().state_dict() | {"master_weights": [m.detach() for m in self.masters]}
+        state = super().state_dict() | {"master_weights": [m.detach() for m in self.masters]}
+        return state | ({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {})
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -67,6 +110,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
         saved = state_dict.pop("master_weights", None)
         if saved is None:
             raise ValueError("optimizer state has no master_weights: it was not saved by MasterWeightAdamW")
+        scale = state_dict.pop("loss_scale", None)
+        if (scale is None) != (self.loss_scale is None):
+            raise ValueError("optimizer state and student disagree on float16 loss scaling (another dtype?)")
+        if scale is not None:
+            self.loss_scale.load_state_dict(scale)
         super().load_state_dict(state_dict)
         for p, m, s in zip(self.model_params, self.masters, saved, strict=True):
             m.copy_(s)

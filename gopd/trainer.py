@@ -99,6 +99,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if stepped:
             engine.update_weights(models.student)
             bad_steps = 0
+        elif stats.get("overflow"):
+            logger.info("step %d: float16 gradients overflowed at loss scale %g: step skipped, scale halved",
+                        step, stats["loss_scale"])  # fmt: skip
         else:
             bad_steps += 1
             logger.warning("step %d: non-finite loss or gradient (%s), step skipped", step, loss)

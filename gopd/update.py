@@ -16,7 +16,7 @@ import torch
 
 from gopd.config import TrainConfig
 from gopd.models import Models, frozen_on_device, head_weight
-from gopd.optim import MasterWeightAdamW
+from gopd.optim import LossScale, MasterWeightAdamW
 from gopd.rollout import IGNORE, Rollouts
 from gopd.scoring import Scores, micro_batches, response_hidden, rows_by_domain
 from gopd_kernels import gopd_dense_loss, gopd_loss
@@ -92,6 +92,8 @@ def policy_update(
     num_tokens = max(total_tokens, 1) if cfg.loss_agg == "token-mean" else None
     acc = StatsAccumulator()
     loss_total = 0.0
+    scaler = getattr(optimizer, "loss_scale", None)  # a float16 student's (gopd.optim)
+    scale = scaler.scale if scaler else 1.0
     if cfg.objective == "sampled":
         groups = [(None, list(range(len(rollouts.examples))))]
     else:  # the dense loss needs each row's own teacher during the update
@@ -108,12 +110,23 @@ def policy_update(
                 else:
                     loss, stats = _dense_loss(models, part, teacher, ref, cfg, num_tokens)
                 weighted = loss * _part_weight(cfg, part, total_seqs)
-                weighted.backward()
+                (weighted * scale).backward()
                 loss_total += float(weighted.detach())
                 acc.add(stats)
+    if scaler and math.isfinite(loss_total):
+        overflow = not optimizer.unscale_grads()
+        if overflow and scale > 1.0:  # skipped, not a bad step: the next runs at half the scale
+            scaler.update(overflow=True)
+            optimizer.zero_grad(set_to_none=True)
+            return loss_total, acc.result() | {"loss_scale": scale, "overflow": True}, False
+        if not overflow:
+            scaler.update(overflow=False)
+        # an overflow at scale 1 is no overflow: the non-finite check below skips and counts it
     params = [p for group in optimizer.param_groups for p in group["params"]]  # masters, if any
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
     stats = acc.result() | {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+    if scaler:
+        stats |= {"loss_scale": scale, "overflow": False}
     if not (math.isfinite(loss_total) and math.isfinite(float(grad_norm))):
         optimizer.zero_grad(set_to_none=True)
         return loss_total, stats, False
@@ -130,8 +143,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     if all(p.dtype == torch.float32 for p in params):
         return torch.optim.AdamW(params, **kwargs)
     if any(p.dtype == torch.float16 for p in params):
-        logger.warning("dtype float16: the student's gradients are not loss-scaled and may underflow; "
-                       "bfloat16 has float32's range")  # fmt: skip
+        logger.info("float16 student: dynamic loss scaling (from %g)", LossScale.INIT)
     logger.info("half-precision student: AdamW steps float32 master copies of its weights")
     return MasterWeightAdamW(params, **kwargs)
 

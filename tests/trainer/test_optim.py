@@ -1,14 +1,17 @@
-"""MasterWeightAdamW: a bf16 student's updates are kept in float32 (gopd/optim.py)."""
+"""MasterWeightAdamW: a half-precision student's updates are kept in float32, a float16
+one's loss dynamically scaled (gopd/optim.py)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from gopd.optim import MasterWeightAdamW
+from gopd.optim import LossScale, MasterWeightAdamW
 from gopd.trainer import train
 from tests.trainer.conftest import base_config
-from tests.trainer.test_end_to_end import check_resume_continues_the_run, weights
+from tests.trainer.test_end_to_end import changed, check_resume_continues_the_run, weights
 
 
 def bf16_param(*values: float) -> torch.nn.Parameter:
@@ -99,3 +102,62 @@ def test_gradient_checkpointing_feeds_the_masters_the_same_gradients(tiny, tmp_p
     plain, checkpointed = masters(False), masters(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed, strict=True))
     assert not torch.equal(plain[0], weights(tiny["student"])["model.embed_tokens.weight"].float())
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_a_clean_interval(monkeypatch):
+    monkeypatch.setattr(LossScale, "GROWTH_INTERVAL", 3)
+    scale = LossScale()
+    scale.update(overflow=True)
+    assert scale.scale == LossScale.INIT / 2
+    for _ in range(2):
+        scale.update(overflow=False)
+    assert scale.scale == LossScale.INIT / 2
+    scale.update(overflow=False)
+    assert scale.scale == LossScale.INIT and scale.good_steps == 0
+    for _ in range(40):
+        scale.update(overflow=True)
+    assert scale.scale == 1.0  # never below 1
+    restored = LossScale()
+    restored.load_state_dict(scale.state_dict())
+    assert restored.state_dict() == {"scale": 1.0, "good_steps": 0}
+
+
+def test_float16_gradients_are_unscaled_unless_they_overflowed():
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float16))
+    opt = MasterWeightAdamW([param], lr=1e-3)
+    assert opt.loss_scale is not None and MasterWeightAdamW([bf16_param(1.0)]).loss_scale is None
+    g = torch.tensor([2e-8, 1e-3])  # 2e-8 flushes to zero in float16 unless scaled
+    assert g.half()[0] == 0
+    (param * (g * opt.loss_scale.scale).half()).sum().backward()  # d/dparam: the scaled g
+    assert opt.unscale_grads()
+    torch.testing.assert_close(opt.masters[0].grad, g, rtol=1e-3, atol=0)
+    opt.zero_grad(set_to_none=True)
+    (param * torch.tensor([7e4, 1.0]).half()).sum().backward()  # 7e4 overflows float16 to inf
+    assert not opt.unscale_grads() and torch.isinf(opt.masters[0].grad[0])
+    assert opt.masters[0].grad[1] == 1.0  # nothing divided
+    assert "loss_scale" in opt.state_dict()
+    with pytest.raises(ValueError, match="loss scaling"):
+        MasterWeightAdamW([bf16_param(1.0, -2.0)]).load_state_dict(opt.state_dict())
+
+
+def test_float16_training_rides_out_overflows_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """From a scale far too large, the first steps overflow: each is skipped with the scale
+    halved, without stopping the run (three bad steps would); then the student trains, and a
+    resumed run continues from the saved scale."""
+    monkeypatch.setattr(LossScale, "INIT", 2.0**20)  # this model's backward overflows above 2^15
+    cfg = base_config(tiny, tmp_path, dtype="float16", steps=10, output_dir=str(tmp_path / "fp16"))
+    train(cfg)
+    records = [json.loads(x) for x in open(cfg.output_dir + "/metrics.jsonl")]
+    steps = [r for r in records if r["kind"] == "train"]
+    overflowed = [r["overflow"] for r in steps]
+    first_clean = overflowed.index(False)
+    assert 2 < first_clean < 10 and not any(overflowed[first_clean:])
+    assert [r["loss_scale"] for r in steps[: first_clean + 1]] == [
+        2.0**20 / 2**i for i in range(first_clean + 1)
+    ]
+    assert changed(weights(tiny["student"]), weights(tmp_path / "fp16" / "checkpoints" / "step_0000010"))
+    # resumed after two overflowed steps: the next steps run at the saved scale, not INIT
+    monkeypatch.setattr(LossScale, "INIT", 2.0**17)
+    check_resume_continues_the_run(tiny, tmp_path, dtype="float16", lr=1e-4)
+    first = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")][:3]
+    assert [r.get("overflow") for r in first if r["kind"] == "train"][:2] == [True, True]
