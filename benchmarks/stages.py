@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -37,7 +38,7 @@ if not torch.cuda.is_available():  # before triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import cuda_times_ms, markdown_table  # noqa: E402
-from benchmarks.ops import OPS, errors, make_inputs  # noqa: E402
+from benchmarks.ops import OPS, errors, make_inputs, rel_err  # noqa: E402
 from benchmarks.report import Spec, measure_cpu, measure_cuda  # noqa: E402
 from gopd_kernels import token_logprobs  # noqa: E402
 from gopd_kernels.backend import workspace_bytes  # noqa: E402
@@ -50,15 +51,14 @@ CHECK_ROWS = 256  # rows of the forward's log-sum-exp checked against torch (the
 def time_ms(fn, device: torch.device) -> float:
     """Median of at least 10 timed calls on CUDA; one call under the interpreter."""
     if device.type == "cuda":
-        times = cuda_times_ms(fn)
-        return sorted(times)[len(times) // 2]
+        return statistics.median(cuda_times_ms(fn))
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
 
 
 def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+    err = rel_err(got, want)  # the report's measure: max |got - want| / max |want|
     if not err <= tol:  # NaN fails too
         raise AssertionError(f"stage {name}: relative error {err:.1e} against torch exceeds {tol:.0e}")
 
@@ -162,9 +162,8 @@ def sweep_table(rows: list[dict]) -> str:
         if "times_s" not in r:
             body.append([r["workspace_mb"], r["impl"], r.get("skipped", "-"), "-", "-"])
             continue
-        times = sorted(r["times_s"])
         err = max(r["vs_first"].values(), default=0.0)
-        body.append([r["workspace_mb"], r["impl"], f"{times[len(times) // 2] * 1e3:.2f} ms",
+        body.append([r["workspace_mb"], r["impl"], f"{statistics.median(r['times_s']) * 1e3:.2f} ms",
                      f"{max(r['peak_bytes']) / 2**20:.0f}", f"{err:.0e}"])  # fmt: skip
     return markdown_table(["GOPD_WORKSPACE_MB", "impl", "time median", "peak MiB", "vs first setting"], body)
 
