@@ -93,10 +93,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
         """Divide the masters' gradients by the loss scale; False (and nothing divided) if any
         is not finite: the float16 backward overflowed at this scale."""
         grads = [m.grad for m in self.masters if m.grad is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
+        if not grads:
+            return True
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one host sync
             return False
-        for g in grads:
-            g.div_(self.loss_scale.scale)
+        torch._foreach_div_(grads, self.loss_scale.scale)
         return True
 
     def state_dict(self) -> dict:
