@@ -329,9 +329,9 @@ def backward_tiles(
     max_cols = max(1, min(vocab, workspace_bytes // (token_bucket(row_chunk) * dz_dtype.itemsize)))
     if max_cols < 128 or max_cols == vocab:
         return row_chunk, max_cols
-    slices = -(-vocab // (max_cols - max_cols % 128))  # >= 2
-    width = -(-vocab // slices)  # ceil(V / slices), then up to whole 128 columns (<= max_cols)
-    return row_chunk, -(-width // 128) * 128
+    slices = triton.cdiv(vocab, max_cols - max_cols % 128)  # >= 2
+    width = triton.cdiv(vocab, slices)  # then up to whole 128 columns (<= max_cols)
+    return row_chunk, triton.cdiv(width, 128) * 128
 
 
 def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads):
