@@ -16,6 +16,8 @@
 #                                          # gopd demo --quick, gopd_loss and token_logprobs at
 #                                          # N = 16384 bf16, benchmarks.stages (~8 minutes;
 #                                          # then `tune` fits the rest of a 15-minute lease)
+#   bash benchmarks/gpu_session.sh gemm    # after `first`: cuBLAS or Triton for the backward's
+#                                          # GEMMs, the autotuner's disk cache, workspaces (~5.5 min)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -31,7 +33,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh first|gemm|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -88,10 +90,34 @@ fp32)  # the headline shapes in fp32 (3xTF32 in gopd; cuBLAS fp32 or TF32-free i
 tune)  # the Triton backward's dZ tile and the torch fold's tiles; the log is the record
     status=0
     head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
-    timeout 150 python3 -m benchmarks.stages $head --sweep-workspace 600,1200,2400 \
+    timeout 150 python3 -m benchmarks.stages $head --sweep GOPD_WORKSPACE_MB=600,1200,2400 \
         --op gopd_loss --impls gopd,gopd-torch || status=1
-    timeout 110 python3 -m benchmarks.stages $head --sweep-workspace 300,600,1200,2400 \
+    timeout 110 python3 -m benchmarks.stages $head --sweep GOPD_WORKSPACE_MB=300,600,1200,2400 \
         --op token_logprobs --impls gopd || status=1
+    (exit $status)
+    ;;
+gemm)  # second call of a 15-minute lease after `first` (~5.5 minutes): who should run the
+    # backward's GEMMs, the autotuner's disk cache, and the workspace
+    status=0
+    head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
+    # the autotuner's picks must survive the process: the second run must not tune again
+    for run in 1 2; do
+        TRITON_PRINT_AUTOTUNING=1 timeout 30 python3 -c "import torch
+from gopd_kernels.ops.matmul_triton import matmul
+a, b = (torch.randn(s, device='cuda', dtype=torch.bfloat16) for s in ((512, 256), (256, 384)))
+matmul(a, b, torch.empty(512, 384, device='cuda'))
+import triton; print('run $run: cache dir', triton.knobs.cache.dir)" 2>&1 | grep -v '^Autotuning kernel'
+    done
+    find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' | wc -l
+    # the torch GEMMs (cuBLAS) in the backward, correct on CUDA, tiles and one rounding
+    local_workers=""; python3 -c "import xdist" 2>/dev/null && local_workers="-n 16"
+    timeout 60 python3 -m pytest -q $local_workers -m "triton or cuda" tests/kernels/test_linear_logsoftmax_triton.py \
+        tests/kernels/test_token_logprobs.py -k "rounding or through_torch or small_workspace" || status=1
+    TRITON_PRINT_AUTOTUNING=1 timeout 90 python3 -m benchmarks.stages $head || status=1
+    timeout 60 python3 -m benchmarks.stages $head --sweep GOPD_BACKWARD_GEMM=triton,torch \
+        --op token_logprobs --impls gopd || status=1
+    timeout 80 python3 -m benchmarks.stages $head --sweep GOPD_WORKSPACE_MB=300,1200,4800 \
+        --op gopd_loss --impls gopd,gopd-torch || status=1
     (exit $status)
     ;;
 check)
@@ -104,7 +130,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: first, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: first, gemm, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

@@ -2,7 +2,8 @@
 
     python -m benchmarks.stages                           # CUDA: N = 16384, D = 4096, V = 151936 bf16
     python -m benchmarks.stages --n 67 --d 64 --v 211     # any shape; on CPU through the interpreter
-    python -m benchmarks.stages --sweep-workspace 600,1200,2400 --op gopd_loss --impls gopd,gopd-torch
+    python -m benchmarks.stages --sweep GOPD_WORKSPACE_MB=600,1200,2400 --op gopd_loss --impls gopd,gopd-torch
+    python -m benchmarks.stages --sweep GOPD_BACKWARD_GEMM=triton,torch --op token_logprobs --impls gopd
 
 Forward + backward is one forward launch and, per tile of the backward (R rows by C
 vocabulary columns, linear_logsoftmax_triton.backward_tiles), three launches:
@@ -12,17 +13,19 @@ vocabulary columns, linear_logsoftmax_triton.backward_tiles), three launches:
     dH           dH[rows] += dZ @ W[cols], fp32 across the slices           2 R D C
     dW           dW[cols] = dZ^T @ H[rows], in the head's dtype             2 R D C
 
-Each stage is timed beside cuBLAS's plain GEMM of its shape on the same operands (torch.mm;
-for the forward and the logit grad, the logits GEMM without the softmax): the gap is what
-tuning that stage can win, the softmax's own cost included. Every stage's output is checked
-against torch before it is timed. The forward plus tiles x (logit grad + dH + dW) against the
-measured whole says how much time lies outside the kernels (allocation, the autograd glue).
-On CPU the kernels run in the interpreter, once each: that checks the harness, its times
-mean nothing.
+Each stage is timed beside cuBLAS's GEMM of its shape on the same operands: for the forward
+and the logit grad, the logits GEMM without the softmax (the gap is what tuning that stage
+can win, the softmax's own cost included); for dH and dW, exactly what GOPD_BACKWARD_GEMM=torch
+runs in their place (bf16 operands, an fp32 result). Every stage's output is checked against
+torch before it is timed, and each row is printed as soon as it is measured. The forward
+plus tiles x (logit grad + dH + dW) against the measured whole says how much time lies
+outside the kernels (allocation, the autograd glue). On CPU the kernels run in the
+interpreter, once each: that checks the harness, its times mean nothing.
 
---sweep-workspace times whole ops (benchmarks.ops, as the report measures them: peak memory
-and time) under several GOPD_WORKSPACE_MB: the Triton backward's dZ tile and the torch
-backend's tiles and folds. Every setting's outputs are compared with the first setting's.
+--sweep NAME=v1,v2,... times whole ops (benchmarks.ops, as the report measures them: peak
+memory and time) under each value of one setting: GOPD_WORKSPACE_MB (the Triton backward's
+dZ tile, the torch backend's tiles and folds) or GOPD_BACKWARD_GEMM (who runs the backward's
+dH and dW GEMMs). Every setting's outputs are compared with the first setting's.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from benchmarks.report import Spec, measure_cpu, measure_cuda  # noqa: E402
 from gopd_kernels import token_logprobs  # noqa: E402
 from gopd_kernels.backend import workspace_bytes  # noqa: E402
 from gopd_kernels.ops import linear_logsoftmax_triton as tri  # noqa: E402
+from gopd_kernels.ops.matmul_torch import mm_add, mm_into, operand  # noqa: E402
 from gopd_kernels.ops.matmul_triton import matmul  # noqa: E402
 
+SWEEPABLE = ("GOPD_WORKSPACE_MB", "GOPD_BACKWARD_GEMM")
 CHECK_ROWS = 256  # rows of the forward's log-sum-exp checked against torch (the rest would be N x V)
 
 
@@ -74,6 +79,8 @@ def measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device) ->
     def stage(name, shape, flops, ours, cublas):
         ms, cublas_ms = time_ms(ours, device), time_ms(cublas, device) if cublas else None
         out.append({"stage": name, "shape": shape, "flops": flops, "ms": ms, "cublas_ms": cublas_ms})
+        beside = f"   cuBLAS {cublas_ms:9.2f} ms" if cublas_ms else ""
+        print(f"  {name:<22} {ms:9.2f} ms{beside}", flush=True)
 
     # forward: (logp, lse) for all N rows
     logp, lse, _ = tri.forward(h, w, None, y, 1.0, False, 0)
@@ -95,20 +102,22 @@ def measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device) ->
     _close("logit grad", dz[:k], want_dz[:, c], tol)
     stage("logit grad (tile)", f"{rows} x {cols} x {d}", tile_flops, grad, lambda: torch.mm(h[r], w[c].T))
 
-    # dH += dZ @ W[cols] into an fp32 accumulator (when there are several slices; cuBLAS's
-    # plain product beside it), dW[cols] = dZ^T @ H over the tile's rows
+    # dH += dZ @ W[cols] into an fp32 accumulator (when there are several slices),
+    # dW[cols] = dZ^T @ H over the tile's rows; beside each, GOPD_BACKWARD_GEMM=torch's GEMM
+    # (one operand dtype, an fp32 result, which it then rounds: for dW an fp32 slice)
     dh = torch.randn(rows, d, device=device)
     want_dh = dh + dz.float() @ w[c].float()
     matmul(dz, w[c], out=dh, accumulate=True)
     _close("dH", dh, want_dh, tol)
-    mm_w, mm_h = w[c].to(dz_dtype), h[r].to(dz_dtype)  # cuBLAS wants one dtype; ours casts tiles
+    mm_w, mm_h, mm_dz = operand(w[c].to(dz_dtype)), operand(h[r].to(dz_dtype)), operand(dz)
     stage("dH += (tile)", f"{rows} x {d} x {cols}", tile_flops,
-          lambda: matmul(dz, w[c], out=dh, accumulate=True), lambda: torch.mm(dz, mm_w))  # fmt: skip
+          lambda: matmul(dz, w[c], out=dh, accumulate=True), lambda: mm_add(dh, mm_dz, mm_w))  # fmt: skip
     dw = torch.empty(cols, d, dtype=dtype, device=device)
     matmul(dz.T, h[r], out=dw)
     _close("dW", dw, dz.float().T @ h[r].float(), tol)
+    dw32 = torch.empty(cols, d, device=device)
     stage("dW (tile)", f"{cols} x {d} x {rows}", tile_flops,
-          lambda: matmul(dz.T, h[r], out=dw), lambda: torch.mm(dz.T, mm_h))  # fmt: skip
+          lambda: matmul(dz.T, h[r], out=dw), lambda: mm_into(dw32, mm_dz.T, mm_h))  # fmt: skip
 
     # the whole op through autograd, as the trainer calls it
     hl, wl = h.detach().requires_grad_(), w.detach().requires_grad_()
@@ -136,36 +145,46 @@ def table(rows: list[dict], tiles: int, gemm_tflops: float | None) -> str:
     return markdown_table(headers, body) + "\n" + whole
 
 
-def sweep_workspace(spec: Spec, impls: list[str], mbs: list[float], device: torch.device) -> list[dict]:
-    """Peak memory and times of `impls` of spec.op under each GOPD_WORKSPACE_MB in `mbs`."""
+def parse_sweep(text: str) -> tuple[str, list[str]]:
+    """ "NAME=v1,v2,..." -> (NAME, [v1, v2, ...]); ValueError naming --sweep if malformed."""
+    name, _, values = text.partition("=")
+    if name not in SWEEPABLE or not values:
+        raise ValueError(f"--sweep must read NAME=v1,v2,... with NAME one of {SWEEPABLE}, got {text!r}")
+    return name, values.split(",")
+
+
+def sweep(spec: Spec, impls: list[str], name: str, values: list[str], device: torch.device) -> list[dict]:
+    """Peak memory and times of `impls` of spec.op with the environment variable `name` set to
+    each of `values` in turn (restored after)."""
     measure = measure_cuda if device.type == "cuda" else measure_cpu
     op, first, out = OPS[spec.op], {}, []
-    old = os.environ.get("GOPD_WORKSPACE_MB")
+    old = os.environ.get(name)
     try:
-        for mb in mbs:
-            os.environ["GOPD_WORKSPACE_MB"] = str(mb)
-            print(f"  GOPD_WORKSPACE_MB={mb}", flush=True)  # a run cut short keeps what it printed
+        for value in values:
+            os.environ[name] = value
+            print(f"  {name}={value}", flush=True)  # a run cut short keeps what it printed
             runs, kept = measure(spec, impls, rounds=1, repeats=1)
-            for name in impls:
-                got = tuple(kept[name].values()) if name in kept else None
-                first.setdefault(name, got)
-                vs = errors(op, got, first[name]) if got and first[name] else {}
-                out.append({"workspace_mb": mb, "impl": name, "vs_first": vs, **runs[name]})
+            for impl in impls:
+                got = tuple(kept[impl].values()) if impl in kept else None
+                first.setdefault(impl, got)
+                vs = errors(op, got, first[impl]) if got and first[impl] else {}
+                out.append({"setting": value, "impl": impl, "vs_first": vs, **runs[impl]})
+                print("  " + sweep_table(out[-1:], name).splitlines()[-1], flush=True)
     finally:
-        os.environ.pop("GOPD_WORKSPACE_MB") if old is None else os.environ.update(GOPD_WORKSPACE_MB=old)
+        os.environ.pop(name) if old is None else os.environ.update({name: old})
     return out
 
 
-def sweep_table(rows: list[dict]) -> str:
+def sweep_table(rows: list[dict], name: str) -> str:
     body = []
     for r in rows:
         if "times_s" not in r:
-            body.append([r["workspace_mb"], r["impl"], r.get("skipped", "-"), "-", "-"])
+            body.append([r["setting"], r["impl"], r.get("skipped", "-"), "-", "-"])
             continue
         err = max(r["vs_first"].values(), default=0.0)
-        body.append([r["workspace_mb"], r["impl"], f"{statistics.median(r['times_s']) * 1e3:.2f} ms",
+        body.append([r["setting"], r["impl"], f"{statistics.median(r['times_s']) * 1e3:.2f} ms",
                      f"{max(r['peak_bytes']) / 2**20:.0f}", f"{err:.0e}"])  # fmt: skip
-    return markdown_table(["GOPD_WORKSPACE_MB", "impl", "time median", "peak MiB", "vs first setting"], body)
+    return markdown_table([name, "impl", "time median", "peak MiB", "vs first setting"], body)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,12 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d", type=int, default=4096)
     p.add_argument("--v", type=int, default=151936)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--sweep-workspace", help="comma-separated MiB: time whole ops under each instead")
-    p.add_argument("--op", default="gopd_loss", help="--sweep-workspace: the op (benchmarks.ops)")
-    p.add_argument("--impls", default="gopd,gopd-torch", help="--sweep-workspace: comma-separated")
+    p.add_argument("--sweep", help="NAME=v1,v2,...: time whole ops under each value of one setting instead")
+    p.add_argument("--op", default="gopd_loss", help="--sweep: the op (benchmarks.ops)")
+    p.add_argument("--impls", default="gopd,gopd-torch", help="--sweep: comma-separated")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.sweep_workspace:
+    if args.sweep:
+        name, values = parse_sweep(args.sweep)
         if args.op not in OPS:
             raise ValueError(f"--op: unknown op {args.op!r}; choose from {', '.join(OPS)}")
         impls = args.impls.split(",")
@@ -187,9 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise ValueError(f"--impls: {unknown} are not implementations of {args.op}")
         spec = Spec(args.op, args.n, args.d, args.v, args.dtype)
-        mbs = [float(mb) for mb in args.sweep_workspace.split(",")]
-        print(f"{spec.name}: GOPD_WORKSPACE_MB sweep")
-        print(sweep_table(sweep_workspace(spec, impls, mbs, device)))
+        print(f"{spec.name}: {name} sweep")
+        print(sweep_table(sweep(spec, impls, name, values, device), name))
         return
     if device.type == "cpu":
         print("note: no CUDA device: the kernels run in the Triton interpreter once each; times mean nothing")

@@ -32,6 +32,13 @@ BACKENDS = ("auto", "triton", "torch")
 TORCH_WORKSPACE_BYTES = 64 << 20
 TRITON_MIN_WORKSPACE_BYTES = 64 << 20
 
+# Who runs the Triton backward's two gradient GEMMs (dH += dZ W, dW = dZ^T H), whose
+# operands are plain tensors: "triton" (matmul_triton's kernel, any dtypes, 3xTF32 for fp32)
+# or "torch" (torch.mm / addmm: cuBLAS on CUDA, for operands of one dtype).
+# GOPD_BACKWARD_GEMM overrides the default.
+BACKWARD_GEMMS = ("triton", "torch")
+DEFAULT_BACKWARD_GEMM = "triton"
+
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -63,7 +70,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if device.type == "cuda":
         if triton_importable():
             return "triton"
-        _warn_once("backend='auto': triton is not importable, running the (slower) torch backend on CUDA")
+        warn_once("backend='auto': triton is not importable, running the (slower) torch backend on CUDA")
     return "torch"
 
 
@@ -85,8 +92,14 @@ def workspace_bytes(backend: str, weight: torch.Tensor, default: int | None = No
     return max(TRITON_MIN_WORKSPACE_BYTES, weight.numel() * weight.element_size())
 
 
+def backward_gemm() -> str:
+    """The backward GEMMs' runner, "triton" or "torch": GOPD_BACKWARD_GEMM, else the default."""
+    choice = os.environ.get("GOPD_BACKWARD_GEMM", DEFAULT_BACKWARD_GEMM)
+    return check_choice(choice, BACKWARD_GEMMS, "GOPD_BACKWARD_GEMM")
+
+
 @functools.cache
-def _warn_once(message: str) -> None:
+def warn_once(message: str) -> None:
     logger.warning(message)
 
 

@@ -36,7 +36,7 @@ def test_a_wrong_stage_fails_its_check(device, monkeypatch):
         stages.measure(67, 32, 97, torch.float32, device)
 
 
-def test_workspace_sweep_sets_each_size_compares_with_the_first_and_restores(monkeypatch):
+def test_sweep_sets_each_value_compares_with_the_first_and_restores(monkeypatch):
     monkeypatch.setenv("GOPD_WORKSPACE_MB", "7")
     seen = []
 
@@ -48,7 +48,14 @@ def test_workspace_sweep_sets_each_size_compares_with_the_first_and_restores(mon
 
     monkeypatch.setattr(stages, "measure_cpu", measure)
     spec = stages.Spec("token_logprobs_fwd", 4, 8, 16, "float32")
-    rows = stages.sweep_workspace(spec, ["gopd"], [1.0, 2.0], torch.device("cpu"))
+    name, values = stages.parse_sweep("GOPD_WORKSPACE_MB=1.0,2.0")
+    rows = stages.sweep(spec, ["gopd"], name, values, torch.device("cpu"))
     assert seen == [1.0, 2.0] and os.environ["GOPD_WORKSPACE_MB"] == "7"
     assert [r["vs_first"]["out"] for r in rows] == [0.0, pytest.approx(0.5)]
-    assert "| 2.0 | gopd | 2.00 ms | 2 | 5e-01 |" in stages.sweep_table(rows)
+    assert "| 2.0 | gopd | 2.00 ms | 2 | 5e-01 |" in stages.sweep_table(rows, name)
+
+
+@pytest.mark.parametrize("text", ["GOPD_WORKSPACE_MB", "GOPD_WORKSPACE_MB=", "TRITON_INTERPRET=1", "600"])
+def test_a_malformed_sweep_names_the_option(text):
+    with pytest.raises(ValueError, match="--sweep"):
+        stages.parse_sweep(text)

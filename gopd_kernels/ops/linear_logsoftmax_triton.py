@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.ops.matmul_triton import matmul
+from gopd_kernels.backend import backward_gemm
+from gopd_kernels.ops.matmul_triton import gradient_gemm
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
     autotuned,
@@ -362,10 +363,16 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
-    # fp32 accumulators where a sum runs over tiles and the output is not fp32 itself
-    sums_dh, sums_dw = need_dh and cols < V and dh.dtype != f32, need_dw and row_chunk < M and dw.dtype != f32
+    # fp32 accumulators where a sum runs over tiles and the output is not fp32 itself, and
+    # wherever torch's GEMMs run them (their bf16 results may reduce in bf16: gradient_gemm)
+    torch_gemms = backward_gemm() == "torch"
+    sums_dh = need_dh and dh.dtype != f32 and (cols < V or torch_gemms)
+    sums_dw = need_dw and dw.dtype != f32 and row_chunk < M
     dh_acc = torch.empty(row_chunk, D, dtype=f32, device=dev) if sums_dh else None
     dw_acc = torch.empty(V, D, dtype=f32, device=dev) if sums_dw else None
+    # one slice's dW in fp32 for torch's GEMMs, rounded into dw once
+    slice_dw = need_dw and torch_gemms and not sums_dw and dw.dtype != f32
+    dw_slice = torch.empty(cols, D, dtype=f32, device=dev) if slice_dw else None
     for r0 in range(0, M, row_chunk):
         r1 = min(r0 + row_chunk, M)
         for v0 in range(0, V, cols):
@@ -374,10 +381,13 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
             write_logit_grads(slice(r0, r1), slice(v0, v1), dz_t)
             if dh is not None:
                 out = dh[r0:r1] if dh_acc is None else dh_acc[: r1 - r0]
-                matmul(dz_t, weight[v0:v1], out=out, accumulate=v0 > 0)
+                gradient_gemm(dz_t, weight[v0:v1], out=out, accumulate=v0 > 0)
             if dw is not None:
                 out = dw[v0:v1] if dw_acc is None else dw_acc[v0:v1]
-                matmul(dz_t.T, hidden[r0:r1], out=out, accumulate=r0 > 0)
+                out = out if dw_slice is None else dw_slice[: v1 - v0]
+                gradient_gemm(dz_t.T, hidden[r0:r1], out=out, accumulate=r0 > 0)
+                if dw_slice is not None:
+                    dw[v0:v1] = out
             if db is not None:
                 db[v0:v1] += dz_t.sum(dim=0, dtype=f32)
         if dh_acc is not None:

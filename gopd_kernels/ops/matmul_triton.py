@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gopd_kernels.backend import backward_gemm, warn_once
+from gopd_kernels.ops.matmul_torch import mm_add, mm_into, operand
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
     autotuned,
@@ -119,3 +121,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
         GROUP_M=GROUP_M,
     )
     return out
+
+
+def gradient_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False):
+    """out (+)= a @ b for the backward, by GOPD_BACKWARD_GEMM: matmul() above, or torch's GEMM
+    (cuBLAS on CUDA, bf16 operands with an fp32 result: matmul_torch) into an `out` of
+    float32, where the caller rounds once. Operands of two dtypes (dZ in bf16 against an fp16
+    head) always take matmul(), which casts tiles; a log line says so once."""
+    if backward_gemm() == "torch":
+        if a.dtype == b.dtype and out.dtype == torch.float32:
+            return (mm_add if accumulate else mm_into)(out, operand(a), operand(b))
+        warn_once(
+            f"GOPD_BACKWARD_GEMM=torch: {a.dtype} x {b.dtype} -> {out.dtype} products run on the Triton "
+            "matmul (torch's GEMMs take one operand dtype and an fp32 result here)"
+        )
+    return matmul(a, b, out, accumulate)

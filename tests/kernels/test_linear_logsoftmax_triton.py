@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gopd_kernels.backend import BACKWARD_GEMMS
 from gopd_kernels.ops.linear_logsoftmax_triton import backward_tiles, grads_from_logit_grads
 from gopd_kernels.ops.triton_common import token_bucket
 
@@ -55,15 +56,18 @@ def within_one_bf16_rounding(got: torch.Tensor, exact: torch.Tensor) -> bool:
     return bool(((got.double() - exact).abs() <= ulp * 1.001 + 1e-12).all())
 
 
-@pytest.mark.parametrize("workspace", [2000, 40_000], ids=["row-chunks", "vocab-slices"])
-def test_dw_and_dh_take_one_bf16_rounding_however_they_are_tiled(workspace, device):
+@pytest.mark.parametrize("workspace", [2000, 40_000, 10**6], ids=["row-chunks", "vocab-slices", "one-tile"])
+@pytest.mark.parametrize("gemm", BACKWARD_GEMMS)
+def test_dw_and_dh_take_one_bf16_rounding_however_they_are_tiled(workspace, gemm, device, monkeypatch):
+    monkeypatch.setenv("GOPD_BACKWARD_GEMM", gemm)  # Triton's matmul or torch's (cuBLAS on CUDA)
     n, d, v = 300, 32, 211
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=g).to(device, torch.bfloat16)
     weight = torch.randn(v, d, generator=g).to(device, torch.bfloat16)
     dz_all = torch.randn(n, v, generator=g).to(torch.bfloat16)  # what each tile's dZ holds
     rows, cols = backward_tiles(n, v, d, torch.bfloat16, workspace)
-    assert (rows < n) == (workspace == 2000) and cols < v  # both regimes are what they say
+    regime = {2000: (True, True), 40_000: (False, True), 10**6: (False, False)}[workspace]
+    assert (rows < n, cols < v) == regime  # each regime is what it says
 
     def write_logit_grads(r, c, dz):
         dz.copy_(dz_all[r, c])

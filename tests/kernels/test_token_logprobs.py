@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from gopd_kernels import token_logprobs, token_logprobs_reference
+from gopd_kernels.backend import backward_gemm, warn_once
+from gopd_kernels.ops import matmul_triton
 from tests.kernels.helpers import (
     GRAD_REL,
     VALUE_ATOL,
@@ -100,6 +102,33 @@ def test_small_workspace_forces_many_chunks(backend, workspace_mb, dtype, device
         backend, _device(backend, device), 130, 32, 1031, dtype,
         temperature=0.8, entropy=True, bias=True, ignore_frac=0.2,
     )  # fmt: skip
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("workspace_mb", [None, "0.1", "0.005"], ids=["one-tile", "slices", "row-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_backward_gemms_through_torch(workspace_mb, dtype, device, monkeypatch, caplog):
+    """GOPD_BACKWARD_GEMM=torch: dH and dW by torch's GEMMs (cuBLAS on CUDA) in every tiling;
+    fp16 heads (dZ is bf16) keep the Triton matmul and say so."""
+    monkeypatch.setenv("GOPD_BACKWARD_GEMM", "torch")
+    if workspace_mb:
+        monkeypatch.setenv("GOPD_WORKSPACE_MB", workspace_mb)
+    warn_once.cache_clear()
+    triton_calls, triton_matmul = [], matmul_triton.matmul
+    counted = lambda *a, **k: triton_calls.append(1) or triton_matmul(*a, **k)
+    monkeypatch.setattr(matmul_triton, "matmul", counted)
+    check_against_reference(
+        "triton", device, 130, 32, 1031, dtype, temperature=0.8, entropy=True, bias=True, ignore_frac=0.2
+    )
+    fp16 = dtype == torch.float16
+    assert bool(triton_calls) == fp16
+    assert ("products run on the Triton matmul" in caplog.text) == fp16
+
+
+def test_bad_backward_gemm_setting_names_it(monkeypatch):
+    monkeypatch.setenv("GOPD_BACKWARD_GEMM", "cublas")
+    with pytest.raises(ValueError, match="GOPD_BACKWARD_GEMM"):
+        backward_gemm()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
