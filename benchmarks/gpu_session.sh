@@ -16,8 +16,8 @@
 #                                          # gopd demo --quick, gopd_loss and token_logprobs at
 #                                          # N = 16384 bf16, benchmarks.stages (~8 minutes;
 #                                          # then `tune` fits the rest of a 15-minute lease)
-#   bash benchmarks/gpu_session.sh gemm    # after `first`: cuBLAS or Triton for the backward's
-#                                          # GEMMs, the autotuner's disk cache, workspaces (~5.5 min)
+#   bash benchmarks/gpu_session.sh gemm    # after `first`: the folded gopd_loss, cuBLAS or Triton
+#                                          # for the backward's GEMMs, the autotune cache (~5.5 min)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -96,28 +96,34 @@ tune)  # the Triton backward's dZ tile and the torch fold's tiles; the log is th
         --op token_logprobs --impls gopd || status=1
     (exit $status)
     ;;
-gemm)  # second call of a 15-minute lease after `first` (~5.5 minutes): who should run the
-    # backward's GEMMs, the autotuner's disk cache, and the workspace
+gemm)  # second call of a 15-minute lease after `first` (~5.5 minutes): the folded gopd_loss,
+    # who should run the backward's GEMMs, the autotuner's disk cache
     status=0
     head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
-    # the autotuner's picks must survive the process: the second run must not tune again
+    workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 16"
+    # correct on CUDA first: the fold's row passes and the torch-GEMM backward, one rounding
+    timeout 60 python3 -m pytest -q $workers -m "triton or cuda" tests/kernels/test_folded_loss.py \
+        tests/kernels/test_linear_logsoftmax_triton.py tests/kernels/test_token_logprobs.py \
+        -k "triton_fold or row_passes or rounding or through_torch" || status=1
+    # the fold (3 GEMMs, a [rows, V] fp32 chunk) against the recomputing backward (4 GEMMs),
+    # at fold chunks of ~2070, 4140 (its default) and 8280 rows
+    timeout 80 python3 -m benchmarks.stages $head --sweep GOPD_WORKSPACE_MB=1200,2400,4800 \
+        --op gopd_loss --impls gopd,gopd-fold || status=1
+    # cuBLAS or Triton for the recomputing backward's dH and dW GEMMs
+    timeout 50 python3 -m benchmarks.stages $head --sweep GOPD_BACKWARD_GEMM=triton,torch \
+        --op token_logprobs --impls gopd || status=1
+    # the saved table: gopd_loss with every peer that runs there (Liger's GRPO loss fails at N = 16384)
+    timeout --signal=INT 120 python3 -m benchmarks.report --op gopd_loss $head \
+        --impls naive,torch-compile,gopd,gopd-fold,cce || status=1
+    # the autotuner's picks must outlive the process: a second process must not tune again
     for run in 1 2; do
-        TRITON_PRINT_AUTOTUNING=1 timeout 30 python3 -c "import torch
+        TRITON_PRINT_AUTOTUNING=1 timeout 20 python3 -c "import torch
 from gopd_kernels.ops.matmul_triton import matmul
 a, b = (torch.randn(s, device='cuda', dtype=torch.bfloat16) for s in ((512, 256), (256, 384)))
 matmul(a, b, torch.empty(512, 384, device='cuda'))
-import triton; print('run $run: cache dir', triton.knobs.cache.dir)" 2>&1 | grep -v '^Autotuning kernel'
+print('run $run done')" 2>&1 | grep -v '^Autotuning kernel'
     done
     find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' | wc -l
-    # the torch GEMMs (cuBLAS) in the backward, correct on CUDA, tiles and one rounding
-    local_workers=""; python3 -c "import xdist" 2>/dev/null && local_workers="-n 16"
-    timeout 60 python3 -m pytest -q $local_workers -m "triton or cuda" tests/kernels/test_linear_logsoftmax_triton.py \
-        tests/kernels/test_token_logprobs.py -k "rounding or through_torch or small_workspace" || status=1
-    TRITON_PRINT_AUTOTUNING=1 timeout 90 python3 -m benchmarks.stages $head || status=1
-    timeout 60 python3 -m benchmarks.stages $head --sweep GOPD_BACKWARD_GEMM=triton,torch \
-        --op token_logprobs --impls gopd || status=1
-    timeout 80 python3 -m benchmarks.stages $head --sweep GOPD_WORKSPACE_MB=300,1200,4800 \
-        --op gopd_loss --impls gopd,gopd-torch || status=1
     (exit $status)
     ;;
 check)

@@ -10,6 +10,7 @@ same quantity from the same inputs, so outputs and gradients are compared across
     gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
     gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 operands with fp32 results;
                    the losses fold their gradient)
+    gopd-fold      gopd_loss(fold=True) on CUDA: the Triton backend's fold (cuBLAS GEMMs, fused row passes)
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
@@ -195,6 +196,9 @@ def _loss_impls() -> dict[str, Impl]:
                       lambda x: _naive_gopd_loss(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x))),
         **_ours("gopd_loss", lambda x, b: gk.gopd_loss(*args(x), lam=LAM, backend=b)[0]),
+        "gopd-fold": Impl("gopd_kernels.gopd_loss(fold=True): the Triton backend's fold (cuBLAS GEMMs, "
+                          "Triton row passes)", lambda x: gk.gopd_loss(*args(x), lam=LAM, fold=True)[0],
+                          cuda_only="on CPU it is the gopd row"),
         "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
                       _liger_gopd_loss, needs="liger_kernel"),
         "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",

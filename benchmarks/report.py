@@ -311,6 +311,7 @@ def _series(records: list[dict], key: str) -> dict[tuple, list[dict]]:
 OURS_STYLE = {
     "gopd": {"linewidth": 2.5, "color": "black"},
     "gopd-torch": {"linewidth": 2.5, "color": "black", "linestyle": "--"},
+    "gopd-fold": {"linewidth": 2.5, "color": "black", "linestyle": ":"},
 }
 
 

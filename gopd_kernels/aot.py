@@ -80,7 +80,7 @@ class KernelVariant:
     module: str
     kernel: str
     configs: str  # name of the module's config list
-    tile: tuple[str, str, str]  # (A rows, B rows, depth) config keys, for shared-memory pruning
+    tile: tuple[str, str, str] | None  # (A rows, B rows, depth) config keys, for shared-memory pruning
     operand_dtype: str  # what the pruning sees as the element type of the streamed tiles
     pointers: dict
     constexprs: dict
@@ -89,6 +89,8 @@ class KernelVariant:
     # A path training runs (not only every feature switched on, to prove it builds): it
     # must keep a config without register spills.
     hot: bool = False
+    # A GEMM kernel must compile to tensor-core instructions; the row passes have no dot.
+    needs_mma: bool = True
 
     @property
     def features(self) -> str:
@@ -192,6 +194,21 @@ def kernel_variants() -> list[KernelVariant]:
                 dict(ACCUMULATE=layout == "dH", DOT_PRECISION=prec, GROUP_M=8),
                 ints=tuple(layouts[layout].items()), hot=True,
             ))  # fmt: skip
+    # The folded loss's row passes over a chunk's fp32 logits [rows, V] (fold_rows_triton);
+    # dz in the GEMM operand's dtype.
+    rows = "gopd_kernels.ops.fold_rows_triton"
+    row_ints = (("V", VOCAB), ("stride_zm", VOCAB), ("stride_dzm", VOCAB))
+    out.append(KernelVariant(
+        rows, "row_log_softmax_kernel", "CONFIGS", None, "float32",
+        {"z_ptr": "fp32", "y_ptr": "i64", "s_ptr": "fp32", "lse_ptr": "fp32"}, {},
+        ints=row_ints, hot=True, needs_mma=False,
+    ))  # fmt: skip
+    for dz in ("bf16", "fp32"):
+        out.append(KernelVariant(
+            rows, "row_logit_grads_kernel", "CONFIGS", None, "float32",
+            {"z_ptr": "fp32", "y_ptr": "i64", "lse_ptr": "fp32", "c_ptr": "fp32", "dz_ptr": dz}, {},
+            ints=row_ints, hot=True, needs_mma=False,
+        ))  # fmt: skip
     return out
 
 
@@ -296,6 +313,7 @@ class AotResult:
     spill_stores: int = -1  # STL instructions in SASS
     spill_loads: int = -1  # LDL instructions in SASS
     sass_mma: int = -1  # HMMA (sm_80) / HGMMA (sm_90) instructions in SASS
+    needs_mma: bool = True  # False for the row passes, which have no dot
 
 
 def jobs():
@@ -311,7 +329,7 @@ def jobs():
         elem = getattr(torch, variant.operand_dtype).itemsize
         for target in TARGETS:
             limit = SHARED_MEMORY_LIMIT[target]
-            kept = fitting_configs(configs, *variant.tile, elem, limit)
+            kept = fitting_configs(configs, *variant.tile, elem, limit) if variant.tile else configs
             for cfg in kept or configs[-1:]:
                 yield variant, target, configs.index(cfg), limit
 
@@ -326,13 +344,14 @@ def _run(job) -> AotResult:
     base = dict(
         kernel=variant.kernel, operand_dtype=variant.operand_dtype, features=variant.features,
         hot=variant.hot, pointers=pointers, target=target, config=desc, shared_limit=limit,
+        needs_mma=variant.needs_mma,
     )  # fmt: skip
     try:
         r = compile_variant(variant, target, index)
     except Exception as exc:  # a compile failure is a result to report, not a crash
         msg = f"{type(exc).__name__}: {str(exc)[:300]}"
         return AotResult(**base, shared=-1, mma=[], ok=False, error=msg)
-    ok = r["shared"] <= limit and bool(r["mma"]) and r["sass_mma"] > 0
+    ok = r["shared"] <= limit and (not variant.needs_mma or (bool(r["mma"]) and r["sass_mma"] > 0))
     return AotResult(**base, **r, ok=ok)
 
 
@@ -394,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             mark = "ok  " if r.ok else "FAIL"
             mma = f"{SASS_MMA_NAME[r.target]} x{r.sass_mma}" if r.sass_mma > 0 else "no tensor-core MMA"
+            mma = mma if r.needs_mma else "(no dot)"
             print(f"{mark} sm_{r.target} {r.kernel:24s} {r.operand_dtype:8s} {r.features:32s} "
                   f"{'hot' if r.hot else '   '} {r.shared / 1024:6.1f}/{r.shared_limit / 1024:.0f} KiB "
                   f"reg {r.registers:3d} spill {r.spill_stores:4d}/{r.spill_loads:<4d} {mma:10s} "

@@ -12,11 +12,11 @@ from numbers import Real
 
 import torch
 
-from gopd_kernels.backend import resolve_backend
+from gopd_kernels.backend import implementation, resolve_backend
 from gopd_kernels.functional import token_logprobs
 from gopd_kernels.ops.dense_kl import DenseGopdKL
 from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseKL
-from gopd_kernels.ops.folded_loss_torch import FoldedTokenLoss, fold_workspace_bytes
+from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
@@ -143,6 +143,7 @@ def gopd_loss(
     num_tokens: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
+    fold: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The G-OPD policy-gradient loss on sampled tokens, fused from the student's hidden states.
 
@@ -156,6 +157,11 @@ def gopd_loss(
 
     On-policy (old_logp None) rho = 1 exactly: the loss is -mean(A) and its gradient
     -mean(A grad s), REINFORCE with a per-token advantage, as in the official runs.
+
+    fold: compute the gradient in the forward, one row chunk at a time (FoldedTokenLoss: the
+    chunk's fp32 logits once, 3 GEMMs), instead of recomputing the logits in the backward
+    (4 GEMMs, no [rows, V] chunk held). None: the torch backend folds when the head is
+    trained, the Triton backend does not; True / False force it either way.
 
     Returns ``(loss, stats)``; stats holds detached 0-d tensors (no device sync): the mean
     advantage, the reverse-KL estimate mean(s - T), the reward mean(T - R) (with a
@@ -190,13 +196,15 @@ def gopd_loss(
         s, teacher, ref, old, rollout, lam, (clip_low, clip_high), is_cap
     )
     per_token_inputs = (teacher_logp, ref_logp, old_logp, rollout_logp)
-    # A frozen head (dH only) takes token_logprobs' frozen-head path instead: also 2 GEMMs,
-    # with tiles instead of full-vocabulary rows. Measured (Intel VM, N = 4096, D = 1024,
+    # Unless fold=True, a frozen head (dH only) takes token_logprobs' frozen-head path instead:
+    # also 2 GEMMs, with tiles instead of full-vocabulary rows. Measured (Intel VM, N = 4096, D = 1024,
     # V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against the fold's 10.2-11.7 s and 314 MiB.
-    if _fold_gradient(backend, hidden, weight) and weight.requires_grad:
+    fold_on = _fold_policy_gradient(fold, backend, hidden, weight)
+    if fold_on:
         loss, s = _folded_policy_loss(
-            hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens
-        )
+            hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens,
+            fold_on,
+        )  # fmt: skip
         _, adv, clipped, is_weight = terms(s, *per_token_inputs)
     else:
         s = token_logprobs(
@@ -249,12 +257,30 @@ def _fold_gradient(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> 
     return wants_grad and resolve_backend(backend, hidden.device) == "torch"
 
 
+def _fold_policy_gradient(fold: bool | None, backend: str, hidden, weight) -> str | None:
+    """The backend of gopd_loss's folded form ("torch" or "triton"), or None to run unfolded.
+
+    fold=None: the torch backend folds whenever the head is trained (with a frozen head,
+    token_logprobs' frozen-head path is leaner: measured below); the Triton backend keeps
+    its recomputing backward. fold=True folds on either backend (no gradient wanted: no
+    fold, nothing to fold); fold=False never folds."""
+    if fold is not None and not isinstance(fold, bool):
+        raise ValueError(f"fold must be True, False or None, got {fold!r}")
+    resolved = resolve_backend(backend, hidden.device)
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not wants_grad or fold is False:
+        return None
+    if fold is None and not (resolved == "torch" and weight.requires_grad):
+        return None
+    return resolved
+
+
 def _folded_policy_loss(
-    hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens
+    hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens, backend
 ):
     """(loss, s) with FoldedTokenLoss: each row chunk's loss and dL/ds are known in its one pass."""
     inv_temp = 1.0 / check_token_inputs(hidden, weight, None, targets, ignore_index, temperature)
-    check_backend_dtype("torch", hidden.dtype)
+    check_backend_dtype(backend, hidden.dtype)
     mask = targets != ignore_index
     rows = RowSelection(mask)
     inputs = [None if t is None else rows.take(t) for t in per_token_inputs]
@@ -266,7 +292,7 @@ def _folded_policy_loss(
 
     loss, s = FoldedTokenLoss.apply(
         rows.take(hidden).contiguous(), weight, rows.take(targets).long().contiguous(), inv_temp, chunk_loss,
-        fold_workspace_bytes(weight),
+        fold_workspace_bytes(weight, rows=FOLD_ROWS[backend]), implementation("fold_rows", backend),
     )  # fmt: skip
     return loss, rows.put(s)
 

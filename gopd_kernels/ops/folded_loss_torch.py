@@ -1,4 +1,4 @@
-"""A scalar loss of the sampled tokens' log-probs, its gradient folded into the forward (torch).
+"""A scalar loss of the sampled tokens' log-probs, its gradient folded into the forward.
 
 For L = sum_t l_t(s_t) with s_t = log softmax(z_t)[y_t], the gradient on the logits is
 
@@ -16,6 +16,10 @@ returns); dW is read and written once per row chunk, so a chunk needs hundreds o
 keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS rows).
 GEMM operands are the inputs upcast to fp32 (one copy of W for the whole pass), or bf16 as
 they are on CUDA (matmul_torch); dH and dW are accumulated in fp32 and rounded once.
+
+The GEMMs are torch's (cuBLAS on CUDA) on either backend; the row work between them
+(log-softmax, dL/dz) is fold_rows_torch's in-place torch ops, or fold_rows_triton's two
+fused passes on a GPU.
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ from collections.abc import Callable
 import torch
 
 from gopd_kernels.backend import workspace_bytes
-from gopd_kernels.ops.matmul_torch import compute_dtype, like_operand, mm_add, mm_into, operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
 
-FOLD_ROWS = 512  # rows per chunk unless GOPD_WORKSPACE_MB says otherwise (measured: 110 rows gain nothing)
+# Rows per chunk unless GOPD_WORKSPACE_MB says otherwise, by who does the row work. torch
+# (CPUs): 512 (measured: 110 rows gain nothing). triton (GPUs): more rows, fewer passes of
+# the fp32 dW over HBM (one read and write per chunk, 2.5 GB at V = 151936, D = 4096).
+FOLD_ROWS = {"torch": 512, "triton": 4096}
 
 # token_loss(s, r0, r1) -> 0-d loss of rows r0:r1 given their log-probs s (differentiable in s)
 TokenLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def fold_workspace_bytes(weight: torch.Tensor, live: int = 1, rows: int = FOLD_ROWS) -> int:
+def fold_workspace_bytes(weight: torch.Tensor, live: int = 1, rows: int = FOLD_ROWS["torch"]) -> int:
     """Budget for `live` fp32 [rows, V] tiles, unless GOPD_WORKSPACE_MB says otherwise."""
     return workspace_bytes("torch", weight, default=live * rows * weight.shape[0] * 4)
 
@@ -62,7 +69,10 @@ class FoldedTokenLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int):
+    def forward(
+        ctx, hidden, weight, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int, rows_impl
+    ):
+        """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
         need_dh, need_dw = ctx.needs_input_grad[:2]
         rows, dim = hidden.shape
         vocab = weight.shape[0]
@@ -76,13 +86,9 @@ class FoldedTokenLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         for r0 in range(0, rows, chunk):
             r1 = min(rows, r0 + chunk)
-            y = targets[r0:r1, None]
+            y = targets[r0:r1]
             z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
-            z_y = z.gather(1, y).squeeze(1)
-            m = z.amax(dim=1)
-            e = z.sub_(m[:, None]).exp_()  # in place: the tile now holds exp(z - m)
-            sum_e = e.sum(dim=1)
-            s = z_y - m - sum_e.log()
+            s, state = rows_impl.log_softmax(z, y)
             logp[r0:r1] = s
             with torch.enable_grad():
                 s_leaf = s.detach().requires_grad_(need_dh or need_dw)
@@ -92,16 +98,17 @@ class FoldedTokenLoss(torch.autograd.Function):
                 continue
             (c,) = torch.autograd.grad(part, s_leaf)
             c = c * inv_temp  # through z = raw logits * inv_temp
-            dz = e.mul_((-c / sum_e)[:, None]).scatter_add_(1, y, c[:, None])  # c (1[v = y] - p)
-            dz = like_operand(dz, w)
+            dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)  # c (1[v = y] - p), a GEMM operand
             if dh is not None:
                 mm_into(dh[r0:r1], dz, w)
             if dw is not None:
                 mm_add(dw, dz.T, h[r0:r1])
+            del dz  # before the next chunk's is made
+        del buf  # before dH and dW are cast: the logits tile is the largest buffer
         save_folded_grads(ctx, dh, dw, hidden, weight)
         ctx.mark_non_differentiable(logp)
         return loss, logp
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
-        return *scale_saved_grads(ctx, grad_loss), None, None, None, None
+        return *scale_saved_grads(ctx, grad_loss), None, None, None, None, None

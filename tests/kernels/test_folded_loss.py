@@ -15,7 +15,7 @@ from gopd_kernels.losses import aggregate_token_losses, gopd_advantage
 from gopd_kernels.ops import linear_logsoftmax_torch
 from gopd_kernels.reference import gopd_loss_reference
 from tests.kernels.helpers import rel_err
-from tests.kernels.test_losses import batch, compare
+from tests.kernels.test_losses import batch, compare, run_loss
 
 
 @pytest.fixture
@@ -115,3 +115,69 @@ def test_frozen_head_takes_the_frozen_head_path_not_the_fold(tiny_chunks, monkey
     assert gathers == [1]
     torch.testing.assert_close(loss.double(), want.detach(), atol=1e-5, rtol=1e-5)
     assert rel_err(h.grad, h64.grad) <= 1e-4
+
+
+# -- the fold on the Triton backend: torch's GEMMs, fold_rows_triton's row passes ----------
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("v", [1, 97, 211, 2053], ids=lambda v: f"V{v}")  # one column, primes
+def test_row_passes_match_torch(v, device):
+    """fold_rows_triton against fold_rows_torch's in-place ops, on rows whose logits span
+    ~100 nats and targets at both ends of the vocabulary; dz in bf16 and fp32."""
+    from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
+
+    g = torch.Generator().manual_seed(v)
+    z = (torch.randn(5, v, generator=g) * 30).double()
+    z[1] += 1000.0  # large logits: the log-sum-exp must shift by the maximum
+    y = torch.randint(0, v, (5,), generator=g)
+    y[0], y[-1] = 0, v - 1
+    c = torch.randn(5, generator=g).double()
+    want_s, sum_e = fold_rows_torch.log_softmax(z.clone(), y)
+    want_dz = fold_rows_torch.logit_grads(torch.softmax(z, 1) * sum_e[:, None], y, sum_e, c, torch.float64)
+    zf = z.float().to(device)
+    s, lse = fold_rows_triton.log_softmax(zf, y.to(device))
+    torch.testing.assert_close(s.double().cpu(), want_s, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(lse.double().cpu(), torch.logsumexp(z, 1), atol=1e-4, rtol=1e-6)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):  # fp32 z near 1000: ulp 6e-5
+        dz = fold_rows_triton.logit_grads(zf, y.to(device), lse, c.float().to(device), dtype)
+        assert dz.dtype == dtype and dz.shape == (5, v)
+        torch.testing.assert_close(dz.double().cpu(), want_dz, atol=tol * c.abs().max().item(), rtol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_fold_matches_reference_in_many_chunks(tiny_chunks, dtype, device):
+    """gopd_loss(backend='triton', fold=True): the off-policy, clipped, IS-capped loss and its
+    gradients against the float64 reference, in chunks of 3 rows (the last one short)."""
+    data = batch(b=3, t=8, d=17, v=211, seed=8, device=device)
+    data["ref_used"] = data["ref"]
+    kw = dict(lam=1.25, temperature=0.8, old_logp=data["old"], rollout_logp=data["rollout"],
+              clip_ratio=(0.2, 0.28), is_cap=1.5)  # fmt: skip
+    folded = run_loss(lambda *a, **k: gopd_loss(*a, backend="triton", fold=True, **k), data, dtype, **kw)
+    if dtype == torch.float32:  # against float64
+        on_cpu = {k: v.cpu() for k, v in data.items()}
+        kw_cpu = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        want = run_loss(gopd_loss_reference, on_cpu, torch.float64, **kw_cpu)
+        tol = 1e-4
+    else:  # bf16 has no float64 twin: against the recomputing Triton path on the same inputs
+        want = run_loss(lambda *a, **k: gopd_loss(*a, backend="triton", fold=False, **k), data, dtype, **kw)
+        tol = 2e-2
+    torch.testing.assert_close(folded[0].double().cpu(), want[0].double().cpu(), atol=1e-4, rtol=1e-4)
+    for got, ref in zip(folded[1:3], want[1:3], strict=True):
+        assert got.dtype == dtype and rel_err(got, ref) < tol, rel_err(got, ref)
+
+
+def test_fold_setting_is_checked_and_obeyed(monkeypatch):
+    data = batch(b=2, t=4, d=16, v=97)
+    h = data["hidden"].clone().requires_grad_()
+    with pytest.raises(ValueError, match="fold"):
+        gopd_loss(h, data["weight"], data["targets"], data["teacher"], data["ref"], lam=1.25, fold="yes")
+    calls = []
+    monkeypatch.setattr(losses_module.FoldedTokenLoss, "apply", lambda *a: calls.append(a) or 1 / 0)
+    w = data["weight"].clone().requires_grad_()
+    gopd_loss(h, w, data["targets"], data["teacher"], data["ref"], lam=1.25, backend="torch", fold=False)
+    assert not calls  # fold=False: the recomputing path even where the torch backend would fold
+    with pytest.raises(ZeroDivisionError):
+        gopd_loss(h, data["weight"], data["targets"], data["teacher"], data["ref"], lam=1.25, fold=True)
+    assert calls  # fold=True: folds a frozen head too
