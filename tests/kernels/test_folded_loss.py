@@ -181,3 +181,25 @@ def test_fold_setting_is_checked_and_obeyed(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         gopd_loss(h, data["weight"], data["targets"], data["teacher"], data["ref"], lam=1.25, fold=True)
     assert calls  # fold=True: folds a frozen head too
+
+
+def test_fold_default_follows_the_measurements(monkeypatch):
+    """fold=None: the torch backend folds a trained head; the Triton backend folds bf16 heads
+    where torch has a bf16 GEMM with an fp32 result (cuBLAS), and never fp32 heads."""
+    policy = losses_module._fold_policy_gradient
+    h32 = torch.randn(3, 8, requires_grad=True)
+    w32 = torch.randn(11, 8, requires_grad=True)
+    h16, w16 = (t.detach().bfloat16().requires_grad_() for t in (h32, w32))
+    assert policy(None, "torch", h32, w32) == "torch"
+    assert policy(None, "torch", h32, w32.detach()) is None  # frozen head
+    assert policy(True, "torch", h32, w32.detach()) == "torch"
+    assert policy(False, "torch", h32, w32) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton backend on CPU tensors
+    monkeypatch.setattr(losses_module, "bf16_gemm_mode", lambda device: "addmm")
+    assert policy(None, "triton", h16, w16) == "triton"
+    assert policy(None, "triton", h32, w32) is None  # fp32: the recomputing backward
+    assert policy(True, "triton", h32, w32) == "triton"
+    monkeypatch.setattr(losses_module, "bf16_gemm_mode", lambda device: None)
+    assert policy(None, "triton", h16, w16) is None  # no cuBLAS bf16 -> fp32 GEMM here
+    with torch.no_grad():
+        assert policy(True, "torch", h32, w32) is None  # no gradient wanted: nothing to fold
