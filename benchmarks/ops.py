@@ -10,7 +10,9 @@ same quantity from the same inputs, so outputs and gradients are compared across
     gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
     gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 operands with fp32 results;
                    the losses fold their gradient)
-    gopd-fold      gopd_loss(fold=True) on CUDA: the Triton backend's fold (cuBLAS GEMMs, fused row passes)
+    gopd-fold      gopd_loss(fold=True) on CUDA: the Triton backend's fold (cuBLAS GEMMs, fused row passes;
+                   what bf16 runs by default)
+    gopd-recompute gopd_loss(fold=False) on CUDA: the recomputing Triton backward (fp32's default)
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
@@ -197,8 +199,13 @@ def _loss_impls() -> dict[str, Impl]:
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x))),
         **_ours("gopd_loss", lambda x, b: gk.gopd_loss(*args(x), lam=LAM, backend=b)[0]),
         "gopd-fold": Impl("gopd_kernels.gopd_loss(fold=True): the Triton backend's fold (cuBLAS GEMMs, "
-                          "Triton row passes)", lambda x: gk.gopd_loss(*args(x), lam=LAM, fold=True)[0],
+                          "Triton row passes; bf16 folds by default)",
+                          lambda x: gk.gopd_loss(*args(x), lam=LAM, fold=True)[0],
                           cuda_only="on CPU it is the gopd row"),
+        "gopd-recompute": Impl("gopd_kernels.gopd_loss(fold=False): the Triton backend's recomputing "
+                               "backward, the leanest (fp32 runs it by default)",
+                               lambda x: gk.gopd_loss(*args(x), lam=LAM, fold=False)[0],
+                               cuda_only="the CPU's gopd row folds; this is the Triton backward"),
         "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
                       _liger_gopd_loss, needs="liger_kernel"),
         "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",

@@ -312,6 +312,7 @@ OURS_STYLE = {
     "gopd": {"linewidth": 2.5, "color": "black"},
     "gopd-torch": {"linewidth": 2.5, "color": "black", "linestyle": "--"},
     "gopd-fold": {"linewidth": 2.5, "color": "black", "linestyle": ":"},
+    "gopd-recompute": {"linewidth": 2.5, "color": "black", "linestyle": "-."},
 }
 
 

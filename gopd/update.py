@@ -65,7 +65,7 @@ def _sampled_loss(models, part, scores, rows, cfg, num_tokens):
         None if scores.ref_logp is None else scores.ref_logp[idx].to(dev),
         lam=cfg.lam, temperature=cfg.temperature, rollout_logp=part.rollout_logp.to(dev),
         clip_ratio=tuple(cfg.clip_ratio), is_cap=cfg.is_cap, loss_agg=cfg.loss_agg,
-        num_tokens=num_tokens, ignore_index=IGNORE, backend=cfg.kernel_backend,
+        num_tokens=num_tokens, ignore_index=IGNORE, backend=cfg.kernel_backend, fold=cfg.loss_fold,
     )  # fmt: skip
 
 

@@ -70,13 +70,14 @@ def bf16_gemm_mode(device: torch.device) -> str | None:
     why = _probe(device, fused=False)
     if why is None:
         logger.warning(
-            "backend='torch' on %s: this torch (%s) cannot accumulate bf16 GEMMs into float32 in place; "
+            "torch GEMMs on %s: this torch (%s) cannot accumulate bf16 GEMMs into float32 in place; "
             "each accumulation takes a float32 temporary and one more pass", device, torch.__version__,
         )  # fmt: skip
         return "mm"
     logger.warning(
-        "backend='torch' on %s: this torch (%s) has no bf16 GEMM with a float32 result (%s); "
-        "bf16 inputs are upcast to float32 GEMMs, which are slower",
+        "torch GEMMs on %s: this torch (%s) has no bf16 GEMM with a float32 result (%s); the torch "
+        "backend upcasts bf16 inputs to float32 GEMMs, which are slower, and gopd_loss on the Triton "
+        "backend keeps its recomputing backward instead of folding",
         device, torch.__version__, why,
     )  # fmt: skip
     return None
