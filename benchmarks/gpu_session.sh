@@ -38,6 +38,10 @@ out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+# One Triton cache for every process of a part: torch.compile (the torch-compile rows) sets
+# TRITON_CACHE_DIR to inductor's own directory for the rest of its process when it is unset,
+# so gopd's autotuned picks would land there, unseen by the next process without it.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD

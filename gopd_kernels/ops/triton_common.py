@@ -74,7 +74,9 @@ def autotuned(kernel, configs: list, key: list[str], prune, **kwargs):
     Triton version, the GPU target, the kernel's source, the configs and the tuning key):
     a new process, a resumed run or the next benchmark does not time every config again,
     a stall of seconds per kernel and token bucket (measured on an H100: 5-12 s at
-    N = 16384). To tune afresh, empty TRITON_CACHE_DIR (default ~/.triton/cache)."""
+    N = 16384). To tune afresh, empty TRITON_CACHE_DIR (default ~/.triton/cache). Where it is
+    unset, torch.compile sets it to inductor's directory for the rest of its process: picks
+    made after a torch.compile land there, unseen by processes without one."""
     prune_by = {"early_config_prune": prune}
     return triton.autotune(configs, key=key, prune_configs_by=prune_by, cache_results=True, **kwargs)(kernel)
 
