@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from gopd_kernels.backend import interpreter_enabled
+from gopd_kernels.ops.matmul_triton import matmul
 
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
 CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8)]
@@ -92,3 +93,9 @@ def logit_grads(
             z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), **_launch_config(vocab)
         )
     return dz
+
+
+def gemm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out <- a @ b, accumulated in fp32 and rounded once into out's dtype (the Triton matmul:
+    cuBLAS's bf16 results may reduce in bf16). The fold's dW when its rows are one chunk."""
+    return matmul(a, b, out)

@@ -12,12 +12,14 @@ later and must recompute the logits. The backward here scales the saved dH, dW b
 scalar upstream gradient.
 
 Costs: dH and dW are held from the forward to the backward (they are what the backward
-returns); dW is read and written once per row chunk, so a chunk needs hundreds of rows to
-keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS rows).
+returns); dW is read and written once per row chunk, in fp32, so a chunk needs hundreds of
+rows to keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS
+rows). Rows that fit one chunk write a bf16 dW directly, where the row module has a GEMM
+that rounds its fp32 sum once (fold_rows_triton's): no fp32 [V, D] at all.
 GEMM operands are the inputs upcast to fp32 (one copy of W for the whole pass), or bf16 as
 they are on CUDA (matmul_torch); dH and dW are accumulated in fp32 and rounded once.
 
-The GEMMs are torch's (cuBLAS on CUDA) on either backend; the row work between them
+The other GEMMs are torch's (cuBLAS on CUDA) on either backend; the row work between them
 (log-softmax, dL/dz) is fold_rows_torch's in-place torch ops, or fold_rows_triton's two
 fused passes on a GPU.
 """
@@ -83,7 +85,11 @@ class FoldedTokenLoss(torch.autograd.Function):
         chunk = fold_rows(ws_bytes, rows, vocab, acc)
         buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
         dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
-        dw = torch.zeros(vocab, dim, dtype=acc, device=hidden.device) if need_dw else None
+        # One chunk needs no fp32 dW to carry across chunks: where rows_impl has a GEMM that
+        # rounds its fp32 sum once into the head's dtype, dW is written there directly.
+        direct_dw = need_dw and chunk >= rows and weight.dtype != acc and hasattr(rows_impl, "gemm_rounded")
+        dw_dtype = weight.dtype if direct_dw else acc
+        dw = torch.zeros(vocab, dim, dtype=dw_dtype, device=hidden.device) if need_dw else None
         logp = torch.empty(rows, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         for r0 in range(0, rows, chunk):
@@ -103,7 +109,9 @@ class FoldedTokenLoss(torch.autograd.Function):
             dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)  # c (1[v = y] - p), a GEMM operand
             if dh is not None:
                 mm_into(dh[r0:r1], dz, w)
-            if dw is not None:
+            if direct_dw:
+                rows_impl.gemm_rounded(dz.T, h[r0:r1], dw)
+            elif dw is not None:
                 mm_add(dw, dz.T, h[r0:r1])
             del dz  # before the next chunk's is made
         del buf  # before dH and dW are cast: the logits tile is the largest buffer

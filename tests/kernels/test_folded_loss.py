@@ -203,3 +203,31 @@ def test_fold_default_follows_the_measurements(monkeypatch):
     assert policy(None, "triton", h16, w16) is None  # no cuBLAS bf16 -> fp32 GEMM here
     with torch.no_grad():
         assert policy(True, "torch", h32, w32) is None  # no gradient wanted: nothing to fold
+
+
+@pytest.mark.triton
+def test_triton_fold_in_one_chunk_writes_a_bf16_dw_without_an_fp32_one(device, monkeypatch):
+    """All rows in one chunk: dW goes straight to bf16 through the once-rounding Triton GEMM
+    (no fp32 [V, D]), and equals the several-chunk fold's to within bf16 rounding."""
+    from gopd_kernels.ops import fold_rows_triton, folded_loss_torch
+
+    data = batch(b=2, t=8, d=32, v=211, seed=9, device=device)
+    data["ref_used"] = data["ref"]
+    kw = dict(lam=1.25, temperature=0.9)
+    run = lambda: run_loss(lambda *a, **k: gopd_loss(*a, backend="triton", fold=True, **k), data,
+                           torch.bfloat16, **kw)  # fmt: skip
+    fp32_dw, direct = [], []
+    real_mm_add, real_gemm = folded_loss_torch.mm_add, fold_rows_triton.gemm_rounded
+    monkeypatch.setattr(
+        folded_loss_torch, "mm_add", lambda out, *a: fp32_dw.append(out.shape) or real_mm_add(out, *a)
+    )
+    monkeypatch.setattr(
+        fold_rows_triton, "gemm_rounded", lambda a, b, out: direct.append(out.dtype) or real_gemm(a, b, out)
+    )
+    one_chunk = run()
+    assert direct == [torch.bfloat16] and not fp32_dw
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))  # 3-row chunks: the fp32 dW
+    chunks = run()
+    assert fp32_dw and len(direct) == 1
+    torch.testing.assert_close(one_chunk[0], chunks[0], atol=1e-5, rtol=1e-5)
+    assert rel_err(one_chunk[1], chunks[1]) < 1e-2 and rel_err(one_chunk[2], chunks[2]) < 1e-2
