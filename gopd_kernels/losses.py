@@ -248,12 +248,10 @@ def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
 
 
 def _fold_gradient(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The torch backend folds the loss gradient into the forward when one is needed: the logits
-    are computed once, not recomputed in the backward (gopd_loss: 3 GEMMs, not 4; the dense
-    loss at lam = 1: 4, not 6).
-
-    The Triton backend keeps its recomputing backwards: on a GPU the
-    folded form would need the [rows, V] logits chunk in memory, a trade not yet measured.
+    """gopd_dense_loss: the torch backend folds the loss gradient into the forward when one is
+    needed, so the logits are computed once, not recomputed in the backward (at lam = 1: 4
+    GEMMs, not 6). The Triton backend keeps its recomputing backward there: a dense fold
+    with Triton row passes, as gopd_loss's (_fold_policy_gradient), is not built yet.
     """
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return wants_grad and resolve_backend(backend, hidden.device) == "torch"
