@@ -18,6 +18,8 @@
 #                                          # then `tune` fits the rest of a 15-minute lease)
 #   bash benchmarks/gpu_session.sh gemm    # after `first`: the folded gopd_loss, cuBLAS or Triton
 #                                          # for the backward's GEMMs, the autotune cache (~5.5 min)
+#   bash benchmarks/gpu_session.sh fold    # the dense losses' Triton fold against their recompute,
+#                                          # gopd_loss's one-chunk fold at N = 2048 (~5.5 min)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -33,7 +35,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|gemm|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh first|gemm|fold|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -134,6 +136,14 @@ print('run $run done')" 2>&1 | grep -v '^Autotuning kernel'
     find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' | wc -l
     (exit $status)
     ;;
+fold)  # the folds not yet timed: the dense losses' Triton fold, gopd_loss's in one chunk
+    status=0
+    timeout --signal=INT 200 python3 -m benchmarks.report --op gopd_dense_loss,gopd_dense_loss_exopd \
+        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-fold,liger || status=1
+    timeout --signal=INT 120 python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 --v 151936 \
+        --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce || status=1
+    (exit $status)
+    ;;
 check)
     status=0
     basics 240 || status=1
@@ -144,7 +154,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: first, gemm, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: first, gemm, fold, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

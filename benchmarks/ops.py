@@ -10,9 +10,10 @@ same quantity from the same inputs, so outputs and gradients are compared across
     gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
     gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 operands with fp32 results;
                    the losses fold their gradient)
-    gopd-fold      gopd_loss(fold=True) on CUDA: the Triton backend's fold (cuBLAS GEMMs, fused row passes;
-                   what bf16 runs by default)
-    gopd-recompute gopd_loss(fold=False) on CUDA: the recomputing Triton backward (fp32's default)
+    gopd-fold      the losses with fold=True on CUDA: the Triton backend's fold (cuBLAS GEMMs, fused row
+                   passes; what gopd_loss runs by default in bf16)
+    gopd-recompute the losses with fold=False on CUDA: the recomputing Triton backward (the default
+                   of gopd_loss in fp32 and of the dense losses)
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
@@ -52,14 +53,23 @@ class Impl:
 TRITON_ONLY = "its kernels are Triton-only"
 
 
-def _ours(name: str, run: Callable[[dict, str], torch.Tensor]) -> dict[str, Impl]:
+def _ours(name: str, run: Callable[..., torch.Tensor], folds: bool = False) -> dict[str, Impl]:
     """gopd with its default backend, and on CUDA also with backend='torch', to compare Triton's
-    recomputing kernels with cuBLAS GEMMs (and, for the losses, the folded gradient)."""
-    return {
+    recomputing kernels with cuBLAS GEMMs (and, for the losses, the folded gradient). A loss
+    that folds (run(x, backend, fold)) adds its Triton backend with fold=True and fold=False."""
+    out = {
         "gopd": Impl(f"gopd_kernels.{name}", lambda x: run(x, "auto")),
         "gopd-torch": Impl(f"gopd_kernels.{name}(backend='torch')", lambda x: run(x, "torch"),
                            cuda_only="on CPU it is the gopd row"),
     }  # fmt: skip
+    if folds:
+        out["gopd-fold"] = Impl(f"gopd_kernels.{name}(fold=True): the Triton backend's fold (cuBLAS GEMMs, "
+                                "Triton row passes)", lambda x: run(x, "auto", True),
+                                cuda_only="on CPU it is the gopd row")  # fmt: skip
+        out["gopd-recompute"] = Impl(f"gopd_kernels.{name}(fold=False): the Triton backend's recomputing "
+                                     "backward", lambda x: run(x, "auto", False),
+                                     cuda_only="this is the Triton backward")  # fmt: skip
+    return out
 
 
 @dataclass
@@ -197,15 +207,8 @@ def _loss_impls() -> dict[str, Impl]:
         "naive": Impl("materialised logits, then the loss (gopd_loss_reference)",
                       lambda x: _naive_gopd_loss(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x))),
-        **_ours("gopd_loss", lambda x, b: gk.gopd_loss(*args(x), lam=LAM, backend=b)[0]),
-        "gopd-fold": Impl("gopd_kernels.gopd_loss(fold=True): the Triton backend's fold (cuBLAS GEMMs, "
-                          "Triton row passes; bf16 folds by default)",
-                          lambda x: gk.gopd_loss(*args(x), lam=LAM, fold=True)[0],
-                          cuda_only="on CPU it is the gopd row"),
-        "gopd-recompute": Impl("gopd_kernels.gopd_loss(fold=False): the Triton backend's recomputing "
-                               "backward, the leanest (fp32 runs it by default)",
-                               lambda x: gk.gopd_loss(*args(x), lam=LAM, fold=False)[0],
-                               cuda_only="the CPU's gopd row folds; this is the Triton backward"),
+        **_ours("gopd_loss", lambda x, b, f=None: gk.gopd_loss(*args(x), lam=LAM, backend=b, fold=f)[0],
+                True),
         "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
                       _liger_gopd_loss, needs="liger_kernel"),
         "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",
@@ -238,7 +241,8 @@ def _dense_impls() -> dict[str, Impl]:
         "naive": Impl("two materialised [N, V] log-softmaxes (gopd_dense_loss_reference)",
                       lambda x: _naive_dense(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense)(*args(x))),
-        **_ours("gopd_dense_loss", lambda x, b: gk.gopd_dense_loss(*args(x), backend=b)[0]),
+        **_ours("gopd_dense_loss", lambda x, b, f=None: gk.gopd_dense_loss(*args(x), backend=b, fold=f)[0],
+                True),
         "liger": Impl("LigerFusedLinearJSDLoss(beta=1, weight_hard_loss=0)", _liger_dense,
                       needs="liger_kernel"),
     }  # fmt: skip
@@ -266,7 +270,8 @@ def _dense_exopd_impls() -> dict[str, Impl]:
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_dense_exopd)(*args(x))),
         # the loss alone, as naive computes it: no KL-to-teacher statistic
         **_ours("gopd_dense_loss(teacher_kl=False)",
-                lambda x, b: gk.gopd_dense_loss(*args(x), lam=LAM, teacher_kl=False, backend=b)[0]),
+                lambda x, b, f=None: gk.gopd_dense_loss(*args(x), lam=LAM, teacher_kl=False, backend=b,
+                                                        fold=f)[0], True),
     }  # fmt: skip
 
 

@@ -114,9 +114,10 @@ class TrainConfig:
     kernel_backend: str = _f("auto", "gopd_kernels backend: auto | triton | torch")
     loss_fold: bool | None = _f(
         None,
-        "objective sampled: compute gopd_loss's gradient in its forward (3 GEMMs, a [rows, V] fp32 chunk "
-        "held) instead of recomputing the logits (4 GEMMs, leanest); null = where measured faster: the "
-        "torch backend, and the Triton backend for bf16 heads (H100: 1.4x faster, about 2x the memory)",
+        "compute the loss's gradient in its forward (the logits once, a [rows, V] fp32 chunk held) instead "
+        "of recomputing the logits in the backward (leanest); null = where measured faster: the torch "
+        "backend, and for objective sampled the Triton backend with bf16 heads (H100: 1.4x faster, about "
+        "2x the memory)",
     )
 
     @property
@@ -152,12 +153,11 @@ class TrainConfig:
         )
         err.need(self.loss_fold in (None, True, False), "loss_fold", "must be true, false or null")
         if self.objective == "dense":
-            for name in ("is_cap", "loss_fold"):
-                err.need(
-                    getattr(self, name) is None,
-                    name,
-                    "applies to objective 'sampled' only; set it to null for 'dense'",
-                )
+            err.need(
+                self.is_cap is None,
+                "is_cap",
+                "applies to objective 'sampled' only; set it to null for 'dense'",
+            )
         err.need(bool(self.train_data), "train_data", "is required")
         err.need(isinstance(self.chat_template_kwargs, dict), "chat_template_kwargs", "must be a mapping")
         err.need(self.chat_template or not self.chat_template_kwargs, "chat_template_kwargs",

@@ -78,7 +78,7 @@ def _dense_loss(models, part, teacher, ref, cfg, num_tokens):
         hidden, head_weight(models.student), t_hidden, head_weight(teacher),
         r_hidden, None if ref is None else head_weight(ref),
         lam=cfg.lam, temperature=cfg.temperature, mask=part.response_mask.to(hidden.device),
-        loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend,
+        loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend, fold=cfg.loss_fold,
     )  # fmt: skip
 
 

@@ -194,21 +194,22 @@ def kernel_variants() -> list[KernelVariant]:
                 dict(ACCUMULATE=layout == "dH", DOT_PRECISION=prec, GROUP_M=8),
                 ints=tuple(layouts[layout].items()), hot=True,
             ))  # fmt: skip
-    # The folded loss's row passes over a chunk's fp32 logits [rows, V] (fold_rows_triton);
+    # The folded losses' row passes over a chunk's fp32 logits [rows, V] (fold_rows_triton);
     # dz in the GEMM operand's dtype.
     rows = "gopd_kernels.ops.fold_rows_triton"
     row_ints = (("V", VOCAB), ("stride_zm", VOCAB), ("stride_dzm", VOCAB))
-    out.append(KernelVariant(
-        rows, "row_log_softmax_kernel", "CONFIGS", None, "float32",
-        {"z_ptr": "fp32", "y_ptr": "i64", "s_ptr": "fp32", "lse_ptr": "fp32"}, {},
-        ints=row_ints, hot=True, needs_mma=False,
-    ))  # fmt: skip
+    row = lambda kernel, pointers, **constexprs: KernelVariant(
+        rows, kernel, "CONFIGS", None, "float32", pointers, constexprs, ints=row_ints, hot=True,
+        needs_mma=False,
+    )  # fmt: skip
+    f32 = lambda *names: {f"{n}_ptr": "fp32" for n in names}
+    for target in (True, False):  # the sampled fold's log-softmax; the dense fold's lse
+        out.append(row("row_log_softmax_kernel", f32("z", "s", "lse") | {"y_ptr": "i64"}, HAS_TARGET=target))
+    out.append(row("row_dense_kl_kernel", f32("a", "c", "t", "lse_c", "lse_t", "kl", "kl_t", "lse_a", "u"),
+                   WITH_TEACHER=True))  # fmt: skip
     for dz in ("bf16", "fp32"):
-        out.append(KernelVariant(
-            rows, "row_logit_grads_kernel", "CONFIGS", None, "float32",
-            {"z_ptr": "fp32", "y_ptr": "i64", "lse_ptr": "fp32", "c_ptr": "fp32", "dz_ptr": dz}, {},
-            ints=row_ints, hot=True, needs_mma=False,
-        ))  # fmt: skip
+        out.append(row("row_logit_grads_kernel", f32("z", "lse", "c") | {"y_ptr": "i64", "dz_ptr": dz}))
+        out.append(row("row_dense_grads_kernel", f32("a", "c", "lse_a", "u", "coef") | {"dz_ptr": dz}))
     return out
 
 

@@ -201,7 +201,7 @@ def gopd_loss(
     # Unless fold=True, a frozen head (dH only) takes token_logprobs' frozen-head path instead:
     # also 2 GEMMs, with tiles instead of full-vocabulary rows. Measured (Intel VM, N = 4096, D = 1024,
     # V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against the fold's 10.2-11.7 s and 314 MiB.
-    fold_on = _fold_policy_gradient(fold, backend, hidden, weight)
+    fold_on = _fold_backend(fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight))
     if fold_on:
         loss, s = _folded_policy_loss(
             hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens,
@@ -247,40 +247,45 @@ def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
     return per_token, adv, clipped > unclipped, is_weight
 
 
-def _fold_gradient(backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """gopd_dense_loss: the torch backend folds the loss gradient into the forward when one is
-    needed, so the logits are computed once, not recomputed in the backward (at lam = 1: 4
-    GEMMs, not 6). The Triton backend keeps its recomputing backward there: a dense fold
-    with Triton row passes, as gopd_loss's (_fold_policy_gradient), is not built yet.
-    """
-    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return wants_grad and resolve_backend(backend, hidden.device) == "torch"
+def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_default) -> str | None:
+    """The backend ("torch" or "triton") that computes a loss with its gradient folded into the
+    forward, or None to run it unfolded (streaming forward, recomputing backward).
 
-
-def _fold_policy_gradient(fold: bool | None, backend: str, hidden, weight) -> str | None:
-    """The backend of gopd_loss's folded form ("torch" or "triton"), or None to run unfolded.
-
-    fold=None folds where that was measured to pay, when the head is trained (a frozen head
-    takes token_logprobs' frozen-head path, leaner; measured above): always on the torch
-    backend; on the Triton backend for bf16 heads where torch has the bf16 GEMM with an fp32
-    result (cuBLAS), the fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096,
-    V = 151936, 2026-11-26): 105.6 ms and 5146 MiB at 2070-row chunks against the
-    recomputing backward's 146.9 ms and 2760 MiB. fp32 heads keep the recomputing
-    backward (its 3xTF32 GEMMs against cuBLAS's plain fp32). fold=True folds on either
-    backend (when a gradient is wanted at all); fold=False never folds."""
+    Folding computes the logits once instead of twice, for a [rows, V] fp32 chunk held.
+    fold=True folds on either backend, fold=False never, and nothing folds when no gradient
+    is wanted; fold=None asks folds_by_default(resolved backend), each loss's measured rule."""
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
     resolved = resolve_backend(backend, hidden.device)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if not wants_grad or fold is False:
+    if not wants_grad or fold is False or (fold is None and not folds_by_default(resolved)):
         return None
-    if fold is None:
-        pays = resolved == "torch" or (
-            hidden.dtype == weight.dtype == torch.bfloat16 and bf16_gemm_mode(hidden.device) is not None
-        )
-        if not (pays and weight.requires_grad):
-            return None
     return resolved
+
+
+def _policy_folds_by_default(hidden, weight):
+    """gopd_loss with fold=None folds a trained head (a frozen one takes token_logprobs'
+    frozen-head path, leaner; measured above): always on the torch backend; on the Triton
+    backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS), the
+    fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096, V = 151936, 2026-11-26):
+    105.6 ms and 5146 MiB at 2070-row chunks against the recomputing backward's 146.9 ms
+    and 2760 MiB. fp32 heads keep the recomputing backward (its 3xTF32 GEMMs against
+    cuBLAS's plain fp32)."""
+
+    def folds(backend: str) -> bool:
+        if not weight.requires_grad:
+            return False
+        bf16 = hidden.dtype == weight.dtype == torch.bfloat16
+        return backend == "torch" or (bf16 and bf16_gemm_mode(hidden.device) is not None)
+
+    return folds
+
+
+def _dense_folds_by_default(backend: str) -> bool:
+    """gopd_dense_loss with fold=None folds on the torch backend (at lam = 1: 4 GEMMs, not 6;
+    measured on CPUs). The Triton backend's dense fold (fold_rows_triton's row passes) is
+    not yet timed on a GPU, so its recomputing backward stays the default there."""
+    return backend == "torch"
 
 
 def _folded_policy_loss(
@@ -335,6 +340,7 @@ def gopd_dense_loss(
     num_tokens: float | None = None,
     teacher_kl: bool = True,
     backend: str = "auto",
+    fold: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dense G-OPD: KL(p_s || q) over the whole vocabulary at every valid position.
 
@@ -342,10 +348,12 @@ def gopd_dense_loss(
     expectation over the vocabulary of the G-OPD per-token reward, lam log p_T +
     (1 - lam) log p_R - log p_s, is -KL(p_s || q) + log Z. With lam == 1, q = p_T and the
     reference is not needed (nor computed, when given). The models' logit tiles stream side
-    by side and [N, V] is never built: over vocabulary slices, with a recomputing backward,
-    on Triton and without gradients; in chunks of rows over the whole vocabulary, the
-    gradient folded into the forward (FoldedDenseKL), on the torch backend with gradients.
-    Gradients flow to the student's hidden states and head only.
+    by side and [N, V] is never built: over vocabulary slices with a recomputing backward
+    (fold=False), or in chunks of rows over the whole vocabulary with the gradient folded
+    into the forward (FoldedDenseKL, fold=True: 4 GEMMs at lam = 1 instead of 6, for the
+    chunk's fp32 tiles). fold=None folds on the torch backend only (the Triton backend's
+    fold is built and tested, not yet timed on a GPU). Gradients flow to the student's
+    hidden states and head only.
 
     Hidden sizes may differ between the models; V must be the same. Returns
     ``(loss, stats)`` with stats "kl" (mean KL(p_s || q)), "kl_teacher" (mean KL(p_s || p_T)),
@@ -390,11 +398,14 @@ def gopd_dense_loss(
         take(teacher_hidden).detach(), teacher_weight.detach(),
         take(ref_hidden).detach() if use_ref else None, ref_weight.detach() if use_ref else None,
     )  # fmt: skip
-    if _fold_gradient(backend, student_hidden, student_weight):
+    fold_on = _fold_backend(fold, backend, student_hidden, student_weight, _dense_folds_by_default)
+    if fold_on:
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
-        ws_bytes = fold_workspace_bytes(student_weight, live=2, rows=DENSE_FOLD_ROWS)  # 3 tiles: fewer rows
+        # budget for 2 tiles of DENSE_FOLD_ROWS rows; 3 tiles (the teacher KL) take fewer rows
+        ws_bytes = fold_workspace_bytes(student_weight, live=2, rows=DENSE_FOLD_ROWS[fold_on])
+        rows_impl = implementation("fold_rows", fold_on)
         loss, kl, kl_teacher = FoldedDenseKL.apply(
-            *heads, lam, 1.0 / temperature, weights, with_teacher_kl, ws_bytes
+            *heads, lam, 1.0 / temperature, weights, with_teacher_kl, ws_bytes, rows_impl
         )
         kl = rows.put(kl)
     else:

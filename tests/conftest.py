@@ -22,3 +22,14 @@ def device() -> torch.device:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return torch.device("cpu")
     return torch.device("cuda")
+
+
+@pytest.fixture
+def narrow_row_blocks(monkeypatch):
+    """The folded losses' Triton row passes in 16-column steps, so that test vocabularies take
+    many steps per row (a GPU compiles that width too: it is a launch parameter)."""
+    import triton
+
+    from gopd_kernels.ops import fold_rows_triton
+
+    monkeypatch.setattr(fold_rows_triton, "CONFIGS", [triton.Config({"BLOCK_V": 16}, num_warps=1)])

@@ -1,9 +1,10 @@
-"""The row work of a folded loss in PyTorch (any device): see fold_rows_triton for the math.
+"""The row work of the folded losses in PyTorch (any device): see fold_rows_triton for the math.
 
 Same contract as fold_rows_triton: log_softmax(z, y) -> (s, state), then
-logit_grads(z, y, state, c, dtype) -> dz. Here both work in place on the fp32 tile z (after
-log_softmax it holds exp(z - max), and state is its row sums), and dz is cast to `dtype`,
-the GEMM operand's, at the end.
+logit_grads(z, y, state, c, dtype) -> dz; lse(z, scratch) and dense_kl(...) for the dense
+fold. Here they work in place on the fp32 tiles (after log_softmax, z holds exp(z - max)
+and state is its row sums; lse leaves exp(z - max) in scratch; dense_kl overwrites all its
+tiles), and dz is cast to `dtype`, the GEMM operand's, at the end.
 """
 
 from __future__ import annotations
@@ -23,3 +24,33 @@ def logit_grads(
 ) -> torch.Tensor:
     dz = z.mul_((-c / sum_e)[:, None]).scatter_add_(1, targets[:, None], c[:, None])  # c (1[v = y] - p)
     return dz.to(dtype)
+
+
+def lse(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    m = z.amax(dim=1)
+    return m + torch.sub(z, m[:, None], out=scratch).exp_().sum(dim=1).log()
+
+
+def dense_kl(
+    a: torch.Tensor,
+    c: torch.Tensor,
+    z_t: torch.Tensor | None,
+    lse_c: torch.Tensor,
+    lse_t: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    m_a = a.amax(dim=1)
+    diff = torch.sub(a, c, out=c)  # a - c
+    if z_t is not None:
+        torch.sub(a, z_t, out=z_t)  # a - z_T
+    e = a.sub_(m_a[:, None]).exp_()  # p_s * s_a
+    s_a = e.sum(dim=1)
+    lse_a = m_a + s_a.log()
+    u = diff.mul_(e).sum(dim=1).div_(s_a)  # E_ps[a - c]; the tile c now holds e (a - c)
+    kl = (u - lse_a + lse_c).clamp_(min=0.0)
+    kl_t = None if z_t is None else (z_t.mul_(e).sum(dim=1).div_(s_a) - lse_a + lse_t).clamp_(min=0.0)
+    if coef is None:
+        return kl, kl_t, None
+    dz = diff.addcmul_(e, -u[:, None]).mul_((coef / s_a)[:, None])  # e (a - c - u) coef / s_a
+    return kl, kl_t, dz.to(dtype)

@@ -1,4 +1,4 @@
-"""The row work of a folded loss on the GPU: two memory-bound passes over a chunk's logits.
+"""The row work of the folded losses on the GPU: memory-bound passes over a chunk's logits.
 
 A folded loss (folded_loss_torch) forms each row chunk's fp32 logits z [rows, V] with one
 GEMM, then needs, per row t with target y_t,
@@ -10,6 +10,14 @@ with c_t = dL/ds_t from the loss. In PyTorch that is some ten passes over the fp
 (max, shift, exp, sum, scale, scatter, cast); here it is one read for the log-sum-exp
 (an online maximum per lane) and one read plus a bf16 write for dz, which the two
 gradient GEMMs then take as their operand. One program per row; no tensor cores.
+
+The dense fold (folded_dense_kl_torch; the symbols of dense_kl_torch: a = z_s / tau,
+c = (lam z_T + (1 - lam) z_R) / tau) needs lse(c) (and lse(z_T) for the KL to the
+teacher), then per row, from one read of a and c (row_dense_kl),
+
+    u_t = E_ps[a - c]_t,   KL_t = u_t - lse(a)_t + lse(c)_t,
+
+and from another (row_dense_grads) dz_tv = coef_t p_s,tv (a_tv - c_tv - u_t).
 """
 
 from __future__ import annotations
@@ -26,9 +34,8 @@ CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8)]
 
 
 @triton.jit
-def row_log_softmax_kernel(z_ptr, y_ptr, s_ptr, lse_ptr, V, stride_zm, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
-    z_row = z_ptr + row.to(tl.int64) * stride_zm
+def _row_lse(z_row, V, BLOCK_V: tl.constexpr):
+    """log sum_v exp(z_v) of one fp32 row: an online maximum per lane, then across lanes."""
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per-lane running maximum
     acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp(z - m)
@@ -39,10 +46,19 @@ def row_log_softmax_kernel(z_ptr, y_ptr, s_ptr, lse_ptr, V, stride_zm, BLOCK_V: 
         acc = tl.where(seen, acc * tl.exp(m - m_new) + tl.exp(z - m_new), 0.0)
         m = m_new
     m_row = tl.max(m, axis=0)
-    lse = m_row + tl.log(tl.sum(acc * tl.exp(m - m_row), axis=0))
-    z_y = tl.load(z_row + tl.load(y_ptr + row))
+    return m_row + tl.log(tl.sum(acc * tl.exp(m - m_row), axis=0))
+
+
+@triton.jit
+def row_log_softmax_kernel(
+    z_ptr, y_ptr, s_ptr, lse_ptr, V, stride_zm, HAS_TARGET: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    row = tl.program_id(0)
+    z_row = z_ptr + row.to(tl.int64) * stride_zm
+    lse = _row_lse(z_row, V, BLOCK_V)
     tl.store(lse_ptr + row, lse)
-    tl.store(s_ptr + row, z_y - lse)
+    if HAS_TARGET:
+        tl.store(s_ptr + row, tl.load(z_row + tl.load(y_ptr + row)) - lse)
 
 
 @triton.jit
@@ -63,6 +79,77 @@ def row_logit_grads_kernel(
         tl.store(dz_row + v, dz.to(dz_ptr.dtype.element_ty), mask=v < V)
 
 
+@triton.jit
+def row_dense_kl_kernel(
+    a_ptr,
+    c_ptr,
+    t_ptr,
+    lse_c_ptr,
+    lse_t_ptr,
+    kl_ptr,
+    kl_t_ptr,
+    lse_a_ptr,
+    u_ptr,
+    V,
+    stride_zm,
+    WITH_TEACHER: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One read of a row's a, c (and z_T): lse(a), u = E_ps[a - c], KL = u - lse(a) + lse(c)
+    (and the same against z_T), as sums of exp(a - m) weights rescaled as the maximum m moves."""
+    row = tl.program_id(0)
+    off = row.to(tl.int64) * stride_zm
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)  # sum exp(a - m)
+    u = tl.zeros([BLOCK_V], tl.float32)  # sum exp(a - m) (a - c)
+    u_t = tl.zeros([BLOCK_V], tl.float32)  # sum exp(a - m) (a - z_T)
+    for v0 in range(0, V, BLOCK_V):
+        ok = v0 + cols < V
+        a = tl.load(a_ptr + off + v0 + cols, mask=ok, other=float("-inf"))
+        c = tl.load(c_ptr + off + v0 + cols, mask=ok, other=0.0)
+        m_new = tl.maximum(m, a)
+        scale = tl.where(m_new > float("-inf"), tl.exp(m - m_new), 0.0)  # lanes past V: nothing yet
+        e = tl.where(ok, tl.exp(a - m_new), 0.0)
+        s = s * scale + e
+        u = u * scale + tl.where(ok, e * (a - c), 0.0)
+        if WITH_TEACHER:
+            t = tl.load(t_ptr + off + v0 + cols, mask=ok, other=0.0)
+            u_t = u_t * scale + tl.where(ok, e * (a - t), 0.0)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    w = tl.exp(m - m_row)  # each lane's sums to the row's maximum
+    s_row = tl.sum(s * w, axis=0)
+    lse_a = m_row + tl.log(s_row)
+    u_row = tl.sum(u * w, axis=0) / s_row
+    tl.store(lse_a_ptr + row, lse_a)
+    tl.store(u_ptr + row, u_row)
+    tl.store(kl_ptr + row, tl.maximum(u_row - lse_a + tl.load(lse_c_ptr + row), 0.0))
+    if WITH_TEACHER:
+        u_t_row = tl.sum(u_t * w, axis=0) / s_row
+        tl.store(kl_t_ptr + row, tl.maximum(u_t_row - lse_a + tl.load(lse_t_ptr + row), 0.0))
+
+
+@triton.jit
+def row_dense_grads_kernel(
+    a_ptr, c_ptr, lse_a_ptr, u_ptr, coef_ptr, dz_ptr, V, stride_zm, stride_dzm, BLOCK_V: tl.constexpr
+):
+    """dz = coef p_s (a - c - u), p_s = exp(a - lse(a)): the dense loss's gradient on a."""
+    row = tl.program_id(0)
+    off = row.to(tl.int64) * stride_zm
+    dz_row = dz_ptr + row.to(tl.int64) * stride_dzm
+    cols = tl.arange(0, BLOCK_V)
+    lse_a = tl.load(lse_a_ptr + row)
+    u = tl.load(u_ptr + row)
+    coef = tl.load(coef_ptr + row)
+    for v0 in range(0, V, BLOCK_V):
+        ok = v0 + cols < V
+        a = tl.load(a_ptr + off + v0 + cols, mask=ok, other=0.0)
+        c = tl.load(c_ptr + off + v0 + cols, mask=ok, other=0.0)
+        dz = coef * tl.exp(a - lse_a) * (a - c - u)
+        tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
+
+
 def _launch_config(vocab: int) -> dict:
     cfg = CONFIGS[0]
     block = cfg.kwargs["BLOCK_V"]
@@ -71,15 +158,27 @@ def _launch_config(vocab: int) -> dict:
     return dict(BLOCK_V=block, num_warps=cfg.num_warps)
 
 
+def _log_softmax(z: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, vocab = z.shape
+    lse = torch.empty(rows, dtype=torch.float32, device=z.device)
+    s = torch.empty_like(lse) if targets is not None else lse
+    if rows:
+        row_log_softmax_kernel[(rows,)](
+            z, lse if targets is None else targets, s, lse, vocab, z.stride(0),
+            HAS_TARGET=targets is not None, **_launch_config(vocab),
+        )  # fmt: skip
+    return s, lse
+
+
 def log_softmax(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, lse) [rows] of fp32 logits z [rows, V] (unit column stride), targets [rows] in [0, V).
     z is left as it is."""
-    rows, vocab = z.shape
-    s = torch.empty(rows, dtype=torch.float32, device=z.device)
-    lse = torch.empty_like(s)
-    if rows:
-        row_log_softmax_kernel[(rows,)](z, targets, s, lse, vocab, z.stride(0), **_launch_config(vocab))
-    return s, lse
+    return _log_softmax(z, targets)
+
+
+def lse(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """log sum_v exp(z_v) [rows] of fp32 logits z [rows, V]; z is left as it is (no scratch)."""
+    return _log_softmax(z, None)[1]
 
 
 def logit_grads(
@@ -93,6 +192,38 @@ def logit_grads(
             z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), **_launch_config(vocab)
         )
     return dz
+
+
+def dense_kl(
+    a: torch.Tensor,
+    c: torch.Tensor,
+    z_t: torch.Tensor | None,
+    lse_c: torch.Tensor,
+    lse_t: torch.Tensor | None,
+    coef: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The dense fold's rows: (KL(p_s || q), KL(p_s || p_T) when z_t is given, and, when coef
+    [rows] is, a new dz of `dtype` = coef p_s (a - c - E_ps[a - c])) from fp32 tiles a, c,
+    z_t [rows, V] (left as they are) and the log-sum-exps of c and z_t."""
+    rows, vocab = a.shape
+    f32 = dict(dtype=torch.float32, device=a.device)
+    kl, lse_a, u = (torch.empty(rows, **f32) for _ in range(3))
+    kl_t = torch.empty(rows, **f32) if z_t is not None else None
+    if rows:
+        row_dense_kl_kernel[(rows,)](
+            a, c, a if z_t is None else z_t, lse_c, lse_c if lse_t is None else lse_t, kl,
+            kl if kl_t is None else kl_t, lse_a, u, vocab, a.stride(0),
+            WITH_TEACHER=z_t is not None, **_launch_config(vocab),
+        )  # fmt: skip
+    if coef is None:
+        return kl, kl_t, None
+    dz = torch.empty(rows, vocab, dtype=dtype, device=a.device)
+    if rows:
+        row_dense_grads_kernel[(rows,)](
+            a, c, lse_a, u, coef, dz, vocab, a.stride(0), dz.stride(0), **_launch_config(vocab)
+        )
+    return kl, kl_t, dz
 
 
 def gemm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The dense G-OPD loss with its gradient folded into the forward (torch backend).
+"""The dense G-OPD loss with its gradient folded into the forward.
 
 For L = sum_t a_t KL_t (a_t the aggregation weights of token_loss_weights), with the
 symbols of dense_kl_torch (a = z_s / tau, c = (lam z_T + (1 - lam) z_R) / tau):
@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.dense_kl_torch import _lse_partials, _target_tile
-from gopd_kernels.ops.folded_loss_torch import fold_rows, save_folded_grads, scale_saved_grads
+from gopd_kernels.ops.dense_kl_torch import _target_tile
+from gopd_kernels.ops.folded_loss_torch import (
+    add_head_grad,
+    fold_rows,
+    head_grad_buffer,
+    save_folded_grads,
+    scale_saved_grads,
+)
 from gopd_kernels.ops.linear_logsoftmax_torch import _logits_tile
-from gopd_kernels.ops.matmul_torch import compute_dtype, like_operand, mm_add, mm_into, operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
 
-# Measured at N = 1024, D = 1024, V = 151936 fp32 on the 2-core CPU, lam = 1 (s per call):
-# 128 rows 15.3-16.0, 256 rows 12.7-14.5, 512 rows 11.8-14.0; 256 rows keep the tiles at 297 MiB.
-DENSE_FOLD_ROWS = 256
-
-
-def _lse(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    m, s = _lse_partials(z, scratch)
-    return m + s.log()
+# Rows per chunk (2 tiles) by who does the row work. torch, measured at N = 1024, D = 1024,
+# V = 151936 fp32 on the 2-core CPU, lam = 1 (s per call): 128 rows 15.3-16.0, 256 rows
+# 12.7-14.5, 512 rows 11.8-14.0; 256 rows keep the tiles at 297 MiB. triton: not yet timed;
+# 1024 rows hold the same 1.2 GB of fp32 tiles as gopd_loss's fold (FOLD_ROWS).
+DENSE_FOLD_ROWS = {"torch": 256, "triton": 1024}
 
 
 class FoldedDenseKL(torch.autograd.Function):
@@ -46,7 +49,10 @@ class FoldedDenseKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, hr, wr, lam, inv_temp, row_weights, with_teacher_kl, ws_bytes):
+    def forward(
+        ctx, hs, ws, ht, wt, hr, wr, lam, inv_temp, row_weights, with_teacher_kl, ws_bytes, rows_impl
+    ):
+        """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
         need_dh, need_dw = ctx.needs_input_grad[:2]
         rows, vocab = hs.shape[0], ws.shape[0]
         acc = compute_dtype(hs.dtype)
@@ -57,7 +63,7 @@ class FoldedDenseKL(torch.autograd.Function):
         chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
         buf = torch.empty(live, chunk * vocab, **like)
         dh = torch.zeros(hs.shape, **like) if need_dh else None
-        dw = torch.zeros(ws.shape, **like) if need_dw else None
+        dw = head_grad_buffer(ws, acc, chunk >= rows, rows_impl) if need_dw else None
         kl = torch.empty(rows, **like)
         kl_t = torch.empty(rows, **like) if with_teacher_kl else None
         weights = row_weights.to(acc)
@@ -66,34 +72,29 @@ class FoldedDenseKL(torch.autograd.Function):
             r1 = min(rows, r0 + chunk)
             a, c, zt = (buf[k, : (r1 - r0) * vocab].view(r1 - r0, vocab) for k in (0, 1, live - 1))
             # c (and z_T) first, with the tile of a as scratch for their log-sum-exps
+            lse_t = None
             if with_teacher_kl:
-                lse_t = _lse(_logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
+                lse_t = rows_impl.lse(_logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
                 torch.mul(zt, lam, out=c)
                 if hr_ is not None:
                     mm_add(c, hr_[r0:r1], wr_.T, alpha=(1.0 - lam) * inv_temp)
             else:
                 _target_tile(c, (ht_[r0:r1], wt_), None if hr_ is None else (hr_[r0:r1], wr_), lam, inv_temp)
-            lse_c = _lse(c, a)
+            lse_c = rows_impl.lse(c, a)
             _logits_tile(a, hs_[r0:r1], ws_, inv_temp, None)
-            m_a = a.amax(dim=1)
-            diff = torch.sub(a, c, out=c)  # a - c
+            coef_rows = coef[r0:r1] if dh is not None or dw is not None else None  # None: no dz
+            z_t = zt if with_teacher_kl else None
+            kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)
             if kl_t is not None:
-                torch.sub(a, zt, out=zt)  # a - z_T
-            e = a.sub_(m_a[:, None]).exp_()  # p_s * s_a
-            s_a = e.sum(dim=1)
-            lse_a = m_a + s_a.log()
-            u = diff.mul_(e).sum(dim=1).div_(s_a)  # E_ps[a - c]; the tile c now holds e (a - c)
-            kl[r0:r1] = (u - lse_a + lse_c).clamp_(min=0.0)
-            if kl_t is not None:
-                kl_t[r0:r1] = (zt.mul_(e).sum(dim=1).div_(s_a) - lse_a + lse_t).clamp_(min=0.0)
-            if dh is None and dw is None:
+                kl_t[r0:r1] = kl_t_rows
+            if dz is None:
                 continue
-            dz = diff.addcmul_(e, -u[:, None]).mul_((coef[r0:r1] / s_a)[:, None])  # e (a - c - u) coef / s_a
-            dz = like_operand(dz, ws_)
             if dh is not None:
                 mm_into(dh[r0:r1], dz, ws_)
             if dw is not None:
-                mm_add(dw, dz.T, hs_[r0:r1])
+                add_head_grad(dw, dz, hs_[r0:r1], rows_impl)
+            del dz  # before the next chunk's is made
+        del buf  # before dH and dW are cast: the tiles are the largest buffers
         save_folded_grads(ctx, dh, dw, hs, ws)
         ctx.mark_non_differentiable(kl, *(() if kl_t is None else (kl_t,)))
         loss = (kl * weights).sum()
@@ -101,4 +102,4 @@ class FoldedDenseKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_kl_t):
-        return *scale_saved_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None
+        return *scale_saved_grads(ctx, grad_loss), *(None,) * 10

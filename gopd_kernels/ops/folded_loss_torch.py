@@ -54,6 +54,21 @@ def fold_rows(ws_bytes: int, rows: int, vocab: int, acc: torch.dtype, live: int 
     return max(1, min(rows, ws_bytes // (live * vocab * acc.itemsize)))
 
 
+def head_grad_buffer(weight: torch.Tensor, acc: torch.dtype, one_chunk: bool, rows_impl) -> torch.Tensor:
+    """Zeros for a fold's dW: fp32 (acc) to sum over row chunks, or the head's own dtype when
+    the rows are one chunk and rows_impl has a GEMM that rounds its fp32 sum once."""
+    direct = one_chunk and weight.dtype != acc and hasattr(rows_impl, "gemm_rounded")
+    return torch.zeros(weight.shape, dtype=weight.dtype if direct else acc, device=weight.device)
+
+
+def add_head_grad(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, rows_impl) -> None:
+    """dW (+)= dz^T h for one chunk: summed in fp32, or written once (head_grad_buffer)."""
+    if dw.dtype in (torch.float32, torch.float64):  # the accumulator
+        mm_add(dw, dz.T, h)
+    else:
+        rows_impl.gemm_rounded(dz.T, h, dw)
+
+
 def save_folded_grads(ctx, dh: torch.Tensor | None, dw: torch.Tensor | None, hidden, weight) -> None:
     """Keep a folded loss's dH, dW (accumulated in fp32) in the inputs' dtypes for its backward."""
     cast = lambda g, like: None if g is None else g.to(like.dtype)
@@ -85,11 +100,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         chunk = fold_rows(ws_bytes, rows, vocab, acc)
         buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
         dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
-        # One chunk needs no fp32 dW to carry across chunks: where rows_impl has a GEMM that
-        # rounds its fp32 sum once into the head's dtype, dW is written there directly.
-        direct_dw = need_dw and chunk >= rows and weight.dtype != acc and hasattr(rows_impl, "gemm_rounded")
-        dw_dtype = weight.dtype if direct_dw else acc
-        dw = torch.zeros(vocab, dim, dtype=dw_dtype, device=hidden.device) if need_dw else None
+        dw = head_grad_buffer(weight, acc, chunk >= rows, rows_impl) if need_dw else None
         logp = torch.empty(rows, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         for r0 in range(0, rows, chunk):
@@ -109,10 +120,8 @@ class FoldedTokenLoss(torch.autograd.Function):
             dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)  # c (1[v = y] - p), a GEMM operand
             if dh is not None:
                 mm_into(dh[r0:r1], dz, w)
-            if direct_dw:
-                rows_impl.gemm_rounded(dz.T, h[r0:r1], dw)
-            elif dw is not None:
-                mm_add(dw, dz.T, h[r0:r1])
+            if dw is not None:
+                add_head_grad(dw, dz, h[r0:r1], rows_impl)
             del dz  # before the next chunk's is made
         del buf  # before dH and dW are cast: the logits tile is the largest buffer
         save_folded_grads(ctx, dh, dw, hidden, weight)

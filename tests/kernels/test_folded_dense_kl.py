@@ -96,3 +96,78 @@ def test_upstream_gradient_scales_the_saved_gradients():
         grads.append((hs.grad, ws.grad))
     for unit, scaled in zip(*grads, strict=True):
         torch.testing.assert_close(scaled, -2.5 * unit)
+
+
+# -- the dense fold on the Triton backend: torch's GEMMs, fold_rows_triton's row passes -----
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("v", [1, 97, 2053], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("teacher", [False, True], ids=["no-teacher-kl", "teacher-kl"])
+def test_dense_row_passes_match_torch(v, teacher, device, narrow_row_blocks):
+    """fold_rows_triton.dense_kl and lse against fold_rows_torch's in-place ops, on rows whose
+    logits span ~100 nats and climb along the row (the running maximum moves from block to
+    block), one shifted by 1000."""
+    from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
+
+    g = torch.Generator().manual_seed(v)
+    climb = torch.linspace(0, 60, v)
+    a, c, z_t = ((torch.randn(4, v, generator=g) * 20 + climb).double() for _ in range(3))
+    a[1] += 1000.0
+    coef = torch.randn(4, generator=g).double()
+    lse_c, lse_t = torch.logsumexp(c, 1), torch.logsumexp(z_t, 1) if teacher else None
+    z_t_arg = z_t.clone() if teacher else None
+    want = fold_rows_torch.dense_kl(a.clone(), c.clone(), z_t_arg, lse_c, lse_t, coef, torch.float64)
+    to = lambda t: t.float().to(device)
+    torch.testing.assert_close(fold_rows_triton.lse(to(c)).double().cpu(), lse_c, atol=1e-4, rtol=1e-6)
+    got = fold_rows_triton.dense_kl(to(a), to(c), to(z_t) if teacher else None, to(lse_c),
+                                    to(lse_t) if teacher else None, to(coef), torch.float32)  # fmt: skip
+    torch.testing.assert_close(got[0].double().cpu(), want[0], atol=1e-3, rtol=1e-4)
+    assert (got[1] is None) == (not teacher)
+    if teacher:
+        torch.testing.assert_close(got[1].double().cpu(), want[1], atol=1e-3, rtol=1e-4)
+    assert rel_err(got[2], want[2]) < 1e-4
+    assert fold_rows_triton.dense_kl(to(a), to(c), None, to(lse_c), None, None, torch.float32)[2] is None
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("lam", [1.0, 1.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_dense_fold_matches_in_many_chunks(tiny_chunks, lam, dtype, device):
+    """gopd_dense_loss(backend='triton', fold=True) against the float64 reference (fp32) or the
+    recomputing Triton path (bf16), in chunks of 3 rows (2 with the teacher's KL), with the
+    teacher-KL statistic at lam != 1."""
+    from tests.kernels.test_dense_kl import run
+
+    student, teacher, ref = heads(seed=6, device=device)
+    mask = torch.ones(3, 5, dtype=torch.bool, device=device)
+    mask[0, -2:] = False
+    ref = ref if lam != 1.0 else None
+    kw = dict(lam=lam, temperature=0.8, mask=mask)
+    dense = lambda fold: lambda *a, **k: gopd_dense_loss(*a, backend="triton", fold=fold, **k)
+    (loss, stats), dh, dw = run(dense(True), student, teacher, ref, dtype, 1.3, **kw)
+    (want_loss, want_stats), want_dh, want_dw = run(dense(False), student, teacher, ref, dtype, 1.3, **kw)
+    torch.testing.assert_close(loss, want_loss, atol=1e-4, rtol=1e-4)
+    for key in want_stats:
+        torch.testing.assert_close(stats[key], want_stats[key], atol=1e-4, rtol=1e-4)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert dh.dtype == dw.dtype == dtype
+    assert rel_err(dh, want_dh) < tol and rel_err(dw, want_dw) < tol
+    if dtype == torch.float32:  # and both against float64
+        compare("triton", device, lam, temperature=0.8, use_ref=ref is not None)
+
+
+def test_dense_fold_setting(monkeypatch):
+    student, teacher, _ = heads(seed=7)
+    hs = student[0].clone().requires_grad_()
+    with pytest.raises(ValueError, match="fold"):
+        gopd_dense_loss(hs, student[1], *teacher, fold=1)
+    calls = []
+    from gopd_kernels import losses
+
+    monkeypatch.setattr(losses.FoldedDenseKL, "apply", lambda *a: calls.append(a) or 1 / 0)
+    gopd_dense_loss(hs, student[1], *teacher, backend="torch", fold=False)
+    assert not calls  # fold=False: the streaming forward and recomputing backward on torch too
+    with pytest.raises(ZeroDivisionError):
+        gopd_dense_loss(hs, student[1], *teacher, backend="torch")
+    assert calls  # the torch backend's default folds

@@ -45,7 +45,6 @@ def test_unknown_key_is_an_error(tiny):
         (dict(clip_ratio=[1.0, 0.2]), "clip_ratio"),
         (dict(is_cap=0), "is_cap"),
         (dict(objective="dense"), "is_cap: applies to objective 'sampled' only"),
-        (dict(objective="dense", is_cap=None, loss_fold=False), "loss_fold: applies to objective 'sampled'"),
         (dict(loss_fold="yes"), "loss_fold: must be true, false or null"),
         (dict(train_data="/no/data.jsonl"), "train_data"),
         (dict(micro_batch_size=0), "micro_batch_size"),
