@@ -203,8 +203,9 @@ def kernel_variants() -> list[KernelVariant]:
         needs_mma=False,
     )  # fmt: skip
     f32 = lambda *names: {f"{n}_ptr": "fp32" for n in names}
-    for target in (True, False):  # the sampled fold's log-softmax; the dense fold's lse
-        out.append(row("row_log_softmax_kernel", f32("z", "s", "lse") | {"y_ptr": "i64"}, HAS_TARGET=target))
+    for target in (True, False):  # the sampled fold's log-softmax; the dense fold's lse (y_ptr unused: lse)
+        y = {"y_ptr": "i64" if target else "fp32"}
+        out.append(row("row_log_softmax_kernel", f32("z", "s", "lse") | y, HAS_TARGET=target))
     out.append(row("row_dense_kl_kernel", f32("a", "c", "t", "lse_c", "lse_t", "kl", "kl_t", "lse_a", "u"),
                    WITH_TEACHER=True))  # fmt: skip
     for dz in ("bf16", "fp32"):
