@@ -103,6 +103,11 @@ def warn_once(message: str) -> None:
     logger.warning(message)
 
 
+@functools.cache
+def info_once(message: str) -> None:
+    logger.info(message)
+
+
 def implementation(op: str, backend: str) -> ModuleType:
     """The module with forward()/backward() of `op` for a resolved backend: ops/{op}_{backend}.py.
 

@@ -236,3 +236,21 @@ def test_triton_fold_in_one_chunk_writes_a_bf16_dw_without_an_fp32_one(device, m
     assert fp32_dw and len(direct) == 1
     torch.testing.assert_close(one_chunk[0], chunks[0], atol=1e-5, rtol=1e-5)
     assert rel_err(one_chunk[1], chunks[1]) < 1e-2 and rel_err(one_chunk[2], chunks[2]) < 1e-2
+
+
+@pytest.mark.triton
+def test_default_fold_on_triton_says_so_once(device, monkeypatch, caplog):
+    """The Triton backend's default fold (bf16) holds more memory than the recomputing path:
+    an info line says so, once."""
+    import logging
+
+    from gopd_kernels.backend import info_once
+
+    monkeypatch.setattr(losses_module, "bf16_gemm_mode", lambda device: "addmm")  # as on CUDA
+    info_once.cache_clear()
+    data = batch(b=2, t=4, d=16, v=97, device=device)
+    h, w = (data[k].bfloat16().requires_grad_() for k in ("hidden", "weight"))
+    with caplog.at_level(logging.INFO, logger="gopd_kernels"):
+        for _ in range(2):
+            gopd_loss(h, w, data["targets"], data["teacher"], data["ref"], lam=1.25, backend="triton")
+    assert caplog.text.count("gradient is folded into the forward") == 1
