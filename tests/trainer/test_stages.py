@@ -138,3 +138,29 @@ def test_non_finite_loss_skips_the_step(tiny, tmp_path):
     loss, _, stepped = policy_update(models, ro, scores, opt, make_scheduler(opt, cfg, 3), cfg)
     assert not stepped and loss != loss  # NaN
     assert all(torch.equal(a, b) for a, b in zip(before, models.student.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("objective", ["sampled", "dense"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_loss_fold_reaches_the_loss_and_both_paths_agree(tiny, tmp_path, objective, backend, monkeypatch):
+    """loss_fold true / false: the update folds the gradient or recomputes the logits (seen by
+    a spy on the two folded Functions), to the same loss and gradient norm."""
+    from gopd_kernels import losses
+
+    folded = []
+    for fn in (losses.FoldedTokenLoss, losses.FoldedDenseKL):
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: folded.append(1) or real(*a))
+    out = {}
+    for fold in (True, False):
+        folded.clear()
+        cfg = base_config(tiny, tmp_path, objective=objective, is_cap=None if objective == "dense" else 5.0,
+                          kernel_backend=backend, loss_fold=fold, grad_clip=None)  # fmt: skip
+        models = load_models(cfg)
+        ro = rollouts_for(cfg, models)
+        scores = score_rollouts(models, ro, cfg) if objective == "sampled" else None
+        sgd = torch.optim.SGD(models.student.parameters(), lr=0.0)
+        loss, stats, _ = policy_update(models, ro, scores, sgd, make_scheduler(sgd, cfg, 3), cfg)
+        assert bool(folded) == fold
+        out[fold] = (loss, stats["grad_norm"])
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-4)
