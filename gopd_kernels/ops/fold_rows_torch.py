@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from gopd_kernels.ops.dense_kl_torch import _lse_partials
+
 
 def log_softmax(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z_y = z.gather(1, targets[:, None]).squeeze(1)
@@ -27,8 +29,8 @@ def logit_grads(
 
 
 def lse(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    m = z.amax(dim=1)
-    return m + torch.sub(z, m[:, None], out=scratch).exp_().sum(dim=1).log()
+    m, sum_e = _lse_partials(z, scratch)
+    return m + sum_e.log()
 
 
 def dense_kl(

@@ -365,7 +365,8 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
     # fp32 accumulators where a sum runs over tiles and the output is not fp32 itself, and
     # wherever torch's GEMMs run them (their bf16 results may reduce in bf16: gradient_gemm)
-    torch_gemms = backward_gemm() == "torch"
+    runner = backward_gemm()  # read once per backward, not per GEMM
+    torch_gemms = runner == "torch"
     sums_dh = need_dh and dh.dtype != f32 and (cols < V or torch_gemms)
     sums_dw = need_dw and dw.dtype != f32 and row_chunk < M
     dh_acc = torch.empty(row_chunk, D, dtype=f32, device=dev) if sums_dh else None
@@ -381,11 +382,11 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
             write_logit_grads(slice(r0, r1), slice(v0, v1), dz_t)
             if dh is not None:
                 out = dh[r0:r1] if dh_acc is None else dh_acc[: r1 - r0]
-                gradient_gemm(dz_t, weight[v0:v1], out=out, accumulate=v0 > 0)
+                gradient_gemm(dz_t, weight[v0:v1], out, v0 > 0, runner)
             if dw is not None:
                 out = dw[v0:v1] if dw_acc is None else dw_acc[v0:v1]
                 out = out if dw_slice is None else dw_slice[: v1 - v0]
-                gradient_gemm(dz_t.T, hidden[r0:r1], out=out, accumulate=r0 > 0)
+                gradient_gemm(dz_t.T, hidden[r0:r1], out, r0 > 0, runner)
                 if dw_slice is not None:
                     dw[v0:v1] = out
             if db is not None:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.backend import backward_gemm, warn_once
+from gopd_kernels.backend import warn_once
 from gopd_kernels.ops.matmul_torch import mm_add, mm_into, operand
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
@@ -123,12 +123,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
     return out
 
 
-def gradient_gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False):
-    """out (+)= a @ b for the backward, by GOPD_BACKWARD_GEMM: matmul() above, or torch's GEMM
-    (cuBLAS on CUDA, bf16 operands with an fp32 result: matmul_torch) into an `out` of
-    float32, where the caller rounds once. Operands of two dtypes (dZ in bf16 against an fp16
-    head) always take matmul(), which casts tiles; a log line says so once."""
-    if backward_gemm() == "torch":
+def gradient_gemm(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, runner: str
+) -> torch.Tensor:
+    """out (+)= a @ b for the backward, by `runner` (backend.backward_gemm()): "triton",
+    matmul() above, or "torch", torch's GEMM (cuBLAS on CUDA, bf16 operands with an fp32
+    result: matmul_torch) into an `out` of float32, where the caller rounds once. Operands of
+    two dtypes (dZ in bf16 against an fp16 head) always take matmul(), which casts tiles; a
+    log line says so once."""
+    if runner == "torch":
         if a.dtype == b.dtype and out.dtype == torch.float32:
             return (mm_add if accumulate else mm_into)(out, operand(a), operand(b))
         warn_once(
