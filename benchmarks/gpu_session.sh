@@ -12,14 +12,17 @@
 #   git describe --always --dirty --abbrev=7 > .whl/COMMIT
 # Then one device `run` per part, each with carry [".whl"]. A lease of 15 minutes of device
 # time (the present rule, the machine's start included) fits one call: run `first`.
-#   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (100 s),
+#   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (120 s),
 #                                          # gopd demo --quick, gopd_loss and token_logprobs at
-#                                          # N = 16384 bf16, benchmarks.stages (~9 minutes;
-#                                          # then `tune` fits the rest of a 15-minute lease)
-#   bash benchmarks/gpu_session.sh gemm    # after `first`: the folded gopd_loss, cuBLAS or Triton
-#                                          # for the backward's GEMMs, the autotune cache (~5.5 min)
-#   bash benchmarks/gpu_session.sh fold    # the dense losses' Triton fold against their recompute,
-#                                          # gopd_loss's one-chunk fold at N = 2048 (~5.5 min)
+#                                          # N = 16384 bf16, gopd_loss's one-chunk fold at N = 2048
+#                                          # (~9 minutes)
+#   bash benchmarks/gpu_session.sh fold    # after `first` (~5 minutes): the folds not yet timed,
+#                                          # the dense losses' and the frozen head's, against
+#                                          # their recomputing backwards
+#   bash benchmarks/gpu_session.sh gemm    # the folded gopd_loss's chunk sweep, cuBLAS or Triton
+#                                          # for the backward's GEMMs, the autotune cache (~5.5 min;
+#                                          # ran in the second lease)
+#   bash benchmarks/gpu_session.sh stages  # token_logprobs stage by stage beside cuBLAS (75 s)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -35,7 +38,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|gemm|fold|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh first|fold|gemm|stages|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -88,10 +91,14 @@ first)
             --op $op --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
             --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
     done
-    # where token_logprobs' time goes, stage by stage, beside cuBLAS on the same GEMMs
-    # (it re-tuned for ~30 s in 90 s before TRITON_CACHE_DIR was pinned; it prints as it goes now)
-    TRITON_PRINT_AUTOTUNING=1 timeout 75 python3 -m benchmarks.stages || status=1
+    # rows that fit one fold chunk write a bf16 dW directly (no fp32 [V, D]): not yet timed
+    timeout --signal=INT 100 python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 --v 151936 \
+        --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce || status=1
     (exit $status)
+    ;;
+stages)  # where token_logprobs' time goes, stage by stage, beside cuBLAS on the same GEMMs
+    # (it re-tuned for ~30 s in 90 s before TRITON_CACHE_DIR was pinned; it prints as it goes now)
+    TRITON_PRINT_AUTOTUNING=1 timeout 75 python3 -m benchmarks.stages
     ;;
 fp32)  # the headline shapes in fp32 (3xTF32 in gopd; cuBLAS fp32 or TF32-free in the peers)
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT "$budget" python3 -m benchmarks.report \
@@ -136,12 +143,15 @@ print('run $run done')" 2>&1 | grep -v '^Autotuning kernel'
     find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' | wc -l
     (exit $status)
     ;;
-fold)  # the folds not yet timed: the dense losses' Triton fold, gopd_loss's in one chunk
+fold)  # the folds not yet timed, each beside its recomputing backward (gopd-recompute / gopd)
     status=0
-    timeout --signal=INT 200 python3 -m benchmarks.report --op gopd_dense_loss,gopd_dense_loss_exopd \
+    # token_logprobs with a frozen head: gopd folds (2 cuBLAS GEMMs), gopd-recompute (3 Triton)
+    timeout --signal=INT 110 python3 -m benchmarks.report --op token_logprobs_frozen_head \
+        --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
+        --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
+    # the dense losses: gopd recomputes (their Triton default), gopd-fold folds
+    timeout --signal=INT 190 python3 -m benchmarks.report --op gopd_dense_loss,gopd_dense_loss_exopd \
         --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-fold,liger || status=1
-    timeout --signal=INT 120 python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 --v 151936 \
-        --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce || status=1
     (exit $status)
     ;;
 check)
@@ -154,7 +164,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: first, gemm, fold, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: first, fold, gemm, stages, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

@@ -10,10 +10,11 @@ same quantity from the same inputs, so outputs and gradients are compared across
     gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
     gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 operands with fp32 results;
                    the losses fold their gradient)
-    gopd-fold      the losses with fold=True on CUDA: the Triton backend's fold (cuBLAS GEMMs, fused row
-                   passes; what gopd_loss runs by default in bf16)
-    gopd-recompute the losses with fold=False on CUDA: the recomputing Triton backward (the default
-                   of gopd_loss in fp32 and of the dense losses)
+    gopd-fold      fold=True on CUDA (the losses, and token_logprobs with a frozen head): the Triton
+                   backend's fold (cuBLAS GEMMs, fused row passes; the default of gopd_loss and of
+                   the frozen head in bf16)
+    gopd-recompute fold=False on CUDA: the recomputing Triton backward (the default of gopd_loss in
+                   fp32 and of the dense losses)
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
@@ -55,7 +56,7 @@ TRITON_ONLY = "its kernels are Triton-only"
 
 def _ours(name: str, run: Callable[..., torch.Tensor], folds: bool = False) -> dict[str, Impl]:
     """gopd with its default backend, and on CUDA also with backend='torch', to compare Triton's
-    recomputing kernels with cuBLAS GEMMs (and, for the losses, the folded gradient). A loss
+    recomputing kernels with cuBLAS GEMMs (and, for the losses, the folded gradient). An op
     that folds (run(x, backend, fold)) adds its Triton backend with fold=True and fold=False."""
     out = {
         "gopd": Impl(f"gopd_kernels.{name}", lambda x: run(x, "auto")),
@@ -148,13 +149,15 @@ def _student(x: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x["h"], x["w"], x["targets"]
 
 
-def _logprob_impls() -> dict[str, Impl]:
+def _logprob_impls(frozen_head: bool = False) -> dict[str, Impl]:
+    """frozen_head: the op's backward wants dH only, which token_logprobs can fold (fold=...)."""
     return {
         "naive": Impl("materialised [N, V] logits, log_softmax, gather",
                       lambda x: ref.token_logprobs_reference(*_student(x))),
         "torch-compile": Impl("torch.compile of naive",
                               lambda x: _compiled(ref.token_logprobs_reference)(*_student(x))),
-        **_ours("token_logprobs", lambda x, b: gk.token_logprobs(*_student(x), backend=b)),
+        **_ours("token_logprobs", lambda x, b, f=None: gk.token_logprobs(*_student(x), backend=b, fold=f),
+                frozen_head),
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), negated",
                       lambda x: _liger_flce_logp(*_student(x)),
                       needs="liger_kernel", cuda_only=TRITON_ONLY),
@@ -310,7 +313,7 @@ OPS: dict[str, Op] = {
     "token_logprobs_frozen_head": Op(
         "log-probs of N sampled tokens, forward + backward to the hidden states only (frozen LM "
         "head, as under LoRA), random per-token upstream gradient",
-        True, lambda n, d, v: 4 * n * d * v, _upstream, _logprob_impls(), frozen_head=True),
+        True, lambda n, d, v: 4 * n * d * v, _upstream, _logprob_impls(frozen_head=True), frozen_head=True),
     "gopd_loss": Op(
         f"on-policy G-OPD policy-gradient loss, lam={LAM}, token-mean; teacher/ref log-probs given",
         True, lambda n, d, v: 6 * n * d * v, _loss_inputs, _loss_impls()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.backend import resolve_backend
-from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs
+from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs, folds_frozen_head
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import check_backend_dtype, check_token_inputs
 
@@ -20,6 +20,7 @@ def token_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
+    fold: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token, straight from hidden states and the LM head.
 
@@ -38,20 +39,28 @@ def token_logprobs(
             gradient, and no compute (they are removed before the kernels run).
         return_entropy: also return the entropy of softmax(logits / tau) per position.
         backend: "triton", "torch" or "auto" (see ``gopd_kernels.backend``).
+        fold: for a frozen head only (``hidden`` requires grad; ``weight`` and ``bias`` do
+            not; no entropy): compute each log-prob's gradient w.r.t. its hidden state,
+            (W_y - E_p[W]) / tau, in the forward, so that the backward is a scaling with no
+            GEMM (2 GEMMs in all, as through materialised logits, instead of 3), for an
+            [N, D] float32 kept until the backward. The torch backend does it in tiles, the
+            Triton backend over row chunks of full-vocabulary fp32 logits (cuBLAS GEMMs,
+            fused row passes, as gopd_loss's fold). None: fold on the torch backend, and on
+            Triton for bf16 heads; True: fold (an error for a head that is trained, or with
+            the entropy); False: never.
 
     Returns:
         float32 log-probs [...] (float64 for float64 inputs, torch backend only); with
         ``return_entropy``, ``(logp, entropy)``. Both are differentiable w.r.t. hidden,
         weight and bias for any per-token upstream gradient; gradients come back in the
-        inputs' dtype, accumulated in float32. With a frozen head (only ``hidden`` requires
-        grad, no entropy) the torch backend keeps E_p[W] ([N, D] float32) from the forward
-        and its backward needs no GEMM.
+        inputs' dtype, accumulated in float32.
     """
     temperature = check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)
     check_backend_dtype(backend, hidden.dtype)
+    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy)
 
     rows = RowSelection(targets != ignore_index)
     logp, entropy = LinearTokenLogprobs.apply(
@@ -62,6 +71,7 @@ def token_logprobs(
         temperature,
         return_entropy,
         backend,
+        fold,
     )
     if return_entropy:
         return rows.put(logp), rows.put(entropy)

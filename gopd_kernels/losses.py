@@ -164,6 +164,8 @@ def gopd_loss(
     (4 GEMMs, no [rows, V] chunk held, about half the memory). None: fold where measured
     faster, when the head is trained: the torch backend, and the Triton backend for bf16
     heads (1.4x faster for about twice the memory on an H100); True / False force it either way.
+    A frozen head (dH only) with fold=None or False goes through token_logprobs with the same
+    fold setting: its frozen-head fold is the other way to need 2 GEMMs (see token_logprobs).
 
     Returns ``(loss, stats)``; stats holds detached 0-d tensors (no device sync): the mean
     advantage, the reverse-KL estimate mean(s - T), the reward mean(T - R) (with a
@@ -198,9 +200,10 @@ def gopd_loss(
         s, teacher, ref, old, rollout, lam, (clip_low, clip_high), is_cap
     )
     per_token_inputs = (teacher_logp, ref_logp, old_logp, rollout_logp)
-    # Unless fold=True, a frozen head (dH only) takes token_logprobs' frozen-head path instead:
-    # also 2 GEMMs, with tiles instead of full-vocabulary rows. Measured (Intel VM, N = 4096, D = 1024,
-    # V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against the fold's 10.2-11.7 s and 314 MiB.
+    # Unless fold=True, a frozen head (dH only) takes token_logprobs' frozen-head fold instead: also
+    # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
+    # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
+    # 10.2-11.7 s and 314 MiB.
     fold_on = _fold_backend(fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight))
     if fold_on == "triton" and fold is None:
         info_once(
@@ -215,8 +218,9 @@ def gopd_loss(
         _, adv, clipped, is_weight = terms(s, *per_token_inputs)
     else:
         s = token_logprobs(
-            hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend
-        )
+            hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend,
+            fold=fold,
+        )  # fmt: skip
         per_token, adv, clipped, is_weight = terms(s, *per_token_inputs)
         loss = aggregate_token_losses(per_token, targets != ignore_index, loss_agg, num_tokens)
     mask = targets != ignore_index
@@ -270,7 +274,7 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
 
 def _policy_folds_by_default(hidden, weight):
     """gopd_loss with fold=None folds a trained head (a frozen one takes token_logprobs'
-    frozen-head path, leaner; measured above): always on the torch backend; on the Triton
+    frozen-head fold, leaner on CPUs; measured above): always on the torch backend; on the Triton
     backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS), the
     fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096, V = 151936, 2026-11-26):
     105.6 ms and 5146 MiB at 2070-row chunks against the recomputing backward's 146.9 ms

@@ -17,9 +17,9 @@ chunks are done, so it is written once, in float32.
 
 Frozen head (only dH wanted, no entropy): dL/dh = g_l / tau (W_y - E_p[W]), and the
 forward can accumulate E_p[W] = sum_v p_v W_v with one more GEMM per tile (an online
-softmax over vocabulary chunks, rescaled as the running row maximum moves). The backward
-is then a gather, with no GEMM: 2 GEMMs in all, as autograd through materialised logits
-(forward, dH), where recomputing takes 3.
+softmax over vocabulary chunks, rescaled as the running row maximum moves;
+frozen_head_forward). The backward is then a scaling, with no GEMM: 2 GEMMs in all, as
+autograd through materialised logits (forward, dH), where recomputing takes 3.
 """
 
 from __future__ import annotations
@@ -156,17 +156,19 @@ def forward(
     return logp, lse, entropy
 
 
-def hidden_grad_frozen_head(
+def frozen_head_forward(
+    hidden: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     targets: torch.Tensor,
     inv_temp: float,
-    expected_weight: torch.Tensor,
-    grad_logp: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """dL/dh = g_l / tau (W_y - E_p[W]) from forward's expected_weight: no logits, no GEMM."""
-    g = grad_logp.to(expected_weight.dtype) * inv_temp
-    return ((weight[targets].to(expected_weight.dtype) - expected_weight) * g[:, None]).to(dtype)
+    workspace_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp [M], x = dlogp/dh = (W_y - E_p[W]) / tau [M, D]) for a frozen head (see the module
+    doc): the backward is dh = g_l x, no logits, no GEMM."""
+    x = torch.empty(hidden.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device)
+    logp, _, _ = forward(hidden, weight, bias, targets, inv_temp, False, workspace_bytes, x)
+    return logp, x.sub_(weight[targets].to(x.dtype)).mul_(-inv_temp)
 
 
 def backward(

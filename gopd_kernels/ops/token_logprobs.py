@@ -5,62 +5,122 @@ logit tiles. Upstream gradients are per token: any weighting of the tokens (mask
 advantages, token-mean scaling) flows through exactly, unlike kernels that fold a scalar
 loss gradient into the forward.
 
-Frozen head on the torch backend (hidden needs a gradient, weight and bias do not, no
-entropy): the forward also keeps E_p[W] [N, D], and the backward is a gather with no GEMM
-(linear_logsoftmax_torch.hidden_grad_frozen_head). The Triton backend recomputes as usual.
+Frozen head (hidden needs a gradient, weight and bias do not, no entropy): the gradient
+of each log-prob w.r.t. its hidden state, x_t = (W_y - E_p[W]) / tau, does not depend on
+the upstream gradient, so the forward can compute it ("fold") and the backward is
+dh_t = g_t x_t, with no GEMM: 2 GEMMs in all instead of 3. The torch backend does it in
+tiles (linear_logsoftmax_torch.frozen_head_forward), the Triton backend over
+full-vocabulary row chunks with cuBLAS GEMMs and fused row passes
+(folded_frozen_head_torch with fold_rows_triton).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gopd_kernels.backend import implementation, workspace_bytes
+from gopd_kernels.backend import implementation, info_once, workspace_bytes
+from gopd_kernels.ops import folded_frozen_head_torch
+from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, fold_workspace_bytes
+from gopd_kernels.ops.matmul_torch import bf16_gemm_mode
 
 
-def frozen_head_fast_path(backend: str, needs: tuple[bool, bool, bool], with_entropy: bool) -> bool:
-    """Whether the forward keeps E_p[W] so that the backward needs no GEMM (see module doc)."""
-    return backend == "torch" and needs == (True, False, False) and not with_entropy
+def folds_frozen_head(
+    fold: bool | None,
+    backend: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    with_entropy: bool,
+) -> bool:
+    """Whether token_logprobs computes dlogp/dh in its forward (the frozen-head fold above).
+
+    Only a frozen head can fold, and only when a gradient is wanted. fold=None folds on the
+    torch backend (forward + backward, N = 2048, D = 1024, V = 151936, fp32, Intel VM, 3
+    calls each: 3.05-3.22 s against the recomputing backward's 4.64-4.78 s) and on the Triton
+    backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS): 2 of
+    those GEMMs in place of 3 Triton ones. Not yet timed on a GPU; predicted from the
+    measured parts of gopd_loss's fold, which runs the same GEMMs and row passes (H100:
+    cuBLAS 735-775 TFLOP/s, the Triton GEMMs 550-580). fold=True on a head that is not
+    frozen, or with the entropy, is an error; fold=False always recomputes.
+    """
+    if fold is not None and not isinstance(fold, bool):
+        raise ValueError(f"fold must be True, False or None, got {fold!r}")
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    wants_grad = torch.is_grad_enabled() and hidden.requires_grad
+    if fold and wants_grad and (not frozen or with_entropy):
+        raise ValueError(
+            "fold=True needs a frozen head: only hidden may require a gradient (not weight or bias), "
+            "and return_entropy=False; a trained head's gradient depends on the upstream gradient, "
+            "so its logits are recomputed in the backward"
+        )
+    if fold is False or not (wants_grad and frozen and not with_entropy):
+        return False
+    if fold:
+        return True
+    if backend == "torch":
+        return True
+    folds = hidden.dtype == torch.bfloat16 and bf16_gemm_mode(hidden.device) is not None
+    if folds:
+        info_once(
+            "token_logprobs: frozen bf16 head on the Triton backend: dlogp/dh is computed in the forward "
+            "over full-vocabulary row chunks (2 cuBLAS GEMMs instead of 3 Triton ones; not yet timed on "
+            "a GPU); fold=False recomputes the logits in the backward"
+        )
+    return folds
+
+
+def _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend):
+    """(logp, x = dlogp/dh) by the backend's frozen-head fold (module doc)."""
+    if backend == "torch":
+        impl = implementation("linear_logsoftmax", backend)
+        ws = workspace_bytes(backend, weight)
+        return impl.frozen_head_forward(hidden, weight, bias, targets, inv_temp, ws)
+    ws = fold_workspace_bytes(weight, rows=FOLD_ROWS[backend])
+    rows_impl = implementation("fold_rows", backend)
+    return folded_frozen_head_torch.forward(hidden, weight, bias, targets, inv_temp, ws, rows_impl)
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
     """(hidden [M, D], weight [V, D], bias [V]|None, targets [M]) -> (logp [M], entropy [M]|None).
 
-    All targets must be valid ids (ignored positions are removed by the caller).
+    All targets must be valid ids (ignored positions are removed by the caller). fold: the
+    frozen-head fold, as decided by folds_frozen_head.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend):
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend, fold):
         impl = implementation("linear_logsoftmax", backend)
         inv_temp = 1.0 / temperature
-        ws = workspace_bytes(backend, weight)
-        frozen = frozen_head_fast_path(backend, tuple(ctx.needs_input_grad[:3]), with_entropy)
-        expected_w = hidden.new_empty(hidden.shape, dtype=torch.float32) if frozen else None
+        ctx.fold = fold
         if hidden.shape[0] == 0:
             empty = hidden.new_zeros(0, dtype=torch.float32)
-            lse, logp, entropy = empty, empty, empty.clone() if with_entropy else None
-        else:
-            args = (hidden, weight, bias, targets, inv_temp, with_entropy, ws)
-            extra = (expected_w,) if frozen else ()  # only the torch forward takes it
-            logp, lse, entropy = impl.forward(*args, *extra)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, expected_w)
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.fold = False
+            return empty, empty.clone() if with_entropy else None
+        if fold:
+            logp, x = _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend)
+            ctx.save_for_backward(x)
+            ctx.hidden_dtype = hidden.dtype
+            return logp, None
+        ws = workspace_bytes(backend, weight)
+        logp, lse, entropy = impl.forward(hidden, weight, bias, targets, inv_temp, with_entropy, ws)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.impl, ctx.inv_temp, ctx.workspace = impl, inv_temp, ws
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy, expected_w = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        if hidden.shape[0] == 0 or (grad_logp is None and grad_entropy is None):
-            inputs = (hidden, weight, bias)
-            dh, dw, db = (torch.zeros_like(x) if n else None for x, n in zip(inputs, needs, strict=True))
-            return dh, dw, db, None, None, None, None
+        none = (None,) * 5
+        if ctx.fold:  # dh = g x
+            (x,) = ctx.saved_tensors
+            return (x * grad_logp.to(x.dtype)[:, None]).to(ctx.hidden_dtype), None, None, *none
+        if (grad_logp is None and grad_entropy is None) or ctx.saved_tensors[0].shape[0] == 0:
+            inputs = ctx.saved_tensors[:3]
+            return *(torch.zeros_like(x) if n else None for x, n in zip(inputs, needs, strict=True)), *none
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        if expected_w is not None:
-            dh = ctx.impl.hidden_grad_frozen_head(
-                weight, targets, ctx.inv_temp, expected_w, grad_logp, hidden.dtype
-            )
-            return dh, None, None, None, None, None, None
         dh, dw, db = ctx.impl.backward(
             hidden,
             weight,
@@ -74,4 +134,4 @@ class LinearTokenLogprobs(torch.autograd.Function):
             needs,
             ctx.workspace,
         )
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, *none

@@ -88,18 +88,18 @@ def test_no_grad_takes_the_plain_forward():
 
 
 def test_frozen_head_takes_the_frozen_head_path_not_the_fold(tiny_chunks, monkeypatch):
-    """Only dH wanted: token_logprobs keeps E_p[W] from its forward (tiles, 2 GEMMs) and the
-    backward is a gather; the fold (full-vocabulary rows, also 2 GEMMs) is not used. dH
+    """Only dH wanted: token_logprobs keeps dlogp/dh from its forward (tiles, 2 GEMMs) and the
+    backward scales it; the loss's fold (full-vocabulary rows, also 2 GEMMs) is not used. dH
     against the float64 reference, off-policy with clipping, IS and a temperature."""
 
     def no_fold(*args):
         raise AssertionError("a frozen head must not take the fold")
 
     gathers = []
-    frozen_grad = linear_logsoftmax_torch.hidden_grad_frozen_head
+    frozen_forward = linear_logsoftmax_torch.frozen_head_forward
     monkeypatch.setattr(losses_module, "_folded_policy_loss", no_fold)
-    monkeypatch.setattr(linear_logsoftmax_torch, "hidden_grad_frozen_head",
-                        lambda *a: gathers.append(1) or frozen_grad(*a))  # fmt: skip
+    monkeypatch.setattr(linear_logsoftmax_torch, "frozen_head_forward",
+                        lambda *a: gathers.append(1) or frozen_forward(*a))  # fmt: skip
     data = batch(b=2, t=9, d=17, v=211, seed=8)
     kw = dict(lam=1.25, temperature=0.7, old_logp=data["old"], rollout_logp=data["rollout"], is_cap=2.0)
     h = data["hidden"].clone().requires_grad_()
@@ -182,6 +182,25 @@ def test_fold_setting_is_checked_and_obeyed(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         gopd_loss(h, data["weight"], data["targets"], data["teacher"], data["ref"], lam=1.25, fold=True)
     assert calls  # fold=True: folds a frozen head too
+
+
+def test_frozen_head_fold_setting_reaches_token_logprobs(monkeypatch):
+    """A frozen head: fold=None takes token_logprobs' frozen-head fold (no recomputing backward),
+    fold=False its recomputing backward; both give the same dH."""
+    recomputed = []
+    real_backward = linear_logsoftmax_torch.backward
+    monkeypatch.setattr(linear_logsoftmax_torch, "backward",
+                        lambda *a: recomputed.append(1) or real_backward(*a))  # fmt: skip
+    data = batch(b=2, t=6, d=16, v=97, seed=4)
+    grads = {}
+    for fold in (None, False):
+        h = data["hidden"].clone().requires_grad_()
+        loss, _ = gopd_loss(h, data["weight"], data["targets"], data["teacher"], data["ref"], lam=1.25,
+                            backend="torch", fold=fold)  # fmt: skip
+        loss.backward()
+        grads[fold] = (h.grad, len(recomputed))
+    assert grads[None][1] == 0 and grads[False][1] == 1
+    assert rel_err(grads[None][0], grads[False][0]) < 1e-5
 
 
 def test_fold_default_follows_the_measurements(monkeypatch):

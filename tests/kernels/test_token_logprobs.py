@@ -200,56 +200,92 @@ def test_entropy_only_and_partial_requires_grad(backend, device):
     assert rel_err(h.grad, h64.grad) <= 1e-4
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
-def test_frozen_head_backward_from_expected_weight(shape, dtype, contiguous, monkeypatch):
-    """Frozen head, torch backend: the forward keeps E_p[W] over many vocabulary chunks (the
-    running max moves between them) and the backward is a gather; it never recomputes."""
-    import gopd_kernels.ops.linear_logsoftmax_torch as twin
+def _no_recompute(monkeypatch, backend):
+    """Make the backend's recomputing backward fail: a frozen-head fold must not call it."""
+    import importlib
 
     def no_recompute(*args, **kwargs):
         raise AssertionError("the frozen-head backward recomputed the logits")
 
-    monkeypatch.setattr(twin, "backward", no_recompute)
+    monkeypatch.setattr(importlib.import_module(f"gopd_kernels.ops.linear_logsoftmax_{backend}"), "backward",
+                        no_recompute)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+def test_frozen_head_fold(backend, shape, dtype, contiguous, device, monkeypatch, narrow_row_blocks):
+    """Frozen head, fold=True: the forward keeps dlogp/dh (torch: E_p[W] over many vocabulary
+    chunks, the running max moving between them; Triton: one-row chunks of full-vocabulary
+    logits through the row passes) and the backward only scales it; it never recomputes.
+    Against float64, with a bias, a temperature and ignored positions."""
+    _no_recompute(monkeypatch, backend)
+    # many vocabulary chunks (torch), chunks of 1-104 rows (Triton)
     monkeypatch.setenv("GOPD_WORKSPACE_MB", "0.002")
     n, d, v = shape
-    hidden, weight, bias, targets = make_inputs(n, 2 * d, v, dtype, bias=True, ignore_frac=0.3)
+    dev = _device(backend, device)
+    hidden, weight, bias, targets = make_inputs(n, 2 * d, v, dtype, dev, bias=True, ignore_frac=0.3)
     pick = (lambda t: t[:, :d].contiguous()) if contiguous else (lambda t: t[:, ::2])
     hidden, weight = pick(hidden), pick(weight)
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     kw = dict(bias=bias, temperature=0.7)
     h = hidden.clone().requires_grad_()
-    logp = token_logprobs(h, weight, targets, backend="torch", **kw)
-    (logp.double() * upstream).sum().backward()
-    h64 = hidden.double().requires_grad_()
-    ref = token_logprobs_reference(h64, weight.double(), targets, bias=bias.double(), temperature=0.7)
+    logp = token_logprobs(h, weight, targets, backend=backend, fold=True, **kw)
+    (logp.double() * upstream.to(dev)).sum().backward()
+    h64 = hidden.cpu().double().requires_grad_()
+    ref = token_logprobs_reference(h64, weight.cpu().double(), targets.cpu(), bias=bias.cpu().double(),
+                                   temperature=0.7)  # fmt: skip
     (ref * upstream).sum().backward()
-    torch.testing.assert_close(logp.double(), ref.detach(), atol=VALUE_ATOL[dtype], rtol=VALUE_ATOL[dtype])
+    tol = VALUE_ATOL[dtype]
+    torch.testing.assert_close(logp.double().cpu(), ref.detach(), atol=tol, rtol=tol)
     assert h.grad.dtype == dtype and rel_err(h.grad, h64.grad) <= GRAD_REL[dtype], rel_err(h.grad, h64.grad)
     assert (h.grad[targets == -100] == 0).all()
 
 
-def test_frozen_head_path_only_when_nothing_else_needs_the_logits():
-    from gopd_kernels.ops.token_logprobs import frozen_head_fast_path
-
-    assert frozen_head_fast_path("torch", (True, False, False), with_entropy=False)
-    assert not frozen_head_fast_path("torch", (True, False, False), with_entropy=True)  # entropy's grad
-    assert not frozen_head_fast_path("torch", (True, True, False), with_entropy=False)  # dW
-    assert not frozen_head_fast_path("torch", (True, False, True), with_entropy=False)  # db
-    assert not frozen_head_fast_path("triton", (True, False, False), with_entropy=False)
-
-
-def test_frozen_head_equals_the_recomputing_backward():
-    """Same inputs, fp32: the gather backward and the recomputing one agree to rounding."""
-    hidden, weight, bias, targets = make_inputs(64, 32, 1031, torch.float32, bias=False, seed=5)
-    g = torch.randn(64, generator=torch.Generator().manual_seed(6))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_fold_equals_the_recomputing_backward(backend, device):
+    """Same inputs, fp32: fold=True and fold=False agree to rounding."""
+    dev = _device(backend, device)
+    hidden, weight, _, targets = make_inputs(64, 32, 1031, torch.float32, dev, bias=False, seed=5)
+    g = torch.randn(64, generator=torch.Generator().manual_seed(6)).to(dev)
     grads = []
-    for w_grad in (False, True):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(w_grad)
-        (token_logprobs(h, w, targets, backend="torch") * g).sum().backward()
+    for fold in (True, False):
+        h = hidden.clone().requires_grad_()
+        (token_logprobs(h, weight, targets, backend=backend, fold=fold) * g).sum().backward()
         grads.append(h.grad)
     assert rel_err(grads[0], grads[1]) <= 1e-5
+
+
+def test_fold_policy(monkeypatch):
+    """Who folds: only a frozen head that wants a gradient, with no entropy; fold=None on the
+    torch backend, and on Triton only for bf16 with cuBLAS-style bf16 GEMMs."""
+    from gopd_kernels.ops import token_logprobs as op
+
+    h = torch.zeros(2, 4, requires_grad=True)
+    w, w_trained = torch.zeros(5, 4), torch.zeros(5, 4, requires_grad=True)
+    b_trained = torch.zeros(5, requires_grad=True)
+    assert op.folds_frozen_head(None, "torch", h, w, None, False)
+    assert op.folds_frozen_head(True, "triton", h, w, None, False)
+    assert not op.folds_frozen_head(False, "torch", h, w, None, False)
+    assert not op.folds_frozen_head(None, "torch", h, w_trained, None, False)  # dW wanted
+    assert not op.folds_frozen_head(None, "torch", h, w, b_trained, False)  # db wanted
+    assert not op.folds_frozen_head(None, "torch", h, w, None, True)  # the entropy's gradient
+    assert not op.folds_frozen_head(None, "torch", h.detach(), w, None, False)  # no gradient at all
+    with torch.no_grad():
+        assert not op.folds_frozen_head(True, "torch", h, w_trained, None, False)  # nothing to fold
+    assert not op.folds_frozen_head(None, "triton", h, w, None, False)  # fp32: 3xTF32 recompute
+    h16, w16 = h.detach().bfloat16().requires_grad_(), w.bfloat16()
+    monkeypatch.setattr(op, "bf16_gemm_mode", lambda device: None)
+    assert not op.folds_frozen_head(None, "triton", h16, w16, None, False)  # no bf16 -> fp32 GEMM
+    monkeypatch.setattr(op, "bf16_gemm_mode", lambda device: "addmm")
+    assert op.folds_frozen_head(None, "triton", h16, w16, None, False)
+    for bad, why in (((True, "torch", h, w_trained, None, False), "frozen head"),
+                     ((True, "torch", h, w, b_trained, False), "frozen head"),
+                     ((True, "torch", h, w, None, True), "return_entropy=False"),
+                     (("yes", "torch", h, w, None, False), "fold must be")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            op.folds_frozen_head(*bad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,62 @@
+"""token_logprobs with a frozen head: each row's gradient direction, from full-vocabulary rows.
+
+When only the hidden states want a gradient (a frozen LM head, LoRA) and no entropy is
+returned, the gradient of s_t = log softmax(z_t)[y_t], z_t = (h_t W^T + b) / tau, is
+
+    ds_t/dh_t = (W_y - E_p[W]) / tau = sum_v (1[v = y_t] - p_tv) / tau W_v      (x_t, [D])
+
+and does not depend on the upstream gradient g_t: the backward is dh_t = g_t x_t, a
+scaling with no logits and no GEMM. Each chunk of rows takes its fp32 logits (one GEMM),
+the row passes of a fold_rows module (log-softmax, then dz = c (1[v = y] - p) with
+c = 1 / tau, in the GEMM operand's dtype), and x = dz W (a second GEMM): 2 GEMMs of 2NDV
+FLOP in all, as autograd through materialised logits does (forward and dH), where the
+recomputing backward takes 3.
+
+This is the GPU's way (cuBLAS GEMMs and fold_rows_triton's two fused passes, as in
+gopd_loss's fold). The torch backend computes the same x in tiles instead, with an online
+E_p[W] over vocabulary chunks (linear_logsoftmax_torch.frozen_head_forward), leaner and
+faster on CPUs: at N = 2048, D = 1024, V = 151936, fp32 (Intel VM, 3 calls each) this
+module with fold_rows_torch took 3.73-3.80 s, the tiles 3.05-3.22 s (the recomputing
+backward 4.64-4.78 s).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gopd_kernels.ops.folded_loss_torch import fold_rows
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    inv_temp: float,
+    ws_bytes: int,
+    rows_impl,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [M, D], weight [V, D], bias [V] | None, targets [M] valid ids ->
+    (s [M], x = ds/dh [M, D]), both in the compute dtype; rows_impl: fold_rows_torch or _triton."""
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    acc = compute_dtype(hidden.dtype)
+    h, w = operand(hidden), operand(weight)
+    b = None if bias is None else bias.to(acc) * inv_temp
+    chunk = fold_rows(ws_bytes, rows, vocab, acc)
+    buf = torch.empty(min(chunk, rows) * vocab, dtype=acc, device=hidden.device)
+    s = torch.empty(rows, dtype=acc, device=hidden.device)
+    x = torch.empty(rows, dim, dtype=acc, device=hidden.device)
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        y = targets[r0:r1]
+        z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
+        if b is not None:
+            z.add_(b)
+        s[r0:r1], state = rows_impl.log_softmax(z, y)
+        c = torch.full((r1 - r0,), inv_temp, dtype=acc, device=hidden.device)
+        dz = rows_impl.logit_grads(z, y, state, c, w.dtype)  # (1[v = y] - p) / tau, a GEMM operand
+        mm_into(x[r0:r1], dz, w)
+        del dz  # before the next chunk's is made
+    return s, x
