@@ -23,6 +23,7 @@ A peer that cannot run somewhere says why (``Impl.unavailable``) and is left out
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,6 +190,18 @@ def _cce_gopd_loss(x: dict) -> torch.Tensor:
     return -(adv * torch.exp(s - s.detach())).mean()
 
 
+def _static_shapes(x: dict):
+    """For Liger's torch.compile'd chunk losses on CUDA: compile each chunk shape as it is. On
+    the H100 (torch 2.11) the GRPO loss, compiled at the 67-token check and then at N = 16384,
+    recompiled with dynamic shapes and raised InternalTorchDynamoError (IndexError creating a
+    shape guard, can_use_32bit_indexing); static shapes avoid that path (not yet rerun on the
+    GPU). CPUs keep the default: there each round is a fresh process whose warm-up shapes
+    make the graph dynamic, so that the timed shape does not compile again."""
+    if x["device"] != "cuda":
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+
+
 def _liger_gopd_loss(x: dict) -> torch.Tensor:
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -198,9 +211,10 @@ def _liger_gopd_loss(x: dict) -> torch.Tensor:
     adv = gk.gopd_advantage(x["old_logp"], x["teacher_logp"], x["ref_logp"], lam=LAM)
     loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", chunk_size=1024,
                                        compiled=True)  # fmt: skip
-    out = loss_fn(x["h"].unsqueeze(1), x["w"], x["targets"].unsqueeze(1),
-                  torch.ones(n, 1, dtype=torch.long, device=x["h"].device), adv,
-                  old_per_token_logps=x["old_logp"].unsqueeze(1))  # fmt: skip
+    with _static_shapes(x):
+        out = loss_fn(x["h"].unsqueeze(1), x["w"], x["targets"].unsqueeze(1),
+                      torch.ones(n, 1, dtype=torch.long, device=x["h"].device), adv,
+                      old_per_token_logps=x["old_logp"].unsqueeze(1))  # fmt: skip
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -235,7 +249,8 @@ def _liger_dense(x: dict) -> torch.Tensor:
 
     # beta = 1 is KL(student || teacher); no hard (cross-entropy) term
     loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0, compiled=True)
-    return loss_fn(x["h"], x["w"], *x["teacher"], x["targets"])
+    with _static_shapes(x):
+        return loss_fn(x["h"], x["w"], *x["teacher"], x["targets"])
 
 
 def _dense_impls() -> dict[str, Impl]:

@@ -131,3 +131,14 @@ def test_a_peer_failing_at_the_timed_shape_is_recorded_as_skipped(monkeypatch):
     assert "vs_naive" in rec["impls"]["naive"]
     assert [r["impl"] for r in summarize(rec)] == ["naive"]
     assert "- gopd: not run, failed at this shape" in markdown(rec)
+
+
+def test_liger_compiles_static_shapes_on_cuda_only():
+    """The workaround for Liger's dynamic-shape recompile failure on the H100 applies to CUDA
+    runs, and CPU runs keep torch's default (their warm-up makes the graph dynamic)."""
+    default = torch._dynamo.config.automatic_dynamic_shapes
+    with bops._static_shapes({"device": "cuda"}):
+        assert torch._dynamo.config.automatic_dynamic_shapes is False
+    with bops._static_shapes({"device": "cpu"}):
+        assert torch._dynamo.config.automatic_dynamic_shapes is default
+    assert torch._dynamo.config.automatic_dynamic_shapes is default
