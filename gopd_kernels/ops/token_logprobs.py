@@ -45,15 +45,17 @@ def folds_frozen_head(
     """
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
-    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    wants_grad = torch.is_grad_enabled() and hidden.requires_grad
-    if fold and wants_grad and (not frozen or with_entropy):
+    head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not torch.is_grad_enabled() or not (hidden.requires_grad or head_grad):
+        return False  # no gradient wanted: nothing to fold
+    can_fold = hidden.requires_grad and not head_grad and not with_entropy
+    if fold and not can_fold:
         raise ValueError(
-            "fold=True needs a frozen head: only hidden may require a gradient (not weight or bias), "
-            "and return_entropy=False; a trained head's gradient depends on the upstream gradient, "
-            "so its logits are recomputed in the backward"
+            "fold=True needs a frozen head: hidden requires a gradient, weight and bias do not, and "
+            "return_entropy=False; a trained head's gradient depends on the upstream gradient, so its "
+            "logits are recomputed in the backward"
         )
-    if fold is False or not (wants_grad and frozen and not with_entropy):
+    if fold is False or not can_fold:
         return False
     if fold:
         return True

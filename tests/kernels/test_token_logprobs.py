@@ -281,6 +281,7 @@ def test_fold_policy(monkeypatch):
     monkeypatch.setattr(op, "bf16_gemm_mode", lambda device: "addmm")
     assert op.folds_frozen_head(None, "triton", h16, w16, None, False)
     for bad, why in (((True, "torch", h, w_trained, None, False), "frozen head"),
+                     ((True, "torch", h.detach(), w_trained, None, False), "frozen head"),  # dW only
                      ((True, "torch", h, w, b_trained, False), "frozen head"),
                      ((True, "torch", h, w, None, True), "return_entropy=False"),
                      (("yes", "torch", h, w, None, False), "fold must be")):  # fmt: skip
