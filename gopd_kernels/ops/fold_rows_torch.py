@@ -2,9 +2,10 @@
 
 Same contract as fold_rows_triton: log_softmax(z, y) -> (s, state), then
 logit_grads(z, y, state, c, dtype) -> dz; lse(z, scratch) and dense_kl(...) for the dense
-fold. Here they work in place on the fp32 tiles (after log_softmax, z holds exp(z - max)
-and state is its row sums; lse leaves exp(z - max) in scratch; dense_kl overwrites all its
-tiles), and dz is cast to `dtype`, the GEMM operand's, at the end.
+fold. Both consume z in logit_grads. Here they work in place on the fp32 tiles (after
+log_softmax, z holds exp(z - max) and state is its row sums; lse leaves exp(z - max) in
+scratch; dense_kl overwrites all its tiles), and dz is cast to `dtype`, the GEMM
+operand's, at the end.
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@ with c_t = dL/ds_t from the loss. In PyTorch that is some ten passes over the fp
 (an online maximum per lane) and one read plus a bf16 write for dz, which the two
 gradient GEMMs then take as their operand. One program per row; no tensor cores.
 
+dz is written over z, which the fold no longer needs: row t's dz takes the first bytes of
+row t's fp32 logits (a row stride of 2V bf16 elements), so no second [rows, V] buffer is
+allocated (0.6 GB at 2048 rows of V = 151936). Going left to right, the block of dz stored
+at step k covers fp32 columns below (k + 1) BLOCK_V / 2, all read by step k; a barrier
+between each step's read and its store keeps a warp from overwriting columns that another
+warp of the program has not read yet.
+
 The dense fold (folded_dense_kl_torch; the symbols of dense_kl_torch: a = z_s / tau,
 c = (lam z_T + (1 - lam) z_R) / tau) needs lse(c) (and lse(z_T) for the KL to the
 teacher), then per row, from one read of a and c (row_dense_kl),
@@ -65,6 +72,7 @@ def row_log_softmax_kernel(
 def row_logit_grads_kernel(
     z_ptr, y_ptr, lse_ptr, c_ptr, dz_ptr, V, stride_zm, stride_dzm, BLOCK_V: tl.constexpr
 ):
+    """dz = c (1[v = y] - exp(z - lse)), over z's own row (dz_ptr: z_ptr; module doc)."""
     row = tl.program_id(0)
     z_row = z_ptr + row.to(tl.int64) * stride_zm
     dz_row = dz_ptr + row.to(tl.int64) * stride_dzm
@@ -76,6 +84,7 @@ def row_logit_grads_kernel(
         v = v0 + cols
         z = tl.load(z_row + v, mask=v < V, other=float("-inf"))
         dz = tl.where(v == y, c, 0.0) - c * tl.exp(z - lse)
+        tl.debug_barrier()  # every warp has read this block before any overwrites it
         tl.store(dz_row + v, dz.to(dz_ptr.dtype.element_ty), mask=v < V)
 
 
@@ -184,9 +193,11 @@ def lse(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
 def logit_grads(
     z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A new dz [rows, V] of `dtype` <- c (1[v = y] - exp(z - lse)); c [rows] fp32."""
+    """dz [rows, V] of `dtype` (fp32 or 16-bit) <- c (1[v = y] - exp(z - lse)); c [rows] fp32,
+    z fp32 with a unit column stride. Written over z, which is consumed (module doc): dz is
+    a view of z's memory, row t in the first bytes of z's row t."""
     rows, vocab = z.shape
-    dz = torch.empty(rows, vocab, dtype=dtype, device=z.device)
+    dz = z.view(dtype)[:, :vocab]
     if rows:
         row_logit_grads_kernel[(rows,)](
             z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), **_launch_config(vocab)

@@ -58,5 +58,5 @@ def forward(
         c = torch.full((r1 - r0,), inv_temp, dtype=acc, device=hidden.device)
         dz = rows_impl.logit_grads(z, y, state, c, w.dtype)  # (1[v = y] - p) / tau, a GEMM operand
         mm_into(x[r0:r1], dz, w)
-        del dz  # before the next chunk's is made
+        del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
     return s, x

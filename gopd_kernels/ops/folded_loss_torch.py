@@ -122,7 +122,7 @@ class FoldedTokenLoss(torch.autograd.Function):
                 mm_into(dh[r0:r1], dz, w)
             if dw is not None:
                 add_head_grad(dw, dz, h[r0:r1], rows_impl)
-            del dz  # before the next chunk's is made
+            del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
         del buf  # before dH and dW are cast: the logits tile is the largest buffer
         save_folded_grads(ctx, dh, dw, hidden, weight)
         ctx.mark_non_differentiable(logp)

@@ -125,7 +125,7 @@ def test_frozen_head_takes_the_frozen_head_path_not_the_fold(tiny_chunks, monkey
 def test_row_passes_match_torch(v, device, narrow_row_blocks):
     """fold_rows_triton against fold_rows_torch's in-place ops, on rows whose logits span
     ~100 nats and climb along the row (the running maximum moves from block to block), and
-    targets at both ends of the vocabulary; dz in bf16 and fp32."""
+    targets at both ends of the vocabulary; dz in bf16 and fp32, written over z's rows."""
     from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
 
     g = torch.Generator().manual_seed(v)
@@ -141,9 +141,33 @@ def test_row_passes_match_torch(v, device, narrow_row_blocks):
     torch.testing.assert_close(s.double().cpu(), want_s, atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(lse.double().cpu(), torch.logsumexp(z, 1), atol=1e-4, rtol=1e-6)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):  # fp32 z near 1000: ulp 6e-5
-        dz = fold_rows_triton.logit_grads(zf, y.to(device), lse, c.float().to(device), dtype)
+        z_consumed = zf.clone()
+        dz = fold_rows_triton.logit_grads(z_consumed, y.to(device), lse, c.float().to(device), dtype)
         assert dz.dtype == dtype and dz.shape == (5, v)
+        assert dz.data_ptr() == z_consumed.data_ptr()  # no second [rows, V] buffer
         torch.testing.assert_close(dz.double().cpu(), want_dz, atol=tol * c.abs().max().item(), rtol=0)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("pad", [0, 5], ids=["packed_rows", "padded_rows"])
+def test_logit_grads_over_z_with_the_default_block(pad, device):
+    """The shipped 2048-column block over 8 warps (on a GPU, the warps the barrier orders),
+    3 blocks a row: dz written over z's rows, packed or with a longer row stride, matches
+    the materialised formula in bf16."""
+    from gopd_kernels.ops import fold_rows_triton
+
+    v = 4099
+    g = torch.Generator().manual_seed(11)
+    z = (torch.randn(7, v, generator=g) * 4).to(device)
+    y = torch.randint(0, v, (7,), generator=g).to(device)
+    c = torch.randn(7, generator=g).to(device)
+    lse = torch.logsumexp(z, 1)
+    want = c[:, None] * (torch.nn.functional.one_hot(y, v) - torch.softmax(z, 1))
+    z_in = torch.full((7, v + pad), float("nan"), device=device)[:, :v]
+    z_in.copy_(z)
+    dz = fold_rows_triton.logit_grads(z_in, y, lse, c, torch.bfloat16)
+    assert dz.data_ptr() == z_in.data_ptr() and dz.stride() == (2 * (v + pad), 1)
+    torch.testing.assert_close(dz.float(), want, atol=1e-2 * c.abs().max().item(), rtol=0)
 
 
 @pytest.mark.triton
