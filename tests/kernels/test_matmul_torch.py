@@ -155,12 +155,25 @@ def test_frozen_head_native_bf16(native_gemms, monkeypatch, backend, device, nar
     assert set(native_gemms) == {(torch.bfloat16, torch.bfloat16)}
 
 
-def test_folded_gopd_loss_native_bf16(native_gemms, monkeypatch):
-    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))  # chunks of 3 rows
+@pytest.mark.parametrize(
+    "backend, chunk_rows",
+    [("torch", 3), pytest.param("triton", 3, marks=pytest.mark.triton),
+     pytest.param("triton", 24, marks=pytest.mark.triton)],  # 24: one chunk, dW straight to bf16
+    ids=["torch", "triton", "triton-one-chunk"],
+)  # fmt: skip
+def test_folded_gopd_loss_native_bf16(native_gemms, monkeypatch, backend, chunk_rows, device):
+    """The fold's default for bf16 where GEMMs give fp32 results: on Triton the row passes
+    write a bf16 dZ over each chunk's logits, which the GEMMs then read with a row stride of
+    2V."""
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(chunk_rows * 211 * 4 / 2**20))
     data = batch(b=3, t=8, d=17, v=211, seed=5)
     data["ref_used"] = data["ref"]
-    loss, dh, dw, _ = run_loss(lambda *a, **k: gopd_loss(*a, backend="torch", **k), data, torch.bfloat16,
+    if backend == "triton":
+        data = {k: v.to(device) for k, v in data.items()}
+    loss, dh, dw, _ = run_loss(lambda *a, **k: gopd_loss(*a, backend=backend, **k), data, torch.bfloat16,
                                lam=1.25, temperature=0.8)  # fmt: skip
+    data = {k: v.cpu() for k, v in data.items()}
+    loss, dh, dw = loss.cpu(), dh.cpu(), dw.cpu()
     data64 = {**data, "hidden": data["hidden"].bfloat16(), "weight": data["weight"].bfloat16()}
     ref_loss, ref_dh, ref_dw, _ = run_loss(
         gopd_loss_reference, data64, torch.float64, lam=1.25, temperature=0.8
