@@ -11,12 +11,12 @@ with c_t = dL/ds_t from the loss. In PyTorch that is some ten passes over the fp
 (an online maximum per lane) and one read plus a bf16 write for dz, which the two
 gradient GEMMs then take as their operand. One program per row; no tensor cores.
 
-dz is written over z, which the fold no longer needs: row t's dz takes the first bytes of
-row t's fp32 logits (a row stride of 2V bf16 elements), so no second [rows, V] buffer is
-allocated (0.6 GB at 2048 rows of V = 151936). Going left to right, the block of dz stored
-at step k covers fp32 columns below (k + 1) BLOCK_V / 2, all read by step k; a barrier
-between each step's read and its store keeps a warp from overwriting columns that another
-warp of the program has not read yet.
+dz is written over z (over a in the dense fold), which the fold no longer needs: row t's
+dz takes the first bytes of row t's fp32 logits (a row stride of 2V bf16 elements), so no
+second [rows, V] buffer is allocated (0.6 GB at 2048 rows of V = 151936). Going left to
+right, the block of dz stored at step k covers fp32 columns below (k + 1) BLOCK_V / 2, all
+read by step k; a barrier between each step's read and its store keeps a warp from
+overwriting columns that another warp of the program has not read yet.
 
 The dense fold (folded_dense_kl_torch; the symbols of dense_kl_torch: a = z_s / tau,
 c = (lam z_T + (1 - lam) z_R) / tau) needs lse(c) (and lse(z_T) for the KL to the
@@ -143,7 +143,8 @@ def row_dense_kl_kernel(
 def row_dense_grads_kernel(
     a_ptr, c_ptr, lse_a_ptr, u_ptr, coef_ptr, dz_ptr, V, stride_zm, stride_dzm, BLOCK_V: tl.constexpr
 ):
-    """dz = coef p_s (a - c - u), p_s = exp(a - lse(a)): the dense loss's gradient on a."""
+    """dz = coef p_s (a - c - u), p_s = exp(a - lse(a)): the dense loss's gradient on a,
+    written over a's own row as row_logit_grads_kernel's over z."""
     row = tl.program_id(0)
     off = row.to(tl.int64) * stride_zm
     dz_row = dz_ptr + row.to(tl.int64) * stride_dzm
@@ -156,6 +157,7 @@ def row_dense_grads_kernel(
         a = tl.load(a_ptr + off + v0 + cols, mask=ok, other=0.0)
         c = tl.load(c_ptr + off + v0 + cols, mask=ok, other=0.0)
         dz = coef * tl.exp(a - lse_a) * (a - c - u)
+        tl.debug_barrier()  # every warp has read this block of a before any overwrites it
         tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
 
@@ -215,8 +217,9 @@ def dense_kl(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The dense fold's rows: (KL(p_s || q), KL(p_s || p_T) when z_t is given, and, when coef
-    [rows] is, a new dz of `dtype` = coef p_s (a - c - E_ps[a - c])) from fp32 tiles a, c,
-    z_t [rows, V] (left as they are) and the log-sum-exps of c and z_t."""
+    [rows] is, dz of `dtype` = coef p_s (a - c - E_ps[a - c])) from fp32 tiles a, c, z_t
+    [rows, V] (unit column strides) and the log-sum-exps of c and z_t. dz is written over a
+    (consumed, as z in logit_grads); c and z_t are left as they are."""
     rows, vocab = a.shape
     f32 = dict(dtype=torch.float32, device=a.device)
     kl, lse_a, u = (torch.empty(rows, **f32) for _ in range(3))
@@ -229,7 +232,7 @@ def dense_kl(
         )  # fmt: skip
     if coef is None:
         return kl, kl_t, None
-    dz = torch.empty(rows, vocab, dtype=dtype, device=a.device)
+    dz = a.view(dtype)[:, :vocab]
     if rows:
         row_dense_grads_kernel[(rows,)](
             a, c, lse_a, u, coef, dz, vocab, a.stride(0), dz.stride(0), **_launch_config(vocab)

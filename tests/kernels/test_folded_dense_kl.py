@@ -127,6 +127,11 @@ def test_dense_row_passes_match_torch(v, teacher, device, narrow_row_blocks):
     if teacher:
         torch.testing.assert_close(got[1].double().cpu(), want[1], atol=1e-3, rtol=1e-4)
     assert rel_err(got[2], want[2]) < 1e-4
+    a_consumed = to(a)  # a bf16 dz is written over a's rows, as an fp32 one
+    dz16 = fold_rows_triton.dense_kl(a_consumed, to(c), None, to(lse_c), None, to(coef), torch.bfloat16)[2]
+    assert dz16.data_ptr() == a_consumed.data_ptr() and dz16.stride(0) == 2 * v
+    want16 = fold_rows_torch.dense_kl(a.clone(), c.clone(), None, lse_c, None, coef, torch.float64)[2]
+    assert rel_err(dz16, want16) < 1e-2
     assert fold_rows_triton.dense_kl(to(a), to(c), None, to(lse_c), None, None, torch.float32)[2] is None
 
 
