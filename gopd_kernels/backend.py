@@ -39,6 +39,13 @@ TRITON_MIN_WORKSPACE_BYTES = 64 << 20
 BACKWARD_GEMMS = ("triton", "torch")
 DEFAULT_BACKWARD_GEMM = "triton"
 
+# Who builds the Triton backend's token_logprobs logit tiles (its forward and its backward's
+# recompute): "triton" (the fused kernels, vocab_partials_kernel and logits_grad_kernel, which
+# never write an fp32 tile) or "torch" (torch's GEMMs, cuBLAS on CUDA, into fp32 tiles inside
+# the workspace, then fold_rows_triton's row passes over them). GOPD_LOGITS_GEMM overrides.
+LOGITS_GEMMS = ("triton", "torch")
+DEFAULT_LOGITS_GEMM = "triton"
+
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -94,8 +101,16 @@ def workspace_bytes(backend: str, weight: torch.Tensor, default: int | None = No
 
 def backward_gemm() -> str:
     """The backward GEMMs' runner, "triton" or "torch": GOPD_BACKWARD_GEMM, else the default."""
-    choice = os.environ.get("GOPD_BACKWARD_GEMM", DEFAULT_BACKWARD_GEMM)
-    return check_choice(choice, BACKWARD_GEMMS, "GOPD_BACKWARD_GEMM")
+    return _env_choice("GOPD_BACKWARD_GEMM", BACKWARD_GEMMS, DEFAULT_BACKWARD_GEMM)
+
+
+def logits_gemm() -> str:
+    """Who builds token_logprobs' logit tiles on the Triton backend: GOPD_LOGITS_GEMM, else the default."""
+    return _env_choice("GOPD_LOGITS_GEMM", LOGITS_GEMMS, DEFAULT_LOGITS_GEMM)
+
+
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    return check_choice(os.environ.get(name, default), choices, name)
 
 
 @functools.cache

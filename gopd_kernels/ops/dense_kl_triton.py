@@ -240,6 +240,7 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
             DOT_PRECISION=DOT_PRECISION[hs.dtype],
             GROUP_M=GROUP_M,
         )  # fmt: skip
+        return dz
 
     dh, dw, _ = grads_from_logit_grads(
         hs, ws, (needs[0], needs[1], False), workspace_bytes, write_logit_grads

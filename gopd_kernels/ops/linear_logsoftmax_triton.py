@@ -12,6 +12,14 @@ a vocabulary slice, each (row tile, vocab tile) program recomputes z and writes 
 fp16 would underflow small gradients); then dW[slice] = dZ^T @ H and dH += dZ @ W[slice]
 run on tensor cores with fp32 accumulators (`matmul_triton`). The workspace is no larger
 than the weight: memory stays O(N*D + V*D).
+
+GOPD_LOGITS_GEMM=torch builds the same tiles another way, for logp without the entropy:
+torch's GEMMs (cuBLAS on CUDA: bf16 operands, fp32 results) write fp32 logit tiles of the
+backward's shape into the workspace, and fold_rows_triton's row passes read them: each
+tile's log-sum-exp in the forward (merged over the slices), dL/dz written over the tile in
+the backward. One more write and read of the fp32 tile per GEMM, against GEMMs at cuBLAS's
+rate instead of the fused kernels' (their epilogue, exp and the online softmax, shares the
+SMs with the tensor cores).
 """
 
 from __future__ import annotations
@@ -20,7 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.backend import backward_gemm
+from gopd_kernels.backend import backward_gemm, logits_gemm, warn_once
+from gopd_kernels.ops import fold_rows_triton
+from gopd_kernels.ops.linear_logsoftmax_torch import _logits_tile
+from gopd_kernels.ops.matmul_torch import operand
 from gopd_kernels.ops.matmul_triton import gradient_gemm
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
@@ -305,8 +316,54 @@ def forward_models(models: list[LinearModel], targets, inv_temp, with_entropy):
 
 
 def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_bytes):
-    """Same contract as linear_logsoftmax_torch.forward; no workspace needed."""
+    """Same contract as linear_logsoftmax_torch.forward; the fused kernels need no workspace."""
+    if torch_logits(with_entropy):
+        return _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_bytes)
     return forward_models([(hidden, weight, bias)], targets, inv_temp, with_entropy)[0]
+
+
+def torch_logits(with_entropy: bool) -> bool:
+    """Whether token_logprobs' tiles come from torch's GEMMs (GOPD_LOGITS_GEMM=torch, module
+    doc). Not with the entropy, which only the fused kernels keep: said once in a log line."""
+    if logits_gemm() != "torch":
+        return False
+    if with_entropy:
+        warn_once("GOPD_LOGITS_GEMM=torch: token_logprobs with the entropy runs the fused Triton kernels")
+        return False
+    return True
+
+
+def _logit_tiles(hidden, weight, bias, inv_temp, workspace_bytes):
+    """Yield (rows, cols, z): fp32 logit tiles z = (H[rows] W[cols]^T + b[cols]) / tau of the
+    backward's shape (backward_tiles), one buffer reused, each made by torch's GEMM."""
+    M, D = hidden.shape
+    V = weight.shape[0]
+    row_chunk, cols = backward_tiles(M, V, D, torch.float32, workspace_bytes)
+    buf = torch.empty(row_chunk * cols, dtype=torch.float32, device=hidden.device)
+    h = operand(hidden)
+    for r0 in range(0, M, row_chunk):
+        r1 = min(r0 + row_chunk, M)
+        for v0 in range(0, V, cols):
+            v1 = min(v0 + cols, V)
+            b = None if bias is None else bias[v0:v1].float() * inv_temp
+            z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            yield slice(r0, r1), slice(v0, v1), _logits_tile(z, h[r0:r1], operand(weight[v0:v1]), inv_temp, b)
+
+
+def _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_bytes):
+    """(logp, lse, None): each tile's log-sum-exp by the row pass, merged over the slices; the
+    target logit gathered from the tile that holds it (no host sync)."""
+    M = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    lse = torch.full((M,), float("-inf"), **f32)
+    z_y = torch.zeros(M, **f32)
+    for rows, cols, z in _logit_tiles(hidden, weight, bias, inv_temp, workspace_bytes):
+        torch.logaddexp(lse[rows], fold_rows_triton.lse(z), out=lse[rows])
+        y = targets[rows] - cols.start
+        inside = (y >= 0) & (y < z.shape[1])
+        picked = z.gather(1, y.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        z_y[rows] = torch.where(inside, picked, z_y[rows])
+    return z_y - lse, lse, None
 
 
 def logit_grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -335,14 +392,15 @@ def backward_tiles(
     return row_chunk, triton.cdiv(width, 128) * 128
 
 
-def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads):
+def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype=None):
     """The backward's second half, shared by every loss over a linear head.
 
     The logit gradient dZ [N, V] is formed tile by tile, a tile being a chunk of rows by a
     slice of the vocabulary (backward_tiles; at N = 16384, V = 151936 and a workspace of the
     weight's size: all rows by 5 slices of 30464 columns). For each tile,
-    write_logit_grads(rows, cols, dz) fills dz with dL/d(raw logits) of those rows and
-    columns; then
+    write_logit_grads(rows, cols, tile) returns dZ, dL/d(raw logits) of those rows and
+    columns: the workspace's tile (tile_dtype, default the dZ dtype of logit_grad_dtype)
+    filled, or a view of it; then
 
         dW[cols] = dZ^T @ H[rows]      one GEMM over all rows when they are one chunk
         dH[rows] += dZ @ W[cols]       summed over the slices in fp32 ([rows, D], small)
@@ -357,9 +415,9 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
     M, D = hidden.shape
     V = weight.shape[0]
     dev, f32 = hidden.device, torch.float32
-    dz_dtype = logit_grad_dtype(hidden.dtype)
-    row_chunk, cols = backward_tiles(M, V, D, dz_dtype, workspace_bytes)
-    dz = torch.empty(row_chunk, cols, dtype=dz_dtype, device=dev)
+    tile_dtype = tile_dtype or logit_grad_dtype(hidden.dtype)
+    row_chunk, cols = backward_tiles(M, V, D, tile_dtype, workspace_bytes)
+    tiles = torch.empty(row_chunk, cols, dtype=tile_dtype, device=dev)
     dh = torch.empty_like(hidden) if need_dh else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
@@ -378,8 +436,7 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
         r1 = min(r0 + row_chunk, M)
         for v0 in range(0, V, cols):
             v1 = min(v0 + cols, V)
-            dz_t = dz[: r1 - r0, : v1 - v0]
-            write_logit_grads(slice(r0, r1), slice(v0, v1), dz_t)
+            dz_t = write_logit_grads(slice(r0, r1), slice(v0, v1), tiles[: r1 - r0, : v1 - v0])
             if dh is not None:
                 out = dh[r0:r1] if dh_acc is None else dh_acc[: r1 - r0]
                 gradient_gemm(dz_t, weight[v0:v1], out, v0 > 0, runner)
@@ -404,15 +461,28 @@ def backward(
     """Same contract as linear_logsoftmax_torch.backward."""
     g_l = grad_logp.float() * inv_temp
     g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
+    # each kernel sees a vocabulary of the slice's columns: ids shift with it, and the ids
+    # outside it (negative or past its end) match no column
+    if entropy is None and torch_logits(False):
+        dz_dtype = logit_grad_dtype(hidden.dtype)
 
-    def write_logit_grads(rows, cols, dz):
-        r = lambda t: None if t is None else t[rows]
-        # the kernel sees a vocabulary of the slice's columns: ids shift with it, and the ids
-        # outside it (negative or past its end) match no column
-        logit_grads(r(hidden), weight[cols], None if bias is None else bias[cols], r(targets) - cols.start,
-                    r(lse), r(entropy), r(g_l), r(g_e), inv_temp, dz)  # fmt: skip
+        def write_logit_grads(rows, cols, tile):  # tile: fp32, torch's GEMM; dZ written over it
+            z = _logits_tile(tile, operand(hidden[rows]), operand(weight[cols]), inv_temp,
+                             None if bias is None else bias[cols].float() * inv_temp)  # fmt: skip
+            return fold_rows_triton.logit_grads(z, targets[rows] - cols.start, lse[rows], g_l[rows], dz_dtype)
 
-    dh, dw, db = grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads)
+        tile_dtype = torch.float32
+    else:
+
+        def write_logit_grads(rows, cols, dz):
+            r = lambda t: None if t is None else t[rows]
+            b = None if bias is None else bias[cols]
+            logit_grads(r(hidden), weight[cols], b, r(targets) - cols.start, r(lse), r(entropy), r(g_l),
+                        r(g_e), inv_temp, dz)  # fmt: skip
+            return dz
+
+        tile_dtype = None
+    dh, dw, db = grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype)
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 

@@ -70,7 +70,7 @@ def test_dw_and_dh_take_one_bf16_rounding_however_they_are_tiled(workspace, gemm
     assert (rows < n, cols < v) == regime  # each regime is what it says
 
     def write_logit_grads(r, c, dz):
-        dz.copy_(dz_all[r, c])
+        return dz.copy_(dz_all[r, c])
 
     dh, dw, db = grads_from_logit_grads(hidden, weight, (True, True, True), workspace, write_logit_grads)
     exact = dz_all.double()

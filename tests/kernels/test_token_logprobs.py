@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gopd_kernels import token_logprobs, token_logprobs_reference
-from gopd_kernels.backend import backward_gemm, warn_once
+from gopd_kernels.backend import backward_gemm, logits_gemm, warn_once
 from gopd_kernels.ops import matmul_triton
 from tests.kernels.helpers import (
     GRAD_REL,
@@ -129,6 +129,48 @@ def test_bad_backward_gemm_setting_names_it(monkeypatch):
     monkeypatch.setenv("GOPD_BACKWARD_GEMM", "cublas")
     with pytest.raises(ValueError, match="GOPD_BACKWARD_GEMM"):
         backward_gemm()
+    monkeypatch.setenv("GOPD_LOGITS_GEMM", "cublas")
+    with pytest.raises(ValueError, match="GOPD_LOGITS_GEMM"):
+        logits_gemm()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "workspace_mb, dtype, backward_gemm_runner",
+    [(None, torch.float32, "triton"), ("0.05", torch.float32, "triton"), ("0.05", torch.bfloat16, "triton"),
+     ("0.05", torch.bfloat16, "torch"), ("0.03", torch.bfloat16, "triton")],
+    ids=["fp32-one-tile", "fp32-slices", "bf16-slices", "bf16-slices-torch-backward", "bf16-row-chunks"],
+)  # fmt: skip
+def test_logits_by_torch_gemms(workspace_mb, dtype, backward_gemm_runner, device, monkeypatch):
+    """GOPD_LOGITS_GEMM=torch: the logit tiles by torch's GEMMs and the row passes over them, in
+    one tile, in vocabulary slices of 51 columns, and in tiles of 128 rows by 61 columns,
+    with a bias, a temperature, ignored positions and every gradient; the fused kernels
+    never run."""
+    from gopd_kernels.ops import linear_logsoftmax_triton as tri
+
+    def fused(*args, **kwargs):
+        raise AssertionError("a fused logits kernel ran under GOPD_LOGITS_GEMM=torch")
+
+    monkeypatch.setattr(tri, "forward_models", fused)
+    monkeypatch.setattr(tri, "logit_grads", fused)
+    monkeypatch.setenv("GOPD_LOGITS_GEMM", "torch")
+    monkeypatch.setenv("GOPD_BACKWARD_GEMM", backward_gemm_runner)
+    if workspace_mb:
+        monkeypatch.setenv("GOPD_WORKSPACE_MB", workspace_mb)
+    for n, d, v in ((1, 16, 5), (130, 64, 1031)):
+        check_against_reference(
+            "triton", device, n, d, v, dtype, temperature=0.7, entropy=False, bias=True, ignore_frac=0.3
+        )
+
+
+@pytest.mark.triton
+def test_logits_by_torch_gemms_leave_the_entropy_to_the_fused_kernels(device, monkeypatch, caplog):
+    monkeypatch.setenv("GOPD_LOGITS_GEMM", "torch")
+    warn_once.cache_clear()
+    check_against_reference(
+        "triton", device, 7, 17, 97, torch.float32, temperature=1.0, entropy=True, bias=False, ignore_frac=0.0
+    )
+    assert "with the entropy runs the fused Triton kernels" in caplog.text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
