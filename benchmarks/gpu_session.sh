@@ -14,8 +14,8 @@
 # time (the present rule, the machine's start included) fits one call: run `first`.
 #   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (120 s),
 #                                          # gopd demo --quick, gopd_loss and token_logprobs at
-#                                          # N = 16384 bf16, gopd_loss's one-chunk fold at N = 2048
-#                                          # (~9 minutes)
+#                                          # N = 16384 bf16, token_logprobs' logits by cuBLAS
+#                                          # (GOPD_LOGITS_GEMM) against the fused kernels (~9 min)
 #   bash benchmarks/gpu_session.sh fold    # after `first` (~5 minutes): the folds not yet timed,
 #                                          # the dense losses' and the frozen head's, against
 #                                          # their recomputing backwards
@@ -23,6 +23,7 @@
 #                                          # for the backward's GEMMs, the autotune cache (~5.5 min;
 #                                          # ran in the second lease)
 #   bash benchmarks/gpu_session.sh stages  # token_logprobs stage by stage beside cuBLAS (75 s)
+#   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048 (100 s)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -38,7 +39,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|fold|gemm|stages|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh first|fold|gemm|stages|small|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -94,10 +95,15 @@ first)
             --op $op --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
             --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
     done
-    # rows that fit one fold chunk write a bf16 dW directly (no fp32 [V, D]): not yet timed
-    timeout --signal=INT 100 python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 --v 151936 \
-        --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce || status=1
+    # token_logprobs' logit tiles by cuBLAS + the row passes (GOPD_LOGITS_GEMM=torch) against
+    # the fused kernels, both with cuBLAS for dH and dW (140.5 ms in the second lease)
+    GOPD_BACKWARD_GEMM=torch timeout 70 python3 -m benchmarks.stages --n 16384 --d 4096 --v 151936 \
+        --dtype bfloat16 --sweep GOPD_LOGITS_GEMM=triton,torch --op token_logprobs --impls gopd || status=1
     (exit $status)
+    ;;
+small)  # rows that fit one fold chunk write a bf16 dW directly (no fp32 [V, D]): not yet timed
+    timeout --signal=INT 100 python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 --v 151936 \
+        --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce
     ;;
 stages)  # where token_logprobs' time goes, stage by stage, beside cuBLAS on the same GEMMs
     # (it re-tuned for ~30 s in 90 s before TRITON_CACHE_DIR was pinned; it prints as it goes now)
@@ -167,7 +173,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: first, fold, gemm, stages, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: first, fold, gemm, stages, small, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

@@ -49,7 +49,7 @@ from gopd_kernels.ops import linear_logsoftmax_triton as tri  # noqa: E402
 from gopd_kernels.ops.matmul_torch import mm_add, mm_into, operand  # noqa: E402
 from gopd_kernels.ops.matmul_triton import matmul  # noqa: E402
 
-SWEEPABLE = ("GOPD_WORKSPACE_MB", "GOPD_BACKWARD_GEMM")
+SWEEPABLE = ("GOPD_WORKSPACE_MB", "GOPD_BACKWARD_GEMM", "GOPD_LOGITS_GEMM")
 CHECK_ROWS = 256  # rows of the forward's log-sum-exp checked against torch (the rest would be N x V)
 
 
