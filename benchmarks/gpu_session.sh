@@ -23,7 +23,8 @@
 #                                          # for the backward's GEMMs, the autotune cache (~5.5 min;
 #                                          # ran in the second lease)
 #   bash benchmarks/gpu_session.sh stages  # token_logprobs stage by stage beside cuBLAS (75 s)
-#   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048 (100 s)
+#   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048, frozen scoring
+#                                          # with GOPD_LOGITS_GEMM swept (~3 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -101,9 +102,14 @@ first)
         --dtype bfloat16 --sweep GOPD_LOGITS_GEMM=triton,torch --op token_logprobs --impls gopd || status=1
     (exit $status)
     ;;
-small)  # rows that fit one fold chunk write a bf16 dW directly (no fp32 [V, D]): not yet timed
+small)  # not yet timed: rows that fit one fold chunk write a bf16 dW directly (no fp32 [V, D]);
+    # teacher + reference scoring with cuBLAS logits, one model after the other
+    status=0
     timeout --signal=INT 100 python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 --v 151936 \
-        --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce
+        --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce || status=1
+    timeout 70 python3 -m benchmarks.stages --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
+        --sweep GOPD_LOGITS_GEMM=triton,torch --op frozen_scoring --impls gopd || status=1
+    (exit $status)
     ;;
 stages)  # where token_logprobs' time goes, stage by stage, beside cuBLAS on the same GEMMs
     # (it re-tuned for ~30 s in 90 s before TRITON_CACHE_DIR was pinned; it prints as it goes now)

@@ -2,8 +2,8 @@
 
 Both come from their own final hidden states and LM heads, without gradient, in one pass:
 on the Triton backend one launch streams the teacher's and the reference's logit tiles
-side by side (sharing the targets and the vocabulary loop); on the torch backend the two
-chunked passes run one after the other.
+side by side (sharing the targets and the vocabulary loop); on the torch backend, and on
+the Triton one with GOPD_LOGITS_GEMM=torch, the two chunked passes run one after the other.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def _score(models, targets, inv_temp, backend) -> list[torch.Tensor]:
     if models[0][0].shape[0] == 0:
         return [models[0][0].new_zeros(0, dtype=torch.float32) for _ in models]
     impl = implementation("linear_logsoftmax", backend)
-    if backend == "triton":  # one launch for both models
+    if backend == "triton" and not impl.torch_logits(False):  # one launch for both models
         return [logp for logp, _, _ in impl.forward_models(models, targets, inv_temp, False)]
-    ws = workspace_bytes(backend, models[0][1])
-    return [impl.forward(h, w, b, targets, inv_temp, False, ws)[0] for h, w, b in models]
+    # the torch backend, or the Triton one with GOPD_LOGITS_GEMM=torch: one model after the other
+    return [
+        impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w))[0] for h, w, b in models
+    ]

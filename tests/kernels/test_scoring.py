@@ -23,9 +23,20 @@ def models(device, n=(2, 9), v=1031, dims=(24, 17), seed=0, dtype=torch.float32)
     return out, targets.to(device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "backend, logits_gemm",
+    [("torch", None), pytest.param("triton", None, marks=pytest.mark.triton),
+     pytest.param("triton", "torch", marks=pytest.mark.triton)],
+    ids=["torch", "triton", "triton-logits-by-torch"],
+)  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_teacher_and_reference_match_reference(backend, dtype, device):
+def test_teacher_and_reference_match_reference(backend, logits_gemm, dtype, device, monkeypatch):
+    """GOPD_LOGITS_GEMM=torch: each model's tiles by torch's GEMMs, not the two-model launch."""
+    if logits_gemm:
+        from gopd_kernels.ops import linear_logsoftmax_triton
+
+        monkeypatch.setenv("GOPD_LOGITS_GEMM", logits_gemm)
+        monkeypatch.setattr(linear_logsoftmax_triton, "forward_models", None)  # calling it fails
     dev = device if backend == "triton" else torch.device("cpu")
     (teacher, ref), targets = models(dev, dtype=dtype)
     student_logp = -torch.rand(targets.shape, device=dev)
