@@ -23,8 +23,8 @@ import torch
 from gopd_kernels.ops.linear_logsoftmax_torch import (
     TileWorkspace,
     _chunks,
-    _logits_tile,
     accumulate_head_grads,
+    logits_tile,
     tile_shape,
 )
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
@@ -76,7 +76,7 @@ def forward(
         for r0, r1 in _chunks(rows, row_chunk):
             (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            a = _logits_tile(tiles[0], hs, ws, inv_temp, None)
+            a = logits_tile(tiles[0], hs, ws, inv_temp, None)
             if with_teacher_kl:  # the teacher's own logits first, then c from them
                 zt = _target_tile(tiles[3], tch, None, 1.0, inv_temp)
                 mt[k, r0:r1], st[k, r0:r1] = _lse_partials(zt, tiles[2])
@@ -122,7 +122,7 @@ def backward(
         for r0, r1 in _chunks(rows, row_chunk):
             (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            log_p = _logits_tile(tiles[0], hs, ws, inv_temp, None, lse_a[r0:r1])
+            log_p = logits_tile(tiles[0], hs, ws, inv_temp, None, lse_a[r0:r1])
             log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])
             p = torch.exp(log_p, out=tiles[2])
             dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])

@@ -30,7 +30,7 @@ from gopd_kernels.ops.folded_loss_torch import (
     save_folded_grads,
     scale_saved_grads,
 )
-from gopd_kernels.ops.linear_logsoftmax_torch import _logits_tile
+from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
 
 # Rows per chunk (2 tiles) by who does the row work. torch, measured at N = 1024, D = 1024,
@@ -74,14 +74,14 @@ class FoldedDenseKL(torch.autograd.Function):
             # c (and z_T) first, with the tile of a as scratch for their log-sum-exps
             lse_t = None
             if with_teacher_kl:
-                lse_t = rows_impl.lse(_logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
+                lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
                 torch.mul(zt, lam, out=c)
                 if hr_ is not None:
                     mm_add(c, hr_[r0:r1], wr_.T, alpha=(1.0 - lam) * inv_temp)
             else:
                 _target_tile(c, (ht_[r0:r1], wt_), None if hr_ is None else (hr_[r0:r1], wr_), lam, inv_temp)
             lse_c = rows_impl.lse(c, a)
-            _logits_tile(a, hs_[r0:r1], ws_, inv_temp, None)
+            logits_tile(a, hs_[r0:r1], ws_, inv_temp, None)
             coef_rows = coef[r0:r1] if dh is not None or dw is not None else None  # None: no dz
             z_t = zt if with_teacher_kl else None
             kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)

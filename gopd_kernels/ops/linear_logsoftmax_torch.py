@@ -65,7 +65,7 @@ class TileWorkspace:
         return [self.tile(k, rows, cols) for k in range(self.buf.shape[0])]
 
 
-def _logits_tile(
+def logits_tile(
     out: torch.Tensor,
     h: torch.Tensor,
     w: torch.Tensor,
@@ -135,7 +135,7 @@ def forward(
         w = operand(weight[c0:c1])
         b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
         for r0, r1 in _chunks(rows, row_chunk):
-            z = _logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b)
+            z = logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b)
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             zy[k, r0 + sel] = z[sel, col]
             m_k = z.amax(dim=1)
@@ -203,7 +203,7 @@ def backward(
         w = operand(weight[c0:c1])
         b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
         for r0, r1 in _chunks(rows, row_chunk):
-            u = _logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, lse[r0:r1])  # log p
+            u = logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, lse[r0:r1])  # log p
             if g_e is None:
                 dz = u.exp_().mul_(-g_l[r0:r1, None])
             else:

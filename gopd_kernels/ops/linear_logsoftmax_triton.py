@@ -30,7 +30,7 @@ import triton.language as tl
 
 from gopd_kernels.backend import backward_gemm, logits_gemm, warn_once
 from gopd_kernels.ops import fold_rows_triton
-from gopd_kernels.ops.linear_logsoftmax_torch import _logits_tile
+from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile as torch_logits_tile
 from gopd_kernels.ops.matmul_torch import operand
 from gopd_kernels.ops.matmul_triton import gradient_gemm
 from gopd_kernels.ops.triton_common import (
@@ -347,7 +347,8 @@ def _logit_tiles(hidden, weight, bias, inv_temp, workspace_bytes):
             v1 = min(v0 + cols, V)
             b = None if bias is None else bias[v0:v1].float() * inv_temp
             z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            yield slice(r0, r1), slice(v0, v1), _logits_tile(z, h[r0:r1], operand(weight[v0:v1]), inv_temp, b)
+            torch_logits_tile(z, h[r0:r1], operand(weight[v0:v1]), inv_temp, b)
+            yield slice(r0, r1), slice(v0, v1), z
 
 
 def _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_bytes):
@@ -467,7 +468,7 @@ def backward(
         dz_dtype = logit_grad_dtype(hidden.dtype)
 
         def write_logit_grads(rows, cols, tile):  # tile: fp32, torch's GEMM; dZ written over it
-            z = _logits_tile(tile, operand(hidden[rows]), operand(weight[cols]), inv_temp,
+            z = torch_logits_tile(tile, operand(hidden[rows]), operand(weight[cols]), inv_temp,
                              None if bias is None else bias[cols].float() * inv_temp)  # fmt: skip
             return fold_rows_triton.logit_grads(z, targets[rows] - cols.start, lse[rows], g_l[rows], dz_dtype)
 
