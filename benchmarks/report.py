@@ -201,6 +201,11 @@ def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tup
 # --- one op at one shape: check, measure, compare --------------------------------------------
 
 
+def gopd_settings() -> dict[str, str]:
+    """The GOPD_* environment the run had (workspace, GEMM runners): what its gopd rows ran."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("GOPD_") and k != "GOPD_COMMIT"}
+
+
 def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, device: str) -> dict:
     op = bops.OPS[spec.op]
     dtype = getattr(torch, spec.dtype)
@@ -293,9 +298,12 @@ def markdown(record: dict) -> str:
         headers.insert(5, "of GEMM peak")
         for row, r in zip(rows, summary, strict=True):
             row.insert(5, f"{100 * r['of_peak']:.0f}%")
-    skipped = [f"- {n}: not run, {e['skipped']}" for n, e in record["impls"].items() if "skipped" in e]
+    notes = [f"- {n}: not run, {e['skipped']}" for n, e in record["impls"].items() if "skipped" in e]
+    settings = record.get("method", {}).get("settings")
+    if settings:
+        notes.append("- gopd ran with " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return "\n".join([f"### {s.op}, N={s.n} D={s.d} V={s.v} {s.dtype}", "", record["description"] + ".", "",
-                      markdown_table(headers, rows), *([""] + skipped if skipped else [])])  # fmt: skip
+                      markdown_table(headers, rows), *([""] + notes if notes else [])])  # fmt: skip
 
 
 def _series(records: list[dict], key: str) -> dict[tuple, list[dict]]:
@@ -449,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         if ceilings:
             record["ceilings"] = ceilings
         record["method"] = {"rounds": args.rounds, "repeats": args.repeats, "device": device,
-                            "commit": _commit()}  # fmt: skip
+                            "commit": _commit(), "settings": gopd_settings()}  # fmt: skip
         print(markdown(record), "\n", flush=True)
         if not args.no_save:
             folder.mkdir(parents=True, exist_ok=True)

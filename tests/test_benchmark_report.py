@@ -3,6 +3,7 @@ grouping for plots, and the float64 check every implementation passes before it 
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -131,6 +132,23 @@ def test_a_peer_failing_at_the_timed_shape_is_recorded_as_skipped(monkeypatch):
     assert "vs_naive" in rec["impls"]["naive"]
     assert [r["impl"] for r in summarize(rec)] == ["naive"]
     assert "- gopd: not run, failed at this shape" in markdown(rec)
+
+
+def test_records_say_which_gopd_settings_ran(monkeypatch):
+    """A report run under GOPD_* settings (a workspace, a GEMM runner) says so in its JSON and
+    its table; the commit override is not a setting."""
+    for k in [k for k in os.environ if k.startswith("GOPD_")]:
+        monkeypatch.delenv(k)
+    assert report.gopd_settings() == {}
+    monkeypatch.setenv("GOPD_LOGITS_GEMM", "torch")
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", "600")
+    monkeypatch.setenv("GOPD_COMMIT", "abc1234")
+    settings = report.gopd_settings()
+    assert settings == {"GOPD_LOGITS_GEMM": "torch", "GOPD_WORKSPACE_MB": "600"}
+    rec = {"spec": {"op": "token_logprobs", "n": 8, "d": 8, "v": 31, "dtype": "float32"}, "description": "x",
+           "flops": 1, "impls": {}, "method": {"settings": settings}}  # fmt: skip
+    monkeypatch.setattr(report, "summarize", lambda record: [])
+    assert "- gopd ran with GOPD_LOGITS_GEMM=torch, GOPD_WORKSPACE_MB=600" in markdown(rec)
 
 
 def test_liger_compiles_static_shapes_on_cuda_only():
