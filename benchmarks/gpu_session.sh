@@ -72,10 +72,11 @@ print('torch backend bf16 GEMMs:', m(torch.device('cuda', 0)))"  # addmm, mm or 
     python3 -m benchmarks.ceilings || return 1
     # conftest runs the Triton tests compiled, on CUDA tensors, when a GPU is there; the
     # cuda tests check the torch backend's bf16 cuBLAS GEMMs (matmul_torch)
-    # xdist (in the GPU image) spreads the autotuner's compiles over the CPU cores. The time
-    # limit has cut every run so far: the files whose paths never ran on a GPU go first
-    # (the folds: token_logprobs' frozen head, the dense fold; every autotuner config pinned
-    # and checked), pytest drops the repeats.
+    # xdist (in the GPU image) spreads the compiles over the CPU cores. The time limit has
+    # cut every run so far; the tests now compile one config per autotuned kernel
+    # (tests/conftest.py) besides the pinned runs of every config, and the files whose paths
+    # never ran on a GPU go first (the folds: token_logprobs' frozen head, the dense fold;
+    # the configs). pytest drops the repeats.
     local workers=""; python3 -c "import xdist" 2>/dev/null && workers="-n 16"
     timeout "$1" python3 -m pytest -q $workers -m "triton or cuda" tests/kernels/test_token_logprobs.py \
         tests/kernels/test_launch_configs.py tests/kernels/test_folded_dense_kl.py \

@@ -24,6 +24,23 @@ def device() -> torch.device:
     return torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def one_config_per_autotuner(request, monkeypatch):
+    """On a GPU each autotuned kernel runs one config in the tests, the last it lists (the
+    narrowest, which fits every device and dtype), instead of compiling and timing them all
+    at every new key: the autotuner checks none of the outputs it times, so tuning adds no
+    checking, only compile time (it cut every GPU test run of the first two leases).
+    tests/kernels/test_launch_configs.py pins and checks every config; tests marked
+    `autotune` keep the autotuner itself. The interpreter runs one config anyway."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or request.node.get_closest_marker("autotune"):
+        return
+    from tests.kernels.helpers import autotuned_kernels
+
+    for tuned in autotuned_kernels().values():
+        monkeypatch.setattr(tuned, "configs", tuned.configs[-1:])
+        monkeypatch.setattr(tuned, "cache", {})
+
+
 @pytest.fixture
 def narrow_row_blocks(monkeypatch):
     """The folded losses' Triton row passes in 16-column steps, so that test vocabularies take

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import torch
 
 from gopd_kernels import token_logprobs_reference
@@ -44,3 +47,17 @@ def reference_with_grads(hidden, weight, bias, targets, upstream, **kw):
     to64 = lambda t: None if t is None else t.detach().cpu().double()
     fn = lambda h, w, b: token_logprobs_reference(h, w, targets.cpu(), bias=b, **kw)
     return run_with_grads(fn, to64(hidden), to64(weight), to64(bias), upstream)
+
+
+def autotuned_kernels() -> dict:
+    """Every triton.autotune wrapper in gopd_kernels' Triton modules, by name."""
+    from triton.runtime.autotuner import Autotuner
+
+    from gopd_kernels import ops
+
+    found = {}
+    for info in pkgutil.iter_modules(ops.__path__):
+        if info.name.endswith("_triton"):
+            module = importlib.import_module(f"gopd_kernels.ops.{info.name}")
+            found.update({name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)})
+    return found

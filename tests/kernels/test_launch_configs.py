@@ -95,3 +95,21 @@ def test_dense_loss_in_every_config(cfg, device, monkeypatch):
     tuned = [dense_kl_triton.dense_kl_partials_kernel_tuned, dense_kl_triton.dense_kl_grad_kernel_tuned]
     pin(monkeypatch, [dense_kl_triton], tuned, cfg, "tile", torch.float32)
     compare_dense("triton", device, 1.25, n=(5, 26), v=1031, dims=(72, 40, 24))
+
+
+@pytest.mark.autotune
+def test_the_autotuner_restores_an_accumulated_output_between_timings(device, monkeypatch):
+    """On a GPU the autotuner times every config of the accumulating GEMM on one C: its
+    restore_value must put C back after each timing, or the result holds several products.
+    The in-memory and on-disk picks are set aside so that this call times the configs."""
+    if interpreter_enabled():
+        pytest.skip("the interpreter runs one config and times none")
+    tuned = matmul_triton.matmul_kernel_tuned
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "cache_results", False)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(137, 40, generator=g).to(device), torch.randn(40, 263, generator=g).to(device)
+    c0 = torch.randn(137, 263, generator=g).to(device)
+    out = matmul_triton.matmul(a, b, c0.clone(), accumulate=True)
+    assert len(tuned.cache) == 1  # it did tune
+    assert rel_err(out, c0.cpu().double() + a.cpu().double() @ b.cpu().double()) <= 1e-5

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from triton.runtime.autotuner import Autotuner  # noqa: E402
-
-import gopd_kernels.ops as ops  # noqa: E402
 from gopd_kernels.ops.linear_logsoftmax_triton import vocab_slices  # noqa: E402
 from gopd_kernels.ops.triton_common import token_bucket  # noqa: E402
+from tests.kernels.helpers import autotuned_kernels  # noqa: E402
 
 # Arguments that carry a token count (rows of H, or of dZ: M, and K in dW += dZ^T H).
 TOKEN_COUNTS = {"M", "K"}
-
-
-def autotuned_kernels() -> dict[str, Autotuner]:
-    found = {}
-    for info in pkgutil.iter_modules(ops.__path__):
-        if info.name.endswith("_triton"):
-            module = importlib.import_module(f"gopd_kernels.ops.{info.name}")
-            found.update({name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)})
-    return found
 
 
 @pytest.mark.parametrize(
