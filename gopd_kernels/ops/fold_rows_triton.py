@@ -169,6 +169,12 @@ def _launch_config(vocab: int) -> dict:
     return dict(BLOCK_V=block, num_warps=cfg.num_warps)
 
 
+def _written_over(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, V] view of `dtype` over fp32 z's memory: row t in the first bytes of z's row t
+    (a row stride of z's row in `dtype` elements; module doc)."""
+    return z.view(dtype)[:, : z.shape[1]]
+
+
 def _log_softmax(z: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = z.shape
     lse = torch.empty(rows, dtype=torch.float32, device=z.device)
@@ -199,7 +205,7 @@ def logit_grads(
     z fp32 with a unit column stride. Written over z, which is consumed (module doc): dz is
     a view of z's memory, row t in the first bytes of z's row t."""
     rows, vocab = z.shape
-    dz = z.view(dtype)[:, :vocab]
+    dz = _written_over(z, dtype)
     if rows:
         row_logit_grads_kernel[(rows,)](
             z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), **_launch_config(vocab)
@@ -232,7 +238,7 @@ def dense_kl(
         )  # fmt: skip
     if coef is None:
         return kl, kl_t, None
-    dz = a.view(dtype)[:, :vocab]
+    dz = _written_over(a, dtype)
     if rows:
         row_dense_grads_kernel[(rows,)](
             a, c, lse_a, u, coef, dz, vocab, a.stride(0), dz.stride(0), **_launch_config(vocab)

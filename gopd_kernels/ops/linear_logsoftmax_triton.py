@@ -333,22 +333,25 @@ def torch_logits(with_entropy: bool) -> bool:
     return True
 
 
+def _torch_logits(tile, hidden, weight, bias, rows, cols, inv_temp):
+    """tile (fp32) <- (H[rows] W[cols]^T + b[cols]) / tau by torch's GEMM (module doc)."""
+    b = None if bias is None else bias[cols].float() * inv_temp
+    return torch_logits_tile(tile, operand(hidden[rows]), operand(weight[cols]), inv_temp, b)
+
+
 def _logit_tiles(hidden, weight, bias, inv_temp, workspace_bytes):
-    """Yield (rows, cols, z): fp32 logit tiles z = (H[rows] W[cols]^T + b[cols]) / tau of the
-    backward's shape (backward_tiles), one buffer reused, each made by torch's GEMM."""
+    """Yield (rows, cols, z): the fp32 logit tiles of _torch_logits in the backward's shape
+    (backward_tiles), one buffer reused."""
     M, D = hidden.shape
     V = weight.shape[0]
     row_chunk, cols = backward_tiles(M, V, D, torch.float32, workspace_bytes)
     buf = torch.empty(row_chunk * cols, dtype=torch.float32, device=hidden.device)
-    h = operand(hidden)
     for r0 in range(0, M, row_chunk):
-        r1 = min(r0 + row_chunk, M)
+        rows = slice(r0, min(r0 + row_chunk, M))
         for v0 in range(0, V, cols):
-            v1 = min(v0 + cols, V)
-            b = None if bias is None else bias[v0:v1].float() * inv_temp
-            z = buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
-            torch_logits_tile(z, h[r0:r1], operand(weight[v0:v1]), inv_temp, b)
-            yield slice(r0, r1), slice(v0, v1), z
+            c = slice(v0, min(v0 + cols, V))
+            z = buf[: (rows.stop - r0) * (c.stop - v0)].view(rows.stop - r0, c.stop - v0)
+            yield rows, c, _torch_logits(z, hidden, weight, bias, rows, c, inv_temp)
 
 
 def _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_bytes):
@@ -468,8 +471,7 @@ def backward(
         dz_dtype = logit_grad_dtype(hidden.dtype)
 
         def write_logit_grads(rows, cols, tile):  # tile: fp32, torch's GEMM; dZ written over it
-            z = torch_logits_tile(tile, operand(hidden[rows]), operand(weight[cols]), inv_temp,
-                             None if bias is None else bias[cols].float() * inv_temp)  # fmt: skip
+            z = _torch_logits(tile, hidden, weight, bias, rows, cols, inv_temp)
             return fold_rows_triton.logit_grads(z, targets[rows] - cols.start, lse[rows], g_l[rows], dz_dtype)
 
         tile_dtype = torch.float32

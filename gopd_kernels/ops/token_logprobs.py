@@ -57,9 +57,7 @@ def folds_frozen_head(
         )
     if fold is False or not can_fold:
         return False
-    if fold:
-        return True
-    if backend == "torch":
+    if fold or backend == "torch":
         return True
     folds = hidden.dtype == torch.bfloat16 and bf16_gemm_mode(hidden.device) is not None
     if folds:
@@ -91,19 +89,18 @@ class LinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend, fold):
-        impl = implementation("linear_logsoftmax", backend)
         inv_temp = 1.0 / temperature
-        ctx.fold = fold
+        ctx.fold = fold and hidden.shape[0] > 0
         if hidden.shape[0] == 0:
             empty = hidden.new_zeros(0, dtype=torch.float32)
             ctx.save_for_backward(hidden, weight, bias)
-            ctx.fold = False
             return empty, empty.clone() if with_entropy else None
         if fold:
             logp, x = _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend)
             ctx.save_for_backward(x)
             ctx.hidden_dtype = hidden.dtype
             return logp, None
+        impl = implementation("linear_logsoftmax", backend)
         ws = workspace_bytes(backend, weight)
         logp, lse, entropy = impl.forward(hidden, weight, bias, targets, inv_temp, with_entropy, ws)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
@@ -117,10 +114,10 @@ class LinearTokenLogprobs(torch.autograd.Function):
         if ctx.fold:  # dh = g x
             (x,) = ctx.saved_tensors
             return (x * grad_logp.to(x.dtype)[:, None]).to(ctx.hidden_dtype), None, None, *none
-        if (grad_logp is None and grad_entropy is None) or ctx.saved_tensors[0].shape[0] == 0:
-            inputs = ctx.saved_tensors[:3]
-            return *(torch.zeros_like(x) if n else None for x, n in zip(inputs, needs, strict=True)), *none
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if (grad_logp is None and grad_entropy is None) or saved[0].shape[0] == 0:
+            return *(torch.zeros_like(x) if n else None for x, n in zip(saved[:3], needs, strict=True)), *none
+        hidden, weight, bias, targets, lse, entropy = saved
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         dh, dw, db = ctx.impl.backward(
