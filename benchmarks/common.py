@@ -67,12 +67,26 @@ def peak_rss_bytes() -> int:
     return _proc_status_kib("VmHWM") * 1024
 
 
+class ChildFailed(RuntimeError):
+    """A child process that exited with an error, or was killed; `reason` says why in one line."""
+
+    def __init__(self, args: list[str], returncode: int, stderr: str):
+        if returncode < 0:  # SIGKILL is what the kernel's OOM killer sends
+            oom = " (out of memory?)" if returncode == -9 else ""
+            self.reason = f"killed by signal {-returncode}{oom}"
+        else:
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            self.reason = lines[-1].strip() if lines else f"exit status {returncode}"
+        super().__init__(f"child {args} failed: {self.reason}\n{stderr[-4000:]}")
+
+
 def run_child(
     module: str, args: list[str], env: dict | None = None, timeout: float = 3600
 ) -> tuple[dict, dict]:
     """Run `python -m module ... --out FILE` in a fresh process.
 
-    Returns its JSON result and the tensors it saved beside it (FILE with suffix .pt), if any.
+    Returns its JSON result and the tensors it saved beside it (FILE with suffix .pt), if any;
+    raises ChildFailed if it fails.
     """
     import torch
 
@@ -86,7 +100,7 @@ def run_child(
             timeout=timeout,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
+            raise ChildFailed(args, proc.returncode, proc.stderr)
         tensors = out.with_suffix(".pt")
         return json.loads(out.read_text()), (torch.load(tensors) if tensors.exists() else {})
 

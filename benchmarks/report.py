@@ -14,6 +14,8 @@ disagrees is reported and not timed. Then:
   is the process's peak RSS above its RSS once the inputs exist (every implementation is
   warmed up first, at two small N, and the peak is reset after; glibc's mmap threshold is
   fixed at 64 KiB so that no allocation reuses freed heap unseen). Times are wall-clock per call.
+  Each process may map what the machine had available at the start, less 1 GiB: an
+  implementation that needs more fails on an allocation and is reported as not run.
 - CUDA: in this process; time from triton.testing.do_bench after a warm-up call (compile,
   autotune), memory from torch.cuda.max_memory_allocated above the allocation before the call.
 
@@ -27,6 +29,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +40,7 @@ import torch
 from benchmarks import ops as bops
 from benchmarks.common import (
     RESULTS_DIR,
+    ChildFailed,
     cuda_times_ms,
     machine_description,
     machine_slug,
@@ -75,14 +79,15 @@ V_QWEN = 151936  # Qwen2.5/Qwen3, the official runs' vocabulary
 PRESETS = {
     # a smoke run of every op and implementation, ~2 minutes on 2 cores
     "quick": lambda: _grid(list(bops.OPS), [512], [256], [32000], ["float32"]),
-    # the committed CPU report: memory and time against N at Qwen's vocabulary, plus V and D
+    # the committed CPU report: memory and time against N at Qwen's vocabulary, plus V and D;
+    # at N = 16384 naive's logits and their gradients outgrow a 24 GiB machine (a result too)
     "cpu": lambda: (
-        _grid(["token_logprobs"], [1024, 2048, 4096, 8192], [1024], [V_QWEN], ["float32"])
+        _grid(["token_logprobs"], [1024, 2048, 4096, 8192, 16384], [1024], [V_QWEN], ["float32"])
         + _grid(["token_logprobs"], [1024], [1024], [32000, 128256, 256000], ["float32"])
         + _grid(["token_logprobs"], [2048], [512, 2048, 4096], [V_QWEN], ["float32"])
         + _grid(["token_logprobs_fwd", "token_logprobs_frozen_head", "frozen_scoring"], [1024, 4096], [1024],
                 [V_QWEN], ["float32"])
-        + _grid(["gopd_loss"], [2048, 8192], [1024], [V_QWEN], ["float32"])
+        + _grid(["gopd_loss"], [2048, 8192, 16384], [1024], [V_QWEN], ["float32"])
         + _grid(["gopd_loss_frozen_head"], [1024, 4096], [1024], [V_QWEN], ["float32"])
         + _grid(["gopd_dense_loss", "gopd_dense_loss_exopd"], [512, 1024], [1024], [V_QWEN], ["float32"])
     ),
@@ -108,8 +113,14 @@ def _keep(got: tuple) -> dict:
     return kept
 
 
-def child(spec: Spec, impl_name: str, repeats: int, out_file: Path) -> None:
-    """Runs in a fresh process: peak RSS of the first measured call, then the time of each call."""
+def child(spec: Spec, impl_name: str, repeats: int, out_file: Path, memory_limit: int | None = None) -> None:
+    """Runs in a fresh process: peak RSS of the first measured call, then the time of each call.
+
+    memory_limit: bytes this process may map (RLIMIT_DATA, which counts the mmap'd tensors), so
+    that an implementation too big for the machine fails on an allocation, with torch's
+    message, instead of being killed by the kernel (or taking the machine down with it)."""
+    if memory_limit:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
     op, impl = bops.OPS[spec.op], bops.OPS[spec.op].impls[impl_name]
     x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu")
     call = bops.with_leaves(x, op)
@@ -147,14 +158,34 @@ def child(spec: Spec, impl_name: str, repeats: int, out_file: Path) -> None:
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measure_cpu(spec: Spec, names: list[str], rounds: int, repeats: int) -> tuple[dict, dict]:
+def cpu_memory_limit() -> int:
+    """Bytes each CPU child may map: what the machine has available now, less 1 GiB for the
+    report's own process, the same for every implementation of the run."""
+    with open("/proc/meminfo") as f:
+        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return available_kib * 1024 - (1 << 30)
+
+
+def measure_cpu(
+    spec: Spec, names: list[str], rounds: int, repeats: int, memory_limit: int | None = None
+) -> tuple[dict, dict]:
+    """Fresh processes, rounds interleaving the implementations. One that fails (out of
+    memory under memory_limit, say) is recorded as skipped with the reason, and not run again."""
     runs = {name: {"peak_bytes": [], "times_s": [], "warmup_s": []} for name in names}
     kept = {}
+    limit_args = ["--memory-limit", str(memory_limit)] if memory_limit else []
     for r in range(rounds):
         for name in names:
-            res, kept[name] = run_child(
-                "benchmarks.report", [*spec.as_args(), "--child", name, "--repeats", str(repeats)], CHILD_ENV
-            )
+            if "skipped" in runs[name]:
+                continue
+            args = [*spec.as_args(), "--child", name, "--repeats", str(repeats), *limit_args]
+            try:
+                res, kept[name] = run_child("benchmarks.report", args, CHILD_ENV)
+            except ChildFailed as e:
+                runs[name] = {"skipped": f"failed at this shape: {e.reason}"}
+                kept.pop(name, None)
+                print(f"    round {r + 1} {name:14s} {runs[name]['skipped']}", flush=True)
+                continue
             runs[name]["peak_bytes"].append(res["peak_bytes"])
             runs[name]["times_s"] += res["times_s"]
             runs[name]["warmup_s"].append(res["warmup_s"])
@@ -206,7 +237,16 @@ def gopd_settings() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("GOPD_") and k != "GOPD_COMMIT"}
 
 
-def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, device: str) -> dict:
+def bench_spec(
+    spec: Spec,
+    wanted: list[str] | None,
+    rounds: int,
+    repeats: int,
+    device: str,
+    memory_limit: int | None = None,
+) -> dict:
+    """One op at one shape: the float64 check, then every implementation that passed it timed
+    (memory_limit: the CPU children's, see child)."""
     op = bops.OPS[spec.op]
     dtype = getattr(torch, spec.dtype)
     record = {"spec": asdict(spec), "description": op.description, "flops": op.flops(spec.n, spec.d, spec.v),
@@ -233,8 +273,10 @@ def bench_spec(spec: Spec, wanted: list[str] | None, rounds: int, repeats: int, 
         else:
             timed.append(name)
     del small, want
-    measure = measure_cuda if device == "cuda" else measure_cpu
-    runs, kept = measure(spec, timed, rounds, repeats)
+    if device == "cuda":
+        runs, kept = measure_cuda(spec, timed, rounds, repeats)
+    else:
+        runs, kept = measure_cpu(spec, timed, rounds, repeats, memory_limit)
     for name in timed:
         entry = record["impls"][name]
         entry |= runs[name]
@@ -261,7 +303,7 @@ def summarize(record: dict) -> list[dict]:
             t = statistics.median(e["times_s"])
             rows.append({"impl": name, "time": t, "lo": min(e["times_s"]), "hi": max(e["times_s"]),
                          "peak": statistics.median(e["peak_bytes"]), "tflops": record["flops"] / t / 1e12,
-                         "err": max((e.get("vs_naive") or {"-": 0.0}).values()),
+                         "err": max(e["vs_naive"].values()) if e.get("vs_naive") else None,
                          "check": max(e["check_vs_float64"].values())})  # fmt: skip
     peers = [r for r in rows if not r["impl"].startswith("gopd")]
     best_t = min((r["time"] for r in peers), default=None)
@@ -288,9 +330,10 @@ def _seconds(t: float) -> str:
 def markdown(record: dict) -> str:
     s = Spec(**record["spec"])
     summary = summarize(record)
+    err = lambda r: "-" if r["err"] is None else f"{r['err']:.0e}"  # "-": naive did not run
     rows = [[r["impl"], f"{_seconds(r['time'])} ({_seconds(r['lo'])}-{_seconds(r['hi'])})",
              _ratio(r["t_naive"]), _ratio(r["t_peer"]), f"{r['tflops']:.3f}", f"{r['peak'] / 2**20:.0f}",
-             _ratio(r["m_naive"]), _ratio(r["m_peer"]), f"{r['check']:.0e}", f"{r['err']:.0e}"]
+             _ratio(r["m_naive"]), _ratio(r["m_peer"]), f"{r['check']:.0e}", err(r)]
             for r in summary]  # fmt: skip
     headers = ["impl", "time median (min-max)", "time / naive", "time / best peer", "TFLOP/s", "peak MiB",
                "memory / naive", "memory / best peer", "float64 check", "vs naive"]  # fmt: skip
@@ -414,16 +457,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impls", help="comma-separated subset (naive always runs: it is the reference)")
     p.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per impl; CUDA: x100 ms")
     p.add_argument("--repeats", type=int, default=1, help="CPU: calls per process (first: memory)")
+    p.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        help="CPU: memory each process may map (default: available at the start, less 1 GiB)",
+    )
     p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     p.add_argument("--plots-only", action="store_true", help="redraw plots and summary from saved JSON")
     p.add_argument("--results", type=Path, help="results folder (default: results/<this machine>)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--memory-limit", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         op, n, d, v, dtype = args.spec.split(",")
-        return child(Spec(op, int(n), int(d), int(v), dtype), args.child, args.repeats, Path(args.out))
+        spec = Spec(op, int(n), int(d), int(v), dtype)
+        return child(spec, args.child, args.repeats, Path(args.out), args.memory_limit)
 
     machine = machine_description()
     folder = args.results or RESULTS_DIR / machine_slug(machine)
@@ -445,6 +495,17 @@ def main(argv: list[str] | None = None) -> None:
     if device == "cpu" and "bfloat16" in {s.dtype for s in specs}:
         print("note: bfloat16 on CPU times PyTorch's CPU bf16 GEMMs, not tensor cores")
     wanted = args.impls.split(",") if args.impls else None
+    memory_limit = None
+    if device == "cuda" and args.memory_limit_gib is not None:
+        raise ValueError(
+            "--memory-limit-gib is a CPU setting (each child's RLIMIT_DATA); CUDA runs in-process"
+        )
+    if device == "cpu":
+        if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
+            raise ValueError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
+        gib = args.memory_limit_gib
+        memory_limit = int(gib * 2**30) if gib else cpu_memory_limit()
+        print(f"each process may map {memory_limit / 2**30:.1f} GiB (--memory-limit-gib)")
     ceilings = None
     if device == "cuda":  # the card's own rates, for the "of GEMM peak" column
         from benchmarks.ceilings import measure as measure_ceilings
@@ -452,12 +513,14 @@ def main(argv: list[str] | None = None) -> None:
         ceilings = measure_ceilings()
         print(f"ceilings: {ceilings}", flush=True)
     for spec in specs:
-        record = bench_spec(spec, wanted, args.rounds, args.repeats, device)
+        record = bench_spec(spec, wanted, args.rounds, args.repeats, device, memory_limit)
         record["machine"] = machine
         if ceilings:
             record["ceilings"] = ceilings
         record["method"] = {"rounds": args.rounds, "repeats": args.repeats, "device": device,
                             "commit": _commit(), "settings": gopd_settings()}  # fmt: skip
+        if memory_limit:
+            record["method"]["memory_limit_gib"] = round(memory_limit / 2**30, 1)
         print(markdown(record), "\n", flush=True)
         if not args.no_save:
             folder.mkdir(parents=True, exist_ok=True)

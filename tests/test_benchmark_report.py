@@ -11,6 +11,7 @@ import torch
 
 from benchmarks import ops as bops
 from benchmarks import report
+from benchmarks.common import ChildFailed
 from benchmarks.report import _series, markdown, summarize
 
 
@@ -120,7 +121,7 @@ def test_a_peer_failing_at_the_timed_shape_is_recorded_as_skipped(monkeypatch):
     GRPO loss under torch 2.11's dynamo at N = 16384 did): the record keeps the others."""
     spec = report.Spec("token_logprobs", 8, 8, 31, "float32")
 
-    def measure(spec, names, rounds, repeats):
+    def measure(spec, names, rounds, repeats, memory_limit):
         runs = {name: {"peak_bytes": [1], "times_s": [1.0], "warmup_s": [0.0]} for name in names}
         runs["gopd"] = {"skipped": "failed at this shape: RuntimeError: boom"}
         kept = {name: {"out": torch.zeros(8)} for name in names if name != "gopd"}
@@ -160,3 +161,27 @@ def test_liger_compiles_static_shapes_on_cuda_only():
     with bops._static_shapes({"device": "cpu"}):
         assert torch._dynamo.config.automatic_dynamic_shapes is default
     assert torch._dynamo.config.automatic_dynamic_shapes is default
+
+
+def test_an_implementation_too_big_for_the_memory_limit_fails_in_its_child_and_is_not_run_again():
+    """CPU children map at most memory_limit bytes: naive's [N, V] logits (1.2 GB here) fail on
+    the allocation under 1 GiB, with torch's message, and the run goes on with gopd."""
+    spec = report.Spec("token_logprobs", 2048, 64, 151936, "float32")
+    rec = report.bench_spec(spec, ["naive", "gopd"], rounds=2, repeats=1, device="cpu", memory_limit=1 << 30)
+    naive, gopd = rec["impls"]["naive"], rec["impls"]["gopd"]
+    assert "can't allocate memory" in naive["skipped"] and "times_s" not in naive
+    assert len(gopd["times_s"]) == 2 and "vs_naive" not in gopd  # two rounds; nothing to compare with
+    (row,) = summarize(rec)
+    assert row["impl"] == "gopd" and row["t_naive"] is None and row["err"] is None
+    table = markdown(rec)
+    assert "- naive: not run, failed at this shape: RuntimeError:" in table
+    (gopd_row,) = [line for line in table.splitlines() if line.startswith("| gopd |")]
+    cells = [c.strip() for c in gopd_row.strip("|").split("|")]
+    # no naive and no peer: ratios to naive and to the best peer, and the comparison with naive
+    assert [cells[i] for i in (2, 3, 6, 7, 9)] == ["-"] * 5 and cells[5].isdigit()  # peak MiB measured
+
+
+def test_a_killed_child_says_so():
+    e = ChildFailed(["--child", "naive"], -9, "")
+    assert e.reason == "killed by signal 9 (out of memory?)"
+    assert ChildFailed([], 1, "Traceback ...\n  ...\nValueError: bad\n\n").reason == "ValueError: bad"
