@@ -367,6 +367,13 @@ OURS_STYLE = {
 }
 
 
+def _failed_at(records: list[dict], name: str, key: str) -> list[str]:
+    """The values of `key` at which implementation `name` failed (out of memory, say): where
+    its line in a plot stops short."""
+    failed = lambda r: r["impls"].get(name, {}).get("skipped", "").startswith("failed")
+    return [str(r["spec"][key]) for r in records if failed(r)]
+
+
 def plot(records: list[dict], folder: Path) -> list[Path]:
     """Time and peak memory against N (and against V, D), log scales, one line per implementation."""
     import matplotlib
@@ -384,8 +391,10 @@ def plot(records: list[dict], folder: Path) -> list[Path]:
                 if pts:
                     xs = [p for p, _ in pts]
                     style = OURS_STYLE.get(name, {})
-                    ax_t.plot(xs, [row["time"] for _, row in pts], "o-", label=name, **style)
-                    ax_m.plot(xs, [row["peak"] / 2**20 for _, row in pts], "o-", label=name, **style)
+                    failed = _failed_at(recs, name, key)
+                    legend = name + (f" (failed at {key.upper()} = {', '.join(failed)})" if failed else "")
+                    ax_t.plot(xs, [row["time"] for _, row in pts], "o-", label=legend, **style)
+                    ax_m.plot(xs, [row["peak"] / 2**20 for _, row in pts], "o-", label=legend, **style)
             for ax, ylabel in ((ax_t, "time per call, s"), (ax_m, "peak memory, MiB")):
                 ax.set(xscale="log", yscale="log", xlabel=label, ylabel=ylabel)
                 ax.grid(True, which="both", alpha=0.3)

@@ -185,3 +185,13 @@ def test_a_killed_child_says_so():
     e = ChildFailed(["--child", "naive"], -9, "")
     assert e.reason == "killed by signal 9 (out of memory?)"
     assert ChildFailed([], 1, "Traceback ...\n  ...\nValueError: bad\n\n").reason == "ValueError: bad"
+
+
+def test_plots_name_the_shapes_where_an_implementation_failed():
+    def rec(n, naive):
+        return {"spec": {"op": "token_logprobs", "n": n, "d": 8, "v": 31, "dtype": "float32"},
+                "impls": {"naive": naive, "liger": {"skipped": "needs CUDA"}}}  # fmt: skip
+
+    recs = [rec(8, timed([1.0], 1)), rec(16, {"skipped": "failed at this shape: out of memory"})]
+    assert report._failed_at(recs, "naive", "n") == ["16"]
+    assert report._failed_at(recs, "liger", "n") == []  # never ran here: not a failure at a shape
