@@ -10,6 +10,9 @@ from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import check_backend_dtype, check_token_inputs
 
 
+# torch.compile runs the op as it is, one graph break: tracing into its checks, row selection
+# and kernel launches would break the graph at each data-dependent step, each with a warning
+@torch.compiler.disable
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -127,6 +127,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp_min(1)).detach()
 
 
+@torch.compiler.disable  # as token_logprobs
 def gopd_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -334,6 +335,7 @@ def _check_clip_ratio(clip_ratio) -> tuple[float, float]:
     return low, high
 
 
+@torch.compiler.disable  # as token_logprobs
 def gopd_dense_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

@@ -30,6 +30,7 @@ class FrozenScores(NamedTuple):
     advantage: torch.Tensor | None  # gopd_advantage(student_logp, ...) when student_logp is given
 
 
+@torch.compiler.disable  # as token_logprobs
 @torch.no_grad()
 def frozen_logprobs(
     teacher_hidden: torch.Tensor,
