@@ -160,10 +160,26 @@ CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def cpu_memory_limit() -> int:
     """Bytes each CPU child may map: what the machine has available now, less 1 GiB for the
-    report's own process, the same for every implementation of the run."""
+    report's own process (half, on a machine with less than 2 GiB free), the same for every
+    implementation of the run."""
     with open("/proc/meminfo") as f:
-        available_kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    return available_kib * 1024 - (1 << 30)
+        available = 1024 * next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    return max(available - (1 << 30), available // 2)
+
+
+def _memory_limit(gib: float | None, device: str) -> int | None:
+    """The CPU children's memory limit in bytes: --memory-limit-gib, else cpu_memory_limit()."""
+    if device == "cuda":
+        if gib is not None:
+            raise ValueError(
+                "--memory-limit-gib is a CPU setting (each child's RLIMIT_DATA); CUDA runs in-process"
+            )
+        return None
+    if gib is not None and gib <= 0:
+        raise ValueError(f"--memory-limit-gib must be > 0, got {gib}")
+    limit = int(gib * 2**30) if gib else cpu_memory_limit()
+    print(f"each process may map {limit / 2**30:.1f} GiB (--memory-limit-gib)")
+    return limit
 
 
 def measure_cpu(
@@ -504,17 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     if device == "cpu" and "bfloat16" in {s.dtype for s in specs}:
         print("note: bfloat16 on CPU times PyTorch's CPU bf16 GEMMs, not tensor cores")
     wanted = args.impls.split(",") if args.impls else None
-    memory_limit = None
-    if device == "cuda" and args.memory_limit_gib is not None:
-        raise ValueError(
-            "--memory-limit-gib is a CPU setting (each child's RLIMIT_DATA); CUDA runs in-process"
-        )
-    if device == "cpu":
-        if args.memory_limit_gib is not None and args.memory_limit_gib <= 0:
-            raise ValueError(f"--memory-limit-gib must be > 0, got {args.memory_limit_gib}")
-        gib = args.memory_limit_gib
-        memory_limit = int(gib * 2**30) if gib else cpu_memory_limit()
-        print(f"each process may map {memory_limit / 2**30:.1f} GiB (--memory-limit-gib)")
+    memory_limit = _memory_limit(args.memory_limit_gib, device)
     ceilings = None
     if device == "cuda":  # the card's own rates, for the "of GEMM peak" column
         from benchmarks.ceilings import measure as measure_ceilings

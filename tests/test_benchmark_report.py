@@ -195,3 +195,12 @@ def test_plots_name_the_shapes_where_an_implementation_failed():
     recs = [rec(8, timed([1.0], 1)), rec(16, {"skipped": "failed at this shape: out of memory"})]
     assert report._failed_at(recs, "naive", "n") == ["16"]
     assert report._failed_at(recs, "liger", "n") == []  # never ran here: not a failure at a shape
+
+
+def test_memory_limit_setting_is_checked_and_refused_on_cuda():
+    assert report._memory_limit(2, "cpu") == 2 << 30
+    assert 0 < report._memory_limit(None, "cpu") == pytest.approx(report.cpu_memory_limit(), rel=0.05)
+    assert report._memory_limit(None, "cuda") is None
+    for gib, device in ((0, "cpu"), (-1.5, "cpu"), (4, "cuda")):
+        with pytest.raises(ValueError, match="--memory-limit-gib"):
+            report._memory_limit(gib, device)
