@@ -23,13 +23,7 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.ops.dense_kl_torch import _target_tile
-from gopd_kernels.ops.folded_loss_torch import (
-    add_head_grad,
-    fold_rows,
-    head_grad_buffer,
-    save_folded_grads,
-    scale_saved_grads,
-)
+from gopd_kernels.ops.folded_loss_torch import HeadGrad, fold_rows, save_folded_grads, scale_saved_grads
 from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
 
@@ -63,7 +57,7 @@ class FoldedDenseKL(torch.autograd.Function):
         chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
         buf = torch.empty(live, chunk * vocab, **like)
         dh = torch.zeros(hs.shape, **like) if need_dh else None
-        dw = head_grad_buffer(ws, acc, chunk >= rows, rows_impl) if need_dw else None
+        dw = HeadGrad(ws, acc, chunk >= rows, rows_impl) if need_dw else None
         kl = torch.empty(rows, **like)
         kl_t = torch.empty(rows, **like) if with_teacher_kl else None
         weights = row_weights.to(acc)
@@ -92,10 +86,10 @@ class FoldedDenseKL(torch.autograd.Function):
             if dh is not None:
                 mm_into(dh[r0:r1], dz, ws_)
             if dw is not None:
-                add_head_grad(dw, dz, hs_[r0:r1], rows_impl)
+                dw.add(dz, hs_[r0:r1])
             del dz  # before the next chunk's is made
         del buf  # before dH and dW are cast: the tiles are the largest buffers
-        save_folded_grads(ctx, dh, dw, hs, ws)
+        save_folded_grads(ctx, dh, None if dw is None else dw.result(), hs, ws)
         ctx.mark_non_differentiable(kl, *(() if kl_t is None else (kl_t,)))
         loss = (kl * weights).sum()
         return loss, kl, kl_t

@@ -77,6 +77,33 @@ def test_all_positions_ignored_gives_zero_loss_and_gradients():
     assert not h.grad.any() and not w.grad.any()
 
 
+@pytest.mark.parametrize("first_with_grad", [1, None])
+def test_chunks_without_a_gradient_leave_dw_to_the_others_or_zero(first_with_grad):
+    """dW is written by the first chunk with a gradient, not zero-filled first: chunks whose
+    loss does not depend on s (here the first one, or all) must not leave it uninitialised."""
+    from gopd_kernels.ops import fold_rows_torch
+    from gopd_kernels.ops.folded_loss_torch import FoldedTokenLoss
+    from gopd_kernels.reference import token_logprobs_reference
+
+    torch.manual_seed(8)
+    h0, w0 = torch.randn(7, 16), torch.randn(211, 16) / 4
+    y, row_w = torch.randint(0, 211, (7,)), torch.rand(7)
+    grad_from = 7 if first_with_grad is None else 3 * first_with_grad  # chunks of 3 rows
+
+    def token_loss(s, r0, r1):
+        return (s * row_w[r0:r1]).sum() if r0 >= grad_from else torch.zeros(())
+
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    loss, _ = FoldedTokenLoss.apply(h, w, y, 1.0, token_loss, 3 * 211 * 4, fold_rows_torch)
+    loss.backward()
+    h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    s = token_logprobs_reference(h2, w2, y)
+    (s[grad_from:] * row_w[grad_from:]).sum().backward()
+    torch.testing.assert_close(loss, (s[grad_from:] * row_w[grad_from:]).sum().detach())
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)  # all zeros when no chunk has a gradient
+
+
 def test_no_grad_takes_the_plain_forward():
     data = batch(b=2, t=6, d=16, v=97)
     with torch.no_grad():
