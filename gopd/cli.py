@@ -10,12 +10,12 @@ from typing import Any
 
 import yaml
 
-from gopd.config import TrainConfig, load_config
+from gopd.config import TrainConfig, load_config, yaml_load
 
 
 def _parse_value(text: str) -> Any:
     """CLI values are YAML scalars / lists / mappings: 1e-5, true, null, [0.2, 0.28], {math: a, code: b}."""
-    return yaml.safe_load(text)
+    return yaml_load(text)
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,12 +237,29 @@ class _Errors:
             raise ValueError("invalid config:\n  " + "\n  ".join(self.messages))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-5 as a string (its floats need a dot: 1.0e-5); this loader also reads
+    the exponent forms YAML 1.2 and Python take as floats, so that `lr: 1e-5` means 1e-5."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text):
+    """Settings from YAML text or a file (safe loading; 1e-5 is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML file (optional) then overrides; unknown keys are an error. Returns a validated config."""
     values: dict[str, Any] = {}
     if path:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml_load(f) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config {path!r} must hold a mapping of settings")
     values.update(overrides or {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from gopd.cli import _parse_value
 from gopd.config import TrainConfig, load_config
 from tests.trainer.conftest import base_config
 
@@ -16,6 +17,24 @@ def test_yaml_and_overrides(tiny, tmp_path):
     cfg = load_config(str(path), {"lam": 2.0, "clip_ratio": [0.2, 0.28]})
     assert cfg.lam == 2.0 and cfg.clip_ratio == [0.2, 0.28]
     assert cfg.teacher_map == {"default": str(tiny["teacher"])}
+
+
+def test_exponent_floats_are_floats_in_files_and_flags(tiny, tmp_path):
+    # plain YAML 1.1 (yaml.safe_load) reads 1e-5 as the string '1e-5', and lr then failed its check
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"student: {tiny['student']}\nteachers: {tiny['teacher']}\ntrain_data: {tiny['train']}\n"
+                    "lr: 1e-5\nweight_decay: 1E-2\nclip_ratio: [0.2, 2.8e-1]\nseed: 7\n")  # fmt: skip
+    cfg = load_config(str(path), {"warmup_steps": _parse_value("10")})
+    assert (cfg.lr, cfg.weight_decay, cfg.clip_ratio, cfg.seed, cfg.warmup_steps) == (
+        1e-5,
+        0.01,
+        [0.2, 0.28],
+        7,
+        10,
+    )
+    assert (
+        _parse_value("-3e+2") == -300.0 and _parse_value("1e-5x") == "1e-5x" and _parse_value("null") is None
+    )
 
 
 def test_official_defaults():
