@@ -29,6 +29,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from gopd.distributed import env_world
     from gopd.trainer import train
 
     overrides = {
@@ -36,7 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     cfg = load_config(args.config, overrides)
     summary = train(cfg, resume=args.resume)
-    print(yaml.safe_dump({"summary": summary}, sort_keys=False))
+    if env_world()[0] == 0:  # under torchrun, one summary (rank 0's) is enough
+        print(yaml.safe_dump({"summary": summary}, sort_keys=False))
     return 0
 
 

@@ -8,6 +8,7 @@ import torch
 
 from gopd.config import TrainConfig
 from gopd.data import Example, load_examples
+from gopd.distributed import SINGLE, DistContext
 from gopd.models import load_model, load_tokenizer, resolve_device
 from gopd.rollout import HFRolloutEngine, RolloutEngine
 
@@ -33,13 +34,14 @@ def is_correct(response: str, answer: str) -> bool:
 
 
 def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, temperature: float,
-             batch_prompts: int = 64) -> dict[str, float]:  # fmt: skip
+             batch_prompts: int = 64, ctx: DistContext = SINGLE) -> dict[str, float]:  # fmt: skip
     """avg@k: the mean over prompts of the fraction of k samples whose answer is right;
-    pass@k: the fraction of prompts with at least one right sample."""
-    per_prompt = []
-    lengths = []
-    for start in range(0, len(examples), batch_prompts):
-        chunk = examples[start : start + batch_prompts]
+    pass@k: the fraction of prompts with at least one right sample. Under data parallelism
+    each rank samples its share of the prompts and the figures are over all of them."""
+    right_sum = passed = length_sum = 0.0
+    mine = ctx.shard(examples)
+    for start in range(0, len(mine), batch_prompts):
+        chunk = mine[start : start + batch_prompts]
         rollouts = engine.generate(chunk, samples=k, temperature=temperature)
         # Only each response's own tokens: a placeholder id in the padding would decode as
         # whatever token has that id (Qwen's id 0 is "!") and end up in the answer.
@@ -47,15 +49,17 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
             tokenizer.decode(row[valid], skip_special_tokens=True)
             for row, valid in zip(rollouts.responses, rollouts.response_mask, strict=True)
         ]
-        lengths += rollouts.response_mask.sum(-1).tolist()
+        length_sum += float(rollouts.response_mask.sum())
         for i, ex in enumerate(chunk):
-            right = [is_correct(texts[i * k + j], ex.answer) for j in range(k)]
-            per_prompt.append(sum(right) / k)
+            right = sum(is_correct(texts[i * k + j], ex.answer) for j in range(k)) / k
+            right_sum, passed = right_sum + right, passed + (right > 0)
+    right_sum, passed, length_sum = ctx.sum([right_sum, passed, length_sum])
+    n = len(examples)
     return {
-        f"avg@{k}": sum(per_prompt) / len(per_prompt),
-        f"pass@{k}": sum(p > 0 for p in per_prompt) / len(per_prompt),
-        "response_length": sum(lengths) / len(lengths),
-        "prompts": len(per_prompt),
+        f"avg@{k}": right_sum / n,
+        f"pass@{k}": passed / n,
+        "response_length": length_sum / (n * k),
+        "prompts": n,
     }
 
 

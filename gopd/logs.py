@@ -56,3 +56,14 @@ class MetricsLogger:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class NoMetrics:
+    """The metrics sink of the ranks other than 0 under data parallelism: rank 0 logs the step's
+    metrics, which are already summed over the ranks."""
+
+    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        pass
+
+    def close(self) -> None:
+        pass

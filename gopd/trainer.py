@@ -1,14 +1,17 @@
 """The G-OPD loop: prompts -> student rollouts -> teacher / reference scoring -> update.
 
 for step in 1 .. steps:
-    rollouts = engine.generate(sampler.next_batch(prompts_per_step))   # rollout.py
+    rollouts = engine.generate(sampler.next_batch(prompts_per_step))   # rollout.py (this rank's share)
     scores   = score_rollouts(models, rollouts)                        # scoring.py
     loss     = policy_update(models, rollouts, scores, ...)            # update.py
     log / evaluate / checkpoint                                        # logs, evaluate, checkpoint
+
+Under torchrun each rank runs this loop on its share of every batch (gopd.distributed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -20,11 +23,17 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from gopd.checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
+from gopd.checkpoint import load_trainer_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from gopd.config import TrainConfig, to_dict
 from gopd.data import PromptSampler, load_examples
+from gopd.distributed import (
+    DistContext,
+    check_replicas_agree,
+    close_distributed,
+    init_distributed,
+)
 from gopd.evaluate import evaluate
-from gopd.logs import MetricsLogger
+from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import load_models
 from gopd.rollout import make_engine
 from gopd.scoring import score_rollouts
@@ -43,19 +52,46 @@ def planned_steps(cfg: TrainConfig, n_prompts: int) -> int:
 
 
 def train(cfg: TrainConfig, resume: str | None = None) -> dict:
-    """Run (or resume) a G-OPD training; returns a summary with the evaluations and last loss."""
+    """Run (or resume) a G-OPD training; returns a summary with the evaluations and last loss.
+
+    Launched by torchrun, each process is one data-parallel rank (gopd.distributed)."""
     cfg.validate()
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    ctx, device = init_distributed(cfg.device)
+    try:
+        check_data_parallel(cfg, ctx)
+        return _train(dataclasses.replace(cfg, device=device), resume, ctx)
+    finally:
+        close_distributed(ctx)
+
+
+def check_data_parallel(cfg: TrainConfig, ctx: DistContext) -> None:
+    """ValueError for settings that cannot run on ctx.world_size ranks."""
+    if not ctx.enabled:
+        return
+    if cfg.prompts_per_step % ctx.world_size:
+        raise ValueError(
+            f"prompts_per_step: {cfg.prompts_per_step} prompts cannot be shared evenly by "
+            f"{ctx.world_size} ranks; make it a multiple of the world size"
+        )
+    if cfg.rollout_engine == "vllm":
+        raise ValueError(
+            "rollout_engine: 'vllm' under torchrun is not supported yet (one colocated engine per rank "
+            "needs vLLM's external launcher); use 'hf', or a single process"
+        )
+
+
+def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
+    torch.manual_seed(cfg.seed + ctx.rank)  # each rank samples its own rollouts
+    random.seed(cfg.seed + ctx.rank)
     models = load_models(cfg)
-    tokenizer, ctx = models.tokenizer, context_length(models.student)
-    train_examples = load_examples(cfg.train_data, cfg, tokenizer, ctx)
+    tokenizer, ctx_len = models.tokenizer, context_length(models.student)
+    train_examples = load_examples(cfg.train_data, cfg, tokenizer, ctx_len)
     eval_examples = []
     if cfg.eval_data:
-        eval_examples = load_examples(cfg.eval_data, cfg, tokenizer, ctx, need_answers=True)[
+        eval_examples = load_examples(cfg.eval_data, cfg, tokenizer, ctx_len, need_answers=True)[
             : cfg.eval_max_prompts
         ]
-    sampler = PromptSampler(train_examples, cfg.seed)
+    sampler = PromptSampler(train_examples, cfg.seed)  # one data order on every rank
     steps = planned_steps(cfg, len(train_examples))
     optimizer = make_optimizer(models.student, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps)
@@ -68,17 +104,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        restore_rng(state, ctx, cfg.seed)
         start = state["step"]
         logger.info("resumed from %s at step %d", path, start)
     engine = make_engine(cfg, models.student, tokenizer)
-    log = MetricsLogger(cfg, console=tqdm.write)
-    Path(cfg.output_dir, "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log = MetricsLogger(cfg, console=tqdm.write) if ctx.is_main else NoMetrics()
+    if ctx.is_main:
+        Path(cfg.output_dir, "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     summary = {"steps": steps, "evals": {}}
 
     def run_eval(step: int) -> None:
         if eval_examples:
-            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, cfg.temperature)
+            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, cfg.temperature, ctx=ctx)
             log.log(step, result, "eval")
             summary["evals"][step] = result
 
@@ -86,15 +123,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         run_eval(0)
     bad_steps = 0
     saved_at = start
-    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="gopd", unit="step"):
+    bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="gopd", unit="step",
+               disable=not ctx.is_main)  # fmt: skip
+    for step in bar:
         t0 = time.perf_counter()
-        rollouts = engine.generate(
-            sampler.next_batch(cfg.prompts_per_step), cfg.samples_per_prompt, cfg.temperature
-        )
+        batch = ctx.shard(sampler.next_batch(cfg.prompts_per_step))
+        rollouts = engine.generate(batch, cfg.samples_per_prompt, cfg.temperature)
         t1 = time.perf_counter()
         scores = score_rollouts(models, rollouts, cfg) if cfg.objective == "sampled" else None
         t2 = time.perf_counter()
-        loss, stats, stepped = policy_update(models, rollouts, scores, optimizer, scheduler, cfg)
+        loss, stats, stepped = policy_update(models, rollouts, scores, optimizer, scheduler, cfg, ctx)
         t3 = time.perf_counter()
         if stepped:
             engine.update_weights(models.student)
@@ -109,10 +147,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 raise RuntimeError(
                     f"{MAX_BAD_STEPS} non-finite steps in a row (last at step {step}): stopping"
                 )
-        tokens = int(rollouts.response_mask.sum())
+        tokens, rows = ctx.sum([float(rollouts.response_mask.sum()), float(len(rollouts.examples))])
         metrics = {
             "loss": loss, **stats,
-            "response_length": tokens / len(rollouts.examples),
+            "response_length": tokens / rows,
             "tokens_per_s": tokens / (t3 - t0),
             "time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_update": t3 - t2,
             "skipped": not stepped,
@@ -122,12 +160,41 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         if cfg.eval_every and step % cfg.eval_every == 0:
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-            save_checkpoint(
-                cfg.output_dir, step, models.student, tokenizer, optimizer, scheduler, sampler, {}
-            )
+            checkpoint(cfg, step, models, optimizer, scheduler, sampler, ctx)
             saved_at = step
     if eval_examples and steps not in summary["evals"] and start < steps:
         run_eval(steps)
     log.close()
     summary["checkpoint"] = saved_at
     return summary
+
+
+def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sampler, ctx: DistContext) -> None:
+    """Rank 0 writes the checkpoint, with every rank's RNG state; the others wait for it. The
+    ranks' students are first checked to be identical (they must be: see gopd.distributed)."""
+    check_replicas_agree(ctx, models.student)
+    rngs = ctx.gather_objects(rng_state())
+    if ctx.is_main:
+        extra = {"rng_ranks": rngs} if ctx.enabled else {}
+        save_checkpoint(cfg.output_dir, step, models.student, models.tokenizer, optimizer, scheduler, sampler,
+                        extra)  # fmt: skip
+    ctx.barrier()
+
+
+def restore_rng(state: dict, ctx: DistContext, seed: int) -> None:
+    """Each rank resumes its own RNG stream when the checkpoint has one per rank for this many
+    ranks; otherwise the streams restart from the seed and the step (said in a log line)."""
+    if not ctx.enabled and "rng_ranks" not in state:
+        set_rng_state(state["rng"])
+        return
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    if len(ranks) == ctx.world_size:
+        set_rng_state(ranks[ctx.rank])
+        return
+    logger.warning(
+        "resuming on %d ranks a run saved on %d: the random streams restart from the seed, step and rank, so "
+        "the rollouts will not be those of an uninterrupted run", ctx.world_size, len(ranks),
+    )  # fmt: skip
+    seed = (seed * 1_000_003 + state["step"]) * 1_009 + ctx.rank
+    torch.manual_seed(seed)
+    random.seed(seed)

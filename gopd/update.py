@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 
 from gopd.config import TrainConfig
+from gopd.distributed import SINGLE, DistContext, all_reduce_grads
 from gopd.models import Models, frozen_on_device, head_weight
 from gopd.optim import LossScale, MasterWeightAdamW
 from gopd.rollout import IGNORE, Rollouts
@@ -24,6 +25,7 @@ from gopd_kernels import gopd_dense_loss, gopd_loss
 logger = logging.getLogger("gopd")
 MEAN_STATS = ("advantage", "reverse_kl", "reward", "clip_frac", "is_weight_mean", "rollout_mismatch", "kl",
               "kl_teacher")  # fmt: skip
+MAX_STATS = ("is_weight_max",)
 
 
 class StatsAccumulator:
@@ -40,8 +42,20 @@ class StatsAccumulator:
             if key in MEAN_STATS:
                 self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
                 self.tokens[key] = self.tokens.get(key, 0.0) + n
-            elif key == "is_weight_max":
+            elif key in MAX_STATS:
                 self.maxima[key] = max(self.maxima.get(key, -math.inf), float(value))
+
+    def all_reduce(self, ctx: DistContext) -> None:
+        """Combine the ranks' accumulators (sums add up, maxima take the max)."""
+        if not ctx.enabled:
+            return
+        n = len(MEAN_STATS)
+        sums = [self.sums.get(k, 0.0) for k in MEAN_STATS]
+        both = ctx.sum(sums + [self.tokens.get(k, 0.0) for k in MEAN_STATS])
+        self.sums = dict(zip(MEAN_STATS, both[:n], strict=True))
+        self.tokens = dict(zip(MEAN_STATS, both[n:], strict=True))
+        maxima = ctx.max([self.maxima.get(k, -math.inf) for k in MAX_STATS])
+        self.maxima = {k: v for k, v in zip(MAX_STATS, maxima, strict=True) if v > -math.inf}
 
     def result(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.tokens[k] for k in self.sums if self.tokens[k] > 0}
@@ -83,12 +97,21 @@ def _dense_loss(models, part, teacher, ref, cfg, num_tokens):
 
 
 def policy_update(
-    models: Models, rollouts: Rollouts, scores: Scores | None, optimizer, scheduler, cfg: TrainConfig
+    models: Models,
+    rollouts: Rollouts,
+    scores: Scores | None,
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    ctx: DistContext = SINGLE,
 ):
-    """One optimizer step over the step's rollouts. Returns (loss, stats, stepped: bool)."""
+    """One optimizer step over the step's rollouts. Returns (loss, stats, stepped: bool).
+
+    Under data parallelism (gopd.distributed) `rollouts` are this rank's share: the
+    normalisers, the loss, the stats and the gradients are summed over the ranks.
+    """
     mask = rollouts.response_mask
-    total_tokens = int(mask.sum())
-    total_seqs = int(mask.any(-1).sum())
+    total_tokens, total_seqs = (int(x) for x in ctx.sum([float(mask.sum()), float(mask.any(-1).sum())]))
     num_tokens = max(total_tokens, 1) if cfg.loss_agg == "token-mean" else None
     acc = StatsAccumulator()
     loss_total = 0.0
@@ -113,6 +136,10 @@ def policy_update(
                 (weighted * scale).backward()
                 loss_total += float(weighted.detach())
                 acc.add(stats)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # masters, if any
+    all_reduce_grads(ctx, params)
+    (loss_total,) = ctx.sum([loss_total])
+    acc.all_reduce(ctx)
     if scaler and math.isfinite(loss_total):
         overflow = not optimizer.unscale_grads()
         if overflow and scale > 1.0:  # skipped, not a bad step: the next runs at half the scale
@@ -122,7 +149,6 @@ def policy_update(
         if not overflow:
             scaler.update(overflow=False)
         # an overflow at scale 1 is no overflow: the non-finite check below skips and counts it
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # masters, if any
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
     stats = acc.result() | {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
     if scaler:

@@ -1,0 +1,279 @@
+"""Data parallelism (gopd.distributed): 2 CPU ranks over gloo give the single process's step.
+
+The multi-rank tests start real processes: `torch.multiprocessing.spawn` for the update and
+the collectives, torchrun (`python -m torch.distributed.run`) for the CLI end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gopd import distributed
+from gopd.distributed import (
+    DistContext,
+    _buckets,
+    all_reduce_grads,
+    check_replicas_agree,
+    close_distributed,
+    env_world,
+    init_distributed,
+    rank_device,
+)
+from gopd.models import load_models
+from gopd.scoring import Scores, score_rollouts
+from gopd.trainer import check_data_parallel, restore_rng
+from gopd.update import make_optimizer, make_scheduler, policy_update
+from tests.trainer.conftest import base_config
+from tests.trainer.test_stages import rollouts_for
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, out_dir: str, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)  # two ranks on two cores
+    ctx, _ = init_distributed("cpu")
+    try:
+        torch.save(fn(ctx, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        close_distributed(ctx)
+
+
+def run_ranks(tmp_path, fn, *args) -> list:
+    """fn(ctx, *args) on each of WORLD spawned ranks; their return values, by rank."""
+    out = tmp_path / "ranks"
+    out.mkdir(exist_ok=True)
+    mp.spawn(_rank_main, args=(_free_port(), str(out), fn, args), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# -- one update step: the ranks' shares against the whole batch in one process -------------
+
+CASES = {
+    "sampled, token-mean": dict(),
+    "sampled, seq-mean-token-sum, bf16 student": dict(loss_agg="seq-mean-token-sum", dtype="bfloat16"),
+    "dense, seq-mean-token-mean": dict(objective="dense", is_cap=None, loss_agg="seq-mean-token-mean"),
+}
+# The ranks' micro-batches hold other rows than the single process's, and a bf16 student's
+# gradient is rounded to bf16 per micro-batch (2^-8 relative) before the float32 sums.
+STATS_RTOL = {"sampled, seq-mean-token-sum, bf16 student": 2e-3}
+
+
+def update_step(ctx: DistContext, tiny, tmp_path, overrides: dict):
+    """One AdamW step on ctx's share of 8 prompts x 2 samples: (loss, stats, weights, masters)."""
+    cfg = base_config(tiny, tmp_path, micro_batch_size=3, **overrides)
+    models = load_models(cfg)
+    rollouts = rollouts_for(cfg, models)  # the same 16 rows on every rank (seeded)
+    scores = score_rollouts(models, rollouts, cfg) if cfg.objective == "sampled" else None
+    rows = ctx.shard(list(range(len(rollouts.examples))))
+    mine = rollouts.select(rows)
+    if scores is not None:
+        scores = Scores(scores.teacher_logp[rows], None if scores.ref_logp is None else scores.ref_logp[rows])
+    optimizer = make_optimizer(models.student, cfg)
+    loss, stats, stepped = policy_update(
+        models, mine, scores, optimizer, make_scheduler(optimizer, cfg, 3), cfg, ctx
+    )
+    assert stepped
+    weights = {k: v.clone() for k, v in models.student.state_dict().items()}
+    masters = [m.detach().clone() for m in getattr(optimizer, "masters", [])]
+    return loss, stats, weights, masters
+
+
+def _update_cases(ctx, tiny, tmp_path):
+    return {name: update_step(ctx, tiny, tmp_path / f"rank{ctx.rank}", o) for name, o in CASES.items()}
+
+
+def test_two_ranks_take_the_single_process_step(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(str(tiny["student"])).state_dict()
+    ranks = run_ranks(tmp_path, _update_cases, tiny, tmp_path)
+    for name, overrides in CASES.items():
+        single_loss, single_stats, single_w, single_m = update_step(
+            distributed.SINGLE, tiny, tmp_path, overrides
+        )
+        (loss0, stats0, w0, m0), (loss1, stats1, w1, _m1) = ranks[0][name], ranks[1][name]
+        # every rank ends the step with the same student, to the bit
+        assert loss0 == loss1 and stats0 == stats1, name
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), name
+        # and it is the single process's step, up to the order of the float sums
+        assert loss0 == pytest.approx(single_loss, rel=1e-5), name
+        for key, value in single_stats.items():
+            assert stats0[key] == pytest.approx(value, rel=STATS_RTOL.get(name, 1e-4), abs=1e-6), (name, key)
+        if single_m:
+            # bf16 student: the float32 masters. AdamW's first step is about lr * sign(g), so an
+            # element whose gradient is ~0 may step the other way (2 lr apart) after the bf16
+            # rounding above; the loss and grad_norm checks above hold the gradient's scale.
+            diff = torch.cat([(a - b).abs().flatten() for a, b in zip(m0, single_m, strict=True)])
+            assert float(diff.max()) <= 2.01e-3 and float((diff > 1e-6).float().mean()) < 0.01, name
+        else:
+            for k in single_w:
+                torch.testing.assert_close(w0[k], single_w[k], rtol=1e-5, atol=1e-6)
+            assert any(not torch.equal(single_w[k], before[k]) for k in single_w)  # it moved
+
+
+# -- the collectives ---------------------------------------------------------------------------
+
+
+def _grads_on_some_ranks(ctx, bucket_bytes):
+    """p0 has a gradient on every rank, p1 on rank 1 only, p2 on none; p3 is bf16 (own bucket)."""
+    distributed.BUCKET_BYTES = bucket_bytes
+    params = [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4), torch.zeros(5, dtype=torch.bfloat16)]
+    params[0].grad = torch.full((3,), float(ctx.rank + 1))
+    if ctx.rank == 1:
+        params[1].grad = torch.ones(2, 2)
+    params[3].grad = torch.full((5,), 0.5 * (ctx.rank + 1), dtype=torch.bfloat16)
+    all_reduce_grads(ctx, params)
+    return [p.grad for p in params]
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 8])
+def test_gradients_are_summed_and_missing_ones_stay_missing(tmp_path, bucket_bytes):
+    for grads in run_ranks(tmp_path, _grads_on_some_ranks, bucket_bytes):
+        assert torch.equal(grads[0], torch.full((3,), 3.0))
+        assert torch.equal(grads[1], torch.ones(2, 2))  # zeros where rank 0 had none
+        assert grads[2] is None  # no rank differentiated it: still None, as in one process
+        assert torch.equal(grads[3], torch.full((5,), 1.5, dtype=torch.bfloat16))
+
+
+def test_buckets_keep_dtypes_apart_and_respect_the_size():
+    a, b, c = torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.float64)
+    assert [len(x) for x in _buckets([a, b, c], 32)] == [2, 1]
+    assert [len(x) for x in _buckets([a, b, c], 16)] == [1, 1, 1]
+
+
+def _diverged_replicas(ctx, tiny):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["student"]))
+    check_replicas_agree(ctx, model)  # loaded from one checkpoint: they agree
+    if ctx.rank == 1:
+        with torch.no_grad():
+            model.model.norm.weight[0] += 1e-6
+    try:
+        check_replicas_agree(ctx, model)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def test_diverged_replicas_are_an_error_on_every_rank(tiny, tmp_path):
+    for message in run_ranks(tmp_path, _diverged_replicas, tiny):
+        assert message is not None and "rank 1" in message and "model.norm.weight" in message
+
+
+# -- settings and environment ------------------------------------------------------------------
+
+
+def test_settings_that_cannot_run_on_the_ranks_are_errors(tiny, tmp_path):
+    two = DistContext(rank=0, world_size=2)
+    with pytest.raises(ValueError, match="prompts_per_step: 5 prompts cannot be shared evenly by 2 ranks"):
+        check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=5), two)
+    check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=6), two)
+    check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=5), distributed.SINGLE)
+    cfg = base_config(tiny, tmp_path)
+    cfg.rollout_engine = "vllm"  # not validated here: vLLM is not installed on the test machines
+    with pytest.raises(ValueError, match="rollout_engine: 'vllm' under torchrun"):
+        check_data_parallel(cfg, two)
+
+
+def test_rank_devices_and_torchrun_environment(monkeypatch):
+    assert rank_device("cuda:3", 3, 1) == "cuda:3"  # a single process keeps its setting
+    assert rank_device("cpu", 1, 2) == "cpu"
+    with pytest.raises(ValueError, match="device: 'cuda:0' would put all 2 ranks on one GPU"):
+        rank_device("cuda:0", 1, 2)
+    if not torch.cuda.is_available():
+        assert rank_device("auto", 1, 2) == "cpu"
+    else:
+        assert rank_device("cuda", 1, 2) == "cuda:1"
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_world() == (0, 1, 0)
+    assert init_distributed("cpu") == (distributed.SINGLE, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
+        env_world()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="must be integers"):
+        env_world()
+
+
+def test_shard_takes_every_world_size_th_item():
+    items = list(range(7))
+    assert DistContext(0, 2).shard(items) == [0, 2, 4, 6]
+    assert DistContext(1, 2).shard(items) == [1, 3, 5]
+    assert distributed.SINGLE.shard(items) == items
+
+
+def test_resume_on_another_world_size_says_so_and_reseeds(caplog):
+    state = {"step": 4, "rng": {}, "rng_ranks": [{}, {}, {}]}  # saved by 3 ranks
+    draws = []
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING, logger="gopd"):
+            restore_rng(state, DistContext(rank=1, world_size=2), seed=0)
+        draws.append(torch.rand(3))
+    assert "resuming on 2 ranks a run saved on 3" in caplog.text
+    assert torch.equal(draws[0], draws[1])  # deterministic
+
+
+# -- end to end through torchrun ---------------------------------------------------------------
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           "-m", "gopd", "train", *args]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+
+
+def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path):
+    common = ["--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]), "--train-data",
+              str(tiny["train"]), "--eval-data", str(tiny["eval"]), "--eval-samples", "2",
+              "--max-new-tokens", "4", "--max-prompt-tokens", "16", "--prompts-per-step", "4",
+              "--micro-batch-size", "3", "--lr", "1e-3", "--device", "cpu", "--loggers", "[jsonl]",
+              "--kernel-backend", "torch", "--steps", "4"]  # fmt: skip
+    full = tmp_path / "full"
+    proc = torchrun(*common, "--save-every", "2", "--output-dir", str(full))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data parallel: 2 ranks (gloo)" in proc.stderr
+    assert proc.stdout.count("summary:") == 1  # rank 0 alone prints it
+    recs = records(full)
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]  # one writer
+    assert all(r["prompts"] == 8 for r in recs if r["kind"] == "eval")  # every eval prompt, once
+    saved = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert saved == ["step_0000002", "step_0000004"]
+    state = torch.load(full / "checkpoints" / "step_0000002" / "trainer_state.pt", weights_only=False)
+    assert len(state["rng_ranks"]) == WORLD
+
+    resumed = tmp_path / "resumed"
+    proc = torchrun(
+        *common, "--output-dir", str(resumed), "--resume", str(full / "checkpoints" / "step_0000002")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = [r for r in records(resumed) if r["kind"] == "train"]
+    assert [r["step"] for r in again] == [3, 4]
+    for a, b in zip(again, train_recs[2:], strict=True):  # same rollouts on each rank, same step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["response_length"] == b["response_length"]
