@@ -32,24 +32,50 @@ def checkpoint_dir(output_dir: str, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step_{step:07d}"
 
 
-def save_checkpoint(
-    output_dir: str, step: int, student, tokenizer, optimizer, scheduler, sampler, extra: dict
-):
+def staging_dir(output_dir: str, step: int) -> Path:
+    """The temporary directory a checkpoint of `step` is written into (see save_checkpoint)."""
     final = checkpoint_dir(output_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
+    return final.with_name(final.name + ".tmp")
+
+
+def start_checkpoint(output_dir: str, step: int) -> Path:
+    """An empty staging directory for the checkpoint of `step`: others may add files to it
+    (the ranks' optimizer shards) before save_checkpoint completes it."""
+    tmp = staging_dir(output_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+def save_checkpoint(tmp: Path, student, tokenizer, state: dict) -> Path:
+    """Write the student (Hugging Face format), its tokenizer and the trainer state into the
+    staging directory `tmp`, then rename it into place; returns the checkpoint's path."""
     student.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save(
-        {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-         "sampler": sampler.state_dict(), "rng": rng_state(), **extra},
-        tmp / STATE_FILE,
-    )  # fmt: skip
+    torch.save(state, tmp / STATE_FILE)
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def optimizer_shard_file(rank: int) -> str:
+    return f"optimizer_rank{rank}.pt"
+
+
+def load_optimizer_state(path: Path, state: dict, rank: int) -> dict:
+    """The optimizer state to resume from: the trainer state's own, or this rank's shard of
+    a sharded optimizer (saved beside it, one file per rank)."""
+    if "optimizer" in state:
+        return state["optimizer"]
+    shard = path / optimizer_shard_file(rank)
+    if not shard.exists():
+        raise ValueError(
+            f"{path}: its optimizer was sharded over {state.get('optimizer_shards')} ranks and has no "
+            f"shard for rank {rank}; resume with shard_optimizer on as many ranks"
+        )
+    return torch.load(shard, weights_only=False)
 
 
 def latest_checkpoint(output_dir: str) -> Path | None:

@@ -11,6 +11,10 @@ the ranks' gradients: one all-reduce (sum) after the last micro-batch. Every ran
 clips, checks and steps the same gradient with the same optimizer state, so the replicas
 stay identical to the bit (checked at every checkpoint: `check_replicas_agree`).
 
+With `shard_optimizer` each rank keeps the optimizer state (float32 masters, AdamW moments)
+of its share of the tensors only (gopd.optim.partition), steps that share, and broadcasts
+the updated weights to the others (broadcast_from_owners): ZeRO stage 1.
+
 The all-reduce runs after the backward, not overlapped with it as DDP's buckets are: in
 on-policy distillation the rollouts dominate a step's time, and the update does not go
 through the model's forward (the loss reads the final hidden states and the LM head), which
@@ -154,8 +158,8 @@ def all_reduce_grads(ctx: DistContext, params: list[torch.Tensor]) -> None:
     grads = []
     for p, n in zip(params, has, strict=True):
         if n > 0:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            if p.grad is None:  # p: a parameter, a float32 master, or a GradSlot (gopd.optim)
+                p.grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
             grads.append(p.grad)
     for bucket in _buckets(grads, BUCKET_BYTES):
         if len(bucket) == 1:
@@ -163,10 +167,31 @@ def all_reduce_grads(ctx: DistContext, params: list[torch.Tensor]) -> None:
             continue
         flat = torch.cat([g.reshape(-1) for g in bucket])
         dist.all_reduce(flat)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _unflatten_into(flat, bucket)
+
+
+@torch.no_grad()
+def broadcast_from_owners(ctx: DistContext, params: list[torch.Tensor], owners: list[int]) -> None:
+    """Copy each parameter from the rank that owns it (stepped it) to all the others."""
+    if not ctx.enabled:
+        return
+    for rank in range(ctx.world_size):
+        for bucket in _buckets(
+            [p.data for p, o in zip(params, owners, strict=True) if o == rank], BUCKET_BYTES
+        ):
+            if len(bucket) == 1:
+                dist.broadcast(bucket[0], src=rank)
+                continue
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.broadcast(flat, src=rank)
+            _unflatten_into(flat, bucket)
+
+
+def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def _buckets(tensors: list[torch.Tensor], max_bytes: int):

@@ -12,6 +12,13 @@ each one (a post-accumulate hook), so micro-batches add up in float32 and the ha
 gradient is freed at once. Memory per trained weight: 2 (weight) + 4 (master) + 4 (gradient)
 + 8 (AdamW moments) bytes, against 16 for a float32 student.
 
+Sharded (ZeRO stage 1, `owners`/`rank`, for data parallelism): each rank keeps the masters
+and AdamW moments of its own share of the tensors only, 12 / W bytes per trained weight on W
+ranks instead of 12. Every rank still accumulates the float32 gradient of every tensor (on
+a `GradSlot` where it owns no master), since the gradients are summed over the ranks and
+clipped by their global norm; after its step a rank's updated weights are broadcast to the
+others (gopd.distributed.broadcast_from_owners).
+
 A float16 student's gradients also need loss scaling: float16 flushes to zero below 6e-8
 (bf16 has float32's range), so the loss is multiplied by `loss_scale.scale` before the
 backward and the float32 gradients divided by it after. The scale is dynamic (as
@@ -24,6 +31,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+
+class GradSlot:
+    """Where the float32 gradient of a weight whose master another rank owns accumulates:
+    `.grad`, with the `shape`, `dtype` and `device` of that gradient (as a master's)."""
+
+    def __init__(self, param: torch.Tensor):
+        self.grad: torch.Tensor | None = None
+        self.shape, self.dtype, self.device = param.shape, torch.float32, param.device
+
+
+def partition(numels: list[int], world_size: int) -> list[int]:
+    """The owner rank of each tensor: largest first, each to the rank with the fewest
+    elements so far (ties to the lowest rank). The same on every rank."""
+    load, owners = [0] * world_size, [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
+        rank = min(range(world_size), key=lambda r: load[r])
+        owners[i] = rank
+        load[rank] += numels[i]
+    return owners
 
 
 class LossScale:
@@ -53,46 +80,71 @@ class LossScale:
 class MasterWeightAdamW(torch.optim.AdamW):
     """torch.optim.AdamW whose parameters are float32 copies of `params` (half precision).
 
-    Clip and inspect gradients through `param_groups` (the masters), as for any optimizer:
-    the model's own `.grad` stays None. The state dict carries the masters (and the loss
-    scale), so a resumed run continues from the float32 weights, not their rounding.
-    `loss_scale` is a LossScale when any parameter is float16, else None.
+    Clip and inspect gradients through `slots` (the masters, and GradSlots where the
+    optimizer is sharded): the model's own `.grad` stays None. The state dict carries the
+    masters (and the loss scale), so a resumed run continues from the float32 weights, not
+    their rounding. `loss_scale` is a LossScale when any parameter is float16, else None.
+    `owners` (one rank per parameter, see `partition`) with this process's `rank` shards it.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], **adamw_kwargs):
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        owners: list[int] | None = None,
+        rank: int = 0,
+        **adamw_kwargs,
+    ):
         self.model_params = list(params)
-        masters = [p.detach().float().clone().requires_grad_(True) for p in self.model_params]
-        super().__init__(masters, **adamw_kwargs)
+        self.owners = owners if owners is not None else [rank] * len(self.model_params)
+        if len(self.owners) != len(self.model_params):
+            raise ValueError(f"owners: {len(self.owners)} ranks for {len(self.model_params)} parameters")
+        self.owned = [i for i, o in enumerate(self.owners) if o == rank]
+        self.slots: list[torch.Tensor | GradSlot] = [GradSlot(p) for p in self.model_params]
+        for i in self.owned:
+            self.slots[i] = self.model_params[i].detach().float().clone().requires_grad_(True)
+        masters = [self.slots[i] for i in self.owned]
+        super().__init__(masters or [torch.zeros(0, requires_grad=True)], **adamw_kwargs)
         self.loss_scale = LossScale() if any(p.dtype == torch.float16 for p in self.model_params) else None
-        for p, m in zip(self.model_params, masters, strict=True):
-            p.register_post_accumulate_grad_hook(self._to_master(m))
+        for p, slot in zip(self.model_params, self.slots, strict=True):
+            p.register_post_accumulate_grad_hook(self._to_slot(slot))
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.owned) < len(self.model_params)
 
     @property
     def masters(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
+        """The float32 weights this rank owns (all of them unless sharded)."""
+        return [self.slots[i] for i in self.owned]
 
     @staticmethod
-    def _to_master(master: torch.Tensor):
+    def _to_slot(slot: torch.Tensor | GradSlot):
         def hook(param: torch.Tensor) -> None:
-            if master.grad is None:
-                master.grad = param.grad.float()
+            if slot.grad is None:
+                slot.grad = param.grad.float()
             else:
-                master.grad.add_(param.grad)
+                slot.grad.add_(param.grad)
             param.grad = None
 
         return hook
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for slot in self.slots:
+            if isinstance(slot, GradSlot):
+                slot.grad = None
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = super().step(closure)
-        for p, m in zip(self.model_params, self.masters, strict=True):
-            p.copy_(m)
+        for i in self.owned:
+            self.model_params[i].copy_(self.slots[i])
         return loss
 
     def unscale_grads(self) -> bool:
-        """Divide the masters' gradients by the loss scale; False (and nothing divided) if any
-        is not finite: the float16 backward overflowed at this scale."""
-        grads = [m.grad for m in self.masters if m.grad is not None]
+        """Divide every gradient by the loss scale; False (and nothing divided) if any is not
+        finite: the float16 backward overflowed at this scale."""
+        grads = [s.grad for s in self.slots if s.grad is not None]
         if not grads:
             return True
         if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one host sync
@@ -102,7 +154,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def state_dict(self) -> dict:
         # references, not copies, as torch.optim keeps its own state tensors in state_dict()
-        state = super().state_dict() | {"master_weights": [m.detach() for m in self.masters]}
+        state = super().state_dict() | {
+            "master_weights": [m.detach() for m in self.masters],
+            "owners": self.owners,
+        }
         return state | ({"loss_scale": self.loss_scale.state_dict()} if self.loss_scale else {})
 
     @torch.no_grad()
@@ -111,12 +166,15 @@ class MasterWeightAdamW(torch.optim.AdamW):
         saved = state_dict.pop("master_weights", None)
         if saved is None:
             raise ValueError("optimizer state has no master_weights: it was not saved by MasterWeightAdamW")
+        owners = state_dict.pop("owners", None)
+        if owners is not None and list(owners) != self.owners:
+            raise ValueError("optimizer state was sharded over other ranks (another world size or student?)")
         scale = state_dict.pop("loss_scale", None)
         if (scale is None) != (self.loss_scale is None):
             raise ValueError("optimizer state and student disagree on float16 loss scaling (another dtype?)")
         if scale is not None:
             self.loss_scale.load_state_dict(scale)
         super().load_state_dict(state_dict)
-        for p, m, s in zip(self.model_params, self.masters, saved, strict=True):
-            m.copy_(s)
-            p.copy_(m)
+        for i, s in zip(self.owned, saved, strict=True):
+            self.slots[i].copy_(s)
+            self.model_params[i].copy_(s)

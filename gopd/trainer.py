@@ -23,7 +23,17 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from gopd.checkpoint import load_trainer_state, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from gopd.checkpoint import (
+    load_optimizer_state,
+    load_trainer_state,
+    optimizer_shard_file,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    staging_dir,
+    start_checkpoint,
+)
 from gopd.config import TrainConfig, to_dict
 from gopd.data import PromptSampler, load_examples
 from gopd.distributed import (
@@ -67,6 +77,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 def check_data_parallel(cfg: TrainConfig, ctx: DistContext) -> None:
     """ValueError for settings that cannot run on ctx.world_size ranks."""
     if not ctx.enabled:
+        if cfg.shard_optimizer:
+            raise ValueError("shard_optimizer: needs several data-parallel ranks (launch with torchrun)")
         return
     if cfg.prompts_per_step % ctx.world_size:
         raise ValueError(
@@ -93,7 +105,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         ]
     sampler = PromptSampler(train_examples, cfg.seed)  # one data order on every rank
     steps = planned_steps(cfg, len(train_examples))
-    optimizer = make_optimizer(models.student, cfg)
+    optimizer = make_optimizer(models.student, cfg, ctx)
     scheduler = make_scheduler(optimizer, cfg, steps)
     start = 0
     if resume:
@@ -101,7 +113,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         state = load_trainer_state(path)
         trained = AutoModelForCausalLM.from_pretrained(path, dtype=models.student.dtype)
         models.student.load_state_dict(trained.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(load_optimizer_state(path, state, ctx.rank))
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         restore_rng(state, ctx, cfg.seed)
@@ -170,14 +182,27 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
 
 
 def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sampler, ctx: DistContext) -> None:
-    """Rank 0 writes the checkpoint, with every rank's RNG state; the others wait for it. The
-    ranks' students are first checked to be identical (they must be: see gopd.distributed)."""
+    """Rank 0 writes the checkpoint, with every rank's RNG state (and, when the optimizer is
+    sharded, every rank writes its shard of it); the others wait for it. The ranks' students
+    are first checked to be identical (they must be: see gopd.distributed)."""
     check_replicas_agree(ctx, models.student)
     rngs = ctx.gather_objects(rng_state())
+    sharded = getattr(optimizer, "sharded", False)
+    tmp = start_checkpoint(cfg.output_dir, step) if ctx.is_main else staging_dir(cfg.output_dir, step)
+    ctx.barrier()
+    if sharded:
+        torch.save(optimizer.state_dict(), tmp / optimizer_shard_file(ctx.rank))
+    ctx.barrier()
     if ctx.is_main:
-        extra = {"rng_ranks": rngs} if ctx.enabled else {}
-        save_checkpoint(cfg.output_dir, step, models.student, models.tokenizer, optimizer, scheduler, sampler,
-                        extra)  # fmt: skip
+        state = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rngs[0],
+        }
+        state |= {"optimizer_shards": ctx.world_size} if sharded else {"optimizer": optimizer.state_dict()}
+        state |= {"rng_ranks": rngs} if ctx.enabled else {}
+        save_checkpoint(tmp, models.student, models.tokenizer, state)
     ctx.barrier()
 
 

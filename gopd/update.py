@@ -15,9 +15,9 @@ from contextlib import nullcontext
 import torch
 
 from gopd.config import TrainConfig
-from gopd.distributed import SINGLE, DistContext, all_reduce_grads
+from gopd.distributed import SINGLE, DistContext, all_reduce_grads, broadcast_from_owners
 from gopd.models import Models, frozen_on_device, head_weight
-from gopd.optim import LossScale, MasterWeightAdamW
+from gopd.optim import LossScale, MasterWeightAdamW, partition
 from gopd.rollout import IGNORE, Rollouts
 from gopd.scoring import Scores, micro_batches, response_hidden, rows_by_domain
 from gopd_kernels import gopd_dense_loss, gopd_loss
@@ -136,8 +136,8 @@ def policy_update(
                 (weighted * scale).backward()
                 loss_total += float(weighted.detach())
                 acc.add(stats)
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # masters, if any
-    all_reduce_grads(ctx, params)
+    slots = gradient_slots(optimizer)
+    all_reduce_grads(ctx, slots)
     (loss_total,) = ctx.sum([loss_total])
     acc.all_reduce(ctx)
     if scaler and math.isfinite(loss_total):
@@ -149,7 +149,7 @@ def policy_update(
         if not overflow:
             scaler.update(overflow=False)
         # an overflow at scale 1 is no overflow: the non-finite check below skips and counts it
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else math.inf)
+    grad_norm = clip_gradients(slots, cfg.grad_clip)
     stats = acc.result() | {"grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
     if scaler:
         stats |= {"loss_scale": scale, "overflow": False}
@@ -157,19 +157,48 @@ def policy_update(
         optimizer.zero_grad(set_to_none=True)
         return loss_total, stats, False
     optimizer.step()
+    if getattr(optimizer, "sharded", False):  # each rank stepped its own share of the weights
+        broadcast_from_owners(ctx, optimizer.model_params, optimizer.owners)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_total, stats, True
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable weights; on float32 master copies when they are bf16 / fp16."""
+def gradient_slots(optimizer) -> list:
+    """What holds each trained weight's gradient as `.grad`: the parameters of a plain
+    optimizer, MasterWeightAdamW's slots (float32 masters, or GradSlots where sharded)."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        return optimizer.slots
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def clip_gradients(slots: list, max_norm: float | None) -> torch.Tensor:
+    """The gradients' global 2-norm; scaled to max_norm when above it (as clip_grad_norm_)."""
+    grads = [s.grad for s in slots if s.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+    return norm
+
+
+def make_optimizer(model, cfg: TrainConfig, ctx: DistContext = SINGLE) -> torch.optim.AdamW:
+    """AdamW over the trainable weights; on float32 master copies when they are bf16 / fp16,
+    or when the optimizer is sharded over the ranks (cfg.shard_optimizer)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-    if all(p.dtype == torch.float32 for p in params):
-        return torch.optim.AdamW(params, **kwargs)
     if any(p.dtype == torch.float16 for p in params):
         logger.info("float16 student: dynamic loss scaling (from %g)", LossScale.INIT)
+    if cfg.shard_optimizer and ctx.enabled:
+        owners = partition([p.numel() for p in params], ctx.world_size)
+        mine = sum(p.numel() for p, o in zip(params, owners, strict=True) if o == ctx.rank) / 1e6
+        total = sum(p.numel() for p in params) / 1e6
+        logger.info("sharded optimizer: each rank keeps the float32 masters and AdamW moments of its share "
+                    "of the weights (rank 0: %.2fM of %.2fM)", mine, total)  # fmt: skip
+        return MasterWeightAdamW(params, owners=owners, rank=ctx.rank, **kwargs)
+    if all(p.dtype == torch.float32 for p in params):
+        return torch.optim.AdamW(params, **kwargs)
     logger.info("half-precision student: AdamW steps float32 master copies of its weights")
     return MasterWeightAdamW(params, **kwargs)
 

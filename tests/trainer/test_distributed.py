@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gopd import distributed
+from gopd.checkpoint import load_optimizer_state
 from gopd.distributed import (
     DistContext,
     _buckets,
@@ -29,6 +30,7 @@ from gopd.distributed import (
     rank_device,
 )
 from gopd.models import load_models
+from gopd.optim import GradSlot, MasterWeightAdamW, partition
 from gopd.scoring import Scores, score_rollouts
 from gopd.trainer import check_data_parallel, restore_rng
 from gopd.update import make_optimizer, make_scheduler, policy_update
@@ -85,7 +87,7 @@ def update_step(ctx: DistContext, tiny, tmp_path, overrides: dict):
     mine = rollouts.select(rows)
     if scores is not None:
         scores = Scores(scores.teacher_logp[rows], None if scores.ref_logp is None else scores.ref_logp[rows])
-    optimizer = make_optimizer(models.student, cfg)
+    optimizer = make_optimizer(models.student, cfg, ctx)
     loss, stats, stepped = policy_update(
         models, mine, scores, optimizer, make_scheduler(optimizer, cfg, 3), cfg, ctx
     )
@@ -96,7 +98,14 @@ def update_step(ctx: DistContext, tiny, tmp_path, overrides: dict):
 
 
 def _update_cases(ctx, tiny, tmp_path):
-    return {name: update_step(ctx, tiny, tmp_path / f"rank{ctx.rank}", o) for name, o in CASES.items()}
+    runs = {name: update_step(ctx, tiny, tmp_path / f"rank{ctx.rank}", o) for name, o in CASES.items()}
+    for name in SHARDED:
+        runs[name + ", sharded"] = update_step(ctx, tiny, tmp_path / f"rank{ctx.rank}", CASES[name] | SHARD)
+    return runs
+
+
+SHARD = dict(shard_optimizer=True)
+SHARDED = ("sampled, token-mean", "sampled, seq-mean-token-sum, bf16 student")
 
 
 def test_two_ranks_take_the_single_process_step(tiny, tmp_path):
@@ -126,6 +135,13 @@ def test_two_ranks_take_the_single_process_step(tiny, tmp_path):
             for k in single_w:
                 torch.testing.assert_close(w0[k], single_w[k], rtol=1e-5, atol=1e-6)
             assert any(not torch.equal(single_w[k], before[k]) for k in single_w)  # it moved
+    for name in SHARDED:  # the sharded optimizer takes the unsharded ranks' step, to the bit
+        for rank in ranks:
+            (loss, stats, w, _), (loss_s, stats_s, w_s, _) = rank[name], rank[name + ", sharded"]
+            assert loss == loss_s and stats == stats_s, name
+            assert all(torch.equal(w[k], w_s[k]) for k in w), name
+        owned = [len(rank[name + ", sharded"][3]) for rank in ranks]  # masters held, per rank
+        assert all(n > 0 for n in owned) and sum(owned) == len(before) - 1  # lm_head is tied: one tensor
 
 
 # -- the collectives ---------------------------------------------------------------------------
@@ -181,7 +197,45 @@ def test_diverged_replicas_are_an_error_on_every_rank(tiny, tmp_path):
 # -- settings and environment ------------------------------------------------------------------
 
 
+def test_partition_balances_the_ranks_and_is_deterministic():
+    numels = [100, 10, 60, 50, 5, 5]
+    owners = partition(numels, 2)
+    assert owners == partition(numels, 2) == [0, 0, 1, 1, 0, 1]
+    load = [sum(n for n, o in zip(numels, owners, strict=True) if o == r) for r in range(2)]
+    assert load == [115, 115]
+    assert partition([7], 3) == [0]  # ranks may own nothing
+
+
+def test_sharded_optimizer_keeps_masters_of_its_share_and_gradients_of_all():
+    params = [torch.nn.Parameter(torch.full((n,), 1.0, dtype=torch.bfloat16)) for n in (4, 3, 2)]
+    opt = MasterWeightAdamW(params, owners=[1, 0, 1], rank=1, lr=0.1)
+    assert opt.sharded and [m.numel() for m in opt.masters] == [4, 2]
+    sum(p.float().sum() for p in params).backward()
+    assert all(p.grad is None for p in params)  # moved into the float32 slots
+    assert [s.grad.tolist() for s in opt.slots] == [[1.0] * 4, [1.0] * 3, [1.0] * 2]
+    assert isinstance(opt.slots[1], GradSlot) and opt.slots[1].grad.dtype == torch.float32
+    opt.step()
+    assert params[1].tolist() == [1.0] * 3  # rank 0's to step (and broadcast)
+    assert params[0].float().lt(1.0).all() and params[2].float().lt(1.0).all()
+    opt.zero_grad()
+    assert all(s.grad is None for s in opt.slots)
+    other = MasterWeightAdamW(
+        [torch.nn.Parameter(p.detach().clone()) for p in params], owners=[0, 1, 1], rank=1
+    )
+    with pytest.raises(ValueError, match="sharded over other ranks"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="owners: 2 ranks for 3 parameters"):
+        MasterWeightAdamW(params, owners=[0, 1], rank=0)
+
+
+def test_a_sharded_checkpoint_needs_its_shards(tmp_path):
+    with pytest.raises(ValueError, match="sharded over 4 ranks and has no shard for rank 0"):
+        load_optimizer_state(tmp_path, {"optimizer_shards": 4}, rank=0)
+
+
 def test_settings_that_cannot_run_on_the_ranks_are_errors(tiny, tmp_path):
+    with pytest.raises(ValueError, match="shard_optimizer: needs several data-parallel ranks"):
+        check_data_parallel(base_config(tiny, tmp_path, shard_optimizer=True), distributed.SINGLE)
     two = DistContext(rank=0, world_size=2)
     with pytest.raises(ValueError, match="prompts_per_step: 5 prompts cannot be shared evenly by 2 ranks"):
         check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=5), two)
@@ -247,8 +301,10 @@ def records(run_dir) -> list[dict]:
     return [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
 
 
-def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path):
-    common = ["--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]), "--train-data",
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated-optimizer", "sharded-bf16"])
+def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, sharded):
+    extra = ["--shard-optimizer", "true", "--dtype", "bfloat16"] if sharded else []
+    common = extra + ["--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]), "--train-data",
               str(tiny["train"]), "--eval-data", str(tiny["eval"]), "--eval-samples", "2",
               "--max-new-tokens", "4", "--max-prompt-tokens", "16", "--prompts-per-step", "4",
               "--micro-batch-size", "3", "--lr", "1e-3", "--device", "cpu", "--loggers", "[jsonl]",
@@ -264,8 +320,15 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path):
     assert all(r["prompts"] == 8 for r in recs if r["kind"] == "eval")  # every eval prompt, once
     saved = sorted(p.name for p in (full / "checkpoints").iterdir())
     assert saved == ["step_0000002", "step_0000004"]
-    state = torch.load(full / "checkpoints" / "step_0000002" / "trainer_state.pt", weights_only=False)
+    step2 = full / "checkpoints" / "step_0000002"
+    state = torch.load(step2 / "trainer_state.pt", weights_only=False)
     assert len(state["rng_ranks"]) == WORLD
+    shards = sorted(p.name for p in step2.glob("optimizer_rank*.pt"))
+    if sharded:  # each rank's masters and moments beside the state, none inside it
+        assert shards == ["optimizer_rank0.pt", "optimizer_rank1.pt"] and "optimizer" not in state
+        assert "sharded optimizer" in proc.stderr
+    else:
+        assert shards == [] and "optimizer" in state
 
     resumed = tmp_path / "resumed"
     proc = torchrun(
