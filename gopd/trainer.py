@@ -69,6 +69,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     ctx, device = init_distributed(cfg.device)
     try:
         check_data_parallel(cfg, ctx)
+        if ctx.is_main:  # the settings as given (each rank's device is derived from them)
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            Path(cfg.output_dir, "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return _train(dataclasses.replace(cfg, device=device), resume, ctx)
     finally:
         close_distributed(ctx)
@@ -121,8 +124,6 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         logger.info("resumed from %s at step %d", path, start)
     engine = make_engine(cfg, models.student, tokenizer)
     log = MetricsLogger(cfg, console=tqdm.write) if ctx.is_main else NoMetrics()
-    if ctx.is_main:
-        Path(cfg.output_dir, "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     summary = {"steps": steps, "evals": {}}
 
     def run_eval(step: int) -> None:
