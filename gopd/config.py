@@ -117,6 +117,20 @@ class TrainConfig:
         "keep the student's LM head fixed (and its input embeddings when the two are tied): the loss "
         "then skips the head's gradient GEMM, and neither the V x D gradient nor its optimizer state exist",
     )
+    lora_rank: int = _f(
+        0,
+        "train LoRA adapters of this rank on the student instead of all its weights (0 = full fine-tuning; "
+        "needs peft: pip install 'gopd[lora]'); with reference 'student' the reference is the student with "
+        "its adapters off, so no copy of it is loaded",
+    )
+    lora_alpha: float | None = _f(
+        None, "LoRA scale numerator (the update is alpha / rank * B A); null = 2 x rank"
+    )
+    lora_dropout: float = _f(0.0, "dropout on the LoRA adapters' inputs")
+    lora_target_modules: Any = _f(
+        "all-linear",
+        "modules given adapters: 'all-linear' (every linear layer but the LM head) or a list of module names",
+    )
     liger: bool = _f(False, "apply liger-kernel's model patches to the student (CUDA only)")
     kernel_backend: str = _f("auto", "gopd_kernels backend: auto | triton | torch")
     loss_fold: bool | None = _f(
@@ -206,6 +220,7 @@ class TrainConfig:
             err.need(share is None, "vllm_gpu_memory_utilization",
                      "applies to rollout_engine 'vllm' only; leave it null")  # fmt: skip
             err.need(not self.vllm_sleep, "vllm_sleep", "applies to rollout_engine 'vllm' only")
+        self._validate_lora(err)
         err.choice(self.kernel_backend, KERNEL_BACKENDS, "kernel_backend")
         for name in self.loggers:
             err.choice(name, LOGGERS, "loggers")
@@ -213,6 +228,33 @@ class TrainConfig:
                  f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")  # fmt: skip
         err.raise_if_any()
         return self
+
+    def _validate_lora(self, err: _Errors) -> None:
+        rank = self.lora_rank
+        err.need(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora_rank",
+                 f"must be an int >= 0, got {rank!r}")  # fmt: skip
+        targets = self.lora_target_modules
+        err.need(
+            targets == "all-linear" or (isinstance(targets, list) and bool(targets)
+                                        and all(isinstance(t, str) for t in targets)),
+            "lora_target_modules", f"must be 'all-linear' or a list of module names, got {targets!r}",
+        )  # fmt: skip
+        err.need(not (isinstance(targets, list) and "lm_head" in targets), "lora_target_modules",
+                 "the LM head cannot take an adapter: gopd's losses read its weight directly")  # fmt: skip
+        alpha, dropout = self.lora_alpha, self.lora_dropout
+        err.need(alpha is None or (_finite(alpha) and alpha > 0), "lora_alpha", "must be > 0 or null")
+        err.need(_finite(dropout) and 0 <= dropout < 1, "lora_dropout", "must be in [0, 1)")
+        if rank == 0:  # the other LoRA settings would do nothing
+            for name, default in (
+                ("lora_alpha", None),
+                ("lora_dropout", 0.0),
+                ("lora_target_modules", "all-linear"),
+            ):
+                err.need(getattr(self, name) == default, name, "applies only with lora_rank > 0")
+        elif isinstance(rank, int) and rank > 0:
+            err.need(self.rollout_engine != "vllm", "rollout_engine",
+                     "'vllm' with lora_rank > 0 is not supported yet (vLLM would need the merged weights "
+                     "after every step); use 'hf'")  # fmt: skip
 
 
 def _finite(x) -> bool:

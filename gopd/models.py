@@ -18,17 +18,31 @@ from gopd.config import TrainConfig
 logger = logging.getLogger("gopd")
 
 
+class AdapterFree:
+    """The reference when it is a LoRA student's own initial weights: the student with its
+    adapters switched off, read through final_hidden / head_weight like a model, with no
+    copy of the weights (the adapters start at zero: peft's B = 0)."""
+
+    def __init__(self, student):
+        self.student = student
+
+
 @dataclass
 class Models:
-    student: PreTrainedModel
+    student: PreTrainedModel  # a peft PeftModel with LoRA
     teachers: dict[str, PreTrainedModel]  # domain -> teacher ("default" for a single teacher)
-    reference: PreTrainedModel | None  # None when lam == 1 (it cancels)
+    reference: PreTrainedModel | AdapterFree | None  # None when lam == 1 (it cancels)
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     offload_frozen: bool = False
 
     def frozen(self) -> list[PreTrainedModel]:
-        return [*self.teachers.values(), *([self.reference] if self.reference is not None else [])]
+        """The frozen models held apart from the student (an AdapterFree reference is not one)."""
+        ref = self.reference
+        return [
+            *self.teachers.values(),
+            *([ref] if ref is not None and not isinstance(ref, AdapterFree) else []),
+        ]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,6 +85,8 @@ def load_models(cfg: TrainConfig) -> Models:
     frozen_device = torch.device("cpu") if cfg.offload_frozen else device
     tokenizer = load_tokenizer(cfg.student)
     student = load_model(cfg.student, dtype, device, trainable=True)
+    if cfg.lora_rank:
+        student = add_lora(student, cfg)
     teachers = {}
     for domain, path in cfg.teacher_map.items():
         check_same_tokenizer(tokenizer, load_tokenizer(path), cfg.student, path)
@@ -82,6 +98,9 @@ def load_models(cfg: TrainConfig) -> Models:
         )
     elif cfg.objective == "dense" and cfg.lam == 1.0:
         logger.info("lam == 1: q = p_teacher, the reference is not loaded (%s)", cfg.reference)
+    elif cfg.lora_rank and cfg.reference == "student":
+        logger.info("reference = the student with its LoRA adapters off: its initial weights, no copy loaded")
+        reference = AdapterFree(student)
     else:
         ref_path = cfg.student if cfg.reference == "student" else cfg.reference
         if ref_path != cfg.student:
@@ -149,11 +168,52 @@ def freeze_lm_head(model: PreTrainedModel) -> None:
         logger.info("freeze_lm_head: the LM head is tied to the input embeddings; both stay fixed")
 
 
+def add_lora(model: PreTrainedModel, cfg: TrainConfig):
+    """The model with LoRA adapters (peft) on cfg.lora_target_modules; only they train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ValueError("lora_rank > 0 needs peft: pip install 'gopd[lora]'") from exc
+    config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    model = get_peft_model(model, config)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "LoRA rank %d: %.3fM of the student's %.1fM weights train", cfg.lora_rank, trained / 1e6, total / 1e6
+    )
+    return model
+
+
+def load_student_weights(student, path) -> None:
+    """Load a checkpoint's student into `student`: its LoRA adapters (peft's adapter files),
+    or all its weights."""
+    if is_lora(student):
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(student, load_peft_weights(str(path)))
+        return
+    trained = AutoModelForCausalLM.from_pretrained(path, dtype=student.dtype)
+    student.load_state_dict(trained.state_dict())
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def unwrapped(model) -> PreTrainedModel:
+    """The transformers model itself (inside a peft wrapper, if any)."""
+    return model.get_base_model() if is_lora(model) else model
+
+
 def enable_checkpointing(model: PreTrainedModel) -> None:
     """Activation checkpointing, non-reentrant, whatever the transformers release defaults to:
     the reentrant form gives the layers no gradient when nothing before them is trainable,
     as with a frozen tied embedding."""
     kwargs = {"use_reentrant": False}
+    model = unwrapped(model)
     if hasattr(model, "activation_checkpointing_enable"):  # newer transformers (5.24): the old name warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -170,14 +230,20 @@ def apply_liger(model: PreTrainedModel) -> None:
     except ImportError as exc:
         raise ValueError("liger=True needs liger-kernel: pip install 'gopd[bench]' or liger-kernel") from exc
     # Our loss never calls the model's own head, so the cross-entropy patch is irrelevant: norms, MLP, RoPE.
-    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=unwrapped(model), cross_entropy=False, fused_linear_cross_entropy=False
+    )
 
 
-def head_weight(model: PreTrainedModel) -> torch.Tensor:
+def head_weight(model: PreTrainedModel | AdapterFree) -> torch.Tensor:
+    if isinstance(model, AdapterFree):  # LoRA never adapts the head (config checks)
+        model = model.student
     return model.get_output_embeddings().weight
 
 
-def head_bias(model: PreTrainedModel) -> torch.Tensor | None:
+def head_bias(model: PreTrainedModel | AdapterFree) -> torch.Tensor | None:
+    if isinstance(model, AdapterFree):
+        model = model.student
     return getattr(model.get_output_embeddings(), "bias", None)
 
 
@@ -189,6 +255,10 @@ def final_hidden(
     Position ids follow the attention mask (as generate() does), so left padding does not
     shift the positions of the real tokens.
     """
+    if isinstance(model, AdapterFree):
+        with model.student.disable_adapter():
+            return final_hidden(model.student, input_ids, attention_mask)
+    model = unwrapped(model)  # peft's LoRA layers live inside it: the adapters still apply
     decoder = getattr(model, model.base_model_prefix)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -204,7 +274,7 @@ def frozen_on_device(models: Models, domain: str):
     """(teacher of `domain`, reference or None), on the compute device for the block; back on
     the CPU afterwards when offload_frozen is set."""
     pair = [models.teachers[domain], models.reference]
-    moved = [m for m in pair if m is not None] if models.offload_frozen else []
+    moved = [m for m in pair if isinstance(m, torch.nn.Module)] if models.offload_frozen else []
     for m in moved:
         m.to(models.device)
     try:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM
 
 from gopd.checkpoint import (
     load_optimizer_state,
@@ -44,7 +43,7 @@ from gopd.distributed import (
 )
 from gopd.evaluate import evaluate
 from gopd.logs import MetricsLogger, NoMetrics
-from gopd.models import load_models
+from gopd.models import load_models, load_student_weights
 from gopd.rollout import make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, policy_update
@@ -114,8 +113,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     if resume:
         path = resolve_resume(resume, cfg.output_dir)
         state = load_trainer_state(path)
-        trained = AutoModelForCausalLM.from_pretrained(path, dtype=models.student.dtype)
-        models.student.load_state_dict(trained.state_dict())
+        load_student_weights(models.student, path)
         optimizer.load_state_dict(load_optimizer_state(path, state, ctx.rank))
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])

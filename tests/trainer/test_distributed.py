@@ -6,6 +6,7 @@ the collectives, torchrun (`python -m torch.distributed.run`) for the CLI end to
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ CASES = {
     "sampled, seq-mean-token-sum, bf16 student": dict(loss_agg="seq-mean-token-sum", dtype="bfloat16"),
     "dense, seq-mean-token-mean": dict(objective="dense", is_cap=None, loss_agg="seq-mean-token-mean"),
 }
+if importlib.util.find_spec("peft"):  # a LoRA student, the reference its adapter-free self
+    CASES["sampled, lam 1.25, LoRA"] = dict(lora_rank=4, lam=1.25)
 # The ranks' micro-batches hold other rows than the single process's, and a bf16 student's
 # gradient is rounded to bf16 per micro-batch (2^-8 relative) before the float32 sums.
 STATS_RTOL = {"sampled, seq-mean-token-sum, bf16 student": 2e-3}
@@ -134,7 +137,9 @@ def test_two_ranks_take_the_single_process_step(tiny, tmp_path):
         else:
             for k in single_w:
                 torch.testing.assert_close(w0[k], single_w[k], rtol=1e-5, atol=1e-6)
-            assert any(not torch.equal(single_w[k], before[k]) for k in single_w)  # it moved
+            moved = [k for k in single_w if k in before and not torch.equal(single_w[k], before[k])]
+            moved += [k for k in single_w if "lora_B" in k and single_w[k].any()]  # LoRA's B starts at 0
+            assert moved, name
     for name in SHARDED:  # the sharded optimizer takes the unsharded ranks' step, to the bit
         for rank in ranks:
             (loss, stats, w, _), (loss_s, stats_s, w_s, _) = rank[name], rank[name + ", sharded"]

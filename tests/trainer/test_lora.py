@@ -1,0 +1,100 @@
+"""LoRA students (peft): only the adapters train, the reference is the student with its
+adapters off (no copy), checkpoints hold the adapters and resume exactly."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gopd.checkpoint import latest_checkpoint
+from gopd.models import AdapterFree, final_hidden, head_weight, load_models
+from gopd.scoring import score_rollouts
+from gopd.trainer import train
+from gopd.update import make_optimizer, make_scheduler, policy_update
+from gopd_kernels import token_logprobs
+from tests.trainer.conftest import base_config
+from tests.trainer.test_end_to_end import changed, check_resume_continues_the_run, weights
+from tests.trainer.test_stages import rollouts_for
+
+pytest.importorskip("peft")
+LORA = dict(lora_rank=4, lr=1e-2)
+
+
+def reference_logp(model, rollouts) -> torch.Tensor:
+    """log-probs of the sampled tokens under `model` (a model, or the AdapterFree view)."""
+    with torch.no_grad():
+        hidden = final_hidden(model, rollouts.sequences, rollouts.attention_mask)[
+            :, rollouts.prompt_len - 1 : -1
+        ]
+        return token_logprobs(
+            hidden, head_weight(model), rollouts.targets, ignore_index=-100, backend="torch"
+        )
+
+
+def test_only_adapters_train_and_the_reference_stays_the_initial_student(tiny, tmp_path, caplog):
+    cfg = base_config(tiny, tmp_path, lam=1.25, **LORA)
+    with caplog.at_level(logging.INFO, logger="gopd"):
+        models = load_models(cfg)
+    assert isinstance(models.reference, AdapterFree) and models.frozen() == [models.teachers["default"]]
+    assert "no copy loaded" in caplog.text and "LoRA rank 4" in caplog.text
+    trained = {n for n, p in models.student.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["student"]))
+    rollouts = rollouts_for(cfg, models)
+    optimizer = make_optimizer(models.student, cfg)
+    for _ in range(2):
+        scores = score_rollouts(models, rollouts, cfg)
+        _, _, stepped = policy_update(
+            models, rollouts, scores, optimizer, make_scheduler(optimizer, cfg, 3), cfg
+        )
+        assert stepped
+    # the adapted student has moved; with its adapters off it is the initial student, exactly
+    initial = reference_logp(base, rollouts)
+    assert not torch.allclose(reference_logp(models.student, rollouts), initial)
+    torch.testing.assert_close(reference_logp(models.reference, rollouts), initial, rtol=0, atol=0)
+    torch.testing.assert_close(
+        scores.ref_logp[rollouts.response_mask], initial[rollouts.response_mask].float()
+    )
+
+
+def test_lora_training_saves_adapters_that_load_and_resume_exactly(tiny, tmp_path):
+    cfg = base_config(tiny, tmp_path, **LORA)
+    train(cfg)
+    ckpt = latest_checkpoint(cfg.output_dir)
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(str(ckpt))  # transformers applies the adapter
+    lora_b = [v for k, v in loaded.state_dict().items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # trained (peft starts B at 0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["student"]))
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        assert not torch.allclose(loaded(ids).logits, base(ids).logits)
+    assert not changed(weights(tiny["student"]), base.state_dict())  # the base on disk is untouched
+    check_resume_continues_the_run(tiny, tmp_path / "resume", **LORA)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(lora_alpha=8.0), "lora_alpha: applies only with lora_rank > 0"),
+        (dict(lora_target_modules=["q_proj"]), "lora_target_modules: applies only with lora_rank > 0"),
+        (dict(lora_rank=4, lora_target_modules=["q_proj", "lm_head"]), "the LM head cannot take an adapter"),
+        (dict(lora_rank=4, lora_target_modules="q_proj"), "must be 'all-linear' or a list"),
+        (dict(lora_rank=-1), "lora_rank: must be an int >= 0"),
+        (dict(lora_rank=4, lora_dropout=1.0), "lora_dropout"),
+        (dict(lora_rank=4, rollout_engine="vllm"), "'vllm' with lora_rank > 0 is not supported yet"),
+    ],
+)
+def test_bad_lora_settings_name_themselves(tiny, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        base_config(tiny, tmp_path, **overrides)
+
+
+def test_lora_without_peft_is_an_error_naming_the_extra(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    with pytest.raises(ValueError, match=r"lora_rank > 0 needs peft: pip install 'gopd\[lora\]'"):
+        load_models(base_config(tiny, tmp_path, **LORA))
