@@ -135,7 +135,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     bad_steps = 0
     saved_at = start
     bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="gopd", unit="step",
-               disable=not ctx.is_main)  # fmt: skip
+               disable=None if ctx.is_main else True)  # fmt: skip  # None: off when not a terminal
     for step in bar:
         t0 = time.perf_counter()
         batch = ctx.shard(sampler.next_batch(cfg.prompts_per_step))
