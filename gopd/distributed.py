@@ -9,7 +9,7 @@ sequences (the sequence-mean modes), are summed over the ranks before any loss i
 each rank's loss is its share of the whole step's loss, and the step's gradient is the sum of
 the ranks' gradients: one all-reduce (sum) after the last micro-batch. Every rank then
 clips, checks and steps the same gradient with the same optimizer state, so the replicas
-stay identical to the bit (checked at every checkpoint: `check_replicas_agree`).
+stay identical to the bit (checked at the start and at every checkpoint: `check_replicas_agree`).
 
 With `shard_optimizer` each rank keeps the optimizer state (float32 masters, AdamW moments)
 of its share of the tensors only (gopd.optim.partition), steps that share, and broadcasts
@@ -224,7 +224,8 @@ def check_replicas_agree(ctx: DistContext, model: torch.nn.Module) -> None:
             name = list(model.state_dict())[bad]
             raise RuntimeError(
                 f"the student's replicas differ between rank 0 and rank {r} (first at {name!r}): the "
-                "ranks stepped different gradients or ran a non-deterministic update"
+                "ranks started from different weights, stepped different gradients or ran a "
+                "non-deterministic update"
             )
 
 

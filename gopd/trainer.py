@@ -95,9 +95,12 @@ def check_data_parallel(cfg: TrainConfig, ctx: DistContext) -> None:
 
 
 def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
-    torch.manual_seed(cfg.seed + ctx.rank)  # each rank samples its own rollouts
-    random.seed(cfg.seed + ctx.rank)
+    torch.manual_seed(cfg.seed)  # the same on every rank: what loading draws (LoRA's initial A)
+    random.seed(cfg.seed)
     models = load_models(cfg)
+    if ctx.enabled:  # then each rank samples its own rollouts
+        torch.manual_seed(cfg.seed * 1_009 + ctx.rank + 1)
+        random.seed(cfg.seed * 1_009 + ctx.rank + 1)
     tokenizer, ctx_len = models.tokenizer, context_length(models.student)
     train_examples = load_examples(cfg.train_data, cfg, tokenizer, ctx_len)
     eval_examples = []
@@ -120,6 +123,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         restore_rng(state, ctx, cfg.seed)
         start = state["step"]
         logger.info("resumed from %s at step %d", path, start)
+    check_replicas_agree(ctx, models.student)  # every rank starts from the same student
     engine = make_engine(cfg, models.student, tokenizer)
     log = MetricsLogger(cfg, console=tqdm.write) if ctx.is_main else NoMetrics()
     summary = {"steps": steps, "evals": {}}

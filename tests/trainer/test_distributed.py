@@ -306,9 +306,14 @@ def records(run_dir) -> list[dict]:
     return [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["replicated-optimizer", "sharded-bf16"])
-def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, sharded):
-    extra = ["--shard-optimizer", "true", "--dtype", "bfloat16"] if sharded else []
+VARIANTS = {"replicated-optimizer": [], "sharded-bf16": ["--shard-optimizer", "true", "--dtype", "bfloat16"]}
+if importlib.util.find_spec("peft"):  # each rank must draw the same initial adapters
+    VARIANTS["lora"] = ["--lora-rank", "4", "--lam", "1.25"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, variant):
+    extra, sharded = VARIANTS[variant], variant.startswith("sharded")
     common = extra + ["--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]), "--train-data",
               str(tiny["train"]), "--eval-data", str(tiny["eval"]), "--eval-samples", "2",
               "--max-new-tokens", "4", "--max-prompt-tokens", "16", "--prompts-per-step", "4",

@@ -98,3 +98,26 @@ def test_lora_without_peft_is_an_error_naming_the_extra(tiny, tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     with pytest.raises(ValueError, match=r"lora_rank > 0 needs peft: pip install 'gopd\[lora\]'"):
         load_models(base_config(tiny, tmp_path, **LORA))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_steps_are_the_same_under_gradient_checkpointing(tiny, tmp_path, dtype):
+    """One SGD step (lr 1: the adapters move by their gradient) with and without checkpointing."""
+    moved = []
+    for checkpointing in (False, True):
+        cfg = base_config(tiny, tmp_path, dtype=dtype, gradient_checkpointing=checkpointing, grad_clip=None,
+                          **LORA)  # fmt: skip
+        torch.manual_seed(0)  # peft draws A from the global generator
+        models = load_models(cfg)
+        with torch.no_grad():  # peft starts B at 0, which gives A no gradient: give B values
+            for name, p in models.student.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        rollouts = rollouts_for(cfg, models)
+        scores = score_rollouts(models, rollouts, cfg)
+        sgd = torch.optim.SGD([p for p in models.student.parameters() if p.requires_grad], lr=1.0)
+        assert policy_update(models, rollouts, scores, sgd, make_scheduler(sgd, cfg, 3), cfg)[2]
+        moved.append({n: p.detach().clone() for n, p in models.student.named_parameters() if p.requires_grad})
+    assert moved[0].keys() == moved[1].keys() and any("lora_A" in n for n in moved[0])
+    for name in moved[0]:
+        torch.testing.assert_close(moved[1][name], moved[0][name], rtol=1e-5, atol=1e-6)
