@@ -251,10 +251,6 @@ class TrainConfig:
                 ("lora_target_modules", "all-linear"),
             ):
                 err.need(getattr(self, name) == default, name, "applies only with lora_rank > 0")
-        elif isinstance(rank, int) and rank > 0:
-            err.need(self.rollout_engine != "vllm", "rollout_engine",
-                     "'vllm' with lora_rank > 0 is not supported yet (vLLM would need the merged weights "
-                     "after every step); use 'hf'")  # fmt: skip
 
 
 def _finite(x) -> bool:

@@ -7,6 +7,7 @@ Log-probs never come from a model's logits: each model gives its final hidden st
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -178,7 +179,13 @@ def add_lora(model: PreTrainedModel, cfg: TrainConfig):
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules, bias="none", task_type="CAUSAL_LM",
     )  # fmt: skip
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     model = get_peft_model(model, config)
+    if tied and hasattr(model.get_base_model().get_input_embeddings(), "lora_A"):
+        raise ValueError(
+            "lora_target_modules: the input embeddings are tied to the LM head, which takes no adapter; "
+            "leave them out (as 'all-linear' does)"
+        )
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -197,6 +204,31 @@ def load_student_weights(student, path) -> None:
         return
     trained = AutoModelForCausalLM.from_pretrained(path, dtype=student.dtype)
     student.load_state_dict(trained.state_dict())
+
+
+def servable_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the model as a plain transformers model would have them: for a LoRA
+    student its base weights with each adapter's delta added (out of place, once rounded: the
+    base weights themselves never change, so the adapter-free reference stays exact)."""
+    if not is_lora(model):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    deltas = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                delta = module.get_delta_weight(adapter).float()
+                key = f"{name}.base_layer.weight"
+                deltas[key] = deltas[key] + delta if key in deltas else delta
+    for name, tensor in base.state_dict().items():
+        if ".lora_" in name:
+            continue
+        if name in deltas:
+            tensor = (tensor.float() + deltas[name]).to(tensor.dtype)
+        yield name.replace(".base_layer.", "."), tensor
 
 
 def is_lora(model) -> bool:

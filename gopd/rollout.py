@@ -23,6 +23,7 @@ from transformers import (
 
 from gopd.config import TrainConfig
 from gopd.data import Example
+from gopd.models import servable_weights
 
 IGNORE = -100
 VLLM_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
@@ -253,7 +254,7 @@ class VLLMRolloutEngine:
                 "vLLM's model is not reachable in this process (is its engine running in a child "
                 f"process? {VLLM_MULTIPROCESSING} must be 0); the weight sync cannot work"
             ) from exc
-        runner.model.load_weights(self.student.state_dict().items())
+        runner.model.load_weights(servable_weights(self.student))  # a LoRA student's merged
 
     def _wake(self) -> None:
         """Weights first, filled with the student's, then the KV cache: the copy runs before

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from gopd.checkpoint import latest_checkpoint
 from gopd.models import AdapterFree, final_hidden, head_weight, load_models
+from gopd.rollout import VLLM_MULTIPROCESSING, VLLMRolloutEngine
 from gopd.scoring import score_rollouts
 from gopd.trainer import train
 from gopd.update import make_optimizer, make_scheduler, policy_update
@@ -86,7 +87,6 @@ def test_lora_training_saves_adapters_that_load_and_resume_exactly(tiny, tmp_pat
         (dict(lora_rank=4, lora_target_modules="q_proj"), "must be 'all-linear' or a list"),
         (dict(lora_rank=-1), "lora_rank: must be an int >= 0"),
         (dict(lora_rank=4, lora_dropout=1.0), "lora_dropout"),
-        (dict(lora_rank=4, rollout_engine="vllm"), "'vllm' with lora_rank > 0 is not supported yet"),
     ],
 )
 def test_bad_lora_settings_name_themselves(tiny, tmp_path, overrides, match):
@@ -121,3 +121,34 @@ def test_lora_steps_are_the_same_under_gradient_checkpointing(tiny, tmp_path, dt
     assert moved[0].keys() == moved[1].keys() and any("lora_A" in n for n in moved[0])
     for name in moved[0]:
         torch.testing.assert_close(moved[1][name], moved[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embeddings_take_no_adapter(tiny, tmp_path):
+    with pytest.raises(ValueError, match="the input embeddings are tied to the LM head"):
+        load_models(base_config(tiny, tmp_path, lora_rank=4, lora_target_modules=["q_proj", "embed_tokens"]))
+
+
+def test_vllm_gets_the_merged_weights_under_the_base_names(tiny, tmp_path, monkeypatch):
+    from tests.trainer import fake_vllm
+
+    fake_vllm.install(monkeypatch)
+    monkeypatch.setenv(VLLM_MULTIPROCESSING, "0")
+    cfg = base_config(tiny, tmp_path, **LORA)
+    models = load_models(cfg)
+    with torch.no_grad():  # adapters that do something
+        for name, p in models.student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    before = {k: v.clone() for k, v in models.student.state_dict().items()}
+    llm = fake_vllm.LLM(str(tiny["student"]), dtype="float32")
+    VLLMRolloutEngine(llm, models.tokenizer, cfg, models.student)  # pushes the weights at the start
+    assert llm.events[0][0] == "load_weights" and not any("lora" in n for n in llm.events[0][1])
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(llm.hf(ids).logits, models.student(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(
+            llm.hf(ids).logits, AutoModelForCausalLM.from_pretrained(str(tiny["student"]))(ids).logits
+        )
+    assert all(
+        torch.equal(v, before[k]) for k, v in models.student.state_dict().items()
+    )  # merged out of place
