@@ -23,6 +23,7 @@ from transformers import (
 
 from gopd.config import TrainConfig
 from gopd.data import Example
+from gopd.distributed import SINGLE, DistContext
 from gopd.models import servable_weights
 
 IGNORE = -100
@@ -159,8 +160,11 @@ class HFRolloutEngine:
         """Nothing to do: generate() samples from the live student."""
 
 
-def load_vllm(cfg: TrainConfig):
-    """A colocated vLLM `LLM` for the student, its engine in this process (see below)."""
+def load_vllm(cfg: TrainConfig, ctx: DistContext = SINGLE):
+    """A colocated vLLM `LLM` for the student, its engine in this process (see below). Under
+    torchrun every rank runs its own engine on its own GPU (tensor parallel size 1) inside
+    torchrun's process group, vLLM's `external_launcher` mode (as TRL's colocate mode), and
+    samples with its own seed."""
     try:
         from vllm import LLM
     except ImportError as exc:
@@ -177,11 +181,13 @@ def load_vllm(cfg: TrainConfig):
                        "engine in this process)", VLLM_MULTIPROCESSING, user_value)  # fmt: skip
     os.environ[VLLM_MULTIPROCESSING] = "0"
     # processed_logprobs: r_t under the sampling distribution (temperature, top-p), not the raw one.
+    per_rank = dict(distributed_executor_backend="external_launcher") if ctx.enabled else {}
     return LLM(
-        model=cfg.student, dtype=cfg.dtype, seed=cfg.seed,
+        model=cfg.student, dtype=cfg.dtype, seed=cfg.seed + ctx.rank,
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization or VLLM_GPU_MEMORY_UTILIZATION,
         max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
         enable_prefix_caching=True, logprobs_mode="processed_logprobs", enable_sleep_mode=cfg.vllm_sleep,
+        **per_rank,
     )  # fmt: skip
 
 
@@ -267,7 +273,7 @@ class VLLMRolloutEngine:
             self.llm.reset_prefix_cache()
 
 
-def make_engine(cfg: TrainConfig, student, tokenizer) -> RolloutEngine:
+def make_engine(cfg: TrainConfig, student, tokenizer, ctx: DistContext = SINGLE) -> RolloutEngine:
     if cfg.rollout_engine == "vllm":
-        return VLLMRolloutEngine(load_vllm(cfg), tokenizer, cfg, student)
+        return VLLMRolloutEngine(load_vllm(cfg, ctx), tokenizer, cfg, student)
     return HFRolloutEngine(student, tokenizer, cfg)

@@ -87,11 +87,6 @@ def check_data_parallel(cfg: TrainConfig, ctx: DistContext) -> None:
             f"prompts_per_step: {cfg.prompts_per_step} prompts cannot be shared evenly by "
             f"{ctx.world_size} ranks; make it a multiple of the world size"
         )
-    if cfg.rollout_engine == "vllm":
-        raise ValueError(
-            "rollout_engine: 'vllm' under torchrun is not supported yet (one colocated engine per rank "
-            "needs vLLM's external launcher); use 'hf', or a single process"
-        )
 
 
 def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
@@ -124,7 +119,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         start = state["step"]
         logger.info("resumed from %s at step %d", path, start)
     check_replicas_agree(ctx, models.student)  # every rank starts from the same student
-    engine = make_engine(cfg, models.student, tokenizer)
+    engine = make_engine(cfg, models.student, tokenizer, ctx)
     log = MetricsLogger(cfg, console=tqdm.write) if ctx.is_main else NoMetrics()
     summary = {"steps": steps, "evals": {}}
 

@@ -33,9 +33,10 @@ from gopd.distributed import (
 from gopd.models import load_models
 from gopd.optim import GradSlot, MasterWeightAdamW, partition
 from gopd.scoring import Scores, score_rollouts
-from gopd.trainer import check_data_parallel, restore_rng
+from gopd.trainer import check_data_parallel, restore_rng, train
 from gopd.update import make_optimizer, make_scheduler, policy_update
 from tests.trainer.conftest import base_config
+from tests.trainer.test_end_to_end import train_losses
 from tests.trainer.test_stages import rollouts_for
 
 WORLD = 2
@@ -199,6 +200,33 @@ def test_diverged_replicas_are_an_error_on_every_rank(tiny, tmp_path):
         assert message is not None and "rank 1" in message and "model.norm.weight" in message
 
 
+def _train_with_fake_vllm(ctx, tiny, tmp_path):
+    """A 3-step run on this rank with the vLLM stand-in as the engine: (losses, the engine's events)."""
+    from gopd import rollout
+    from tests.trainer import fake_vllm
+
+    llms = []
+
+    def load(cfg, ctx):
+        llms.append(fake_vllm.LLM(cfg.student, dtype=cfg.dtype))
+        return llms[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        fake_vllm.install(patch)
+        patch.setenv(rollout.VLLM_MULTIPROCESSING, "0")  # as load_vllm sets it
+        patch.setattr(rollout, "load_vllm", load)
+        cfg = base_config(tiny, tmp_path, rollout_engine="vllm", output_dir=str(tmp_path / "vllm-run"))
+        train(cfg)
+    return train_losses(cfg) if ctx.is_main else None, [e[0] for e in llms[0].events]
+
+
+def test_each_rank_samples_from_its_own_vllm_engine_kept_in_sync(tiny, tmp_path):
+    ranks = run_ranks(tmp_path, _train_with_fake_vllm, tiny, tmp_path)
+    assert len(ranks[0][0]) == 3  # and the replicas were checked equal at the start and the end
+    for _, events in ranks:  # each rank's engine: the student pushed at the start and after each update
+        assert events.count("generate") == 3 and events.count("load_weights") == 4
+
+
 # -- settings and environment ------------------------------------------------------------------
 
 
@@ -246,10 +274,6 @@ def test_settings_that_cannot_run_on_the_ranks_are_errors(tiny, tmp_path):
         check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=5), two)
     check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=6), two)
     check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=5), distributed.SINGLE)
-    cfg = base_config(tiny, tmp_path)
-    cfg.rollout_engine = "vllm"  # not validated here: vLLM is not installed on the test machines
-    with pytest.raises(ValueError, match="rollout_engine: 'vllm' under torchrun"):
-        check_data_parallel(cfg, two)
 
 
 def test_rank_devices_and_torchrun_environment(monkeypatch):

@@ -12,6 +12,7 @@ import torch
 
 from gopd import rollout
 from gopd.data import load_examples
+from gopd.distributed import DistContext
 from gopd.models import load_model, load_tokenizer
 from gopd.rollout import VLLM_MULTIPROCESSING, HFRolloutEngine, VLLMRolloutEngine, load_vllm
 from gopd.trainer import train
@@ -60,6 +61,15 @@ def test_load_vllm_runs_the_engine_in_process_with_the_configs_settings(tiny, tm
         dtype="float32", seed=0, gpu_memory_utilization=share or 0.4, max_model_len=16 + 4,
         enable_prefix_caching=True, logprobs_mode="processed_logprobs", enable_sleep_mode=sleep,
     )  # fmt: skip
+
+
+def test_under_torchrun_each_rank_runs_its_own_engine_with_its_own_seed(tiny, tmp_path, fake, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    llm = load_vllm(
+        base_config(tiny, tmp_path, rollout_engine="vllm", seed=5), DistContext(rank=1, world_size=2)
+    )
+    assert llm.engine_args["distributed_executor_backend"] == "external_launcher"
+    assert llm.engine_args["seed"] == 6
 
 
 def test_vllm_settings_are_checked(tiny, tmp_path):
@@ -119,7 +129,7 @@ def test_training_with_vllm_samples_every_batch_from_the_current_student(tiny, t
     resumed run's next-step losses equal an uninterrupted run's."""
     llms = []
 
-    def fake_load_vllm(cfg):
+    def fake_load_vllm(cfg, ctx=None):
         llms.append(fake.LLM(cfg.student, dtype=cfg.dtype))
         return llms[-1]
 
@@ -166,7 +176,7 @@ def test_training_with_a_sleeping_vllm_matches_an_awake_one(tiny, tmp_path, fake
     sleeping run is followed by a sleep, so scoring and the update run with vLLM asleep."""
     llms = []
 
-    def fake_load_vllm(cfg):
+    def fake_load_vllm(cfg, ctx=None):
         llms.append(fake.LLM(cfg.student, dtype=cfg.dtype, enable_sleep_mode=cfg.vllm_sleep))
         return llms[-1]
 
