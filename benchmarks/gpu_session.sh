@@ -25,6 +25,7 @@
 #   bash benchmarks/gpu_session.sh stages  # token_logprobs stage by stage beside cuBLAS (75 s)
 #   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048, frozen scoring
 #                                          # with GOPD_LOGITS_GEMM swept (~3 minutes)
+#   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA (~2 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -40,7 +41,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|fold|gemm|stages|small|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh first|fold|gemm|stages|small|trainer|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -172,6 +173,15 @@ fold)  # the folds not yet timed, each beside its recomputing backward (gopd-rec
         --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-fold,liger || status=1
     (exit $status)
     ;;
+trainer)  # the trainer's newer paths on CUDA (~2 minutes): a LoRA student in bf16 through the
+    # Triton kernels (its frozen head folds), its adapter-free reference, adapter checkpoints
+    status=0
+    timeout 60 python3 -m gopd.cli demo --quick --device cuda --out /tmp/gopd-demo || status=1
+    timeout 90 python3 -m gopd.cli train --config /tmp/gopd-demo/gopd/config.yaml --device cuda \
+        --dtype bfloat16 --lora-rank 8 --lr 5e-3 --lam 1.25 --steps 5 --output-dir /tmp/gopd-lora || status=1
+    ls /tmp/gopd-lora/checkpoints/step_0000005 || status=1
+    (exit $status)
+    ;;
 check)
     status=0
     basics 240 || status=1
@@ -182,7 +192,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: first, fold, gemm, stages, small, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: first, fold, gemm, stages, small, trainer, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"
