@@ -43,6 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from gopd.distributed import env_world
     from gopd.evaluate import evaluate_checkpoint
 
     cfg = TrainConfig(
@@ -53,7 +54,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ).validate()  # fmt: skip
     result = evaluate_checkpoint(args.model, cfg, args.k, max_prompts=args.max_prompts, dtype=args.dtype,
                                  device=args.device, seed=args.seed)  # fmt: skip
-    print(yaml.safe_dump({"model": args.model, "data": args.data, **result}, sort_keys=False))
+    if env_world()[0] == 0:
+        print(yaml.safe_dump({"model": args.model, "data": args.data, **result}, sort_keys=False))
     return 0
 
 

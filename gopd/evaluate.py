@@ -8,7 +8,7 @@ import torch
 
 from gopd.config import TrainConfig
 from gopd.data import Example, load_examples
-from gopd.distributed import SINGLE, DistContext
+from gopd.distributed import SINGLE, DistContext, close_distributed, init_distributed
 from gopd.models import load_model, load_tokenizer, resolve_device
 from gopd.rollout import HFRolloutEngine, RolloutEngine
 
@@ -74,10 +74,15 @@ def evaluate_checkpoint(
     seed: int = 0,
 ) -> dict[str, float]:
     """avg@k / pass@k of a saved model on cfg.eval_data (fields, chat template, lengths and
-    temperature from cfg)."""
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
-    context = int(getattr(model.config, "max_position_embeddings", None) or 10**9)
-    examples = load_examples(cfg.eval_data, cfg, tokenizer, context, need_answers=True)[:max_prompts]
-    torch.manual_seed(seed)
-    return evaluate(HFRolloutEngine(model, tokenizer, cfg), tokenizer, examples, k, cfg.temperature)
+    temperature from cfg). Under torchrun the ranks share the prompts (gopd.distributed)."""
+    ctx, device = init_distributed(device)
+    try:
+        tokenizer = load_tokenizer(path)
+        model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
+        context = int(getattr(model.config, "max_position_embeddings", None) or 10**9)
+        examples = load_examples(cfg.eval_data, cfg, tokenizer, context, need_answers=True)[:max_prompts]
+        torch.manual_seed(seed + ctx.rank)  # each rank its own samples
+        engine = HFRolloutEngine(model, tokenizer, cfg)
+        return evaluate(engine, tokenizer, examples, k, cfg.temperature, ctx=ctx)
+    finally:
+        close_distributed(ctx)

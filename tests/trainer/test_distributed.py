@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 
 from gopd import distributed
 from gopd.checkpoint import load_optimizer_state
@@ -320,8 +321,9 @@ def test_resume_on_another_world_size_says_so_and_reseeds(caplog):
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """`gopd *args` on WORLD CPU ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-           "-m", "gopd", "train", *args]  # fmt: skip
+           "-m", "gopd", *args]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
@@ -344,14 +346,15 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
               "--micro-batch-size", "3", "--lr", "1e-3", "--device", "cpu", "--loggers", "[jsonl]",
               "--kernel-backend", "torch", "--steps", "4"]  # fmt: skip
     full = tmp_path / "full"
-    proc = torchrun(*common, "--save-every", "2", "--output-dir", str(full))
+    proc = torchrun("train", *common, "--save-every", "2", "--output-dir", str(full))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data parallel: 2 ranks (gloo)" in proc.stderr
     assert proc.stdout.count("summary:") == 1  # rank 0 alone prints it
     recs = records(full)
     train_recs = [r for r in recs if r["kind"] == "train"]
     assert [r["step"] for r in train_recs] == [1, 2, 3, 4]  # one writer
-    assert all(r["prompts"] == 8 for r in recs if r["kind"] == "eval")  # every eval prompt, once
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert evals and all(r["prompts"] == 8 and 0 < r["response_length"] <= 4 for r in evals)  # each once
     saved = sorted(p.name for p in (full / "checkpoints").iterdir())
     assert saved == ["step_0000002", "step_0000004"]
     step2 = full / "checkpoints" / "step_0000002"
@@ -365,12 +368,20 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
         assert shards == [] and "optimizer" in state
 
     resumed = tmp_path / "resumed"
-    proc = torchrun(
-        *common, "--output-dir", str(resumed), "--resume", str(full / "checkpoints" / "step_0000002")
-    )
+    step2 = str(full / "checkpoints" / "step_0000002")
+    proc = torchrun("train", *common, "--output-dir", str(resumed), "--resume", step2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = [r for r in records(resumed) if r["kind"] == "train"]
     assert [r["step"] for r in again] == [3, 4]
     for a, b in zip(again, train_recs[2:], strict=True):  # same rollouts on each rank, same step
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
         assert a["response_length"] == b["response_length"]
+
+
+def test_torchrun_evaluation_shares_the_prompts(tiny):
+    proc = torchrun("eval", "--model", str(tiny["student"]), "--data", str(tiny["eval"]), "--k", "2",
+                    "--max-new-tokens", "4", "--device", "cpu")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = yaml.safe_load(proc.stdout)  # one document: rank 0 alone prints
+    assert result["prompts"] == 8 and 0 <= result["avg@2"] <= result["pass@2"] <= 1
+    assert 0 < result["response_length"] <= 4  # each prompt sampled once, by one rank
