@@ -152,3 +152,21 @@ def test_vllm_gets_the_merged_weights_under_the_base_names(tiny, tmp_path, monke
     assert all(
         torch.equal(v, before[k]) for k, v in models.student.state_dict().items()
     )  # merged out of place
+
+
+def test_dense_objective_trains_the_adapters_against_the_adapter_free_reference(tiny, tmp_path):
+    cfg = base_config(tiny, tmp_path, objective="dense", is_cap=None, lam=1.25, grad_clip=None, **LORA)
+    torch.manual_seed(0)
+    models = load_models(cfg)
+    assert isinstance(models.reference, AdapterFree)
+    rollouts = rollouts_for(cfg, models)
+    before = {n: p.detach().clone() for n, p in models.student.named_parameters()}
+    optimizer = make_optimizer(models.student, cfg)
+    loss, stats, stepped = policy_update(
+        models, rollouts, None, optimizer, make_scheduler(optimizer, cfg, 3), cfg
+    )
+    assert stepped and stats["grad_norm"] > 0
+    # at the start the student is its reference: KL(p_s || q) with q = p_T^lam p_R^(1-lam) is not 0,
+    # but the gradient reaches the adapters only (B moves; the base weights do not)
+    moved = {n for n, p in models.student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_B" in n for n in moved)
