@@ -29,12 +29,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("gopd")
 BUCKET_BYTES = 64 << 20  # gradients are all-reduced in flat buckets of at most this size
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)  # torch: 30 min for gloo, 10 for NCCL (short for long rollouts)
 
 
 @dataclass(frozen=True)
@@ -130,8 +132,8 @@ def init_distributed(device: str) -> tuple[DistContext, str]:
     if on_cuda:
         torch.cuda.set_device(torch.device(name))
     owns = not dist.is_initialized()  # a caller's own group is used as it is, and left open
-    if owns:
-        dist.init_process_group("nccl" if on_cuda else "gloo")
+    if owns:  # ranks wait at a collective for the slowest one's rollouts or for rank 0's checkpoint
+        dist.init_process_group("nccl" if on_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     ctx = DistContext(rank, world, local, torch.device(name) if on_cuda else torch.device("cpu"), owns)
     if not ctx.is_main:  # one copy of the run's info lines, from rank 0; warnings from all
         logging.getLogger("gopd").setLevel(logging.WARNING)
