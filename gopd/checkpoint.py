@@ -95,3 +95,29 @@ def resolve_resume(resume: str, output_dir: str) -> Path:
 
 def load_trainer_state(path: Path) -> dict:
     return torch.load(path / STATE_FILE, weights_only=False)
+
+
+def export_merged(checkpoint: str, out: str) -> Path:
+    """Write a LoRA checkpoint's student as a standalone Hugging Face model: the base model's
+    weights with the adapters' deltas added (gopd.models.servable_weights), its tokenizer
+    beside it. The base is found where the adapter config points."""
+    from gopd.models import load_tokenizer, servable_weights
+
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError as exc:
+        raise ValueError("exporting a LoRA checkpoint needs peft: pip install 'gopd[lora]'") from exc
+    if not (Path(checkpoint) / "adapter_config.json").exists():
+        raise ValueError(f"checkpoint: {checkpoint} holds no LoRA adapter (no adapter_config.json)")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        PeftConfig.from_pretrained(checkpoint).base_model_name_or_path
+    )
+    student = PeftModel.from_pretrained(base, checkpoint)
+    merged = dict(servable_weights(student))
+    model = student.unload()  # the base model, its LoRA layers taken out, its weights as loaded
+    model.load_state_dict(merged)
+    model.save_pretrained(out)
+    load_tokenizer(checkpoint).save_pretrained(out)
+    return Path(out)

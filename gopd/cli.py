@@ -59,6 +59,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from gopd.checkpoint import export_merged
+
+    print(f"wrote {export_merged(args.checkpoint, args.out)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gopd.demo import run_demo
 
@@ -112,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N; default auto")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "export",
+        help="a LoRA checkpoint as a standalone model (adapters merged into the base)",
+        description="Write a LoRA checkpoint's student as a standalone Hugging Face model: the base "
+        "model's weights with the adapters merged in, and the tokenizer.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory written with lora_rank > 0")
+    p.add_argument("--out", required=True, help="where the merged model goes")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "demo",

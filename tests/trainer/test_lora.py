@@ -4,6 +4,7 @@ adapters off (no copy), checkpoints hold the adapters and resume exactly."""
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 
 import pytest
@@ -168,3 +169,25 @@ def test_dense_objective_trains_the_adapters_against_the_adapter_free_reference(
     # the gradient reaches the adapters only: B moves (A has none while B is 0), the base stays
     moved = {n for n, p in models.student.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_B" in n for n in moved)
+
+
+def export(checkpoint, out) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gopd", "export", "--checkpoint", str(checkpoint), "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_export_writes_a_standalone_model_with_the_adapters_merged(tiny, tmp_path):
+    cfg = base_config(tiny, tmp_path, **LORA)
+    train(cfg)
+    ckpt = latest_checkpoint(cfg.output_dir)
+    proc = export(ckpt, tmp_path / "merged")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in k for k in merged.state_dict())
+    adapted = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+    proc = export(tiny["student"], tmp_path / "x")  # a whole model: nothing to merge
+    assert proc.returncode == 2 and "holds no LoRA adapter" in proc.stderr
