@@ -47,6 +47,20 @@ def machine_slug(desc: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def measured_commit() -> str:
+    """The gopd commit measured, with '+dirty' when the work tree has changes other than the
+    results the benchmarks themselves write; GOPD_COMMIT when set (a copy of the tree whose
+    .git is not the checkout's, as on the device machine)."""
+    if os.environ.get("GOPD_COMMIT"):
+        return os.environ["GOPD_COMMIT"]
+
+    run = lambda *a: subprocess.run(  # noqa: E731
+        ["git", *a], capture_output=True, text=True, cwd=RESULTS_DIR.parent.parent
+    ).stdout.strip()
+    changes = run("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
+    return run("rev-parse", "--short", "HEAD") + ("+dirty" if changes else "")
+
+
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -45,6 +45,7 @@ from benchmarks.common import (
     machine_description,
     machine_slug,
     markdown_table,
+    measured_commit,
     peak_rss_bytes,
     reset_peak_rss,
     run_child,
@@ -451,22 +452,6 @@ def write_summary(folder: Path) -> Path:
 # --- command line --------------------------------------------------------------------------------
 
 
-def _commit() -> str:
-    """The gopd commit measured, with '+dirty' when the work tree has changes other than the
-    results the report itself writes; GOPD_COMMIT when set (a copy of the tree whose .git is
-    not the checkout's, as on the device machine)."""
-    import subprocess
-
-    if os.environ.get("GOPD_COMMIT"):
-        return os.environ["GOPD_COMMIT"]
-
-    run = lambda *a: subprocess.run(
-        ["git", *a], capture_output=True, text=True, cwd=RESULTS_DIR.parent.parent
-    ).stdout.strip()
-    changes = run("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results")
-    return run("rev-parse", "--short", "HEAD") + ("+dirty" if changes else "")
-
-
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",")]
 
@@ -533,7 +518,7 @@ def main(argv: list[str] | None = None) -> None:
         if ceilings:
             record["ceilings"] = ceilings
         record["method"] = {"rounds": args.rounds, "repeats": args.repeats, "device": device,
-                            "commit": _commit(), "settings": gopd_settings()}  # fmt: skip
+                            "commit": measured_commit(), "settings": gopd_settings()}  # fmt: skip
         if memory_limit:
             record["method"]["memory_limit_gib"] = round(memory_limit / 2**30, 1)
         print(markdown(record), "\n", flush=True)

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 import torch
 
+from benchmarks import common, report
 from benchmarks import ops as bops
-from benchmarks import report
 from benchmarks.common import ChildFailed
 from benchmarks.report import _series, markdown, summarize
 
@@ -93,14 +93,14 @@ def test_commit_is_dirty_for_code_changes_not_for_the_reports_own_results(tmp_pa
     (tmp_path / "ops.py").write_text("x = 1\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "benchmarks" / "results")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "benchmarks" / "results")
     monkeypatch.delenv("GOPD_COMMIT", raising=False)
     (tmp_path / "benchmarks" / "results" / "new.json").write_text("{}")
-    assert not report._commit().endswith("+dirty")
+    assert not common.measured_commit().endswith("+dirty")
     (tmp_path / "ops.py").write_text("x = 2\n")
-    assert report._commit().endswith("+dirty")
+    assert common.measured_commit().endswith("+dirty")
     monkeypatch.setenv("GOPD_COMMIT", "abc1234")  # the device machine's copy: told, not read
-    assert report._commit() == "abc1234"
+    assert common.measured_commit() == "abc1234"
 
 
 def test_child_warms_up_every_implementation_before_it_resets_the_peak(tmp_path, monkeypatch):

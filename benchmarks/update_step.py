@@ -1,0 +1,200 @@
+"""One G-OPD update step of a Qwen3-shaped student, forward and backward through the model:
+gopd's fused loss on the final hidden states against the same loss on materialised logits.
+
+    python -m benchmarks.update_step                          # 2048 and 8192 response tokens
+    python -m benchmarks.update_step --tokens 1024 --layers 1 --no-save
+
+The op tables (benchmarks.report) time the losses alone, on random hidden states. Here they
+sit behind a real model (Qwen3-0.6B's widths: hidden 1024, 16 heads, vocabulary 151936, tied
+head; fewer layers, for the CPU), so the peak includes the activations and the weights'
+gradients that every trainer holds, and shows what share of a step the loss takes.
+
+- naive: gopd_loss_reference on the response positions' hidden states: the [N, V] logits and
+  their log-softmax, as a trainer without a fused loss (HF logits with `logits_to_keep`).
+- gopd: gopd_loss, as gopd's trainer runs it.
+
+Both take the same batch (sequences of 64 prompt and 512 response tokens, ExOPD lam 1.25
+with a reference), in a fresh process each (peak RSS above the RSS once the model and the
+batch exist, after a warm-up step at one sequence), rounds interleaved. Their losses and the
+embedding's gradient norms are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    ChildFailed,
+    machine_description,
+    machine_slug,
+    markdown_table,
+    measured_commit,
+    peak_rss_bytes,
+    reset_peak_rss,
+    run_child,
+)
+from benchmarks.report import CHILD_ENV
+
+PROMPT, RESPONSE = 64, 512
+IMPLS = ("naive", "gopd")
+
+
+def qwen3_like(layers: int, seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+        max_position_embeddings=PROMPT + RESPONSE,
+    )  # fmt: skip
+    return Qwen3ForCausalLM(config).train()
+
+
+def batch(sequences: int, vocab: int, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (sequences, PROMPT + RESPONSE), generator=g)
+    logp = lambda: -torch.rand(sequences, RESPONSE, generator=g) * 4  # noqa: E731
+    return dict(ids=ids, mask=torch.ones_like(ids), targets=ids[:, PROMPT:], teacher=logp(), ref=logp())
+
+
+def step(model, x: dict, impl: str) -> tuple[float, float]:
+    """Forward and backward of one update; (loss, the embedding's gradient norm)."""
+    from gopd.models import final_hidden, head_weight
+    from gopd_kernels import gopd_loss
+    from gopd_kernels.reference import gopd_loss_reference
+
+    hidden = final_hidden(model, x["ids"], x["mask"])[:, PROMPT - 1 : -1]
+    args = (hidden, head_weight(model), x["targets"], x["teacher"], x["ref"])
+    loss = gopd_loss(*args, lam=1.25)[0] if impl == "gopd" else gopd_loss_reference(*args, lam=1.25)
+    loss.backward()
+    grad = model.get_input_embeddings().weight.grad
+    norm = float(grad.norm())
+    model.zero_grad(set_to_none=True)
+    return float(loss), norm
+
+
+def child(impl: str, tokens: int, layers: int, repeats: int, out: Path) -> None:
+    model = qwen3_like(layers)
+    x = batch(tokens // RESPONSE, model.config.vocab_size)
+    step(model, batch(1, model.config.vocab_size, seed=2), impl)  # warm-up: one-time costs
+    base = reset_peak_rss()
+    times, peak, result = [], 0, None
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        result = step(model, x, impl)
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            peak = peak_rss_bytes() - base
+    out.write_text(
+        json.dumps({"peak_bytes": peak, "times_s": times, "loss": result[0], "grad_norm": result[1]})
+    )
+
+
+def measure(tokens: int, layers: int, rounds: int, repeats: int) -> dict:
+    runs = {name: {"peak_bytes": [], "times_s": []} for name in IMPLS}
+    for r in range(rounds):
+        for name in IMPLS:
+            if "skipped" in runs[name]:
+                continue
+            args = [
+                "--child",
+                name,
+                "--tokens",
+                str(tokens),
+                "--layers",
+                str(layers),
+                "--repeats",
+                str(repeats),
+            ]
+            try:
+                res, _ = run_child("benchmarks.update_step", args, CHILD_ENV)
+            except ChildFailed as e:
+                runs[name] = {"skipped": f"failed: {e.reason}"}
+                continue
+            runs[name]["peak_bytes"].append(res["peak_bytes"])
+            runs[name]["times_s"] += res["times_s"]
+            runs[name] |= {"loss": res["loss"], "grad_norm": res["grad_norm"]}
+            print(f"    round {r + 1} {name:6s} +{res['peak_bytes'] / 2**20:7.0f} MiB  "
+                  + " ".join(f"{t:.2f}" for t in res["times_s"]) + " s", flush=True)  # fmt: skip
+    return runs
+
+
+def check_agreement(runs: dict, rtol: float = 1e-4) -> None:
+    """Marks each implementation whose loss or gradient norm differs from naive's by more
+    than rtol (relative): its row then says so, and its time is no comparison."""
+    naive = runs.get("naive", {})
+    for name, run in runs.items():
+        if name == "naive" or "skipped" in run or "skipped" in naive:
+            continue
+        close = lambda a, b: abs(a - b) <= rtol * max(abs(b), 1e-12)  # noqa: E731
+        run["agrees"] = close(run["loss"], naive["loss"]) and close(run["grad_norm"], naive["grad_norm"])
+
+
+def table(record: dict) -> str:
+    runs, rows = record["runs"], []
+    naive = runs.get("naive", {})
+    for name, run in runs.items():
+        if "skipped" in run:
+            rows.append([name, run["skipped"], "", "", "", "", ""])
+            continue
+        t, mem = statistics.median(run["times_s"]), max(run["peak_bytes"])
+        ok = "skipped" not in naive
+        flag = "" if run.get("agrees", True) else " (DISAGREES with naive)"
+        rows.append([
+            name + flag, f"{t:.2f} s ({min(run['times_s']):.2f}-{max(run['times_s']):.2f})",
+            f"{t / statistics.median(naive['times_s']):.2f}x" if ok else "-", f"{mem / 2**20:.0f}",
+            f"{mem / max(naive['peak_bytes']):.2f}x" if ok else "-",
+            f"{run['loss']:.6f}", f"{run['grad_norm']:.6g}",
+        ])  # fmt: skip
+    headers = ["impl", "time median (min-max)", "time / naive", "peak MiB", "memory / naive", "loss",
+               "embedding grad norm"]  # fmt: skip
+    return markdown_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="2048,8192", help="response tokens per step, comma-separated "
+                   f"(multiples of {RESPONSE})")  # fmt: skip
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (Qwen3-0.6B has 28)")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per implementation")
+    p.add_argument("--repeats", type=int, default=2, help="steps per process (the first: memory)")
+    p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    tokens = [int(t) for t in str(args.tokens).split(",")]
+    if any(t < RESPONSE or t % RESPONSE for t in tokens):
+        raise ValueError(f"--tokens: each must be a positive multiple of {RESPONSE}, got {args.tokens}")
+    if args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    if args.child:
+        return child(args.child, tokens[0], args.layers, args.repeats, Path(args.out))
+    machine = machine_description()
+    for n in tokens:
+        print(f"update step: {n} response tokens, {args.layers} layers", flush=True)
+        runs = measure(n, args.layers, args.rounds, args.repeats)
+        check_agreement(runs)
+        record = {
+            "tokens": n,
+            "layers": args.layers,
+            "machine": machine,
+            "commit": measured_commit(),
+            "runs": runs,
+        }
+        print(table(record), flush=True)
+        if not args.no_save:
+            folder = RESULTS_DIR / machine_slug(machine)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"update_step_L{args.layers}_N{n}.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
