@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(table(record), flush=True)
         if not args.no_save:
-            folder = RESULTS_DIR / machine_slug(machine)
+            folder = RESULTS_DIR / machine_slug(machine) / "update_step"  # apart from the report's JSON
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"update_step_L{args.layers}_N{n}.json").write_text(json.dumps(record, indent=1))
+            (folder / f"L{args.layers}_N{n}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
