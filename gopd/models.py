@@ -30,7 +30,7 @@ class AdapterFree:
 
 @dataclass
 class Models:
-    student: PreTrainedModel  # a peft PeftModel with LoRA
+    student: PreTrainedModel  # a peft PeftModel when lora_rank > 0
     teachers: dict[str, PreTrainedModel]  # domain -> teacher ("default" for a single teacher)
     reference: PreTrainedModel | AdapterFree | None  # None when lam == 1 (it cancels)
     tokenizer: PreTrainedTokenizerBase
