@@ -25,7 +25,8 @@
 #   bash benchmarks/gpu_session.sh stages  # token_logprobs stage by stage beside cuBLAS (75 s)
 #   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048, frozen scoring
 #                                          # with GOPD_LOGITS_GEMM swept (~3 minutes)
-#   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA (~2 minutes)
+#   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA, one update step
+#                                          # through a 28-layer Qwen3-0.6B shape (~4 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -173,13 +174,17 @@ fold)  # the folds not yet timed, each beside its recomputing backward (gopd-rec
         --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-fold,liger || status=1
     (exit $status)
     ;;
-trainer)  # the trainer's newer paths on CUDA (~2 minutes): a LoRA student in bf16 through the
+trainer)  # the trainer's newer paths on CUDA (~4 minutes): a LoRA student in bf16 through the
     # Triton kernels (its frozen head folds), its adapter-free reference, adapter checkpoints
     status=0
     timeout 60 python3 -m gopd.cli demo --quick --device cuda --out /tmp/gopd-demo || status=1
     timeout 90 python3 -m gopd.cli train --config /tmp/gopd-demo/gopd/config.yaml --device cuda \
         --dtype bfloat16 --lora-rank 8 --lr 5e-3 --lam 1.25 --steps 5 --output-dir /tmp/gopd-lora || status=1
     ls /tmp/gopd-lora/checkpoints/step_0000005 || status=1
+    # one update step through a Qwen3-0.6B-shaped student at its real depth (28 layers), bf16,
+    # naive materialised logits against gopd (the Triton fold); saved under results/<card>/update_step/
+    timeout 150 python3 -m benchmarks.update_step --layers 28 --tokens 2048,8192 --dtype bfloat16 \
+        --repeats 5 || status=1
     (exit $status)
     ;;
 check)

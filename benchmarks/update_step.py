@@ -3,6 +3,7 @@ gopd's fused loss on the final hidden states against the same loss on materialis
 
     python -m benchmarks.update_step                          # 2048 and 8192 response tokens
     python -m benchmarks.update_step --tokens 1024 --layers 1 --no-save
+    python -m benchmarks.update_step --layers 28 --dtype bfloat16   # on CUDA: Qwen3-0.6B's depth
 
 The op tables (benchmarks.report) time the losses alone, on random hidden states. Here they
 sit behind a real model (Qwen3-0.6B's widths: hidden 1024, 16 heads, vocabulary 151936, tied
@@ -14,9 +15,10 @@ gradients that every trainer holds, and shows what share of a step the loss take
 - gopd: gopd_loss, as gopd's trainer runs it.
 
 Both take the same batch (sequences of 64 prompt and 512 response tokens, ExOPD lam 1.25
-with a reference), in a fresh process each (peak RSS above the RSS once the model and the
-batch exist, after a warm-up step at one sequence), rounds interleaved. Their losses and the
-embedding's gradient norms are compared.
+with a reference) after a warm-up step at one sequence. On a CPU each runs in a fresh process
+(peak RSS above the RSS once the model and the batch exist), rounds interleaved; on CUDA in
+this process (torch.cuda.max_memory_allocated above the allocation before the step; gopd on
+its Triton kernels). Their losses and the embedding's gradient norms are compared.
 """
 
 from __future__ import annotations
@@ -81,10 +83,18 @@ def step(model, x: dict, impl: str) -> tuple[float, float]:
     return float(loss), norm
 
 
-def child(impl: str, tokens: int, layers: int, repeats: int, out: Path) -> None:
-    model = qwen3_like(layers)
-    x = batch(tokens // RESPONSE, model.config.vocab_size)
-    step(model, batch(1, model.config.vocab_size, seed=2), impl)  # warm-up: one-time costs
+def prepared(tokens: int, layers: int, dtype: str, device: str) -> tuple:
+    """(model, the batch, a one-sequence warm-up batch) on `device`."""
+    model = qwen3_like(layers).to(device=device, dtype=getattr(torch, dtype))
+    on = lambda x: {k: v.to(device) for k, v in x.items()}  # noqa: E731
+    vocab = model.config.vocab_size
+    return model, on(batch(tokens // RESPONSE, vocab)), on(batch(1, vocab, seed=2))
+
+
+def child(impl: str, tokens: int, layers: int, dtype: str, repeats: int, out: Path) -> None:
+    """CPU, in a fresh process: peak RSS of the first step, the time of each."""
+    model, x, warm = prepared(tokens, layers, dtype, "cpu")
+    step(model, warm, impl)  # one-time costs
     base = reset_peak_rss()
     times, peak, result = [], 0, None
     for i in range(repeats):
@@ -98,7 +108,34 @@ def child(impl: str, tokens: int, layers: int, repeats: int, out: Path) -> None:
     )
 
 
-def measure(tokens: int, layers: int, rounds: int, repeats: int) -> dict:
+def measure_cuda(tokens: int, layers: int, dtype: str, repeats: int) -> dict:
+    """CUDA, in this process: each implementation's steps after its warm-up (compile, autotune)."""
+    model, x, warm = prepared(tokens, layers, dtype, "cuda")
+    runs = {}
+    for name in IMPLS:
+        try:
+            step(model, warm, name)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base, times = torch.cuda.memory_allocated(), []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                loss, norm = step(model, x, name)  # returns floats: synchronised
+                times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated() - base
+        except torch.OutOfMemoryError as e:
+            runs[name] = {"skipped": f"failed: out of memory ({str(e).splitlines()[0][:100]})"}
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        runs[name] = {"peak_bytes": [peak], "times_s": times, "loss": loss, "grad_norm": norm}
+        print(f"    {name:6s} +{peak / 2**20:7.0f} MiB  " + " ".join(f"{t * 1e3:.1f}" for t in times) + " ms",
+              flush=True)  # fmt: skip
+    return runs
+
+
+def measure(tokens: int, layers: int, dtype: str, rounds: int, repeats: int) -> dict:
+    """CPU: fresh processes, rounds interleaving the implementations."""
     runs = {name: {"peak_bytes": [], "times_s": []} for name in IMPLS}
     for r in range(rounds):
         for name in IMPLS:
@@ -111,6 +148,8 @@ def measure(tokens: int, layers: int, rounds: int, repeats: int) -> dict:
                 str(tokens),
                 "--layers",
                 str(layers),
+                "--dtype",
+                dtype,
                 "--repeats",
                 str(repeats),
             ]
@@ -164,8 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", default="2048,8192", help="response tokens per step, comma-separated "
                    f"(multiples of {RESPONSE})")  # fmt: skip
     p.add_argument("--layers", type=int, default=4, help="decoder layers (Qwen3-0.6B has 28)")
-    p.add_argument("--rounds", type=int, default=2, help="fresh processes per implementation")
-    p.add_argument("--repeats", type=int, default=2, help="steps per process (the first: memory)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model and batch")
+    p.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per implementation")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="steps per measurement (CPU: the first gives memory)"
+    )
     p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -176,24 +218,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
     if args.child:
-        return child(args.child, tokens[0], args.layers, args.repeats, Path(args.out))
+        return child(args.child, tokens[0], args.layers, args.dtype, args.repeats, Path(args.out))
     machine = machine_description()
+    cuda = torch.cuda.is_available()
     for n in tokens:
-        print(f"update step: {n} response tokens, {args.layers} layers", flush=True)
-        runs = measure(n, args.layers, args.rounds, args.repeats)
+        print(f"update step: {n} response tokens, {args.layers} layers, {args.dtype}", flush=True)
+        if cuda:
+            runs = measure_cuda(n, args.layers, args.dtype, args.repeats)
+        else:
+            runs = measure(n, args.layers, args.dtype, args.rounds, args.repeats)
         check_agreement(runs)
-        record = {
-            "tokens": n,
-            "layers": args.layers,
-            "machine": machine,
-            "commit": measured_commit(),
-            "runs": runs,
-        }
+        record = {"tokens": n, "layers": args.layers, "dtype": args.dtype, "machine": machine,
+                  "commit": measured_commit(), "runs": runs}  # fmt: skip
         print(table(record), flush=True)
         if not args.no_save:
             folder = RESULTS_DIR / machine_slug(machine) / "update_step"  # apart from the report's JSON
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"L{args.layers}_N{n}.json").write_text(json.dumps(record, indent=1))
+            (folder / f"L{args.layers}_N{n}_{args.dtype}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -35,3 +35,21 @@ def test_a_failed_implementation_is_a_row_that_says_why():
     update_step.check_agreement(record["runs"])
     text = update_step.table(record)
     assert "failed: out of memory" in text and "| - |" in text
+
+
+def test_the_cuda_path_runs_with_stand_ins_for_the_cuda_calls(monkeypatch):
+    """measure_cuda's logic (never run on a GPU yet) on the CPU: the CUDA calls are stand-ins."""
+    import torch
+
+    for name, fn in dict(synchronize=lambda: None, reset_peak_memory_stats=lambda: None,
+                         memory_allocated=lambda: 0, max_memory_allocated=lambda: 5 << 20,
+                         empty_cache=lambda: None).items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fn)
+    on_cpu = update_step.prepared
+    monkeypatch.setattr(
+        update_step, "prepared", lambda tokens, layers, dtype, device: on_cpu(tokens, layers, dtype, "cpu")
+    )
+    found = update_step.measure_cuda(512, 1, "float32", 1)
+    update_step.check_agreement(found)
+    assert found["gopd"]["agrees"] and found["naive"]["peak_bytes"] == [5 << 20]
+    assert "gopd" in update_step.table({"runs": found})
