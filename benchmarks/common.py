@@ -119,6 +119,30 @@ def run_child(
         return json.loads(out.read_text()), (torch.load(tensors) if tensors.exists() else {})
 
 
+def child_rounds(module: str, names: list[str], rounds: int, args_for, env: dict | None = None):
+    """Each name's child (`python -m module *args_for(name)`, see run_child) once a round, the
+    rounds interleaving the names so that a drift in a shared machine's speed favours none.
+    Yields (round, name, result, tensors); a child that fails yields its ChildFailed as the
+    result and is not run again. Each finished child is printed as a line."""
+    failed = set()
+    for r in range(rounds):
+        for name in names:
+            if name in failed:
+                continue
+            try:
+                res, tensors = run_child(module, args_for(name), env)
+            except ChildFailed as e:
+                failed.add(name)
+                print(f"    round {r + 1} {name:14s} failed at this shape: {e.reason}", flush=True)
+                yield r, name, e, None
+                continue
+            times = " ".join(f"{t:.2f}" for t in res["times_s"])
+            print(
+                f"    round {r + 1} {name:14s} +{res['peak_bytes'] / 2**20:7.0f} MiB  {times} s", flush=True
+            )
+            yield r, name, res, tensors
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

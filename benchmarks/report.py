@@ -41,6 +41,7 @@ from benchmarks import ops as bops
 from benchmarks.common import (
     RESULTS_DIR,
     ChildFailed,
+    child_rounds,
     cuda_times_ms,
     machine_description,
     machine_slug,
@@ -48,7 +49,6 @@ from benchmarks.common import (
     measured_commit,
     peak_rss_bytes,
     reset_peak_rss,
-    run_child,
 )
 
 CHECK_N = 67  # rows of the float64 correctness check: odd, and more than one tile row on CPU
@@ -191,24 +191,16 @@ def measure_cpu(
     runs = {name: {"peak_bytes": [], "times_s": [], "warmup_s": []} for name in names}
     kept = {}
     limit_args = ["--memory-limit", str(memory_limit)] if memory_limit else []
-    for r in range(rounds):
-        for name in names:
-            if "skipped" in runs[name]:
-                continue
-            args = [*spec.as_args(), "--child", name, "--repeats", str(repeats), *limit_args]
-            try:
-                res, kept[name] = run_child("benchmarks.report", args, CHILD_ENV)
-            except ChildFailed as e:
-                runs[name] = {"skipped": f"failed at this shape: {e.reason}"}
-                kept.pop(name, None)
-                print(f"    round {r + 1} {name:14s} {runs[name]['skipped']}", flush=True)
-                continue
-            runs[name]["peak_bytes"].append(res["peak_bytes"])
-            runs[name]["times_s"] += res["times_s"]
-            runs[name]["warmup_s"].append(res["warmup_s"])
-            times = " ".join(f"{t:.2f}" for t in res["times_s"])
-            mib = res["peak_bytes"] / 2**20
-            print(f"    round {r + 1} {name:14s} +{mib:7.0f} MiB  {times} s", flush=True)
+    args_for = lambda name: [*spec.as_args(), "--child", name, "--repeats", str(repeats), *limit_args]  # noqa: E731
+    for _, name, res, tensors in child_rounds("benchmarks.report", names, rounds, args_for, CHILD_ENV):
+        if isinstance(res, ChildFailed):
+            runs[name] = {"skipped": f"failed at this shape: {res.reason}"}
+            kept.pop(name, None)
+            continue
+        kept[name] = tensors
+        runs[name]["peak_bytes"].append(res["peak_bytes"])
+        runs[name]["times_s"] += res["times_s"]
+        runs[name]["warmup_s"].append(res["warmup_s"])
     return runs, kept
 
 

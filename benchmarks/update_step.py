@@ -34,13 +34,13 @@ import torch
 from benchmarks.common import (
     RESULTS_DIR,
     ChildFailed,
+    child_rounds,
     machine_description,
     machine_slug,
     markdown_table,
     measured_commit,
     peak_rss_bytes,
     reset_peak_rss,
-    run_child,
 )
 from benchmarks.report import CHILD_ENV
 
@@ -137,32 +137,15 @@ def measure_cuda(tokens: int, layers: int, dtype: str, repeats: int) -> dict:
 def measure(tokens: int, layers: int, dtype: str, rounds: int, repeats: int) -> dict:
     """CPU: fresh processes, rounds interleaving the implementations."""
     runs = {name: {"peak_bytes": [], "times_s": []} for name in IMPLS}
-    for r in range(rounds):
-        for name in IMPLS:
-            if "skipped" in runs[name]:
-                continue
-            args = [
-                "--child",
-                name,
-                "--tokens",
-                str(tokens),
-                "--layers",
-                str(layers),
-                "--dtype",
-                dtype,
-                "--repeats",
-                str(repeats),
-            ]
-            try:
-                res, _ = run_child("benchmarks.update_step", args, CHILD_ENV)
-            except ChildFailed as e:
-                runs[name] = {"skipped": f"failed: {e.reason}"}
-                continue
-            runs[name]["peak_bytes"].append(res["peak_bytes"])
-            runs[name]["times_s"] += res["times_s"]
-            runs[name] |= {"loss": res["loss"], "grad_norm": res["grad_norm"]}
-            print(f"    round {r + 1} {name:6s} +{res['peak_bytes'] / 2**20:7.0f} MiB  "
-                  + " ".join(f"{t:.2f}" for t in res["times_s"]) + " s", flush=True)  # fmt: skip
+    shape = ["--tokens", str(tokens), "--layers", str(layers), "--dtype", dtype, "--repeats", str(repeats)]
+    args_for = lambda name: ["--child", name, *shape]  # noqa: E731
+    for _, name, res, _ in child_rounds("benchmarks.update_step", list(IMPLS), rounds, args_for, CHILD_ENV):
+        if isinstance(res, ChildFailed):
+            runs[name] = {"skipped": f"failed: {res.reason}"}
+            continue
+        runs[name]["peak_bytes"].append(res["peak_bytes"])
+        runs[name]["times_s"] += res["times_s"]
+        runs[name] |= {"loss": res["loss"], "grad_norm": res["grad_norm"]}
     return runs
 
 
