@@ -4,6 +4,7 @@ gopd's fused loss on the final hidden states against the same loss on materialis
     python -m benchmarks.update_step                          # 2048 and 8192 response tokens
     python -m benchmarks.update_step --tokens 1024 --layers 1 --no-save
     python -m benchmarks.update_step --layers 28 --dtype bfloat16   # on CUDA: Qwen3-0.6B's depth
+    python -m benchmarks.update_step --frozen-head            # the head fixed, as under LoRA
 
 The op tables (benchmarks.report) time the losses alone, on random hidden states. Here they
 sit behind a real model (Qwen3-0.6B's widths: hidden 1024, 16 heads, vocabulary 151936, tied
@@ -67,8 +68,15 @@ def batch(sequences: int, vocab: int, seed: int = 1) -> dict:
     return dict(ids=ids, mask=torch.ones_like(ids), targets=ids[:, PROMPT:], teacher=logp(), ref=logp())
 
 
+def watched(model) -> torch.Tensor:
+    """The weight whose gradient the implementations must agree on: the embedding (tied to the
+    head), or with a frozen head the final norm, the last weight before the loss."""
+    embedding = model.get_input_embeddings().weight
+    return embedding if embedding.requires_grad else model.model.norm.weight
+
+
 def step(model, x: dict, impl: str) -> tuple[float, float]:
-    """Forward and backward of one update; (loss, the embedding's gradient norm)."""
+    """Forward and backward of one update; (loss, the watched weight's gradient norm)."""
     from gopd.models import final_hidden, head_weight
     from gopd_kernels import gopd_loss
     from gopd_kernels.reference import gopd_loss_reference
@@ -77,23 +85,23 @@ def step(model, x: dict, impl: str) -> tuple[float, float]:
     args = (hidden, head_weight(model), x["targets"], x["teacher"], x["ref"])
     loss = gopd_loss(*args, lam=1.25)[0] if impl == "gopd" else gopd_loss_reference(*args, lam=1.25)
     loss.backward()
-    grad = model.get_input_embeddings().weight.grad
-    norm = float(grad.norm())
+    norm = float(watched(model).grad.norm())
     model.zero_grad(set_to_none=True)
     return float(loss), norm
 
 
-def prepared(tokens: int, layers: int, dtype: str, device: str) -> tuple:
+def prepared(tokens: int, layers: int, dtype: str, device: str, frozen_head: bool = False) -> tuple:
     """(model, the batch, a one-sequence warm-up batch) on `device`."""
     model = qwen3_like(layers).to(device=device, dtype=getattr(torch, dtype))
+    model.get_output_embeddings().requires_grad_(not frozen_head)  # tied: the embedding too
     on = lambda x: {k: v.to(device) for k, v in x.items()}  # noqa: E731
     vocab = model.config.vocab_size
     return model, on(batch(tokens // RESPONSE, vocab)), on(batch(1, vocab, seed=2))
 
 
-def child(impl: str, tokens: int, layers: int, dtype: str, repeats: int, out: Path) -> None:
+def child(impl: str, tokens: int, layers: int, dtype: str, frozen: bool, repeats: int, out: Path) -> None:
     """CPU, in a fresh process: peak RSS of the first step, the time of each."""
-    model, x, warm = prepared(tokens, layers, dtype, "cpu")
+    model, x, warm = prepared(tokens, layers, dtype, "cpu", frozen)
     step(model, warm, impl)  # one-time costs
     base = reset_peak_rss()
     times, peak, result = [], 0, None
@@ -108,9 +116,9 @@ def child(impl: str, tokens: int, layers: int, dtype: str, repeats: int, out: Pa
     )
 
 
-def measure_cuda(tokens: int, layers: int, dtype: str, repeats: int) -> dict:
+def measure_cuda(tokens: int, layers: int, dtype: str, frozen: bool, repeats: int) -> dict:
     """CUDA, in this process: each implementation's steps after its warm-up (compile, autotune)."""
-    model, x, warm = prepared(tokens, layers, dtype, "cuda")
+    model, x, warm = prepared(tokens, layers, dtype, "cuda", frozen)
     runs = {}
     for name in IMPLS:
         try:
@@ -134,10 +142,11 @@ def measure_cuda(tokens: int, layers: int, dtype: str, repeats: int) -> dict:
     return runs
 
 
-def measure(tokens: int, layers: int, dtype: str, rounds: int, repeats: int) -> dict:
+def measure(tokens: int, layers: int, dtype: str, frozen: bool, rounds: int, repeats: int) -> dict:
     """CPU: fresh processes, rounds interleaving the implementations."""
     runs = {name: {"peak_bytes": [], "times_s": []} for name in IMPLS}
     shape = ["--tokens", str(tokens), "--layers", str(layers), "--dtype", dtype, "--repeats", str(repeats)]
+    shape += ["--frozen-head"] if frozen else []
     args_for = lambda name: ["--child", name, *shape]  # noqa: E731
     for _, name, res, _ in child_rounds("benchmarks.update_step", list(IMPLS), rounds, args_for, CHILD_ENV):
         if isinstance(res, ChildFailed):
@@ -177,7 +186,7 @@ def table(record: dict) -> str:
             f"{run['loss']:.6f}", f"{run['grad_norm']:.6g}",
         ])  # fmt: skip
     headers = ["impl", "time median (min-max)", "time / naive", "peak MiB", "memory / naive", "loss",
-               "embedding grad norm"]  # fmt: skip
+               "grad norm (embedding; final norm if the head is frozen)"]  # fmt: skip
     return markdown_table(headers, rows)
 
 
@@ -187,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
                    f"(multiples of {RESPONSE})")  # fmt: skip
     p.add_argument("--layers", type=int, default=4, help="decoder layers (Qwen3-0.6B has 28)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model and batch")
+    p.add_argument(
+        "--frozen-head", action="store_true", help="fix the head and tied embedding (as LoRA does)"
+    )
     p.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per implementation")
     p.add_argument(
         "--repeats", type=int, default=2, help="steps per measurement (CPU: the first gives memory)"
@@ -201,23 +213,27 @@ def main(argv: list[str] | None = None) -> None:
     if args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")
     if args.child:
-        return child(args.child, tokens[0], args.layers, args.dtype, args.repeats, Path(args.out))
+        return child(
+            args.child, tokens[0], args.layers, args.dtype, args.frozen_head, args.repeats, Path(args.out)
+        )
     machine = machine_description()
     cuda = torch.cuda.is_available()
     for n in tokens:
-        print(f"update step: {n} response tokens, {args.layers} layers, {args.dtype}", flush=True)
+        head = ", frozen head" if args.frozen_head else ""
+        print(f"update step: {n} response tokens, {args.layers} layers, {args.dtype}{head}", flush=True)
         if cuda:
-            runs = measure_cuda(n, args.layers, args.dtype, args.repeats)
+            runs = measure_cuda(n, args.layers, args.dtype, args.frozen_head, args.repeats)
         else:
-            runs = measure(n, args.layers, args.dtype, args.rounds, args.repeats)
+            runs = measure(n, args.layers, args.dtype, args.frozen_head, args.rounds, args.repeats)
         check_agreement(runs)
-        record = {"tokens": n, "layers": args.layers, "dtype": args.dtype, "machine": machine,
-                  "commit": measured_commit(), "runs": runs}  # fmt: skip
+        record = {"tokens": n, "layers": args.layers, "dtype": args.dtype, "frozen_head": args.frozen_head,
+                  "machine": machine, "commit": measured_commit(), "runs": runs}  # fmt: skip
         print(table(record), flush=True)
         if not args.no_save:
             folder = RESULTS_DIR / machine_slug(machine) / "update_step"  # apart from the report's JSON
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"L{args.layers}_N{n}_{args.dtype}.json").write_text(json.dumps(record, indent=1))
+            name = f"L{args.layers}_N{n}_{args.dtype}{'_frozen_head' if args.frozen_head else ''}.json"
+            (folder / name).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -47,9 +47,11 @@ def test_the_cuda_path_runs_with_stand_ins_for_the_cuda_calls(monkeypatch):
         monkeypatch.setattr(torch.cuda, name, fn)
     on_cpu = update_step.prepared
     monkeypatch.setattr(
-        update_step, "prepared", lambda tokens, layers, dtype, device: on_cpu(tokens, layers, dtype, "cpu")
+        update_step,
+        "prepared",
+        lambda n, layers, dtype, device, frozen: on_cpu(n, layers, dtype, "cpu", frozen),
     )
-    found = update_step.measure_cuda(512, 1, "float32", 1)
+    found = update_step.measure_cuda(512, 1, "float32", True, 1)  # with a frozen head
     update_step.check_agreement(found)
     assert found["gopd"]["agrees"] and found["naive"]["peak_bytes"] == [5 << 20]
     assert "gopd" in update_step.table({"runs": found})
