@@ -163,13 +163,7 @@ def all_reduce_grads(ctx: DistContext, params: list[torch.Tensor]) -> None:
             if p.grad is None:  # p: a parameter, a float32 master, or a GradSlot (gopd.optim)
                 p.grad = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
             grads.append(p.grad)
-    for bucket in _buckets(grads, BUCKET_BYTES):
-        if len(bucket) == 1:
-            dist.all_reduce(bucket[0])
-            continue
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
-        _unflatten_into(flat, bucket)
+    _bucketed(dist.all_reduce, grads)
 
 
 @torch.no_grad()
@@ -178,22 +172,23 @@ def broadcast_from_owners(ctx: DistContext, params: list[torch.Tensor], owners: 
     if not ctx.enabled:
         return
     for rank in range(ctx.world_size):
-        for bucket in _buckets(
-            [p.data for p, o in zip(params, owners, strict=True) if o == rank], BUCKET_BYTES
-        ):
-            if len(bucket) == 1:
-                dist.broadcast(bucket[0], src=rank)
-                continue
-            flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.broadcast(flat, src=rank)
-            _unflatten_into(flat, bucket)
+        theirs = [p.data for p, o in zip(params, owners, strict=True) if o == rank]
+        _bucketed(lambda t, rank=rank: dist.broadcast(t, src=rank), theirs)
 
 
-def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+def _bucketed(collective, tensors: list[torch.Tensor]) -> None:
+    """Run an in-place collective over `tensors` in flat buckets (see _buckets): one call per
+    bucket instead of one per tensor, the results copied back."""
+    for bucket in _buckets(tensors, BUCKET_BYTES):
+        if len(bucket) == 1:
+            collective(bucket[0])
+            continue
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        collective(flat)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def _buckets(tensors: list[torch.Tensor], max_bytes: int):
