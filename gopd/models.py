@@ -27,6 +27,9 @@ class AdapterFree:
     def __init__(self, student):
         self.student = student
 
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.student.get_output_embeddings()  # LoRA never adapts the head (config checks)
+
 
 @dataclass
 class Models:
@@ -267,15 +270,16 @@ def apply_liger(model: PreTrainedModel) -> None:
     )
 
 
+def context_length(model) -> int:
+    """The longest sequence the model takes (max_position_embeddings; no limit if unset)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 10**9)
+
+
 def head_weight(model: PreTrainedModel | AdapterFree) -> torch.Tensor:
-    if isinstance(model, AdapterFree):  # LoRA never adapts the head (config checks)
-        model = model.student
     return model.get_output_embeddings().weight
 
 
 def head_bias(model: PreTrainedModel | AdapterFree) -> torch.Tensor | None:
-    if isinstance(model, AdapterFree):
-        model = model.student
     return getattr(model.get_output_embeddings(), "bias", None)
 
 
