@@ -9,7 +9,7 @@ import torch
 from gopd.config import TrainConfig
 from gopd.data import Example, load_examples
 from gopd.distributed import SINGLE, DistContext, close_distributed, init_distributed
-from gopd.models import load_model, load_tokenizer, resolve_device
+from gopd.models import context_length, load_model, load_tokenizer, resolve_device
 from gopd.rollout import HFRolloutEngine, RolloutEngine
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -79,8 +79,8 @@ def evaluate_checkpoint(
     try:
         tokenizer = load_tokenizer(path)
         model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
-        context = int(getattr(model.config, "max_position_embeddings", None) or 10**9)
-        examples = load_examples(cfg.eval_data, cfg, tokenizer, context, need_answers=True)[:max_prompts]
+        examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(model), need_answers=True)
+        examples = examples[:max_prompts]
         torch.manual_seed(seed + ctx.rank)  # each rank its own samples
         engine = HFRolloutEngine(model, tokenizer, cfg)
         return evaluate(engine, tokenizer, examples, k, cfg.temperature, ctx=ctx)

@@ -43,17 +43,13 @@ from gopd.distributed import (
 )
 from gopd.evaluate import evaluate
 from gopd.logs import MetricsLogger, NoMetrics
-from gopd.models import load_models, load_student_weights
+from gopd.models import context_length, load_models, load_student_weights
 from gopd.rollout import make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, policy_update
 
 logger = logging.getLogger("gopd")
 MAX_BAD_STEPS = 3
-
-
-def context_length(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", None) or 10**9)
 
 
 def planned_steps(cfg: TrainConfig, n_prompts: int) -> int:
