@@ -183,8 +183,7 @@ trainer)  # the trainer's newer paths on CUDA (~4 minutes): a LoRA student in bf
     ls /tmp/gopd-lora/checkpoints/step_0000005 || status=1
     # one update step through a Qwen3-0.6B-shaped student at its real depth (28 layers), bf16,
     # naive materialised logits against gopd (the Triton fold); saved under results/<card>/update_step/
-    timeout 150 python3 -m benchmarks.update_step --layers 28 --tokens 2048,8192 --dtype bfloat16 \
-        --repeats 5 || status=1
+    timeout 150 python3 -m benchmarks.update_step --layers 28 --tokens 2048,8192 --dtype bfloat16 || status=1
     (exit $status)
     ;;
 check)

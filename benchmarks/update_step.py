@@ -36,6 +36,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     ChildFailed,
     child_rounds,
+    cuda_times_ms,
     machine_description,
     machine_slug,
     markdown_table,
@@ -116,8 +117,9 @@ def child(impl: str, tokens: int, layers: int, dtype: str, frozen: bool, repeats
     )
 
 
-def measure_cuda(tokens: int, layers: int, dtype: str, frozen: bool, repeats: int) -> dict:
-    """CUDA, in this process: each implementation's steps after its warm-up (compile, autotune)."""
+def measure_cuda(tokens: int, layers: int, dtype: str, frozen: bool) -> dict:
+    """CUDA, in this process, after each implementation's warm-up (compile, autotune): the peak
+    of one step, then the step timed as the report's CUDA rows are (cuda_times_ms)."""
     model, x, warm = prepared(tokens, layers, dtype, "cuda", frozen)
     runs = {}
     for name in IMPLS:
@@ -125,20 +127,18 @@ def measure_cuda(tokens: int, layers: int, dtype: str, frozen: bool, repeats: in
             step(model, warm, name)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base, times = torch.cuda.memory_allocated(), []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                loss, norm = step(model, x, name)  # returns floats: synchronised
-                times.append(time.perf_counter() - t0)
+            base = torch.cuda.memory_allocated()
+            loss, norm = step(model, x, name)
             peak = torch.cuda.max_memory_allocated() - base
+            times = [ms / 1e3 for ms in cuda_times_ms(lambda name=name: step(model, x, name))]
         except torch.OutOfMemoryError as e:
             runs[name] = {"skipped": f"failed: out of memory ({str(e).splitlines()[0][:100]})"}
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             continue
         runs[name] = {"peak_bytes": [peak], "times_s": times, "loss": loss, "grad_norm": norm}
-        print(f"    {name:6s} +{peak / 2**20:7.0f} MiB  " + " ".join(f"{t * 1e3:.1f}" for t in times) + " ms",
-              flush=True)  # fmt: skip
+        print(f"    {name:6s} +{peak / 2**20:7.0f} MiB  median {statistics.median(times) * 1e3:.1f} ms "
+              f"({len(times)} steps)", flush=True)  # fmt: skip
     return runs
 
 
@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per implementation")
     p.add_argument(
-        "--repeats", type=int, default=2, help="steps per measurement (CPU: the first gives memory)"
+        "--repeats",
+        type=int,
+        default=2,
+        help="CPU: steps per process, the first gives memory (CUDA: cuda_times_ms)",
     )
     p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         head = ", frozen head" if args.frozen_head else ""
         print(f"update step: {n} response tokens, {args.layers} layers, {args.dtype}{head}", flush=True)
         if cuda:
-            runs = measure_cuda(n, args.layers, args.dtype, args.frozen_head, args.repeats)
+            runs = measure_cuda(n, args.layers, args.dtype, args.frozen_head)
         else:
             runs = measure(n, args.layers, args.dtype, args.frozen_head, args.rounds, args.repeats)
         check_agreement(runs)
