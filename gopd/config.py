@@ -67,7 +67,12 @@ class TrainConfig:
     # -- batch ------------------------------------------------------------------------
     prompts_per_step: int = _f(64, "prompts per optimizer step")
     samples_per_prompt: int = _f(1, "responses sampled per prompt")
-    micro_batch_size: int = _f(16, "sequences per forward/backward (gradient accumulation)")
+    micro_batch_size: int = _f(16, "most sequences per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int | None = _f(
+        None,
+        "most padded tokens per forward/backward (rows x longest row; rows are grouped by length); "
+        "null = micro_batch_size alone decides",
+    )
     # -- optimisation -----------------------------------------------------------------
     lr: float = _f(1e-5, "AdamW learning rate")
     lr_schedule: str = _f("constant", "constant | cosine | linear (decay to 0 after warmup)")
@@ -192,6 +197,14 @@ class TrainConfig:
                      "micro_batch_size", "eval_samples", "epochs"):  # fmt: skip
             err.need(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1"
+            )
+        if self.micro_batch_tokens is not None:
+            lengths = (self.max_prompt_tokens, self.max_new_tokens)
+            longest = sum(lengths) if all(isinstance(n, int) for n in lengths) else 1
+            err.need(
+                isinstance(self.micro_batch_tokens, int) and self.micro_batch_tokens >= longest,
+                "micro_batch_tokens",
+                f"must be null or an int >= max_prompt_tokens + max_new_tokens ({longest}), the longest row",
             )
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             err.need(

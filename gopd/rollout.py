@@ -50,6 +50,19 @@ class Rollouts:
         """Response token ids, IGNORE where the response has ended: the targets of the losses."""
         return self.responses.masked_fill(~self.response_mask, IGNORE)
 
+    @property
+    def width(self) -> int:
+        """R: response columns (the longest response of these rows, or more before trimming)."""
+        return self.response_mask.shape[1]
+
+    def prompt_lengths(self) -> torch.Tensor:
+        """[B] tokens of each row's prompt (without its left padding)."""
+        return self.attention_mask[:, : self.prompt_len].sum(-1)
+
+    def response_lengths(self) -> torch.Tensor:
+        """[B] response columns each row needs: up to its last valid token (EOS included)."""
+        return (self.response_mask * torch.arange(1, self.width + 1)).amax(-1)
+
     def select(self, rows: torch.Tensor | list[int]) -> Rollouts:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return replace(
@@ -59,6 +72,27 @@ class Rollouts:
             response_mask=self.response_mask[rows],
             rollout_logp=self.rollout_logp[rows],
             examples=[self.examples[i] for i in rows.tolist()],
+        )
+
+    def trimmed(self) -> Rollouts:
+        """The same rows without the columns that are padding in all of them: the prompts'
+        left padding beyond the longest prompt here, the responses' right padding beyond the
+        longest response here. The model's outputs at the kept positions do not change
+        (positions follow the attention mask; attention is causal), only their cost: a step's
+        batch is padded to the longest response of the whole step. At least one column of
+        each is kept."""
+        prompt = max(1, int(self.prompt_lengths().max()))
+        response = max(1, int(self.response_lengths().max()))
+        if prompt == self.prompt_len and response == self.width:
+            return self
+        cols = slice(self.prompt_len - prompt, self.prompt_len + response)
+        return replace(
+            self,
+            sequences=self.sequences[:, cols],
+            attention_mask=self.attention_mask[:, cols],
+            prompt_len=prompt,
+            response_mask=self.response_mask[:, :response],
+            rollout_logp=self.rollout_logp[:, :response],
         )
 
 

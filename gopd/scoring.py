@@ -1,6 +1,6 @@
 """Scoring stage: teacher (per domain) and reference log-probs of the sampled tokens.
 
-No gradient, micro-batched; each frozen model gives its final hidden states at the
+No gradient, micro-batched (gopd.batching); each frozen model gives its final hidden states at the
 response positions and gopd_kernels.frozen_logprobs streams the teacher's and the
 reference's heads together.
 """
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gopd.batching import micro_batch, micro_batches
 from gopd.config import TrainConfig
 from gopd.models import Models, final_hidden, frozen_on_device, head_bias, head_weight
 from gopd.rollout import IGNORE, Rollouts
@@ -37,11 +38,6 @@ def rows_by_domain(rollouts: Rollouts, domains) -> dict[str, list[int]]:
     return {d: r for d, r in rows.items() if r}
 
 
-def micro_batches(rows: list[int], size: int):
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
-
-
 @torch.no_grad()
 def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig) -> Scores:
     B, R = rollouts.response_mask.shape
@@ -50,8 +46,8 @@ def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig) -> Scor
     for domain, rows in rows_by_domain(rollouts, models.teachers).items():
         # with offload_frozen: on the device once per domain, not once per micro-batch
         with frozen_on_device(models, domain) as (teacher, ref):
-            for chunk in micro_batches(rows, cfg.micro_batch_size):
-                part = rollouts.select(chunk)
+            for chunk in micro_batches(rollouts, rows, cfg.micro_batch_size, cfg.micro_batch_tokens):
+                part, idx = micro_batch(rollouts, chunk)
                 t_hidden = response_hidden(teacher, part)
                 r_hidden = None if ref is None else response_hidden(ref, part)
                 out = frozen_logprobs(
@@ -60,8 +56,7 @@ def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig) -> Scor
                     teacher_bias=head_bias(teacher), ref_bias=None if ref is None else head_bias(ref),
                     temperature=cfg.temperature, ignore_index=IGNORE, backend=cfg.kernel_backend,
                 )  # fmt: skip
-                idx = torch.tensor(chunk)
-                teacher_logp[idx] = out.teacher_logp.float().cpu()
+                teacher_logp[idx, : part.width] = out.teacher_logp.float().cpu()
                 if ref_logp is not None:
-                    ref_logp[idx] = out.ref_logp.float().cpu()
+                    ref_logp[idx, : part.width] = out.ref_logp.float().cpu()
     return Scores(teacher_logp, ref_logp)

@@ -14,12 +14,13 @@ from contextlib import nullcontext
 
 import torch
 
+from gopd.batching import micro_batch, micro_batches
 from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext, all_reduce_grads, broadcast_from_owners
 from gopd.models import Models, frozen_on_device, head_weight
 from gopd.optim import LossScale, MasterWeightAdamW, partition
 from gopd.rollout import IGNORE, Rollouts
-from gopd.scoring import Scores, micro_batches, response_hidden, rows_by_domain
+from gopd.scoring import Scores, response_hidden, rows_by_domain
 from gopd_kernels import gopd_dense_loss, gopd_loss
 
 logger = logging.getLogger("gopd")
@@ -69,14 +70,14 @@ def _part_weight(cfg: TrainConfig, part: Rollouts, total_seqs: int) -> float:
     return float(part.response_mask.any(-1).sum()) / max(total_seqs, 1)
 
 
-def _sampled_loss(models, part, scores, rows, cfg, num_tokens):
+def _sampled_loss(models, part, scores, idx, cfg, num_tokens):
     student = models.student
     hidden = response_hidden(student, part)
-    idx = torch.tensor(rows)
     dev = hidden.device
+    cols = slice(0, part.width)  # the micro-batch is trimmed (gopd.batching), the scores are not
     return gopd_loss(
-        hidden, head_weight(student), part.targets.to(dev), scores.teacher_logp[idx].to(dev),
-        None if scores.ref_logp is None else scores.ref_logp[idx].to(dev),
+        hidden, head_weight(student), part.targets.to(dev), scores.teacher_logp[idx, cols].to(dev),
+        None if scores.ref_logp is None else scores.ref_logp[idx, cols].to(dev),
         lam=cfg.lam, temperature=cfg.temperature, rollout_logp=part.rollout_logp.to(dev),
         clip_ratio=tuple(cfg.clip_ratio), is_cap=cfg.is_cap, loss_agg=cfg.loss_agg,
         num_tokens=num_tokens, ignore_index=IGNORE, backend=cfg.kernel_backend, fold=cfg.loss_fold,
@@ -126,10 +127,10 @@ def policy_update(
         # for all its micro-batches, not once per micro-batch
         frozen = nullcontext((None, None)) if domain is None else frozen_on_device(models, domain)
         with frozen as (teacher, ref):
-            for chunk in micro_batches(rows, cfg.micro_batch_size):
-                part = rollouts.select(chunk)
+            for chunk in micro_batches(rollouts, rows, cfg.micro_batch_size, cfg.micro_batch_tokens):
+                part, idx = micro_batch(rollouts, chunk)
                 if cfg.objective == "sampled":
-                    loss, stats = _sampled_loss(models, part, scores, chunk, cfg, num_tokens)
+                    loss, stats = _sampled_loss(models, part, scores, idx, cfg, num_tokens)
                 else:
                     loss, stats = _dense_loss(models, part, teacher, ref, cfg, num_tokens)
                 weighted = loss * _part_weight(cfg, part, total_seqs)

@@ -67,6 +67,8 @@ def test_unknown_key_is_an_error(tiny):
         (dict(loss_fold="yes"), "loss_fold: must be true, false or null"),
         (dict(train_data="/no/data.jsonl"), "train_data"),
         (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(micro_batch_tokens=19), r"micro_batch_tokens: .* \(20\), the longest row"),  # 16 + 4
+        (dict(micro_batch_tokens=2.5e4), "micro_batch_tokens"),
         (dict(lr_schedule="step"), "lr_schedule"),
         (dict(eval_every=5), "eval_every: needs eval_data"),
         (dict(dtype="fp8"), "dtype"),
