@@ -47,10 +47,11 @@ def start_checkpoint(output_dir: str, step: int) -> Path:
     return tmp
 
 
-def save_checkpoint(tmp: Path, student, tokenizer, state: dict) -> Path:
-    """Write the student (Hugging Face format), its tokenizer and the trainer state into the
-    staging directory `tmp`, then rename it into place; returns the checkpoint's path."""
-    student.save_pretrained(tmp)
+def save_checkpoint(tmp: Path, student, tokenizer, state: dict, weights: dict | None = None) -> Path:
+    """Write the student (Hugging Face format; `weights` for its state dict when given: a
+    sharded student's, gathered), its tokenizer and the trainer state into the staging
+    directory `tmp`, then rename it into place; returns the checkpoint's path."""
+    student.save_pretrained(tmp, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE_FILE)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))

@@ -116,6 +116,12 @@ class TrainConfig:
         "the student's tensors (ZeRO stage 1: 12/W instead of 12 bytes per weight on W ranks) and "
         "broadcasts its updated weights after each step",
     )
+    fsdp: bool = _f(
+        False,
+        "under torchrun: shard the student's weights, gradients and AdamW state over the ranks (FSDP2, "
+        "ZeRO stage 3; float32 weights computed in dtype), for students that do not fit one GPU with "
+        "their optimizer; teachers and reference stay whole on every rank",
+    )
     gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward")
     freeze_lm_head: bool = _f(
         False,
@@ -234,6 +240,7 @@ class TrainConfig:
                      "applies to rollout_engine 'vllm' only; leave it null")  # fmt: skip
             err.need(not self.vllm_sleep, "vllm_sleep", "applies to rollout_engine 'vllm' only")
         self._validate_lora(err)
+        self._validate_fsdp(err)
         err.choice(self.kernel_backend, KERNEL_BACKENDS, "kernel_backend")
         for name in self.loggers:
             err.choice(name, LOGGERS, "loggers")
@@ -241,6 +248,18 @@ class TrainConfig:
                  f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")  # fmt: skip
         err.raise_if_any()
         return self
+
+    def _validate_fsdp(self, err: _Errors) -> None:
+        """What fsdp does not combine with (yet), each an error naming the setting."""
+        if not self.fsdp:
+            return
+        err.need(not self.shard_optimizer, "shard_optimizer", "fsdp shards it already; leave it off")
+        err.need(self.dtype != "float16", "dtype",
+                 "float16 is not supported with fsdp (no loss scaling there); use bfloat16")  # fmt: skip
+        err.need(not self.lora_rank, "lora_rank", "LoRA is not supported with fsdp yet")
+        err.need(self.rollout_engine == "hf", "rollout_engine", "vllm is not supported with fsdp yet (its "
+                 "weight sync would need the student gathered whole on every rank)")  # fmt: skip
+        err.need(not self.liger, "liger", "liger's patches are not supported with fsdp")
 
     def _validate_lora(self, err: _Errors) -> None:
         rank = self.lora_rank

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gopd.config import TrainConfig
+from gopd.fsdp import is_sharded, root_forward_hidden
 
 logger = logging.getLogger("gopd")
 
@@ -88,7 +89,10 @@ def load_models(cfg: TrainConfig) -> Models:
     device = resolve_device(cfg.device)
     frozen_device = torch.device("cpu") if cfg.offload_frozen else device
     tokenizer = load_tokenizer(cfg.student)
-    student = load_model(cfg.student, dtype, device, trainable=True)
+    # fsdp keeps the student's weights in float32 and computes in dtype; it moves them to the
+    # device layer by layer as it shards them, so that the whole float32 student is never there
+    fsdp = (torch.float32, torch.device("cpu")) if cfg.fsdp else (dtype, device)
+    student = load_model(cfg.student, *fsdp, trainable=True)
     if cfg.lora_rank:
         student = add_lora(student, cfg)
     teachers = {}
@@ -299,6 +303,8 @@ def final_hidden(
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    if is_sharded(model):  # through the root's forward, which gathers the head (gopd.fsdp)
+        return root_forward_hidden(model, input_ids, attention_mask, position_ids)
     out = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )

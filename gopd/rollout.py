@@ -179,6 +179,7 @@ class HFRolloutEngine:
                     attention_mask=mask.to(device),
                     generation_config=gen,
                     logits_processor=LogitsProcessorList([*processors, recorder]),
+                    synced_gpus=self.cfg.fsdp,  # every rank steps until all are done (gopd.fsdp)
                 )
         finally:
             self.model.generation_config = checkpoint_defaults

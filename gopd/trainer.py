@@ -42,6 +42,7 @@ from gopd.distributed import (
     init_distributed,
 )
 from gopd.evaluate import evaluate
+from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import context_length, load_models, load_student_weights
 from gopd.rollout import make_engine
@@ -75,8 +76,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 def check_data_parallel(cfg: TrainConfig, ctx: DistContext) -> None:
     """ValueError for settings that cannot run on ctx.world_size ranks."""
     if not ctx.enabled:
-        if cfg.shard_optimizer:
-            raise ValueError("shard_optimizer: needs several data-parallel ranks (launch with torchrun)")
+        for name in ("shard_optimizer", "fsdp"):
+            if getattr(cfg, name):
+                raise ValueError(f"{name}: needs several data-parallel ranks (launch with torchrun)")
         return
     if cfg.prompts_per_step % ctx.world_size:
         raise ValueError(
@@ -101,20 +103,31 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         ]
     sampler = PromptSampler(train_examples, cfg.seed)  # one data order on every rank
     steps = planned_steps(cfg, len(train_examples))
+    path = state = None
+    if resume:
+        path = resolve_resume(resume, cfg.output_dir)
+        state = load_trainer_state(path)
+        if bool(state.get("fsdp")) != cfg.fsdp:
+            raise ValueError(f"resume: {path} was saved with fsdp {bool(state.get('fsdp'))}; resume it with "
+                             f"the same (fsdp is {cfg.fsdp})")  # fmt: skip
+        load_student_weights(models.student, path)
+    check_replicas_agree(ctx, models.student)  # every rank starts from the same student
+    if cfg.fsdp:
+        shard_student(models.student, ctx, getattr(torch, cfg.dtype))
     optimizer = make_optimizer(models.student, cfg, ctx)
     scheduler = make_scheduler(optimizer, cfg, steps)
     start = 0
     if resume:
-        path = resolve_resume(resume, cfg.output_dir)
-        state = load_trainer_state(path)
-        load_student_weights(models.student, path)
-        optimizer.load_state_dict(load_optimizer_state(path, state, ctx.rank))
+        saved = load_optimizer_state(path, state, ctx.rank)
+        if cfg.fsdp:  # this rank's float32 weight shards, then its optimizer state
+            load_shard_state(models.student, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         restore_rng(state, ctx, cfg.seed)
         start = state["step"]
         logger.info("resumed from %s at step %d", path, start)
-    check_replicas_agree(ctx, models.student)  # every rank starts from the same student
     engine = make_engine(cfg, models.student, tokenizer, ctx)
     log = MetricsLogger(cfg, console=tqdm.write) if ctx.is_main else NoMetrics()
     summary = {"steps": steps, "evals": {}}
@@ -177,15 +190,20 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
 
 def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sampler, ctx: DistContext) -> None:
     """Rank 0 writes the checkpoint, with every rank's RNG state (and, when the optimizer is
-    sharded, every rank writes its shard of it); the others wait for it. The ranks' students
-    are first checked to be identical (they must be: see gopd.distributed)."""
-    check_replicas_agree(ctx, models.student)
+    sharded, every rank writes its shard of it; under fsdp with its weight shards); the
+    others wait for it. Replicated students are first checked to be identical (they must be:
+    see gopd.distributed); a sharded one is gathered whole for the Hugging Face files."""
+    fsdp = is_sharded(models.student)
+    weights = full_weights(models.student, getattr(torch, cfg.dtype), ctx) if fsdp else None  # all gather
+    if not fsdp:
+        check_replicas_agree(ctx, models.student)
     rngs = ctx.gather_objects(rng_state())
-    sharded = getattr(optimizer, "sharded", False)
+    sharded = fsdp or getattr(optimizer, "sharded", False)
     tmp = start_checkpoint(cfg.output_dir, step) if ctx.is_main else staging_dir(cfg.output_dir, step)
     ctx.barrier()
     if sharded:
-        torch.save(optimizer.state_dict(), tmp / optimizer_shard_file(ctx.rank))
+        mine = shard_state(models.student, optimizer) if fsdp else optimizer.state_dict()
+        torch.save(mine, tmp / optimizer_shard_file(ctx.rank))
     ctx.barrier()
     if ctx.is_main:
         state = {
@@ -196,7 +214,8 @@ def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sample
         }
         state |= {"optimizer_shards": ctx.world_size} if sharded else {"optimizer": optimizer.state_dict()}
         state |= {"rng_ranks": rngs} if ctx.enabled else {}
-        save_checkpoint(tmp, models.student, models.tokenizer, state)
+        state |= {"fsdp": True} if fsdp else {}
+        save_checkpoint(tmp, models.student, models.tokenizer, state, weights)
     ctx.barrier()
 
 

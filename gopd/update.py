@@ -13,10 +13,12 @@ import math
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from gopd.batching import micro_batch, micro_batches
 from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext, all_reduce_grads, broadcast_from_owners
+from gopd.fsdp import is_sharded
 from gopd.models import Models, frozen_on_device, head_weight
 from gopd.optim import LossScale, MasterWeightAdamW, partition
 from gopd.rollout import IGNORE, Rollouts
@@ -118,27 +120,26 @@ def policy_update(
     loss_total = 0.0
     scaler = getattr(optimizer, "loss_scale", None)  # a float16 student's (gopd.optim)
     scale = scaler.scale if scaler else 1.0
-    if cfg.objective == "sampled":
-        groups = [(None, list(range(len(rollouts.examples))))]
-    else:  # the dense loss needs each row's own teacher during the update
-        groups = list(rows_by_domain(rollouts, models.teachers).items())
-    for domain, rows in groups:
+    sharded = is_sharded(models.student)
+    for domain, chunks in _plan(models, rollouts, cfg, ctx, sharded):
         # with offload_frozen, the domain's teacher (and the reference) come to the device once
         # for all its micro-batches, not once per micro-batch
         frozen = nullcontext((None, None)) if domain is None else frozen_on_device(models, domain)
         with frozen as (teacher, ref):
-            for chunk in micro_batches(rollouts, rows, cfg.micro_batch_size, cfg.micro_batch_tokens):
+            for chunk, counts in chunks:  # counts: False for _plan's repeats, which only keep step
                 part, idx = micro_batch(rollouts, chunk)
                 if cfg.objective == "sampled":
                     loss, stats = _sampled_loss(models, part, scores, idx, cfg, num_tokens)
                 else:
                     loss, stats = _dense_loss(models, part, teacher, ref, cfg, num_tokens)
-                weighted = loss * _part_weight(cfg, part, total_seqs)
+                weighted = loss * (_part_weight(cfg, part, total_seqs) if counts else 0.0)
                 (weighted * scale).backward()
-                loss_total += float(weighted.detach())
-                acc.add(stats)
+                if counts:
+                    loss_total += float(weighted.detach())
+                    acc.add(stats)
     slots = gradient_slots(optimizer)
-    all_reduce_grads(ctx, slots)
+    if not sharded:  # FSDP has reduce-scattered (summed) them in the backward
+        all_reduce_grads(ctx, slots)
     (loss_total,) = ctx.sum([loss_total])
     acc.all_reduce(ctx)
     if scaler and math.isfinite(loss_total):
@@ -165,6 +166,25 @@ def policy_update(
     return loss_total, stats, True
 
 
+def _plan(models, rollouts, cfg: TrainConfig, ctx: DistContext, sharded: bool) -> list:
+    """[(domain or None, [(micro-batch rows, counts), ...]), ...]: the rows by domain for the
+    dense loss (it needs each row's own teacher), all together for the sampled one. A sharded
+    student gathers its weights in every micro-batch's forward and backward, so every rank
+    must run as many: a rank with fewer repeats its last one, at weight 0 (counts False)."""
+    if cfg.objective == "sampled":
+        groups = [(None, list(range(len(rollouts.examples))))]
+    else:
+        groups = list(rows_by_domain(rollouts, models.teachers).items())
+    limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
+    plan = [(d, [(c, True) for c in micro_batches(rollouts, rows, *limits)]) for d, rows in groups]
+    if sharded:
+        mine = sum(len(chunks) for _, chunks in plan)
+        (most,) = ctx.max([float(mine)])
+        last = plan[-1][1]
+        last.extend([(last[-1][0], False)] * (int(most) - mine))
+    return plan
+
+
 def gradient_slots(optimizer) -> list:
     """What holds each trained weight's gradient as `.grad`: the parameters of a plain
     optimizer, MasterWeightAdamW's slots (float32 masters, or GradSlots where sharded)."""
@@ -177,10 +197,12 @@ def clip_gradients(slots: list, max_norm: float | None) -> torch.Tensor:
     """The gradients' global 2-norm; scaled to max_norm when above it (as clip_grad_norm_)."""
     grads = [s.grad for s in slots if s.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):  # FSDP's shards: the norm over all of them
+        norm = norm.full_tensor()
     if max_norm:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for g in grads:
-            g.mul_(coef.to(g.device))
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.device))
     return norm
 
 
@@ -189,6 +211,8 @@ def make_optimizer(model, cfg: TrainConfig, ctx: DistContext = SINGLE) -> torch.
     or when the optimizer is sharded over the ranks (cfg.shard_optimizer)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    if is_sharded(model):  # float32 shards, cast to dtype only for the compute (gopd.fsdp)
+        return torch.optim.AdamW(params, **kwargs)
     if any(p.dtype == torch.float16 for p in params):
         logger.info("float16 student: dynamic loss scaling (from %g)", LossScale.INIT)
     if cfg.shard_optimizer and ctx.enabled:

@@ -116,8 +116,8 @@ class LLM:
         if self.asleep:
             raise RuntimeError(f"generate while asleep ({sorted(self.asleep)})")
         examples = [Example(p["prompt_token_ids"], "default", None, "") for p in prompts]
-        sampler = HFRolloutEngine(self.hf, self.tokenizer, SimpleNamespace(max_new_tokens=params.max_tokens,
-                                                                         top_p=params.top_p))  # fmt: skip
+        settings = SimpleNamespace(max_new_tokens=params.max_tokens, top_p=params.top_p, fsdp=False)
+        sampler = HFRolloutEngine(self.hf, self.tokenizer, settings)  # each engine samples alone
         rollouts = sampler.generate(examples, params.n, params.temperature)
         self.events.append(("generate", weights_fingerprint(self.hf)))
         outputs = [RequestOutput() for _ in prompts]

@@ -332,14 +332,19 @@ def records(run_dir) -> list[dict]:
     return [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
 
 
-VARIANTS = {"replicated-optimizer": [], "sharded-bf16": ["--shard-optimizer", "true", "--dtype", "bfloat16"]}
+VARIANTS = {
+    "replicated-optimizer": [],
+    "sharded-bf16": ["--shard-optimizer", "true", "--dtype", "bfloat16"],
+    "fsdp": ["--fsdp", "true"],
+    "fsdp-bf16-tokens": ["--fsdp", "true", "--dtype", "bfloat16", "--micro-batch-tokens", "40"],
+}
 if importlib.util.find_spec("peft"):  # each rank must draw the same initial adapters
     VARIANTS["lora"] = ["--lora-rank", "4", "--lam", "1.25"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, variant):
-    extra, sharded = VARIANTS[variant], variant.startswith("sharded")
+    extra, sharded = VARIANTS[variant], variant.startswith(("sharded", "fsdp"))
     common = extra + ["--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]), "--train-data",
               str(tiny["train"]), "--eval-data", str(tiny["eval"]), "--eval-samples", "2",
               "--max-new-tokens", "4", "--max-prompt-tokens", "16", "--prompts-per-step", "4",
@@ -363,7 +368,7 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
     shards = sorted(p.name for p in step2.glob("optimizer_rank*.pt"))
     if sharded:  # each rank's masters and moments beside the state, none inside it
         assert shards == ["optimizer_rank0.pt", "optimizer_rank1.pt"] and "optimizer" not in state
-        assert "sharded optimizer" in proc.stderr
+        assert ("fsdp: the student's" if variant.startswith("fsdp") else "sharded optimizer") in proc.stderr
     else:
         assert shards == [] and "optimizer" in state
 

@@ -1,0 +1,144 @@
+"""Fully sharded data parallelism for the student (`fsdp: true`): PyTorch's FSDP2, ZeRO-3.
+
+    torchrun --nproc_per_node 8 -m gopd train --config my.yaml --fsdp true
+
+Each of the W ranks keeps 1/W of every student weight, of its gradient and of its AdamW
+state; a decoder layer's weights are all-gathered just before the layer runs and freed
+after it, in the forward and again in the backward, and its gradients are reduce-scattered
+(summed, as gopd.distributed sums them: each rank's loss is its share of the step's loss).
+The weights are held in float32 and cast to `dtype` for the compute (FSDP2's mixed
+precision), so a bf16 student's AdamW steps float32 weights as MasterWeightAdamW does, with
+no separate master copy.
+
+The root group (the embeddings, the final norm and the LM head, tied or not) is gathered
+by the student's own forward and, FSDP2 being what it is for a root, kept until the
+backward: final_hidden therefore runs the student's whole forward (with one position of
+logits, `logits_to_keep=1`) and takes the decoder's output from a hook, so that the fused
+losses read the gathered head weight and its gradient is reduce-scattered with the rest.
+
+Collectives need every rank to make the same calls: generate() runs with `synced_gpus` (a
+rank that has finished keeps stepping until all have), and policy_update gives every rank
+as many micro-batches (a rank with fewer repeats one at weight zero). Teachers and the
+reference stay replicated, as under plain data parallelism.
+
+Checkpoints are the student gathered whole (on rank 0, in `dtype`, Hugging Face format as
+ever) and one optimizer file per rank holding that rank's shards; resuming needs as many
+ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from gopd.distributed import DistContext
+
+logger = logging.getLogger("gopd")
+
+
+def shard_student(student: torch.nn.Module, ctx: DistContext, dtype: torch.dtype) -> torch.nn.Module:
+    """Shard a float32 student over the ranks: each decoder layer a group, the rest the root.
+    Each group's weights move to ctx.device as it is sharded (FSDP2 moves and shards in place),
+    so a student loaded on the CPU reaches the GPU one layer at a time. Returns the same module."""
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    kwargs = {"mesh": mesh}
+    if dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(student):
+        fully_shard(layer, **kwargs)
+    fully_shard(student, **kwargs)
+    for module in student.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # a sum over the ranks, not a mean
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    total = sum(p.numel() for p in student.parameters()) / 1e6
+    compute = str(dtype).removeprefix("torch.")
+    logger.info("fsdp: the student's %.1fM weights, their gradients and AdamW state sharded over %d "
+                "ranks (float32, computed in %s)", total, ctx.world_size, compute)  # fmt: skip
+    return student
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    decoder = getattr(model, model.base_model_prefix)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError(f"fsdp: {type(model).__name__} has no decoder `layers` to shard one by one")
+    return list(layers)
+
+
+def is_sharded(model) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def root_forward_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The final hidden states [B, T, D], from the sharded student's whole forward (see the
+    module doc: the root's weights, the head among them, are gathered by it)."""
+    decoder = getattr(model, model.base_model_prefix)
+    seen = {}
+    hook = decoder.register_forward_hook(lambda module, args, out: seen.update(hidden=out.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)  # fmt: skip
+    finally:
+        hook.remove()
+    return seen["hidden"]
+
+
+def full_weights(model, dtype: torch.dtype, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The whole student's state dict in `dtype` on rank 0's CPU (None on the others), gathered
+    one tensor at a time, so that no rank ever holds more than one whole float32 tensor.
+    Every rank must call it (each gather is a collective)."""
+    out: dict[str, torch.Tensor] = {}
+    gathered: dict[int, torch.Tensor | None] = {}  # tied weights (one storage): gathered once
+    for name, t in model.state_dict().items():
+        key = (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
+        if key not in gathered:
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            gathered[key] = full.detach().to("cpu", dtype) if ctx.is_main else None
+        out[name] = gathered[key]
+    return out if ctx.is_main else None
+
+
+def shard_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """This rank's part of a checkpoint: its float32 weight shards (the Hugging Face files hold
+    the weights rounded to dtype) and its optimizer state."""
+    weights = [p.to_local().detach().clone() for p in student.parameters()]
+    return {"weights": weights, "optimizer": local_optimizer_state(optimizer)}
+
+
+@torch.no_grad()
+def load_shard_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of shard_state, on a student sharded as it was (as many ranks)."""
+    params = list(student.parameters())
+    if len(state["weights"]) != len(params) or any(
+        w.shape != p.to_local().shape for w, p in zip(state["weights"], params, strict=True)
+    ):
+        raise ValueError("resume: the checkpoint's weight shards do not match this student's sharding "
+                         "(resume an fsdp run on as many ranks)")  # fmt: skip
+    for w, p in zip(state["weights"], params, strict=True):
+        p.to_local().copy_(w)
+    load_local_optimizer_state(optimizer, state["optimizer"])
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with each sharded tensor replaced by this rank's shard."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        k: {name: v.to_local() if isinstance(v, DTensor) else v for name, v in s.items()}
+        for k, s in state["state"].items()
+    }
+    return state
+
+
+def load_local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of local_optimizer_state: each shard back as a DTensor shaped as its weight."""
+    optimizer.load_state_dict(state)
+    for p, s in optimizer.state.items():
+        for name, v in s.items():
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.to_local().shape:
+                s[name] = DTensor.from_local(v.to(p.to_local().device), p.device_mesh, p.placements,
+                                             shape=p.shape, stride=p.stride())  # fmt: skip

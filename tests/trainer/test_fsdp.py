@@ -1,0 +1,108 @@
+"""FSDP (gopd.fsdp): 2 CPU ranks over gloo, the student sharded, give the single process's step.
+
+The end-to-end run through torchrun (train, save, resume exactly) is in test_distributed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gopd import distributed
+from gopd.checkpoint import save_checkpoint, start_checkpoint
+from gopd.distributed import DistContext
+from gopd.fsdp import full_weights, is_sharded, shard_student
+from gopd.models import load_models
+from gopd.scoring import Scores, score_rollouts
+from gopd.trainer import check_data_parallel
+from gopd.update import _plan, make_optimizer, make_scheduler, policy_update
+from tests.trainer.conftest import base_config
+from tests.trainer.test_distributed import run_ranks
+from tests.trainer.test_stages import rollouts_for
+
+TWO_TEACHERS = "dense, two domain teachers"
+CASES = {
+    "sampled, token-mean": dict(),
+    "sampled, bf16": dict(dtype="bfloat16", loss_agg="seq-mean-token-sum"),
+    TWO_TEACHERS: dict(objective="dense", is_cap=None, loss_agg="seq-mean-token-mean", micro_batch_size=2),
+}
+
+
+def step(ctx: DistContext, tiny, tmp_path, overrides: dict, fsdp: bool):
+    """One AdamW step on ctx's share of 8 prompts x 2 samples: (loss, stats, full weights, real
+    micro-batches of this rank, its checkpoint's directory; full weights and checkpoint on rank 0)."""
+    if overrides.get("objective") == "dense" and overrides is CASES[TWO_TEACHERS]:
+        overrides = overrides | dict(teachers={"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])},
+                                     train_data=str(tiny["train_domains"]))  # fmt: skip
+    cfg = base_config(tiny, tmp_path, **({"micro_batch_size": 3} | overrides))
+    models = load_models(cfg)
+    rollouts = rollouts_for(cfg, models)  # the same 16 rows on every rank (seeded)
+    scores = score_rollouts(models, rollouts, cfg) if cfg.objective == "sampled" else None
+    # uneven shares (6 and 10 rows): other numbers of micro-batches on the two ranks
+    everything = list(range(len(rollouts.examples)))
+    rows = everything if not ctx.enabled else everything[:6] if ctx.rank == 0 else everything[6:]
+    mine = rollouts.select(rows)
+    if scores is not None:
+        scores = Scores(scores.teacher_logp[rows], None if scores.ref_logp is None else scores.ref_logp[rows])
+    if fsdp:
+        shard_student(models.student, ctx, getattr(torch, cfg.dtype))
+    optimizer = make_optimizer(models.student, cfg, ctx)
+    real = sum(c for _, chunks in _plan(models, mine, cfg, ctx, False) for _, c in chunks)
+    loss, stats, stepped = policy_update(
+        models, mine, scores, optimizer, make_scheduler(optimizer, cfg, 3), cfg, ctx
+    )
+    assert stepped and is_sharded(models.student) == fsdp
+    if fsdp:
+        weights = full_weights(models.student, torch.float32, ctx)
+    else:
+        weights = {k: v.float().clone() for k, v in models.student.state_dict().items()}
+    saved = None
+    if ctx.is_main:  # the Hugging Face files, as the trainer writes them
+        tmp = start_checkpoint(str(tmp_path / "ckpt"), 1)
+        # a copy: save_pretrained drops the tied head's key from the dict it is given
+        saved = save_checkpoint(tmp, models.student, models.tokenizer, {}, dict(weights) if fsdp else None)
+    return loss, stats, weights, real, saved
+
+
+def _fsdp_cases(ctx, tiny, tmp_path):
+    return {
+        name: step(ctx, tiny, tmp_path / f"rank{ctx.rank}" / str(i), o, True)
+        for i, (name, o) in enumerate(CASES.items())
+    }
+
+
+def test_two_sharded_ranks_take_the_single_process_step(tiny, tmp_path):
+    ranks = run_ranks(tmp_path, _fsdp_cases, tiny, tmp_path)
+    for name, overrides in CASES.items():
+        single_loss, single_stats, single_w, _, _ = step(
+            distributed.SINGLE, tiny, tmp_path / "single" / name, overrides, False
+        )
+        (loss0, stats0, w0, real0, saved), (loss1, stats1, w1, real1, _) = ranks[0][name], ranks[1][name]
+        assert w1 is None and saved is not None  # gathered on rank 0 alone
+        assert loss0 == loss1 and stats0 == stats1, name  # the combined loss and stats, on every rank
+        bf16 = "bf16" in name
+        # bf16: the single process's float32 masters start from the bf16 checkpoint's rounding,
+        # fsdp's from the float32 file; both compute in bf16
+        rtol = 2e-2 if bf16 else 1e-5
+        assert loss0 == pytest.approx(single_loss, rel=rtol), name
+        assert stats0["grad_norm"] == pytest.approx(single_stats["grad_norm"], rel=rtol), name
+        assert set(w0) == set(single_w), (name, set(single_w) ^ set(w0))
+        for k, v in single_w.items():
+            torch.testing.assert_close(w0[k], v, rtol=rtol, atol=2.1e-3 if bf16 else 1e-6, msg=f"{name}: {k}")
+        reloaded = AutoModelForCausalLM.from_pretrained(saved).state_dict()
+        for k, v in reloaded.items():  # the tied head included
+            assert torch.equal(v.float(), w0[k]), (name, k)
+        assert real0 < real1, name  # so rank 0 ran repeats at weight 0 to keep in step
+
+
+def test_fsdp_needs_ranks_and_refuses_what_it_does_not_combine_with(tiny, tmp_path):
+    with pytest.raises(ValueError, match="fsdp: needs several data-parallel ranks"):
+        check_data_parallel(base_config(tiny, tmp_path, fsdp=True), distributed.SINGLE)
+    for overrides, match in [
+        (dict(shard_optimizer=True), "shard_optimizer: fsdp shards it already"),
+        (dict(dtype="float16"), "dtype: float16 is not supported with fsdp"),
+        (dict(lora_rank=4), "lora_rank: LoRA is not supported with fsdp yet"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            base_config(tiny, tmp_path, fsdp=True, **overrides)
