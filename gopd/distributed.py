@@ -13,7 +13,8 @@ stay identical to the bit (checked at the start and at every checkpoint: `check_
 
 With `shard_optimizer` each rank keeps the optimizer state (float32 masters, AdamW moments)
 of its share of the tensors only (gopd.optim.partition), steps that share, and broadcasts
-the updated weights to the others (broadcast_from_owners): ZeRO stage 1.
+the updated weights to the others (broadcast_from_owners): ZeRO stage 1. With `fsdp` the
+student itself is sharded (gopd.fsdp, ZeRO stage 3) and FSDP2 sums the gradients instead.
 
 The all-reduce runs after the backward, not overlapped with it as DDP's buckets are: in
 on-policy distillation the rollouts dominate a step's time, and the update does not go
