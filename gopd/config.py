@@ -257,8 +257,6 @@ class TrainConfig:
         err.need(self.dtype != "float16", "dtype",
                  "float16 is not supported with fsdp (no loss scaling there); use bfloat16")  # fmt: skip
         err.need(not self.lora_rank, "lora_rank", "LoRA is not supported with fsdp yet")
-        err.need(self.rollout_engine == "hf", "rollout_engine", "vllm is not supported with fsdp yet (its "
-                 "weight sync would need the student gathered whole on every rank)")  # fmt: skip
         err.need(not self.liger, "liger", "liger's patches are not supported with fsdp")
 
     def _validate_lora(self, err: _Errors) -> None:

@@ -17,9 +17,10 @@ logits, `logits_to_keep=1`) and takes the decoder's output from a hook, so that 
 losses read the gathered head weight and its gradient is reduce-scattered with the rest.
 
 Collectives need every rank to make the same calls: generate() runs with `synced_gpus` (a
-rank that has finished keeps stepping until all have), and policy_update gives every rank
-as many micro-batches (a rank with fewer repeats one at weight zero). Teachers and the
-reference stay replicated, as under plain data parallelism.
+rank that has finished keeps stepping until all have), policy_update gives every rank as
+many micro-batches (a rank with fewer repeats one at weight zero), and each rank's vLLM
+engine is loaded from the student gathered one tensor at a time (gathered_weights), all
+ranks together. Teachers and the reference stay replicated, as under plain data parallelism.
 
 Checkpoints are the student gathered whole (on rank 0, in `dtype`, Hugging Face format as
 ever) and one optimizer file per rank holding that rank's shards; resuming needs as many
@@ -29,6 +30,7 @@ ranks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -101,6 +103,14 @@ def full_weights(model, dtype: torch.dtype, ctx: DistContext) -> dict[str, torch
             gathered[key] = full.detach().to("cpu", dtype) if ctx.is_main else None
         out[name] = gathered[key]
     return out if ctx.is_main else None
+
+
+def gathered_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) of a sharded student, one tensor at a time, on every rank (what a
+    rank's vLLM engine loads). Each gather is a collective: every rank must consume the whole
+    iterator, in the same order. A tied head is gathered under each of its names."""
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def shard_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gopd.config import TrainConfig
-from gopd.fsdp import is_sharded, root_forward_hidden
+from gopd.fsdp import gathered_weights, is_sharded, root_forward_hidden
 
 logger = logging.getLogger("gopd")
 
@@ -217,6 +217,9 @@ def servable_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model as a plain transformers model would have them: for a LoRA
     student its base weights with each adapter's delta added (out of place, once rounded: the
     base weights themselves never change, so the adapter-free reference stays exact)."""
+    if is_sharded(model):  # every rank gathers each tensor in turn (gopd.fsdp)
+        yield from gathered_weights(model)
+        return
     if not is_lora(model):
         yield from model.state_dict().items()
         return

@@ -201,8 +201,9 @@ def test_diverged_replicas_are_an_error_on_every_rank(tiny, tmp_path):
         assert message is not None and "rank 1" in message and "model.norm.weight" in message
 
 
-def _train_with_fake_vllm(ctx, tiny, tmp_path):
-    """A 3-step run on this rank with the vLLM stand-in as the engine: (losses, the engine's events)."""
+def _train_with_fake_vllm(ctx, tiny, tmp_path, overrides=None):
+    """A 3-step run on this rank with the vLLM stand-in as the engine: (losses, the engine's
+    events, its final weights)."""
     from gopd import rollout
     from tests.trainer import fake_vllm
 
@@ -216,16 +217,26 @@ def _train_with_fake_vllm(ctx, tiny, tmp_path):
         fake_vllm.install(patch)
         patch.setenv(rollout.VLLM_MULTIPROCESSING, "0")  # as load_vllm sets it
         patch.setattr(rollout, "load_vllm", load)
-        cfg = base_config(tiny, tmp_path, rollout_engine="vllm", output_dir=str(tmp_path / "vllm-run"))
+        cfg = base_config(tiny, tmp_path, rollout_engine="vllm", output_dir=str(tmp_path / "vllm-run"),
+                          **(overrides or {}))  # fmt: skip
         train(cfg)
-    return train_losses(cfg) if ctx.is_main else None, [e[0] for e in llms[0].events]
+    engine_weights = {k: v.clone() for k, v in llms[0].hf.state_dict().items()}
+    return train_losses(cfg) if ctx.is_main else None, [e[0] for e in llms[0].events], engine_weights
 
 
-def test_each_rank_samples_from_its_own_vllm_engine_kept_in_sync(tiny, tmp_path):
-    ranks = run_ranks(tmp_path, _train_with_fake_vllm, tiny, tmp_path)
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_each_rank_samples_from_its_own_vllm_engine_kept_in_sync(tiny, tmp_path, fsdp):
+    ranks = run_ranks(tmp_path, _train_with_fake_vllm, tiny, tmp_path, {"fsdp": fsdp})
     assert len(ranks[0][0]) == 3  # and the replicas were checked equal at the start and the end
-    for _, events in ranks:  # each rank's engine: the student pushed at the start and after each update
+    for _, events, _ in ranks:  # each rank's engine: the student pushed at the start and after each update
         assert events.count("generate") == 3 and events.count("load_weights") == 4
+    # every engine holds the final student (a sharded one gathered whole): the saved checkpoint
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "vllm-run" / "checkpoints" / "step_0000003"))
+    for _, _, weights in ranks:
+        for k, v in final.state_dict().items():
+            assert torch.equal(weights[k], v), k
 
 
 # -- settings and environment ------------------------------------------------------------------
