@@ -81,6 +81,22 @@ def peak_rss_bytes() -> int:
     return _proc_status_kib("VmHWM") * 1024
 
 
+def timed_calls(fn, repeats: int, keep=lambda result: result) -> tuple[list[float], int, object]:
+    """fn() `repeats` times in this process: (the wall time of each call, the peak RSS of the
+    first call above the RSS before it, keep(the first call's result)). Each result is let go
+    before the next call, so that two never coexist."""
+    times, peak, kept = [], 0, None
+    base = reset_peak_rss()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+        if i == 0:
+            peak, kept = peak_rss_bytes() - base, keep(result)
+        del result
+    return times, peak, kept
+
+
 class ChildFailed(RuntimeError):
     """A child process that exited with an error, or was killed; `reason` says why in one line."""
 

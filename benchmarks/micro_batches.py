@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -43,8 +42,7 @@ from benchmarks.common import (
     machine_slug,
     markdown_table,
     measured_commit,
-    peak_rss_bytes,
-    reset_peak_rss,
+    timed_calls,
 )
 from benchmarks.report import CHILD_ENV
 
@@ -132,14 +130,7 @@ def child(layout: str, rows: int, cap: int, micro: int, repeats: int, out: Path)
     plan = [gopd.update.micro_batch(rollouts, rows)[0] for rows in gopd.update.micro_batches(
         rollouts, list(range(rows)), cfg.micro_batch_size, cfg.micro_batch_tokens)]  # fmt: skip
     shapes = {"micro_batches": len(plan), "tokens": sum(part.sequences.numel() for part in plan)}
-    base = reset_peak_rss()
-    times, peak, result = [], 0, None
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        result = one_step(models, rollouts, cfg)
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            peak = peak_rss_bytes() - base
+    times, peak, result = timed_calls(lambda: one_step(models, rollouts, cfg), repeats)
     found = {"peak_bytes": peak, "times_s": times, "loss": result[0], "grad_norm": result[1]}
     out.write_text(json.dumps(found | shapes))
 

@@ -47,8 +47,7 @@ from benchmarks.common import (
     machine_slug,
     markdown_table,
     measured_commit,
-    peak_rss_bytes,
-    reset_peak_rss,
+    timed_calls,
 )
 
 CHECK_N = 67  # rows of the float64 correctness check: odd, and more than one tile row on CPU
@@ -138,16 +137,7 @@ def child(spec: Spec, impl_name: str, repeats: int, out_file: Path, memory_limit
         bops.run_impl(op, impl, bops.with_leaves(small, op))
     warmup_s = time.perf_counter() - t0
     del small
-    times, kept = [], None
-    base = reset_peak_rss()
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        got = bops.run_impl(op, impl, call)
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            peak = peak_rss_bytes() - base
-            kept = _keep(got)
-        del got
+    times, peak, kept = timed_calls(lambda: bops.run_impl(op, impl, call), repeats, keep=_keep)
     torch.save(kept, out_file.with_suffix(".pt"))
     out_file.write_text(json.dumps({"peak_bytes": peak, "times_s": times, "warmup_s": warmup_s}))
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -41,8 +40,7 @@ from benchmarks.common import (
     machine_slug,
     markdown_table,
     measured_commit,
-    peak_rss_bytes,
-    reset_peak_rss,
+    timed_calls,
 )
 from benchmarks.report import CHILD_ENV
 
@@ -104,14 +102,7 @@ def child(impl: str, tokens: int, layers: int, dtype: str, frozen: bool, repeats
     """CPU, in a fresh process: peak RSS of the first step, the time of each."""
     model, x, warm = prepared(tokens, layers, dtype, "cpu", frozen)
     step(model, warm, impl)  # one-time costs
-    base = reset_peak_rss()
-    times, peak, result = [], 0, None
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        result = step(model, x, impl)
-        times.append(time.perf_counter() - t0)
-        if i == 0:
-            peak = peak_rss_bytes() - base
+    times, peak, result = timed_calls(lambda: step(model, x, impl), repeats)
     out.write_text(
         json.dumps({"peak_bytes": peak, "times_s": times, "loss": result[0], "grad_norm": result[1]})
     )

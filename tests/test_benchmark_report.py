@@ -105,8 +105,8 @@ def test_commit_is_dirty_for_code_changes_not_for_the_reports_own_results(tmp_pa
 
 def test_child_warms_up_every_implementation_before_it_resets_the_peak(tmp_path, monkeypatch):
     events = []
-    monkeypatch.setattr(report, "reset_peak_rss", lambda: events.append("reset") or 0)
-    monkeypatch.setattr(report, "peak_rss_bytes", lambda: 123)
+    monkeypatch.setattr(common, "reset_peak_rss", lambda: events.append("reset") or 0)  # timed_calls' own
+    monkeypatch.setattr(common, "peak_rss_bytes", lambda: 123)
     real_run = bops.run_impl
     run = lambda op, impl, x: events.append(x["h"].shape[0]) or real_run(op, impl, x)
     monkeypatch.setattr(bops, "run_impl", run)
