@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
+from gopd.distributed import SINGLE, DistContext
 from gopd.rollout import Rollouts
 
 
@@ -45,6 +46,37 @@ def micro_batches(
         width = grown
     if group:
         yield group
+
+
+def step_plan(
+    rollouts: Rollouts,
+    domains: list[str] | None,
+    max_rows: int,
+    max_tokens: int | None = None,
+    ctx: DistContext = SINGLE,
+    in_step: bool = False,
+) -> list[tuple[str | None, list[tuple[list[int], bool]]]]:
+    """A step's micro-batches, [(domain, [(rows, counts), ...]), ...]: by domain, in the order
+    of `domains`, when each row needs its own teacher, else all rows under None.
+
+    in_step: a model sharded over the ranks (gopd.fsdp) gathers its weights in every forward,
+    a collective, so every rank must make the same calls: every rank gets every domain and,
+    in each, as many micro-batches as the rank with the most. The extra ones (counts False)
+    repeat the rank's last micro-batch of the domain, or its first row when it has none
+    there; their outputs are dropped and their losses weigh zero."""
+    everything = list(range(len(rollouts.examples)))
+    if domains is None:
+        groups = [(None, everything)]
+    else:
+        groups = [(d, [i for i in everything if rollouts.examples[i].domain == d]) for d in domains]
+    limits = (max_rows, max_tokens)
+    plan = [(d, [(c, True) for c in micro_batches(rollouts, rows, *limits)]) for d, rows in groups]
+    if in_step:
+        most = ctx.max([float(len(chunks)) for _, chunks in plan])
+        for (_, chunks), n in zip(plan, most, strict=True):
+            filler = chunks[-1][0] if chunks else everything[:1]
+            chunks.extend([(filler, False)] * (int(n) - len(chunks)))
+    return [(d, chunks) for d, chunks in plan if chunks]
 
 
 def micro_batch(rollouts: Rollouts, rows: list[int]) -> tuple[Rollouts, torch.Tensor]:

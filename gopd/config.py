@@ -122,6 +122,12 @@ class TrainConfig:
         "ZeRO stage 3; float32 weights computed in dtype), for students that do not fit one GPU with "
         "their optimizer; teachers and reference stay whole on every rank",
     )
+    shard_frozen: bool = _f(
+        False,
+        "under torchrun: shard the teachers and the reference over the ranks (FSDP2): each rank keeps 1/W of "
+        "their weights and gathers a layer at a time while scoring, for teachers too large to copy onto "
+        "every GPU",
+    )
     gradient_checkpointing: bool = _f(False, "recompute the student's activations in the backward")
     freeze_lm_head: bool = _f(
         False,
@@ -250,7 +256,9 @@ class TrainConfig:
         return self
 
     def _validate_fsdp(self, err: _Errors) -> None:
-        """What fsdp does not combine with (yet), each an error naming the setting."""
+        """What fsdp and shard_frozen do not combine with (yet), each an error naming the setting."""
+        err.need(not (self.shard_frozen and self.offload_frozen), "offload_frozen",
+                 "does not combine with shard_frozen (sharded, they stay on the GPU)")  # fmt: skip
         if not self.fsdp:
             return
         err.need(not self.shard_optimizer, "shard_optimizer", "fsdp shards it already; leave it off")

@@ -64,6 +64,25 @@ def shard_student(student: torch.nn.Module, ctx: DistContext, dtype: torch.dtype
     return student
 
 
+def shard_frozen(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """Shard a frozen model (a teacher, the reference) over the ranks, as shard_student does,
+    in the dtype it was loaded in. Its root group (embeddings, norm, head) stays gathered after
+    a forward until release()."""
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def release(*models) -> None:
+    """Free the gathered root weights of the sharded ones among `models` (None and replicated
+    models are skipped): after a frozen model's outputs and its head are no longer needed."""
+    for model in models:
+        if is_sharded(model):
+            model.reshard()
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     decoder = getattr(model, model.base_model_prefix)
     layers = getattr(decoder, "layers", None)

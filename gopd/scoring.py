@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from gopd.batching import micro_batch, micro_batches
+from gopd.batching import micro_batch, step_plan
 from gopd.config import TrainConfig
+from gopd.distributed import SINGLE, DistContext
+from gopd.fsdp import is_sharded, release
 from gopd.models import Models, final_hidden, frozen_on_device, head_bias, head_weight
 from gopd.rollout import IGNORE, Rollouts
 from gopd_kernels import frozen_logprobs
@@ -31,22 +33,17 @@ def response_hidden(model, rollouts: Rollouts) -> torch.Tensor:
     return hidden[:, rollouts.prompt_len - 1 : -1]
 
 
-def rows_by_domain(rollouts: Rollouts, domains) -> dict[str, list[int]]:
-    rows = {d: [] for d in domains}
-    for i, ex in enumerate(rollouts.examples):
-        rows[ex.domain].append(i)
-    return {d: r for d, r in rows.items() if r}
-
-
 @torch.no_grad()
-def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig) -> Scores:
+def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig, ctx: DistContext = SINGLE) -> Scores:
     B, R = rollouts.response_mask.shape
     teacher_logp = torch.zeros(B, R)
     ref_logp = torch.zeros(B, R) if models.reference is not None else None
-    for domain, rows in rows_by_domain(rollouts, models.teachers).items():
+    in_step = any(is_sharded(m) for m in models.frozen())  # see step_plan
+    limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
+    for domain, chunks in step_plan(rollouts, list(models.teachers), *limits, ctx=ctx, in_step=in_step):
         # with offload_frozen: on the device once per domain, not once per micro-batch
         with frozen_on_device(models, domain) as (teacher, ref):
-            for chunk in micro_batches(rollouts, rows, cfg.micro_batch_size, cfg.micro_batch_tokens):
+            for chunk, counts in chunks:
                 part, idx = micro_batch(rollouts, chunk)
                 t_hidden = response_hidden(teacher, part)
                 r_hidden = None if ref is None else response_hidden(ref, part)
@@ -56,6 +53,9 @@ def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig) -> Scor
                     teacher_bias=head_bias(teacher), ref_bias=None if ref is None else head_bias(ref),
                     temperature=cfg.temperature, ignore_index=IGNORE, backend=cfg.kernel_backend,
                 )  # fmt: skip
+                release(teacher, ref)
+                if not counts:  # a repeat that only kept the ranks in step
+                    continue
                 teacher_logp[idx, : part.width] = out.teacher_logp.float().cpu()
                 if ref_logp is not None:
                     ref_logp[idx, : part.width] = out.ref_logp.float().cpu()

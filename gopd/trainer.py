@@ -42,7 +42,7 @@ from gopd.distributed import (
     init_distributed,
 )
 from gopd.evaluate import evaluate
-from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_state, shard_student
+from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import context_length, load_models, load_student_weights
 from gopd.rollout import make_engine
@@ -76,7 +76,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
 def check_data_parallel(cfg: TrainConfig, ctx: DistContext) -> None:
     """ValueError for settings that cannot run on ctx.world_size ranks."""
     if not ctx.enabled:
-        for name in ("shard_optimizer", "fsdp"):
+        for name in ("shard_optimizer", "fsdp", "shard_frozen"):
             if getattr(cfg, name):
                 raise ValueError(f"{name}: needs several data-parallel ranks (launch with torchrun)")
         return
@@ -114,6 +114,11 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     check_replicas_agree(ctx, models.student)  # every rank starts from the same student
     if cfg.fsdp:
         shard_student(models.student, ctx, getattr(torch, cfg.dtype))
+    if cfg.shard_frozen:
+        for model in models.frozen():
+            shard_frozen(model, ctx)
+        logger.info("shard_frozen: %d teacher / reference models sharded over %d ranks",
+                    len(models.frozen()), ctx.world_size)  # fmt: skip
     optimizer = make_optimizer(models.student, cfg, ctx)
     scheduler = make_scheduler(optimizer, cfg, steps)
     start = 0
@@ -149,7 +154,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         batch = ctx.shard(sampler.next_batch(cfg.prompts_per_step))
         rollouts = engine.generate(batch, cfg.samples_per_prompt, cfg.temperature)
         t1 = time.perf_counter()
-        scores = score_rollouts(models, rollouts, cfg) if cfg.objective == "sampled" else None
+        scores = score_rollouts(models, rollouts, cfg, ctx) if cfg.objective == "sampled" else None
         t2 = time.perf_counter()
         loss, stats, stepped = policy_update(models, rollouts, scores, optimizer, scheduler, cfg, ctx)
         t3 = time.perf_counter()

@@ -15,14 +15,14 @@ from contextlib import nullcontext
 import torch
 from torch.distributed.tensor import DTensor
 
-from gopd.batching import micro_batch, micro_batches
+from gopd.batching import micro_batch, step_plan
 from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext, all_reduce_grads, broadcast_from_owners
-from gopd.fsdp import is_sharded
+from gopd.fsdp import is_sharded, release
 from gopd.models import Models, frozen_on_device, head_weight
 from gopd.optim import LossScale, MasterWeightAdamW, partition
 from gopd.rollout import IGNORE, Rollouts
-from gopd.scoring import Scores, response_hidden, rows_by_domain
+from gopd.scoring import Scores, response_hidden
 from gopd_kernels import gopd_dense_loss, gopd_loss
 
 logger = logging.getLogger("gopd")
@@ -121,12 +121,16 @@ def policy_update(
     scaler = getattr(optimizer, "loss_scale", None)  # a float16 student's (gopd.optim)
     scale = scaler.scale if scaler else 1.0
     sharded = is_sharded(models.student)
-    for domain, chunks in _plan(models, rollouts, cfg, ctx, sharded):
+    dense = cfg.objective == "dense"  # it needs each row's own teacher during the update
+    in_step = sharded or (dense and any(is_sharded(m) for m in models.frozen()))
+    limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
+    plan = step_plan(rollouts, list(models.teachers) if dense else None, *limits, ctx=ctx, in_step=in_step)
+    for domain, chunks in plan:
         # with offload_frozen, the domain's teacher (and the reference) come to the device once
         # for all its micro-batches, not once per micro-batch
         frozen = nullcontext((None, None)) if domain is None else frozen_on_device(models, domain)
         with frozen as (teacher, ref):
-            for chunk, counts in chunks:  # counts: False for _plan's repeats, which only keep step
+            for chunk, counts in chunks:  # counts: False for step_plan's repeats, which only keep step
                 part, idx = micro_batch(rollouts, chunk)
                 if cfg.objective == "sampled":
                     loss, stats = _sampled_loss(models, part, scores, idx, cfg, num_tokens)
@@ -134,6 +138,7 @@ def policy_update(
                     loss, stats = _dense_loss(models, part, teacher, ref, cfg, num_tokens)
                 weighted = loss * (_part_weight(cfg, part, total_seqs) if counts else 0.0)
                 (weighted * scale).backward()
+                release(teacher, ref)  # sharded ones: their gathered head, kept through the backward
                 if counts:
                     loss_total += float(weighted.detach())
                     acc.add(stats)
@@ -164,25 +169,6 @@ def policy_update(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_total, stats, True
-
-
-def _plan(models, rollouts, cfg: TrainConfig, ctx: DistContext, sharded: bool) -> list:
-    """[(domain or None, [(micro-batch rows, counts), ...]), ...]: the rows by domain for the
-    dense loss (it needs each row's own teacher), all together for the sampled one. A sharded
-    student gathers its weights in every micro-batch's forward and backward, so every rank
-    must run as many: a rank with fewer repeats its last one, at weight 0 (counts False)."""
-    if cfg.objective == "sampled":
-        groups = [(None, list(range(len(rollouts.examples))))]
-    else:
-        groups = list(rows_by_domain(rollouts, models.teachers).items())
-    limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
-    plan = [(d, [(c, True) for c in micro_batches(rollouts, rows, *limits)]) for d, rows in groups]
-    if sharded:
-        mine = sum(len(chunks) for _, chunks in plan)
-        (most,) = ctx.max([float(mine)])
-        last = plan[-1][1]
-        last.extend([(last[-1][0], False)] * (int(most) - mine))
-    return plan
 
 
 def gradient_slots(optimizer) -> list:

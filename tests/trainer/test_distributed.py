@@ -348,6 +348,7 @@ VARIANTS = {
     "sharded-bf16": ["--shard-optimizer", "true", "--dtype", "bfloat16"],
     "fsdp": ["--fsdp", "true"],
     "fsdp-bf16-tokens": ["--fsdp", "true", "--dtype", "bfloat16", "--micro-batch-tokens", "40"],
+    "fsdp-shard-frozen": ["--fsdp", "true", "--shard-frozen", "true", "--lam", "1.25"],  # the reference too
 }
 if importlib.util.find_spec("peft"):  # each rank must draw the same initial adapters
     VARIANTS["lora"] = ["--lora-rank", "4", "--lam", "1.25"]
@@ -380,6 +381,8 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
     if sharded:  # each rank's masters and moments beside the state, none inside it
         assert shards == ["optimizer_rank0.pt", "optimizer_rank1.pt"] and "optimizer" not in state
         assert ("fsdp: the student's" if variant.startswith("fsdp") else "sharded optimizer") in proc.stderr
+    if "--shard-frozen" in extra:
+        assert "shard_frozen: 2 teacher / reference models sharded over 2 ranks" in proc.stderr
     else:
         assert shards == [] and "optimizer" in state
 

@@ -1,4 +1,5 @@
-"""FSDP (gopd.fsdp): 2 CPU ranks over gloo, the student sharded, give the single process's step.
+"""FSDP (gopd.fsdp): 2 CPU ranks over gloo, the student or the frozen models sharded, give the
+single process's step.
 
 The end-to-end run through torchrun (train, save, resume exactly) is in test_distributed.
 """
@@ -10,50 +11,74 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gopd import distributed
+from gopd.batching import step_plan
 from gopd.checkpoint import save_checkpoint, start_checkpoint
 from gopd.distributed import DistContext
-from gopd.fsdp import full_weights, is_sharded, shard_student
+from gopd.fsdp import full_weights, is_sharded, shard_frozen, shard_student
 from gopd.models import load_models
-from gopd.scoring import Scores, score_rollouts
+from gopd.scoring import score_rollouts
 from gopd.trainer import check_data_parallel
-from gopd.update import _plan, make_optimizer, make_scheduler, policy_update
+from gopd.update import make_optimizer, make_scheduler, policy_update
 from tests.trainer.conftest import base_config
 from tests.trainer.test_distributed import run_ranks
 from tests.trainer.test_stages import rollouts_for
 
-TWO_TEACHERS = "dense, two domain teachers"
+TWO_TEACHERS = dict(teachers="two", train_data="domains")  # resolved in step(): tiny's paths
+# name: (settings, fsdp: the student sharded)
 CASES = {
-    "sampled, token-mean": dict(),
-    "sampled, bf16": dict(dtype="bfloat16", loss_agg="seq-mean-token-sum"),
-    TWO_TEACHERS: dict(objective="dense", is_cap=None, loss_agg="seq-mean-token-mean", micro_batch_size=2),
+    "sampled, token-mean": (dict(), True),
+    "sampled, bf16": (dict(dtype="bfloat16", loss_agg="seq-mean-token-sum"), True),
+    "dense, two domain teachers": (
+        TWO_TEACHERS
+        | dict(objective="dense", is_cap=None, loss_agg="seq-mean-token-mean", micro_batch_size=2),
+        True,
+    ),
+    # the teachers and a separate reference sharded, the student replicated; then all sharded
+    "sampled, shard_frozen, two teachers and a reference": (
+        TWO_TEACHERS | dict(shard_frozen=True, lam=1.25, reference="separate", micro_batch_size=2),
+        False,
+    ),
+    "dense, shard_frozen and fsdp": (
+        TWO_TEACHERS | dict(objective="dense", is_cap=None, shard_frozen=True, lam=1.25, micro_batch_size=2),
+        True,
+    ),
 }
 
 
 def step(ctx: DistContext, tiny, tmp_path, overrides: dict, fsdp: bool):
-    """One AdamW step on ctx's share of 8 prompts x 2 samples: (loss, stats, full weights, real
-    micro-batches of this rank, its checkpoint's directory; full weights and checkpoint on rank 0)."""
-    if overrides.get("objective") == "dense" and overrides is CASES[TWO_TEACHERS]:
-        overrides = overrides | dict(teachers={"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])},
-                                     train_data=str(tiny["train_domains"]))  # fmt: skip
+    """One AdamW step on ctx's share of 8 prompts x 2 samples, scored by this rank: (loss, stats,
+    full weights, real micro-batches of this rank, its checkpoint's directory, its scores;
+    full weights and checkpoint on rank 0)."""
+    overrides = dict(overrides)
+    if overrides.pop("teachers", None):
+        overrides["teachers"] = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
+        overrides["train_data"] = str(tiny["train_domains"])
+    if overrides.get("reference") == "separate":
+        overrides["reference"] = str(tiny["reference"])
+    if not ctx.enabled:  # the single process: nothing to shard
+        overrides.pop("shard_frozen", None)
     cfg = base_config(tiny, tmp_path, **({"micro_batch_size": 3} | overrides))
     models = load_models(cfg)
     rollouts = rollouts_for(cfg, models)  # the same 16 rows on every rank (seeded)
-    scores = score_rollouts(models, rollouts, cfg) if cfg.objective == "sampled" else None
     # uneven shares (6 and 10 rows): other numbers of micro-batches on the two ranks
     everything = list(range(len(rollouts.examples)))
     rows = everything if not ctx.enabled else everything[:6] if ctx.rank == 0 else everything[6:]
     mine = rollouts.select(rows)
-    if scores is not None:
-        scores = Scores(scores.teacher_logp[rows], None if scores.ref_logp is None else scores.ref_logp[rows])
-    if fsdp:
+    if fsdp and ctx.enabled:
         shard_student(models.student, ctx, getattr(torch, cfg.dtype))
+    if cfg.shard_frozen:
+        for model in models.frozen():
+            shard_frozen(model, ctx)
+    scores = score_rollouts(models, mine, cfg, ctx) if cfg.objective == "sampled" else None
     optimizer = make_optimizer(models.student, cfg, ctx)
-    real = sum(c for _, chunks in _plan(models, mine, cfg, ctx, False) for _, c in chunks)
+    domains = list(models.teachers) if cfg.objective == "dense" else None
+    real = sum(c for _, chunks in step_plan(mine, domains, cfg.micro_batch_size) for _, c in chunks)
     loss, stats, stepped = policy_update(
         models, mine, scores, optimizer, make_scheduler(optimizer, cfg, 3), cfg, ctx
     )
-    assert stepped and is_sharded(models.student) == fsdp
-    if fsdp:
+    assert stepped and is_sharded(models.student) == (fsdp and ctx.enabled)
+    assert all(is_sharded(m) == cfg.shard_frozen for m in models.frozen())
+    if is_sharded(models.student):
         weights = full_weights(models.student, torch.float32, ctx)
     else:
         weights = {k: v.float().clone() for k, v in models.student.state_dict().items()}
@@ -62,24 +87,23 @@ def step(ctx: DistContext, tiny, tmp_path, overrides: dict, fsdp: bool):
         tmp = start_checkpoint(str(tmp_path / "ckpt"), 1)
         # a copy: save_pretrained drops the tied head's key from the dict it is given
         saved = save_checkpoint(tmp, models.student, models.tokenizer, {}, dict(weights) if fsdp else None)
-    return loss, stats, weights, real, saved
+    return loss, stats, weights, real, saved, scores, rows
 
 
-def _fsdp_cases(ctx, tiny, tmp_path):
+def _sharded_cases(ctx, tiny, tmp_path):
     return {
-        name: step(ctx, tiny, tmp_path / f"rank{ctx.rank}" / str(i), o, True)
-        for i, (name, o) in enumerate(CASES.items())
+        name: step(ctx, tiny, tmp_path / f"rank{ctx.rank}" / str(i), o, fsdp)
+        for i, (name, (o, fsdp)) in enumerate(CASES.items())
     }
 
 
 def test_two_sharded_ranks_take_the_single_process_step(tiny, tmp_path):
-    ranks = run_ranks(tmp_path, _fsdp_cases, tiny, tmp_path)
-    for name, overrides in CASES.items():
-        single_loss, single_stats, single_w, _, _ = step(
-            distributed.SINGLE, tiny, tmp_path / "single" / name, overrides, False
-        )
-        (loss0, stats0, w0, real0, saved), (loss1, stats1, w1, real1, _) = ranks[0][name], ranks[1][name]
-        assert w1 is None and saved is not None  # gathered on rank 0 alone
+    ranks = run_ranks(tmp_path, _sharded_cases, tiny, tmp_path)
+    for name, (overrides, fsdp) in CASES.items():
+        single = step(distributed.SINGLE, tiny, tmp_path / "single" / name, overrides, False)
+        single_loss, single_stats, single_w, _, _, single_scores, _ = single
+        (loss0, stats0, w0, real0, saved, *_), (loss1, stats1, w1, real1, *_) = ranks[0][name], ranks[1][name]
+        assert (w1 is None) == fsdp and saved is not None  # a sharded student: gathered on rank 0 alone
         assert loss0 == loss1 and stats0 == stats1, name  # the combined loss and stats, on every rank
         bf16 = "bf16" in name
         # bf16: the single process's float32 masters start from the bf16 checkpoint's rounding,
@@ -93,12 +117,25 @@ def test_two_sharded_ranks_take_the_single_process_step(tiny, tmp_path):
         reloaded = AutoModelForCausalLM.from_pretrained(saved).state_dict()
         for k, v in reloaded.items():  # the tied head included
             assert torch.equal(v.float(), w0[k]), (name, k)
-        assert real0 < real1, name  # so rank 0 ran repeats at weight 0 to keep in step
+        assert real0 < real1, name  # so rank 0 ran repeats (weight 0, outputs dropped) to keep in step
+        if single_scores is not None:  # each rank scored its own rows, as the single process did
+            for scores, rows in (ranks[0][name][5:7], ranks[1][name][5:7]):
+                torch.testing.assert_close(
+                    scores.teacher_logp, single_scores.teacher_logp[rows], atol=1e-5, rtol=1e-5
+                )
+                if single_scores.ref_logp is not None:
+                    torch.testing.assert_close(
+                        scores.ref_logp, single_scores.ref_logp[rows], atol=1e-5, rtol=1e-5
+                    )
 
 
-def test_fsdp_needs_ranks_and_refuses_what_it_does_not_combine_with(tiny, tmp_path):
+def test_sharding_needs_ranks_and_refuses_what_it_does_not_combine_with(tiny, tmp_path):
     with pytest.raises(ValueError, match="fsdp: needs several data-parallel ranks"):
         check_data_parallel(base_config(tiny, tmp_path, fsdp=True), distributed.SINGLE)
+    with pytest.raises(ValueError, match="shard_frozen: needs several data-parallel ranks"):
+        check_data_parallel(base_config(tiny, tmp_path, shard_frozen=True), distributed.SINGLE)
+    with pytest.raises(ValueError, match="offload_frozen: does not combine with shard_frozen"):
+        base_config(tiny, tmp_path, shard_frozen=True, offload_frozen=True)
     for overrides, match in [
         (dict(shard_optimizer=True), "shard_optimizer: fsdp shards it already"),
         (dict(dtype="float16"), "dtype: float16 is not supported with fsdp"),
