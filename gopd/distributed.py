@@ -19,7 +19,8 @@ student itself is sharded (gopd.fsdp, ZeRO stage 3) and FSDP2 sums the gradients
 The all-reduce runs after the backward, not overlapped with it as DDP's buckets are: in
 on-policy distillation the rollouts dominate a step's time, and the update does not go
 through the model's forward (the loss reads the final hidden states and the LM head), which
-DDP's wrapper needs. Frozen teachers and the reference are replicated on every rank.
+DDP's wrapper needs. Frozen teachers and the reference are replicated on every rank, unless
+`shard_frozen` shards them (gopd.fsdp).
 
 Backends: NCCL for CUDA ranks (rank r on cuda:LOCAL_RANK), gloo for CPU ranks (the tests).
 A single process (no torchrun) is world size 1 and every helper here is a no-op.

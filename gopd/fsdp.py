@@ -1,4 +1,5 @@
-"""Fully sharded data parallelism for the student (`fsdp: true`): PyTorch's FSDP2, ZeRO-3.
+"""Fully sharded data parallelism (PyTorch's FSDP2, ZeRO-3) for the student (`fsdp: true`)
+and for the frozen teachers and reference (`shard_frozen: true`).
 
     torchrun --nproc_per_node 8 -m gopd train --config my.yaml --fsdp true
 
@@ -11,8 +12,8 @@ precision), so a bf16 student's AdamW steps float32 weights as MasterWeightAdamW
 no separate master copy.
 
 The root group (the embeddings, the final norm and the LM head, tied or not) is gathered
-by the student's own forward and, FSDP2 being what it is for a root, kept until the
-backward: final_hidden therefore runs the student's whole forward (with one position of
+by the student's own forward and kept until the backward (FSDP2 does not reshard a root
+after its forward): final_hidden therefore runs the student's whole forward (with one position of
 logits, `logits_to_keep=1`) and takes the decoder's output from a hook, so that the fused
 losses read the gathered head weight and its gradient is reduce-scattered with the rest.
 
@@ -20,11 +21,15 @@ Collectives need every rank to make the same calls: generate() runs with `synced
 rank that has finished keeps stepping until all have), policy_update gives every rank as
 many micro-batches (a rank with fewer repeats one at weight zero), and each rank's vLLM
 engine is loaded from the student gathered one tensor at a time (gathered_weights), all
-ranks together. Teachers and the reference stay replicated, as under plain data parallelism.
+ranks together.
+
+Sharded frozen models are read the same way (their root forward gathers their head) and
+free their gathered root after use (release); scoring then also keeps the ranks in step,
+domain by domain (gopd.batching.step_plan).
 
 Checkpoints are the student gathered whole (on rank 0, in `dtype`, Hugging Face format as
-ever) and one optimizer file per rank holding that rank's shards; resuming needs as many
-ranks.
+ever) and one file per rank with that rank's float32 weight shards and AdamW state;
+resuming needs as many ranks.
 """
 
 from __future__ import annotations
