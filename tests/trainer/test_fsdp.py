@@ -28,6 +28,10 @@ TWO_TEACHERS = dict(teachers="two", train_data="domains")  # resolved in step():
 CASES = {
     "sampled, token-mean": (dict(), True),
     "sampled, bf16": (dict(dtype="bfloat16", loss_agg="seq-mean-token-sum"), True),
+    "sampled, gradient checkpointing, frozen head": (
+        dict(gradient_checkpointing=True, freeze_lm_head=True),
+        True,
+    ),
     "dense, two domain teachers": (
         TWO_TEACHERS
         | dict(objective="dense", is_cap=None, loss_agg="seq-mean-token-mean", micro_batch_size=2),
