@@ -26,7 +26,8 @@
 #   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048, frozen scoring
 #                                          # with GOPD_LOGITS_GEMM swept (~3 minutes)
 #   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA, one update step
-#                                          # through a 28-layer Qwen3-0.6B shape (~4 minutes)
+#                                          # through a 28-layer Qwen3-0.6B shape, the micro-batch
+#                                          # layouts (~5 minutes)
 # With more time, the whole gpu preset in parts:
 #   bash benchmarks/gpu_session.sh fp32    # gopd_loss and token_logprobs at N = 16384 fp32
 #   bash benchmarks/gpu_session.sh tune    # ours under several GOPD_WORKSPACE_MB (~5 minutes)
@@ -184,6 +185,9 @@ trainer)  # the trainer's newer paths on CUDA (~4 minutes): a LoRA student in bf
     # one update step through a Qwen3-0.6B-shaped student at its real depth (28 layers), bf16,
     # naive materialised logits against gopd (the Triton fold); saved under results/<card>/update_step/
     timeout 150 python3 -m benchmarks.update_step --layers 28 --tokens 2048,8192 --dtype bfloat16 || status=1
+    # a step's scoring and update with padded, length-grouped and token-budget micro-batches
+    # (the Triton kernels); saved under results/<card>/micro_batches/
+    timeout 90 python3 -m benchmarks.micro_batches --cap 2048 || status=1
     (exit $status)
     ;;
 check)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     ChildFailed,
     child_rounds,
+    cuda_times_ms,
     machine_description,
     machine_slug,
     markdown_table,
@@ -74,23 +76,24 @@ def step_rollouts(rows: int, cap: int, pad: int, seed: int = 0):
                     rollout_logp, examples)  # fmt: skip
 
 
-def models_and_config(layout: str, rows: int, cap: int, micro: int):
+def models_and_config(layout: str, rows: int, cap: int, micro: int, device: str = "cpu"):
     from gopd.config import TrainConfig
     from gopd.demo.tiny import build_model, build_tokenizer
     from gopd.models import Models
 
     tok = build_tokenizer("abc")
     build = lambda seed: build_model(tok, hidden=512, layers=4, heads=8, context=PROMPTS[1] + cap,  # noqa: E731
-                                     vocab_size=VOCAB, seed=seed)  # fmt: skip
+                                     vocab_size=VOCAB, seed=seed).to(device)  # fmt: skip
     student = build(0).train()
-    models = Models(student, {"default": build(1).eval()}, build(0).eval(), tok, torch.device("cpu"))
+    models = Models(student, {"default": build(1).eval()}, build(0).eval(), tok, torch.device(device))
     for m in models.frozen():
         m.requires_grad_(False)
     longest = PROMPTS[1] + cap
     rows_at_most, budget = (micro * 4, max(1, micro // 4) * longest) if layout == "tokens" else (micro, None)
     cfg = TrainConfig(
         lam=1.25, micro_batch_size=rows_at_most, micro_batch_tokens=budget, max_prompt_tokens=PROMPTS[1],
-        max_new_tokens=cap, kernel_backend="torch", grad_clip=None,
+        max_new_tokens=cap, kernel_backend="torch" if device == "cpu" else "auto", grad_clip=None,
+        device=device,
     )  # fmt: skip
     return models, cfg
 
@@ -105,6 +108,36 @@ def untrimmed(rollouts, rows):
     return rollouts.select(rows), torch.tensor(rows)
 
 
+@contextmanager
+def layout_in_effect(layout: str):
+    """The trainer's stages with `layout`'s micro-batches: 'padded' puts back consecutive,
+    untrimmed rows where the stages look them up; the others are gopd's own."""
+    import gopd.batching
+    import gopd.scoring
+    import gopd.update
+
+    if layout != "padded":
+        yield
+        return
+    saved = gopd.batching.micro_batches, gopd.scoring.micro_batch, gopd.update.micro_batch
+    gopd.batching.micro_batches = padded_micro_batches
+    gopd.scoring.micro_batch = gopd.update.micro_batch = untrimmed
+    try:
+        yield
+    finally:
+        gopd.batching.micro_batches, gopd.scoring.micro_batch, gopd.update.micro_batch = saved
+
+
+def plan_shape(rollouts, cfg) -> dict:
+    """The update's micro-batches under the layout in effect: how many, and their padded tokens."""
+    import gopd.batching
+    import gopd.update
+
+    plan = gopd.batching.step_plan(rollouts, None, cfg.micro_batch_size, cfg.micro_batch_tokens)
+    parts = [gopd.update.micro_batch(rollouts, rows)[0] for _, chunks in plan for rows, _ in chunks]
+    return {"micro_batches": len(parts), "tokens": sum(part.sequences.numel() for part in parts)}
+
+
 def one_step(models, rollouts, cfg):
     from gopd.scoring import score_rollouts
     from gopd.update import make_scheduler, policy_update
@@ -116,23 +149,49 @@ def one_step(models, rollouts, cfg):
 
 
 def child(layout: str, rows: int, cap: int, micro: int, repeats: int, out: Path) -> None:
-    """In a fresh process: peak RSS of the first step, the time of each."""
-    import gopd.scoring
-    import gopd.update
-
-    if layout == "padded":  # where the trainer's stages look them up
-        for module in (gopd.scoring, gopd.update):
-            module.micro_batches, module.micro_batch = padded_micro_batches, untrimmed
-    models, cfg = models_and_config(layout, rows, cap, micro)
-    tok = models.tokenizer
-    rollouts = step_rollouts(rows, cap, tok.pad_token_id)
-    one_step(models, step_rollouts(2, 32, tok.pad_token_id, seed=1), cfg)  # one-time costs
-    plan = [gopd.update.micro_batch(rollouts, rows)[0] for rows in gopd.update.micro_batches(
-        rollouts, list(range(rows)), cfg.micro_batch_size, cfg.micro_batch_tokens)]  # fmt: skip
-    shapes = {"micro_batches": len(plan), "tokens": sum(part.sequences.numel() for part in plan)}
-    times, peak, result = timed_calls(lambda: one_step(models, rollouts, cfg), repeats)
+    """CPU, in a fresh process: peak RSS of the first step, the time of each."""
+    with layout_in_effect(layout):
+        models, cfg = models_and_config(layout, rows, cap, micro)
+        pad = models.tokenizer.pad_token_id
+        rollouts = step_rollouts(rows, cap, pad)
+        one_step(models, step_rollouts(2, 32, pad, seed=1), cfg)  # one-time costs
+        shape = plan_shape(rollouts, cfg)
+        times, peak, result = timed_calls(lambda: one_step(models, rollouts, cfg), repeats)
     found = {"peak_bytes": peak, "times_s": times, "loss": result[0], "grad_norm": result[1]}
-    out.write_text(json.dumps(found | shapes))
+    out.write_text(json.dumps(found | shape))
+
+
+def measure_cuda(rows: int, cap: int, micro: int, device: str = "cuda") -> dict:
+    """CUDA, in this process, one layout after the other (cuda_run)."""
+    runs = {}
+    for name in LAYOUTS:
+        runs[name] = cuda_run(name, rows, cap, micro, device)
+        median_ms = statistics.median(runs[name]["times_s"]) * 1e3
+        print(
+            f"    {name:8s} +{runs[name]['peak_bytes'][0] / 2**20:7.0f} MiB  median {median_ms:.1f} ms",
+            flush=True,
+        )
+        torch.cuda.empty_cache()
+    return runs
+
+
+def cuda_run(layout: str, rows: int, cap: int, micro: int, device: str) -> dict:
+    """One layout after a warm-up step (compile, autotune): the peak of one step
+    (max_memory_allocated above the allocation before it), then the step timed as the
+    report's CUDA rows are (cuda_times_ms)."""
+    with layout_in_effect(layout):
+        models, cfg = models_and_config(layout, rows, cap, micro, device)
+        pad = models.tokenizer.pad_token_id
+        rollouts = step_rollouts(rows, cap, pad)
+        one_step(models, step_rollouts(2, 32, pad, seed=1), cfg)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss, norm = one_step(models, rollouts, cfg)
+        peak = torch.cuda.max_memory_allocated() - base
+        times = [ms / 1e3 for ms in cuda_times_ms(lambda: one_step(models, rollouts, cfg))]
+        shape = plan_shape(rollouts, cfg)
+    return {"peak_bytes": [peak], "times_s": times, "loss": loss, "grad_norm": norm} | shape
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,26 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     real = int(ro.attention_mask.sum())
     print(f"one step: {args.rows} rows, {real} prompt + response tokens, padded to {ro.sequences.numel()} "
           f"({real / ro.sequences.numel():.0%} real); responses up to {args.cap}", flush=True)  # fmt: skip
-    shape = [
-        "--rows",
-        str(args.rows),
-        "--cap",
-        str(args.cap),
-        "--micro",
-        str(args.micro),
-        "--repeats",
-        str(args.repeats),
-    ]
-    runs = {name: {"peak_bytes": [], "times_s": []} for name in LAYOUTS}
-    for _, name, res, _ in child_rounds(
-        "benchmarks.micro_batches", list(LAYOUTS), args.rounds, lambda n: ["--child", n, *shape], CHILD_ENV
-    ):
-        if isinstance(res, ChildFailed):
-            runs[name] = {"skipped": f"failed: {res.reason}"}
-            continue
-        runs[name]["peak_bytes"].append(res["peak_bytes"])
-        runs[name]["times_s"] += res["times_s"]
-        runs[name] |= {k: res[k] for k in ("loss", "grad_norm", "micro_batches", "tokens")}
+    if torch.cuda.is_available():
+        runs = measure_cuda(args.rows, args.cap, args.micro)
+    else:
+        runs = measure_cpu(args)
     record = {"rows": args.rows, "cap": args.cap, "micro": args.micro, "real_tokens": real,
               "padded_tokens": ro.sequences.numel(), "machine": machine_description(),
               "commit": measured_commit(), "runs": runs}  # fmt: skip
@@ -185,6 +228,23 @@ def main(argv: list[str] | None = None) -> None:
         (folder / f"R{args.rows}_cap{args.cap}_micro{args.micro}.json").write_text(
             json.dumps(record, indent=1)
         )
+
+
+def measure_cpu(args) -> dict:
+    """CPU: fresh processes (child), rounds interleaving the layouts."""
+    shape = ["--rows", str(args.rows), "--cap", str(args.cap), "--micro", str(args.micro),
+             "--repeats", str(args.repeats)]  # fmt: skip
+    runs = {name: {"peak_bytes": [], "times_s": []} for name in LAYOUTS}
+    for _, name, res, _ in child_rounds(
+        "benchmarks.micro_batches", list(LAYOUTS), args.rounds, lambda n: ["--child", n, *shape], CHILD_ENV
+    ):
+        if isinstance(res, ChildFailed):
+            runs[name] = {"skipped": f"failed: {res.reason}"}
+            continue
+        runs[name]["peak_bytes"].append(res["peak_bytes"])
+        runs[name]["times_s"] += res["times_s"]
+        runs[name] |= {k: res[k] for k in ("loss", "grad_norm", "micro_batches", "tokens")}
+    return runs
 
 
 def table(record: dict) -> str:

@@ -33,3 +33,27 @@ def test_the_layouts_agree_and_the_table_says_so(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("| padded", "| grouped", "| tokens"))]
     assert len(rows) == 3 and "DISAGREES" not in out and "failed" not in out
+    padded = micro_batches.step_rollouts(6, 48, pad=0).sequences.numel()
+    assert rows[0].startswith(f"| padded | 3 / {padded} |")  # 3 micro-batches at the step's full width
+    tokens = [int(row.split("|")[2].split("/")[1]) for row in rows]
+    assert tokens[0] > tokens[1] >= tokens[2]  # trimmed; then grouped under a budget
+
+
+def test_the_cuda_path_runs_with_stand_ins_for_the_cuda_calls(monkeypatch):
+    """measure_cuda's logic (never run on a GPU yet) on the CPU: the CUDA calls are stand-ins,
+    and the padded layout is put back in effect and then taken away."""
+    import torch
+
+    import gopd.batching
+
+    for name, fn in dict(synchronize=lambda: None, reset_peak_memory_stats=lambda: None,
+                         memory_allocated=lambda: 0, max_memory_allocated=lambda: 5 << 20,
+                         empty_cache=lambda: None).items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monkeypatch.setattr(micro_batches, "cuda_times_ms", lambda fn: [(fn(), 5.0)[1] for _ in range(2)])
+    original = gopd.batching.micro_batches
+    runs = micro_batches.measure_cuda(4, 32, 2, device="cpu")
+    assert gopd.batching.micro_batches is original
+    assert runs["padded"]["tokens"] > runs["grouped"]["tokens"] and runs["padded"]["micro_batches"] == 2
+    assert all(run["times_s"] == [0.005, 0.005] and run["peak_bytes"] == [5 << 20] for run in runs.values())
+    assert "DISAGREES" not in micro_batches.table({"runs": runs})
