@@ -40,8 +40,14 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     each rank samples its share of the prompts and the figures are over all of them."""
     right_sum = passed = length_sum = 0.0
     mine = ctx.shard(examples)
-    for start in range(0, len(mine), batch_prompts):
+    calls = -(-len(mine) // batch_prompts)
+    if engine.in_step:  # every rank samples as often as the busiest (gopd.fsdp)
+        calls = int(ctx.max([float(calls)])[0])
+    for start in range(0, calls * batch_prompts, batch_prompts):
         chunk = mine[start : start + batch_prompts]
+        if not chunk:  # this rank is done: one prompt more, unscored, keeps it in step
+            engine.generate(examples[:1], samples=k, temperature=temperature)
+            continue
         rollouts = engine.generate(chunk, samples=k, temperature=temperature)
         # Only each response's own tokens: a placeholder id in the padding would decode as
         # whatever token has that id (Qwen's id 0 is "!") and end up in the answer.

@@ -97,6 +97,8 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
+    in_step: bool  # every rank must call generate as often as the others (gopd.fsdp)
+
     def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts: ...
 
     def update_weights(self, model: torch.nn.Module) -> None: ...
@@ -147,6 +149,12 @@ class HFRolloutEngine:
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
 
+    @property
+    def in_step(self) -> bool:
+        """Whether every rank must call generate as often as the others: a sharded student
+        gathers its weights at every token (generate's synced_gpus)."""
+        return bool(self.cfg.fsdp)
+
     def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
         rows = [ex for ex in examples for _ in range(samples)]
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
@@ -179,7 +187,7 @@ class HFRolloutEngine:
                     attention_mask=mask.to(device),
                     generation_config=gen,
                     logits_processor=LogitsProcessorList([*processors, recorder]),
-                    synced_gpus=self.cfg.fsdp,  # every rank steps until all are done (gopd.fsdp)
+                    synced_gpus=self.in_step,  # every rank steps until all are done (gopd.fsdp)
                 )
         finally:
             self.model.generation_config = checkpoint_defaults
@@ -234,6 +242,8 @@ class VLLMRolloutEngine:
     With `vllm_sleep`, vLLM sleeps (level 2: its weights and KV cache freed) as soon as a
     generate returns, so that scoring and the update have its GPU memory; the next generate
     wakes it, its weights first, loads the student's into them, then its KV cache."""
+
+    in_step = False  # each rank's engine samples on its own, whatever the student's sharding
 
     def __init__(self, llm, tokenizer, cfg: TrainConfig, student: torch.nn.Module):
         self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg

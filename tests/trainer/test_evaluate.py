@@ -34,6 +34,8 @@ def test_is_correct_is_exact():
 class ScriptedEngine:
     """Returns fixed responses: prompt i's samples are responses[i]."""
 
+    in_step = False
+
     def __init__(self, tokenizer, responses):
         self.tokenizer, self.responses = tokenizer, responses
 
@@ -73,3 +75,35 @@ def test_padding_never_reaches_the_answer():
     examples = [Example([3], "default", "12", "a")]
     engine = ScriptedEngine(tok, [["#### 12", "#### 1234"]])
     assert evaluate(engine, tok, examples, k=2, temperature=1.0)["avg@2"] == 0.5
+
+
+class InStepEngine(ScriptedEngine):
+    """As a sharded student's engine: every rank must call it as often (it counts the calls)."""
+
+    in_step = True
+    calls = 0
+
+    def generate(self, examples, samples, temperature):
+        self.calls += 1
+        return super().generate(examples, samples, temperature)
+
+
+def _evaluate_on_a_rank(ctx, tiny):
+    from gopd.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny["student"]))
+    examples = [Example([3], "default", answer, "") for answer in ("12", "7", "12")]  # rank 0: 2, rank 1: 1
+    engine = InStepEngine(tok, [["12", "12"]])  # every prompt's samples say 12
+    return evaluate(engine, tok, examples, k=2, temperature=1.0, batch_prompts=1, ctx=ctx), engine.calls
+
+
+def test_a_rank_out_of_prompts_keeps_sampling_in_step_with_the_others(tiny, tmp_path):
+    from tests.trainer.test_distributed import run_ranks
+
+    for result, calls in run_ranks(tmp_path, _evaluate_on_a_rank, tiny):
+        assert calls == 2  # rank 1's second call: one prompt more, unscored
+        assert (
+            result["prompts"] == 3
+            and result["avg@2"] == pytest.approx(2 / 3)
+            and result["pass@2"] == pytest.approx(2 / 3)
+        )
