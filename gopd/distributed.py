@@ -28,6 +28,7 @@ A single process (no torchrun) is world size 1 and every helper here is a no-op.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -144,7 +145,12 @@ def init_distributed(device: str) -> tuple[DistContext, str]:
 
 
 def close_distributed(ctx: DistContext) -> None:
+    """End the process group this process started, once every rank is done with it. Models
+    sharded over it (gopd.fsdp) are collected first: their device meshes, left to the
+    interpreter's exit after the group's end, made 1 run in 12 abort there (gloo, 2 ranks)."""
     if ctx.owns_group and dist.is_initialized():
+        gc.collect()  # FSDP2 modules sit in reference cycles: unreachable is not yet freed
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -381,10 +381,10 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
     if sharded:  # each rank's masters and moments beside the state, none inside it
         assert shards == ["optimizer_rank0.pt", "optimizer_rank1.pt"] and "optimizer" not in state
         assert ("fsdp: the student's" if variant.startswith("fsdp") else "sharded optimizer") in proc.stderr
-    if "--shard-frozen" in extra:
-        assert "shard_frozen: 2 teacher / reference models sharded over 2 ranks" in proc.stderr
     else:
         assert shards == [] and "optimizer" in state
+    if "--shard-frozen" in extra:
+        assert "shard_frozen: 2 teacher / reference models sharded over 2 ranks" in proc.stderr
 
     resumed = tmp_path / "resumed"
     step2 = str(full / "checkpoints" / "step_0000002")
