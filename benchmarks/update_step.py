@@ -86,7 +86,7 @@ def step(model, x: dict, impl: str) -> tuple[float, float]:
     loss.backward()
     norm = float(watched(model).grad.norm())
     model.zero_grad(set_to_none=True)
-    return float(loss), norm
+    return float(loss.detach()), norm
 
 
 def prepared(tokens: int, layers: int, dtype: str, device: str, frozen_head: bool = False) -> tuple:
