@@ -119,13 +119,12 @@ def full_weights(model, dtype: torch.dtype, ctx: DistContext) -> dict[str, torch
     one tensor at a time, so that no rank ever holds more than one whole float32 tensor.
     Every rank must call it (each gather is a collective)."""
     out: dict[str, torch.Tensor] = {}
-    gathered: dict[int, torch.Tensor | None] = {}  # tied weights (one storage): gathered once
-    for name, t in model.state_dict().items():
-        key = (t.to_local() if isinstance(t, DTensor) else t).data_ptr()
-        if key not in gathered:
+    gathered: dict[int, torch.Tensor | None] = {}  # a tied head is the same Parameter: gathered once
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in gathered:
             full = t.full_tensor() if isinstance(t, DTensor) else t
-            gathered[key] = full.detach().to("cpu", dtype) if ctx.is_main else None
-        out[name] = gathered[key]
+            gathered[id(t)] = full.detach().to("cpu", dtype) if ctx.is_main else None
+        out[name] = gathered[id(t)]
     return out if ctx.is_main else None
 
 
