@@ -120,7 +120,7 @@ class TrainConfig:
         False,
         "under torchrun: shard the student's weights, gradients and AdamW state over the ranks (FSDP2, "
         "ZeRO stage 3; float32 weights computed in dtype), for students that do not fit one GPU with "
-        "their optimizer; teachers and reference stay whole on every rank",
+        "their optimizer (shard_frozen does the same for the teachers and reference)",
     )
     shard_frozen: bool = _f(
         False,

@@ -13,15 +13,15 @@ no separate master copy.
 
 The root group (the embeddings, the final norm and the LM head, tied or not) is gathered
 by the student's own forward and kept until the backward (FSDP2 does not reshard a root
-after its forward): final_hidden therefore runs the student's whole forward (with one position of
-logits, `logits_to_keep=1`) and takes the decoder's output from a hook, so that the fused
+after its forward): final_hidden therefore runs the student's whole forward (with one
+position of logits, `logits_to_keep=1`) and takes the decoder's output from a hook, so that the fused
 losses read the gathered head weight and its gradient is reduce-scattered with the rest.
 
 Collectives need every rank to make the same calls: generate() runs with `synced_gpus` (a
-rank that has finished keeps stepping until all have), policy_update gives every rank as
-many micro-batches (a rank with fewer repeats one at weight zero), and each rank's vLLM
-engine is loaded from the student gathered one tensor at a time (gathered_weights), all
-ranks together.
+rank that has finished keeps stepping until all have), gopd.batching.step_plan gives every
+rank as many micro-batches (a rank with fewer repeats one at weight zero), evaluate gives a
+rank out of prompts one more, unscored, and each rank's vLLM engine is loaded from the
+student gathered one tensor at a time (gathered_weights), all ranks together.
 
 Sharded frozen models are read the same way (their root forward gathers their head) and
 free their gathered root after use (release); scoring then also keeps the ranks in step,
@@ -48,16 +48,10 @@ logger = logging.getLogger("gopd")
 
 
 def shard_student(student: torch.nn.Module, ctx: DistContext, dtype: torch.dtype) -> torch.nn.Module:
-    """Shard a float32 student over the ranks: each decoder layer a group, the rest the root.
-    Each group's weights move to ctx.device as it is sharded (FSDP2 moves and shards in place),
-    so a student loaded on the CPU reaches the GPU one layer at a time. Returns the same module."""
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    kwargs = {"mesh": mesh}
-    if dtype != torch.float32:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(student):
-        fully_shard(layer, **kwargs)
-    fully_shard(student, **kwargs)
+    """Shard a float32 student over the ranks, computed in `dtype` (see _shard), its gradients
+    summed over the ranks. Returns the same module."""
+    cast = {} if dtype == torch.float32 else dict(param_dtype=dtype, reduce_dtype=torch.float32)
+    _shard(student, ctx, mp_policy=MixedPrecisionPolicy(**cast))  # no casts: fully_shard's default
     for module in student.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a sum over the ranks, not a mean
@@ -70,14 +64,21 @@ def shard_student(student: torch.nn.Module, ctx: DistContext, dtype: torch.dtype
 
 
 def shard_frozen(model: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """Shard a frozen model (a teacher, the reference) over the ranks, as shard_student does,
-    in the dtype it was loaded in. Its root group (embeddings, norm, head) stays gathered after
-    a forward until release()."""
+    """Shard a frozen model (a teacher, the reference) over the ranks in the dtype it was
+    loaded in (see _shard). Its root group (embeddings, norm, head) stays gathered after a
+    forward until release(). Returns the same module."""
+    _shard(model, ctx)
+    return model
+
+
+def _shard(model: torch.nn.Module, ctx: DistContext, **options) -> None:
+    """Each decoder layer a group, the rest the root. Each group's weights move to ctx.device
+    as it is sharded (FSDP2 moves and shards in place), so a model loaded on the CPU reaches
+    the GPU one layer at a time."""
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+        fully_shard(layer, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
 
 
 def release(*models) -> None:
@@ -122,8 +123,8 @@ def full_weights(model, dtype: torch.dtype, ctx: DistContext) -> dict[str, torch
     gathered: dict[int, torch.Tensor | None] = {}  # a tied head is the same Parameter: gathered once
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in gathered:
-            full = t.full_tensor() if isinstance(t, DTensor) else t
-            gathered[id(t)] = full.detach().to("cpu", dtype) if ctx.is_main else None
+            full = _whole(t)
+            gathered[id(t)] = full.to("cpu", dtype) if ctx.is_main else None
         out[name] = gathered[id(t)]
     return out if ctx.is_main else None
 
@@ -133,7 +134,12 @@ def gathered_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     rank's vLLM engine loads). Each gather is a collective: every rank must consume the whole
     iterator, in the same order. A tied head is gathered under each of its names."""
     for name, t in model.state_dict().items():
-        yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        yield name, _whole(t)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A weight whole: gathered from every rank's shard (a collective) when it is sharded."""
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def shard_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

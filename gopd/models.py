@@ -49,6 +49,11 @@ class Models:
             *([ref] if ref is not None and not isinstance(ref, AdapterFree) else []),
         ]
 
+    @property
+    def frozen_sharded(self) -> bool:
+        """Whether the frozen models are sharded over the ranks (shard_frozen, gopd.fsdp)."""
+        return any(is_sharded(m) for m in self.frozen())
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -14,7 +14,7 @@ import torch
 from gopd.batching import micro_batch, step_plan
 from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext
-from gopd.fsdp import is_sharded, release
+from gopd.fsdp import release
 from gopd.models import Models, final_hidden, frozen_on_device, head_bias, head_weight
 from gopd.rollout import IGNORE, Rollouts
 from gopd_kernels import frozen_logprobs
@@ -38,7 +38,7 @@ def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig, ctx: Di
     B, R = rollouts.response_mask.shape
     teacher_logp = torch.zeros(B, R)
     ref_logp = torch.zeros(B, R) if models.reference is not None else None
-    in_step = any(is_sharded(m) for m in models.frozen())  # see step_plan
+    in_step = models.frozen_sharded  # see step_plan
     limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
     for domain, chunks in step_plan(rollouts, list(models.teachers), *limits, ctx=ctx, in_step=in_step):
         # with offload_frozen: on the device once per domain, not once per micro-batch

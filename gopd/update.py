@@ -122,7 +122,7 @@ def policy_update(
     scale = scaler.scale if scaler else 1.0
     sharded = is_sharded(models.student)
     dense = cfg.objective == "dense"  # it needs each row's own teacher during the update
-    in_step = sharded or (dense and any(is_sharded(m) for m in models.frozen()))
+    in_step = sharded or (dense and models.frozen_sharded)
     limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
     plan = step_plan(rollouts, list(models.teachers) if dense else None, *limits, ctx=ctx, in_step=in_step)
     for domain, chunks in plan:
