@@ -159,6 +159,21 @@ def child_rounds(module: str, names: list[str], rounds: int, args_for, env: dict
             yield r, name, res, tensors
 
 
+def child_runs(module: str, names: list[str], rounds: int, shape: list[str], env: dict, keep: tuple) -> dict:
+    """{name: run} from each name's child, `python -m module --child NAME *shape`, over the
+    rounds (child_rounds): the peak bytes and times of every round, and the `keep` fields of
+    the last; a child that failed is {"skipped": "failed: <why>"}."""
+    runs = {name: {"peak_bytes": [], "times_s": []} for name in names}
+    for _, name, res, _ in child_rounds(module, names, rounds, lambda n: ["--child", n, *shape], env):
+        if isinstance(res, ChildFailed):
+            runs[name] = {"skipped": f"failed: {res.reason}"}
+            continue
+        runs[name]["peak_bytes"].append(res["peak_bytes"])
+        runs[name]["times_s"] += res["times_s"]
+        runs[name] |= {k: res[k] for k in keep}
+    return runs
+
+
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

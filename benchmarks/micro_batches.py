@@ -37,8 +37,7 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
-    ChildFailed,
-    child_rounds,
+    child_runs,
     cuda_times_ms,
     machine_description,
     machine_slug,
@@ -234,17 +233,8 @@ def measure_cpu(args) -> dict:
     """CPU: fresh processes (child), rounds interleaving the layouts."""
     shape = ["--rows", str(args.rows), "--cap", str(args.cap), "--micro", str(args.micro),
              "--repeats", str(args.repeats)]  # fmt: skip
-    runs = {name: {"peak_bytes": [], "times_s": []} for name in LAYOUTS}
-    for _, name, res, _ in child_rounds(
-        "benchmarks.micro_batches", list(LAYOUTS), args.rounds, lambda n: ["--child", n, *shape], CHILD_ENV
-    ):
-        if isinstance(res, ChildFailed):
-            runs[name] = {"skipped": f"failed: {res.reason}"}
-            continue
-        runs[name]["peak_bytes"].append(res["peak_bytes"])
-        runs[name]["times_s"] += res["times_s"]
-        runs[name] |= {k: res[k] for k in ("loss", "grad_norm", "micro_batches", "tokens")}
-    return runs
+    keep = ("loss", "grad_norm", "micro_batches", "tokens")
+    return child_runs("benchmarks.micro_batches", list(LAYOUTS), args.rounds, shape, CHILD_ENV, keep)
 
 
 def table(record: dict) -> str:

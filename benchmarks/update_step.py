@@ -33,8 +33,7 @@ import torch
 
 from benchmarks.common import (
     RESULTS_DIR,
-    ChildFailed,
-    child_rounds,
+    child_runs,
     cuda_times_ms,
     machine_description,
     machine_slug,
@@ -135,18 +134,9 @@ def measure_cuda(tokens: int, layers: int, dtype: str, frozen: bool) -> dict:
 
 def measure(tokens: int, layers: int, dtype: str, frozen: bool, rounds: int, repeats: int) -> dict:
     """CPU: fresh processes, rounds interleaving the implementations."""
-    runs = {name: {"peak_bytes": [], "times_s": []} for name in IMPLS}
     shape = ["--tokens", str(tokens), "--layers", str(layers), "--dtype", dtype, "--repeats", str(repeats)]
     shape += ["--frozen-head"] if frozen else []
-    args_for = lambda name: ["--child", name, *shape]  # noqa: E731
-    for _, name, res, _ in child_rounds("benchmarks.update_step", list(IMPLS), rounds, args_for, CHILD_ENV):
-        if isinstance(res, ChildFailed):
-            runs[name] = {"skipped": f"failed: {res.reason}"}
-            continue
-        runs[name]["peak_bytes"].append(res["peak_bytes"])
-        runs[name]["times_s"] += res["times_s"]
-        runs[name] |= {"loss": res["loss"], "grad_norm": res["grad_norm"]}
-    return runs
+    return child_runs("benchmarks.update_step", list(IMPLS), rounds, shape, CHILD_ENV, ("loss", "grad_norm"))
 
 
 def check_agreement(runs: dict, rtol: float = 1e-4) -> None:
