@@ -180,6 +180,18 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def cuda_peak_bytes(fn) -> tuple[object, int]:
+    """(fn(), the most CUDA memory allocated during the call above what was allocated before it)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() - base
+
+
 def cuda_times_ms(fn, min_rep_ms: float = 200.0) -> list[float]:
     """Milliseconds per call of fn, from triton.testing.do_bench (CUDA events, after its warm-up),
     over at least MIN_CUDA_CALLS calls: its `rep` is a time budget, and a 150 ms call in the

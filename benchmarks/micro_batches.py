@@ -38,6 +38,7 @@ import torch
 from benchmarks.common import (
     RESULTS_DIR,
     child_runs,
+    cuda_peak_bytes,
     cuda_times_ms,
     machine_description,
     machine_slug,
@@ -183,11 +184,7 @@ def cuda_run(layout: str, rows: int, cap: int, micro: int, device: str) -> dict:
         pad = models.tokenizer.pad_token_id
         rollouts = step_rollouts(rows, cap, pad)
         one_step(models, step_rollouts(2, 32, pad, seed=1), cfg)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss, norm = one_step(models, rollouts, cfg)
-        peak = torch.cuda.max_memory_allocated() - base
+        (loss, norm), peak = cuda_peak_bytes(lambda: one_step(models, rollouts, cfg))
         times = [ms / 1e3 for ms in cuda_times_ms(lambda: one_step(models, rollouts, cfg))]
         shape = plan_shape(rollouts, cfg)
     return {"peak_bytes": [peak], "times_s": times, "loss": loss, "grad_norm": norm} | shape

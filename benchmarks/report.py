@@ -42,6 +42,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     ChildFailed,
     child_rounds,
+    cuda_peak_bytes,
     cuda_times_ms,
     machine_description,
     machine_slug,
@@ -209,11 +210,7 @@ def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tup
             warmup_s = time.perf_counter() - t0
             call["h"].grad = call["w"].grad = None
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
+            _, peak = cuda_peak_bytes(fn)
             ms = cuda_times_ms(fn, min_rep_ms=100 * rounds)  # repeats: a CPU setting
         except Exception as e:  # passed the small check, fails at this shape: a result, as in bench_spec
             runs[name] = {"skipped": f"failed at this shape: {type(e).__name__}: {str(e)[:200]}"}

@@ -34,6 +34,7 @@ import torch
 from benchmarks.common import (
     RESULTS_DIR,
     child_runs,
+    cuda_peak_bytes,
     cuda_times_ms,
     machine_description,
     machine_slug,
@@ -115,11 +116,7 @@ def measure_cuda(tokens: int, layers: int, dtype: str, frozen: bool) -> dict:
     for name in IMPLS:
         try:
             step(model, warm, name)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            loss, norm = step(model, x, name)
-            peak = torch.cuda.max_memory_allocated() - base
+            (loss, norm), peak = cuda_peak_bytes(lambda name=name: step(model, x, name))
             times = [ms / 1e3 for ms in cuda_times_ms(lambda name=name: step(model, x, name))]
         except torch.OutOfMemoryError as e:
             runs[name] = {"skipped": f"failed: out of memory ({str(e).splitlines()[0][:100]})"}
