@@ -48,7 +48,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         student=args.model, teachers=args.model, train_data=args.data, eval_data=args.data,
-        prompt_field=args.prompt_field, answer_field=args.answer_field, temperature=args.temperature,
+        prompt_field=args.prompt_field, answer_field=args.answer_field, tests_field=args.tests_field,
+        domain_field=args.domain_field, answer_match=args.answer_match, temperature=args.temperature,
+        allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
+        code_workers=args.code_workers,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, top_p=args.top_p,
         chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs,
     ).validate()  # fmt: skip
@@ -91,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="avg@k accuracy of a model on prompts with reference answers",
-        description="Sample k responses per prompt; exact match of the final answer.",
+        help="avg@k / pass@k of a model on prompts with reference answers or unit tests",
+        description="Sample k responses per prompt; each is right when its final answer meets the reference "
+        "answer, or when its code passes the record's tests (gopd.verifiers).",
     )
     p.add_argument(
         "--model", required=True, help="checkpoint directory (Hugging Face format, with tokenizer)"
@@ -106,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int, default=None, help="evaluate the first N prompts only")
     p.add_argument("--prompt-field", default="prompt", help="record field of the prompt; default 'prompt'")
     p.add_argument("--answer-field", default="answer", help="record field of the answer; default 'answer'")
+    p.add_argument(
+        "--answer-match", default="math", choices=["exact", "math"],
+        help="exact strings, or math: normalised LaTeX and exact numbers; default math",
+    )  # fmt: skip
+    p.add_argument("--tests-field", default="tests", help="record field of Python unit tests")
+    p.add_argument("--domain-field", default="domain", help="record field of the domain (figures per domain)")
+    p.add_argument(
+        "--allow-code-execution", action="store_true",
+        help="run responses to records with tests as Python on this machine (no sandbox)",
+    )  # fmt: skip
+    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per test run; default 10")
+    p.add_argument("--code-workers", type=int, default=4, help="test runs at once; default 4")
     p.add_argument(
         "--chat-template", type=_parse_value, default=True, help="apply the chat template; default true"
     )

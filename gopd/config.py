@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("hf", "vllm")
 LOGGERS = ("jsonl", "console", "tensorboard", "wandb")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
+ANSWER_MATCHES = ("exact", "math")  # gopd.verifiers
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -56,6 +57,9 @@ class TrainConfig:
     eval_data: str | None = _f(None, "held-out prompts with reference answers (.jsonl or .parquet)")
     prompt_field: str = _f("prompt", "record field holding the prompt text")
     answer_field: str = _f("answer", "record field holding the reference answer (eval)")
+    tests_field: str = _f(
+        "tests", "record field holding Python unit tests (eval of code: run after the response's code)"
+    )
     domain_field: str = _f("domain", "record field naming the domain (picks the teacher when several)")
     chat_template: bool = _f(True, "apply the tokenizer's chat template to prompts when it has one")
     chat_template_kwargs: dict = _f(
@@ -86,6 +90,14 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate every N steps (0 = only at the start and the end)")
     eval_samples: int = _f(4, "k of avg@k: samples per eval prompt")
     eval_max_prompts: int | None = _f(None, "evaluate on at most this many eval prompts")
+    answer_match: str = _f(
+        "math", "exact | math: how a final answer meets the reference (math: normalised LaTeX, exact numbers)"
+    )
+    allow_code_execution: bool = _f(
+        False, "run eval responses to records with tests as Python on this machine (no sandbox: opt in)"
+    )
+    code_timeout: float = _f(10.0, "seconds each test run may take (eval of code)")
+    code_workers: int = _f(4, "test runs at once, each its own process (eval of code)")
     save_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)")
     output_dir: str = _f("runs/gopd", "where checkpoints, metrics.jsonl and logs go")
     loggers: list = _f(["jsonl", "console"], "any of jsonl, console, tensorboard, wandb")
@@ -206,7 +218,7 @@ class TrainConfig:
                 err.need(os.path.isfile(path), name, f"file {path!r} does not exist")
                 err.need(path.endswith((".jsonl", ".parquet")), name, "must be a .jsonl or .parquet file")
         for name in ("max_prompt_tokens", "max_new_tokens", "prompts_per_step", "samples_per_prompt",
-                     "micro_batch_size", "eval_samples", "epochs"):  # fmt: skip
+                     "micro_batch_size", "eval_samples", "epochs", "code_workers"):  # fmt: skip
             err.need(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1"
             )
@@ -235,6 +247,9 @@ class TrainConfig:
             self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0), "grad_clip", "> 0"
         )
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
+        err.choice(self.answer_match, ANSWER_MATCHES, "answer_match")
+        err.need(isinstance(self.allow_code_execution, bool), "allow_code_execution", "must be true or false")
+        err.need(_finite(self.code_timeout) and self.code_timeout > 0, "code_timeout", "must be > 0")
         err.choice(self.dtype, DTYPES, "dtype")
         err.choice(self.rollout_engine, ENGINES, "rollout_engine")
         share = self.vllm_gpu_memory_utilization

@@ -19,6 +19,7 @@ class Example:
     domain: str
     answer: str | None
     prompt: str
+    tests: str | None = None  # Python unit tests of a code prompt (eval; gopd.verifiers)
 
 
 def read_records(path: str) -> list[dict]:
@@ -53,21 +54,28 @@ def load_examples(
     cfg: TrainConfig,
     tokenizer: PreTrainedTokenizerBase,
     context_length: int,
-    need_answers: bool = False,
+    for_eval: bool = False,
 ) -> list[Example]:
-    """Every record becomes an Example; a bad record is an error naming its line."""
+    """Every record becomes an Example; a bad record is an error naming its line.
+
+    Training: the domain picks the record's teacher. Evaluation (for_eval): every record needs
+    a reference answer or tests (gopd.verifiers), and its domain only labels its figures."""
     domains = cfg.teacher_map
     examples = []
     for i, rec in enumerate(read_records(path)):
         where = f"{path} record {i}"
         if cfg.prompt_field not in rec:
             raise ValueError(f"{where}: no field {cfg.prompt_field!r} (prompt_field)")
-        domain = str(rec.get(cfg.domain_field, "default")) if len(domains) > 1 else "default"
-        if domain not in domains:
+        domain = str(rec.get(cfg.domain_field, "default")) if for_eval or len(domains) > 1 else "default"
+        if not for_eval and domain not in domains:
             raise ValueError(f"{where}: domain {domain!r} has no teacher (teachers: {sorted(domains)})")
         answer = rec.get(cfg.answer_field)
-        if need_answers and answer is None:
-            raise ValueError(f"{where}: no field {cfg.answer_field!r} (answer_field) for evaluation")
+        tests = _tests(rec.get(cfg.tests_field), where, cfg) if for_eval else None
+        if for_eval and answer is None and tests is None:
+            raise ValueError(
+                f"{where}: no field {cfg.answer_field!r} (answer_field) or {cfg.tests_field!r} (tests_field) "
+                "for evaluation"
+            )
         ids = encode_prompt(
             tokenizer, str(rec[cfg.prompt_field]), cfg.chat_template, cfg.chat_template_kwargs
         )
@@ -80,12 +88,28 @@ def load_examples(
                 f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
                 f"model's context of {context_length} tokens"
             )
-        examples.append(
-            Example(ids, domain, None if answer is None else str(answer), str(rec[cfg.prompt_field]))
-        )
+        answer = None if answer is None else str(answer)
+        examples.append(Example(ids, domain, answer, str(rec[cfg.prompt_field]), tests))
     if not examples:
         raise ValueError(f"{path}: no records")
     return examples
+
+
+def _tests(value, where: str, cfg: TrainConfig) -> str | None:
+    """A record's tests as one Python source: a string, or a list of statements (MBPP's
+    test_list); refused before any sampling unless allow_code_execution is set."""
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = "\n".join(value)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {cfg.tests_field!r} (tests_field) must be a string or a list of strings")
+    if not cfg.allow_code_execution:
+        raise ValueError(
+            f"{where}: has tests ({cfg.tests_field!r}), which run the model's responses as Python on this "
+            "machine: set allow_code_execution: true to evaluate it"
+        )
+    return value
 
 
 class PromptSampler:

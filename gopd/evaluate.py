@@ -1,8 +1,7 @@
-"""Evaluation with a verifiable reward: exact match of the final answer, avg@k over k samples."""
+"""Evaluation with a verifiable reward (gopd.verifiers): avg@k and pass@k over k samples
+per prompt, overall and per domain."""
 
 from __future__ import annotations
-
-import re
 
 import torch
 
@@ -11,34 +10,23 @@ from gopd.data import Example, load_examples
 from gopd.distributed import SINGLE, DistContext, close_distributed, init_distributed
 from gopd.models import context_length, load_model, load_tokenizer, resolve_device
 from gopd.rollout import HFRolloutEngine, RolloutEngine
-
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a response: the last \\boxed{...}, else what follows the last
-    '####', else the last number; None when there is none."""
-    boxed = _BOXED.findall(text)
-    if boxed:
-        return boxed[-1].strip()
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip() or None
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def is_correct(response: str, answer: str) -> bool:
-    got = extract_answer(response)
-    return got is not None and got == answer.strip()
+from gopd.verifiers import Verifier
 
 
 def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, temperature: float,
-             batch_prompts: int = 64, ctx: DistContext = SINGLE) -> dict[str, float]:  # fmt: skip
-    """avg@k: the mean over prompts of the fraction of k samples whose answer is right;
-    pass@k: the fraction of prompts with at least one right sample. Under data parallelism
-    each rank samples its share of the prompts and the figures are over all of them."""
-    right_sum = passed = length_sum = 0.0
+             batch_prompts: int = 64, ctx: DistContext = SINGLE,
+             verifier: Verifier | None = None) -> dict[str, float]:  # fmt: skip
+    """avg@k: the mean over prompts of the fraction of k samples that are right; pass@k: the
+    fraction of prompts with at least one right sample. With several domains among the
+    examples, also avg@k/<domain> and pass@k/<domain> over each domain's prompts (a merged
+    student against each domain's teacher). Under data parallelism each rank samples its
+    share of the prompts and the figures are over all of them. `verifier`: math answers by
+    default (gopd.verifiers)."""
+    verifier = verifier or Verifier()
+    domains = sorted({ex.domain for ex in examples})
+    right = {d: 0.0 for d in domains}  # per domain: sum over prompts of the fraction right
+    passed = {d: 0.0 for d in domains}
+    length_sum = 0.0
     mine = ctx.shard(examples)
     calls = -(-len(mine) // batch_prompts)
     if engine.in_step:  # every rank samples as often as the busiest (gopd.fsdp)
@@ -56,17 +44,26 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
             for row, valid in zip(rollouts.responses, rollouts.response_mask, strict=True)
         ]
         length_sum += float(rollouts.response_mask.sum())
+        ok = verifier.check(texts, rollouts.examples)
         for i, ex in enumerate(chunk):
-            right = sum(is_correct(texts[i * k + j], ex.answer) for j in range(k)) / k
-            right_sum, passed = right_sum + right, passed + (right > 0)
-    right_sum, passed, length_sum = ctx.sum([right_sum, passed, length_sum])
+            fraction = sum(ok[i * k : (i + 1) * k]) / k
+            right[ex.domain] += fraction
+            passed[ex.domain] += fraction > 0
+    sums = ctx.sum([right[d] for d in domains] + [passed[d] for d in domains] + [length_sum])
+    right = dict(zip(domains, sums[: len(domains)], strict=True))
+    passed = dict(zip(domains, sums[len(domains) : -1], strict=True))
     n = len(examples)
-    return {
-        f"avg@{k}": right_sum / n,
-        f"pass@{k}": passed / n,
-        "response_length": length_sum / (n * k),
+    result = {
+        f"avg@{k}": sum(right.values()) / n,
+        f"pass@{k}": sum(passed.values()) / n,
+        "response_length": sums[-1] / (n * k),
         "prompts": n,
     }
+    if len(domains) > 1:
+        counts = {d: sum(ex.domain == d for ex in examples) for d in domains}
+        for d in domains:
+            result |= {f"avg@{k}/{d}": right[d] / counts[d], f"pass@{k}/{d}": passed[d] / counts[d]}
+    return result
 
 
 def evaluate_checkpoint(
@@ -85,10 +82,11 @@ def evaluate_checkpoint(
     try:
         tokenizer = load_tokenizer(path)
         model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
-        examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(model), need_answers=True)
+        examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(model), for_eval=True)
         examples = examples[:max_prompts]
         torch.manual_seed(seed + ctx.rank)  # each rank its own samples
         engine = HFRolloutEngine(model, tokenizer, cfg)
-        return evaluate(engine, tokenizer, examples, k, cfg.temperature, ctx=ctx)
+        verifier = Verifier.from_config(cfg)
+        return evaluate(engine, tokenizer, examples, k, cfg.temperature, ctx=ctx, verifier=verifier)
     finally:
         close_distributed(ctx)

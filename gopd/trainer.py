@@ -48,6 +48,7 @@ from gopd.models import context_length, load_models, load_student_weights
 from gopd.rollout import make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, policy_update
+from gopd.verifiers import Verifier
 
 logger = logging.getLogger("gopd")
 MAX_BAD_STEPS = 3
@@ -98,7 +99,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     train_examples = load_examples(cfg.train_data, cfg, tokenizer, ctx_len)
     eval_examples = []
     if cfg.eval_data:
-        eval_examples = load_examples(cfg.eval_data, cfg, tokenizer, ctx_len, need_answers=True)[
+        eval_examples = load_examples(cfg.eval_data, cfg, tokenizer, ctx_len, for_eval=True)[
             : cfg.eval_max_prompts
         ]
     sampler = PromptSampler(train_examples, cfg.seed)  # one data order on every rank
@@ -139,7 +140,8 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
 
     def run_eval(step: int) -> None:
         if eval_examples:
-            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, cfg.temperature, ctx=ctx)
+            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, cfg.temperature, ctx=ctx,
+                              verifier=Verifier.from_config(cfg))  # fmt: skip
             log.log(step, result, "eval")
             summary["evals"][step] = result
 

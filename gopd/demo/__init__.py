@@ -81,7 +81,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
         student=str(student_dir), teachers=str(teacher_dir), reference="student", lam=1.25,
         train_data=str(train_path), eval_data=str(eval_path), max_prompt_tokens=16, max_new_tokens=DIGITS + 2,
         prompts_per_step=128, micro_batch_size=128, lr=2e-4, steps=distill_steps, eval_every=0,
-        eval_samples=k, output_dir=str(out / "gopd"), seed=seed, loggers=["jsonl"], device=device,
+        eval_samples=k, answer_match="exact", output_dir=str(out / "gopd"), seed=seed, loggers=["jsonl"],
+        device=device,
     ).validate()  # fmt: skip
     print(f"[3/4] teacher's accuracy (avg@{k} on {n_eval} held-out prompts, temperature {cfg.temperature})")
     teacher_acc = evaluate_checkpoint(str(teacher_dir), cfg, k, device=device, seed=cfg.seed + 1)[f"avg@{k}"]

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from transformers import GenerationConfig
 
-from gopd.evaluate import is_correct
 from gopd.models import final_hidden, head_weight
 from gopd.rollout import left_pad
+from gopd.verifiers import is_correct
 from gopd_kernels import token_logprobs
 
 
@@ -61,4 +61,4 @@ def greedy_accuracy(model, tokenizer, pairs: list[tuple[str, str]], max_new_toke
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     model.train()
     texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-    return sum(is_correct(t, a) for t, (_, a) in zip(texts, pairs, strict=True)) / len(pairs)
+    return sum(is_correct(t, a, match="exact") for t, (_, a) in zip(texts, pairs, strict=True)) / len(pairs)

@@ -86,7 +86,27 @@ def test_eval_data_needs_answers(tiny, tmp_path):
     path.write_text(json.dumps({"prompt": "12+34="}) + "\n")
     cfg = base_config(tiny, tmp_path)
     with pytest.raises(ValueError, match="no field 'answer'"):
-        load_examples(str(path), cfg, load_tokenizer(str(tiny["student"])), 64, need_answers=True)
+        load_examples(str(path), cfg, load_tokenizer(str(tiny["student"])), 64, for_eval=True)
+
+
+def test_eval_records_with_tests_need_code_execution_allowed(tiny, tmp_path):
+    """Code prompts carry tests instead of an answer; they are refused before anything is sampled
+    unless allow_code_execution is set. An eval record's domain labels its figures, teacher or not."""
+    path = tmp_path / "code.jsonl"
+    records = [{"prompt": "12+34=", "tests": ["assert f(1) == 2", "assert f(2) == 3"], "domain": "code"},
+               {"prompt": "1+2=", "answer": "3", "domain": "math"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = load_tokenizer(str(tiny["student"]))
+    with pytest.raises(ValueError, match="record 0: has tests .* set allow_code_execution: true"):
+        load_examples(str(path), base_config(tiny, tmp_path), tok, 64, for_eval=True)
+    allowed = base_config(tiny, tmp_path, allow_code_execution=True)
+    code, math = load_examples(str(path), allowed, tok, 64, for_eval=True)
+    assert code.tests == "assert f(1) == 2\nassert f(2) == 3" and code.answer is None
+    assert code.domain == "code"
+    assert math.tests is None and math.answer == "3" and math.domain == "math"
+    path.write_text(json.dumps({"prompt": "1+2=", "tests": 3}) + "\n")
+    with pytest.raises(ValueError, match="'tests' \\(tests_field\\) must be a string or a list of strings"):
+        load_examples(str(path), allowed, tok, 64, for_eval=True)
 
 
 def test_sampler_is_deterministic_and_resumable(tiny, tmp_path):

@@ -39,6 +39,9 @@ def test_training_runs_and_changes_only_the_student(tiny, tmp_path, setting):
         "two-domain-teachers": dict(
             teachers={"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])},
             train_data=str(tiny["train_domains"]),
+            eval_data=str(tiny["train_domains"]),
+            eval_samples=1,
+            eval_max_prompts=6,
         ),  # fmt: skip
         "separate-reference": dict(reference=str(tiny["reference"]), lam=1.25),
         "dense": dict(objective="dense", is_cap=None, lam=1.25, loss_agg="seq-mean-token-mean"),
@@ -55,6 +58,11 @@ def test_training_runs_and_changes_only_the_student(tiny, tmp_path, setting):
         assert not changed(frozen[name], weights(tiny[name]))
     if setting == "single-teacher":
         assert set(summary["evals"]) == {0, 2, 3} and 0 <= summary["evals"][3]["avg@2"] <= 1
+    if setting == "two-domain-teachers":  # figures per domain: the merged student against each teacher
+        final_eval = summary["evals"][3]
+        assert {"avg@1/math", "avg@1/code", "pass@1/math", "pass@1/code"} <= set(final_eval)
+        overall = (final_eval["avg@1/math"] + final_eval["avg@1/code"]) / 2  # 3 prompts each
+        assert final_eval["avg@1"] == pytest.approx(overall)
     records = [json.loads(x) for x in open(cfg.output_dir + "/metrics.jsonl")]
     train_rec = [r for r in records if r["kind"] == "train"][0]
     for key in ("loss", "response_length", "tokens_per_s", "time_rollout", "time_scoring", "time_update"):
@@ -149,6 +157,17 @@ def test_cli_train_and_eval(tiny, tmp_path):
                    "--max-new-tokens", "4", "--device", "cpu")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "avg@2:" in proc.stdout and "pass@2:" in proc.stdout
+    # code prompts: their tests run only when allowed; figures per domain
+    mixed = tmp_path / "mixed.jsonl"
+    code = {"prompt": "12+34=", "tests": "assert add(12, 34) == 46", "domain": "code"}
+    mixed.write_text(tiny["eval"].read_text() + json.dumps(code) + "\n")
+    args = ("eval", "--model", str(ckpt), "--data", str(mixed), "--k", "2", "--max-new-tokens", "4",
+            "--device", "cpu")  # fmt: skip
+    proc = run_cli(*args)
+    assert proc.returncode == 2 and "set allow_code_execution: true" in proc.stderr, proc.stderr[-2000:]
+    proc = run_cli(*args, "--allow-code-execution", "--code-timeout", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "avg@2/code: 0.0" in proc.stdout and "avg@2/default:" in proc.stdout  # digits are no program
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")

@@ -1,6 +1,8 @@
-"""Answer extraction and avg@k / pass@k."""
+"""avg@k / pass@k over a rollout engine's samples, overall and per domain."""
 
 from __future__ import annotations
+
+import string
 
 import pytest
 import torch
@@ -8,27 +10,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from gopd.data import Example
-from gopd.evaluate import evaluate, extract_answer, is_correct
+from gopd.evaluate import evaluate
 from gopd.rollout import Rollouts
-
-
-@pytest.mark.parametrize(
-    "text,answer",
-    [
-        ("so the answer is \\boxed{42}.", "42"),
-        ("\\boxed{1} then \\boxed{x+1}", "x+1"),
-        ("reasoning... #### 17", "17"),
-        ("3 apples and 4 pears: 7", "7"),
-        ("-3.5 degrees", "-3.5"),
-        ("no digits here", None),
-    ],
-)
-def test_extract_answer(text, answer):
-    assert extract_answer(text) == answer
-
-
-def test_is_correct_is_exact():
-    assert is_correct("0579", "0579") and not is_correct("579", "0579") and not is_correct("", "1")
+from gopd.verifiers import Verifier
 
 
 class ScriptedEngine:
@@ -64,14 +48,43 @@ def test_avg_and_pass_at_k(tiny):
     assert result["avg@4"] == pytest.approx((2 / 4 + 0) / 2) and result["pass@4"] == 0.5
 
 
+def char_tokenizer(chars: str) -> PreTrainedTokenizerFast:
+    """One token per character (newlines too), the first of `chars` with id 0."""
+    vocab = {c: i for i, c in enumerate([*dict.fromkeys(chars), "<pad>", "<eos>"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+def test_figures_per_domain_and_code_by_its_tests():
+    """A merged student's figures: one domain's answers, another's code; the overall figures
+    are over all prompts."""
+    tok = char_tokenizer(string.printable)
+    tests = "assert add(2, 3) == 5"
+    examples = [
+        Example([3], "math", "1/2", "a"),
+        Example([3], "math", "7", "b"),
+        Example([3], "code", None, "c", tests),
+    ]
+    good, bad = "def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b"
+    responses = [["0.5", "\\boxed{\\frac{1}{2}}"], ["8", "9"], [f"```python\n{good}\n```", bad]]
+    engine = ScriptedEngine(tok, responses)
+    verifier = Verifier(allow_code_execution=True)
+    result = evaluate(engine, tok, examples, k=2, temperature=1.0, verifier=verifier)
+    assert result["avg@2/math"] == pytest.approx((1 + 0) / 2) and result["pass@2/math"] == 0.5
+    assert result["avg@2/code"] == 0.5 and result["pass@2/code"] == 1.0
+    assert result["avg@2"] == pytest.approx((1 + 0 + 0.5) / 3) and result["pass@2"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="allow_code_execution"):
+        evaluate(engine, tok, examples, k=2, temperature=1.0)
+    exact = evaluate(engine, tok, examples[:1], k=2, temperature=1.0, verifier=Verifier("exact"))
+    assert exact["avg@2"] == 0 and "avg@2/math" not in exact  # one domain: no per-domain keys
+
+
 def test_padding_never_reaches_the_answer():
     """A tokenizer whose id 0 is an ordinary character (as Qwen's "!"): the shorter response
     of a batch must decode without its padding."""
-    vocab = {c: i for i, c in enumerate(["7", "<pad>", "<eos>", "#", " ", "1", "2", "3", "4"])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tok = char_tokenizer("7#1234 ")
     examples = [Example([3], "default", "12", "a")]
     engine = ScriptedEngine(tok, [["#### 12", "#### 1234"]])
     assert evaluate(engine, tok, examples, k=2, temperature=1.0)["avg@2"] == 0.5

@@ -1,0 +1,222 @@
+"""Verifiers: is a sampled response right? What evaluation counts for avg@k and pass@k.
+
+- A reference answer (math): the response's final answer, the last \\boxed{...} (braces
+  balanced, so \\boxed{\\frac{1}{2}} is read whole; none when it never closes), else what
+  follows the last '####', else its last number; compared with the reference either as
+  strings (`answer_match: exact`) or after normalising the LaTeX both are written in
+  (`math`, the default): spacing, \\left / \\right, \\dfrac, \\text{...}, degrees, thousands
+  separators, a leading "x =", and numbers compared as exact fractions (0.5 = 1/2 =
+  \\frac{1}{2}, 033 = 33). No symbolic algebra: 2\\sqrt{2} and \\sqrt{8} differ.
+- Python unit tests (code): the response's last fenced code block (its whole text when it
+  has none), followed by the record's tests, runs in a fresh interpreter in an empty
+  temporary directory with a wall-clock limit and limits on memory, file size and CPU time;
+  it is right when it exits with status 0 (a failed assert raises). This is isolation from
+  accidents, not a security sandbox: the code runs as this user on this machine, so it runs
+  only with `allow_code_execution: true`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from gopd.config import ANSWER_MATCHES
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_CODE_LANGUAGES = ("", "python", "python3", "py")
+
+
+# -- answers -------------------------------------------------------------------------------
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...} or \\fbox{...} (nested braces balanced), or of
+    "\\boxed 5"; None when there is none or its braces never close."""
+    start, command = max((text.rfind(c), c) for c in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    rest = text[start + len(command) :]
+    body = rest.lstrip()
+    if not body.startswith("{"):  # "\boxed 5": up to the next space or '$'
+        return re.split(r"[\s$]", body, maxsplit=1)[0] or None if rest[:1].isspace() else None
+    depth = 0
+    for i, ch in enumerate(body):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0:
+            return body[1:i].strip()
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """A response's final answer: the last \\boxed{...}, else what follows the last '####',
+    else the last number; None when there is none, or when the last box never closes (a
+    response cut at the length cap has no final answer)."""
+    if any(c in text for c in _BOX_COMMANDS):
+        return last_boxed(text)
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip() or None
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "\\displaystyle", "\\$", "$", "\\%", "%",
+         "^\\circ", "^{\\circ}", "\\circ", "°")  # fmt: skip
+_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox|operatorname)\{([^{}]*)\}")
+_FRAC_SHORT = re.compile(r"\\frac(\d)(\d)")  # \frac12
+_SQRT_SHORT = re.compile(r"\\sqrt(\d+)")  # \sqrt2
+_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+_LHS = re.compile(r"^[a-zA-Z]\w*=(?!=)")  # "x=5", "k_1=3"
+_FRAC = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+
+
+def normalize_math(answer: str) -> str:
+    """The answer with presentation removed: spacing commands and spaces, \\left / \\right,
+    dollars, percent and degree signs, \\text{...} kept as its text, \\dfrac / \\tfrac as
+    \\frac, \\frac12 as \\frac{1}{2}, a thousands separator, a trailing period, a leading
+    "x =" (one name on the left)."""
+    s = answer.strip().rstrip(".").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = _TEXT.sub(r"\1", s)
+    for token in _DROP:
+        s = s.replace(token, "")
+    s = re.sub(r"\s+", "", s)
+    s = _FRAC_SHORT.sub(r"\\frac{\1}{\2}", s)
+    s = _SQRT_SHORT.sub(r"\\sqrt{\1}", s)
+    s = _LHS.sub("", s)
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    return s.rstrip(".")
+
+
+def as_number(answer: str) -> Fraction | None:
+    """A normalised answer's exact value when it is an integer, a decimal, a/b or
+    \\frac{a}{b} (signs allowed); None otherwise."""
+    frac = _FRAC.match(answer)
+    if frac:
+        sign, num, den = frac.groups()
+        return None if int(den) == 0 else Fraction(int(num), int(den)) * (-1 if sign else 1)
+    if _NUMBER.fullmatch(answer) is None:
+        return None
+    if "/" in answer:
+        num, den = answer.split("/")
+        return None if int(den) == 0 else Fraction(num) / int(den)
+    return Fraction(answer)
+
+
+def answers_match(got: str, reference: str, match: str = "math") -> bool:
+    """Whether an extracted answer is the reference: the same string (exact), or the same
+    normalised string or exact number (math)."""
+    if match not in ANSWER_MATCHES:
+        raise ValueError(f"match must be one of {ANSWER_MATCHES}, got {match!r}")
+    if match == "exact":
+        return got.strip() == reference.strip()
+    a, b = normalize_math(got), normalize_math(reference)
+    if a == b:
+        return True
+    x, y = as_number(a), as_number(b)
+    return x is not None and x == y
+
+
+def is_correct(response: str, answer: str, match: str = "math") -> bool:
+    got = extract_answer(response)
+    return got is not None and answers_match(got, answer, match)
+
+
+# -- code ----------------------------------------------------------------------------------
+
+
+def extract_code(text: str) -> str:
+    """The last fenced code block in Python (or of no stated language), to the end of the
+    text when its closing fence never came (a response cut at the length cap); the whole
+    text when there is none."""
+    blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() in _CODE_LANGUAGES]
+    return blocks[-1] if blocks else text
+
+
+# Runs first in the child: its own limits, inherited by whatever it starts. RLIMIT_AS bounds
+# memory (address space); RLIMIT_CPU backs up the wall-clock kill; no core files.
+_PROLOGUE = """\
+import resource as _r
+for _k, _v in (("RLIMIT_AS", {memory}), ("RLIMIT_FSIZE", {file_size}), ("RLIMIT_CPU", {cpu}),
+               ("RLIMIT_CORE", 0)):
+    if hasattr(_r, _k):
+        _r.setrlimit(getattr(_r, _k), (_v, _v))
+del _r, _k, _v
+"""
+
+
+def run_python_tests(
+    code: str, tests: str, timeout: float = 10.0, memory_bytes: int = 4 << 30, file_bytes: int = 16 << 20
+) -> bool:
+    """Whether `code` followed by `tests` exits with status 0 within `timeout` seconds, run by
+    this Python in isolated mode (-I: no user site, no PYTHON* variables) in an empty
+    temporary directory, with no input, its output discarded, its whole process group
+    killed at the end."""
+    prologue = _PROLOGUE.format(memory=memory_bytes, file_size=file_bytes, cpu=int(timeout) + 1)
+    with tempfile.TemporaryDirectory(prefix="gopd-code-") as tmp:
+        program = Path(tmp) / "program.py"
+        program.write_text(f"{prologue}\n{code}\n\n{tests}\n")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", str(program)], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        try:
+            return proc.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            return False
+        finally:
+            try:  # what it started, too (it leads its own session)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+# -- both ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """Checks responses against their examples: by the reference answer, or by running the
+    tests when the example has tests (several test runs at once, `code_workers`)."""
+
+    answer_match: str = "math"
+    allow_code_execution: bool = False
+    code_timeout: float = 10.0
+    code_workers: int = 4
+
+    @classmethod
+    def from_config(cls, cfg) -> Verifier:
+        return cls(cfg.answer_match, cfg.allow_code_execution, cfg.code_timeout, cfg.code_workers)
+
+    def check(self, texts: Sequence[str], examples: Sequence) -> list[bool]:
+        """Whether each response (texts[i], of examples[i]) is right."""
+        right = [False] * len(texts)
+        runs = []
+        for i, (text, ex) in enumerate(zip(texts, examples, strict=True)):
+            if ex.tests is not None:
+                runs.append(i)
+            else:
+                right[i] = is_correct(text, ex.answer, self.answer_match)
+        if runs and not self.allow_code_execution:
+            raise ValueError(
+                "allow_code_execution: examples with tests need it true (the responses run as Python)"
+            )
+        with ThreadPoolExecutor(max_workers=self.code_workers) as pool:  # each run is its own process
+            passed = pool.map(
+                lambda i: run_python_tests(extract_code(texts[i]), examples[i].tests, self.code_timeout), runs
+            )
+            for i, ok in zip(runs, passed, strict=True):
+                right[i] = ok
+        return right

@@ -1,0 +1,140 @@
+"""Verifiers: final answers extracted and matched; code run against its tests, within limits."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from gopd.data import Example
+from gopd.verifiers import (
+    Verifier,
+    answers_match,
+    as_number,
+    extract_answer,
+    extract_code,
+    is_correct,
+    normalize_math,
+    run_python_tests,
+)
+
+
+@pytest.mark.parametrize(
+    "text,answer",
+    [
+        ("so the answer is \\boxed{42}.", "42"),
+        ("\\boxed{1} then \\boxed{x+1}", "x+1"),
+        ("$\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),  # nested braces: read whole, not the last number
+        ("\\boxed{\\sqrt{\\frac{a}{b}}+1} done", "\\sqrt{\\frac{a}{b}}+1"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed 5$ or so", "5"),
+        ("\\boxed {6}", "6"),
+        ("first \\boxed{3}, then cut off: \\boxed{\\frac{1}{", None),  # the final answer never closed
+        ("reasoning... #### 17", "17"),
+        ("3 apples and 4 pears: 7", "7"),
+        ("-3.5 degrees", "-3.5"),
+        ("no digits here", None),
+    ],
+)
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize(
+    "got,reference",
+    [
+        ("\\frac12", "0.5"),
+        ("\\dfrac{3}{4}", "3/4"),
+        ("-\\frac{1}{2}", "-0.5"),
+        ("033", "33"),  # AIME writes 3 digits
+        ("1,000", "1000"),
+        ("x = 5", "5"),
+        ("90^\\circ", "90"),
+        ("50\\%", "50"),
+        ("\\text{(B)}", "(B)"),
+        ("\\left( 1, 2 \\right)", "(1,2)"),
+        ("2\\sqrt2", "2\\sqrt{2}"),
+        ("5.", "5"),
+        ("\\$12", "12"),
+    ],
+)
+def test_math_answers_that_match(got, reference):
+    assert answers_match(got, reference) and answers_match(reference, got)
+
+
+@pytest.mark.parametrize(
+    "got,reference",
+    [
+        ("0.33", "1/3"),  # exact numbers: no rounding
+        ("2\\sqrt{2}", "\\sqrt{8}"),  # no symbolic algebra (said in the module doc)
+        ("(1,2)", "(2,1)"),
+        ("12", "1,2"),  # not a thousands separator: a pair
+        ("1/0", "0"),
+        ("", "0"),
+        ("x = 5", "x = 6"),
+    ],
+)
+def test_math_answers_that_differ(got, reference):
+    assert not answers_match(got, reference)
+
+
+def test_exact_matching_keeps_every_character():
+    assert is_correct("0579", "0579", match="exact") and not is_correct("579", "0579", match="exact")
+    assert is_correct("579", "0579") and not is_correct("", "1")  # math: the same number
+    with pytest.raises(ValueError, match="match must be one of"):
+        answers_match("1", "1", match="sympy")
+
+
+def test_normalised_forms():
+    assert normalize_math(" \\left[ 1 , 2 \\right]. ") == "[1,2]"
+    assert normalize_math("k_1 = \\tfrac{1}{3}") == "\\frac{1}{3}"
+    assert as_number("\\frac{6}{4}") == as_number("1.5") == as_number("3/2")
+    assert as_number("\\frac{x}{2}") is None and as_number("1e3") is None
+
+
+@pytest.mark.parametrize(
+    "text,code",
+    [
+        ("Here:\n```python\ndef f():\n    return 1\n```\nThen ```\nprint(2)\n```", "print(2)\n"),
+        ("```py\nx = 1\n```\n```bash\nls\n```", "x = 1\n"),  # the last Python block, not the shell's
+        ("```python\ndef g(): pass", "def g(): pass"),  # cut at the length cap: to the end
+        ("def h(): pass", "def h(): pass"),  # no fence: the whole response
+    ],
+)
+def test_extract_code(text, code):
+    assert extract_code(text) == code
+
+
+def test_code_passes_or_fails_by_its_exit_status():
+    assert run_python_tests("def f(x):\n    return x + 1", "assert f(1) == 2")
+    assert not run_python_tests("def f(x):\n    return x", "assert f(1) == 2")
+    assert not run_python_tests("def f(x) return x", "assert f(1) == 2")  # syntax error
+    assert not run_python_tests("import sys\nsys.exit(3)", "")
+    # its working directory is its own, empty and writable
+    listing = "import os\nassert sorted(os.listdir()) == ['program.py', 'x.txt']"
+    assert run_python_tests("open('x.txt', 'w').write('ok')", listing)
+
+
+def test_code_is_stopped_at_its_limits(tmp_path):
+    started = time.perf_counter()
+    assert not run_python_tests("while True:\n    pass", "", timeout=1.0)
+    assert time.perf_counter() - started < 10
+    assert not run_python_tests("x = bytearray(8 << 30)", "", memory_bytes=1 << 30)  # 8 GiB > 1 GiB
+    assert not run_python_tests("open('big', 'wb').write(b'0' * (2 << 20))", "", file_bytes=1 << 20)
+    # what the code starts dies with it: a child that would write a file after 2 s never does
+    marker = tmp_path / "child_was_here"
+    child = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"
+    spawn = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {child!r}])\n"
+    assert run_python_tests(spawn, "")
+    time.sleep(3)
+    assert not marker.exists()
+
+
+def test_verifier_checks_answers_and_runs_tests_only_when_allowed():
+    examples = [Example([1], "math", "\\frac{1}{2}", "p"), Example([1], "code", None, "q", "assert f() == 1")]
+    texts = ["\\boxed{0.5}", "```python\ndef f():\n    return 1\n```"]
+    assert Verifier(allow_code_execution=True, code_workers=2).check(texts, examples) == [True, True]
+    assert Verifier("exact", allow_code_execution=True).check(texts, examples) == [False, True]
+    with pytest.raises(ValueError, match="allow_code_execution"):
+        Verifier().check(texts, examples)
+    assert Verifier().check(texts[:1], examples[:1]) == [True]  # no tests: nothing runs
