@@ -121,6 +121,12 @@ def load_models(cfg: TrainConfig) -> Models:
         reference = load_model(ref_path, dtype, frozen_device, trainable=False)
     models = Models(student, teachers, reference, tokenizer, device, cfg.offload_frozen)
     check_same_vocabulary(models)
+    check_head_bias(student, cfg.student)
+    if cfg.objective == "dense":  # the dense loss reads every model's head
+        for domain, teacher in teachers.items():
+            check_head_bias(teacher, cfg.teacher_map[domain])
+        if isinstance(reference, PreTrainedModel):
+            check_head_bias(reference, cfg.student if cfg.reference == "student" else cfg.reference)
     if cfg.freeze_lm_head:
         freeze_lm_head(student)
     if cfg.gradient_checkpointing:
@@ -128,6 +134,16 @@ def load_models(cfg: TrainConfig) -> Models:
     if cfg.liger:
         apply_liger(student)
     return models
+
+
+def check_head_bias(model, path: str) -> None:
+    """gopd_loss and gopd_dense_loss take head weights without a bias (frozen_logprobs, the
+    sampled objective's scoring, takes one): a bias there would be left out of the log-probs."""
+    if head_bias(model) is not None:
+        raise ValueError(
+            f"{path}: its LM head has a bias, which gopd's losses do not take (yet); the models they read "
+            "(the student, and for objective 'dense' the teachers and the reference) need a head without one"
+        )
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

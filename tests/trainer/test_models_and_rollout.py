@@ -43,6 +43,31 @@ def test_logit_softcapping_models_are_refused(tiny, tmp_path):
         load_model(str(tmp_path / "capped"), torch.float32, torch.device("cpu"), trainable=False)
 
 
+@pytest.mark.parametrize("objective", ["sampled", "dense"])
+def test_a_head_bias_the_losses_would_leave_out_is_refused(tiny, tmp_path, monkeypatch, objective):
+    """The student's head bias always (gopd_loss and gopd_dense_loss take none); a teacher's
+    only for the dense loss, since the sampled objective scores teachers with frozen_logprobs,
+    which takes it."""
+    import gopd.models
+
+    def with_bias(path, dtype, device, trainable):
+        model = load_model(path, dtype, device, trainable)
+        if trainable == (which == "student"):
+            head = model.get_output_embeddings()
+            model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+        return model
+
+    monkeypatch.setattr(gopd.models, "load_model", with_bias)
+    cfg = base_config(tiny, tmp_path, objective=objective, is_cap=None, lam=1.0)
+    for which in ("student", "teacher"):
+        if which == "teacher" and objective == "sampled":
+            assert gopd.models.load_models(cfg).teachers["default"].lm_head.bias is not None
+            continue
+        path = cfg.student if which == "student" else cfg.teachers
+        with pytest.raises(ValueError, match=f"{path}: its LM head has a bias"):
+            gopd.models.load_models(cfg)
+
+
 def test_left_padding_does_not_change_hidden_states(tiny):
     model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=False)
     seqs = [[3, 5, 6, 14, 7], [3, 9, 15]]
