@@ -48,7 +48,9 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature; every log-prob (student, teacher, reference) uses it")
     top_p: float = _f(1.0, "nucleus sampling for rollouts (1.0 = off)")
     loss_agg: str = _f("token-mean", "token-mean | seq-mean-token-mean | seq-mean-token-sum")
-    clip_ratio: list = _f([0.2, 0.2], "PPO clip (low, high); acts only off-policy")
+    clip_ratio: list = _f(
+        [0.2, 0.2], "PPO clip (low, high); acts only off-policy (mini_batch_prompts, update_epochs)"
+    )
     is_cap: float | None = _f(
         5.0, "truncated importance weight cap on exp(old - rollout) log-probs; null = off"
     )
@@ -69,8 +71,15 @@ class TrainConfig:
     max_prompt_tokens: int = _f(1024, "longest prompt allowed (tokens); longer ones are an error")
     max_new_tokens: int = _f(1024, "longest response sampled (tokens)")
     # -- batch ------------------------------------------------------------------------
-    prompts_per_step: int = _f(64, "prompts per optimizer step")
+    prompts_per_step: int = _f(64, "prompts sampled per step (one rollout batch)")
     samples_per_prompt: int = _f(1, "responses sampled per prompt")
+    mini_batch_prompts: int | None = _f(
+        None,
+        "prompts per optimizer update; null = prompts_per_step: one update per rollout batch, on-policy (the "
+        "official setting). Smaller: prompts_per_step / mini_batch_prompts updates per step, the later ones "
+        "off-policy (PPO ratio and clipping against the student's log-probs before the first)",
+    )
+    update_epochs: int = _f(1, "passes over each rollout batch's mini-batches (> 1: off-policy, as above)")
     micro_batch_size: int = _f(16, "most sequences per forward/backward (gradient accumulation)")
     micro_batch_tokens: int | None = _f(
         None,
@@ -80,7 +89,7 @@ class TrainConfig:
     # -- optimisation -----------------------------------------------------------------
     lr: float = _f(1e-5, "AdamW learning rate")
     lr_schedule: str = _f("constant", "constant | cosine | linear (decay to 0 after warmup)")
-    warmup_steps: int = _f(0, "linear warmup steps")
+    warmup_steps: int = _f(0, "linear warmup, in optimizer updates")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_betas: list = _f([0.9, 0.999], "AdamW betas")
     grad_clip: float | None = _f(1.0, "clip the global gradient norm to this; null = off")
@@ -171,6 +180,13 @@ class TrainConfig:
     )
 
     @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per rollout batch: its mini-batches, update_epochs times over."""
+        return (
+            self.prompts_per_step // (self.mini_batch_prompts or self.prompts_per_step) * self.update_epochs
+        )
+
+    @property
     def teacher_map(self) -> dict[str, str]:
         """{domain: checkpoint}; a single teacher serves every domain under the key 'default'."""
         return dict(self.teachers) if isinstance(self.teachers, dict) else {"default": self.teachers}
@@ -218,10 +234,18 @@ class TrainConfig:
                 err.need(os.path.isfile(path), name, f"file {path!r} does not exist")
                 err.need(path.endswith((".jsonl", ".parquet")), name, "must be a .jsonl or .parquet file")
         for name in ("max_prompt_tokens", "max_new_tokens", "prompts_per_step", "samples_per_prompt",
-                     "micro_batch_size", "eval_samples", "epochs", "code_workers"):  # fmt: skip
+                     "micro_batch_size", "eval_samples", "epochs", "code_workers",
+                     "update_epochs"):  # fmt: skip
             err.need(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1"
             )
+        if self.mini_batch_prompts is not None:
+            step = self.prompts_per_step
+            err.need(
+                isinstance(self.mini_batch_prompts, int) and self.mini_batch_prompts >= 1
+                and isinstance(step, int) and step % self.mini_batch_prompts == 0,
+                "mini_batch_prompts", f"must be null or an int >= 1 dividing prompts_per_step ({step})",
+            )  # fmt: skip
         if self.micro_batch_tokens is not None:
             lengths = (self.max_prompt_tokens, self.max_new_tokens)
             longest = sum(lengths) if all(isinstance(n, int) for n in lengths) else 1

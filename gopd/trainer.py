@@ -3,7 +3,8 @@
 for step in 1 .. steps:
     rollouts = engine.generate(sampler.next_batch(prompts_per_step))   # rollout.py (this rank's share)
     scores   = score_rollouts(models, rollouts)                        # scoring.py
-    loss     = policy_update(models, rollouts, scores, ...)            # update.py
+    updates  = update_step(models, rollouts, scores, ...)              # update.py (one, or a few
+                                                                       #   over mini-batches)
     log / evaluate / checkpoint                                        # logs, evaluate, checkpoint
 
 Under torchrun each rank runs this loop on its share of every batch (gopd.distributed).
@@ -47,7 +48,7 @@ from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import context_length, load_models, load_student_weights
 from gopd.rollout import make_engine
 from gopd.scoring import score_rollouts
-from gopd.update import make_optimizer, make_scheduler, policy_update
+from gopd.update import make_optimizer, make_scheduler, update_step
 from gopd.verifiers import Verifier
 
 logger = logging.getLogger("gopd")
@@ -81,11 +82,13 @@ def check_data_parallel(cfg: TrainConfig, ctx: DistContext) -> None:
             if getattr(cfg, name):
                 raise ValueError(f"{name}: needs several data-parallel ranks (launch with torchrun)")
         return
-    if cfg.prompts_per_step % ctx.world_size:
-        raise ValueError(
-            f"prompts_per_step: {cfg.prompts_per_step} prompts cannot be shared evenly by "
-            f"{ctx.world_size} ranks; make it a multiple of the world size"
-        )
+    for name in ("prompts_per_step", "mini_batch_prompts"):
+        prompts = getattr(cfg, name)
+        if prompts is not None and prompts % ctx.world_size:
+            raise ValueError(
+                f"{name}: {prompts} prompts cannot be shared evenly by {ctx.world_size} ranks; make it a "
+                "multiple of the world size"
+            )
 
 
 def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
@@ -121,7 +124,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         logger.info("shard_frozen: %d teacher / reference models sharded over %d ranks",
                     len(models.frozen()), ctx.world_size)  # fmt: skip
     optimizer = make_optimizer(models.student, cfg, ctx)
-    scheduler = make_scheduler(optimizer, cfg, steps)
+    scheduler = make_scheduler(optimizer, cfg, steps * cfg.updates_per_step)  # it counts optimizer updates
     start = 0
     if resume:
         saved = load_optimizer_state(path, state, ctx.rank)
@@ -158,31 +161,37 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         t1 = time.perf_counter()
         scores = score_rollouts(models, rollouts, cfg, ctx) if cfg.objective == "sampled" else None
         t2 = time.perf_counter()
-        loss, stats, stepped = policy_update(models, rollouts, scores, optimizer, scheduler, cfg, ctx)
+        updates = update_step(models, rollouts, scores, optimizer, scheduler, cfg, ctx)
         t3 = time.perf_counter()
-        if stepped:
+        for i, (loss, stats, stepped) in enumerate(updates):
+            where = f"step {step}" + (f" (update {i + 1} of {len(updates)})" if len(updates) > 1 else "")
+            if stepped:
+                bad_steps = 0
+            elif stats.get("overflow"):
+                logger.info("%s: float16 gradients overflowed at loss scale %g: update skipped, scale halved",
+                            where, stats["loss_scale"])  # fmt: skip
+            else:
+                bad_steps += 1
+                logger.warning("%s: non-finite loss or gradient (%s), update skipped", where, loss)
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise RuntimeError(
+                        f"{MAX_BAD_STEPS} non-finite updates in a row (last at {where}): stopping"
+                    )
+        taken = sum(stepped for _, _, stepped in updates)
+        if taken:  # the engine samples the next batch from the updated student
             engine.update_weights(models.student)
-            bad_steps = 0
-        elif stats.get("overflow"):
-            logger.info("step %d: float16 gradients overflowed at loss scale %g: step skipped, scale halved",
-                        step, stats["loss_scale"])  # fmt: skip
-        else:
-            bad_steps += 1
-            logger.warning("step %d: non-finite loss or gradient (%s), step skipped", step, loss)
-            if bad_steps >= MAX_BAD_STEPS:
-                raise RuntimeError(
-                    f"{MAX_BAD_STEPS} non-finite steps in a row (last at step {step}): stopping"
-                )
         tokens, rows = ctx.sum([float(rollouts.response_mask.sum()), float(len(rollouts.examples))])
         metrics = {
-            "loss": loss, **stats,
+            **mean_over_updates(updates),
             "response_length": tokens / rows,
             "tokens_per_s": tokens / (t3 - t0),
             "time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_update": t3 - t2,
-            "skipped": not stepped,
+            "skipped": taken < len(updates),
         }  # fmt: skip
+        if len(updates) > 1:
+            metrics["updates"] = taken
         log.log(step, metrics)
-        summary["last_loss"] = loss
+        summary["last_loss"] = metrics["loss"]
         if cfg.eval_every and step % cfg.eval_every == 0:
             run_eval(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
@@ -193,6 +202,19 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     log.close()
     summary["checkpoint"] = saved_at
     return summary
+
+
+def mean_over_updates(updates: list[tuple[float, dict, bool]]) -> dict:
+    """One step's figures from its updates' (loss, stats, stepped): the mean of each number
+    (the loss, the token-weighted stats, the gradient norm, the learning rate), whether any
+    update overflowed."""
+    records = [{"loss": loss, **stats} for loss, stats, _ in updates]
+    keys = dict.fromkeys(k for r in records for k in r)
+    out = {}
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        out[key] = any(values) if isinstance(values[0], bool) else sum(values) / len(values)
+    return out
 
 
 def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sampler, ctx: DistContext) -> None:

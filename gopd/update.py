@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -22,7 +23,7 @@ from gopd.fsdp import is_sharded, release
 from gopd.models import Models, frozen_on_device, head_weight
 from gopd.optim import LossScale, MasterWeightAdamW, partition
 from gopd.rollout import IGNORE, Rollouts
-from gopd.scoring import Scores, response_hidden
+from gopd.scoring import Scores, response_hidden, student_logprobs
 from gopd_kernels import gopd_dense_loss, gopd_loss
 
 logger = logging.getLogger("gopd")
@@ -77,10 +78,11 @@ def _sampled_loss(models, part, scores, idx, cfg, num_tokens):
     hidden = response_hidden(student, part)
     dev = hidden.device
     cols = slice(0, part.width)  # the micro-batch is trimmed (gopd.batching), the scores are not
+    rows = lambda t: None if t is None else t[idx, cols].to(dev)  # noqa: E731
     return gopd_loss(
-        hidden, head_weight(student), part.targets.to(dev), scores.teacher_logp[idx, cols].to(dev),
-        None if scores.ref_logp is None else scores.ref_logp[idx, cols].to(dev),
-        lam=cfg.lam, temperature=cfg.temperature, rollout_logp=part.rollout_logp.to(dev),
+        hidden, head_weight(student), part.targets.to(dev), rows(scores.teacher_logp), rows(scores.ref_logp),
+        lam=cfg.lam, temperature=cfg.temperature, old_logp=rows(scores.old_logp),
+        rollout_logp=part.rollout_logp.to(dev),
         clip_ratio=tuple(cfg.clip_ratio), is_cap=cfg.is_cap, loss_agg=cfg.loss_agg,
         num_tokens=num_tokens, ignore_index=IGNORE, backend=cfg.kernel_backend, fold=cfg.loss_fold,
     )  # fmt: skip
@@ -97,6 +99,43 @@ def _dense_loss(models, part, teacher, ref, cfg, num_tokens):
         lam=cfg.lam, temperature=cfg.temperature, mask=part.response_mask.to(hidden.device),
         loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend, fold=cfg.loss_fold,
     )  # fmt: skip
+
+
+def update_step(
+    models: Models,
+    rollouts: Rollouts,
+    scores: Scores | None,
+    optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    ctx: DistContext = SINGLE,
+) -> list[tuple[float, dict, bool]]:
+    """The step's optimizer updates: policy_update over each mini-batch of cfg.mini_batch_prompts
+    prompts (this rank's rows of them), cfg.update_epochs times over; [(loss, stats, stepped)]
+    per update. With one update (the default) it is on-policy, o = s detached. With several,
+    every one after the first is off-policy: the sampled loss then takes o from the student
+    before the first update (student_logprobs, one more forward over the step), so the PPO
+    ratio exp(s - o) and its clipping act. The dense loss needs no o: each update is the
+    KL at the rollouts' prefixes under the student as it is then."""
+    # this rank's share of each mini-batch: the rows are prompt-major and each rank holds every
+    # W-th prompt (DistContext.shard), so its i-th slice is its part of the global i-th mini-batch
+    prompts = (cfg.mini_batch_prompts or cfg.prompts_per_step) // ctx.world_size
+    size, rows = prompts * cfg.samples_per_prompt, list(range(len(rollouts.examples)))
+    groups = [rows[i : i + size] for i in range(0, len(rows), size)] * cfg.update_epochs
+    if len(groups) > 1 and scores is not None:
+        scores = replace(scores, old_logp=student_logprobs(models, rollouts, cfg, ctx))
+    return [
+        policy_update(
+            models,
+            rollouts.select(group),
+            None if scores is None else scores.select(group),
+            optimizer,
+            scheduler,
+            cfg,
+            ctx,
+        )  # fmt: skip
+        for group in groups
+    ]
 
 
 def policy_update(

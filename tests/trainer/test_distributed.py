@@ -31,11 +31,12 @@ from gopd.distributed import (
     init_distributed,
     rank_device,
 )
+from gopd.fsdp import full_weights, shard_student
 from gopd.models import load_models
 from gopd.optim import GradSlot, MasterWeightAdamW, partition
 from gopd.scoring import Scores, score_rollouts
 from gopd.trainer import check_data_parallel, restore_rng, train
-from gopd.update import make_optimizer, make_scheduler, policy_update
+from gopd.update import make_optimizer, make_scheduler, policy_update, update_step
 from tests.trainer.conftest import base_config
 from tests.trainer.test_end_to_end import train_losses
 from tests.trainer.test_stages import rollouts_for
@@ -82,7 +83,7 @@ if importlib.util.find_spec("peft"):  # a LoRA student, the reference its adapte
 STATS_RTOL = {"sampled, seq-mean-token-sum, bf16 student": 2e-3}
 
 
-def update_step(ctx: DistContext, tiny, tmp_path, overrides: dict):
+def one_update(ctx: DistContext, tiny, tmp_path, overrides: dict):
     """One AdamW step on ctx's share of 8 prompts x 2 samples: (loss, stats, weights, masters)."""
     cfg = base_config(tiny, tmp_path, micro_batch_size=3, **overrides)
     models = load_models(cfg)
@@ -103,9 +104,9 @@ def update_step(ctx: DistContext, tiny, tmp_path, overrides: dict):
 
 
 def _update_cases(ctx, tiny, tmp_path):
-    runs = {name: update_step(ctx, tiny, tmp_path / f"rank{ctx.rank}", o) for name, o in CASES.items()}
+    runs = {name: one_update(ctx, tiny, tmp_path / f"rank{ctx.rank}", o) for name, o in CASES.items()}
     for name in SHARDED:
-        runs[name + ", sharded"] = update_step(ctx, tiny, tmp_path / f"rank{ctx.rank}", CASES[name] | SHARD)
+        runs[name + ", sharded"] = one_update(ctx, tiny, tmp_path / f"rank{ctx.rank}", CASES[name] | SHARD)
     return runs
 
 
@@ -119,7 +120,7 @@ def test_two_ranks_take_the_single_process_step(tiny, tmp_path):
     before = AutoModelForCausalLM.from_pretrained(str(tiny["student"])).state_dict()
     ranks = run_ranks(tmp_path, _update_cases, tiny, tmp_path)
     for name, overrides in CASES.items():
-        single_loss, single_stats, single_w, single_m = update_step(
+        single_loss, single_stats, single_w, single_m = one_update(
             distributed.SINGLE, tiny, tmp_path, overrides
         )
         (loss0, stats0, w0, m0), (loss1, stats1, w1, _m1) = ranks[0][name], ranks[1][name]
@@ -149,6 +150,49 @@ def test_two_ranks_take_the_single_process_step(tiny, tmp_path):
             assert all(torch.equal(w[k], w_s[k]) for k in w), name
         owned = [len(rank[name + ", sharded"][3]) for rank in ranks]  # masters held, per rank
         assert all(n > 0 for n in owned) and sum(owned) == len(before) - 1  # lm_head is tied: one tensor
+
+
+def mini_batch_updates(ctx: DistContext, tiny, tmp_path, fsdp: bool = False):
+    """Two mini-batches of 4 prompts, twice over, on ctx's share of 8 prompts x 2 samples (as
+    the trainer shares them: by prompt, each prompt's samples together), the student sharded
+    if asked: (losses, the student's weights; with fsdp on rank 0 only)."""
+    cfg = base_config(tiny, tmp_path, prompts_per_step=8, mini_batch_prompts=4, update_epochs=2, lr=0.05,
+                      micro_batch_size=3)  # fmt: skip
+    models = load_models(cfg)
+    rollouts = rollouts_for(cfg, models)  # the same 16 rows on every rank, prompt-major
+    rows = [2 * p + s for p in ctx.shard(list(range(8))) for s in range(2)]
+    mine = rollouts.select(rows)
+    if fsdp:
+        shard_student(models.student, ctx, torch.float32)
+    scores = score_rollouts(models, mine, cfg, ctx)
+    optimizer = make_optimizer(models.student, cfg, ctx)
+    updates = update_step(models, mine, scores, optimizer, make_scheduler(optimizer, cfg, 4), cfg, ctx)
+    assert len(updates) == 4 and all(stepped for _, _, stepped in updates)
+    if fsdp:
+        weights = full_weights(models.student, torch.float32, ctx)
+    else:
+        weights = {k: v.clone() for k, v in models.student.state_dict().items()}
+    return [loss for loss, _, _ in updates], weights
+
+
+def _mini_batch_cases(ctx, tiny, tmp_path):
+    return [mini_batch_updates(ctx, tiny, tmp_path / f"rank{ctx.rank}", fsdp) for fsdp in (False, True)]
+
+
+def test_two_ranks_take_the_single_process_mini_batch_updates(tiny, tmp_path):
+    """Each rank's i-th slice of its share is its part of the global i-th mini-batch, and o
+    comes from each rank's own rows: four off-policy updates, as in one process, with the
+    student replicated or sharded (fsdp)."""
+    ranks = run_ranks(tmp_path, _mini_batch_cases, tiny, tmp_path)
+    single_losses, single_w = mini_batch_updates(distributed.SINGLE, tiny, tmp_path)
+    (losses0, w0), (losses1, w1) = ranks[0][0], ranks[1][0]
+    assert losses0 == losses1 and all(torch.equal(w0[k], w1[k]) for k in w0)
+    (sharded_losses, sharded_w), (sharded_losses1, nothing) = ranks[0][1], ranks[1][1]
+    assert sharded_losses == sharded_losses1 and nothing is None
+    for losses, weights in ((losses0, w0), (sharded_losses, sharded_w)):
+        assert losses == pytest.approx(single_losses, rel=1e-4)
+        for k in single_w:
+            torch.testing.assert_close(weights[k], single_w[k], rtol=1e-4, atol=1e-5)
 
 
 # -- the collectives ---------------------------------------------------------------------------
@@ -285,6 +329,8 @@ def test_settings_that_cannot_run_on_the_ranks_are_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="prompts_per_step: 5 prompts cannot be shared evenly by 2 ranks"):
         check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=5), two)
     check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=6), two)
+    with pytest.raises(ValueError, match="mini_batch_prompts: 3 prompts cannot be shared evenly by 2 ranks"):
+        check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=6, mini_batch_prompts=3), two)
     check_data_parallel(base_config(tiny, tmp_path, prompts_per_step=5), distributed.SINGLE)
 
 

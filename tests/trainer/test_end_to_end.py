@@ -116,6 +116,20 @@ def test_resume_gives_the_same_next_step_loss(tiny, tmp_path):
     check_resume_continues_the_run(tiny, tmp_path)
 
 
+def test_several_updates_per_step_train_and_resume_exactly(tiny, tmp_path):
+    """Two mini-batches of 3 prompts, twice over: 4 updates a step, resumed exactly; the
+    learning-rate schedule counts updates."""
+    several = dict(mini_batch_prompts=3, update_epochs=2)
+    check_resume_continues_the_run(tiny, tmp_path, **several)
+    steps = [r for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert [r["updates"] for r in steps] == [4] * 4 and all("clip_frac" in r for r in steps)
+    cfg = base_config(tiny, tmp_path, output_dir=str(tmp_path / "linear"), lr_schedule="linear", **several)
+    train(cfg)
+    steps = [r for r in map(json.loads, open(tmp_path / "linear" / "metrics.jsonl")) if r["kind"] == "train"]
+    # a linear decay over 3 steps x 4 updates: step 3's updates 9-12 run at lr x (4, 3, 2, 1) / 12
+    assert steps[-1]["lr"] == pytest.approx(1e-3 * 10 / 48)
+
+
 def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="no complete checkpoint"):
         train(base_config(tiny, tmp_path), resume="latest")

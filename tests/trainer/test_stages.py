@@ -1,4 +1,5 @@
-"""Scoring (per-domain teachers) and the update (exact accumulation over micro-batches)."""
+"""Scoring (per-domain teachers, the student's own log-probs) and the update (exact
+accumulation over micro-batches; several updates over mini-batches)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from gopd.data import PromptSampler, load_examples
 from gopd.models import head_weight, load_models
 from gopd.rollout import make_engine
-from gopd.scoring import response_hidden, score_rollouts
-from gopd.update import make_optimizer, make_scheduler, policy_update
+from gopd.scoring import response_hidden, score_rollouts, student_logprobs
+from gopd.update import make_optimizer, make_scheduler, policy_update, update_step
 from gopd_kernels import frozen_logprobs
 from tests.trainer.conftest import base_config
 
@@ -89,6 +90,78 @@ def test_micro_batches_add_up_to_the_whole_batch(tiny, tmp_path, objective, loss
         grads.append(stats["grad_norm"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert grads[0] == pytest.approx(grads[1], rel=1e-4)
+
+
+def test_student_logprobs_are_the_students_own(tiny, tmp_path):
+    """o_t against a float64 log-softmax of the student's materialised logits."""
+    cfg = base_config(tiny, tmp_path, micro_batch_size=3, temperature=0.7)
+    models = load_models(cfg)
+    ro = rollouts_for(cfg, models)
+    old = student_logprobs(models, ro, cfg)
+    with torch.no_grad():
+        logits = response_hidden(models.student, ro).double() @ head_weight(models.student).double().T
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, ro.responses[..., None]).squeeze(-1)
+    valid = ro.response_mask
+    torch.testing.assert_close(old[valid].double(), expected[valid], rtol=1e-5, atol=1e-5)
+    assert not old[~valid].any()
+
+
+def _updates(tiny, tmp_path, monkeypatch, objective="sampled", **overrides):
+    """update_step on 8 prompts x 2 samples, with student_logprobs' calls recorded: the
+    student's weights when it ran, and what it returned."""
+    import gopd.update
+
+    calls = []
+
+    def recorded(models, rollouts, cfg, ctx):
+        weights = [p.detach().clone() for p in models.student.parameters()]
+        calls.append((weights, student_logprobs(models, rollouts, cfg, ctx)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(gopd.update, "student_logprobs", recorded)
+    cfg = base_config(tiny, tmp_path, prompts_per_step=8, objective=objective, lr=0.05,
+                      is_cap=None if objective == "dense" else 5.0, **overrides)  # fmt: skip
+    models = load_models(cfg)
+    initial = [p.detach().clone() for p in models.student.parameters()]
+    ro = rollouts_for(cfg, models)
+    scores = score_rollouts(models, ro, cfg) if objective == "sampled" else None
+    opt = make_optimizer(models.student, cfg)
+    scheduler = make_scheduler(opt, cfg, 3 * cfg.updates_per_step)
+    return update_step(models, ro, scores, opt, scheduler, cfg), calls, initial, (ro, scores, scheduler)
+
+
+def test_one_update_per_batch_is_on_policy(tiny, tmp_path, monkeypatch):
+    updates, calls, _, (_, _, scheduler) = _updates(tiny, tmp_path, monkeypatch)
+    assert len(updates) == 1 and updates[0][2] and not calls  # no extra forward for o
+    assert scheduler.last_epoch == 1 and updates[0][1]["clip_frac"] == 0
+
+
+def test_mini_batches_and_epochs_each_take_an_update_off_policy_after_the_first(tiny, tmp_path, monkeypatch):
+    updates, calls, initial, (ro, scores, scheduler) = _updates(
+        tiny, tmp_path, monkeypatch, mini_batch_prompts=4, update_epochs=2
+    )
+    assert len(updates) == 4 and all(stepped for _, _, stepped in updates) and scheduler.last_epoch == 4
+    # o: computed once, from the student before its first update
+    ((weights, old),) = calls
+    assert all(torch.equal(a, b) for a, b in zip(weights, initial, strict=True))
+    # the first update is the on-policy update of the first mini-batch (prompts 0-3: rows 0-7)
+    cfg = base_config(tiny, tmp_path, prompts_per_step=4, lr=0.05)
+    models = load_models(cfg)
+    opt = make_optimizer(models.student, cfg)
+    first = ro.select(list(range(8)))
+    loss, stats, _ = policy_update(
+        models, first, scores.select(list(range(8))), opt, make_scheduler(opt, cfg, 3), cfg
+    )
+    assert updates[0][0] == pytest.approx(loss, rel=1e-5)
+    assert updates[0][1]["grad_norm"] == pytest.approx(stats["grad_norm"], rel=1e-4)
+    assert updates[0][1]["clip_frac"] == 0  # s = o before any update
+    # the later ones see the moved student through the PPO ratio against o, and clip
+    assert max(u[1]["clip_frac"] for u in updates[1:]) > 0
+
+
+def test_dense_updates_need_no_old_logprobs(tiny, tmp_path, monkeypatch):
+    updates, calls, _, _ = _updates(tiny, tmp_path, monkeypatch, "dense", mini_batch_prompts=4)
+    assert len(updates) == 2 and all(stepped for _, _, stepped in updates) and not calls
 
 
 @pytest.mark.parametrize("objective", ["sampled", "dense"])
