@@ -78,10 +78,10 @@ def _sampled_loss(models, part, scores, idx, cfg, num_tokens):
     hidden = response_hidden(student, part)
     dev = hidden.device
     cols = slice(0, part.width)  # the micro-batch is trimmed (gopd.batching), the scores are not
-    rows = lambda t: None if t is None else t[idx, cols].to(dev)  # noqa: E731
+    here = lambda t: None if t is None else t[idx, cols].to(dev)  # noqa: E731  (this micro-batch's rows)
     return gopd_loss(
-        hidden, head_weight(student), part.targets.to(dev), rows(scores.teacher_logp), rows(scores.ref_logp),
-        lam=cfg.lam, temperature=cfg.temperature, old_logp=rows(scores.old_logp),
+        hidden, head_weight(student), part.targets.to(dev), here(scores.teacher_logp), here(scores.ref_logp),
+        lam=cfg.lam, temperature=cfg.temperature, old_logp=here(scores.old_logp),
         rollout_logp=part.rollout_logp.to(dev),
         clip_ratio=tuple(cfg.clip_ratio), is_cap=cfg.is_cap, loss_agg=cfg.loss_agg,
         num_tokens=num_tokens, ignore_index=IGNORE, backend=cfg.kernel_backend, fold=cfg.loss_fold,
@@ -133,7 +133,7 @@ def update_step(
             scheduler,
             cfg,
             ctx,
-        )  # fmt: skip
+        )
         for group in groups
     ]
 
