@@ -180,10 +180,9 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         taken = sum(stepped for _, _, stepped in updates)
         if taken:  # the engine samples the next batch from the updated student
             engine.update_weights(models.student)
-        tokens, rows = ctx.sum([float(rollouts.response_mask.sum()), float(len(rollouts.examples))])
+        lengths, tokens = rollout_lengths(rollouts, list(models.teachers), tokenizer.eos_token_id, ctx)
         metrics = {
-            **mean_over_updates(updates),
-            "response_length": tokens / rows,
+            **mean_over_updates(updates), **lengths,
             "tokens_per_s": tokens / (t3 - t0),
             "time_rollout": t1 - t0, "time_scoring": t2 - t1, "time_update": t3 - t2,
             "skipped": taken < len(updates),
@@ -202,6 +201,28 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     log.close()
     summary["checkpoint"] = saved_at
     return summary
+
+
+def rollout_lengths(rollouts, domains: list[str], eos_id: int, ctx: DistContext) -> tuple[dict, float]:
+    """Mean response length (tokens, EOS included) and the share of responses cut at
+    max_new_tokens (no EOS) over every rank's rollouts, per domain too when there are several
+    ("response_length/code": how a merged student's answers grow in each domain); and the
+    response tokens of all ranks."""
+    lengths = rollouts.response_mask.sum(-1).float()
+    cut = ~((rollouts.responses == eos_id) & rollouts.response_mask).any(-1)
+    groups = [None, *domains] if len(domains) > 1 else [None]
+    sums = []
+    for d in groups:
+        rows = torch.tensor([d is None or ex.domain == d for ex in rollouts.examples])
+        sums += [float(lengths[rows].sum()), float(cut[rows].sum()), float(rows.sum())]
+    sums = ctx.sum(sums)
+    out = {}
+    for i, d in enumerate(groups):
+        tokens, truncated, n = sums[3 * i : 3 * i + 3]
+        if n:
+            suffix = "" if d is None else f"/{d}"
+            out |= {f"response_length{suffix}": tokens / n, f"truncated{suffix}": truncated / n}
+    return out, sums[0]
 
 
 def mean_over_updates(updates: list[tuple[float, dict, bool]]) -> dict:

@@ -33,37 +33,43 @@ MAX_STATS = ("is_weight_max",)
 
 
 class StatsAccumulator:
-    """Token-weighted means of the per-micro-batch stats; maxima where a max was asked for."""
+    """Token-weighted means of the per-micro-batch stats, maxima where a max was asked for;
+    overall and, for the `domains` given (a multi-teacher run's), per domain ("reward/math")."""
 
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.tokens: dict[str, float] = {}
-        self.maxima: dict[str, float] = {}
+    def __init__(self, domains: list[str] | tuple = ()):
+        self.groups: list[str | None] = [None, *domains]  # None: over all tokens
+        self.sums: dict[tuple, float] = {}  # keyed by (stat, group)
+        self.tokens: dict[tuple, float] = {}
+        self.maxima: dict[tuple, float] = {}
 
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
+    def add(self, stats: dict[str, torch.Tensor], domain: str | None = None) -> None:
         n = float(stats["num_tokens"])
-        for key, value in stats.items():
-            if key in MEAN_STATS:
-                self.sums[key] = self.sums.get(key, 0.0) + float(value) * n
-                self.tokens[key] = self.tokens.get(key, 0.0) + n
-            elif key in MAX_STATS:
-                self.maxima[key] = max(self.maxima.get(key, -math.inf), float(value))
+        for group in [None] + ([domain] if domain in self.groups[1:] else []):
+            for key, value in stats.items():
+                slot = (key, group)
+                if key in MEAN_STATS:
+                    self.sums[slot] = self.sums.get(slot, 0.0) + float(value) * n
+                    self.tokens[slot] = self.tokens.get(slot, 0.0) + n
+                elif key in MAX_STATS:
+                    self.maxima[slot] = max(self.maxima.get(slot, -math.inf), float(value))
 
     def all_reduce(self, ctx: DistContext) -> None:
-        """Combine the ranks' accumulators (sums add up, maxima take the max)."""
+        """Combine the ranks' accumulators (sums add up, maxima take the max), every slot in
+        one order on every rank, whichever domains a rank saw."""
         if not ctx.enabled:
             return
-        n = len(MEAN_STATS)
-        sums = [self.sums.get(k, 0.0) for k in MEAN_STATS]
-        both = ctx.sum(sums + [self.tokens.get(k, 0.0) for k in MEAN_STATS])
-        self.sums = dict(zip(MEAN_STATS, both[:n], strict=True))
-        self.tokens = dict(zip(MEAN_STATS, both[n:], strict=True))
-        maxima = ctx.max([self.maxima.get(k, -math.inf) for k in MAX_STATS])
-        self.maxima = {k: v for k, v in zip(MAX_STATS, maxima, strict=True) if v > -math.inf}
+        means = [(k, g) for g in self.groups for k in MEAN_STATS]
+        both = ctx.sum([self.sums.get(s, 0.0) for s in means] + [self.tokens.get(s, 0.0) for s in means])
+        self.sums = dict(zip(means, both[: len(means)], strict=True))
+        self.tokens = dict(zip(means, both[len(means) :], strict=True))
+        peaks = [(k, g) for g in self.groups for k in MAX_STATS]
+        maxima = ctx.max([self.maxima.get(s, -math.inf) for s in peaks])
+        self.maxima = {s: v for s, v in zip(peaks, maxima, strict=True) if v > -math.inf}
 
     def result(self) -> dict[str, float]:
-        out = {k: self.sums[k] / self.tokens[k] for k in self.sums if self.tokens[k] > 0}
-        return out | self.maxima
+        name = lambda key, group: key if group is None else f"{key}/{group}"  # noqa: E731
+        out = {name(*s): self.sums[s] / self.tokens[s] for s in self.sums if self.tokens[s] > 0}
+        return out | {name(*s): v for s, v in self.maxima.items()}
 
 
 def _part_weight(cfg: TrainConfig, part: Rollouts, total_seqs: int) -> float:
@@ -155,7 +161,10 @@ def policy_update(
     mask = rollouts.response_mask
     total_tokens, total_seqs = (int(x) for x in ctx.sum([float(mask.sum()), float(mask.any(-1).sum())]))
     num_tokens = max(total_tokens, 1) if cfg.loss_agg == "token-mean" else None
-    acc = StatsAccumulator()
+    # a multi-teacher run: each domain's stats as well, so each micro-batch holds one domain
+    domains = list(models.teachers)
+    by_domain = len(domains) > 1
+    acc = StatsAccumulator(domains if by_domain else ())
     loss_total = 0.0
     scaler = getattr(optimizer, "loss_scale", None)  # a float16 student's (gopd.optim)
     scale = scaler.scale if scaler else 1.0
@@ -163,11 +172,11 @@ def policy_update(
     dense = cfg.objective == "dense"  # it needs each row's own teacher during the update
     in_step = sharded or (dense and models.frozen_sharded)
     limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
-    plan = step_plan(rollouts, list(models.teachers) if dense else None, *limits, ctx=ctx, in_step=in_step)
+    plan = step_plan(rollouts, domains if dense or by_domain else None, *limits, ctx=ctx, in_step=in_step)
     for domain, chunks in plan:
         # with offload_frozen, the domain's teacher (and the reference) come to the device once
         # for all its micro-batches, not once per micro-batch
-        frozen = nullcontext((None, None)) if domain is None else frozen_on_device(models, domain)
+        frozen = frozen_on_device(models, domain) if dense else nullcontext((None, None))
         with frozen as (teacher, ref):
             for chunk, counts in chunks:  # counts: False for step_plan's repeats, which only keep step
                 part, idx = micro_batch(rollouts, chunk)
@@ -180,7 +189,7 @@ def policy_update(
                 release(teacher, ref)  # sharded ones: their gathered head, kept through the backward
                 if counts:
                     loss_total += float(weighted.detach())
-                    acc.add(stats)
+                    acc.add(stats, domain)
     slots = gradient_slots(optimizer)
     if not sharded:  # FSDP has reduce-scattered (summed) them in the backward
         all_reduce_grads(ctx, slots)

@@ -11,8 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from gopd import distributed
 from gopd.checkpoint import latest_checkpoint
-from gopd.trainer import train
+from gopd.data import Example
+from gopd.rollout import Rollouts
+from gopd.trainer import rollout_lengths, train
 from tests.trainer.conftest import base_config
 
 
@@ -65,8 +68,11 @@ def test_training_runs_and_changes_only_the_student(tiny, tmp_path, setting):
         assert final_eval["avg@1"] == pytest.approx(overall)
     records = [json.loads(x) for x in open(cfg.output_dir + "/metrics.jsonl")]
     train_rec = [r for r in records if r["kind"] == "train"][0]
-    for key in ("loss", "response_length", "tokens_per_s", "time_rollout", "time_scoring", "time_update"):
+    for key in ("loss", "response_length", "truncated", "tokens_per_s", "time_rollout", "time_scoring",
+                "time_update"):  # fmt: skip
         assert key in train_rec
+    per_domain = {"reward/math", "reverse_kl/code", "response_length/math", "truncated/code"}
+    assert (per_domain <= set(train_rec)) == (setting == "two-domain-teachers")  # each domain's figures
     assert ("reverse_kl" in train_rec) == (setting != "dense") and ("kl" in train_rec) == (setting == "dense")
 
 
@@ -114,6 +120,24 @@ def check_resume_continues_the_run(tiny, tmp_path, **overrides) -> None:
 
 def test_resume_gives_the_same_next_step_loss(tiny, tmp_path):
     check_resume_continues_the_run(tiny, tmp_path)
+
+
+def test_rollout_lengths_per_domain_and_the_share_cut_at_the_cap():
+    eos, pad = 2, 0
+    responses = torch.tensor([[5, 6, eos, pad], [5, 6, 7, 8], [5, eos, pad, pad], [7, 7, 7, 7]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    examples = [Example([1], d, None, "") for d in ("math", "math", "code", "code")]
+    ro = Rollouts(torch.cat([torch.ones(4, 1, dtype=torch.long), responses], 1),
+                  torch.cat([torch.ones(4, 1, dtype=torch.long), mask.long()], 1), 1, mask, torch.zeros(4, 4),
+                  examples)  # fmt: skip
+    out, tokens = rollout_lengths(ro, ["math", "code"], eos, distributed.SINGLE)
+    assert tokens == 13 and out == {
+        "response_length": 13 / 4, "truncated": 0.5,
+        "response_length/math": 3.5, "truncated/math": 0.5,
+        "response_length/code": 3.0, "truncated/code": 0.5,
+    }  # fmt: skip
+    out, _ = rollout_lengths(ro, ["default"], eos, distributed.SINGLE)  # one teacher: no domains
+    assert out == {"response_length": 13 / 4, "truncated": 0.5}
 
 
 def test_several_updates_per_step_train_and_resume_exactly(tiny, tmp_path):

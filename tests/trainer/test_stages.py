@@ -74,6 +74,30 @@ def test_lam_one_loads_no_reference(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["sampled", "dense"])
+def test_a_multi_teacher_update_reports_each_domains_stats(tiny, tmp_path, objective):
+    """reward/math, reverse_kl/code, ...: each domain's token-weighted means, which combine,
+    weighted by the domains' tokens, into the overall figure; maxima per domain too."""
+    teachers = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
+    cfg = base_config(tiny, tmp_path, teachers=teachers, train_data=str(tiny["train_domains"]),
+                      micro_batch_size=3, objective=objective,
+                      is_cap=None if objective == "dense" else 5.0)  # fmt: skip
+    models = load_models(cfg)
+    ro = rollouts_for(cfg, models)
+    scores = score_rollouts(models, ro, cfg) if objective == "sampled" else None
+    opt = make_optimizer(models.student, cfg)
+    _, stats, stepped = policy_update(models, ro, scores, opt, make_scheduler(opt, cfg, 3), cfg)
+    assert stepped
+    tokens = {d: float(ro.response_mask[[e.domain == d for e in ro.examples]].sum()) for d in teachers}
+    names = ("reward", "reverse_kl", "advantage") if objective == "sampled" else ("kl", "kl_teacher")
+    for name in names:
+        combined = sum(stats[f"{name}/{d}"] * tokens[d] for d in teachers) / sum(tokens.values())
+        assert stats[name] == pytest.approx(combined, rel=1e-5, abs=1e-7), name
+    assert stats[f"{names[0]}/math"] != stats[f"{names[0]}/code"]  # two teachers, two figures
+    if objective == "sampled":
+        assert stats["is_weight_max"] == max(stats["is_weight_max/math"], stats["is_weight_max/code"])
+
+
+@pytest.mark.parametrize("objective", ["sampled", "dense"])
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batches_add_up_to_the_whole_batch(tiny, tmp_path, objective, loss_agg):
     grads, losses = [], []
