@@ -79,10 +79,23 @@ def load_optimizer_state(path: Path, state: dict, rank: int) -> dict:
     return torch.load(shard, weights_only=False)
 
 
-def latest_checkpoint(output_dir: str) -> Path | None:
+def complete_checkpoints(output_dir: str) -> list[Path]:
+    """The complete checkpoints in output_dir, oldest first (not the staging directories)."""
     root = Path(output_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / STATE_FILE).exists())
+    return sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / STATE_FILE).exists())
+
+
+def latest_checkpoint(output_dir: str) -> Path | None:
+    done = complete_checkpoints(output_dir)
     return done[-1] if done else None
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` complete checkpoints; returns the removed ones."""
+    old = complete_checkpoints(output_dir)[:-keep]
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def resolve_resume(resume: str, output_dir: str) -> Path:

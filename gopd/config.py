@@ -108,6 +108,9 @@ class TrainConfig:
     code_timeout: float = _f(10.0, "seconds each test run may take (eval of code)")
     code_workers: int = _f(4, "test runs at once, each its own process (eval of code)")
     save_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int | None = _f(
+        None, "keep only the newest N checkpoints, removing older ones once a new one is complete; null = all"
+    )
     output_dir: str = _f("runs/gopd", "where checkpoints, metrics.jsonl and logs go")
     loggers: list = _f(["jsonl", "console"], "any of jsonl, console, tensorboard, wandb")
     wandb_project: str = _f("gopd", "W&B project (with the wandb logger)")
@@ -239,6 +242,9 @@ class TrainConfig:
             err.need(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1"
             )
+        err.need(self.keep_checkpoints is None or (isinstance(self.keep_checkpoints, int)
+                                                    and self.keep_checkpoints >= 1),
+                 "keep_checkpoints", "must be null or an int >= 1")  # fmt: skip
         if self.mini_batch_prompts is not None:
             step = self.prompts_per_step
             err.need(

@@ -27,6 +27,7 @@ from gopd.checkpoint import (
     load_optimizer_state,
     load_trainer_state,
     optimizer_shard_file,
+    prune_checkpoints,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -266,6 +267,9 @@ def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sample
         state |= {"rng_ranks": rngs} if ctx.enabled else {}
         state |= {"fsdp": True} if fsdp else {}
         save_checkpoint(tmp, models.student, models.tokenizer, state, weights)
+        if cfg.keep_checkpoints:
+            for path in prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints):
+                logger.info("removed %s (keep_checkpoints: %d)", path, cfg.keep_checkpoints)
     ctx.barrier()
 
 

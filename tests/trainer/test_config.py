@@ -70,6 +70,7 @@ def test_unknown_key_is_an_error(tiny):
         (dict(mini_batch_prompts=4), r"mini_batch_prompts: .* dividing prompts_per_step \(6\)"),
         (dict(mini_batch_prompts=0), "mini_batch_prompts"),
         (dict(update_epochs=0), "update_epochs: must be an int >= 1"),
+        (dict(keep_checkpoints=0), "keep_checkpoints: must be null or an int >= 1"),
         (dict(micro_batch_tokens=19), r"micro_batch_tokens: .* \(20\), the longest row"),  # 16 + 4
         (dict(micro_batch_tokens=2.5e4), "micro_batch_tokens"),
         (dict(lr_schedule="step"), "lr_schedule"),

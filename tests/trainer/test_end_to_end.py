@@ -154,6 +154,22 @@ def test_several_updates_per_step_train_and_resume_exactly(tiny, tmp_path):
     assert steps[-1]["lr"] == pytest.approx(1e-3 * 10 / 48)
 
 
+def test_keep_checkpoints_removes_the_oldest_and_resume_still_works(tiny, tmp_path):
+    cfg = base_config(tiny, tmp_path, steps=4, save_every=1, keep_checkpoints=2)
+    train(cfg)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_0000003",
+        "step_0000004",
+    ]
+    longer = base_config(tiny, tmp_path, steps=5, save_every=1, keep_checkpoints=2)
+    train(longer, resume="latest")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_0000004",
+        "step_0000005",
+    ]
+    assert len(train_losses(longer)) == 5  # 4, then the fifth after resuming
+
+
 def test_resume_without_checkpoint_is_an_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="no complete checkpoint"):
         train(base_config(tiny, tmp_path), resume="latest")
