@@ -98,6 +98,7 @@ class Rollouts:
 
 class RolloutEngine(Protocol):
     in_step: bool  # every rank must call generate as often as the others (gopd.fsdp)
+    eos_ids: list[int]  # a response ends at the first of them (stop_ids)
 
     def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts: ...
 
@@ -114,10 +115,25 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS and the checkpoint's generation_config
+    EOS ids. Chat checkpoints often list several (Qwen3: <|im_end|> and <|endoftext|>; Llama 3
+    Instruct: <|eot_id|> among others), and a tokenizer's own EOS may be the one a chat turn
+    does not end with; both engines stop at any of them, and a response ends at the first."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = listed if isinstance(listed, list) else [] if listed is None else [listed]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *listed] if i is not None))
+
+
+def is_stop(responses: torch.Tensor, eos_ids: int | list[int]) -> torch.Tensor:
+    """Where the responses hold an EOS (any of eos_ids)."""
+    return torch.isin(responses, torch.tensor(eos_ids, dtype=responses.dtype, device=responses.device))
+
+
+def response_mask(responses: torch.Tensor, eos_ids: int | list[int]) -> torch.Tensor:
     """True up to and including the first EOS of each row (everything when there is none)."""
-    is_eos = responses == eos_id
-    return (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    stop = is_stop(responses, eos_ids).long()
+    return (stop.cumsum(-1) - stop) == 0
 
 
 class _SampledLogprobs(LogitsProcessor):
@@ -148,6 +164,7 @@ class HFRolloutEngine:
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.eos_ids = stop_ids(model, tokenizer)
 
     @property
     def in_step(self) -> bool:
@@ -157,7 +174,7 @@ class HFRolloutEngine:
 
     def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
         rows = [ex for ex in examples for _ in range(samples)]
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
         ids, mask = left_pad([ex.prompt_ids for ex in rows], pad)
         device = next(self.model.parameters()).device
         # Temperature and top-p are applied here, before the recorder: generate() would apply
@@ -165,7 +182,7 @@ class HFRolloutEngine:
         # Explicit config: never inherit a checkpoint's sampling defaults (e.g. top_k=50).
         gen = GenerationConfig(
             do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-            max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+            max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids,
         )  # fmt: skip
         recorder = _SampledLogprobs()
         processors = []
@@ -195,7 +212,7 @@ class HFRolloutEngine:
         sequences = out.cpu()
         responses = sequences[:, ids.shape[1] :]
         rollout_logp = recorder.finish(responses[:, -1].to(device)).float().cpu()
-        valid = response_mask(responses, eos)
+        valid = response_mask(responses, self.eos_ids)
         attention = torch.cat([mask, valid.long()], dim=1)
         return Rollouts(sequences, attention, ids.shape[1], valid, rollout_logp * valid, rows)
 
@@ -247,6 +264,7 @@ class VLLMRolloutEngine:
 
     def __init__(self, llm, tokenizer, cfg: TrainConfig, student: torch.nn.Module):
         self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg
+        self.eos_ids = stop_ids(student, tokenizer)
         self.asleep = False
         self.update_weights(student)
 
@@ -255,7 +273,8 @@ class VLLMRolloutEngine:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(n=samples, temperature=temperature, top_p=self.cfg.top_p, top_k=-1,
-                                max_tokens=self.cfg.max_new_tokens, logprobs=0)  # fmt: skip
+                                max_tokens=self.cfg.max_new_tokens, logprobs=0,
+                                stop_token_ids=self.eos_ids)  # fmt: skip
         self._wake()
         try:
             prompts = [TokensPrompt(prompt_token_ids=ex.prompt_ids) for ex in examples]
@@ -271,7 +290,7 @@ class VLLMRolloutEngine:
                 responses.append(list(completion.token_ids))
                 steps = zip(completion.logprobs, completion.token_ids, strict=True)
                 logps.append([step[tok].logprob for step, tok in steps])
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
         ids, mask = left_pad([ex.prompt_ids for ex in rows], pad)
         width = max(1, max(len(r) for r in responses))
         resp = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -279,7 +298,7 @@ class VLLMRolloutEngine:
         for i, (r, lp) in enumerate(zip(responses, logps, strict=True)):
             resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             logp[i, : len(lp)] = torch.tensor(lp)
-        valid = response_mask(resp, eos) & (
+        valid = response_mask(resp, self.eos_ids) & (
             torch.arange(width)[None, :] < torch.tensor([len(r) for r in responses])[:, None]
         )
         sequences = torch.cat([ids, resp], dim=1)

@@ -47,7 +47,7 @@ from gopd.evaluate import evaluate
 from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import context_length, load_models, load_student_weights
-from gopd.rollout import make_engine
+from gopd.rollout import is_stop, make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, update_step
 from gopd.verifiers import Verifier
@@ -139,6 +139,9 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         start = state["step"]
         logger.info("resumed from %s at step %d", path, start)
     engine = make_engine(cfg, models.student, tokenizer, ctx)
+    if len(engine.eos_ids) > 1:
+        logger.info("responses end at the first of the EOS ids %s (the tokenizer's and the checkpoint's "
+                    "generation_config)", engine.eos_ids)  # fmt: skip
     log = MetricsLogger(cfg, console=tqdm.write) if ctx.is_main else NoMetrics()
     summary = {"steps": steps, "evals": {}}
 
@@ -181,7 +184,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         taken = sum(stepped for _, _, stepped in updates)
         if taken:  # the engine samples the next batch from the updated student
             engine.update_weights(models.student)
-        lengths, tokens = rollout_lengths(rollouts, list(models.teachers), tokenizer.eos_token_id, ctx)
+        lengths, tokens = rollout_lengths(rollouts, list(models.teachers), engine.eos_ids, ctx)
         metrics = {
             **mean_over_updates(updates), **lengths,
             "tokens_per_s": tokens / (t3 - t0),
@@ -204,13 +207,13 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     return summary
 
 
-def rollout_lengths(rollouts, domains: list[str], eos_id: int, ctx: DistContext) -> tuple[dict, float]:
+def rollout_lengths(rollouts, domains: list[str], eos_ids: list[int], ctx: DistContext) -> tuple[dict, float]:
     """Mean response length (tokens, EOS included) and the share of responses cut at
     max_new_tokens (no EOS) over every rank's rollouts, per domain too when there are several
     ("response_length/code": how a merged student's answers grow in each domain); and the
     response tokens of all ranks."""
     lengths = rollouts.response_mask.sum(-1).float()
-    cut = ~((rollouts.responses == eos_id) & rollouts.response_mask).any(-1)
+    cut = ~(is_stop(rollouts.responses, eos_ids) & rollouts.response_mask).any(-1)
     groups = [None, *domains] if len(domains) > 1 else [None]
     sums = []
     for d in groups:

@@ -35,6 +35,7 @@ class SamplingParams:
     top_k: int = 0
     max_tokens: int | None = 16
     logprobs: int | None = None
+    stop_token_ids: list[int] | None = None
 
 
 def TokensPrompt(prompt_token_ids: list[int]) -> dict:  # a TypedDict in vLLM
@@ -118,6 +119,8 @@ class LLM:
         examples = [Example(p["prompt_token_ids"], "default", None, "") for p in prompts]
         settings = SimpleNamespace(max_new_tokens=params.max_tokens, top_p=params.top_p, fsdp=False)
         sampler = HFRolloutEngine(self.hf, self.tokenizer, settings)  # each engine samples alone
+        # as vLLM: the model's own EOS ids, and the request's stop tokens
+        sampler.eos_ids = list(dict.fromkeys([*sampler.eos_ids, *(params.stop_token_ids or [])]))
         rollouts = sampler.generate(examples, params.n, params.temperature)
         self.events.append(("generate", weights_fingerprint(self.hf)))
         outputs = [RequestOutput() for _ in prompts]

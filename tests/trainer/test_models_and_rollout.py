@@ -9,7 +9,7 @@ import torch
 
 from gopd.data import load_examples
 from gopd.models import check_same_tokenizer, final_hidden, head_weight, load_model, load_tokenizer
-from gopd.rollout import HFRolloutEngine, left_pad, response_mask
+from gopd.rollout import HFRolloutEngine, left_pad, response_mask, stop_ids
 from gopd.scoring import response_hidden
 from gopd_kernels import token_logprobs
 from tests.trainer.conftest import base_config, make_model_dir
@@ -81,7 +81,36 @@ def test_left_padding_does_not_change_hidden_states(tiny):
 def test_response_mask_stops_after_first_eos():
     responses = torch.tensor([[5, 1, 0, 0], [5, 6, 7, 8], [1, 5, 1, 0]])
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(response_mask(responses, eos_id=1), expected)
+    assert torch.equal(response_mask(responses, 1), expected)
+    either = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)  # 6 or 1 ends it
+    assert torch.equal(response_mask(responses, [6, 1]), either)
+
+
+def second_eos_student(tiny):
+    """The student with a checkpoint's second EOS (as Qwen3's <|endoftext|> beside <|im_end|>):
+    a digit, which many responses hold. (model, tokenizer, that id)"""
+    tok = load_tokenizer(str(tiny["student"]))
+    second = tok.convert_tokens_to_ids("1")
+    model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=True)
+    model.generation_config.eos_token_id = [tok.eos_token_id, second]
+    return model, tok, second
+
+
+def test_responses_end_at_any_eos_the_checkpoint_lists(tiny, tmp_path):
+    """Sampling stops at the checkpoint's second EOS, and the response ends with it."""
+    model, tok, second = second_eos_student(tiny)
+    cfg = base_config(tiny, tmp_path, max_new_tokens=8)
+    assert stop_ids(model, tok) == [tok.eos_token_id, second]
+    torch.manual_seed(0)
+    hf = HFRolloutEngine(model, tok, cfg).generate(load_examples(cfg.train_data, cfg, tok, 64)[:8], 2, 1.0)
+    ended = 0
+    for row, valid in zip(hf.responses, hf.response_mask, strict=True):
+        n = int(valid.sum())
+        stops = [i for i, t in enumerate(row.tolist()) if t in (tok.eos_token_id, second)]
+        assert n == (stops[0] + 1 if stops else len(row))  # up to and including the first stop
+        assert (row[n:] == tok.pad_token_id).all()  # and nothing sampled after it
+        ended += bool(stops) and row[stops[0]] == second
+    assert ended > 0  # the second EOS did end some responses
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -14,7 +14,7 @@ from gopd import rollout
 from gopd.data import load_examples
 from gopd.distributed import DistContext
 from gopd.models import load_model, load_tokenizer
-from gopd.rollout import VLLM_MULTIPROCESSING, HFRolloutEngine, VLLMRolloutEngine, load_vllm
+from gopd.rollout import VLLM_MULTIPROCESSING, HFRolloutEngine, VLLMRolloutEngine, is_stop, load_vllm
 from gopd.trainer import train
 from tests.trainer import fake_vllm
 from tests.trainer.conftest import base_config
@@ -61,6 +61,19 @@ def test_load_vllm_runs_the_engine_in_process_with_the_configs_settings(tiny, tm
         dtype="float32", seed=0, gpu_memory_utilization=share or 0.4, max_model_len=16 + 4,
         enable_prefix_caching=True, logprobs_mode="processed_logprobs", enable_sleep_mode=sleep,
     )  # fmt: skip
+
+
+def test_vllm_stops_at_every_eos_the_checkpoint_lists(tiny, tmp_path, fake):
+    from tests.trainer.test_models_and_rollout import second_eos_student
+
+    model, tok, second = second_eos_student(tiny)
+    cfg = base_config(tiny, tmp_path, max_new_tokens=8)
+    engine = VLLMRolloutEngine(fake.LLM(str(tiny["student"]), dtype="float32"), tok, cfg, model)
+    assert engine.eos_ids == [tok.eos_token_id, second]  # sent as the request's stop_token_ids
+    ro = engine.generate(load_examples(cfg.train_data, cfg, tok, 64)[:8], samples=2, temperature=1.0)
+    last = ro.responses.gather(1, ro.response_mask.sum(-1, keepdim=True) - 1).squeeze(1)
+    finished = is_stop(ro.responses, engine.eos_ids).any(-1)
+    assert torch.equal(is_stop(last, engine.eos_ids), finished) and (last == second).any()
 
 
 def test_under_torchrun_each_rank_runs_its_own_engine_with_its_own_seed(tiny, tmp_path, fake, monkeypatch):
