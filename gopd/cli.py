@@ -54,6 +54,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         code_workers=args.code_workers,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, top_p=args.top_p,
         chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs,
+        rollout_engine=args.engine,
+        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization if args.engine == "vllm" else None,
     ).validate()  # fmt: skip
     result = evaluate_checkpoint(args.model, cfg, args.k, max_prompts=args.max_prompts, dtype=args.dtype,
                                  device=args.device, seed=args.seed)  # fmt: skip
@@ -133,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="default float32"
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N; default auto")
+    p.add_argument(
+        "--engine", default="hf", choices=["hf", "vllm"],
+        help="sampler: hf (transformers generate) or vllm (CUDA; loads the checkpoint itself); default hf",
+    )  # fmt: skip
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
+                   help="with --engine vllm: its share of the GPU's memory; default 0.9")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
     p.set_defaults(func=cmd_eval)
 

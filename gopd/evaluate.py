@@ -3,13 +3,17 @@ per prompt, overall and per domain."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import torch
+from transformers import AutoConfig
 
 from gopd.config import TrainConfig
 from gopd.data import Example, load_examples
 from gopd.distributed import SINGLE, DistContext, close_distributed, init_distributed
 from gopd.models import context_length, load_model, load_tokenizer, resolve_device
-from gopd.rollout import HFRolloutEngine, RolloutEngine
+from gopd.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, load_vllm
 from gopd.verifiers import Verifier
 
 
@@ -77,15 +81,25 @@ def evaluate_checkpoint(
     seed: int = 0,
 ) -> dict[str, float]:
     """avg@k / pass@k of a saved model on cfg.eval_data (fields, chat template, lengths and
-    temperature from cfg). Under torchrun the ranks share the prompts (gopd.distributed)."""
+    temperature from cfg). Under torchrun the ranks share the prompts (gopd.distributed).
+    With cfg.rollout_engine 'vllm' vLLM samples from the checkpoint it loads itself, and no
+    transformers copy of the model is made."""
+    if cfg.rollout_engine == "vllm" and (Path(path) / "adapter_config.json").exists():
+        raise ValueError(f"{path}: a LoRA checkpoint, which vLLM does not load as a model: `gopd export` it, "
+                         "then evaluate the merged model")  # fmt: skip
     ctx, device = init_distributed(device)
     try:
         tokenizer = load_tokenizer(path)
-        model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
-        examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(model), for_eval=True)
+        if cfg.rollout_engine == "vllm":
+            saved = replace(cfg, student=path, dtype=dtype)
+            engine = VLLMRolloutEngine(load_vllm(saved, ctx), tokenizer, saved)
+            limit = AutoConfig.from_pretrained(path)
+        else:
+            model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
+            engine, limit = HFRolloutEngine(model, tokenizer, cfg), model
+        examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(limit), for_eval=True)
         examples = examples[:max_prompts]
         torch.manual_seed(seed + ctx.rank)  # each rank its own samples
-        engine = HFRolloutEngine(model, tokenizer, cfg)
         verifier = Verifier.from_config(cfg)
         return evaluate(engine, tokenizer, examples, k, cfg.temperature, ctx=ctx, verifier=verifier)
     finally:

@@ -299,8 +299,10 @@ def apply_liger(model: PreTrainedModel) -> None:
 
 
 def context_length(model) -> int:
-    """The longest sequence the model takes (max_position_embeddings; no limit if unset)."""
-    return int(getattr(model.config, "max_position_embeddings", None) or 10**9)
+    """The longest sequence the model (or its config) takes (max_position_embeddings; no limit
+    if unset)."""
+    config = getattr(model, "config", model)
+    return int(getattr(config, "max_position_embeddings", None) or 10**9)
 
 
 def head_weight(model: PreTrainedModel | AdapterFree) -> torch.Tensor:

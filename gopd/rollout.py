@@ -115,12 +115,12 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(generation_config: GenerationConfig | None, tokenizer) -> list[int]:
     """The ids that end a response: the tokenizer's EOS and the checkpoint's generation_config
     EOS ids. Chat checkpoints often list several (Qwen3: <|im_end|> and <|endoftext|>; Llama 3
     Instruct: <|eot_id|> among others), and a tokenizer's own EOS may be the one a chat turn
     does not end with; both engines stop at any of them, and a response ends at the first."""
-    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = getattr(generation_config, "eos_token_id", None)
     listed = listed if isinstance(listed, list) else [] if listed is None else [listed]
     return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *listed] if i is not None))
 
@@ -164,7 +164,7 @@ class HFRolloutEngine:
 
     def __init__(self, model, tokenizer, cfg: TrainConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.eos_ids = stop_ids(model, tokenizer)
+        self.eos_ids = stop_ids(model.generation_config, tokenizer)
 
     @property
     def in_step(self) -> bool:
@@ -262,11 +262,20 @@ class VLLMRolloutEngine:
 
     in_step = False  # each rank's engine samples on its own, whatever the student's sharding
 
-    def __init__(self, llm, tokenizer, cfg: TrainConfig, student: torch.nn.Module):
+    def __init__(self, llm, tokenizer, cfg: TrainConfig, student: torch.nn.Module | None = None):
+        """student: the live model whose weights vLLM's copy follows (training); None samples
+        the checkpoint vLLM loaded (cfg.student) as it is (evaluation)."""
+        if student is None and cfg.vllm_sleep:
+            raise ValueError(
+                "vllm_sleep: sleep level 2 discards vLLM's weights, which only a live student refills"
+            )
         self.llm, self.tokenizer, self.cfg = llm, tokenizer, cfg
-        self.eos_ids = stop_ids(student, tokenizer)
+        config = student.generation_config if student is not None else saved_generation_config(cfg.student)
+        self.eos_ids = stop_ids(config, tokenizer)
         self.asleep = False
-        self.update_weights(student)
+        self.student = None
+        if student is not None:
+            self.update_weights(student)
 
     def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
         from vllm import SamplingParams
@@ -331,10 +340,19 @@ class VLLMRolloutEngine:
         the KV cache takes its memory back."""
         if self.asleep:
             self.llm.wake_up(tags=["weights"])
-            self._load_weights()
+            if self.student is not None:
+                self._load_weights()
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
             self.llm.reset_prefix_cache()
+
+
+def saved_generation_config(path: str) -> GenerationConfig | None:
+    """A checkpoint's generation_config.json, None when it has none."""
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def make_engine(cfg: TrainConfig, student, tokenizer, ctx: DistContext = SINGLE) -> RolloutEngine:

@@ -3,6 +3,7 @@ separate reference, the dense objective; checkpoints and exact resume; the CLI."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -222,6 +223,13 @@ def test_cli_train_and_eval(tiny, tmp_path):
     proc = run_cli(*args, "--allow-code-execution", "--code-timeout", "5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "avg@2/code: 0.0" in proc.stdout and "avg@2/default:" in proc.stdout  # digits are no program
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="checks the error without vLLM")
+def test_cli_eval_with_the_vllm_engine_names_what_it_needs(tiny):
+    proc = run_cli("eval", "--model", str(tiny["student"]), "--data", str(tiny["eval"]), "--engine", "vllm",
+                   "--device", "cpu")  # fmt: skip
+    assert proc.returncode == 2 and "rollout_engine='vllm' needs vLLM" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")

@@ -100,7 +100,7 @@ def test_responses_end_at_any_eos_the_checkpoint_lists(tiny, tmp_path):
     """Sampling stops at the checkpoint's second EOS, and the response ends with it."""
     model, tok, second = second_eos_student(tiny)
     cfg = base_config(tiny, tmp_path, max_new_tokens=8)
-    assert stop_ids(model, tok) == [tok.eos_token_id, second]
+    assert stop_ids(model.generation_config, tok) == [tok.eos_token_id, second]
     torch.manual_seed(0)
     hf = HFRolloutEngine(model, tok, cfg).generate(load_examples(cfg.train_data, cfg, tok, 64)[:8], 2, 1.0)
     ended = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -74,6 +75,31 @@ def test_vllm_stops_at_every_eos_the_checkpoint_lists(tiny, tmp_path, fake):
     last = ro.responses.gather(1, ro.response_mask.sum(-1, keepdim=True) - 1).squeeze(1)
     finished = is_stop(ro.responses, engine.eos_ids).any(-1)
     assert torch.equal(is_stop(last, engine.eos_ids), finished) and (last == second).any()
+
+
+def test_evaluating_a_checkpoint_with_vllm_loads_no_transformers_copy(tiny, tmp_path, fake, monkeypatch):
+    """gopd eval --engine vllm: vLLM samples from the checkpoint as it loaded it. The stand-in
+    samples as transformers does, so the figures are the HF engine's, to the last digit."""
+    import gopd.evaluate
+    from gopd.evaluate import evaluate_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = base_config(tiny, tmp_path, eval_data=str(tiny["eval"]))
+    hf = evaluate_checkpoint(str(tiny["student"]), cfg, k=2, seed=3)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the vLLM path loaded the model with transformers")
+
+    monkeypatch.setattr(gopd.evaluate, "load_model", no_copy)
+    with_vllm = replace(cfg, rollout_engine="vllm")
+    assert evaluate_checkpoint(str(tiny["student"]), with_vllm, k=2, seed=3) == hf
+    with pytest.raises(ValueError, match="vllm_sleep: sleep level 2 discards"):
+        evaluate_checkpoint(str(tiny["student"]), replace(with_vllm, vllm_sleep=True), k=2)
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="a LoRA checkpoint, which vLLM does not load"):
+        evaluate_checkpoint(str(lora), with_vllm, k=2)
 
 
 def test_under_torchrun_each_rank_runs_its_own_engine_with_its_own_seed(tiny, tmp_path, fake, monkeypatch):
