@@ -176,11 +176,13 @@ fold)  # the folds not yet timed, each beside its recomputing backward (gopd-rec
     (exit $status)
     ;;
 trainer)  # the trainer's newer paths on CUDA (~4 minutes): a LoRA student in bf16 through the
-    # Triton kernels (its frozen head folds), its adapter-free reference, adapter checkpoints
+    # Triton kernels (its frozen head folds), its adapter-free reference, adapter checkpoints,
+    # two updates per rollout batch (o from the Triton forward, then off-policy clipping)
     status=0
     timeout 60 python3 -m gopd.cli demo --quick --device cuda --out /tmp/gopd-demo || status=1
     timeout 90 python3 -m gopd.cli train --config /tmp/gopd-demo/gopd/config.yaml --device cuda \
-        --dtype bfloat16 --lora-rank 8 --lr 5e-3 --lam 1.25 --steps 5 --output-dir /tmp/gopd-lora || status=1
+        --dtype bfloat16 --lora-rank 8 --lr 5e-3 --lam 1.25 --steps 5 --mini-batch-prompts 64 \
+        --output-dir /tmp/gopd-lora || status=1
     ls /tmp/gopd-lora/checkpoints/step_0000005 || status=1
     # one update step through a Qwen3-0.6B-shaped student at its real depth (28 layers), bf16,
     # naive materialised logits against gopd (the Triton fold); saved under results/<card>/update_step/
