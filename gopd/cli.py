@@ -49,10 +49,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         student=args.model, teachers=args.model, train_data=args.data, eval_data=args.data,
         prompt_field=args.prompt_field, answer_field=args.answer_field, tests_field=args.tests_field,
-        domain_field=args.domain_field, answer_match=args.answer_match, temperature=args.temperature,
+        domain_field=args.domain_field, answer_match=args.answer_match, eval_temperature=args.temperature,
+        eval_top_p=args.top_p, eval_samples=args.k,
         allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
         code_workers=args.code_workers,
-        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
         chat_template=args.chat_template, chat_template_kwargs=args.chat_template_kwargs,
         rollout_engine=args.engine,
         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization if args.engine == "vllm" else None,
@@ -105,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help=".jsonl or .parquet with prompts and answers")
     p.add_argument("--k", type=int, default=4, help="samples per prompt (avg@k, pass@k); default 4")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; default 1.0")
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature, 0 = greedy; default 1.0"
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; default 1.0 (off)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="longest response; default 1024")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt; default 1024")

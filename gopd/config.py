@@ -99,6 +99,10 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate every N steps (0 = only at the start and the end)")
     eval_samples: int = _f(4, "k of avg@k: samples per eval prompt")
     eval_max_prompts: int | None = _f(None, "evaluate on at most this many eval prompts")
+    eval_temperature: float | None = _f(
+        None, "sampling temperature of evaluation; null = temperature, 0 = greedy"
+    )
+    eval_top_p: float | None = _f(None, "nucleus sampling of evaluation; null = top_p")
     answer_match: str = _f(
         "math", "exact | math: how a final answer meets the reference (math: normalised LaTeX, exact numbers)"
     )
@@ -190,6 +194,12 @@ class TrainConfig:
         )
 
     @property
+    def eval_sampling(self) -> tuple[float, float]:
+        """(temperature, top_p) of evaluation: its own settings, else training's."""
+        temperature = self.temperature if self.eval_temperature is None else self.eval_temperature
+        return temperature, self.top_p if self.eval_top_p is None else self.eval_top_p
+
+    @property
     def teacher_map(self) -> dict[str, str]:
         """{domain: checkpoint}; a single teacher serves every domain under the key 'default'."""
         return dict(self.teachers) if isinstance(self.teachers, dict) else {"default": self.teachers}
@@ -277,6 +287,14 @@ class TrainConfig:
             self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0), "grad_clip", "> 0"
         )
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
+        t = self.eval_temperature
+        err.need(
+            t is None or (_finite(t) and t >= 0), "eval_temperature", "must be null or a finite number >= 0"
+        )
+        err.need(t != 0 or self.eval_samples == 1, "eval_samples",
+                 "must be 1 at eval_temperature 0 (greedy: every sample is the same)")  # fmt: skip
+        p = self.eval_top_p
+        err.need(p is None or (_finite(p) and 0 < p <= 1), "eval_top_p", "must be null or in (0, 1]")
         err.choice(self.answer_match, ANSWER_MATCHES, "answer_match")
         err.need(isinstance(self.allow_code_execution, bool), "allow_code_execution", "must be true or false")
         err.need(_finite(self.code_timeout) and self.code_timeout > 0, "code_timeout", "must be > 0")

@@ -18,8 +18,8 @@ from gopd.verifiers import Verifier
 
 
 def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, temperature: float,
-             batch_prompts: int = 64, ctx: DistContext = SINGLE,
-             verifier: Verifier | None = None) -> dict[str, float]:  # fmt: skip
+             batch_prompts: int = 64, ctx: DistContext = SINGLE, verifier: Verifier | None = None,
+             top_p: float | None = None) -> dict[str, float]:  # fmt: skip
     """avg@k: the mean over prompts of the fraction of k samples that are right; pass@k: the
     fraction of prompts with at least one right sample. With several domains among the
     examples, also avg@k/<domain> and pass@k/<domain> over each domain's prompts (a merged
@@ -38,9 +38,9 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     for start in range(0, calls * batch_prompts, batch_prompts):
         chunk = mine[start : start + batch_prompts]
         if not chunk:  # this rank is done: one prompt more, unscored, keeps it in step
-            engine.generate(examples[:1], samples=k, temperature=temperature)
+            engine.generate(examples[:1], samples=k, temperature=temperature, top_p=top_p)
             continue
-        rollouts = engine.generate(chunk, samples=k, temperature=temperature)
+        rollouts = engine.generate(chunk, samples=k, temperature=temperature, top_p=top_p)
         # Only each response's own tokens: a placeholder id in the padding would decode as
         # whatever token has that id (Qwen's id 0 is "!") and end up in the answer.
         texts = [
@@ -81,7 +81,7 @@ def evaluate_checkpoint(
     seed: int = 0,
 ) -> dict[str, float]:
     """avg@k / pass@k of a saved model on cfg.eval_data (fields, chat template, lengths and
-    temperature from cfg). Under torchrun the ranks share the prompts (gopd.distributed).
+    sampling, cfg.eval_sampling, from cfg). Under torchrun the ranks share the prompts (gopd.distributed).
     With cfg.rollout_engine 'vllm' vLLM samples from the checkpoint it loads itself, and no
     transformers copy of the model is made."""
     if cfg.rollout_engine == "vllm" and (Path(path) / "adapter_config.json").exists():
@@ -101,6 +101,7 @@ def evaluate_checkpoint(
         examples = examples[:max_prompts]
         torch.manual_seed(seed + ctx.rank)  # each rank its own samples
         verifier = Verifier.from_config(cfg)
-        return evaluate(engine, tokenizer, examples, k, cfg.temperature, ctx=ctx, verifier=verifier)
+        temperature, top_p = cfg.eval_sampling
+        return evaluate(engine, tokenizer, examples, k, temperature, ctx=ctx, verifier=verifier, top_p=top_p)
     finally:
         close_distributed(ctx)

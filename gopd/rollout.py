@@ -100,7 +100,12 @@ class RolloutEngine(Protocol):
     in_step: bool  # every rank must call generate as often as the others (gopd.fsdp)
     eos_ids: list[int]  # a response ends at the first of them (stop_ids)
 
-    def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts: ...
+    def generate(
+        self, examples: list[Example], samples: int, temperature: float, top_p: float | None = None
+    ) -> Rollouts:
+        """`samples` responses per example, at `temperature` (0: greedy) and `top_p` (None: the
+        config's, the training setting)."""
+        ...
 
     def update_weights(self, model: torch.nn.Module) -> None: ...
 
@@ -172,7 +177,10 @@ class HFRolloutEngine:
         gathers its weights at every token (generate's synced_gpus)."""
         return bool(self.cfg.fsdp)
 
-    def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
+    def generate(
+        self, examples: list[Example], samples: int, temperature: float, top_p: float | None = None
+    ) -> Rollouts:
+        top_p = self.cfg.top_p if top_p is None else top_p
         rows = [ex for ex in examples for _ in range(samples)]
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad([ex.prompt_ids for ex in rows], pad)
@@ -181,15 +189,15 @@ class HFRolloutEngine:
         # its own warpers after custom processors, and r_t would then be at the wrong temperature.
         # Explicit config: never inherit a checkpoint's sampling defaults (e.g. top_k=50).
         gen = GenerationConfig(
-            do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+            do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0,  # 0: greedy (evaluation)
             max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids,
         )  # fmt: skip
         recorder = _SampledLogprobs()
         processors = []
-        if temperature != 1.0:
+        if temperature not in (0.0, 1.0):
             processors.append(TemperatureLogitsWarper(temperature))
-        if self.cfg.top_p < 1.0:
-            processors.append(TopPLogitsWarper(self.cfg.top_p))
+        if top_p < 1.0 and temperature > 0:
+            processors.append(TopPLogitsWarper(top_p))
         was_training, checkpoint_defaults = self.model.training, self.model.generation_config
         self.model.eval()
         # generate() fills every field `gen` leaves unset from the model's own generation_config:
@@ -277,11 +285,14 @@ class VLLMRolloutEngine:
         if student is not None:
             self.update_weights(student)
 
-    def generate(self, examples: list[Example], samples: int, temperature: float) -> Rollouts:
+    def generate(
+        self, examples: list[Example], samples: int, temperature: float, top_p: float | None = None
+    ) -> Rollouts:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=samples, temperature=temperature, top_p=self.cfg.top_p, top_k=-1,
+        top_p = self.cfg.top_p if top_p is None else top_p
+        params = SamplingParams(n=samples, temperature=temperature, top_p=top_p, top_k=-1,
                                 max_tokens=self.cfg.max_new_tokens, logprobs=0,
                                 stop_token_ids=self.eos_ids)  # fmt: skip
         self._wake()

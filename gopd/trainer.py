@@ -147,8 +147,9 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
 
     def run_eval(step: int) -> None:
         if eval_examples:
-            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, cfg.temperature, ctx=ctx,
-                              verifier=Verifier.from_config(cfg))  # fmt: skip
+            temperature, top_p = cfg.eval_sampling
+            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, temperature, ctx=ctx,
+                              verifier=Verifier.from_config(cfg), top_p=top_p)  # fmt: skip
             log.log(step, result, "eval")
             summary["evals"][step] = result
 

@@ -232,6 +232,15 @@ def test_cli_eval_with_the_vllm_engine_names_what_it_needs(tiny):
     assert proc.returncode == 2 and "rollout_engine='vllm' needs vLLM" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_cli_greedy_evaluation_takes_one_sample(tiny):
+    args = ("eval", "--model", str(tiny["student"]), "--data", str(tiny["eval"]), "--temperature", "0",
+            "--max-new-tokens", "4", "--device", "cpu")  # fmt: skip
+    proc = run_cli(*args, "--k", "2")
+    assert proc.returncode == 2 and "eval_samples: must be 1 at eval_temperature 0" in proc.stderr
+    proc = run_cli(*args, "--k", "1")
+    assert proc.returncode == 0 and "avg@1:" in proc.stdout, proc.stderr[-2000:]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
 def test_demo_on_an_unusable_device_fails_before_the_sft(tmp_path):
     for device, message in (("cuda", "CUDA is not available"), ("tpu:0", "not a device")):

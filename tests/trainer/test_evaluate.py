@@ -13,6 +13,7 @@ from gopd.data import Example
 from gopd.evaluate import evaluate
 from gopd.rollout import Rollouts
 from gopd.verifiers import Verifier
+from tests.trainer.conftest import base_config
 
 
 class ScriptedEngine:
@@ -23,7 +24,8 @@ class ScriptedEngine:
     def __init__(self, tokenizer, responses):
         self.tokenizer, self.responses = tokenizer, responses
 
-    def generate(self, examples, samples, temperature):
+    def generate(self, examples, samples, temperature, top_p=None):
+        self.sampling = (temperature, top_p)
         texts = [r for i in range(len(examples)) for r in self.responses[i][:samples]]
         ids = [
             self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
@@ -81,6 +83,15 @@ def test_figures_per_domain_and_code_by_its_tests():
     assert exact["avg@2"] == 0 and "avg@2/math" not in exact  # one domain: no per-domain keys
 
 
+def test_evaluation_samples_at_its_own_settings(tiny, tmp_path):
+    cfg = base_config(tiny, tmp_path, temperature=1.0, top_p=1.0, eval_temperature=0.6, eval_top_p=0.95)
+    assert cfg.eval_sampling == (0.6, 0.95) and base_config(tiny, tmp_path).eval_sampling == (1.0, 1.0)
+    tok = char_tokenizer("0123456789")
+    engine = ScriptedEngine(tok, [["1"]])
+    evaluate(engine, tok, [Example([3], "default", "1", "a")], k=1, temperature=0.6, top_p=0.95)
+    assert engine.sampling == (0.6, 0.95)
+
+
 def test_padding_never_reaches_the_answer():
     """A tokenizer whose id 0 is an ordinary character (as Qwen's "!"): the shorter response
     of a batch must decode without its padding."""
@@ -96,9 +107,9 @@ class InStepEngine(ScriptedEngine):
     in_step = True
     calls = 0
 
-    def generate(self, examples, samples, temperature):
+    def generate(self, examples, samples, temperature, top_p=None):
         self.calls += 1
-        return super().generate(examples, samples, temperature)
+        return super().generate(examples, samples, temperature, top_p)
 
 
 def _evaluate_on_a_rank(ctx, tiny):

@@ -133,6 +133,22 @@ def test_engine_logprobs_match_the_students_at_the_sampling_temperature(tiny, tm
     assert model.training  # generate() left the student in train mode
 
 
+def test_temperature_zero_is_greedy(tiny, tmp_path):
+    """Evaluation's greedy decoding: the argmax path, the same every time."""
+    cfg = base_config(tiny, tmp_path)
+    tok = load_tokenizer(str(tiny["student"]))
+    model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=False)
+    examples = load_examples(cfg.train_data, cfg, tok, 64)[:4]
+    engine = HFRolloutEngine(model, tok, cfg)
+    first = engine.generate(examples, samples=2, temperature=0.0, top_p=0.5)
+    assert torch.equal(first.sequences, engine.generate(examples, samples=2, temperature=0.0).sequences)
+    ids, mask = left_pad([ex.prompt_ids for ex in examples for _ in range(2)], tok.pad_token_id)
+    plain = dict(do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
+                 eos_token_id=tok.eos_token_id)  # fmt: skip
+    argmax = model.generate(input_ids=ids, attention_mask=mask, **plain)
+    assert torch.equal(first.sequences[:, : argmax.shape[1]], argmax)
+
+
 def test_the_checkpoints_generation_config_does_not_reach_the_rollouts(tiny, tmp_path):
     """generate() fills what the engine leaves unset from model.generation_config. A
     checkpoint's repetition penalty would change the distribution before the recorder, min_p
