@@ -63,6 +63,11 @@ class TrainConfig:
         "tests", "record field holding Python unit tests (eval of code: run after the response's code)"
     )
     domain_field: str = _f("domain", "record field naming the domain (picks the teacher when several)")
+    domain_weights: dict | None = _f(
+        None,
+        "{domain: weight}: each step's prompts drawn from the domains in these proportions, each from its "
+        "own shuffled passes; null = uniformly over all prompts (proportional to the domains' sizes)",
+    )
     chat_template: bool = _f(True, "apply the tokenizer's chat template to prompts when it has one")
     chat_template_kwargs: dict = _f(
         {},
@@ -287,6 +292,15 @@ class TrainConfig:
             self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0), "grad_clip", "> 0"
         )
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
+        if self.domain_weights is not None:
+            weights = self.domain_weights
+            err.need(
+                isinstance(weights, dict) and set(weights) == set(teachers) and len(teachers) > 1,
+                "domain_weights", f"must map each teacher's domain to a weight ({sorted(teachers)})",
+            )  # fmt: skip
+            values = list(weights.values()) if isinstance(weights, dict) else []
+            err.need(all(_finite(w) and w >= 0 for w in values) and sum(values) > 0, "domain_weights",
+                     "weights must be numbers >= 0, not all 0")  # fmt: skip
         t = self.eval_temperature
         err.need(
             t is None or (_finite(t) and t >= 0), "eval_temperature", "must be null or a finite number >= 0"

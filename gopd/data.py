@@ -138,5 +138,62 @@ class PromptSampler:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
+        if "epoch" not in state:
+            raise ValueError("domain_weights: the checkpoint's sampler drew by domain; resume with the same "
+                             "domain_weights")  # fmt: skip
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._shuffle()
+
+
+class DomainMixSampler:
+    """Each batch draws its prompts from the domains in fixed proportions (domain_weights):
+    counts by largest remainder, each domain from its own shuffled passes (a PromptSampler),
+    the batch then shuffled so that micro- and mini-batches mix the domains. Its state (each
+    domain's position, batches drawn) is saved with checkpoints, as PromptSampler's."""
+
+    def __init__(self, examples: list[Example], seed: int, weights: dict[str, float]):
+        self.weights = {d: float(w) for d, w in weights.items() if w > 0}
+        self.samplers = {}
+        for i, domain in enumerate(self.weights):
+            mine = [ex for ex in examples if ex.domain == domain]
+            if not mine:
+                raise ValueError(f"domain_weights: domain {domain!r} has no prompts in train_data")
+            self.samplers[domain] = PromptSampler(mine, seed * 1_000_003 + i)
+        self.seed, self.batches = seed, 0
+
+    def counts(self, n: int) -> dict[str, int]:
+        """n split by the weights: the floors, then one more for the largest remainders."""
+        total = sum(self.weights.values())
+        exact = {d: n * w / total for d, w in self.weights.items()}
+        counts = {d: int(x) for d, x in exact.items()}
+        by_remainder = sorted(exact, key=lambda d: counts[d] - exact[d])  # largest remainder first, stable
+        for d in by_remainder[: n - sum(counts.values())]:
+            counts[d] += 1
+        return counts
+
+    def next_batch(self, n: int) -> list[Example]:
+        batch = [ex for d, k in self.counts(n).items() for ex in self.samplers[d].next_batch(k)]
+        g = torch.Generator().manual_seed(self.seed * 7_919 + self.batches)
+        self.batches += 1
+        return [batch[i] for i in torch.randperm(len(batch), generator=g).tolist()]
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "domains": {d: s.state_dict() for d, s in self.samplers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = sorted(state.get("domains", ()))
+        if saved != sorted(self.samplers):
+            raise ValueError(
+                f"domain_weights: the checkpoint's sampler drew from the domains {saved}, this run from "
+                f"{sorted(self.samplers)}: resume with the same weights"
+            )
+        self.batches = state["batches"]
+        for d, sampler in self.samplers.items():
+            sampler.load_state_dict(state["domains"][d])
+
+
+def make_sampler(examples: list[Example], cfg: TrainConfig) -> PromptSampler | DomainMixSampler:
+    """The training prompts' sampler: uniform over all of them, or by cfg.domain_weights."""
+    if cfg.domain_weights:
+        return DomainMixSampler(examples, cfg.seed, cfg.domain_weights)
+    return PromptSampler(examples, cfg.seed)

@@ -36,7 +36,7 @@ from gopd.checkpoint import (
     start_checkpoint,
 )
 from gopd.config import TrainConfig, to_dict
-from gopd.data import PromptSampler, load_examples
+from gopd.data import load_examples, make_sampler
 from gopd.distributed import (
     DistContext,
     check_replicas_agree,
@@ -106,7 +106,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         eval_examples = load_examples(cfg.eval_data, cfg, tokenizer, ctx_len, for_eval=True)[
             : cfg.eval_max_prompts
         ]
-    sampler = PromptSampler(train_examples, cfg.seed)  # one data order on every rank
+    sampler = make_sampler(train_examples, cfg)  # one data order on every rank
     steps = planned_steps(cfg, len(train_examples))
     path = state = None
     if resume:

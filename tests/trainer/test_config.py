@@ -76,6 +76,7 @@ def test_unknown_key_is_an_error(tiny):
         (dict(lr_schedule="step"), "lr_schedule"),
         (dict(eval_every=5), "eval_every: needs eval_data"),
         (dict(answer_match="sympy"), "answer_match"),
+        (dict(domain_weights={"default": 1.0}), "domain_weights: must map each teacher's domain"),
         (dict(eval_temperature=-0.1), "eval_temperature"),
         (dict(eval_temperature=0.0, eval_samples=4), "eval_samples: must be 1 at eval_temperature 0"),
         (dict(eval_top_p=0.0), "eval_top_p"),
@@ -91,3 +92,13 @@ def test_unknown_key_is_an_error(tiny):
 def test_bad_settings_name_themselves(tiny, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         base_config(tiny, tmp_path, **overrides)
+
+
+def test_domain_weights_name_every_teachers_domain(tiny, tmp_path):
+    two = dict(teachers={"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])},
+               train_data=str(tiny["train_domains"]))  # fmt: skip
+    assert base_config(tiny, tmp_path, **two, domain_weights={"math": 3, "code": 1}).domain_weights
+    with pytest.raises(ValueError, match="domain_weights: must map each teacher's domain"):
+        base_config(tiny, tmp_path, **two, domain_weights={"math": 1})
+    with pytest.raises(ValueError, match="domain_weights: weights must be numbers >= 0, not all 0"):
+        base_config(tiny, tmp_path, **two, domain_weights={"math": -1, "code": 1})

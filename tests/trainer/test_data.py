@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gopd.data import PromptSampler, load_examples
+from gopd.data import DomainMixSampler, Example, PromptSampler, load_examples
 from gopd.models import load_tokenizer
 from tests.trainer.conftest import base_config
 
@@ -121,3 +121,30 @@ def test_sampler_is_deterministic_and_resumable(tiny, tmp_path):
     assert [e.prompt for e in b.next_batch(30)] == rest
     assert sorted(first + rest[:10]) == sorted(e.prompt for e in examples)  # epoch 0 covers every prompt once
     assert [e.prompt for e in PromptSampler(examples, seed=4).next_batch(30)] != first
+
+
+def test_domain_weights_fix_each_batchs_mix_and_resume_exactly():
+    examples = [Example([i], "math", None, f"m{i}") for i in range(10)]
+    examples += [Example([i], "code", None, f"c{i}") for i in range(5)]
+    sampler = DomainMixSampler(examples, seed=1, weights={"math": 1, "code": 3})
+    assert sampler.counts(8) == {"math": 2, "code": 6} and sampler.counts(5) == {"math": 1, "code": 4}
+    batches = [sampler.next_batch(8) for _ in range(5)]
+    assert all(sum(ex.domain == "code" for ex in b) == 6 for b in batches)
+    assert [ex.domain for ex in batches[0]] != sorted(ex.domain for ex in batches[0])  # mixed, not in blocks
+    codes = [ex.prompt for b in batches for ex in b if ex.domain == "code"]
+    assert sorted(codes[:5]) == [f"c{i}" for i in range(5)]  # each domain: its own shuffled passes
+    maths = [ex.prompt for b in batches for ex in b if ex.domain == "math"]
+    assert sorted(maths) == sorted(f"m{i}" for i in range(10))  # 5 x 2: one pass over the 10
+    state = sampler.state_dict()
+    later = [sampler.next_batch(8) for _ in range(3)]
+    again = DomainMixSampler(examples, seed=1, weights={"math": 1, "code": 3})
+    again.load_state_dict(state)
+    assert [[ex.prompt for ex in b] for b in later] == [
+        [ex.prompt for ex in again.next_batch(8)] for _ in range(3)
+    ]
+    with pytest.raises(ValueError, match="resume with the same domain_weights"):
+        PromptSampler(examples, 1).load_state_dict(state)
+    with pytest.raises(ValueError, match="checkpoint's sampler drew from the domains"):
+        DomainMixSampler(examples, 1, {"math": 1, "code": 0}).load_state_dict(state)
+    with pytest.raises(ValueError, match="domain_weights: domain 'proofs' has no prompts"):
+        DomainMixSampler(examples, 1, {"math": 1, "proofs": 1})

@@ -155,6 +155,15 @@ def test_several_updates_per_step_train_and_resume_exactly(tiny, tmp_path):
     assert steps[-1]["lr"] == pytest.approx(1e-3 * 10 / 48)
 
 
+def test_domain_weights_train_and_resume_exactly(tiny, tmp_path):
+    """Each step's prompts 5 math to 1 code; the sampler's state is part of the checkpoint."""
+    teachers = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
+    check_resume_continues_the_run(tiny, tmp_path, teachers=teachers, train_data=str(tiny["train_domains"]),
+                                   domain_weights={"math": 5, "code": 1})  # fmt: skip
+    steps = [r for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert all("reward/math" in r and "reward/code" in r for r in steps)
+
+
 def test_keep_checkpoints_removes_the_oldest_and_resume_still_works(tiny, tmp_path):
     cfg = base_config(tiny, tmp_path, steps=4, save_every=1, keep_checkpoints=2)
     train(cfg)
