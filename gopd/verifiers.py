@@ -144,13 +144,16 @@ def extract_code(text: str) -> str:
 
 
 # Runs first in the child: its own limits, inherited by whatever it starts. RLIMIT_AS bounds
-# memory (address space); RLIMIT_CPU backs up the wall-clock kill; no core files.
+# memory (address space); RLIMIT_CPU backs up the wall-clock kill; no core files. A limit the
+# system does not let a process set (macOS refuses some) is left as it is.
 _PROLOGUE = """\
 import resource as _r
 for _k, _v in (("RLIMIT_AS", {memory}), ("RLIMIT_FSIZE", {file_size}), ("RLIMIT_CPU", {cpu}),
                ("RLIMIT_CORE", 0)):
-    if hasattr(_r, _k):
+    try:
         _r.setrlimit(getattr(_r, _k), (_v, _v))
+    except (AttributeError, ValueError, OSError):
+        pass
 del _r, _k, _v
 """
 
