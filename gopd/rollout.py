@@ -188,10 +188,11 @@ class HFRolloutEngine:
         # Temperature and top-p are applied here, before the recorder: generate() would apply
         # its own warpers after custom processors, and r_t would then be at the wrong temperature.
         # Explicit config: never inherit a checkpoint's sampling defaults (e.g. top_k=50).
+        # temperature 0: greedy (evaluation), where the sampling fields would only draw a warning
+        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature > 0 else {}
         gen = GenerationConfig(
-            do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0,  # 0: greedy (evaluation)
-            max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids,
-        )  # fmt: skip
+            **sampling, max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids
+        )
         recorder = _SampledLogprobs()
         processors = []
         if temperature not in (0.0, 1.0):
