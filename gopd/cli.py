@@ -73,9 +73,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gopd.demo import run_demo
+    if args.merge:
+        from gopd.demo.merge import run_merge_demo as run
+    else:
+        from gopd.demo import run_demo as run
 
-    run_demo(args.out, seed=args.seed, distill_steps=args.distill_steps, quick=args.quick, device=args.device)
+    out = args.out or ("runs/demo_merge" if args.merge else "runs/demo")
+    run(out, seed=args.seed, distill_steps=args.distill_steps, quick=args.quick, device=args.device)
     return 0
 
 
@@ -164,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher and a weaker student by SFT, distils with ExOPD and prints accuracies before and after. "
         "No downloads; minutes on a CPU.",
     )
-    p.add_argument("--out", default="runs/demo", help="working directory; default runs/demo")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="the merging demo: two domain teachers (add, subtract) into one student",
+    )
+    p.add_argument("--out", default=None, help="working directory; default runs/demo (runs/demo_merge)")
     p.add_argument("--seed", type=int, default=0, help="seed; default 0")
     p.add_argument("--distill-steps", type=int, default=None, help="G-OPD steps (default: the demo's choice)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")

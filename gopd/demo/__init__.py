@@ -61,6 +61,20 @@ def train_teacher_and_student(out: Path, seed: int, quick: bool) -> tuple[Path, 
     return student_dir, teacher_dir, info
 
 
+def distill_config(teachers: str | dict, student_dir: Path, train_path: Path, eval_path: Path, out: Path,
+                   steps: int, k: int, seed: int, device: str) -> TrainConfig:  # fmt: skip
+    """The demos' G-OPD stage: ExOPD (lam 1.25, reference = the student's initial weights),
+    steps of 128 prompts at lr 2e-4, avg@k at the start and the end (exact answers: the
+    reversed digits' leading zeros count)."""
+    return TrainConfig(
+        student=str(student_dir), teachers=teachers, reference="student", lam=1.25,
+        train_data=str(train_path), eval_data=str(eval_path), max_prompt_tokens=16, max_new_tokens=DIGITS + 2,
+        prompts_per_step=128, micro_batch_size=128, lr=2e-4, steps=steps, eval_every=0,
+        eval_samples=k, answer_match="exact", output_dir=str(out / "gopd"), seed=seed, loggers=["jsonl"],
+        device=device,
+    ).validate()  # fmt: skip
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | None = None,
              quick: bool = False, device: str = "cpu") -> dict:  # fmt: skip
     """device: where the teacher's evaluation and the G-OPD stage run (the tiny SFT stays on
@@ -77,13 +91,9 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
     print(f"      {info['params'] / 1e6:.2f}M params; student = SFT step {info['student_step']} "
           f"(greedy {info['student_greedy']:.2f}), teacher = step {info['teacher_step']} "
           f"(greedy {info['teacher_greedy']:.2f})")  # fmt: skip
-    cfg = TrainConfig(
-        student=str(student_dir), teachers=str(teacher_dir), reference="student", lam=1.25,
-        train_data=str(train_path), eval_data=str(eval_path), max_prompt_tokens=16, max_new_tokens=DIGITS + 2,
-        prompts_per_step=128, micro_batch_size=128, lr=2e-4, steps=distill_steps, eval_every=0,
-        eval_samples=k, answer_match="exact", output_dir=str(out / "gopd"), seed=seed, loggers=["jsonl"],
-        device=device,
-    ).validate()  # fmt: skip
+    cfg = distill_config(
+        str(teacher_dir), student_dir, train_path, eval_path, out, distill_steps, k, seed, device
+    )
     print(f"[3/4] teacher's accuracy (avg@{k} on {n_eval} held-out prompts, temperature {cfg.temperature})")
     teacher_acc = evaluate_checkpoint(str(teacher_dir), cfg, k, device=device, seed=cfg.seed + 1)[f"avg@{k}"]
     print(f"      teacher {teacher_acc:.3f}")

@@ -264,3 +264,15 @@ def test_demo_quick_runs(tmp_path):
     result = run_demo(tmp_path / "demo", quick=True)
     assert {"teacher", "student_before", "student_after"} <= set(result)
     assert all(0 <= result[k] <= 1 for k in ("teacher", "student_before", "student_after"))
+
+
+def test_merge_demo_quick_runs(tmp_path):
+    from gopd.demo.merge import TASKS, run_merge_demo
+
+    result = run_merge_demo(tmp_path / "merge", quick=True)
+    rows = ("teacher add", "teacher sub", "student before", "student after")
+    assert set(result["avg"]) == set(rows)
+    for row in rows:  # each domain's figure and the overall one, the mean of the two (as many prompts each)
+        figures = result["avg"][row]
+        assert set(figures) == {*TASKS, "both"} and all(0 <= v <= 1 for v in figures.values())
+        assert figures["both"] == pytest.approx((figures["add"] + figures["sub"]) / 2)

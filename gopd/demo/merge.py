@@ -1,0 +1,109 @@
+"""The merging demo (`gopd demo --merge`): two domain teachers distilled back into one student.
+
+1. two synthetic tasks, addition and subtraction (task.py), and a character tokenizer;
+2. one tiny Qwen3-style model trained by SFT on both until it answers a share of each
+   greedily: the student, and the base of both teachers;
+3. two teachers: the student trained on one task each (as the paper's teachers are its
+   student after RL in one domain); each masters its task and forgets much of the other;
+4. ExOPD with both teachers (each prompt scored by its domain's teacher), then avg@k per
+   domain of the teachers and of the student, before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+
+from gopd.demo import DIGITS, TEACHER_EXTRA_STEPS, TEACHER_GREEDY_ACC, distill_config
+from gopd.demo.sft import greedy_accuracy, sft
+from gopd.demo.task import MERGE_ALPHABET, make_splits, problem, subtraction
+from gopd.demo.tiny import build_model, build_tokenizer, save
+from gopd.evaluate import evaluate_checkpoint
+from gopd.models import resolve_device
+from gopd.trainer import train
+
+TASKS = {"add": problem, "sub": subtraction}
+STUDENT_GREEDY_ACC = 0.4  # the student: when it first answers this share of each task greedily
+
+
+def train_student_and_teachers(out: Path, seed: int, quick: bool) -> tuple[Path, dict[str, Path], dict]:
+    """SFT on both tasks up to the student; then, from the student, one teacher per task."""
+    tokenizer = build_tokenizer(MERGE_ALPHABET)
+    model = build_model(tokenizer, seed=seed)
+    rng, val_rng = random.Random(seed + 7), random.Random(seed + 8)
+    val = {d: [make(val_rng, DIGITS) for _ in range(100)] for d, make in TASKS.items()}
+    accuracy = lambda m, d: greedy_accuracy(m, tokenizer, val[d], DIGITS + 2)  # noqa: E731
+    info = {"params": sum(p.numel() for p in model.parameters())}
+
+    def both_learnt(step: int) -> bool:
+        accs = {d: accuracy(model, d) for d in TASKS}
+        done = min(accs.values()) >= STUDENT_GREEDY_ACC or (quick and step == 20)
+        if done:
+            info.update(student_step=step, student_greedy=accs)
+        return done
+
+    domains = list(TASKS)
+    mixed = lambda n: [TASKS[domains[i % 2]](rng, DIGITS) for i in range(n)]  # noqa: E731
+    last = sft(model, tokenizer, mixed, 40 if quick else 4000, check_every=10, on_check=both_learnt)
+    if "student_step" not in info:
+        raise RuntimeError(f"SFT never reached greedy accuracy {STUDENT_GREEDY_ACC} on both tasks in {last} "
+                           f"steps (seed {seed})")  # fmt: skip
+    student_dir = save(model, tokenizer, out / "models" / "student")
+    teacher_dirs = {}
+    for domain, make in TASKS.items():
+        teacher, reached = copy.deepcopy(model), {}
+
+        def mastered(step: int, teacher=teacher, domain=domain, reached=reached) -> bool:
+            if accuracy(teacher, domain) >= TEACHER_GREEDY_ACC:
+                reached.setdefault("step", step)
+            return step >= reached.get("step", float("inf")) + TEACHER_EXTRA_STEPS
+
+        task_rng = random.Random(seed + 100 + len(teacher_dirs))
+        steps = sft(teacher, tokenizer, lambda n, make=make, r=task_rng: [make(r, DIGITS) for _ in range(n)],
+                    20 if quick else 3000, check_every=10, on_check=mastered)  # fmt: skip
+        teacher_dirs[domain] = save(teacher, tokenizer, out / "models" / f"teacher_{domain}")
+        info[f"teacher_{domain}_steps"] = steps
+    return student_dir, teacher_dirs, info
+
+
+def run_merge_demo(out: str | Path = "runs/demo_merge", seed: int = 0, distill_steps: int | None = None,
+                   quick: bool = False, device: str = "cpu") -> dict:  # fmt: skip
+    """device: where the evaluations and the G-OPD stage run (the tiny SFT stays on the CPU)."""
+    out = Path(out)
+    resolve_device(device)  # an unusable device fails now, not after the SFT
+    started = time.perf_counter()
+    distill_steps = distill_steps or (3 if quick else 150)
+    n_eval, k = (16, 2) if quick else (400, 4)
+    train_path, eval_path = make_splits(out / "data", DIGITS, 2000, n_eval, seed, tasks=TASKS)
+    print(f"[1/4] tasks: {DIGITS}-digit addition (add) and subtraction (sub), answer digits reversed; "
+          f"data in {out / 'data'}")  # fmt: skip
+    print("[2/4] SFT of one tiny Qwen3 on both: the student; then one teacher per task, trained on from it")
+    student_dir, teacher_dirs, info = train_student_and_teachers(out, seed, quick)
+    greedy = ", ".join(f"{d} {a:.2f}" for d, a in info["student_greedy"].items())
+    more = ", ".join(f"teacher {d}: {info[f'teacher_{d}_steps']} steps more" for d in TASKS)
+    print(f"      {info['params'] / 1e6:.2f}M params; student = SFT step {info['student_step']} "
+          f"(greedy {greedy}); {more}")  # fmt: skip
+    teachers = {d: str(path) for d, path in teacher_dirs.items()}
+    paths = (student_dir, train_path, eval_path, out)
+    cfg = distill_config(teachers, *paths, distill_steps, k, seed, device)
+    print(f"[3/4] the teachers' accuracy per domain (avg@{k}, {n_eval // 2} held-out prompts each)")
+    rows = {f"teacher {d}": evaluate_checkpoint(path, cfg, k, device=device, seed=seed + 1)
+            for d, path in teachers.items()}  # fmt: skip
+    print(
+        f"[4/4] ExOPD: lam={cfg.lam}, each prompt scored by its domain's teacher, reference = the "
+        f"student's initial weights, {distill_steps} steps of {cfg.prompts_per_step} prompts, lr {cfg.lr}"
+    )
+    summary = train(cfg)
+    rows |= {"student before": summary["evals"][0], "student after": summary["evals"][distill_steps]}
+    result = {
+        name: {d: r[f"avg@{k}/{d}"] for d in TASKS} | {"both": r[f"avg@{k}"]} for name, r in rows.items()
+    }
+    print()
+    print(f"  avg@{k}, temperature {cfg.temperature}    " + "".join(f"{c:>8s}" for c in [*TASKS, "both"]))
+    for name, figures in result.items():
+        print(f"  {name:26s}" + "".join(f"{v:8.3f}" for v in figures.values()))
+    seconds = time.perf_counter() - started
+    print(f"  total time {seconds:.0f} s; per-domain metrics (reward/add, ...) in {cfg.output_dir}")
+    return {"avg": result, **info, "seconds": seconds, "output_dir": str(out)}
