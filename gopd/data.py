@@ -19,7 +19,7 @@ class Example:
     domain: str
     answer: str | None
     prompt: str
-    tests: str | None = None  # Python unit tests of a code prompt (eval; gopd.verifiers)
+    tests: str | list[tuple[str, str]] | None = None  # a code prompt's asserts, or stdin cases (eval)
 
 
 def read_records(path: str) -> list[dict]:
@@ -95,21 +95,32 @@ def load_examples(
     return examples
 
 
-def _tests(value, where: str, cfg: TrainConfig) -> str | None:
-    """A record's tests as one Python source: a string, or a list of statements (MBPP's
-    test_list); refused before any sampling unless allow_code_execution is set."""
+def _tests(value, where: str, cfg: TrainConfig) -> str | list[tuple[str, str]] | None:
+    """A record's tests (gopd.verifiers): asserts as one Python source, from a string or a list
+    of statements (MBPP's test_list); or stdin cases, from a list of {"input", "output"}
+    (LiveCodeBench's "stdin" tests). Refused before any sampling unless allow_code_execution."""
     if value is None:
         return None
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         value = "\n".join(value)
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {cfg.tests_field!r} (tests_field) must be a string or a list of strings")
+    elif isinstance(value, list) and all(_is_stdin_case(v) for v in value) and value:
+        value = [(v["input"], v["output"]) for v in value]
+    elif not isinstance(value, str):
+        raise ValueError(f"{where}: {cfg.tests_field!r} (tests_field) must be a string of asserts, a list of "
+                         'them, or a list of {"input": ..., "output": ...} stdin cases')  # fmt: skip
     if not cfg.allow_code_execution:
         raise ValueError(
             f"{where}: has tests ({cfg.tests_field!r}), which run the model's responses as Python on this "
             "machine: set allow_code_execution: true to evaluate it"
         )
     return value
+
+
+def _is_stdin_case(case) -> bool:
+    """{"input": str, "output": str}, with no testtype or "stdin" (not LiveCodeBench's "functional")."""
+    if not isinstance(case, dict) or case.get("testtype", "stdin") != "stdin":
+        return False
+    return isinstance(case.get("input"), str) and isinstance(case.get("output"), str)
 
 
 class PromptSampler:

@@ -7,10 +7,12 @@
   (`math`, the default): spacing, \\left / \\right, \\dfrac, \\text{...}, degrees, thousands
   separators, a leading "x =", and numbers compared as exact fractions (0.5 = 1/2 =
   \\frac{1}{2}, 033 = 33). No symbolic algebra: 2\\sqrt{2} and \\sqrt{8} differ.
-- Python unit tests (code): the response's last fenced code block (its whole text when it
-  has none), followed by the record's tests, runs in a fresh interpreter in an empty
-  temporary directory with a wall-clock limit and limits on memory, file size and CPU time;
-  it is right when it exits with status 0 (a failed assert raises). This is isolation from
+- Python tests (code): the response's last fenced code block (its whole text when it has
+  none) runs in a fresh interpreter in an empty temporary directory with a wall-clock limit
+  and limits on memory, file size and CPU time. With asserts (HumanEval, MBPP) it runs once,
+  followed by them, and is right when it exits with status 0 (a failed assert raises). With
+  (input, output) cases (LiveCodeBench's stdin tests) it runs once per case, the input as
+  its stdin, and is right when every run exits with 0 and prints the expected lines. This is isolation from
   accidents, not a security sandbox: the code runs as this user on this machine, so it runs
   only with `allow_code_execution: true`.
 """
@@ -158,32 +160,72 @@ del _r, _k, _v
 """
 
 
-def run_python_tests(
-    code: str, tests: str, timeout: float = 10.0, memory_bytes: int = 4 << 30, file_bytes: int = 16 << 20
-) -> bool:
-    """Whether `code` followed by `tests` exits with status 0 within `timeout` seconds, run by
-    this Python in isolated mode (-I: no user site, no PYTHON* variables) in an empty
-    temporary directory, with no input, its output discarded, its whole process group
-    killed at the end."""
-    prologue = _PROLOGUE.format(memory=memory_bytes, file_size=file_bytes, cpu=int(timeout) + 1)
-    with tempfile.TemporaryDirectory(prefix="gopd-code-") as tmp:
-        program = Path(tmp) / "program.py"
-        program.write_text(f"{prologue}\n{code}\n\n{tests}\n")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp, "OMP_NUM_THREADS": "1"}
+def _run(program: Path, stdin: str, timeout: float) -> tuple[int | None, str]:
+    """Run `program` with this Python in isolated mode (-I: no user site, no PYTHON*
+    variables), in an empty working directory of its own, `stdin` as its input: (its exit
+    status, None past `timeout`; what it printed). Its whole process group is killed at the end."""
+    root = program.parent
+    work = root / "work"
+    work.mkdir(exist_ok=True)
+    (root / "stdin.txt").write_text(stdin)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "OMP_NUM_THREADS": "1"}
+    with open(root / "stdin.txt") as given, open(root / "stdout.txt", "w") as printed:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", str(program)], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-I", "-B", str(program)], cwd=work, env=env, stdin=given, stdout=printed,
+            stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         try:
-            return proc.wait(timeout=timeout) == 0
+            status = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return False
+            status = None
         finally:
             try:  # what it started, too (it leads its own session)
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.wait()
+    return status, (root / "stdout.txt").read_text(errors="replace")
+
+
+def _program(root: str, source: str, timeout: float, memory_bytes: int, file_bytes: int) -> Path:
+    program = Path(root) / "program.py"
+    limits = _PROLOGUE.format(memory=memory_bytes, file_size=file_bytes, cpu=int(timeout) + 1)
+    program.write_text(f"{limits}\n{source}\n")
+    return program
+
+
+def run_python_tests(
+    code: str, tests: str, timeout: float = 10.0, memory_bytes: int = 4 << 30, file_bytes: int = 16 << 20
+) -> bool:
+    """Whether `code` followed by `tests` (asserts) exits with status 0 within `timeout`
+    seconds, run as _run runs it, with no input."""
+    with tempfile.TemporaryDirectory(prefix="gopd-code-") as tmp:
+        program = _program(tmp, f"{code}\n\n{tests}", timeout, memory_bytes, file_bytes)
+        return _run(program, "", timeout)[0] == 0
+
+
+def _lines(text: str) -> list[str]:
+    """Output as compared: each line without trailing spaces, no trailing empty lines."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def run_io_tests(
+    code: str, cases: list[tuple[str, str]], timeout: float = 10.0, memory_bytes: int = 4 << 30,
+    file_bytes: int = 16 << 20,
+) -> bool:  # fmt: skip
+    """Whether `code`, run as _run runs it once per (input, expected output) case, exits with
+    status 0 and prints the expected output (line by line, trailing spaces aside) for every
+    case, each within `timeout` seconds; stops at the first failure."""
+    with tempfile.TemporaryDirectory(prefix="gopd-code-") as tmp:
+        program = _program(tmp, code, timeout, memory_bytes, file_bytes)
+        for given, expected in cases:
+            status, printed = _run(program, given, timeout)
+            if status != 0 or _lines(printed) != _lines(expected):
+                return False
+    return True
 
 
 # -- both ----------------------------------------------------------------------------------
@@ -203,6 +245,12 @@ class Verifier:
     def from_config(cls, cfg) -> Verifier:
         return cls(cfg.answer_match, cfg.allow_code_execution, cfg.code_timeout, cfg.code_workers)
 
+    def run_tests(self, code: str, tests: str | list[tuple[str, str]]) -> bool:
+        """Asserts (a string) run after the code; (input, output) cases feed it stdin."""
+        if isinstance(tests, str):
+            return run_python_tests(code, tests, self.code_timeout)
+        return run_io_tests(code, tests, self.code_timeout)
+
     def check(self, texts: Sequence[str], examples: Sequence) -> list[bool]:
         """Whether each response (texts[i], of examples[i]) is right."""
         right = [False] * len(texts)
@@ -217,9 +265,7 @@ class Verifier:
                 "allow_code_execution: examples with tests need it true (the responses run as Python)"
             )
         with ThreadPoolExecutor(max_workers=self.code_workers) as pool:  # each run is its own process
-            passed = pool.map(
-                lambda i: run_python_tests(extract_code(texts[i]), examples[i].tests, self.code_timeout), runs
-            )
+            passed = pool.map(lambda i: self.run_tests(extract_code(texts[i]), examples[i].tests), runs)
             for i, ok in zip(runs, passed, strict=True):
                 right[i] = ok
         return right

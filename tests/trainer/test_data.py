@@ -93,20 +93,25 @@ def test_eval_records_with_tests_need_code_execution_allowed(tiny, tmp_path):
     """Code prompts carry tests instead of an answer; they are refused before anything is sampled
     unless allow_code_execution is set. An eval record's domain labels its figures, teacher or not."""
     path = tmp_path / "code.jsonl"
+    stdin_case = {"input": "3 4\n", "output": "7\n", "testtype": "stdin"}  # LiveCodeBench's stdin kind
     records = [{"prompt": "12+34=", "tests": ["assert f(1) == 2", "assert f(2) == 3"], "domain": "code"},
-               {"prompt": "1+2=", "answer": "3", "domain": "math"}]  # fmt: skip
+               {"prompt": "1+2=", "answer": "3", "domain": "math"},
+               {"prompt": "3+4=", "tests": [stdin_case]}]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = load_tokenizer(str(tiny["student"]))
     with pytest.raises(ValueError, match="record 0: has tests .* set allow_code_execution: true"):
         load_examples(str(path), base_config(tiny, tmp_path), tok, 64, for_eval=True)
     allowed = base_config(tiny, tmp_path, allow_code_execution=True)
-    code, math = load_examples(str(path), allowed, tok, 64, for_eval=True)
+    code, math, stdin = load_examples(str(path), allowed, tok, 64, for_eval=True)
     assert code.tests == "assert f(1) == 2\nassert f(2) == 3" and code.answer is None
-    assert code.domain == "code"
+    assert code.domain == "code" and stdin.domain == "default"
     assert math.tests is None and math.answer == "3" and math.domain == "math"
-    path.write_text(json.dumps({"prompt": "1+2=", "tests": 3}) + "\n")
-    with pytest.raises(ValueError, match="'tests' \\(tests_field\\) must be a string or a list of strings"):
-        load_examples(str(path), allowed, tok, 64, for_eval=True)
+    assert stdin.tests == [("3 4\n", "7\n")]
+    functional = {"input": "[1]", "output": "1", "testtype": "functional"}  # its other kind: not supported
+    for tests in (3, [functional]):
+        path.write_text(json.dumps({"prompt": "1+2=", "tests": tests}) + "\n")
+        with pytest.raises(ValueError, match="'tests' \\(tests_field\\) must be a string of asserts, a list"):
+            load_examples(str(path), allowed, tok, 64, for_eval=True)
 
 
 def test_sampler_is_deterministic_and_resumable(tiny, tmp_path):

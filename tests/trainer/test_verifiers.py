@@ -15,6 +15,7 @@ from gopd.verifiers import (
     extract_code,
     is_correct,
     normalize_math,
+    run_io_tests,
     run_python_tests,
 )
 
@@ -111,8 +112,20 @@ def test_code_passes_or_fails_by_its_exit_status():
     assert not run_python_tests("def f(x) return x", "assert f(1) == 2")  # syntax error
     assert not run_python_tests("import sys\nsys.exit(3)", "")
     # its working directory is its own, empty and writable
-    listing = "import os\nassert sorted(os.listdir()) == ['program.py', 'x.txt']"
+    listing = "import os\nassert os.listdir() == ['x.txt']"
     assert run_python_tests("open('x.txt', 'w').write('ok')", listing)
+
+
+def test_stdin_cases_feed_the_program_and_check_every_output():
+    code = "a, b = map(int, input().split())\nprint(a + b)"
+    cases = [("1 2\n", "3\n"), ("10 -4", "6  \n\n")]  # trailing spaces and blank lines aside
+    assert run_io_tests(code, cases)
+    assert not run_io_tests(code, [*cases, ("2 2\n", "5\n")])  # one wrong case fails it
+    assert not run_io_tests("print(3)\nraise SystemExit(1)", [("1 2", "3")])  # right output, failed exit
+    assert not run_io_tests("while True:\n    pass", [("", "")], timeout=1.0)
+    assert not run_io_tests("print('x' * (4 << 20))", [("", "x")], file_bytes=1 << 20)  # 4 MiB > 1 MiB
+    ex = Example([1], "code", None, "q", cases)
+    assert Verifier(allow_code_execution=True).check([f"```python\n{code}\n```"], [ex]) == [True]
 
 
 def test_code_is_stopped_at_its_limits(tmp_path):
