@@ -191,8 +191,9 @@ class HFRolloutEngine:
         # temperature 0: greedy (evaluation), where the sampling fields would only draw a warning
         sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature > 0 else {}
         gen = GenerationConfig(
-            **sampling, max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad, eos_token_id=self.eos_ids
-        )
+            **sampling, max_new_tokens=self.cfg.max_new_tokens, pad_token_id=pad,
+            eos_token_id=self.eos_ids or None,  # a tokenizer without EOS (it has a pad): to the cap
+        )  # fmt: skip
         recorder = _SampledLogprobs()
         processors = []
         if temperature not in (0.0, 1.0):
