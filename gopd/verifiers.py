@@ -51,7 +51,7 @@ def last_boxed(text: str) -> str | None:
     rest = text[start + len(command) :]
     body = rest.lstrip()
     if not body.startswith("{"):  # "\boxed 5": up to the next space or '$'
-        return re.split(r"[\s$]", body, maxsplit=1)[0] or None if rest[:1].isspace() else None
+        return (re.split(r"[\s$]", body, maxsplit=1)[0] or None) if rest[:1].isspace() else None
     depth = 0
     for i, ch in enumerate(body):
         depth += {"{": 1, "}": -1}.get(ch, 0)
