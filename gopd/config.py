@@ -292,6 +292,11 @@ class TrainConfig:
             self.grad_clip is None or (_finite(self.grad_clip) and self.grad_clip > 0), "grad_clip", "> 0"
         )
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
+        for name in ("eval_temperature", "eval_top_p", "eval_max_prompts"):  # evaluation's alone
+            err.need(getattr(self, name) is None or bool(self.eval_data), name, "needs eval_data")
+        err.need(
+            not self.allow_code_execution or bool(self.eval_data), "allow_code_execution", "needs eval_data"
+        )
         if self.domain_weights is not None:
             weights = self.domain_weights
             err.need(

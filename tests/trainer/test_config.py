@@ -80,6 +80,8 @@ def test_unknown_key_is_an_error(tiny):
         (dict(eval_temperature=-0.1), "eval_temperature"),
         (dict(eval_temperature=0.0, eval_samples=4), "eval_samples: must be 1 at eval_temperature 0"),
         (dict(eval_top_p=0.0), "eval_top_p"),
+        (dict(eval_temperature=0.6), "eval_temperature: needs eval_data"),
+        (dict(allow_code_execution=True), "allow_code_execution: needs eval_data"),
         (dict(allow_code_execution="yes"), "allow_code_execution: must be true or false"),
         (dict(code_timeout=0), "code_timeout: must be > 0"),
         (dict(code_workers=0), "code_workers: must be an int >= 1"),

@@ -101,7 +101,7 @@ def test_eval_records_with_tests_need_code_execution_allowed(tiny, tmp_path):
     tok = load_tokenizer(str(tiny["student"]))
     with pytest.raises(ValueError, match="record 0: has tests .* set allow_code_execution: true"):
         load_examples(str(path), base_config(tiny, tmp_path), tok, 64, for_eval=True)
-    allowed = base_config(tiny, tmp_path, allow_code_execution=True)
+    allowed = base_config(tiny, tmp_path, allow_code_execution=True, eval_data=str(path))
     code, math, stdin = load_examples(str(path), allowed, tok, 64, for_eval=True)
     assert code.tests == "assert f(1) == 2\nassert f(2) == 3" and code.answer is None
     assert code.domain == "code" and stdin.domain == "default"

@@ -84,8 +84,9 @@ def test_figures_per_domain_and_code_by_its_tests():
 
 
 def test_evaluation_samples_at_its_own_settings(tiny, tmp_path):
-    cfg = base_config(tiny, tmp_path, temperature=1.0, top_p=1.0, eval_temperature=0.6, eval_top_p=0.95)
-    assert cfg.eval_sampling == (0.6, 0.95) and base_config(tiny, tmp_path).eval_sampling == (1.0, 1.0)
+    own = dict(eval_data=str(tiny["eval"]), eval_temperature=0.6, eval_top_p=0.95)
+    assert base_config(tiny, tmp_path, temperature=1.0, top_p=1.0, **own).eval_sampling == (0.6, 0.95)
+    assert base_config(tiny, tmp_path).eval_sampling == (1.0, 1.0)
     tok = char_tokenizer("0123456789")
     engine = ScriptedEngine(tok, [["1"]])
     evaluate(engine, tok, [Example([3], "default", "1", "a")], k=1, temperature=0.6, top_p=0.95)
