@@ -98,12 +98,15 @@ def load_models(cfg: TrainConfig) -> Models:
     # device layer by layer as it shards them, so that the whole float32 student is never there
     fsdp = (torch.float32, torch.device("cpu")) if cfg.fsdp else (dtype, device)
     student = load_model(cfg.student, *fsdp, trainable=True)
+    check_head_bias(student, cfg.student)
     if cfg.lora_rank:
         student = add_lora(student, cfg)
     teachers = {}
     for domain, path in cfg.teacher_map.items():
         check_same_tokenizer(tokenizer, load_tokenizer(path), cfg.student, path)
         teachers[domain] = load_model(path, dtype, frozen_device, trainable=False)
+        if cfg.objective == "dense":  # the dense loss reads every model's head
+            check_head_bias(teachers[domain], path)
     reference = None
     if cfg.objective == "sampled" and cfg.lam == 1.0:
         logger.info(
@@ -119,14 +122,10 @@ def load_models(cfg: TrainConfig) -> Models:
         if ref_path != cfg.student:
             check_same_tokenizer(tokenizer, load_tokenizer(ref_path), cfg.student, ref_path)
         reference = load_model(ref_path, dtype, frozen_device, trainable=False)
+        if cfg.objective == "dense":
+            check_head_bias(reference, ref_path)
     models = Models(student, teachers, reference, tokenizer, device, cfg.offload_frozen)
     check_same_vocabulary(models)
-    check_head_bias(student, cfg.student)
-    if cfg.objective == "dense":  # the dense loss reads every model's head
-        for domain, teacher in teachers.items():
-            check_head_bias(teacher, cfg.teacher_map[domain])
-        if isinstance(reference, PreTrainedModel):
-            check_head_bias(reference, cfg.student if cfg.reference == "student" else cfg.reference)
     if cfg.freeze_lm_head:
         freeze_lm_head(student)
     if cfg.gradient_checkpointing:
