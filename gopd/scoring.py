@@ -8,6 +8,7 @@ reference's heads together.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -39,33 +40,46 @@ def response_hidden(model, rollouts: Rollouts) -> torch.Tensor:
     return hidden[:, rollouts.prompt_len - 1 : -1]
 
 
-@torch.no_grad()
-def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig, ctx: DistContext = SINGLE) -> Scores:
-    B, R = rollouts.response_mask.shape
-    teacher_logp = torch.zeros(B, R)
-    ref_logp = torch.zeros(B, R) if models.reference is not None else None
-    in_step = models.frozen_sharded  # see step_plan
+def _per_token(rollouts: Rollouts, cfg: TrainConfig, ctx: DistContext, domains: list | None, in_step: bool,
+               models_for, score, outs: list[torch.Tensor | None]) -> None:  # fmt: skip
+    """Runs score(part, *models) over the step's micro-batches (step_plan) and writes the
+    [b, width] results it returns into `outs`, [B, R] tensors (a None there is skipped).
+    models_for(domain) is a context manager giving the models a domain's micro-batches need."""
     limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
-    for domain, chunks in step_plan(rollouts, list(models.teachers), *limits, ctx=ctx, in_step=in_step):
-        # with offload_frozen: on the device once per domain, not once per micro-batch
-        with frozen_on_device(models, domain) as (teacher, ref):
+    for domain, chunks in step_plan(rollouts, domains, *limits, ctx=ctx, in_step=in_step):
+        with models_for(domain) as held:
             for chunk, counts in chunks:
                 part, idx = micro_batch(rollouts, chunk)
-                t_hidden = response_hidden(teacher, part)
-                r_hidden = None if ref is None else response_hidden(ref, part)
-                out = frozen_logprobs(
-                    t_hidden, head_weight(teacher), part.targets.to(t_hidden.device),
-                    r_hidden, None if ref is None else head_weight(ref),
-                    teacher_bias=head_bias(teacher), ref_bias=None if ref is None else head_bias(ref),
-                    temperature=cfg.temperature, ignore_index=IGNORE, backend=cfg.kernel_backend,
-                )  # fmt: skip
-                release(teacher, ref)
+                values = score(part, *held)
+                release(*held)  # sharded ones: the head gathered for this micro-batch
                 if not counts:  # a repeat that only kept the ranks in step
                     continue
-                teacher_logp[idx, : part.width] = out.teacher_logp.float().cpu()
-                if ref_logp is not None:
-                    ref_logp[idx, : part.width] = out.ref_logp.float().cpu()
-    return Scores(teacher_logp, ref_logp)
+                for out, value in zip(outs, values, strict=True):
+                    if out is not None:
+                        out[idx, : part.width] = value.float().cpu()
+
+
+@torch.no_grad()
+def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig, ctx: DistContext = SINGLE) -> Scores:
+    def score(part: Rollouts, teacher, ref) -> tuple:
+        t_hidden = response_hidden(teacher, part)
+        r_hidden = None if ref is None else response_hidden(ref, part)
+        out = frozen_logprobs(
+            t_hidden, head_weight(teacher), part.targets.to(t_hidden.device),
+            r_hidden, None if ref is None else head_weight(ref),
+            teacher_bias=head_bias(teacher), ref_bias=None if ref is None else head_bias(ref),
+            temperature=cfg.temperature, ignore_index=IGNORE, backend=cfg.kernel_backend,
+        )  # fmt: skip
+        return out.teacher_logp, out.ref_logp
+
+    # with offload_frozen: each domain's teacher (and the reference) on the device once for all
+    # its micro-batches, not once per micro-batch; in_step: see step_plan
+    shape = rollouts.response_mask.shape
+    scores = Scores(torch.zeros(shape), None if models.reference is None else torch.zeros(shape))
+    on_device = lambda domain: frozen_on_device(models, domain)  # noqa: E731
+    outs = [scores.teacher_logp, scores.ref_logp]
+    _per_token(rollouts, cfg, ctx, list(models.teachers), models.frozen_sharded, on_device, score, outs)
+    return scores
 
 
 @torch.no_grad()
@@ -76,17 +90,14 @@ def student_logprobs(
     Only a step of several updates needs them (TrainConfig.updates_per_step): the later ones
     are off-policy, and o gives their advantage, PPO ratio and importance weight."""
     student = models.student
+
+    def score(part: Rollouts, model) -> tuple:
+        hidden = response_hidden(model, part)
+        targets = part.targets.to(hidden.device)
+        return (token_logprobs(hidden, head_weight(model), targets, temperature=cfg.temperature,
+                               ignore_index=IGNORE, backend=cfg.kernel_backend),)  # fmt: skip
+
     old_logp = torch.zeros(rollouts.response_mask.shape)
-    limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
-    for _, chunks in step_plan(rollouts, None, *limits, ctx=ctx, in_step=is_sharded(student)):
-        for chunk, counts in chunks:
-            part, idx = micro_batch(rollouts, chunk)
-            hidden = response_hidden(student, part)
-            logp = token_logprobs(
-                hidden, head_weight(student), part.targets.to(hidden.device), temperature=cfg.temperature,
-                ignore_index=IGNORE, backend=cfg.kernel_backend,
-            )  # fmt: skip
-            release(student)
-            if counts:
-                old_logp[idx, : part.width] = logp.float().cpu()
+    held = lambda _: nullcontext((student,))  # noqa: E731
+    _per_token(rollouts, cfg, ctx, None, is_sharded(student), held, score, [old_logp])
     return old_logp
