@@ -130,18 +130,13 @@ def update_step(
     groups = [rows[i : i + size] for i in range(0, len(rows), size)] * cfg.update_epochs
     if len(groups) > 1 and scores is not None:
         scores = replace(scores, old_logp=student_logprobs(models, rollouts, cfg, ctx))
-    return [
-        policy_update(
-            models,
-            rollouts.select(group),
-            None if scores is None else scores.select(group),
-            optimizer,
-            scheduler,
-            cfg,
-            ctx,
-        )
-        for group in groups
-    ]
+    updates = []
+    for group in groups:
+        mine, my_scores = rollouts, scores
+        if len(group) < len(rows):  # a mini-batch: its rows (the whole step needs no copy)
+            mine, my_scores = rollouts.select(group), None if scores is None else scores.select(group)
+        updates.append(policy_update(models, mine, my_scores, optimizer, scheduler, cfg, ctx))
+    return updates
 
 
 def policy_update(
