@@ -50,7 +50,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         student=args.model, teachers=args.model, train_data=args.data, eval_data=args.data,
         prompt_field=args.prompt_field, answer_field=args.answer_field, tests_field=args.tests_field,
         domain_field=args.domain_field, answer_match=args.answer_match, eval_temperature=args.temperature,
-        eval_top_p=args.top_p, eval_samples=args.k,
+        eval_top_p=args.top_p, eval_samples=args.k, eval_max_prompts=args.max_prompts,
+        dtype=args.dtype, device=args.device, seed=args.seed,
         allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
         code_workers=args.code_workers,
         max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
@@ -58,8 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rollout_engine=args.engine,
         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization if args.engine == "vllm" else None,
     ).validate()  # fmt: skip
-    result = evaluate_checkpoint(args.model, cfg, args.k, max_prompts=args.max_prompts, dtype=args.dtype,
-                                 device=args.device, seed=args.seed)  # fmt: skip
+    result = evaluate_checkpoint(args.model, cfg)
     if env_world()[0] == 0:
         print(yaml.safe_dump({"model": args.model, "data": args.data, **result}, sort_keys=False))
     return 0

@@ -70,38 +70,31 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     return result
 
 
-def evaluate_checkpoint(
-    path: str,
-    cfg: TrainConfig,
-    k: int,
-    *,
-    max_prompts: int | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    seed: int = 0,
-) -> dict[str, float]:
-    """avg@k / pass@k of a saved model on cfg.eval_data (fields, chat template, lengths and
-    sampling, cfg.eval_sampling, from cfg). Under torchrun the ranks share the prompts (gopd.distributed).
-    With cfg.rollout_engine 'vllm' vLLM samples from the checkpoint it loads itself, and no
-    transformers copy of the model is made."""
+def evaluate_checkpoint(path: str, cfg: TrainConfig) -> dict[str, float]:
+    """avg@k / pass@k of a saved model on cfg.eval_data: k = cfg.eval_samples, at most
+    cfg.eval_max_prompts prompts; fields, chat template, lengths, sampling (cfg.eval_sampling),
+    dtype, device and seed from cfg too. Under torchrun the ranks share the prompts
+    (gopd.distributed). With cfg.rollout_engine 'vllm' vLLM samples from the checkpoint it
+    loads itself, and no transformers copy of the model is made."""
     if cfg.rollout_engine == "vllm" and (Path(path) / "adapter_config.json").exists():
         raise ValueError(f"{path}: a LoRA checkpoint, which vLLM does not load as a model: `gopd export` it, "
                          "then evaluate the merged model")  # fmt: skip
-    ctx, device = init_distributed(device)
+    ctx, device = init_distributed(cfg.device)
     try:
         tokenizer = load_tokenizer(path)
         if cfg.rollout_engine == "vllm":
-            saved = replace(cfg, student=path, dtype=dtype)
+            saved = replace(cfg, student=path)
             engine = VLLMRolloutEngine(load_vllm(saved, ctx), tokenizer, saved)
             limit = AutoConfig.from_pretrained(path)
         else:
-            model = load_model(path, getattr(torch, dtype), resolve_device(device), trainable=False)
+            model = load_model(path, getattr(torch, cfg.dtype), resolve_device(device), trainable=False)
             engine, limit = HFRolloutEngine(model, tokenizer, cfg), model
         examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(limit), for_eval=True)
-        examples = examples[:max_prompts]
-        torch.manual_seed(seed + ctx.rank)  # each rank its own samples
+        examples = examples[: cfg.eval_max_prompts]
+        torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own samples
         verifier = Verifier.from_config(cfg)
         temperature, top_p = cfg.eval_sampling
+        k = cfg.eval_samples
         return evaluate(engine, tokenizer, examples, k, temperature, ctx=ctx, verifier=verifier, top_p=top_p)
     finally:
         close_distributed(ctx)

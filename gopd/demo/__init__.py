@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from gopd.config import TrainConfig
@@ -29,6 +30,20 @@ TEACHER_GREEDY_ACC = 0.97  # and the teacher once it is nearly always right,
 TEACHER_EXTRA_STEPS = 200  # plus this many steps
 
 
+def until_mastered() -> Callable[[int, float], bool]:
+    """A teacher's SFT stop rule, check(step, greedy accuracy) -> stop: TEACHER_EXTRA_STEPS steps
+    after the accuracy first reaches TEACHER_GREEDY_ACC (a margin past the threshold sharpens
+    the teacher, which is sampled at temperature 1)."""
+    reached: list[int] = []
+
+    def check(step: int, accuracy: float) -> bool:
+        if not reached and accuracy >= TEACHER_GREEDY_ACC:
+            reached.append(step)
+        return bool(reached) and step >= reached[0] + TEACHER_EXTRA_STEPS
+
+    return check
+
+
 def train_teacher_and_student(out: Path, seed: int, quick: bool) -> tuple[Path, Path, dict]:
     """One SFT run; the student is an early snapshot, the teacher a late one. Snapshots are
     taken by greedy accuracy on held-out problems, not at fixed steps: when a tiny model
@@ -39,16 +54,16 @@ def train_teacher_and_student(out: Path, seed: int, quick: bool) -> tuple[Path, 
     val = [problem(val_rng, DIGITS) for _ in range(100)]
     student_dir, teacher_dir = out / "models" / "student", out / "models" / "teacher"
     info = {"params": sum(p.numel() for p in model.parameters())}
+    teacher_done = until_mastered()
 
     def on_check(step: int) -> bool:
         acc = greedy_accuracy(model, tokenizer, val, DIGITS + 2)
-        if "student_step" not in info and (acc >= STUDENT_GREEDY_ACC or (quick and step == 20)):
-            save(model, tokenizer, student_dir)
-            info.update(student_step=step, student_greedy=acc)
-        elif "student_step" in info and acc >= TEACHER_GREEDY_ACC:
-            info.setdefault("teacher_threshold_step", step)
-        # a margin past the threshold sharpens the teacher, which is sampled at temperature 1
-        return step >= info.get("teacher_threshold_step", math.inf) + TEACHER_EXTRA_STEPS
+        if "student_step" not in info:
+            if acc >= STUDENT_GREEDY_ACC or (quick and step == 20):
+                save(model, tokenizer, student_dir)
+                info.update(student_step=step, student_greedy=acc)
+            return False
+        return teacher_done(step, acc)
 
     last = sft(model, tokenizer, lambda n: [problem(rng, DIGITS) for _ in range(n)], 40 if quick else 3000,
                check_every=10, on_check=on_check)  # fmt: skip
@@ -95,7 +110,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
         str(teacher_dir), student_dir, train_path, eval_path, out, distill_steps, k, seed, device
     )
     print(f"[3/4] teacher's accuracy (avg@{k} on {n_eval} held-out prompts, temperature {cfg.temperature})")
-    teacher_acc = evaluate_checkpoint(str(teacher_dir), cfg, k, device=device, seed=cfg.seed + 1)[f"avg@{k}"]
+    teacher_acc = evaluate_checkpoint(str(teacher_dir), replace(cfg, seed=cfg.seed + 1))[f"avg@{k}"]
     print(f"      teacher {teacher_acc:.3f}")
     print(f"[4/4] ExOPD: lam={cfg.lam}, reference = the student's initial weights, {distill_steps} steps "
           f"of {cfg.prompts_per_step} prompts, lr {cfg.lr}")  # fmt: skip

@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from gopd.demo import DIGITS, TEACHER_EXTRA_STEPS, TEACHER_GREEDY_ACC, distill_config
+from gopd.demo import DIGITS, distill_config, until_mastered
 from gopd.demo.sft import greedy_accuracy, sft
 from gopd.demo.task import MERGE_ALPHABET, make_splits, problem, subtraction
 from gopd.demo.tiny import build_model, build_tokenizer, save
@@ -54,12 +55,8 @@ def train_student_and_teachers(out: Path, seed: int, quick: bool) -> tuple[Path,
     student_dir = save(model, tokenizer, out / "models" / "student")
     teacher_dirs = {}
     for domain, make in TASKS.items():
-        teacher, reached = copy.deepcopy(model), {}
-
-        def mastered(step: int, teacher=teacher, domain=domain, reached=reached) -> bool:
-            if accuracy(teacher, domain) >= TEACHER_GREEDY_ACC:
-                reached.setdefault("step", step)
-            return step >= reached.get("step", float("inf")) + TEACHER_EXTRA_STEPS
+        teacher, done = copy.deepcopy(model), until_mastered()
+        mastered = lambda step, t=teacher, d=domain, done=done: done(step, accuracy(t, d))  # noqa: E731
 
         task_rng = random.Random(seed + 100 + len(teacher_dirs))
         steps = sft(teacher, tokenizer, lambda n, make=make, r=task_rng: [make(r, DIGITS) for _ in range(n)],
@@ -90,8 +87,8 @@ def run_merge_demo(out: str | Path = "runs/demo_merge", seed: int = 0, distill_s
     paths = (student_dir, train_path, eval_path, out)
     cfg = distill_config(teachers, *paths, distill_steps, k, seed, device)
     print(f"[3/4] the teachers' accuracy per domain (avg@{k}, {n_eval // 2} held-out prompts each)")
-    rows = {f"teacher {d}": evaluate_checkpoint(path, cfg, k, device=device, seed=seed + 1)
-            for d, path in teachers.items()}  # fmt: skip
+    teacher_cfg = replace(cfg, seed=seed + 1)  # samples of their own, not the student's first eval's
+    rows = {f"teacher {d}": evaluate_checkpoint(path, teacher_cfg) for d, path in teachers.items()}
     print(
         f"[4/4] ExOPD: lam={cfg.lam}, each prompt scored by its domain's teacher, reference = the "
         f"student's initial weights, {distill_steps} steps of {cfg.prompts_per_step} prompts, lr {cfg.lr}"

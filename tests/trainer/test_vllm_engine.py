@@ -85,21 +85,21 @@ def test_evaluating_a_checkpoint_with_vllm_loads_no_transformers_copy(tiny, tmp_
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = base_config(tiny, tmp_path, eval_data=str(tiny["eval"]))
-    hf = evaluate_checkpoint(str(tiny["student"]), cfg, k=2, seed=3)
+    hf = evaluate_checkpoint(str(tiny["student"]), replace(cfg, eval_samples=2, seed=3))
 
     def no_copy(*args, **kwargs):
         raise AssertionError("the vLLM path loaded the model with transformers")
 
     monkeypatch.setattr(gopd.evaluate, "load_model", no_copy)
     with_vllm = replace(cfg, rollout_engine="vllm")
-    assert evaluate_checkpoint(str(tiny["student"]), with_vllm, k=2, seed=3) == hf
+    assert evaluate_checkpoint(str(tiny["student"]), replace(with_vllm, eval_samples=2, seed=3)) == hf
     with pytest.raises(ValueError, match="vllm_sleep: sleep level 2 discards"):
-        evaluate_checkpoint(str(tiny["student"]), replace(with_vllm, vllm_sleep=True), k=2)
+        evaluate_checkpoint(str(tiny["student"]), replace(with_vllm, vllm_sleep=True))
     lora = tmp_path / "lora"
     lora.mkdir()
     (lora / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="a LoRA checkpoint, which vLLM does not load"):
-        evaluate_checkpoint(str(lora), with_vllm, k=2)
+        evaluate_checkpoint(str(lora), with_vllm)
 
 
 def test_under_torchrun_each_rank_runs_its_own_engine_with_its_own_seed(tiny, tmp_path, fake, monkeypatch):
