@@ -79,7 +79,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from gopd.demo import run_demo as run
 
     out = args.out or ("runs/demo_merge" if args.merge else "runs/demo")
-    run(out, seed=args.seed, distill_steps=args.distill_steps, quick=args.quick, device=args.device)
+    run(
+        out,
+        seed=args.seed,
+        distill_steps=args.distill_steps,
+        quick=args.quick,
+        device=args.device,
+        lams=args.lam,
+    )
     return 0
 
 
@@ -176,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="working directory; default runs/demo (runs/demo_merge)")
     p.add_argument("--seed", type=int, default=0, help="seed; default 0")
     p.add_argument("--distill-steps", type=int, default=None, help="G-OPD steps (default: the demo's choice)")
+    p.add_argument("--lam", type=float, nargs="+", default=None, metavar="LAM",
+                   help="reward scale(s): one G-OPD run each from the same student and teachers, side by "
+                   "side (e.g. --lam 1 1.25: OPD against ExOPD); default 1.25")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     p.add_argument("--device", default="cpu",
                    help="where the evaluation and G-OPD run: cpu (default; the README's figures) | auto | "

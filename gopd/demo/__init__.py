@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,11 +91,41 @@ def distill_config(teachers: str | dict, student_dir: Path, train_path: Path, ev
     ).validate()  # fmt: skip
 
 
+def check_lams(lams: Sequence[float] | None) -> tuple[float, ...]:
+    """The demos' reward scales, checked before any training: distinct finite numbers >= 0;
+    None gives the official lam, 1.25."""
+    lams = (1.25,) if lams is None else tuple(float(lam) for lam in lams)
+    if not lams or any(not math.isfinite(lam) or lam < 0 for lam in lams) or len(set(lams)) < len(lams):
+        raise ValueError(f"lam: one or more distinct finite numbers >= 0, got {list(lams)}")
+    return lams
+
+
+def distill_each_lam(cfg: TrainConfig, lams: tuple[float, ...]) -> tuple[dict, dict[str, dict]]:
+    """One G-OPD run per lam, each from the same student and teachers with the same seed (so
+    the same first samples): a paired comparison. Returns (the student's evaluation before,
+    {row name: its evaluation after}); with several lams each run writes to output_dir_lam<lam>."""
+    before, after = None, {}
+    for lam in lams:
+        several = len(lams) > 1
+        run = replace(cfg, lam=lam, output_dir=f"{cfg.output_dir}_lam{lam:g}" if several else cfg.output_dir)
+        evals = train(run)["evals"]
+        before = before or evals[0]  # step 0: every run's first evaluation, of the same model and seed
+        after[f"student after, lam {lam:g}" if several else "student after"] = evals[cfg.steps]
+    return before, after
+
+
+def describe_lams(lams: tuple[float, ...]) -> str:
+    kind = lambda lam: "OPD" if lam == 1 else "ExOPD" if lam > 1 else "interpolation"  # noqa: E731
+    return ", ".join(f"lam={lam:g} ({kind(lam)})" for lam in lams)
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | None = None,
-             quick: bool = False, device: str = "cpu") -> dict:  # fmt: skip
+             quick: bool = False, device: str = "cpu",
+             lams: Sequence[float] | None = None) -> dict:  # fmt: skip
     """device: where the teacher's evaluation and the G-OPD stage run (the tiny SFT stays on
-    the CPU); the README's figures are from "cpu"."""
-    out = Path(out)
+    the CPU); the README's figures are from "cpu". lams: one G-OPD run per reward scale, from
+    the same student and teacher (default: 1.25 alone)."""
+    out, lams = Path(out), check_lams(lams)
     resolve_device(device)  # an unusable device fails now, not after the SFT
     started = time.perf_counter()
     distill_steps = distill_steps or (3 if quick else 150)
@@ -112,16 +143,18 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
     print(f"[3/4] teacher's accuracy (avg@{k} on {n_eval} held-out prompts, temperature {cfg.temperature})")
     teacher_acc = evaluate_checkpoint(str(teacher_dir), replace(cfg, seed=cfg.seed + 1))[f"avg@{k}"]
     print(f"      teacher {teacher_acc:.3f}")
-    print(f"[4/4] ExOPD: lam={cfg.lam}, reference = the student's initial weights, {distill_steps} steps "
+    print(f"[4/4] {describe_lams(lams)}: reference = the student's initial weights, {distill_steps} steps "
           f"of {cfg.prompts_per_step} prompts, lr {cfg.lr}")  # fmt: skip
-    summary = train(cfg)
-    before, after = summary["evals"][0][f"avg@{k}"], summary["evals"][distill_steps][f"avg@{k}"]
-    result = {"teacher": teacher_acc, "student_before": before, "student_after": after, **info,
-              "seconds": time.perf_counter() - started, "output_dir": str(out)}  # fmt: skip
+    before, after = distill_each_lam(cfg, lams)
+    avg = {"teacher": teacher_acc, "student before": before[f"avg@{k}"]}
+    avg |= {row: evals[f"avg@{k}"] for row, evals in after.items()}
     print()
     print(f"  avg@{k} accuracy, {n_eval} held-out prompts, temperature {cfg.temperature}")
-    print(f"  teacher          {teacher_acc:.3f}")
-    print(f"  student before   {before:.3f}")
-    print(f"  student after    {after:.3f}   ({after - before:+.3f} after {distill_steps} G-OPD steps)")
-    print(f"  total time       {result['seconds']:.0f} s; metrics in {cfg.output_dir}/metrics.jsonl")
-    return result
+    width = max(map(len, avg))
+    for row, acc in avg.items():
+        gain = f"   ({acc - avg['student before']:+.3f} after {distill_steps} G-OPD steps)"
+        print(f"  {row:{width}s}   {acc:.3f}{gain if row in after else ''}")
+    seconds = time.perf_counter() - started
+    where = f"{cfg.output_dir}/metrics.jsonl" if len(lams) == 1 else f"{cfg.output_dir}_lam*/metrics.jsonl"
+    print(f"  total time {seconds:.0f} s; metrics in {where}")
+    return {"avg": avg, "lams": list(lams), **info, "seconds": seconds, "output_dir": str(out)}

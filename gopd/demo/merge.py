@@ -14,16 +14,16 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from gopd.demo import DIGITS, distill_config, until_mastered
+from gopd.demo import DIGITS, check_lams, describe_lams, distill_config, distill_each_lam, until_mastered
 from gopd.demo.sft import greedy_accuracy, sft
 from gopd.demo.task import MERGE_ALPHABET, make_splits, problem, subtraction
 from gopd.demo.tiny import build_model, build_tokenizer, save
 from gopd.evaluate import evaluate_checkpoint
 from gopd.models import resolve_device
-from gopd.trainer import train
 
 TASKS = {"add": problem, "sub": subtraction}
 STUDENT_GREEDY_ACC = 0.4  # the student: when it first answers this share of each task greedily
@@ -67,9 +67,11 @@ def train_student_and_teachers(out: Path, seed: int, quick: bool) -> tuple[Path,
 
 
 def run_merge_demo(out: str | Path = "runs/demo_merge", seed: int = 0, distill_steps: int | None = None,
-                   quick: bool = False, device: str = "cpu") -> dict:  # fmt: skip
-    """device: where the evaluations and the G-OPD stage run (the tiny SFT stays on the CPU)."""
-    out = Path(out)
+                   quick: bool = False, device: str = "cpu",
+                   lams: Sequence[float] | None = None) -> dict:  # fmt: skip
+    """device: where the evaluations and the G-OPD stage run (the tiny SFT stays on the CPU).
+    lams: one G-OPD run per reward scale, from the same student and teachers (default: 1.25)."""
+    out, lams = Path(out), check_lams(lams)
     resolve_device(device)  # an unusable device fails now, not after the SFT
     started = time.perf_counter()
     distill_steps = distill_steps or (3 if quick else 150)
@@ -89,19 +91,19 @@ def run_merge_demo(out: str | Path = "runs/demo_merge", seed: int = 0, distill_s
     print(f"[3/4] the teachers' accuracy per domain (avg@{k}, {n_eval // 2} held-out prompts each)")
     teacher_cfg = replace(cfg, seed=seed + 1)  # samples of their own, not the student's first eval's
     rows = {f"teacher {d}": evaluate_checkpoint(path, teacher_cfg) for d, path in teachers.items()}
-    print(
-        f"[4/4] ExOPD: lam={cfg.lam}, each prompt scored by its domain's teacher, reference = the "
-        f"student's initial weights, {distill_steps} steps of {cfg.prompts_per_step} prompts, lr {cfg.lr}"
-    )
-    summary = train(cfg)
-    rows |= {"student before": summary["evals"][0], "student after": summary["evals"][distill_steps]}
-    result = {
-        name: {d: r[f"avg@{k}/{d}"] for d in TASKS} | {"both": r[f"avg@{k}"]} for name, r in rows.items()
-    }
+    print(f"[4/4] {describe_lams(lams)}: each prompt scored by its domain's teacher, reference = the "
+          f"student's initial weights, {distill_steps} steps of {cfg.prompts_per_step} prompts, "
+          f"lr {cfg.lr}")  # fmt: skip
+    before, after = distill_each_lam(cfg, lams)
+    rows |= {"student before": before} | after
+    avg = {name: {d: r[f"avg@{k}/{d}"] for d in TASKS} | {"both": r[f"avg@{k}"]} for name, r in rows.items()}
+    header = f"avg@{k}, temperature {cfg.temperature}"
+    width = max(map(len, [header, *avg]))
     print()
-    print(f"  avg@{k}, temperature {cfg.temperature}    " + "".join(f"{c:>8s}" for c in [*TASKS, "both"]))
-    for name, figures in result.items():
-        print(f"  {name:26s}" + "".join(f"{v:8.3f}" for v in figures.values()))
+    print(f"  {header:{width}s}" + "".join(f"{c:>8s}" for c in [*TASKS, "both"]))
+    for name, figures in avg.items():
+        print(f"  {name:{width}s}" + "".join(f"{v:8.3f}" for v in figures.values()))
     seconds = time.perf_counter() - started
-    print(f"  total time {seconds:.0f} s; per-domain metrics (reward/add, ...) in {cfg.output_dir}")
-    return {"avg": result, **info, "seconds": seconds, "output_dir": str(out)}
+    print(f"  total time {seconds:.0f} s; per-domain metrics (reward/add, ...) in {cfg.output_dir}"
+          + ("" if len(lams) == 1 else "_lam*"))  # fmt: skip
+    return {"avg": avg, "lams": list(lams), **info, "seconds": seconds, "output_dir": str(out)}

@@ -3,13 +3,16 @@ separate reference, the dense objective; checkpoints and exact resume; the CLI."
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from gopd import distributed
@@ -262,15 +265,54 @@ def test_demo_quick_runs(tmp_path):
     from gopd.demo import run_demo
 
     result = run_demo(tmp_path / "demo", quick=True)
-    assert {"teacher", "student_before", "student_after"} <= set(result)
-    assert all(0 <= result[k] <= 1 for k in ("teacher", "student_before", "student_after"))
+    assert set(result["avg"]) == {"teacher", "student before", "student after"} and result["lams"] == [1.25]
+    assert all(0 <= v <= 1 for v in result["avg"].values())
+    assert (tmp_path / "demo" / "gopd" / "metrics.jsonl").exists()
+
+
+def test_demo_runs_each_lam_from_the_same_student(tmp_path, monkeypatch):
+    """--lam 1 1.25: one G-OPD run per lam, each from the same student with the same seed, in a
+    folder of its own; lam is the only setting that differs between them."""
+    import gopd.demo
+    from gopd.demo import run_demo
+
+    configs = []
+    real_train = gopd.demo.train
+    monkeypatch.setattr(gopd.demo, "train", lambda cfg: configs.append(cfg) or real_train(cfg))
+    result = run_demo(tmp_path / "demo", quick=True, lams=[1, 1.25])
+    assert result["lams"] == [1.0, 1.25]
+    after = ["student after, lam 1", "student after, lam 1.25"]
+    assert list(result["avg"]) == ["teacher", "student before", *after]
+    assert [c.lam for c in configs] == [1.0, 1.25]
+    assert [Path(c.output_dir).name for c in configs] == ["gopd_lam1", "gopd_lam1.25"]
+    same = lambda c: dataclasses.replace(c, lam=0, output_dir="")  # noqa: E731
+    assert same(configs[0]) == same(configs[1])
+    # step 1: the same samples, scored by the same models; the reference is the student as it
+    # starts, so R = o there and the advantage is lam * (T - o) = -lam * reverse_kl
+    firsts = []
+    for cfg in configs:
+        assert yaml.safe_load(Path(cfg.output_dir, "config.yaml").read_text())["lam"] == cfg.lam
+        log = [json.loads(line) for line in Path(cfg.output_dir, "metrics.jsonl").read_text().splitlines()]
+        firsts.append(next(r for r in log if r["kind"] == "train" and r["step"] == 1))
+    assert firsts[0]["reverse_kl"] == pytest.approx(firsts[1]["reverse_kl"], rel=1e-6)
+    for cfg, first in zip(configs, firsts, strict=True):
+        assert first["advantage"] == pytest.approx(-cfg.lam * first["reverse_kl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("lams", [[], [1.25, 1.25], [-1.0], [float("nan")]])
+def test_demo_refuses_bad_lams_before_any_training(tmp_path, lams):
+    from gopd.demo import run_demo
+
+    with pytest.raises(ValueError, match="lam: one or more distinct finite numbers >= 0"):
+        run_demo(tmp_path / "demo", quick=True, lams=lams)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_merge_demo_quick_runs(tmp_path):
     from gopd.demo.merge import TASKS, run_merge_demo
 
-    result = run_merge_demo(tmp_path / "merge", quick=True)
-    rows = ("teacher add", "teacher sub", "student before", "student after")
+    result = run_merge_demo(tmp_path / "merge", quick=True, lams=[1, 1.25])
+    rows = ("teacher add", "teacher sub", "student before", "student after, lam 1", "student after, lam 1.25")
     assert set(result["avg"]) == set(rows)
     for row in rows:  # each domain's figure and the overall one, the mean of the two (as many prompts each)
         figures = result["avg"][row]
