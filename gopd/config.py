@@ -108,6 +108,9 @@ class TrainConfig:
         None, "sampling temperature of evaluation; null = temperature, 0 = greedy"
     )
     eval_top_p: float | None = _f(None, "nucleus sampling of evaluation; null = top_p")
+    eval_teachers: bool = _f(
+        False, "also evaluate each teacher at the start, as the student is: the bar the student is held to"
+    )
     answer_match: str = _f(
         "math", "exact | math: how a final answer meets the reference (math: normalised LaTeX, exact numbers)"
     )
@@ -294,9 +297,8 @@ class TrainConfig:
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
         for name in ("eval_temperature", "eval_top_p", "eval_max_prompts"):  # evaluation's alone
             err.need(getattr(self, name) is None or bool(self.eval_data), name, "needs eval_data")
-        err.need(
-            not self.allow_code_execution or bool(self.eval_data), "allow_code_execution", "needs eval_data"
-        )
+        for name in ("allow_code_execution", "eval_teachers"):
+            err.need(not getattr(self, name) or bool(self.eval_data), name, "needs eval_data")
         if self.domain_weights is not None:
             weights = self.domain_weights
             err.need(
@@ -315,7 +317,11 @@ class TrainConfig:
         p = self.eval_top_p
         err.need(p is None or (_finite(p) and 0 < p <= 1), "eval_top_p", "must be null or in (0, 1]")
         err.choice(self.answer_match, ANSWER_MATCHES, "answer_match")
-        err.need(isinstance(self.allow_code_execution, bool), "allow_code_execution", "must be true or false")
+        for f in dataclasses.fields(self):  # a switch given as "on" or 1 would pass as true unseen
+            if f.type in ("bool", "bool | None"):
+                value, nullable = getattr(self, f.name), f.type != "bool"
+                err.need(isinstance(value, bool) or (nullable and value is None), f.name,
+                         f"must be true or false{' or null' if nullable else ''}, got {value!r}")  # fmt: skip
         err.need(_finite(self.code_timeout) and self.code_timeout > 0, "code_timeout", "must be > 0")
         err.choice(self.dtype, DTYPES, "dtype")
         err.choice(self.rollout_engine, ENGINES, "rollout_engine")

@@ -12,7 +12,8 @@ from transformers import AutoConfig
 from gopd.config import TrainConfig
 from gopd.data import Example, load_examples
 from gopd.distributed import SINGLE, DistContext, close_distributed, init_distributed
-from gopd.models import context_length, load_model, load_tokenizer, resolve_device
+from gopd.fsdp import release
+from gopd.models import Models, context_length, frozen_on_device, load_model, load_tokenizer, resolve_device
 from gopd.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, load_vllm
 from gopd.verifiers import Verifier
 
@@ -68,6 +69,25 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
         for d in domains:
             result |= {f"avg@{k}/{d}": right[d] / counts[d], f"pass@{k}/{d}": passed[d] / counts[d]}
     return result
+
+
+def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
+                      ctx: DistContext = SINGLE) -> dict[str, dict[str, float]]:  # fmt: skip
+    """{domain: its teacher's evaluate() figures} on `examples`, sampled as the student's evaluation
+    is (cfg.eval_samples, cfg.eval_sampling, the verifier), with transformers generate (under
+    rollout_engine vllm too: vLLM holds the student alone). On a fork of the random streams, so
+    the run's own sampling is that of a run without it."""
+    temperature, top_p = cfg.eval_sampling
+    devices = [models.device] if models.device.type == "cuda" else []
+    out = {}
+    with torch.random.fork_rng(devices=devices):
+        for domain in models.teachers:
+            with frozen_on_device(models, domain) as (teacher, _):
+                engine = HFRolloutEngine(teacher, models.tokenizer, cfg)
+                out[domain] = evaluate(engine, models.tokenizer, examples, cfg.eval_samples, temperature,
+                                       ctx=ctx, verifier=Verifier.from_config(cfg), top_p=top_p)  # fmt: skip
+                release(teacher)
+    return out
 
 
 def evaluate_checkpoint(path: str, cfg: TrainConfig) -> dict[str, float]:

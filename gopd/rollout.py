@@ -24,6 +24,7 @@ from transformers import (
 from gopd.config import TrainConfig
 from gopd.data import Example
 from gopd.distributed import SINGLE, DistContext
+from gopd.fsdp import is_sharded
 from gopd.models import servable_weights
 
 IGNORE = -100
@@ -173,9 +174,10 @@ class HFRolloutEngine:
 
     @property
     def in_step(self) -> bool:
-        """Whether every rank must call generate as often as the others: a sharded student
-        gathers its weights at every token (generate's synced_gpus)."""
-        return bool(self.cfg.fsdp)
+        """Whether every rank must call generate as often as the others: a sharded model (the
+        student under fsdp, a teacher under shard_frozen) gathers its weights at every token
+        (generate's synced_gpus)."""
+        return bool(self.cfg.fsdp) or is_sharded(self.model)
 
     def generate(
         self, examples: list[Example], samples: int, temperature: float, top_p: float | None = None

@@ -43,7 +43,7 @@ from gopd.distributed import (
     close_distributed,
     init_distributed,
 )
-from gopd.evaluate import evaluate
+from gopd.evaluate import evaluate, evaluate_teachers
 from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import context_length, load_models, load_student_weights
@@ -153,6 +153,12 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
             log.log(step, result, "eval")
             summary["evals"][step] = result
 
+    if start == 0 and cfg.eval_teachers:  # the bar, on the same prompts with the same settings
+        if cfg.rollout_engine == "vllm":
+            logger.info("eval_teachers: the teachers sample with transformers generate (vLLM: the student)")
+        summary["teacher_evals"] = evaluate_teachers(models, eval_examples, cfg, ctx)
+        for domain, result in summary["teacher_evals"].items():
+            log.log(0, result, "eval_teacher" if len(models.teachers) == 1 else f"eval_teacher/{domain}")
     if start == 0:
         run_eval(0)
     bad_steps = 0

@@ -253,6 +253,22 @@ def test_cli_greedy_evaluation_takes_one_sample(tiny):
     assert proc.returncode == 0 and "avg@1:" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_eval_teachers_logs_each_teacher_and_leaves_the_students_run_as_it_was(tiny, tmp_path):
+    teachers = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
+    data = str(tiny["train_domains"])
+    cfg = base_config(tiny, tmp_path, teachers=teachers, train_data=data, eval_data=data, eval_max_prompts=6,
+                      eval_samples=2, steps=2)  # fmt: skip
+    plain = train(cfg)
+    with_teachers = dataclasses.replace(cfg, eval_teachers=True, output_dir=str(tmp_path / "with_teachers"))
+    summary = train(with_teachers)
+    assert set(summary["teacher_evals"]) == {"math", "code"} and "teacher_evals" not in plain
+    assert summary["evals"] == plain["evals"] and train_losses(with_teachers) == train_losses(cfg)
+    records = [json.loads(line) for line in open(Path(with_teachers.output_dir, "metrics.jsonl"))]
+    for domain, result in summary["teacher_evals"].items():
+        (logged,) = [r for r in records if r["kind"] == f"eval_teacher/{domain}"]
+        assert logged["step"] == 0 and {k: logged[k] for k in result} == result
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
 def test_demo_on_an_unusable_device_fails_before_the_sft(tmp_path):
     for device, message in (("cuda", "CUDA is not available"), ("tpu:0", "not a device")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from dataclasses import replace
 
 import pytest
 import torch
@@ -132,3 +133,38 @@ def test_a_rank_out_of_prompts_keeps_sampling_in_step_with_the_others(tiny, tmp_
             and result["avg@2"] == pytest.approx(2 / 3)
             and result["pass@2"] == pytest.approx(2 / 3)
         )
+
+
+def test_each_teacher_is_evaluated_as_its_checkpoint_would_be(tiny, tmp_path):
+    """evaluate_teachers (the trainer's eval_teachers), greedy, with two teachers told apart by
+    their answers' length: each teacher's figures are those of `gopd eval` on its folder to the
+    last digit. Sampled, it leaves the random streams where they were."""
+    from transformers import AutoModelForCausalLM
+
+    from gopd.data import load_examples
+    from gopd.evaluate import evaluate_checkpoint, evaluate_teachers
+    from gopd.models import load_models, load_tokenizer
+
+    # the tiny teacher answers "=" greedily at every step; this copy of it puts EOS where "=" is
+    # (the head is tied to the embeddings: EOS never occurs in a prompt), so it stops at once
+    quick = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    tok = load_tokenizer(str(tiny["teacher"]))
+    with torch.no_grad():
+        head = quick.get_output_embeddings().weight
+        head[tok.eos_token_id] = 10 * head[tok.convert_tokens_to_ids("=")]
+    quick.save_pretrained(tmp_path / "quick")
+    tok.save_pretrained(tmp_path / "quick")
+    teachers = {"math": str(tiny["teacher"]), "code": str(tmp_path / "quick")}
+    cfg = base_config(tiny, tmp_path, teachers=teachers, train_data=str(tiny["train_domains"]),
+                      eval_data=str(tiny["train_domains"]), max_new_tokens=6, eval_temperature=0.0,
+                      eval_samples=1, eval_max_prompts=12)  # fmt: skip
+    models = load_models(cfg)
+    examples = load_examples(cfg.eval_data, cfg, tok, 64, for_eval=True)[: cfg.eval_max_prompts]
+    got = evaluate_teachers(models, examples, cfg)
+    assert list(got) == ["math", "code"]
+    assert got["math"]["response_length"] == 6 and got["code"]["response_length"] == 1  # EOS counts
+    for domain, path in teachers.items():
+        assert got[domain] == evaluate_checkpoint(path, cfg), domain
+    state = torch.get_rng_state()
+    evaluate_teachers(models, examples[:4], replace(cfg, eval_temperature=None, eval_samples=2))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -19,7 +19,7 @@ from gopd.models import load_models
 from gopd.scoring import score_rollouts
 from gopd.trainer import check_data_parallel
 from gopd.update import make_optimizer, make_scheduler, policy_update
-from tests.trainer.conftest import base_config
+from tests.trainer.conftest import base_config, write_data
 from tests.trainer.test_distributed import run_ranks
 from tests.trainer.test_stages import rollouts_for
 
@@ -147,3 +147,30 @@ def test_sharding_needs_ranks_and_refuses_what_it_does_not_combine_with(tiny, tm
     ]:
         with pytest.raises(ValueError, match=match):
             base_config(tiny, tmp_path, fsdp=True, **overrides)
+
+
+def _teacher_evals(ctx: DistContext, tiny, tmp_path):
+    from gopd.data import load_examples
+    from gopd.evaluate import evaluate_teachers
+
+    # 129 prompts: 65 on rank 0, two calls of evaluate's 64; 64 on rank 1, which must make a
+    # second call too (an unscored one), or rank 0's sharded teacher would wait for it forever
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = write_data(tmp_path / f"eval{ctx.rank}.jsonl", 129, seed=5, domains=("math", "code"))
+    cfg = base_config(tiny, tmp_path, teachers={"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])},
+                      train_data=str(tiny["train_domains"]), eval_data=str(data), eval_temperature=0.0,
+                      eval_samples=1, shard_frozen=ctx.enabled)  # fmt: skip
+    models = load_models(cfg)
+    if cfg.shard_frozen:
+        for model in models.frozen():
+            shard_frozen(model, ctx)
+    examples = load_examples(cfg.eval_data, cfg, models.tokenizer, 64, for_eval=True)
+    return evaluate_teachers(models, examples, cfg, ctx)
+
+
+def test_sharded_teachers_are_evaluated_as_whole_ones(tiny, tmp_path):
+    """eval_teachers under shard_frozen: each teacher generates with its weights gathered at
+    every token, the ranks in step; the figures are the single process's."""
+    ranks = run_ranks(tmp_path, _teacher_evals, tiny, tmp_path)
+    single = _teacher_evals(distributed.SINGLE, tiny, tmp_path / "single")
+    assert ranks[0] == ranks[1] == single
