@@ -3,6 +3,7 @@ per prompt, overall and per domain."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +14,19 @@ from gopd.config import TrainConfig
 from gopd.data import Example, load_examples
 from gopd.distributed import SINGLE, DistContext, close_distributed, init_distributed
 from gopd.fsdp import release
-from gopd.models import Models, context_length, frozen_on_device, load_model, load_tokenizer, resolve_device
+from gopd.models import (
+    Models,
+    context_length,
+    frozen_on_device,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    servable_shapes,
+)
 from gopd.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, load_vllm
 from gopd.verifiers import Verifier
+
+logger = logging.getLogger("gopd")
 
 
 def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, temperature: float,
@@ -71,21 +82,38 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     return result
 
 
-def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
-                      ctx: DistContext = SINGLE) -> dict[str, dict[str, float]]:  # fmt: skip
+def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig, ctx: DistContext = SINGLE,
+                      engine: RolloutEngine | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
     """{domain: its teacher's evaluate() figures} on `examples`, sampled as the student's evaluation
-    is (cfg.eval_samples, cfg.eval_sampling, the verifier), with transformers generate (under
-    rollout_engine vllm too: vLLM holds the student alone). On a fork of the random streams, so
-    the run's own sampling is that of a run without it."""
+    is (cfg.eval_samples, cfg.eval_sampling, the verifier), on a fork of torch's random streams
+    (the run's own sampling is then that of a run without it).
+
+    `engine`: the run's. When it is vLLM, a teacher of the student's architecture and shapes (the
+    same-size and merging settings) samples there: its weights are loaded into vLLM's copy for
+    its evaluation, the student's after (vLLM's own random stream moves on). Any other teacher
+    samples with transformers generate, said in a log line."""
     temperature, top_p = cfg.eval_sampling
+    verifier = Verifier.from_config(cfg)
+    run = lambda e: evaluate(e, models.tokenizer, examples, cfg.eval_samples, temperature, ctx=ctx,  # noqa: E731
+                             verifier=verifier, top_p=top_p)  # fmt: skip
+    vllm = isinstance(engine, VLLMRolloutEngine)
     devices = [models.device] if models.device.type == "cuda" else []
     out = {}
     with torch.random.fork_rng(devices=devices):
-        for domain in models.teachers:
-            with frozen_on_device(models, domain) as (teacher, _):
-                engine = HFRolloutEngine(teacher, models.tokenizer, cfg)
-                out[domain] = evaluate(engine, models.tokenizer, examples, cfg.eval_samples, temperature,
-                                       ctx=ctx, verifier=Verifier.from_config(cfg), top_p=top_p)  # fmt: skip
+        for domain, teacher in models.teachers.items():
+            if vllm and servable_shapes(teacher) == servable_shapes(models.student):
+                with frozen_on_device(models, domain):
+                    engine.update_weights(teacher)
+                    try:
+                        out[domain] = run(engine)
+                    finally:
+                        engine.update_weights(models.student)
+                continue
+            if vllm:
+                logger.info("eval_teachers: teacher %s is not shaped as the student, so it samples with "
+                            "transformers generate, not vLLM", domain)  # fmt: skip
+            with frozen_on_device(models, domain):
+                out[domain] = run(HFRolloutEngine(teacher, models.tokenizer, cfg))
                 release(teacher)
     return out
 

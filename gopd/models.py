@@ -233,6 +233,17 @@ def load_student_weights(student, path) -> None:
     student.load_state_dict(trained.state_dict())
 
 
+def servable_shapes(model) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of servable_weights(model), without computing them (a sharded model's are
+    its full shapes): whether another model's weights fit where this one's are served."""
+    base = model.get_base_model() if is_lora(model) else model
+    return {
+        name.replace(".base_layer.", "."): tuple(t.shape)
+        for name, t in base.state_dict().items()
+        if ".lora_" not in name
+    }
+
+
 def servable_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model as a plain transformers model would have them: for a LoRA
     student its base weights with each adapter's delta added (out of place, once rounded: the

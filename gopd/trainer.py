@@ -154,9 +154,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
             summary["evals"][step] = result
 
     if start == 0 and cfg.eval_teachers:  # the bar, on the same prompts with the same settings
-        if cfg.rollout_engine == "vllm":
-            logger.info("eval_teachers: the teachers sample with transformers generate (vLLM: the student)")
-        summary["teacher_evals"] = evaluate_teachers(models, eval_examples, cfg, ctx)
+        summary["teacher_evals"] = evaluate_teachers(models, eval_examples, cfg, ctx, engine)
         for domain, result in summary["teacher_evals"].items():
             log.log(0, result, "eval_teacher" if len(models.teachers) == 1 else f"eval_teacher/{domain}")
     if start == 0:

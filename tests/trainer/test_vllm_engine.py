@@ -234,3 +234,31 @@ def test_training_with_a_sleeping_vllm_matches_an_awake_one(tiny, tmp_path, fake
     generates = [i for i, k in enumerate(kinds) if k == "generate"]
     assert len(generates) == 3 and all(kinds[i + 1] == "sleep" for i in generates)
     assert "sleep" not in kinds[: generates[0]]
+
+
+@pytest.mark.parametrize("sleep", [False, True])
+def test_eval_teachers_samples_a_teacher_shaped_as_the_student_in_vllm(tiny, tmp_path, fake, caplog, sleep):
+    """The run's vLLM engine evaluates a teacher with the student's shapes (its weights loaded,
+    then the student's again, awake or asleep); one of another size samples with transformers,
+    said in a log line. Greedy: the figures are those of transformers for both."""
+    from gopd.evaluate import evaluate_teachers
+    from gopd.models import load_models
+
+    data = str(tiny["train_domains"])
+    teachers = {"math": str(tiny["teacher_b"]), "code": str(tiny["teacher"])}  # "teacher": hidden 48
+    cfg = base_config(
+        tiny, tmp_path, teachers=teachers, train_data=data, eval_data=data, rollout_engine="vllm",
+        vllm_sleep=sleep, eval_temperature=0.0, eval_samples=1,
+    )  # fmt: skip
+    models = load_models(cfg)
+    llm = fake.LLM(str(tiny["student"]), dtype="float32", enable_sleep_mode=sleep)
+    engine = VLLMRolloutEngine(llm, models.tokenizer, cfg, models.student)
+    examples = load_examples(data, cfg, models.tokenizer, 64, for_eval=True)[:8]
+    with caplog.at_level(logging.INFO, logger="gopd"):
+        got = evaluate_teachers(models, examples, cfg, engine=engine)
+    engine.generate(examples[:2], samples=1, temperature=1.0)  # the run's next rollouts
+    sampled_by = [event[1] for event in llm.events if event[0] == "generate"]
+    by = [fake.weights_fingerprint(m) for m in (models.teachers["math"], models.student)]
+    assert sampled_by == by and engine.student is models.student
+    assert "teacher code is not shaped as the student" in caplog.text and "teacher math" not in caplog.text
+    assert got == evaluate_teachers(models, examples, cfg)  # every teacher with transformers
