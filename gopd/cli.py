@@ -51,6 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompt_field=args.prompt_field, answer_field=args.answer_field, tests_field=args.tests_field,
         domain_field=args.domain_field, answer_match=args.answer_match, eval_temperature=args.temperature,
         eval_top_p=args.top_p, eval_samples=args.k, eval_max_prompts=args.max_prompts,
+        generate_batch_size=args.generate_batch_size,
         dtype=args.dtype, device=args.device, seed=args.seed,
         allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
         code_workers=args.code_workers,
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", default="hf", choices=["hf", "vllm"],
         help="sampler: hf (transformers generate) or vllm (CUDA; loads the checkpoint itself); default hf",
     )  # fmt: skip
+    p.add_argument("--generate-batch-size", type=int, default=None,
+                   help="with --engine hf: most sequences per generate call (bounds its KV cache); default: "
+                   "64 prompts x k at once")  # fmt: skip
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
                    help="with --engine vllm: its share of the GPU's memory; default 0.9")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")

@@ -135,6 +135,11 @@ class TrainConfig:
     )
     device: str = _f("auto", "auto (cuda if present) | cpu | cuda | cuda:N")
     rollout_engine: str = _f("hf", "hf (transformers generate) | vllm (colocated, optional extra)")
+    generate_batch_size: int | None = _f(
+        None,
+        "most sequences per transformers generate call (rollouts and evaluation), which bounds its KV "
+        "cache: rows x (prompt + max_new_tokens) tokens; null = a whole batch at once",
+    )
     vllm_gpu_memory_utilization: float | None = _f(
         None,
         "share of the GPU's memory vLLM may take for its weights and KV cache (rollout_engine "
@@ -333,6 +338,14 @@ class TrainConfig:
             err.need(share is None, "vllm_gpu_memory_utilization",
                      "applies to rollout_engine 'vllm' only; leave it null")  # fmt: skip
             err.need(not self.vllm_sleep, "vllm_sleep", "applies to rollout_engine 'vllm' only")
+        size = self.generate_batch_size
+        err.need(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1),
+                 "generate_batch_size", "must be null or an int >= 1")  # fmt: skip
+        # vLLM schedules its own batches; transformers samples there only for eval_teachers' teachers
+        # of another shape than the student (gopd.evaluate.evaluate_teachers)
+        err.need(size is None or self.rollout_engine == "hf" or self.eval_teachers, "generate_batch_size",
+                 "applies to transformers generate: rollout_engine 'hf', or eval_teachers' teachers "
+                 "under vllm")  # fmt: skip
         self._validate_lora(err)
         self._validate_fsdp(err)
         err.choice(self.kernel_backend, KERNEL_BACKENDS, "kernel_backend")

@@ -44,6 +44,8 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     passed = {d: 0.0 for d in domains}
     length_sum = 0.0
     mine = ctx.shard(examples)
+    if engine.max_rows:  # one sampler call per generate, as the unscored one below (ranks in step)
+        batch_prompts = max(1, min(batch_prompts, engine.max_rows // k))
     calls = -(-len(mine) // batch_prompts)
     if engine.in_step:  # every rank samples as often as the busiest (gopd.fsdp)
         calls = int(ctx.max([float(calls)])[0])

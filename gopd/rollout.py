@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -96,10 +97,27 @@ class Rollouts:
             rollout_logp=self.rollout_logp[:, :response],
         )
 
+    @staticmethod
+    def concat(parts: list[Rollouts], pad_id: int) -> Rollouts:
+        """The rows of `parts` in one batch: each part's prompts left-padded and responses
+        right-padded to the widest (the model's outputs do not change; see trimmed)."""
+        if len(parts) == 1:
+            return parts[0]
+        P, R = max(p.prompt_len for p in parts), max(p.width for p in parts)
+
+        def widen(p: Rollouts) -> tuple[torch.Tensor, ...]:
+            sides, right = (P - p.prompt_len, R - p.width), (0, R - p.width)
+            return (F.pad(p.sequences, sides, value=pad_id), F.pad(p.attention_mask, sides, value=0),
+                    F.pad(p.response_mask, right, value=False), F.pad(p.rollout_logp, right))  # fmt: skip
+
+        sequences, attention, valid, logp = (torch.cat(c) for c in zip(*map(widen, parts), strict=True))
+        return Rollouts(sequences, attention, P, valid, logp, [ex for p in parts for ex in p.examples])
+
 
 class RolloutEngine(Protocol):
     in_step: bool  # every rank must call generate as often as the others (gopd.fsdp)
     eos_ids: list[int]  # a response ends at the first of them (stop_ids)
+    max_rows: int | None  # most sequences it samples at once (None: no limit); more take several calls
 
     def generate(
         self, examples: list[Example], samples: int, temperature: float, top_p: float | None = None
@@ -179,11 +197,21 @@ class HFRolloutEngine:
         (generate's synced_gpus)."""
         return bool(self.cfg.fsdp) or is_sharded(self.model)
 
+    @property
+    def max_rows(self) -> int | None:
+        """Most sequences per generate call (generate_batch_size); None: no limit."""
+        return self.cfg.generate_batch_size
+
     def generate(
         self, examples: list[Example], samples: int, temperature: float, top_p: float | None = None
     ) -> Rollouts:
         top_p = self.cfg.top_p if top_p is None else top_p
         rows = [ex for ex in examples for _ in range(samples)]
+        size = self.max_rows or len(rows)
+        parts = [self._generate(rows[i : i + size], temperature, top_p) for i in range(0, len(rows), size)]
+        return Rollouts.concat(parts, self.tokenizer.pad_token_id)
+
+    def _generate(self, rows: list[Example], temperature: float, top_p: float) -> Rollouts:
         pad = self.tokenizer.pad_token_id
         ids, mask = left_pad([ex.prompt_ids for ex in rows], pad)
         device = next(self.model.parameters()).device
@@ -273,6 +301,7 @@ class VLLMRolloutEngine:
     wakes it, its weights first, loads the student's into them, then its KV cache."""
 
     in_step = False  # each rank's engine samples on its own, whatever the student's sharding
+    max_rows = None  # vLLM schedules its own batches
 
     def __init__(self, llm, tokenizer, cfg: TrainConfig, student: torch.nn.Module | None = None):
         """student: the live model whose weights vLLM's copy follows (training); None samples

@@ -117,7 +117,8 @@ class LLM:
         if self.asleep:
             raise RuntimeError(f"generate while asleep ({sorted(self.asleep)})")
         examples = [Example(p["prompt_token_ids"], "default", None, "") for p in prompts]
-        settings = SimpleNamespace(max_new_tokens=params.max_tokens, top_p=params.top_p, fsdp=False)
+        settings = SimpleNamespace(max_new_tokens=params.max_tokens, top_p=params.top_p, fsdp=False,
+                                   generate_batch_size=None)  # fmt: skip
         sampler = HFRolloutEngine(self.hf, self.tokenizer, settings)  # each engine samples alone
         # as vLLM: the model's own EOS ids, and the request's stop tokens
         sampler.eos_ids = list(dict.fromkeys([*sampler.eos_ids, *(params.stop_token_ids or [])]))

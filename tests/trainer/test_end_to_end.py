@@ -251,6 +251,9 @@ def test_cli_greedy_evaluation_takes_one_sample(tiny):
     assert proc.returncode == 2 and "eval_samples: must be 1 at eval_temperature 0" in proc.stderr
     proc = run_cli(*args, "--k", "1")
     assert proc.returncode == 0 and "avg@1:" in proc.stdout, proc.stderr[-2000:]
+    # greedy: three prompts per generate call give the same answers as all of them at once
+    chunked = run_cli(*args, "--k", "1", "--generate-batch-size", "3")
+    assert chunked.returncode == 0 and chunked.stdout == proc.stdout, chunked.stderr[-2000:]
 
 
 def test_eval_teachers_logs_each_teacher_and_leaves_the_students_run_as_it_was(tiny, tmp_path):

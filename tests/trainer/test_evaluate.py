@@ -21,6 +21,7 @@ class ScriptedEngine:
     """Returns fixed responses: prompt i's samples are responses[i]."""
 
     in_step = False
+    max_rows = None
 
     def __init__(self, tokenizer, responses):
         self.tokenizer, self.responses = tokenizer, responses
@@ -120,13 +121,17 @@ def _evaluate_on_a_rank(ctx, tiny):
     tok = load_tokenizer(str(tiny["student"]))
     examples = [Example([3], "default", answer, "") for answer in ("12", "7", "12")]  # rank 0: 2, rank 1: 1
     engine = InStepEngine(tok, [["12", "12"]])  # every prompt's samples say 12
-    return evaluate(engine, tok, examples, k=2, temperature=1.0, batch_prompts=1, ctx=ctx), engine.calls
+    out = [(evaluate(engine, tok, examples, k=2, temperature=1.0, batch_prompts=1, ctx=ctx), engine.calls)]
+    # an engine sampling at most 2 rows at once (generate_batch_size): 1 prompt of k = 2 a call
+    engine = InStepEngine(tok, [["12", "12"]])
+    engine.max_rows = 2
+    return out + [(evaluate(engine, tok, examples, k=2, temperature=1.0, ctx=ctx), engine.calls)]
 
 
 def test_a_rank_out_of_prompts_keeps_sampling_in_step_with_the_others(tiny, tmp_path):
     from tests.trainer.test_distributed import run_ranks
 
-    for result, calls in run_ranks(tmp_path, _evaluate_on_a_rank, tiny):
+    for result, calls in [run for rank in run_ranks(tmp_path, _evaluate_on_a_rank, tiny) for run in rank]:
         assert calls == 2  # rank 1's second call: one prompt more, unscored
         assert (
             result["prompts"] == 3

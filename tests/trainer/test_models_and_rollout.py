@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -113,10 +114,12 @@ def test_responses_end_at_any_eos_the_checkpoint_lists(tiny, tmp_path):
     assert ended > 0  # the second EOS did end some responses
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_engine_logprobs_match_the_students_at_the_sampling_temperature(tiny, tmp_path, temperature):
-    """r_t recorded during generate equals s_t recomputed from hidden states at tau."""
-    cfg = base_config(tiny, tmp_path, temperature=temperature)
+@pytest.mark.parametrize("temperature,generate_batch_size", [(1.0, None), (0.7, None), (1.0, 4)])
+def test_engine_logprobs_match_the_students_at_the_sampling_temperature(tiny, tmp_path, temperature,
+                                                                        generate_batch_size):  # fmt: skip
+    """r_t recorded during generate equals s_t recomputed from hidden states at tau; with
+    generate_batch_size 4, on the 15 rows of 4 generate calls put side by side."""
+    cfg = base_config(tiny, tmp_path, temperature=temperature, generate_batch_size=generate_batch_size)
     tok = load_tokenizer(str(tiny["student"]))
     model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=True)
     examples = load_examples(cfg.train_data, cfg, tok, 64)[:5]
@@ -147,6 +150,16 @@ def test_temperature_zero_is_greedy(tiny, tmp_path):
                  eos_token_id=tok.eos_token_id)  # fmt: skip
     argmax = model.generate(input_ids=ids, attention_mask=mask, **plain)
     assert torch.equal(first.sequences[:, : argmax.shape[1]], argmax)
+    # generate_batch_size: 3 calls of 3, 3 and 2 rows, put side by side, are the one call's rows
+    chunked = HFRolloutEngine(model, tok, replace(cfg, generate_batch_size=3))
+    calls = []
+    real = chunked._generate
+    chunked._generate = lambda rows, *a: calls.append(len(rows)) or real(rows, *a)
+    parts = chunked.generate(examples, samples=2, temperature=0.0)
+    assert calls == [3, 3, 2] and parts.prompt_len == first.prompt_len
+    for name in ("sequences", "attention_mask", "response_mask"):
+        assert torch.equal(getattr(parts, name), getattr(first, name)), name
+    torch.testing.assert_close(parts.rollout_logp, first.rollout_logp, atol=1e-5, rtol=1e-5)
 
 
 def test_the_checkpoints_generation_config_does_not_reach_the_rollouts(tiny, tmp_path):

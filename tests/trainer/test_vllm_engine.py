@@ -118,6 +118,11 @@ def test_vllm_settings_are_checked(tiny, tmp_path):
         base_config(tiny, tmp_path, vllm_sleep=True)
     with pytest.raises(ValueError, match=r"vllm_gpu_memory_utilization: must be in \(0, 1\)"):
         base_config(tiny, tmp_path, rollout_engine="vllm", vllm_gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="generate_batch_size: applies to transformers generate"):
+        base_config(tiny, tmp_path, rollout_engine="vllm", generate_batch_size=8)
+    # under vLLM it reaches eval_teachers' teachers of another shape than the student's
+    base_config(tiny, tmp_path, rollout_engine="vllm", generate_batch_size=8, eval_teachers=True,
+                eval_data=str(tiny["eval"]))  # fmt: skip
 
 
 def test_engine_starts_from_the_live_student_and_resyncs_after_each_update(tiny, tmp_path, fake):
