@@ -104,12 +104,11 @@ def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
     with torch.random.fork_rng(devices=devices):
         for domain, teacher in models.teachers.items():
             if vllm and servable_shapes(teacher) == servable_shapes(models.student):
-                with frozen_on_device(models, domain):
-                    engine.update_weights(teacher)
-                    try:
-                        out[domain] = run(engine)
-                    finally:
-                        engine.update_weights(models.student)
+                engine.update_weights(teacher)  # copied from where it is (offload_frozen: the CPU)
+                try:
+                    out[domain] = run(engine)
+                finally:
+                    engine.update_weights(models.student)
                 continue
             if vllm:
                 logger.info("eval_teachers: teacher %s is not shaped as the student, so it samples with "
