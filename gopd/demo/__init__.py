@@ -29,6 +29,9 @@ DIGITS = 3
 STUDENT_GREEDY_ACC = 0.5  # snapshot the student when it first answers half the problems greedily
 TEACHER_GREEDY_ACC = 0.97  # and the teacher once it is nearly always right,
 TEACHER_EXTRA_STEPS = 200  # plus this many steps
+# the carry rule comes all at once, after 500 to 4000 steps depending on the seed (seeds 0-4,
+# Intel VM: 490, 1060, 1850, ~3100, ~4000): a cap with room to spare
+SFT_MAX_STEPS = 6000
 
 
 def until_mastered() -> Callable[[int, float], bool]:
@@ -66,12 +69,12 @@ def train_teacher_and_student(out: Path, seed: int, quick: bool) -> tuple[Path, 
             return False
         return teacher_done(step, acc)
 
-    last = sft(model, tokenizer, lambda n: [problem(rng, DIGITS) for _ in range(n)], 40 if quick else 3000,
-               check_every=10, on_check=on_check)  # fmt: skip
+    last = sft(model, tokenizer, lambda n: [problem(rng, DIGITS) for _ in range(n)],
+               40 if quick else SFT_MAX_STEPS, check_every=10, on_check=on_check)  # fmt: skip
     if "student_step" not in info:
-        raise RuntimeError(
-            f"SFT never reached greedy accuracy {STUDENT_GREEDY_ACC} in {last} steps (seed {seed})"
-        )
+        raise RuntimeError(f"SFT never reached greedy accuracy {STUDENT_GREEDY_ACC} in {last} steps (seed "
+                           f"{seed}: this tiny model learns the task from most seeds, not all; try another "
+                           "--seed)")  # fmt: skip
     save(model, tokenizer, teacher_dir)
     info.update(teacher_step=last, teacher_greedy=greedy_accuracy(model, tokenizer, val, DIGITS + 2))
     return student_dir, teacher_dir, info
