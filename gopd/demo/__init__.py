@@ -29,8 +29,10 @@ DIGITS = 3
 STUDENT_GREEDY_ACC = 0.5  # snapshot the student when it first answers half the problems greedily
 TEACHER_GREEDY_ACC = 0.97  # and the teacher once it is nearly always right,
 TEACHER_EXTRA_STEPS = 200  # plus this many steps
-# the carry rule comes all at once, after 500 to 4000 steps depending on the seed (seeds 0-4,
-# Intel VM: 490, 1060, 1850, ~3100, ~4000): a cap with room to spare
+# The carry rule comes all at once, after a plateau whose length depends on the seed and on the
+# order of floating-point sums (so on the thread count). On the Intel VM the student snapshot
+# came at step 490, 1060, 1850 and 5490 for seeds 0, 1, 2 and 4 (seed 3: not by 6000); with one
+# thread, seeds 3 and 4 learned it near steps 3100 and 4000.
 SFT_MAX_STEPS = 6000
 
 
