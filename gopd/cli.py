@@ -87,6 +87,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         device=args.device,
         lams=args.lam,
+        weak_teacher=args.weak_teacher,
     )
     return 0
 
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lam", type=float, nargs="+", default=None, metavar="LAM",
                    help="reward scale(s): one G-OPD run each from the same student and teachers, side by "
                    "side (e.g. --lam 1 1.25: OPD against ExOPD); default 1.25")  # fmt: skip
+    p.add_argument("--weak-teacher", action="store_true",
+                   help="take each teacher as soon as it answers 80%% of its task greedily (default: "
+                   "97%%, then 200 steps more): a teacher the student can pass")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     p.add_argument("--device", default="cpu",
                    help="where the evaluation and G-OPD run: cpu (default; the README's figures) | auto | "

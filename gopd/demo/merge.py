@@ -29,7 +29,8 @@ TASKS = {"add": problem, "sub": subtraction}
 STUDENT_GREEDY_ACC = 0.4  # the student: when it first answers this share of each task greedily
 
 
-def train_student_and_teachers(out: Path, seed: int, quick: bool) -> tuple[Path, dict[str, Path], dict]:
+def train_student_and_teachers(out: Path, seed: int, quick: bool,
+                               weak: bool = False) -> tuple[Path, dict[str, Path], dict]:  # fmt: skip
     """SFT on both tasks up to the student; then, from the student, one teacher per task."""
     tokenizer = build_tokenizer(MERGE_ALPHABET)
     model = build_model(tokenizer, seed=seed)
@@ -55,7 +56,7 @@ def train_student_and_teachers(out: Path, seed: int, quick: bool) -> tuple[Path,
     student_dir = save(model, tokenizer, out / "models" / "student")
     teacher_dirs = {}
     for domain, make in TASKS.items():
-        teacher, done = copy.deepcopy(model), until_mastered()
+        teacher, done = copy.deepcopy(model), until_mastered(weak)
         mastered = lambda step, t=teacher, d=domain, done=done: done(step, accuracy(t, d))  # noqa: E731
 
         task_rng = random.Random(seed + 100 + len(teacher_dirs))
@@ -67,8 +68,8 @@ def train_student_and_teachers(out: Path, seed: int, quick: bool) -> tuple[Path,
 
 
 def run_merge_demo(out: str | Path = "runs/demo_merge", seed: int = 0, distill_steps: int | None = None,
-                   quick: bool = False, device: str = "cpu",
-                   lams: Sequence[float] | None = None) -> dict:  # fmt: skip
+                   quick: bool = False, device: str = "cpu", lams: Sequence[float] | None = None,
+                   weak_teacher: bool = False) -> dict:  # fmt: skip
     """device: where the evaluations and the G-OPD stage run (the tiny SFT stays on the CPU).
     lams: one G-OPD run per reward scale, from the same student and teachers (default: 1.25)."""
     out, lams = Path(out), check_lams(lams)
@@ -80,7 +81,7 @@ def run_merge_demo(out: str | Path = "runs/demo_merge", seed: int = 0, distill_s
     print(f"[1/4] tasks: {DIGITS}-digit addition (add) and subtraction (sub), answer digits reversed; "
           f"data in {out / 'data'}")  # fmt: skip
     print("[2/4] SFT of one tiny Qwen3 on both: the student; then one teacher per task, trained on from it")
-    student_dir, teacher_dirs, info = train_student_and_teachers(out, seed, quick)
+    student_dir, teacher_dirs, info = train_student_and_teachers(out, seed, quick, weak_teacher)
     greedy = ", ".join(f"{d} {a:.2f}" for d, a in info["student_greedy"].items())
     more = ", ".join(f"teacher {d}: {info[f'teacher_{d}_steps']} steps more" for d in TASKS)
     print(f"      {info['params'] / 1e6:.2f}M params; student = SFT step {info['student_step']} "

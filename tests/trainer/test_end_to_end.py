@@ -318,6 +318,17 @@ def test_demo_runs_each_lam_from_the_same_student(tmp_path, monkeypatch):
         assert first["advantage"] == pytest.approx(-cfg.lam * first["reverse_kl"], rel=1e-4)
 
 
+def test_the_demo_teachers_stop_rule():
+    """until_mastered: 200 steps after greedy accuracy first reaches 0.97 (a dip after does not
+    reset it); weak: at the first check that reaches 0.8."""
+    from gopd.demo import until_mastered
+
+    checks = [(10, 0.5), (20, 0.85), (30, 0.97), (40, 0.9), (220, 0.99), (230, 1.0)]
+    strong, weak = until_mastered(), until_mastered(weak=True)
+    assert [strong(step, acc) for step, acc in checks] == [False] * 5 + [True]
+    assert [weak(step, acc) for step, acc in checks[:2]] == [False, True]
+
+
 @pytest.mark.parametrize("lams", [[], [1.25, 1.25], [-1.0], [float("nan")]])
 def test_demo_refuses_bad_lams_before_any_training(tmp_path, lams):
     from gopd.demo import run_demo
