@@ -4,7 +4,8 @@
 2. one tiny Qwen3-style model trained by SFT: snapshotted early as the (weak) student and
    trained on as the teacher, like the paper's same-size setting where the teacher is the
    student after domain RL;
-3. ExOPD (lam = 1.25, reference = the student's initial weights) with the real trainer;
+3. ExOPD (lam = 1.25, reference = the student's initial weights) with the real trainer, or
+   one run per lam side by side (--lam 1 1.25: OPD against ExOPD);
 4. avg@k accuracy of teacher and student, before and after.
 """
 
@@ -114,9 +115,8 @@ def distill_each_lam(cfg: TrainConfig, lams: tuple[float, ...]) -> tuple[dict, d
     """One G-OPD run per lam, each from the same student and teachers with the same seed (so
     the same first samples): a paired comparison. Returns (the student's evaluation before,
     {row name: its evaluation after}); with several lams each run writes to output_dir_lam<lam>."""
-    before, after = None, {}
+    before, after, several = None, {}, len(lams) > 1
     for lam in lams:
-        several = len(lams) > 1
         run = replace(cfg, lam=lam, output_dir=f"{cfg.output_dir}_lam{lam:g}" if several else cfg.output_dir)
         evals = train(run)["evals"]
         before = before or evals[0]  # step 0: every run's first evaluation, of the same model and seed
