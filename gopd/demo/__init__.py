@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,20 +38,28 @@ WEAK_TEACHER_GREEDY_ACC = 0.8  # --weak-teacher: as soon as it answers this shar
 SFT_MAX_STEPS = 6000
 
 
-def until_mastered(weak: bool = False) -> Callable[[int, float], bool]:
-    """A teacher's SFT stop rule, check(step, greedy accuracy) -> stop: TEACHER_EXTRA_STEPS steps
-    after the accuracy first reaches TEACHER_GREEDY_ACC (a margin past the threshold sharpens
-    the teacher, which is sampled at temperature 1). weak: as soon as it reaches
-    WEAK_TEACHER_GREEDY_ACC, a teacher a student can pass."""
-    threshold, extra = (WEAK_TEACHER_GREEDY_ACC, 0) if weak else (TEACHER_GREEDY_ACC, TEACHER_EXTRA_STEPS)
-    reached: list[int] = []
+class TeacherStop:
+    """A teacher's SFT stop rule, called as check(step, greedy accuracy) -> stop: TEACHER_EXTRA_STEPS
+    steps after the accuracy first reaches TEACHER_GREEDY_ACC (a margin past the threshold
+    sharpens the teacher, which is sampled at temperature 1). weak: as soon as it reaches
+    WEAK_TEACHER_GREEDY_ACC, a teacher a student can pass. `stopped` says whether it fired
+    (not: the SFT's step cap came first)."""
 
-    def check(step: int, accuracy: float) -> bool:
-        if not reached and accuracy >= threshold:
-            reached.append(step)
-        return bool(reached) and step >= reached[0] + extra
+    def __init__(self, weak: bool = False):
+        self.threshold, self.extra = (
+            (WEAK_TEACHER_GREEDY_ACC, 0) if weak else (TEACHER_GREEDY_ACC, TEACHER_EXTRA_STEPS)
+        )
+        self.reached: int | None = None
+        self.stopped = False
 
-    return check
+    def __call__(self, step: int, accuracy: float) -> bool:
+        if self.reached is None and accuracy >= self.threshold:
+            self.reached = step
+        self.stopped = self.reached is not None and step >= self.reached + self.extra
+        return self.stopped
+
+    def describe(self) -> str:
+        return f"{self.threshold:.0%} greedy" + (f", then {self.extra} steps more" if self.extra else "")
 
 
 def train_teacher_and_student(
@@ -66,7 +74,7 @@ def train_teacher_and_student(
     val = [problem(val_rng, DIGITS) for _ in range(100)]
     student_dir, teacher_dir = out / "models" / "student", out / "models" / "teacher"
     info = {"params": sum(p.numel() for p in model.parameters())}
-    teacher_done = until_mastered(weak)
+    teacher_done = TeacherStop(weak)
 
     def on_check(step: int) -> bool:
         acc = greedy_accuracy(model, tokenizer, val, DIGITS + 2)
@@ -85,6 +93,10 @@ def train_teacher_and_student(
                            "--seed)")  # fmt: skip
     save(model, tokenizer, teacher_dir)
     info.update(teacher_step=last, teacher_greedy=greedy_accuracy(model, tokenizer, val, DIGITS + 2))
+    if not (teacher_done.stopped or quick):
+        info["teacher_cut_short"] = (
+            f"the {last}-step cap came before the teacher's rule ({teacher_done.describe()})"
+        )
     return student_dir, teacher_dir, info
 
 
@@ -135,7 +147,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
     """device: where the teacher's evaluation and the G-OPD stage run (the tiny SFT stays on
     the CPU); the README's figures are from "cpu". lams: one G-OPD run per reward scale, from
     the same student and teacher (default: 1.25 alone). weak_teacher: the teacher is taken as soon
-    as it answers WEAK_TEACHER_GREEDY_ACC of the problems greedily (until_mastered)."""
+    as it answers WEAK_TEACHER_GREEDY_ACC of the problems greedily (TeacherStop)."""
     out, lams = Path(out), check_lams(lams)
     resolve_device(device)  # an unusable device fails now, not after the SFT
     started = time.perf_counter()
@@ -148,6 +160,8 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
     print(f"      {info['params'] / 1e6:.2f}M params; student = SFT step {info['student_step']} "
           f"(greedy {info['student_greedy']:.2f}), teacher = step {info['teacher_step']} "
           f"(greedy {info['teacher_greedy']:.2f})")  # fmt: skip
+    if "teacher_cut_short" in info:
+        print(f"      note: {info['teacher_cut_short']}")
     cfg = distill_config(
         str(teacher_dir), student_dir, train_path, eval_path, out, distill_steps, k, seed, device
     )

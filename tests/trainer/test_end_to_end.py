@@ -319,14 +319,15 @@ def test_demo_runs_each_lam_from_the_same_student(tmp_path, monkeypatch):
 
 
 def test_the_demo_teachers_stop_rule():
-    """until_mastered: 200 steps after greedy accuracy first reaches 0.97 (a dip after does not
-    reset it); weak: at the first check that reaches 0.8."""
-    from gopd.demo import until_mastered
+    """TeacherStop: 200 steps after greedy accuracy first reaches 0.97 (a dip after does not
+    reset it); weak: at the first check that reaches 0.8. `stopped` tells a cap that came first."""
+    from gopd.demo import TeacherStop
 
     checks = [(10, 0.5), (20, 0.85), (30, 0.97), (40, 0.9), (220, 0.99), (230, 1.0)]
-    strong, weak = until_mastered(), until_mastered(weak=True)
-    assert [strong(step, acc) for step, acc in checks] == [False] * 5 + [True]
-    assert [weak(step, acc) for step, acc in checks[:2]] == [False, True]
+    strong, weak = TeacherStop(), TeacherStop(weak=True)
+    assert [strong(step, acc) for step, acc in checks[:-1]] == [False] * 5 and not strong.stopped
+    assert strong(*checks[-1]) and strong.stopped and strong.describe() == "97% greedy, then 200 steps more"
+    assert [weak(step, acc) for step, acc in checks[:2]] == [False, True] and weak.describe() == "80% greedy"
 
 
 @pytest.mark.parametrize("lams", [[], [1.25, 1.25], [-1.0], [float("nan")]])
