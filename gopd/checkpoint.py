@@ -4,6 +4,7 @@ and renamed into place, so that a crash never leaves a half-written checkpoint b
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -90,12 +91,30 @@ def latest_checkpoint(output_dir: str) -> Path | None:
     return done[-1] if done else None
 
 
-def prune_checkpoints(output_dir: str, keep: int) -> list[Path]:
-    """Remove all but the newest `keep` complete checkpoints; returns the removed ones."""
-    old = complete_checkpoints(output_dir)[:-keep]
+def prune_checkpoints(output_dir: str, keep: int, spare: Path | None = None) -> list[Path]:
+    """Remove all but the newest `keep` complete checkpoints, and `spare` (the best one);
+    returns the removed ones."""
+    old = [p for p in complete_checkpoints(output_dir)[:-keep] if spare is None or p != Path(spare)]
     for path in old:
         shutil.rmtree(path)
     return old
+
+
+BEST_FILE = "best.json"
+
+
+def best_checkpoint(output_dir: str) -> dict | None:
+    """What keep_best last recorded: {"step", "path", "metric", "value"}; None when nothing has."""
+    path = Path(output_dir) / BEST_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def record_best(output_dir: str, best: dict) -> None:
+    """Write best.json in place atomically (a reader never sees half of it)."""
+    path = Path(output_dir) / BEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(best, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def resolve_resume(resume: str, output_dir: str) -> Path:

@@ -123,6 +123,11 @@ class TrainConfig:
     keep_checkpoints: int | None = _f(
         None, "keep only the newest N checkpoints, removing older ones once a new one is complete; null = all"
     )
+    keep_best: bool = _f(
+        False,
+        "at each evaluation whose avg@k beats every earlier one (after step 0), write a checkpoint "
+        "there and name it in output_dir/best.json; keep_checkpoints never removes it",
+    )
     output_dir: str = _f("runs/gopd", "where checkpoints, metrics.jsonl and logs go")
     loggers: list = _f(["jsonl", "console"], "any of jsonl, console, tensorboard, wandb")
     wandb_project: str = _f("gopd", "W&B project (with the wandb logger)")
@@ -302,7 +307,7 @@ class TrainConfig:
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
         for name in ("eval_temperature", "eval_top_p", "eval_max_prompts"):  # evaluation's alone
             err.need(getattr(self, name) is None or bool(self.eval_data), name, "needs eval_data")
-        for name in ("allow_code_execution", "eval_teachers"):
+        for name in ("allow_code_execution", "eval_teachers", "keep_best"):
             err.need(not getattr(self, name) or bool(self.eval_data), name, "needs eval_data")
         if self.domain_weights is not None:
             weights = self.domain_weights

@@ -24,10 +24,13 @@ import yaml
 from tqdm import tqdm
 
 from gopd.checkpoint import (
+    BEST_FILE,
+    checkpoint_dir,
     load_optimizer_state,
     load_trainer_state,
     optimizer_shard_file,
     prune_checkpoints,
+    record_best,
     resolve_resume,
     rng_state,
     save_checkpoint,
@@ -153,6 +156,18 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
             log.log(step, result, "eval")
             summary["evals"][step] = result
 
+    best = state.get("best") if resume else None  # keep_best: {"step", "metric", "value"}
+    metric = f"avg@{cfg.eval_samples}"
+
+    def new_best(step: int) -> bool:
+        """keep_best: whether this step's evaluation beats every earlier one after step 0."""
+        nonlocal best
+        result = summary["evals"].get(step)
+        if not (cfg.keep_best and step > 0 and result) or (best and result[metric] <= best["value"]):
+            return False
+        best = {"step": step, "metric": metric, "value": result[metric]}
+        return True
+
     if start == 0 and cfg.eval_teachers:  # the bar, on the same prompts with the same settings
         summary["teacher_evals"] = evaluate_teachers(models, eval_examples, cfg, ctx, engine)
         for domain, result in summary["teacher_evals"].items():
@@ -200,13 +215,16 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
             metrics["updates"] = taken
         log.log(step, metrics)
         summary["last_loss"] = metrics["loss"]
-        if cfg.eval_every and step % cfg.eval_every == 0:
+        last = step == steps  # its evaluation comes before its checkpoint, which keep_best may need
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             run_eval(step)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-            checkpoint(cfg, step, models, optimizer, scheduler, sampler, ctx)
+        improved = new_best(step)
+        if (cfg.save_every and step % cfg.save_every == 0) or last or improved:
+            checkpoint(cfg, step, models, optimizer, scheduler, sampler, ctx, best)
             saved_at = step
-    if eval_examples and steps not in summary["evals"] and start < steps:
-        run_eval(steps)
+        if improved and ctx.is_main:
+            record_best(cfg.output_dir, best | {"path": str(checkpoint_dir(cfg.output_dir, step))})
+            logger.info("step %d: best %s so far (%.4f): %s", step, metric, best["value"], BEST_FILE)
     log.close()
     summary["checkpoint"] = saved_at
     return summary
@@ -247,7 +265,8 @@ def mean_over_updates(updates: list[tuple[float, dict, bool]]) -> dict:
     return out
 
 
-def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sampler, ctx: DistContext) -> None:
+def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sampler, ctx: DistContext,
+               best: dict | None = None) -> None:  # fmt: skip
     """Rank 0 writes the checkpoint, with every rank's RNG state (and, when the optimizer is
     sharded, every rank writes its shard of it; under fsdp with its weight shards); the
     others wait for it. Replicated students are first checked to be identical (they must be:
@@ -274,9 +293,11 @@ def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sample
         state |= {"optimizer_shards": ctx.world_size} if sharded else {"optimizer": optimizer.state_dict()}
         state |= {"rng_ranks": rngs} if ctx.enabled else {}
         state |= {"fsdp": True} if fsdp else {}
+        state |= {"best": best} if best else {}  # keep_best's bar, for a resumed run
         save_checkpoint(tmp, models.student, models.tokenizer, state, weights)
         if cfg.keep_checkpoints:
-            for path in prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints):
+            spare = checkpoint_dir(cfg.output_dir, best["step"]) if best else None
+            for path in prune_checkpoints(cfg.output_dir, cfg.keep_checkpoints, spare):
                 logger.info("removed %s (keep_checkpoints: %d)", path, cfg.keep_checkpoints)
     ctx.barrier()
 

@@ -87,6 +87,7 @@ def test_unknown_key_is_an_error(tiny):
         (dict(gradient_checkpointing=1), "gradient_checkpointing: must be true or false"),
         (dict(loss_fold="auto"), "loss_fold: must be true or false or null"),
         (dict(eval_teachers=True), "eval_teachers: needs eval_data"),
+        (dict(keep_best=True), "keep_best: needs eval_data"),
         (dict(generate_batch_size=0), "generate_batch_size: must be null or an int >= 1"),
         (dict(generate_batch_size=True), "generate_batch_size: must be null or an int >= 1"),
         (dict(code_timeout=0), "code_timeout: must be > 0"),

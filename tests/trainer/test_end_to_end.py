@@ -16,7 +16,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from gopd import distributed
-from gopd.checkpoint import latest_checkpoint
+from gopd.checkpoint import checkpoint_dir, latest_checkpoint
 from gopd.data import Example
 from gopd.rollout import Rollouts
 from gopd.trainer import rollout_lengths, train
@@ -270,6 +270,29 @@ def test_eval_teachers_logs_each_teacher_and_leaves_the_students_run_as_it_was(t
     for domain, result in summary["teacher_evals"].items():
         (logged,) = [r for r in records if r["kind"] == f"eval_teacher/{domain}"]
         assert logged["step"] == 0 and {k: logged[k] for k in result} == result
+
+
+def test_keep_best_keeps_the_checkpoint_of_the_best_evaluation(tiny, tmp_path, monkeypatch):
+    """Scripted avg@2 per evaluation (the tiny models answer nothing right): a checkpoint at
+    each new best after step 0, best.json naming it, keep_checkpoints sparing it; resumed, the
+    run keeps the bar it had (0.45 at step 5 is no best after 0.5)."""
+    import gopd.trainer
+    from gopd.checkpoint import best_checkpoint, complete_checkpoints, load_trainer_state
+
+    scripted = iter([0.1, 0.2, 0.5, 0.3, 0.4, 0.45, 0.55])  # steps 0 to 4, then 5 and 6 resumed
+    monkeypatch.setattr(gopd.trainer, "evaluate", lambda *a, **k: {"avg@2": next(scripted), "prompts": 8})
+    cfg = base_config(tiny, tmp_path, eval_data=str(tiny["eval"]), eval_every=1, eval_samples=2, steps=4,
+                      keep_best=True, keep_checkpoints=1)  # fmt: skip
+    train(cfg)
+    best = best_checkpoint(cfg.output_dir)
+    path = str(checkpoint_dir(cfg.output_dir, 2))
+    assert best == {"step": 2, "metric": "avg@2", "value": 0.5, "path": path}
+    kept = complete_checkpoints(cfg.output_dir)  # written at 1 (a best), 2 (a best) and 4 (the last)
+    assert [p.name for p in kept] == ["step_0000002", "step_0000004"]
+    assert load_trainer_state(kept[-1])["best"] == {k: best[k] for k in ("step", "metric", "value")}
+    train(dataclasses.replace(cfg, steps=6), resume="latest")
+    assert best_checkpoint(cfg.output_dir)["step"] == 6
+    assert [p.name for p in complete_checkpoints(cfg.output_dir)] == ["step_0000006"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
