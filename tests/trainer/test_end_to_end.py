@@ -205,6 +205,23 @@ def test_cli_help_describes_every_option():
     assert build_parser().prog == "gopd"
 
 
+def test_cli_demo_passes_its_options_to_the_demo(monkeypatch):
+    """gopd demo --lam 1 1.25 --weak-teacher (--merge): each option reaches run_demo (run_merge_demo)."""
+    import gopd.demo
+    import gopd.demo.merge
+    from gopd.cli import main
+
+    calls = []
+    for module, name in ((gopd.demo, "run_demo"), (gopd.demo.merge, "run_merge_demo")):
+        monkeypatch.setattr(module, name, lambda out, **kw: calls.append((out, kw)))
+    assert main(["demo", "--lam", "1", "1.25", "--weak-teacher", "--seed", "3", "--distill-steps", "7"]) == 0
+    assert main(["demo", "--merge"]) == 0
+    (out, kw), (merge_out, merge_kw) = calls
+    want = dict(seed=3, distill_steps=7, quick=False, device="cpu", lams=[1.0, 1.25], weak_teacher=True)
+    assert out == "runs/demo" and kw == want
+    assert merge_out == "runs/demo_merge" and merge_kw["lams"] is None and merge_kw["weak_teacher"] is False
+
+
 def test_cli_bad_config_exits_with_a_clear_error(tiny, tmp_path):
     proc = run_cli("train", "--student", str(tiny["student"]), "--teachers", str(tiny["teacher"]),
                    "--train-data", str(tiny["train"]), "--lam", "-1", "--objective", "reverse")  # fmt: skip
