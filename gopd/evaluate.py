@@ -84,6 +84,15 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     return result
 
 
+def evaluate_configured(engine: RolloutEngine, tokenizer, examples: list[Example], cfg: TrainConfig,
+                        ctx: DistContext = SINGLE) -> dict[str, float]:  # fmt: skip
+    """evaluate() with the run's evaluation settings: k = cfg.eval_samples, cfg.eval_sampling,
+    cfg's verifier. The student's evaluations, the teachers' and a checkpoint's all go through it."""
+    temperature, top_p = cfg.eval_sampling
+    return evaluate(engine, tokenizer, examples, cfg.eval_samples, temperature, ctx=ctx,
+                    verifier=Verifier.from_config(cfg), top_p=top_p)  # fmt: skip
+
+
 def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig, ctx: DistContext = SINGLE,
                       engine: RolloutEngine | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
     """{domain: its teacher's evaluate() figures} on `examples`, sampled as the student's evaluation
@@ -94,10 +103,7 @@ def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
     same-size and merging settings) samples there: its weights are loaded into vLLM's copy for
     its evaluation, the student's after (vLLM's own random stream moves on). Any other teacher
     samples with transformers generate, said in a log line."""
-    temperature, top_p = cfg.eval_sampling
-    verifier = Verifier.from_config(cfg)
-    run = lambda e: evaluate(e, models.tokenizer, examples, cfg.eval_samples, temperature, ctx=ctx,  # noqa: E731
-                             verifier=verifier, top_p=top_p)  # fmt: skip
+    run = lambda e: evaluate_configured(e, models.tokenizer, examples, cfg, ctx)  # noqa: E731
     vllm = isinstance(engine, VLLMRolloutEngine)
     devices = [models.device] if models.device.type == "cuda" else []
     out = {}
@@ -141,9 +147,6 @@ def evaluate_checkpoint(path: str, cfg: TrainConfig) -> dict[str, float]:
         examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(limit), for_eval=True)
         examples = examples[: cfg.eval_max_prompts]
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own samples
-        verifier = Verifier.from_config(cfg)
-        temperature, top_p = cfg.eval_sampling
-        k = cfg.eval_samples
-        return evaluate(engine, tokenizer, examples, k, temperature, ctx=ctx, verifier=verifier, top_p=top_p)
+        return evaluate_configured(engine, tokenizer, examples, cfg, ctx)
     finally:
         close_distributed(ctx)

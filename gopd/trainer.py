@@ -46,14 +46,13 @@ from gopd.distributed import (
     close_distributed,
     init_distributed,
 )
-from gopd.evaluate import evaluate, evaluate_teachers
+from gopd.evaluate import evaluate_configured, evaluate_teachers
 from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import context_length, load_models, load_student_weights
 from gopd.rollout import is_stop, make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, update_step
-from gopd.verifiers import Verifier
 
 logger = logging.getLogger("gopd")
 MAX_BAD_STEPS = 3
@@ -150,9 +149,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
 
     def run_eval(step: int) -> None:
         if eval_examples:
-            temperature, top_p = cfg.eval_sampling
-            result = evaluate(engine, tokenizer, eval_examples, cfg.eval_samples, temperature, ctx=ctx,
-                              verifier=Verifier.from_config(cfg), top_p=top_p)  # fmt: skip
+            result = evaluate_configured(engine, tokenizer, eval_examples, cfg, ctx)
             log.log(step, result, "eval")
             summary["evals"][step] = result
 

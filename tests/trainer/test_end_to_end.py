@@ -297,7 +297,8 @@ def test_keep_best_keeps_the_checkpoint_of_the_best_evaluation(tiny, tmp_path, m
     from gopd.checkpoint import best_checkpoint, complete_checkpoints, load_trainer_state
 
     scripted = iter([0.1, 0.2, 0.5, 0.3, 0.4, 0.45, 0.55])  # steps 0 to 4, then 5 and 6 resumed
-    monkeypatch.setattr(gopd.trainer, "evaluate", lambda *a, **k: {"avg@2": next(scripted), "prompts": 8})
+    scripted_eval = lambda *a, **k: {"avg@2": next(scripted), "prompts": 8}  # noqa: E731
+    monkeypatch.setattr(gopd.trainer, "evaluate_configured", scripted_eval)
     cfg = base_config(tiny, tmp_path, eval_data=str(tiny["eval"]), eval_every=1, eval_samples=2, steps=4,
                       keep_best=True, keep_checkpoints=1)  # fmt: skip
     train(cfg)
