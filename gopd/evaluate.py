@@ -105,11 +105,12 @@ def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
     samples with transformers generate, said in a log line."""
     run = lambda e: evaluate_configured(e, models.tokenizer, examples, cfg, ctx)  # noqa: E731
     vllm = isinstance(engine, VLLMRolloutEngine)
+    student_shapes = servable_shapes(models.student) if vllm else None
     devices = [models.device] if models.device.type == "cuda" else []
     out = {}
     with torch.random.fork_rng(devices=devices):
         for domain, teacher in models.teachers.items():
-            if vllm and servable_shapes(teacher) == servable_shapes(models.student):
+            if vllm and servable_shapes(teacher) == student_shapes:
                 engine.update_weights(teacher)  # copied from where it is (offload_frozen: the CPU)
                 try:
                     out[domain] = run(engine)
