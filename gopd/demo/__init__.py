@@ -61,6 +61,19 @@ class TeacherStop:
     def describe(self) -> str:
         return f"{self.threshold:.0%} greedy" + (f", then {self.extra} steps more" if self.extra else "")
 
+    def cap_note(self, teacher: str, steps: int) -> list[str]:
+        """[what to tell the user] when the SFT's step cap stopped `teacher` first; else []."""
+        return (
+            []
+            if self.stopped
+            else [f"{teacher}: the {steps}-step cap came before its rule ({self.describe()})"]
+        )
+
+
+def print_notes(info: dict) -> None:
+    for line in info.get("notes", []):
+        print(f"      note: {line}")
+
 
 def train_teacher_and_student(
     out: Path, seed: int, quick: bool, weak: bool = False
@@ -93,10 +106,7 @@ def train_teacher_and_student(
                            "--seed)")  # fmt: skip
     save(model, tokenizer, teacher_dir)
     info.update(teacher_step=last, teacher_greedy=greedy_accuracy(model, tokenizer, val, DIGITS + 2))
-    if not (teacher_done.stopped or quick):
-        info["teacher_cut_short"] = (
-            f"the {last}-step cap came before the teacher's rule ({teacher_done.describe()})"
-        )
+    info["notes"] = [] if quick else teacher_done.cap_note("teacher", last)
     return student_dir, teacher_dir, info
 
 
@@ -160,8 +170,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, distill_steps: int | 
     print(f"      {info['params'] / 1e6:.2f}M params; student = SFT step {info['student_step']} "
           f"(greedy {info['student_greedy']:.2f}), teacher = step {info['teacher_step']} "
           f"(greedy {info['teacher_greedy']:.2f})")  # fmt: skip
-    if "teacher_cut_short" in info:
-        print(f"      note: {info['teacher_cut_short']}")
+    print_notes(info)
     cfg = distill_config(
         str(teacher_dir), student_dir, train_path, eval_path, out, distill_steps, k, seed, device
     )

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from gopd.demo import DIGITS, TeacherStop, check_lams, describe_lams, distill_config, distill_each_lam
+from gopd.demo import (
+    DIGITS,
+    TeacherStop,
+    check_lams,
+    describe_lams,
+    distill_config,
+    distill_each_lam,
+    print_notes,
+)
 from gopd.demo.sft import greedy_accuracy, sft
 from gopd.demo.task import MERGE_ALPHABET, make_splits, problem, subtraction
 from gopd.demo.tiny import build_model, build_tokenizer, save
@@ -64,10 +72,7 @@ def train_student_and_teachers(out: Path, seed: int, quick: bool,
                     20 if quick else 3000, check_every=10, on_check=mastered)  # fmt: skip
         teacher_dirs[domain] = save(teacher, tokenizer, out / "models" / f"teacher_{domain}")
         info[f"teacher_{domain}_steps"] = steps
-        if not (done.stopped or quick):
-            info.setdefault("teacher_cut_short", []).append(
-                f"teacher {domain}: the {steps}-step cap came before its rule ({done.describe()})"
-            )
+        info.setdefault("notes", []).extend([] if quick else done.cap_note(f"teacher {domain}", steps))
     return student_dir, teacher_dirs, info
 
 
@@ -90,8 +95,7 @@ def run_merge_demo(out: str | Path = "runs/demo_merge", seed: int = 0, distill_s
     more = ", ".join(f"teacher {d}: {info[f'teacher_{d}_steps']} steps more" for d in TASKS)
     print(f"      {info['params'] / 1e6:.2f}M params; student = SFT step {info['student_step']} "
           f"(greedy {greedy}); {more}")  # fmt: skip
-    for line in info.get("teacher_cut_short", []):
-        print(f"      note: {line}")
+    print_notes(info)
     teachers = {d: str(path) for d, path in teacher_dirs.items()}
     paths = (student_dir, train_path, eval_path, out)
     cfg = distill_config(teachers, *paths, distill_steps, k, seed, device)

@@ -367,7 +367,10 @@ def test_the_demo_teachers_stop_rule():
     checks = [(10, 0.5), (20, 0.85), (30, 0.97), (40, 0.9), (220, 0.99), (230, 1.0)]
     strong, weak = TeacherStop(), TeacherStop(weak=True)
     assert [strong(step, acc) for step, acc in checks[:-1]] == [False] * 5 and not strong.stopped
+    assert strong.cap_note("teacher", 220) == ["teacher: the 220-step cap came before its rule "
+                                               "(97% greedy, then 200 steps more)"]  # fmt: skip
     assert strong(*checks[-1]) and strong.stopped and strong.describe() == "97% greedy, then 200 steps more"
+    assert strong.cap_note("teacher", 230) == []
     assert [weak(step, acc) for step, acc in checks[:2]] == [False, True] and weak.describe() == "80% greedy"
 
 
