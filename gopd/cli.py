@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from gopd.config import TrainConfig, load_config, yaml_load
+from gopd.config import ANSWER_MATCHES, TrainConfig, load_config, yaml_load
 
 
 def _parse_value(text: str) -> Any:
@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-field", default="prompt", help="record field of the prompt; default 'prompt'")
     p.add_argument("--answer-field", default="answer", help="record field of the answer; default 'answer'")
     p.add_argument(
-        "--answer-match", default="math", choices=["exact", "math"],
-        help="exact strings, or math: normalised LaTeX and exact numbers; default math",
+        "--answer-match", default="math", choices=ANSWER_MATCHES,
+        help="exact strings; math: normalised LaTeX and exact numbers; symbolic: that, or equal in SymPy "
+        "(needs math-verify); default math",
     )  # fmt: skip
     p.add_argument("--tests-field", default="tests", help="record field of Python unit tests")
     p.add_argument("--domain-field", default="domain", help="record field of the domain (figures per domain)")

@@ -8,6 +8,7 @@ token-mean). A setting that cannot take effect is an error, never silently ignor
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -23,7 +24,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("hf", "vllm")
 LOGGERS = ("jsonl", "console", "tensorboard", "wandb")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
-ANSWER_MATCHES = ("exact", "math")  # gopd.verifiers
+ANSWER_MATCHES = ("exact", "math", "symbolic")  # gopd.verifiers
+SYMBOLIC_NEEDS = "needs math-verify: pip install 'gopd[math]'"
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -112,7 +118,9 @@ class TrainConfig:
         False, "also evaluate each teacher at the start, as the student is: the bar the student is held to"
     )
     answer_match: str = _f(
-        "math", "exact | math: how a final answer meets the reference (math: normalised LaTeX, exact numbers)"
+        "math",
+        "exact | math | symbolic: how a final answer meets the reference (math: normalised LaTeX, "
+        "exact numbers; symbolic: that, or equal in SymPy, needs math-verify)",
     )
     allow_code_execution: bool = _f(
         False, "run eval responses to records with tests as Python on this machine (no sandbox: opt in)"
@@ -327,6 +335,8 @@ class TrainConfig:
         p = self.eval_top_p
         err.need(p is None or (_finite(p) and 0 < p <= 1), "eval_top_p", "must be null or in (0, 1]")
         err.choice(self.answer_match, ANSWER_MATCHES, "answer_match")
+        err.need(self.answer_match != "symbolic" or _installed("math_verify"), "answer_match",
+                 f"'symbolic' {SYMBOLIC_NEEDS}")  # fmt: skip
         for f in dataclasses.fields(self):  # a switch given as "on" or 1 would pass as true unseen
             if f.type in ("bool", "bool | None"):
                 value, nullable = getattr(self, f.name), f.type != "bool"

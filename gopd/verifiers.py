@@ -6,7 +6,10 @@
   strings (`answer_match: exact`) or after normalising the LaTeX both are written in
   (`math`, the default): spacing, \\left / \\right, \\dfrac, \\text{...}, degrees, thousands
   separators, a leading "x =", and numbers compared as exact fractions (0.5 = 1/2 =
-  \\frac{1}{2}, 033 = 33). No symbolic algebra: 2\\sqrt{2} and \\sqrt{8} differ.
+  \\frac{1}{2}, 033 = 33), with no algebra: 2\\sqrt{2} and \\sqrt{8} differ. `symbolic`
+  accepts what `math` accepts and, failing that, parses both into SymPy with Hugging Face's
+  Math-Verify and asks whether they are equal: 2\\sqrt{2} = \\sqrt{8}, (x+1)^2 = x^2+2x+1,
+  intervals and sets, numbers to 6 decimals.
 - Python tests (code): the response's last fenced code block (its whole text when it has
   none) runs in a fresh interpreter in an empty temporary directory with a wall-clock limit
   and limits on memory, file size and CPU time. With asserts (HumanEval, MBPP) it runs once,
@@ -19,19 +22,24 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-from gopd.config import ANSWER_MATCHES
+from gopd.config import ANSWER_MATCHES, SYMBOLIC_NEEDS
+
+log = logging.getLogger(__name__)
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
@@ -115,18 +123,54 @@ def as_number(answer: str) -> Fraction | None:
     return Fraction(answer)
 
 
+# Math-Verify bounds each parse and comparison with SIGALRM, which only the main thread may set.
+SYMBOLIC_TIMEOUT = 5  # seconds
+
+
+def _symbolic_timeout() -> int | None:
+    if threading.current_thread() is threading.main_thread():
+        return SYMBOLIC_TIMEOUT
+    if not getattr(_symbolic_timeout, "said", False):
+        _symbolic_timeout.said = True
+        log.warning("answer_match 'symbolic' off the main thread: Math-Verify runs without its "
+                    "%d s time limits there (they need SIGALRM)", SYMBOLIC_TIMEOUT)  # fmt: skip
+    return None
+
+
+@functools.lru_cache(maxsize=4096)  # a reference is parsed once, not once per sample
+def _parse_symbolic(answer: str, timeout: int | None) -> tuple:
+    try:
+        from math_verify import parse
+    except ImportError as exc:
+        raise ValueError(f"answer_match 'symbolic' {SYMBOLIC_NEEDS}") from exc
+    return tuple(parse(f"${answer}$", parsing_timeout=timeout))
+
+
+def symbolically_equal(got: str, reference: str) -> bool:
+    """Whether Math-Verify reads the two answers (LaTeX or plain) as the same SymPy object:
+    equal after simplification, the same interval, set, equation or matrix, or numbers equal
+    to 6 decimals. False when either does not parse or a step takes over SYMBOLIC_TIMEOUT."""
+    timeout = _symbolic_timeout()
+    gold, pred = _parse_symbolic(reference, timeout), _parse_symbolic(got, timeout)
+    if not (gold and pred):
+        return False
+    from math_verify import verify  # importable: _parse_symbolic got this far
+
+    return verify(list(gold), list(pred), timeout_seconds=timeout)
+
+
 def answers_match(got: str, reference: str, match: str = "math") -> bool:
-    """Whether an extracted answer is the reference: the same string (exact), or the same
-    normalised string or exact number (math)."""
+    """Whether an extracted answer is the reference: the same string (exact); the same
+    normalised string or exact number (math); that, or equal in SymPy (symbolic)."""
     if match not in ANSWER_MATCHES:
         raise ValueError(f"match must be one of {ANSWER_MATCHES}, got {match!r}")
     if match == "exact":
         return got.strip() == reference.strip()
     a, b = normalize_math(got), normalize_math(reference)
-    if a == b:
-        return True
     x, y = as_number(a), as_number(b)
-    return x is not None and x == y
+    if a == b or (x is not None and x == y):
+        return True
+    return match == "symbolic" and symbolically_equal(got, reference)
 
 
 def is_correct(response: str, answer: str, match: str = "math") -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+import gopd.config as config_module
 from gopd.cli import _parse_value
 from gopd.config import TrainConfig, load_config
 from tests.trainer.conftest import base_config
@@ -101,6 +102,12 @@ def test_unknown_key_is_an_error(tiny):
 def test_bad_settings_name_themselves(tiny, tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         base_config(tiny, tmp_path, **overrides)
+
+
+def test_symbolic_answers_need_math_verify_before_anything_loads(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, "_installed", lambda module: module != "math_verify")
+    with pytest.raises(ValueError, match=r"answer_match: 'symbolic' needs math-verify: .* 'gopd\[math\]'"):
+        base_config(tiny, tmp_path, answer_match="symbolic")
 
 
 def test_domain_weights_name_every_teachers_domain(tiny, tmp_path):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
 import time
 
 import pytest
 
+from gopd import verifiers
+from gopd.config import _installed
 from gopd.data import Example
 from gopd.verifiers import (
     Verifier,
@@ -77,6 +82,80 @@ def test_math_answers_that_match(got, reference):
 )
 def test_math_answers_that_differ(got, reference):
     assert not answers_match(got, reference)
+
+
+symbolic = pytest.mark.skipif(not _installed("math_verify"), reason="answer_match symbolic needs math-verify")
+
+
+@symbolic
+@pytest.mark.parametrize(
+    "got,reference",
+    [
+        ("2\\sqrt{2}", "\\sqrt{8}"),
+        ("\\frac{9}{2}\\sqrt{3}", "\\frac{9\\sqrt{3}}{2}"),  # HMMT writes answers like this
+        ("x^2+2x+1", "(x+1)^2"),
+        ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
+        ("\\pi/4", "\\frac{\\pi}{4}"),
+        ("(1,2]", "\\left(1, 2\\right]"),
+        ("\\{2,1\\}", "\\{1,2\\}"),
+        ("0.333333", "\\frac13"),  # numbers to 6 decimals
+        ("\\text{(B)}", "(B)"),  # what math accepts, symbolic accepts
+        ("x = 5", "5"),
+    ],
+)
+def test_symbolic_answers_that_match(got, reference):
+    assert answers_match(got, reference, "symbolic")
+
+
+@symbolic
+@pytest.mark.parametrize(
+    "got,reference",
+    [
+        ("0.33", "1/3"),
+        ("(1,2)", "(2,1)"),
+        ("(1,2)", "(1,2]"),
+        ("-\\infty", "\\infty"),
+        ("x = 5", "x = 6"),
+        ("1/0", "0"),
+        ("", "0"),
+        ("\\frac{9}{2}", "\\frac{9\\sqrt{3}}{2}"),
+    ],
+)
+def test_symbolic_answers_that_differ(got, reference):
+    assert not answers_match(got, reference, "symbolic")
+
+
+@symbolic
+def test_symbolic_matching_is_bounded_in_time(monkeypatch):
+    """A comparison SymPy cannot finish (a sum of 10^9 terms) is wrong after the time limit,
+    not a hung evaluation."""
+    monkeypatch.setattr(verifiers, "SYMBOLIC_TIMEOUT", 1)
+    start = time.monotonic()
+    assert not answers_match("\\sum_{k=1}^{10^{9}} k^{k}", "1", "symbolic")
+    assert time.monotonic() - start < 4
+
+
+@symbolic
+def test_symbolic_matching_off_the_main_thread_says_it_has_no_time_limit(monkeypatch, caplog):
+    """Math-Verify's time limits use SIGALRM, which a worker thread may not set: there it runs
+    without them (and says so once) instead of failing."""
+    monkeypatch.setattr(verifiers._symbolic_timeout, "said", False, raising=False)
+    results = []
+    with caplog.at_level(logging.WARNING, logger="gopd.verifiers"):
+        for _ in range(2):  # "2/2.0" is no exact number: SymPy decides
+            worker = threading.Thread(target=lambda: results.append(answers_match("1", "2/2.0", "symbolic")))
+            worker.start()
+            worker.join()
+    assert results == [True, True]
+    assert caplog.text.count("without its 5 s time limits") == 1
+
+
+def test_symbolic_matching_without_math_verify_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify raises ImportError
+    verifiers._parse_symbolic.cache_clear()
+    with pytest.raises(ValueError, match=r"answer_match 'symbolic' needs math-verify: .* 'gopd\[math\]'"):
+        answers_match("2\\sqrt2", "\\sqrt{8}", "symbolic")
+    verifiers._parse_symbolic.cache_clear()
 
 
 def test_exact_matching_keeps_every_character():
