@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from gopd.config import TrainConfig
+from gopd.verifiers import CallCases, Tests
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Example:
     domain: str
     answer: str | None
     prompt: str
-    tests: str | list[tuple[str, str]] | None = None  # a code prompt's asserts, or stdin cases (eval)
+    tests: Tests | None = None  # a code prompt's asserts, stdin cases or calls (eval; gopd.verifiers)
 
 
 def read_records(path: str) -> list[dict]:
@@ -95,19 +96,25 @@ def load_examples(
     return examples
 
 
-def _tests(value, where: str, cfg: TrainConfig) -> str | list[tuple[str, str]] | None:
+def _tests(value, where: str, cfg: TrainConfig) -> Tests | None:
     """A record's tests (gopd.verifiers): asserts as one Python source, from a string or a list
-    of statements (MBPP's test_list); or stdin cases, from a list of {"input", "output"}
-    (LiveCodeBench's "stdin" tests). Refused before any sampling unless allow_code_execution."""
+    of statements (MBPP's test_list); stdin cases, from a list of {"input", "output"}; or
+    {"inputs": [...], "outputs": [...]} (APPS's and LiveCodeBench's `input_output`), stdin
+    cases without "fn_name" and calls of that function with it (LiveCodeBench's "functional"
+    tests: arguments as JSON lines, the return value as JSON). Refused before any sampling
+    unless allow_code_execution."""
     if value is None:
         return None
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         value = "\n".join(value)
     elif isinstance(value, list) and all(_is_stdin_case(v) for v in value) and value:
         value = [(v["input"], v["output"]) for v in value]
+    elif isinstance(value, dict):
+        value = _input_output(value, where, cfg)
     elif not isinstance(value, str):
         raise ValueError(f"{where}: {cfg.tests_field!r} (tests_field) must be a string of asserts, a list of "
-                         'them, or a list of {"input": ..., "output": ...} stdin cases')  # fmt: skip
+                         'them, a list of {"input": ..., "output": ...} stdin cases, or {"inputs": [...], '
+                         '"outputs": [...], "fn_name": ...}')  # fmt: skip
     if not cfg.allow_code_execution:
         raise ValueError(
             f"{where}: has tests ({cfg.tests_field!r}), which run the model's responses as Python on this "
@@ -116,8 +123,28 @@ def _tests(value, where: str, cfg: TrainConfig) -> str | list[tuple[str, str]] |
     return value
 
 
+def _input_output(value: dict, where: str, cfg: TrainConfig) -> list[tuple[str, str]] | CallCases:
+    """{"inputs", "outputs", optional "fn_name"}: stdin cases, or CallCases when fn_name is set."""
+    inputs, outputs, name = value.get("inputs"), value.get("outputs"), value.get("fn_name")
+    field = f"{where}: {cfg.tests_field!r} (tests_field)"
+    if set(value) - {"inputs", "outputs", "fn_name"}:
+        raise ValueError(f"{field}: unknown keys {sorted(set(value) - {'inputs', 'outputs', 'fn_name'})}")
+    strings = all(isinstance(v, str) for v in [*(inputs or []), *(outputs or [])])
+    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and strings):
+        raise ValueError(f"{field}: 'inputs' and 'outputs' must be lists of strings, as many of each")
+    if len(inputs) != len(outputs):
+        raise ValueError(f"{field}: {len(inputs)} inputs but {len(outputs)} outputs")
+    if name is None:
+        return list(zip(inputs, outputs, strict=True))
+    try:
+        return CallCases(str(name), tuple(zip(inputs, outputs, strict=True)))
+    except ValueError as exc:
+        raise ValueError(f"{field}: {exc}") from exc
+
+
 def _is_stdin_case(case) -> bool:
-    """{"input": str, "output": str}, with no testtype or "stdin" (not LiveCodeBench's "functional")."""
+    """{"input": str, "output": str}, with no testtype or "stdin" (LiveCodeBench's
+    "functional" ones need their function's name: the {"inputs", "outputs", "fn_name"} form)."""
     if not isinstance(case, dict) or case.get("testtype", "stdin") != "stdin":
         return False
     return isinstance(case.get("input"), str) and isinstance(case.get("output"), str)

@@ -23,9 +23,11 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
@@ -218,58 +221,185 @@ def _run(program: Path, stdin: str, timeout: float) -> tuple[int | None, str]:
             [sys.executable, "-I", "-B", str(program)], cwd=work, env=env, stdin=given, stdout=printed,
             stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        # A timer kills it at the limit while wait() blocks: wait(timeout=) polls with sleeps
+        # growing to 50 ms, which would add up to 30 ms to a 35 ms run.
+        expired = threading.Event()
+        timer = threading.Timer(timeout, lambda: (expired.set(), _kill_group(proc.pid)))
+        timer.start()
         try:
-            status = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            status = None
+            status = proc.wait()
         finally:
-            try:  # what it started, too (it leads its own session)
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    return status, (root / "stdout.txt").read_text(errors="replace")
+            timer.cancel()
+            _kill_group(proc.pid)  # what it started, too (it leads its own session)
+    return (None if expired.is_set() else status), (root / "stdout.txt").read_text(errors="replace")
 
 
-def _program(root: str, source: str, timeout: float, memory_bytes: int, file_bytes: int) -> Path:
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _program(root: str, source: str, cpu_seconds: float, memory_bytes: int, file_bytes: int) -> Path:
     program = Path(root) / "program.py"
-    limits = _PROLOGUE.format(memory=memory_bytes, file_size=file_bytes, cpu=int(timeout) + 1)
+    limits = _PROLOGUE.format(memory=memory_bytes, file_size=file_bytes, cpu=int(cpu_seconds) + 1)
     program.write_text(f"{limits}\n{source}\n")
     return program
+
+
+def _nonce() -> str:
+    """A mark the harness prints only after the last check: the code cannot know it, so a
+    response that exits early with status 0 (sys.exit(0), os._exit(0)) does not pass."""
+    return f"gopd-{secrets.token_hex(16)}:"
+
+
+def _print_raw(expression: str) -> str:
+    # straight to file descriptor 1, past whatever the code did to sys.stdout or print
+    return f'__import__("os").write(1, ({expression} + "\\n").encode())'
 
 
 def run_python_tests(
     code: str, tests: str, timeout: float = 10.0, memory_bytes: int = 4 << 30, file_bytes: int = 16 << 20
 ) -> bool:
-    """Whether `code` followed by `tests` (asserts) exits with status 0 within `timeout`
-    seconds, run as _run runs it, with no input."""
+    """Whether `code` followed by `tests` (asserts) runs to their end and exits with status 0
+    within `timeout` seconds, run as _run runs it, with no input."""
+    nonce = _nonce()
     with tempfile.TemporaryDirectory(prefix="gopd-code-") as tmp:
-        program = _program(tmp, f"{code}\n\n{tests}", timeout, memory_bytes, file_bytes)
-        return _run(program, "", timeout)[0] == 0
+        source = f"{code}\n\n{tests}\n\n{_print_raw(repr(nonce))}"
+        status, printed = _run(_program(tmp, source, timeout, memory_bytes, file_bytes), "", timeout)
+        return status == 0 and nonce in printed
+
+
+# What LiveCodeBench's grader gives stdin and call-based programs before their code: the
+# standard modules a contest solution uses unimported (List, Counter, heapq, gcd, ...), star
+# imports first, builtins back on top (math's pow is not the builtin), then the modules
+# themselves, and deep recursion allowed.
+_CONTEST_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math",
+                    "random", "statistics", "itertools", "functools", "operator", "io", "sys", "json",
+                    "typing")  # fmt: skip
+CONTEST_PRELUDE = "\n".join(
+    [f"from {m} import *" for m in _CONTEST_MODULES] + ["from builtins import *"]
+    + [f"import {m}" for m in _CONTEST_MODULES] + ["sys.setrecursionlimit(50000)"]
+)  # fmt: skip
 
 
 def _lines(text: str) -> list[str]:
-    """Output as compared: each line without trailing spaces, no trailing empty lines."""
-    lines = [line.rstrip() for line in text.splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    return lines
+    """Output as LiveCodeBench compares it: leading and trailing blank lines and each line's
+    outer spaces aside."""
+    return [line.strip() for line in text.strip().split("\n")]
+
+
+def _same_line(got: str, expected: str) -> bool:
+    """Equal, or the same numbers token by token (1.0 = 1, 2.50 = 2.5; as decimals, exact)."""
+    if got == expected:
+        return True
+    try:
+        return [Decimal(t) for t in got.split()] == [Decimal(t) for t in expected.split()]
+    except InvalidOperation:
+        return False
+
+
+def same_output(printed: str, expected: str) -> bool:
+    """Whether a stdin program printed the expected output: as many lines, each equal (outer
+    spaces aside) or equal as numbers, token by token."""
+    got, want = _lines(printed), _lines(expected)
+    return len(got) == len(want) and all(_same_line(g, w) for g, w in zip(got, want, strict=True))
 
 
 def run_io_tests(
     code: str, cases: list[tuple[str, str]], timeout: float = 10.0, memory_bytes: int = 4 << 30,
     file_bytes: int = 16 << 20,
 ) -> bool:  # fmt: skip
-    """Whether `code`, run as _run runs it once per (input, expected output) case, exits with
-    status 0 and prints the expected output (line by line, trailing spaces aside) for every
+    """Whether `code` (after CONTEST_PRELUDE), run as _run runs it once per (input, expected
+    output) case, exits with status 0 and prints the expected output (same_output) for every
     case, each within `timeout` seconds; stops at the first failure."""
     with tempfile.TemporaryDirectory(prefix="gopd-code-") as tmp:
-        program = _program(tmp, code, timeout, memory_bytes, file_bytes)
+        program = _program(tmp, f"{CONTEST_PRELUDE}\n{code}", timeout, memory_bytes, file_bytes)
         for given, expected in cases:
             status, printed = _run(program, given, timeout)
-            if status != 0 or _lines(printed) != _lines(expected):
+            if status != 0 or not same_output(printed, expected):
                 return False
     return True
+
+
+@dataclass(frozen=True)
+class CallCases:
+    """Call-based tests (LiveCodeBench's "functional" ones, LeetCode's style): the function
+    `fn_name` (a method of `Solution` when the code defines that class) is called with each
+    case's arguments and must return its expected value. Each case is (arguments, expected),
+    as LiveCodeBench writes them: one JSON value per argument, a line each; the expected
+    return value as JSON."""
+
+    fn_name: str
+    cases: tuple[tuple[str, str], ...]
+
+    def __post_init__(self):
+        if not self.fn_name.isidentifier():
+            raise ValueError(f"fn_name must be a Python name, got {self.fn_name!r}")
+        if not self.cases:
+            raise ValueError("cases: none given")
+        for i, (args, expected) in enumerate(self.cases):
+            try:
+                [json.loads(line) for line in args.split("\n")], json.loads(expected)
+            except (json.JSONDecodeError, AttributeError, TypeError) as exc:
+                raise ValueError(f"case {i}: arguments (JSON lines) and expected value (JSON) must "
+                                 f"parse as JSON: {exc}") from exc  # fmt: skip
+
+    def arguments(self) -> list[list]:
+        return [[json.loads(line) for line in args.split("\n")] for args, _ in self.cases]
+
+    def expected(self) -> list:
+        return [json.loads(expected) for _, expected in self.cases]
+
+
+# A record's tests: asserts (Python source), stdin cases (input, expected output), or calls.
+Tests = str | list[tuple[str, str]] | CallCases
+
+
+# Appended to the code: reads the cases' arguments (a JSON list per line) from stdin and
+# prints each return value as JSON after the nonce; a case past its time is a TimeoutError,
+# which ends the run. A tuple counts as the list it holds (JSON makes it one).
+_CALL_HARNESS = """
+def __gopd_call_cases(name, limit, nonce):
+    import json, os, signal, sys
+
+    def expire(*_):
+        raise TimeoutError(f"a case ran past {{limit}} s")
+
+    signal.signal(signal.SIGALRM, expire)
+    scope = globals()
+    owner = scope["Solution"]() if isinstance(scope.get("Solution"), type) else None
+    function = getattr(owner, name) if owner is not None else scope[name]
+    for line in sys.stdin.read().splitlines():
+        signal.alarm(limit)
+        got = function(*json.loads(line))
+        signal.alarm(0)
+        os.write(1, (nonce + json.dumps(got) + "\\n").encode())
+
+
+__gopd_call_cases({name!r}, {limit}, {nonce!r})
+"""
+
+
+def run_call_tests(
+    code: str, tests: CallCases, timeout: float = 10.0, memory_bytes: int = 4 << 30,
+    file_bytes: int = 16 << 20,
+) -> bool:  # fmt: skip
+    """Whether `code` (after CONTEST_PRELUDE), run once as _run runs it, returns the expected
+    value for every case of `tests` (compared in this process, after the child has gone), each
+    call within `timeout` seconds, and exits with status 0."""
+    nonce = _nonce()
+    harness = _CALL_HARNESS.format(name=tests.fn_name, limit=max(1, round(timeout)), nonce=nonce)
+    stdin = "".join(json.dumps(args) + "\n" for args in tests.arguments())
+    whole = timeout * (len(tests.cases) + 1)  # the per-case alarms stop Python; this stops the rest
+    with tempfile.TemporaryDirectory(prefix="gopd-code-") as tmp:
+        program = _program(tmp, f"{CONTEST_PRELUDE}\n{code}\n{harness}", whole, memory_bytes, file_bytes)
+        status, printed = _run(program, stdin, whole)
+    returned = [line.split(nonce, 1)[1] for line in printed.splitlines() if nonce in line]
+    if status != 0 or len(returned) != len(tests.cases):
+        return False
+    return all(json.loads(got) == want for got, want in zip(returned, tests.expected(), strict=True))
 
 
 # -- both ----------------------------------------------------------------------------------
@@ -289,10 +419,13 @@ class Verifier:
     def from_config(cls, cfg) -> Verifier:
         return cls(cfg.answer_match, cfg.allow_code_execution, cfg.code_timeout, cfg.code_workers)
 
-    def run_tests(self, code: str, tests: str | list[tuple[str, str]]) -> bool:
-        """Asserts (a string) run after the code; (input, output) cases feed it stdin."""
+    def run_tests(self, code: str, tests: Tests) -> bool:
+        """Asserts (a string) run after the code; (input, output) cases feed it stdin; CallCases
+        call its function."""
         if isinstance(tests, str):
             return run_python_tests(code, tests, self.code_timeout)
+        if isinstance(tests, CallCases):
+            return run_call_tests(code, tests, self.code_timeout)
         return run_io_tests(code, tests, self.code_timeout)
 
     def check(self, texts: Sequence[str], examples: Sequence) -> list[bool]:

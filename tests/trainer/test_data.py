@@ -8,6 +8,7 @@ import pytest
 
 from gopd.data import DomainMixSampler, Example, PromptSampler, load_examples
 from gopd.models import load_tokenizer
+from gopd.verifiers import CallCases
 from tests.trainer.conftest import base_config
 
 
@@ -107,10 +108,35 @@ def test_eval_records_with_tests_need_code_execution_allowed(tiny, tmp_path):
     assert code.domain == "code" and stdin.domain == "default"
     assert math.tests is None and math.answer == "3" and math.domain == "math"
     assert stdin.tests == [("3 4\n", "7\n")]
-    functional = {"input": "[1]", "output": "1", "testtype": "functional"}  # its other kind: not supported
+    functional = {"input": "[1]", "output": "1", "testtype": "functional"}  # no function name: refused
     for tests in (3, [functional]):
         path.write_text(json.dumps({"prompt": "1+2=", "tests": tests}) + "\n")
         with pytest.raises(ValueError, match="'tests' \\(tests_field\\) must be a string of asserts, a list"):
+            load_examples(str(path), allowed, tok, 64, for_eval=True)
+
+
+def test_input_output_tests_are_stdin_cases_or_calls(tiny, tmp_path):
+    """APPS's and LiveCodeBench's {"inputs", "outputs", "fn_name"}: stdin cases without a function
+    name, CallCases with one; a malformed one is an error naming its record before anything runs."""
+    path = tmp_path / "code.jsonl"
+    calls = {"inputs": ["[1, 2]\n3", "[]\n0"], "outputs": ["[0, 1]", "[]"], "fn_name": "twoSum"}
+    stdin = {"inputs": ["1 2\n"], "outputs": ["3\n"]}
+    path.write_text("".join(json.dumps({"prompt": "p", "tests": t}) + "\n" for t in (calls, stdin)))
+    tok = load_tokenizer(str(tiny["student"]))
+    allowed = base_config(tiny, tmp_path, allow_code_execution=True, eval_data=str(path))
+    call, io = load_examples(str(path), allowed, tok, 64, for_eval=True)
+    assert call.tests == CallCases("twoSum", (("[1, 2]\n3", "[0, 1]"), ("[]\n0", "[]")))
+    assert call.tests.arguments() == [[[1, 2], 3], [[], 0]] and call.tests.expected() == [[0, 1], []]
+    assert io.tests == [("1 2\n", "3\n")]
+    for bad, match in [
+        ({**calls, "outputs": ["[0, 1]"]}, "2 inputs but 1 outputs"),
+        ({**calls, "inputs": [[1, 2], 3]}, "'inputs' and 'outputs' must be lists of strings"),
+        ({**calls, "fn_name": "two sum"}, "fn_name must be a Python name"),
+        ({**calls, "outputs": ["[0, 1]", "nope"]}, "case 1: arguments .* must parse as JSON"),
+        ({**calls, "fn": "f"}, r"unknown keys \['fn'\]"),
+    ]:
+        path.write_text(json.dumps({"prompt": "p", "tests": bad}) + "\n")
+        with pytest.raises(ValueError, match=f"record 0: 'tests' \\(tests_field\\): {match}"):
             load_examples(str(path), allowed, tok, 64, for_eval=True)
 
 

@@ -13,6 +13,7 @@ from gopd import verifiers
 from gopd.config import _installed
 from gopd.data import Example
 from gopd.verifiers import (
+    CallCases,
     Verifier,
     answers_match,
     as_number,
@@ -20,8 +21,10 @@ from gopd.verifiers import (
     extract_code,
     is_correct,
     normalize_math,
+    run_call_tests,
     run_io_tests,
     run_python_tests,
+    same_output,
 )
 
 
@@ -190,6 +193,10 @@ def test_code_passes_or_fails_by_its_exit_status():
     assert not run_python_tests("def f(x):\n    return x", "assert f(1) == 2")
     assert not run_python_tests("def f(x) return x", "assert f(1) == 2")  # syntax error
     assert not run_python_tests("import sys\nsys.exit(3)", "")
+    # a response that leaves with status 0 before the asserts run has not passed them
+    assert not run_python_tests("import sys\nsys.exit(0)", "assert False")
+    assert not run_python_tests("import os\nos._exit(0)", "assert False")
+    assert run_python_tests("import sys\nsys.stdout = None\nprint = None", "assert True")  # its stdout aside
     # its working directory is its own, empty and writable
     listing = "import os\nassert os.listdir() == ['x.txt']"
     assert run_python_tests("open('x.txt', 'w').write('ok')", listing)
@@ -205,6 +212,64 @@ def test_stdin_cases_feed_the_program_and_check_every_output():
     assert not run_io_tests("print('x' * (4 << 20))", [("", "x")], file_bytes=1 << 20)  # 4 MiB > 1 MiB
     ex = Example([1], "code", None, "q", cases)
     assert Verifier(allow_code_execution=True).check([f"```python\n{code}\n```"], [ex]) == [True]
+
+
+def test_stdin_output_is_compared_as_livecodebench_compares_it():
+    assert same_output("  3 \n\n", "3") and same_output("\n1 2\n3\n", "1 2\n3")  # outer blanks aside
+    assert same_output("1.0 2.50", "1 2.5") and same_output("-0", "0")  # numbers as decimals
+    assert not same_output("1 2", "1\n2") and not same_output("1 2", "1  2 3")
+    assert not same_output("0.3333333", "0.3333334") and not same_output("yes", "YES")
+    assert not same_output("50000000000000001", "50000000000000000")  # exact, not float-close
+
+
+def test_stdin_programs_get_the_contest_prelude():
+    """LiveCodeBench's grader runs solutions with the standard modules imported; so does ours."""
+    code = "n = int(input())\nprint(Counter('abca')['a'] + gcd(n, 6), heappop([n]))"
+    assert run_io_tests(code, [("4\n", "4 4")])
+    assert run_io_tests("print(pow(2, 10, 1000))", [("", "24")])  # builtins' pow, not math's
+
+
+CALLS = CallCases("twoSum", (("[2, 7, 11]\n9", "[0, 1]"), ("[3, 3]\n6", "[0, 1]")))
+TWO_SUM = """
+class Solution:
+    def twoSum(self, nums: List[int], target: int) -> List[int]:
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return [seen[target - x], i]
+            seen[x] = i
+"""
+
+
+def test_call_cases_call_the_solution_method_with_each_cases_arguments():
+    assert run_call_tests(TWO_SUM, CALLS)  # List without an import: the prelude has typing's
+    pair = TWO_SUM.replace("return [seen[target - x], i]", "return seen[target - x], i")
+    assert pair != TWO_SUM and run_call_tests(pair, CALLS)  # a tuple counts as its list
+    function = "def twoSum(nums, target):\n    print('debug', nums)\n    return [0, 1]"
+    assert run_call_tests(function, CALLS)  # a module function; its own prints aside
+    assert not run_call_tests(TWO_SUM.replace("i]", "i + 1]"), CALLS)
+    assert not run_call_tests("def twoSum(nums, target):\n    return [0, 1] if target == 9 else None", CALLS)
+    assert not run_call_tests("def twoSum(nums, target):\n    raise KeyError(target)", CALLS)
+    assert not run_call_tests("def other(nums, target):\n    return [0, 1]", CALLS)  # no such function
+    assert not run_call_tests("import os\nos._exit(0)", CALLS)
+    ex = Example([1], "code", None, "q", CALLS)
+    assert Verifier(allow_code_execution=True).check([f"```python\n{TWO_SUM}\n```"], [ex]) == [True]
+
+
+def test_a_call_past_its_time_is_stopped():
+    started = time.perf_counter()
+    slow = "def twoSum(nums, target):\n    while True:\n        pass"
+    assert not run_call_tests(slow, CALLS, timeout=1.0)
+    assert time.perf_counter() - started < 2.9  # the case's own alarm, not the 3 s backstop
+
+
+def test_call_cases_are_checked_when_made():
+    with pytest.raises(ValueError, match="fn_name must be a Python name"):
+        CallCases("two sum", CALLS.cases)
+    with pytest.raises(ValueError, match="case 0: arguments .* must parse as JSON"):
+        CallCases("f", (("[1,", "1"),))
+    with pytest.raises(ValueError, match="cases: none given"):
+        CallCases("f", ())
 
 
 def test_code_is_stopped_at_its_limits(tmp_path):
