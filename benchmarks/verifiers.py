@@ -45,7 +45,8 @@ def answer_examples(n: int) -> tuple[list[str], list[Example]]:
     texts, examples = [], []
     for i in range(n):
         k = i // (len(ANSWERS) * 4) + 3
-        values = dict(n=k, n2=2 * k * k, n2x=2 * k, nn=k * k, inv=3.14159 / k)
+        # inv: 3/k, not pi/k, so the wrong number is wrong at any number of decimals
+        values = dict(n=k, n2=2 * k * k, n2x=2 * k, nn=k * k, inv=3 / k)
         reference, *forms = (form.format(**values) for form in ANSWERS[i % len(ANSWERS)])
         got = [reference, *forms][(i // len(ANSWERS)) % 4]
         texts.append(f"So the answer is \\boxed{{{got}}}.")

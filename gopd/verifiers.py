@@ -13,11 +13,15 @@
 - Python tests (code): the response's last fenced code block (its whole text when it has
   none) runs in a fresh interpreter in an empty temporary directory with a wall-clock limit
   and limits on memory, file size and CPU time. With asserts (HumanEval, MBPP) it runs once,
-  followed by them, and is right when it exits with status 0 (a failed assert raises). With
-  (input, output) cases (LiveCodeBench's stdin tests) it runs once per case, the input as
-  its stdin, and is right when every run exits with 0 and prints the expected lines. This is isolation from
-  accidents, not a security sandbox: the code runs as this user on this machine, so it runs
-  only with `allow_code_execution: true`.
+  followed by them. With (input, output) cases (LiveCodeBench's stdin tests) it runs once per
+  case, the input as its stdin, and must print the expected lines (compared as LiveCodeBench
+  compares them). With CallCases (LiveCodeBench's functional tests) it runs once, and a
+  harness calls its function with each case's arguments; the return values are compared here.
+  Stdin and call programs start with LiveCodeBench's standard imports (CONTEST_PRELUDE). An
+  assert or call run passes only when it exits with status 0 and a random mark, printed after
+  its last check, comes out: code that exits early with status 0 does not pass. This is
+  isolation from accidents, not a security sandbox: the code runs as this user on this
+  machine, so it runs only with `allow_code_execution: true`.
 """
 
 from __future__ import annotations
