@@ -1,4 +1,5 @@
-"""Command line: `gopd train`, `gopd eval`, `gopd demo` (also `python -m gopd ...`)."""
+"""Command line: `gopd train`, `gopd eval`, `gopd export`, `gopd demo`, `gopd prepare` (also
+`python -m gopd ...`)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         lams=args.lam,
         weak_teacher=args.weak_teacher,
     )
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import json
+    import re
+
+    from gopd.prepare import livecodebench_records
+
+    for name in ("start_date", "end_date"):
+        value = getattr(args, name)
+        if value is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            raise ValueError(f"--{name.replace('_', '-')} must be YYYY-MM-DD, got {value!r}")
+    records = livecodebench_records(args.input, args.start_date, args.end_date, args.public_only)
+    if not records:
+        raise ValueError(f"no problem of {args.input} is dated within [{args.start_date}, {args.end_date}]")
+    with open(args.output, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    calls = sum("fn_name" in r["tests"] for r in records)
+    dates = sorted(r["date"] for r in records)
+    cases = sum(len(r["tests"]["inputs"]) for r in records)
+    print(f"{len(records)} problems ({len(records) - calls} stdin, {calls} functional), dated {dates[0]} to "
+          f"{dates[-1]}, {cases} test cases -> {args.output}")  # fmt: skip
     return 0
 
 
@@ -200,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the evaluation and G-OPD run: cpu (default; the README's figures) | auto | "
                    "cuda | cuda:N; the tiny SFT stays on the CPU")  # fmt: skip
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "prepare",
+        help="a public benchmark's files as eval records (.jsonl) for gopd eval / eval_data",
+        description="Write a public benchmark's problems as gopd eval records: LiveCodeBench's "
+        "code_generation_lite files (test.jsonl ... test6.jsonl), private tests decoded, each problem with "
+        "its stdin or call tests (gopd.prepare).",
+    )
+    p.add_argument("benchmark", choices=["livecodebench"], help="which benchmark's files")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="the benchmark's .jsonl files")
+    p.add_argument("--output", required=True, help="the records' .jsonl")
+    p.add_argument("--start-date", help="only problems from contests on or after this day (YYYY-MM-DD)")
+    p.add_argument("--end-date", help="only problems from contests on or before this day (YYYY-MM-DD)")
+    p.add_argument("--public-only", action="store_true", help="only the public test cases (a quick check)")
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 
