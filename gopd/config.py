@@ -28,6 +28,11 @@ ANSWER_MATCHES = ("exact", "math", "symbolic")  # gopd.verifiers
 SYMBOLIC_NEEDS = "needs math-verify: pip install 'gopd[math]'"
 
 
+def _is_int(value: Any, low: int) -> bool:
+    """An int >= low. A bool is not one: YAML's `true` would pass as 1 unseen."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -276,33 +281,32 @@ class TrainConfig:
                      "micro_batch_size", "eval_samples", "epochs", "code_workers",
                      "update_epochs"):  # fmt: skip
             err.need(
-                isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1"
+                _is_int(getattr(self, name), 1), name, f"must be an int >= 1, got {getattr(self, name)!r}"
             )
-        err.need(self.keep_checkpoints is None or (isinstance(self.keep_checkpoints, int)
-                                                    and self.keep_checkpoints >= 1),
-                 "keep_checkpoints", "must be null or an int >= 1")  # fmt: skip
+        for name in ("keep_checkpoints", "generate_batch_size", "eval_max_prompts"):
+            value = getattr(self, name)
+            err.need(value is None or _is_int(value, 1), name, f"must be null or an int >= 1, got {value!r}")
         if self.mini_batch_prompts is not None:
             step = self.prompts_per_step
             err.need(
-                isinstance(self.mini_batch_prompts, int) and self.mini_batch_prompts >= 1
-                and isinstance(step, int) and step % self.mini_batch_prompts == 0,
+                _is_int(self.mini_batch_prompts, 1) and _is_int(step, 1)
+                and step % self.mini_batch_prompts == 0,
                 "mini_batch_prompts", f"must be null or an int >= 1 dividing prompts_per_step ({step})",
             )  # fmt: skip
         if self.micro_batch_tokens is not None:
             lengths = (self.max_prompt_tokens, self.max_new_tokens)
-            longest = sum(lengths) if all(isinstance(n, int) for n in lengths) else 1
+            longest = sum(lengths) if all(_is_int(n, 1) for n in lengths) else 1
             err.need(
-                isinstance(self.micro_batch_tokens, int) and self.micro_batch_tokens >= longest,
+                _is_int(self.micro_batch_tokens, longest),
                 "micro_batch_tokens",
                 f"must be null or an int >= max_prompt_tokens + max_new_tokens ({longest}), the longest row",
             )
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             err.need(
-                isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "must be an int >= 0"
+                _is_int(getattr(self, name), 0), name, f"must be an int >= 0, got {getattr(self, name)!r}"
             )
-        err.need(
-            self.steps is None or (isinstance(self.steps, int) and self.steps >= 1), "steps", "must be >= 1"
-        )
+        err.need(self.steps is None or _is_int(self.steps, 1), "steps", f"must be null or an int >= 1, got "
+                 f"{self.steps!r}")  # fmt: skip
         err.need(_finite(self.lr) and self.lr > 0, "lr", "must be > 0")
         err.choice(self.lr_schedule, SCHEDULES, "lr_schedule")
         err.need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -353,12 +357,10 @@ class TrainConfig:
             err.need(share is None, "vllm_gpu_memory_utilization",
                      "applies to rollout_engine 'vllm' only; leave it null")  # fmt: skip
             err.need(not self.vllm_sleep, "vllm_sleep", "applies to rollout_engine 'vllm' only")
-        size = self.generate_batch_size
-        err.need(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1),
-                 "generate_batch_size", "must be null or an int >= 1")  # fmt: skip
         # vLLM schedules its own batches; transformers samples there only for eval_teachers' teachers
         # of another shape than the student (gopd.evaluate.evaluate_teachers)
-        err.need(size is None or self.rollout_engine == "hf" or self.eval_teachers, "generate_batch_size",
+        err.need(self.generate_batch_size is None or self.rollout_engine == "hf" or self.eval_teachers,
+                 "generate_batch_size",
                  "applies to transformers generate: rollout_engine 'hf', or eval_teachers' teachers "
                  "under vllm")  # fmt: skip
         self._validate_lora(err)
@@ -385,7 +387,7 @@ class TrainConfig:
 
     def _validate_lora(self, err: _Errors) -> None:
         rank = self.lora_rank
-        err.need(isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0, "lora_rank",
+        err.need(_is_int(rank, 0), "lora_rank",
                  f"must be an int >= 0, got {rank!r}")  # fmt: skip
         targets = self.lora_target_modules
         err.need(

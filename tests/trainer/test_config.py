@@ -72,6 +72,12 @@ def test_unknown_key_is_an_error(tiny):
         (dict(mini_batch_prompts=0), "mini_batch_prompts"),
         (dict(update_epochs=0), "update_epochs: must be an int >= 1"),
         (dict(keep_checkpoints=0), "keep_checkpoints: must be null or an int >= 1"),
+        (dict(keep_checkpoints=True), "keep_checkpoints: must be null or an int >= 1, got True"),  # not 1
+        (dict(steps=True), "steps: must be null or an int >= 1, got True"),
+        (dict(prompts_per_step=True), "prompts_per_step: must be an int >= 1, got True"),
+        (dict(seed=False), "seed: must be an int >= 0, got False"),
+        (dict(micro_batch_tokens=True), "micro_batch_tokens: must be null or an int >="),
+        (dict(eval_max_prompts=0), "eval_max_prompts: must be null or an int >= 1, got 0"),
         (dict(micro_batch_tokens=19), r"micro_batch_tokens: .* \(20\), the longest row"),  # 16 + 4
         (dict(micro_batch_tokens=2.5e4), "micro_batch_tokens"),
         (dict(lr_schedule="step"), "lr_schedule"),
