@@ -49,17 +49,21 @@ logger = logging.getLogger("gopd")
 
 def shard_student(student: torch.nn.Module, ctx: DistContext, dtype: torch.dtype) -> torch.nn.Module:
     """Shard a float32 student over the ranks, computed in `dtype` (see _shard), its gradients
-    summed over the ranks. Returns the same module."""
+    summed over the ranks. A LoRA student (peft) is sharded inside its wrapper: its adapters
+    are sharded with the layer that holds them, beside the frozen base weights, and only they
+    have gradients and AdamW state. Returns the same module."""
     cast = {} if dtype == torch.float32 else dict(param_dtype=dtype, reduce_dtype=torch.float32)
-    _shard(student, ctx, mp_policy=MixedPrecisionPolicy(**cast))  # no casts: fully_shard's default
+    _shard(_inner(student), ctx, mp_policy=MixedPrecisionPolicy(**cast))  # no casts: fully_shard's default
     for module in student.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a sum over the ranks, not a mean
             module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
     total = sum(p.numel() for p in student.parameters()) / 1e6
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6
     compute = str(dtype).removeprefix("torch.")
-    logger.info("fsdp: the student's %.1fM weights, their gradients and AdamW state sharded over %d "
-                "ranks (float32, computed in %s)", total, ctx.world_size, compute)  # fmt: skip
+    logger.info("fsdp: the student's %.1fM weights (%.3fM trained), their gradients and AdamW state "
+                "sharded over %d ranks (float32, computed in %s)", total, trained, ctx.world_size,
+                compute)  # fmt: skip
     return student
 
 
@@ -83,10 +87,11 @@ def _shard(model: torch.nn.Module, ctx: DistContext, **options) -> None:
 
 def release(*models) -> None:
     """Free the gathered root weights of the sharded ones among `models` (None and replicated
-    models are skipped): after a frozen model's outputs and its head are no longer needed."""
+    models are skipped): after a frozen model's outputs and its head are no longer needed (an
+    AdapterFree reference's are its sharded student's)."""
     for model in models:
         if is_sharded(model):
-            model.reshard()
+            _inner(model).reshard()
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -98,7 +103,15 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def is_sharded(model) -> bool:
-    return isinstance(model, FSDPModule)
+    """Whether the model is sharded (a LoRA student: the model inside its peft wrapper; an
+    AdapterFree reference: its student's)."""
+    return isinstance(_inner(model), FSDPModule)
+
+
+def _inner(model):
+    from gopd.models import unwrapped  # here: gopd.models imports this module
+
+    return unwrapped(model)
 
 
 def root_forward_hidden(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -115,44 +128,52 @@ def root_forward_hidden(model, input_ids, attention_mask, position_ids) -> torch
     return seen["hidden"]
 
 
-def full_weights(model, dtype: torch.dtype, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+def full_weights(model, dtype: torch.dtype, ctx: DistContext, only: str | None = None
+                 ) -> dict[str, torch.Tensor] | None:  # fmt: skip
     """The whole student's state dict in `dtype` on rank 0's CPU (None on the others), gathered
-    one tensor at a time, so that no rank ever holds more than one whole float32 tensor.
-    Every rank must call it (each gather is a collective)."""
+    one tensor at a time, so that no rank ever holds more than one whole float32 tensor; with
+    `only`, just the tensors whose names hold it (".lora_": a LoRA student's adapters). Every
+    rank must call it (each gather is a collective)."""
     out: dict[str, torch.Tensor] = {}
     gathered: dict[int, torch.Tensor | None] = {}  # a tied head is the same Parameter: gathered once
     for name, t in model.state_dict(keep_vars=True).items():
+        if only is not None and only not in name:
+            continue
         if id(t) not in gathered:
-            full = _whole(t)
+            full = whole(t)
             gathered[id(t)] = full.to("cpu", dtype) if ctx.is_main else None
         out[name] = gathered[id(t)]
     return out if ctx.is_main else None
 
 
-def gathered_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+def gathered_weights(model, skip: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole tensor) of a sharded student, one tensor at a time, on every rank (what a
-    rank's vLLM engine loads). Each gather is a collective: every rank must consume the whole
-    iterator, in the same order. A tied head is gathered under each of its names."""
+    rank's vLLM engine loads), but those whose names hold `skip`. Each gather is a collective:
+    every rank must consume the whole iterator, in the same order. A tied head is gathered
+    under each of its names."""
     for name, t in model.state_dict().items():
-        yield name, _whole(t)
+        if skip is None or skip not in name:
+            yield name, whole(t)
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
+def whole(t: torch.Tensor) -> torch.Tensor:
     """A weight whole: gathered from every rank's shard (a collective) when it is sharded."""
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def shard_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """This rank's part of a checkpoint: its float32 weight shards (the Hugging Face files hold
-    the weights rounded to dtype) and its optimizer state."""
-    weights = [p.to_local().detach().clone() for p in student.parameters()]
-    return {"weights": weights, "optimizer": local_optimizer_state(optimizer)}
+    """This rank's part of a checkpoint: the float32 shards of its trained weights (the Hugging
+    Face files hold them rounded to dtype; frozen ones, a LoRA student's base among them, are
+    as loaded) and its optimizer state."""
+    weights = [p.to_local().detach().clone() for p in student.parameters() if p.requires_grad]
+    return {"weights": weights, "trained_only": True, "optimizer": local_optimizer_state(optimizer)}
 
 
 @torch.no_grad()
 def load_shard_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of shard_state, on a student sharded as it was (as many ranks)."""
-    params = list(student.parameters())
+    """Inverse of shard_state, on a student sharded as it was (as many ranks). A checkpoint
+    from before "trained_only" holds every weight's shard."""
+    params = [p for p in student.parameters() if p.requires_grad or not state.get("trained_only")]
     if len(state["weights"]) != len(params) or any(
         w.shape != p.to_local().shape for w, p in zip(state["weights"], params, strict=True)
     ):

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from gopd.config import TrainConfig
-from gopd.fsdp import gathered_weights, is_sharded, root_forward_hidden
+from gopd.fsdp import gathered_weights, is_sharded, root_forward_hidden, whole
 
 logger = logging.getLogger("gopd")
 
@@ -51,8 +51,10 @@ class Models:
 
     @property
     def frozen_sharded(self) -> bool:
-        """Whether the frozen models are sharded over the ranks (shard_frozen, gopd.fsdp)."""
-        return any(is_sharded(m) for m in self.frozen())
+        """Whether reading the teachers or the reference takes every rank in step (gopd.fsdp):
+        some are sharded (shard_frozen), or the reference is a sharded LoRA student's
+        adapter-free self (fsdp)."""
+        return any(is_sharded(m) for m in [*self.teachers.values(), self.reference] if m is not None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -247,29 +249,37 @@ def servable_shapes(model) -> dict[str, tuple[int, ...]]:
 def servable_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model as a plain transformers model would have them: for a LoRA
     student its base weights with each adapter's delta added (out of place, once rounded: the
-    base weights themselves never change, so the adapter-free reference stays exact)."""
-    if is_sharded(model):  # every rank gathers each tensor in turn (gopd.fsdp)
-        yield from gathered_weights(model)
-        return
+    base weights themselves never change, so the adapter-free reference stays exact). A
+    sharded model's are gathered one tensor at a time, on every rank (gopd.fsdp)."""
+    sharded = is_sharded(model)
     if not is_lora(model):
-        yield from model.state_dict().items()
+        yield from gathered_weights(model) if sharded else model.state_dict().items()
         return
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    deltas = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                delta = module.get_delta_weight(adapter).float()
-                key = f"{name}.base_layer.weight"
-                deltas[key] = deltas[key] + delta if key in deltas else delta
-    for name, tensor in base.state_dict().items():
+    adapted = {f"{name}.base_layer.weight": m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, tensor in gathered_weights(base, skip=".lora_") if sharded else base.state_dict().items():
         if ".lora_" in name:
             continue
-        if name in deltas:
-            tensor = (tensor.float() + deltas[name]).to(tensor.dtype)
+        module = adapted.get(name)
+        if module is not None:  # its delta, made when its turn comes: one matrix's worth at a time
+            delta = sum(_lora_delta(module, adapter, sharded) for adapter in module.active_adapters)
+            tensor = (tensor.float() + delta).to(tensor.dtype)
         yield name.replace(".base_layer.", "."), tensor
+
+
+def _lora_delta(module, adapter: str, sharded: bool) -> torch.Tensor:
+    """An adapter's B A x scaling in float32: peft's own for a whole module; for a sharded one
+    from A and B gathered (plain LoRA on a Linear, as add_lora makes it)."""
+    if not sharded:
+        return module.get_delta_weight(adapter).float()
+    if module.use_dora.get(adapter) or getattr(module, "fan_in_fan_out", False):
+        raise ValueError(
+            f"fsdp: cannot merge adapter {adapter!r} of {type(module).__name__} (DoRA or Conv1D)"
+        )
+    a, b = whole(module.lora_A[adapter].weight), whole(module.lora_B[adapter].weight)
+    return (b.float() @ a.float()) * module.scaling[adapter]
 
 
 def is_lora(model) -> bool:
@@ -277,7 +287,10 @@ def is_lora(model) -> bool:
 
 
 def unwrapped(model) -> PreTrainedModel:
-    """The transformers model itself (inside a peft wrapper, if any)."""
+    """The transformers model itself (inside a peft wrapper, if any; an AdapterFree
+    reference's is its student's)."""
+    if isinstance(model, AdapterFree):
+        model = model.student
     return model.get_base_model() if is_lora(model) else model
 
 

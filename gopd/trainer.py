@@ -49,7 +49,7 @@ from gopd.distributed import (
 from gopd.evaluate import evaluate_configured, evaluate_teachers
 from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
-from gopd.models import context_length, load_models, load_student_weights
+from gopd.models import context_length, is_lora, load_models, load_student_weights
 from gopd.rollout import is_stop, make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, update_step
@@ -269,7 +269,8 @@ def checkpoint(cfg: TrainConfig, step: int, models, optimizer, scheduler, sample
     others wait for it. Replicated students are first checked to be identical (they must be:
     see gopd.distributed); a sharded one is gathered whole for the Hugging Face files."""
     fsdp = is_sharded(models.student)
-    weights = full_weights(models.student, getattr(torch, cfg.dtype), ctx) if fsdp else None  # all gather
+    only = ".lora_" if is_lora(models.student) else None  # a LoRA checkpoint's files: its adapters
+    weights = full_weights(models.student, getattr(torch, cfg.dtype), ctx, only) if fsdp else None  # gathers
     if not fsdp:
         check_replicas_agree(ctx, models.student)
     rngs = ctx.gather_objects(rng_state())

@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from gopd import distributed
-from gopd.checkpoint import load_optimizer_state
+from gopd.checkpoint import export_merged, load_optimizer_state
 from gopd.distributed import (
     DistContext,
     _buckets,
@@ -268,16 +268,25 @@ def _train_with_fake_vllm(ctx, tiny, tmp_path, overrides=None):
     return train_losses(cfg) if ctx.is_main else None, [e[0] for e in llms[0].events], engine_weights
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_each_rank_samples_from_its_own_vllm_engine_kept_in_sync(tiny, tmp_path, fsdp):
-    ranks = run_ranks(tmp_path, _train_with_fake_vllm, tiny, tmp_path, {"fsdp": fsdp})
+VLLM_RUNS = {"replicated": {}, "fsdp": {"fsdp": True}}
+if importlib.util.find_spec("peft"):  # the adapters merged into what each engine loads
+    VLLM_RUNS["fsdp, LoRA"] = {"fsdp": True, "lora_rank": 4, "lam": 1.25}
+
+
+@pytest.mark.parametrize("run", VLLM_RUNS)
+def test_each_rank_samples_from_its_own_vllm_engine_kept_in_sync(tiny, tmp_path, run):
+    ranks = run_ranks(tmp_path, _train_with_fake_vllm, tiny, tmp_path, VLLM_RUNS[run])
     assert len(ranks[0][0]) == 3  # and the replicas were checked equal at the start and the end
     for _, events, _ in ranks:  # each rank's engine: the student pushed at the start and after each update
         assert events.count("generate") == 3 and events.count("load_weights") == 4
     # every engine holds the final student (a sharded one gathered whole): the saved checkpoint
+    # (a LoRA one with its adapters merged, as gopd export writes it)
     from transformers import AutoModelForCausalLM
 
-    final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "vllm-run" / "checkpoints" / "step_0000003"))
+    saved = tmp_path / "vllm-run" / "checkpoints" / "step_0000003"
+    if "lora_rank" in VLLM_RUNS[run]:
+        saved = export_merged(str(saved), str(tmp_path / "merged"))
+    final = AutoModelForCausalLM.from_pretrained(str(saved))
     for _, _, weights in ranks:
         for k, v in final.state_dict().items():
             assert torch.equal(weights[k], v), k
@@ -398,6 +407,7 @@ VARIANTS = {
 }
 if importlib.util.find_spec("peft"):  # each rank must draw the same initial adapters
     VARIANTS["lora"] = ["--lora-rank", "4", "--lam", "1.25"]
+    VARIANTS["fsdp-lora"] = ["--fsdp", "true", "--lora-rank", "4", "--lam", "1.25"]  # adapters sharded
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -431,6 +441,9 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
         assert shards == [] and "optimizer" in state
     if "--shard-frozen" in extra:
         assert "shard_frozen: 2 teacher / reference models sharded over 2 ranks" in proc.stderr
+    if "--lora-rank" in extra:  # the adapters' files alone, sharded or not; the base stays where it was
+        files = {p.name for p in step2.iterdir()}
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files, files
 
     resumed = tmp_path / "resumed"
     step2 = str(full / "checkpoints" / "step_0000002")

@@ -6,6 +6,8 @@ The end-to-end run through torchrun (train, save, resume exactly) is in test_dis
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,7 +17,7 @@ from gopd.batching import step_plan
 from gopd.checkpoint import save_checkpoint, start_checkpoint
 from gopd.distributed import DistContext
 from gopd.fsdp import full_weights, is_sharded, shard_frozen, shard_student
-from gopd.models import load_models
+from gopd.models import load_models, servable_weights
 from gopd.scoring import score_rollouts
 from gopd.trainer import check_data_parallel
 from gopd.update import make_optimizer, make_scheduler, policy_update
@@ -47,12 +49,26 @@ CASES = {
         True,
     ),
 }
+if importlib.util.find_spec("peft"):  # LoRA: the adapters sharded with their layers, the base frozen
+    # the reference is the student with its adapters off: reading it takes the ranks in step
+    CASES["sampled, LoRA, lam 1.25"] = (dict(lora_rank=4, lam=1.25), True)
+    CASES["dense, LoRA, bf16, gradient checkpointing"] = (
+        dict(
+            lora_rank=4,
+            lam=1.25,
+            objective="dense",
+            is_cap=None,
+            dtype="bfloat16",
+            gradient_checkpointing=True,
+        ),
+        True,
+    )
 
 
 def step(ctx: DistContext, tiny, tmp_path, overrides: dict, fsdp: bool):
     """One AdamW step on ctx's share of 8 prompts x 2 samples, scored by this rank: (loss, stats,
-    full weights, real micro-batches of this rank, its checkpoint's directory, its scores;
-    full weights and checkpoint on rank 0)."""
+    full weights, real micro-batches of this rank, its checkpoint's directory, its scores, its
+    rows, a LoRA student's merged weights; full weights and checkpoint on rank 0)."""
     overrides = dict(overrides)
     if overrides.pop("teachers", None):
         overrides["teachers"] = {"math": str(tiny["teacher"]), "code": str(tiny["teacher_b"])}
@@ -62,7 +78,13 @@ def step(ctx: DistContext, tiny, tmp_path, overrides: dict, fsdp: bool):
     if not ctx.enabled:  # the single process: nothing to shard
         overrides.pop("shard_frozen", None)
     cfg = base_config(tiny, tmp_path, **({"micro_batch_size": 3} | overrides))
+    torch.manual_seed(cfg.seed)  # as the trainer does: every rank draws the same initial adapters
     models = load_models(cfg)
+    if cfg.lora_rank:  # adapters that already do something, so the reference differs from the student
+        with torch.no_grad():
+            for name, p in models.student.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
     rollouts = rollouts_for(cfg, models)  # the same 16 rows on every rank (seeded)
     # uneven shares (6 and 10 rows): other numbers of micro-batches on the two ranks
     everything = list(range(len(rollouts.examples)))
@@ -84,14 +106,18 @@ def step(ctx: DistContext, tiny, tmp_path, overrides: dict, fsdp: bool):
     assert all(is_sharded(m) == cfg.shard_frozen for m in models.frozen())
     if is_sharded(models.student):
         weights = full_weights(models.student, torch.float32, ctx)
+        # the checkpoint's files, gathered as the trainer gathers them: a LoRA student's adapters
+        files = full_weights(models.student, torch.float32, ctx, ".lora_" if cfg.lora_rank else None)
     else:
         weights = {k: v.float().clone() for k, v in models.student.state_dict().items()}
+        files = None
+    # what each rank's vLLM engine would load: a LoRA student merged (a sharded one gathered)
+    served = {k: v.float().clone() for k, v in servable_weights(models.student)} if cfg.lora_rank else None
     saved = None
     if ctx.is_main:  # the Hugging Face files, as the trainer writes them
         tmp = start_checkpoint(str(tmp_path / "ckpt"), 1)
-        # a copy: save_pretrained drops the tied head's key from the dict it is given
-        saved = save_checkpoint(tmp, models.student, models.tokenizer, {}, dict(weights) if fsdp else None)
-    return loss, stats, weights, real, saved, scores, rows
+        saved = save_checkpoint(tmp, models.student, models.tokenizer, {}, files)
+    return loss, stats, weights, real, saved, scores, rows, served
 
 
 def _sharded_cases(ctx, tiny, tmp_path):
@@ -105,7 +131,7 @@ def test_two_sharded_ranks_take_the_single_process_step(tiny, tmp_path):
     ranks = run_ranks(tmp_path, _sharded_cases, tiny, tmp_path)
     for name, (overrides, fsdp) in CASES.items():
         single = step(distributed.SINGLE, tiny, tmp_path / "single" / name, overrides, False)
-        single_loss, single_stats, single_w, _, _, single_scores, _ = single
+        single_loss, single_stats, single_w, _, _, single_scores, _, single_served = single
         (loss0, stats0, w0, real0, saved, *_), (loss1, stats1, w1, real1, *_) = ranks[0][name], ranks[1][name]
         assert (w1 is None) == fsdp and saved is not None  # a sharded student: gathered on rank 0 alone
         assert loss0 == loss1 and stats0 == stats1, name  # the combined loss and stats, on every rank
@@ -118,9 +144,20 @@ def test_two_sharded_ranks_take_the_single_process_step(tiny, tmp_path):
         assert set(w0) == set(single_w), (name, set(single_w) ^ set(w0))
         for k, v in single_w.items():
             torch.testing.assert_close(w0[k], v, rtol=rtol, atol=2.1e-3 if bf16 else 1e-6, msg=f"{name}: {k}")
-        reloaded = AutoModelForCausalLM.from_pretrained(saved).state_dict()
-        for k, v in reloaded.items():  # the tied head included
-            assert torch.equal(v.float(), w0[k]), (name, k)
+        if "LoRA" in name:  # its files hold the adapters alone; every rank serves the same merged model
+            from peft import load_peft_weights
+
+            for k, v in load_peft_weights(str(saved)).items():
+                assert torch.equal(v.float(), w0[k.replace(".weight", ".default.weight")]), (name, k)
+            served0, served1 = ranks[0][name][7], ranks[1][name][7]
+            assert set(served0) == set(single_served) and not any("lora" in k for k in served0)
+            for k, v in single_served.items():
+                assert torch.equal(served0[k], served1[k]), (name, k)
+                torch.testing.assert_close(served0[k], v, rtol=rtol, atol=2.1e-3 if bf16 else 1e-6)
+        else:
+            reloaded = AutoModelForCausalLM.from_pretrained(saved).state_dict()
+            for k, v in reloaded.items():  # the tied head included
+                assert torch.equal(v.float(), w0[k]), (name, k)
         assert real0 < real1, name  # so rank 0 ran repeats (weight 0, outputs dropped) to keep in step
         if single_scores is not None:  # each rank scored its own rows, as the single process did
             for scores, rows in (ranks[0][name][5:7], ranks[1][name][5:7]):
@@ -143,7 +180,6 @@ def test_sharding_needs_ranks_and_refuses_what_it_does_not_combine_with(tiny, tm
     for overrides, match in [
         (dict(shard_optimizer=True), "shard_optimizer: fsdp shards it already"),
         (dict(dtype="float16"), "dtype: float16 is not supported with fsdp"),
-        (dict(lora_rank=4), "lora_rank: LoRA is not supported with fsdp yet"),
     ]:
         with pytest.raises(ValueError, match=match):
             base_config(tiny, tmp_path, fsdp=True, **overrides)
