@@ -379,7 +379,10 @@ def __gopd_call_cases(name, limit, nonce):
         signal.alarm(limit)
         got = function(*json.loads(line))
         signal.alarm(0)
-        os.write(1, (nonce + json.dumps(got) + "\\n").encode())
+        # a numpy scalar as its number (it equals one there too); anything else JSON cannot
+        # write, as its repr, which equals no expected value (nor does it in LiveCodeBench)
+        plain = json.dumps(got, default=lambda o: o.item() if getattr(o, "shape", None) == () else repr(o))
+        os.write(1, (nonce + plain + "\\n").encode())
 
 
 __gopd_call_cases({name!r}, {limit}, {nonce!r})

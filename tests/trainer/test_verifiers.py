@@ -247,6 +247,11 @@ def test_call_cases_call_the_solution_method_with_each_cases_arguments():
     assert pair != TWO_SUM and run_call_tests(pair, CALLS)  # a tuple counts as its list
     function = "def twoSum(nums, target):\n    print('debug', nums)\n    return [0, 1]"
     assert run_call_tests(function, CALLS)  # a module function; its own prints aside
+    assert not run_call_tests("def twoSum(nums, target):\n    return {0, 1}", CALLS)  # a set is no list
+    odd = "import array\ndef twoSum(nums, target):\n    return array.array('i', [0, 1])"
+    assert not run_call_tests(odd, CALLS)  # nor an array (JSON cannot write it: its repr)
+    scalars = "import numpy\ndef twoSum(nums, target):\n    return [numpy.int64(0), numpy.int64(1)]"
+    assert run_call_tests(scalars, CALLS)  # numpy's scalars equal their numbers
     assert not run_call_tests(TWO_SUM.replace("i]", "i + 1]"), CALLS)
     assert not run_call_tests("def twoSum(nums, target):\n    return [0, 1] if target == 9 else None", CALLS)
     assert not run_call_tests("def twoSum(nums, target):\n    raise KeyError(target)", CALLS)
