@@ -61,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rollout_engine=args.engine,
         vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization if args.engine == "vllm" else None,
     ).validate()  # fmt: skip
-    result = evaluate_checkpoint(args.model, cfg)
+    result = evaluate_checkpoint(args.model, cfg, args.samples_out)
     if env_world()[0] == 0:
         print(yaml.safe_dump({"model": args.model, "data": args.data, **result}, sort_keys=False))
     return 0
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
                    help="with --engine vllm: its share of the GPU's memory; default 0.9")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="sampling seed; default 0")
+    p.add_argument("--samples-out", default=None, metavar="FILE",
+                   help="write every sample (prompt, response, right or not, tokens, cut at the cap, the "
+                   "answer read or the kind of tests) to this .jsonl")  # fmt: skip
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(

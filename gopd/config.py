@@ -122,6 +122,11 @@ class TrainConfig:
     eval_teachers: bool = _f(
         False, "also evaluate each teacher at the start, as the student is: the bar the student is held to"
     )
+    eval_log_samples: bool = _f(
+        False,
+        "write every evaluation sample (response, right or not, length, answer read) to "
+        "output_dir/eval_samples/step_N.jsonl (the teachers': teacher_<domain>.jsonl)",
+    )
     answer_match: str = _f(
         "math",
         "exact | math | symbolic: how a final answer meets the reference (math: normalised LaTeX, "
@@ -319,7 +324,7 @@ class TrainConfig:
         err.need(self.eval_every == 0 or bool(self.eval_data), "eval_every", "needs eval_data")
         for name in ("eval_temperature", "eval_top_p", "eval_max_prompts"):  # evaluation's alone
             err.need(getattr(self, name) is None or bool(self.eval_data), name, "needs eval_data")
-        for name in ("allow_code_execution", "eval_teachers", "keep_best"):
+        for name in ("allow_code_execution", "eval_teachers", "keep_best", "eval_log_samples"):
             err.need(not getattr(self, name) or bool(self.eval_data), name, "needs eval_data")
         if self.domain_weights is not None:
             weights = self.domain_weights

@@ -3,6 +3,7 @@ per prompt, overall and per domain."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -23,27 +24,29 @@ from gopd.models import (
     resolve_device,
     servable_shapes,
 )
-from gopd.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, load_vllm
-from gopd.verifiers import Verifier
+from gopd.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, is_stop, load_vllm
+from gopd.verifiers import CallCases, Verifier, extract_answer
 
 logger = logging.getLogger("gopd")
 
 
 def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, temperature: float,
              batch_prompts: int = 64, ctx: DistContext = SINGLE, verifier: Verifier | None = None,
-             top_p: float | None = None) -> dict[str, float]:  # fmt: skip
+             top_p: float | None = None, samples: list[dict] | None = None) -> dict[str, float]:  # fmt: skip
     """avg@k: the mean over prompts of the fraction of k samples that are right; pass@k: the
     fraction of prompts with at least one right sample. With several domains among the
     examples, also avg@k/<domain> and pass@k/<domain> over each domain's prompts (a merged
     student against each domain's teacher). Under data parallelism each rank samples its
     share of the prompts and the figures are over all of them. `verifier`: math answers by
-    default (gopd.verifiers)."""
+    default (gopd.verifiers). `samples`: a list to which every sample's record (sample_record)
+    is appended, all ranks' on every rank."""
     verifier = verifier or Verifier()
     domains = sorted({ex.domain for ex in examples})
     right = {d: 0.0 for d in domains}  # per domain: sum over prompts of the fraction right
     passed = {d: 0.0 for d in domains}
     length_sum = 0.0
     mine = ctx.shard(examples)
+    mine_samples: list[dict] = []
     if engine.max_rows:  # one sampler call per generate, as the unscored one below (ranks in step)
         batch_prompts = max(1, min(batch_prompts, engine.max_rows // k))
     calls = -(-len(mine) // batch_prompts)
@@ -63,11 +66,15 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
         ]
         length_sum += float(rollouts.response_mask.sum())
         ok = verifier.check(texts, rollouts.examples)
+        if samples is not None:
+            mine_samples += sample_records(rollouts, texts, ok, engine.eos_ids, k)
         for i, ex in enumerate(chunk):
             fraction = sum(ok[i * k : (i + 1) * k]) / k
             right[ex.domain] += fraction
             passed[ex.domain] += fraction > 0
     sums = ctx.sum([right[d] for d in domains] + [passed[d] for d in domains] + [length_sum])
+    if samples is not None:
+        samples += [record for part in ctx.gather_objects(mine_samples) for record in part]
     right = dict(zip(domains, sums[: len(domains)], strict=True))
     passed = dict(zip(domains, sums[len(domains) : -1], strict=True))
     n = len(examples)
@@ -84,17 +91,47 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     return result
 
 
+def sample_records(rollouts, texts: list[str], right: list[bool], eos_ids: list[int], k: int) -> list[dict]:
+    """One record per sample, as `gopd eval --samples-out` and eval_log_samples write them: its
+    prompt, domain and number among the prompt's k, the response, whether it is right, its
+    length in tokens and whether max_new_tokens cut it (no EOS), the reference answer and the
+    final answer read from the response (math records) or the kind of tests (code)."""
+    lengths = rollouts.response_mask.sum(-1).tolist()
+    cut = (~(is_stop(rollouts.responses, eos_ids) & rollouts.response_mask).any(-1)).tolist()
+    records = []
+    for i, (ex, text) in enumerate(zip(rollouts.examples, texts, strict=True)):
+        record = {"prompt": ex.prompt, "domain": ex.domain, "sample": i % k, "response": text,
+                  "right": right[i], "tokens": int(lengths[i]), "cut": bool(cut[i])}  # fmt: skip
+        if ex.tests is None:
+            record |= {"reference": ex.answer, "answer": extract_answer(text)}
+        elif isinstance(ex.tests, str):
+            record["tests"] = "asserts"
+        else:
+            record["tests"] = "calls" if isinstance(ex.tests, CallCases) else "stdin"
+        records.append(record)
+    return records
+
+
 def evaluate_configured(engine: RolloutEngine, tokenizer, examples: list[Example], cfg: TrainConfig,
-                        ctx: DistContext = SINGLE) -> dict[str, float]:  # fmt: skip
+                        ctx: DistContext = SINGLE, samples_to: str | Path | None = None
+                        ) -> dict[str, float]:  # fmt: skip
     """evaluate() with the run's evaluation settings: k = cfg.eval_samples, cfg.eval_sampling,
-    cfg's verifier. The student's evaluations, the teachers' and a checkpoint's all go through it."""
+    cfg's verifier. The student's evaluations, the teachers' and a checkpoint's all go through it.
+    `samples_to`: a .jsonl file that rank 0 writes every sample's record to (sample_records)."""
     temperature, top_p = cfg.eval_sampling
-    return evaluate(engine, tokenizer, examples, cfg.eval_samples, temperature, ctx=ctx,
-                    verifier=Verifier.from_config(cfg), top_p=top_p)  # fmt: skip
+    samples = [] if samples_to else None
+    result = evaluate(engine, tokenizer, examples, cfg.eval_samples, temperature, ctx=ctx,
+                      verifier=Verifier.from_config(cfg), top_p=top_p, samples=samples)  # fmt: skip
+    if samples_to and ctx.is_main:
+        Path(samples_to).parent.mkdir(parents=True, exist_ok=True)
+        with open(samples_to, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in samples)
+    return result
 
 
 def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig, ctx: DistContext = SINGLE,
-                      engine: RolloutEngine | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
+                      engine: RolloutEngine | None = None, samples_dir: Path | None = None
+                      ) -> dict[str, dict[str, float]]:  # fmt: skip
     """{domain: its teacher's evaluate() figures} on `examples`, sampled as the student's evaluation
     is (cfg.eval_samples, cfg.eval_sampling, the verifier), on a fork of torch's random streams
     (the run's own sampling is then that of a run without it).
@@ -102,8 +139,13 @@ def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
     `engine`: the run's. When it is vLLM, a teacher of the student's architecture and shapes (the
     same-size and merging settings) samples there: its weights are loaded into vLLM's copy for
     its evaluation, the student's after (vLLM's own random stream moves on). Any other teacher
-    samples with transformers generate, said in a log line."""
-    run = lambda e: evaluate_configured(e, models.tokenizer, examples, cfg, ctx)  # noqa: E731
+    samples with transformers generate, said in a log line. `samples_dir`: where each teacher's
+    samples go (teacher_<domain>.jsonl), when given."""
+
+    def run(engine: RolloutEngine, domain: str) -> dict[str, float]:
+        samples_to = samples_dir / f"teacher_{domain}.jsonl" if samples_dir else None
+        return evaluate_configured(engine, models.tokenizer, examples, cfg, ctx, samples_to)
+
     vllm = isinstance(engine, VLLMRolloutEngine)
     student_shapes = servable_shapes(models.student) if vllm else None
     devices = [models.device] if models.device.type == "cuda" else []
@@ -113,7 +155,7 @@ def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
             if vllm and servable_shapes(teacher) == student_shapes:
                 engine.update_weights(teacher)  # copied from where it is (offload_frozen: the CPU)
                 try:
-                    out[domain] = run(engine)
+                    out[domain] = run(engine, domain)
                 finally:
                     engine.update_weights(models.student)
                 continue
@@ -121,17 +163,18 @@ def evaluate_teachers(models: Models, examples: list[Example], cfg: TrainConfig,
                 logger.info("eval_teachers: teacher %s is not shaped as the student, so it samples with "
                             "transformers generate, not vLLM", domain)  # fmt: skip
             with frozen_on_device(models, domain):
-                out[domain] = run(HFRolloutEngine(teacher, models.tokenizer, cfg))
+                out[domain] = run(HFRolloutEngine(teacher, models.tokenizer, cfg), domain)
                 release(teacher)
     return out
 
 
-def evaluate_checkpoint(path: str, cfg: TrainConfig) -> dict[str, float]:
+def evaluate_checkpoint(path: str, cfg: TrainConfig, samples_to: str | None = None) -> dict[str, float]:
     """avg@k / pass@k of a saved model on cfg.eval_data: k = cfg.eval_samples, at most
     cfg.eval_max_prompts prompts; fields, chat template, lengths, sampling (cfg.eval_sampling),
     dtype, device and seed from cfg too. Under torchrun the ranks share the prompts
     (gopd.distributed). With cfg.rollout_engine 'vllm' vLLM samples from the checkpoint it
-    loads itself, and no transformers copy of the model is made."""
+    loads itself, and no transformers copy of the model is made. `samples_to`: a .jsonl file for
+    every sample's record (sample_records)."""
     if cfg.rollout_engine == "vllm" and (Path(path) / "adapter_config.json").exists():
         raise ValueError(f"{path}: a LoRA checkpoint, which vLLM does not load as a model: `gopd export` it, "
                          "then evaluate the merged model")  # fmt: skip
@@ -148,6 +191,6 @@ def evaluate_checkpoint(path: str, cfg: TrainConfig) -> dict[str, float]:
         examples = load_examples(cfg.eval_data, cfg, tokenizer, context_length(limit), for_eval=True)
         examples = examples[: cfg.eval_max_prompts]
         torch.manual_seed(cfg.seed + ctx.rank)  # each rank its own samples
-        return evaluate_configured(engine, tokenizer, examples, cfg, ctx)
+        return evaluate_configured(engine, tokenizer, examples, cfg, ctx, samples_to)
     finally:
         close_distributed(ctx)

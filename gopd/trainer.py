@@ -147,9 +147,12 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
     log = MetricsLogger(cfg, console=tqdm.write) if ctx.is_main else NoMetrics()
     summary = {"steps": steps, "evals": {}}
 
+    samples_dir = Path(cfg.output_dir) / "eval_samples" if cfg.eval_log_samples else None
+
     def run_eval(step: int) -> None:
         if eval_examples:
-            result = evaluate_configured(engine, tokenizer, eval_examples, cfg, ctx)
+            samples_to = samples_dir / f"step_{step:07d}.jsonl" if samples_dir else None
+            result = evaluate_configured(engine, tokenizer, eval_examples, cfg, ctx, samples_to)
             log.log(step, result, "eval")
             summary["evals"][step] = result
 
@@ -166,7 +169,7 @@ def _train(cfg: TrainConfig, resume: str | None, ctx: DistContext) -> dict:
         return True
 
     if start == 0 and cfg.eval_teachers:  # the bar, on the same prompts with the same settings
-        summary["teacher_evals"] = evaluate_teachers(models, eval_examples, cfg, ctx, engine)
+        summary["teacher_evals"] = evaluate_teachers(models, eval_examples, cfg, ctx, engine, samples_dir)
         for domain, result in summary["teacher_evals"].items():
             log.log(0, result, "eval_teacher" if len(models.teachers) == 1 else f"eval_teacher/{domain}")
     if start == 0:

@@ -261,13 +261,15 @@ def test_cli_eval_with_the_vllm_engine_names_what_it_needs(tiny):
     assert proc.returncode == 2 and "rollout_engine='vllm' needs vLLM" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_cli_greedy_evaluation_takes_one_sample(tiny):
+def test_cli_greedy_evaluation_takes_one_sample(tiny, tmp_path):
     args = ("eval", "--model", str(tiny["student"]), "--data", str(tiny["eval"]), "--temperature", "0",
             "--max-new-tokens", "4", "--device", "cpu")  # fmt: skip
     proc = run_cli(*args, "--k", "2")
     assert proc.returncode == 2 and "eval_samples: must be 1 at eval_temperature 0" in proc.stderr
-    proc = run_cli(*args, "--k", "1")
+    proc = run_cli(*args, "--k", "1", "--samples-out", str(tmp_path / "greedy.jsonl"))
     assert proc.returncode == 0 and "avg@1:" in proc.stdout, proc.stderr[-2000:]
+    samples = [json.loads(line) for line in open(tmp_path / "greedy.jsonl")]
+    assert len(samples) == 8 and f"avg@1: {sum(r['right'] for r in samples) / 8}" in proc.stdout
     # greedy: three prompts per generate call give the same answers as all of them at once
     chunked = run_cli(*args, "--k", "1", "--generate-batch-size", "3")
     assert chunked.returncode == 0 and chunked.stdout == proc.stdout, chunked.stderr[-2000:]
@@ -279,7 +281,8 @@ def test_eval_teachers_logs_each_teacher_and_leaves_the_students_run_as_it_was(t
     cfg = base_config(tiny, tmp_path, teachers=teachers, train_data=data, eval_data=data, eval_max_prompts=6,
                       eval_samples=2, steps=2)  # fmt: skip
     plain = train(cfg)
-    with_teachers = dataclasses.replace(cfg, eval_teachers=True, output_dir=str(tmp_path / "with_teachers"))
+    with_teachers = dataclasses.replace(cfg, eval_teachers=True, output_dir=str(tmp_path / "with_teachers"),
+                                        eval_log_samples=True)  # fmt: skip
     summary = train(with_teachers)
     assert set(summary["teacher_evals"]) == {"math", "code"} and "teacher_evals" not in plain
     assert summary["evals"] == plain["evals"] and train_losses(with_teachers) == train_losses(cfg)
@@ -287,6 +290,15 @@ def test_eval_teachers_logs_each_teacher_and_leaves_the_students_run_as_it_was(t
     for domain, result in summary["teacher_evals"].items():
         (logged,) = [r for r in records if r["kind"] == f"eval_teacher/{domain}"]
         assert logged["step"] == 0 and {k: logged[k] for k in result} == result
+    # eval_log_samples: each evaluation's samples, the teachers' too, agreeing with its figures
+    written = Path(with_teachers.output_dir, "eval_samples")
+    files = {"step_0000000": summary["evals"][0], "step_0000002": summary["evals"][2]}
+    files |= {f"teacher_{d}": result for d, result in summary["teacher_evals"].items()}
+    assert sorted(p.stem for p in written.iterdir()) == sorted(files)
+    for name, result in files.items():
+        samples = [json.loads(line) for line in open(written / f"{name}.jsonl")]
+        assert len(samples) == 6 * 2
+        assert sum(r["right"] for r in samples) / 12 == pytest.approx(result["avg@2"])
 
 
 def test_keep_best_keeps_the_checkpoint_of_the_best_evaluation(tiny, tmp_path, monkeypatch):

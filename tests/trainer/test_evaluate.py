@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from gopd.data import Example
-from gopd.evaluate import evaluate
+from gopd.evaluate import evaluate, evaluate_configured
 from gopd.rollout import Rollouts
 from gopd.verifiers import Verifier
 from tests.trainer.conftest import base_config
@@ -23,14 +24,17 @@ class ScriptedEngine:
     in_step = False
     max_rows = None
 
-    def __init__(self, tokenizer, responses):
-        self.tokenizer, self.responses = tokenizer, responses
+    def __init__(self, tokenizer, responses, cut: tuple[str, ...] = ()):
+        """`cut`: responses that end without EOS, as one cut at max_new_tokens."""
+        self.tokenizer, self.responses, self.cut = tokenizer, responses, cut
+        self.eos_ids = [tokenizer.eos_token_id]
 
     def generate(self, examples, samples, temperature, top_p=None):
         self.sampling = (temperature, top_p)
         texts = [r for i in range(len(examples)) for r in self.responses[i][:samples]]
         ids = [
-            self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            + ([] if t in self.cut else [self.tokenizer.eos_token_id])
             for t in texts
         ]
         width = max(map(len, ids))
@@ -83,6 +87,33 @@ def test_figures_per_domain_and_code_by_its_tests():
         evaluate(engine, tok, examples, k=2, temperature=1.0)
     exact = evaluate(engine, tok, examples[:1], k=2, temperature=1.0, verifier=Verifier("exact"))
     assert exact["avg@2"] == 0 and "avg@2/math" not in exact  # one domain: no per-domain keys
+
+
+def test_every_sample_is_written_with_what_it_was_judged_on(tiny, tmp_path):
+    """gopd eval --samples-out / eval_log_samples: one record per sample, the figures' own."""
+    tok = char_tokenizer(string.printable)
+    examples = [
+        Example([3], "math", "1/2", "half?"),
+        Example([3], "code", None, "add?", "assert add(2, 3) == 5"),
+    ]
+    good, bad = "def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b"
+    unclosed = "\\boxed{\\frac{1"  # cut at the cap: no EOS, no answer
+    engine = ScriptedEngine(tok, [["\\boxed{0.5}", unclosed], [good, bad]], cut=(unclosed,))
+    cfg = base_config(tiny, tmp_path, eval_data=str(tiny["eval"]), eval_samples=2, allow_code_execution=True)
+    out = tmp_path / "samples" / "eval.jsonl"
+    result = evaluate_configured(engine, tok, examples, cfg, samples_to=out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["sample"], r["right"]) for r in records] == [
+        ("half?", 0, True),
+        ("half?", 1, False),
+        ("add?", 0, True),
+        ("add?", 1, False),
+    ]
+    assert sum(r["right"] for r in records) / 4 == result["avg@2"]
+    half, cut = records[0], records[1]
+    assert half["reference"] == "1/2" and half["answer"] == "0.5" and not half["cut"] and half["tokens"] == 12
+    assert cut["answer"] is None and cut["cut"] and cut["tokens"] == len(unclosed)
+    assert records[2]["tests"] == "asserts" and "answer" not in records[2] and records[3]["domain"] == "code"
 
 
 def test_evaluation_samples_at_its_own_settings(tiny, tmp_path):
