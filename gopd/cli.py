@@ -16,7 +16,12 @@ from gopd.config import ANSWER_MATCHES, TrainConfig, load_config, yaml_load
 
 def _parse_value(text: str) -> Any:
     """CLI values are YAML scalars / lists / mappings: 1e-5, true, null, [0.2, 0.28], {math: a, code: b}."""
-    return yaml_load(text)
+    try:
+        return yaml_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a YAML value; text with braces or colons goes in single quotes: \"'{text}'\""
+        ) from exc
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompt_field=args.prompt_field, answer_field=args.answer_field, tests_field=args.tests_field,
         domain_field=args.domain_field, answer_match=args.answer_match, eval_temperature=args.temperature,
         eval_top_p=args.top_p, eval_samples=args.k, eval_max_prompts=args.max_prompts,
+        prompt_template=args.prompt_template,
         generate_batch_size=args.generate_batch_size,
         dtype=args.dtype, device=args.device, seed=args.seed,
         allow_code_execution=args.allow_code_execution, code_timeout=args.code_timeout,
@@ -151,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt; default 1024")
     p.add_argument("--max-prompts", type=int, default=None, help="evaluate the first N prompts only")
     p.add_argument("--prompt-field", default="prompt", help="record field of the prompt; default 'prompt'")
+    p.add_argument("--prompt-template", default=None, metavar="TEXT",
+                   help="each prompt put into TEXT where it says {prompt}, before the chat template (as "
+                   "prompt_template); default: the prompt as it is")  # fmt: skip
     p.add_argument("--answer-field", default="answer", help="record field of the answer; default 'answer'")
     p.add_argument(
         "--answer-match", default="math", choices=ANSWER_MATCHES,

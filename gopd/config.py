@@ -79,6 +79,12 @@ class TrainConfig:
         "{domain: weight}: each step's prompts drawn from the domains in these proportions, each from its "
         "own shuffled passes; null = uniformly over all prompts (proportional to the domains' sizes)",
     )
+    prompt_template: Any = _f(
+        None,
+        "each record's prompt put into this text where it says {prompt}, before the chat template (e.g. "
+        "'{prompt} Put your final answer within \\boxed{}.'); or {domain: template}, each record by its "
+        "domain; null = the prompt as it is",
+    )
     chat_template: bool = _f(True, "apply the tokenizer's chat template to prompts when it has one")
     chat_template_kwargs: dict = _f(
         {},
@@ -275,6 +281,12 @@ class TrainConfig:
             )
         err.need(bool(self.train_data), "train_data", "is required")
         err.need(isinstance(self.chat_template_kwargs, dict), "chat_template_kwargs", "must be a mapping")
+        template = self.prompt_template
+        forms = list(template.values()) if isinstance(template, dict) else [template]
+        one_slot = bool(forms) and all(isinstance(t, str) and t.count("{prompt}") == 1 for t in forms)
+        err.need(template is None or one_slot, "prompt_template",
+                 "must be null, a text holding {prompt} once, or {domain: such a text} (a YAML string: "
+                 "quote it, since {prompt} alone reads as a mapping)")  # fmt: skip
         err.need(self.chat_template or not self.chat_template_kwargs, "chat_template_kwargs",
                  "applies only with chat_template: true")  # fmt: skip
         for name in ("train_data", "eval_data"):

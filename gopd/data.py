@@ -70,6 +70,7 @@ def load_examples(
         domain = str(rec.get(cfg.domain_field, "default")) if for_eval or len(domains) > 1 else "default"
         if not for_eval and domain not in domains:
             raise ValueError(f"{where}: domain {domain!r} has no teacher (teachers: {sorted(domains)})")
+        prompt = templated(cfg.prompt_template, str(rec[cfg.prompt_field]), rec.get(cfg.domain_field), where)
         answer = rec.get(cfg.answer_field)
         tests = _tests(rec.get(cfg.tests_field), where, cfg) if for_eval else None
         if for_eval and answer is None and tests is None:
@@ -77,9 +78,7 @@ def load_examples(
                 f"{where}: no field {cfg.answer_field!r} (answer_field) or {cfg.tests_field!r} (tests_field) "
                 "for evaluation"
             )
-        ids = encode_prompt(
-            tokenizer, str(rec[cfg.prompt_field]), cfg.chat_template, cfg.chat_template_kwargs
-        )
+        ids = encode_prompt(tokenizer, prompt, cfg.chat_template, cfg.chat_template_kwargs)
         if len(ids) > cfg.max_prompt_tokens:
             raise ValueError(
                 f"{where}: prompt has {len(ids)} tokens > max_prompt_tokens={cfg.max_prompt_tokens}"
@@ -90,10 +89,24 @@ def load_examples(
                 f"model's context of {context_length} tokens"
             )
         answer = None if answer is None else str(answer)
-        examples.append(Example(ids, domain, answer, str(rec[cfg.prompt_field]), tests))
+        examples.append(Example(ids, domain, answer, prompt, tests))
     if not examples:
         raise ValueError(f"{path}: no records")
     return examples
+
+
+def templated(template: str | dict | None, prompt: str, domain, where: str) -> str:
+    """The prompt put into prompt_template where it says {prompt} (a plain replacement: the
+    template's other braces, \\boxed{} among them, stay as they are); with a template per
+    domain, the record's domain picks it."""
+    if template is None:
+        return prompt
+    if isinstance(template, dict):
+        key = "default" if domain is None else str(domain)
+        if key not in template:
+            raise ValueError(f"{where}: domain {key!r} has no prompt_template (it has {sorted(template)})")
+        template = template[key]
+    return template.replace("{prompt}", prompt)
 
 
 def _tests(value, where: str, cfg: TrainConfig) -> Tests | None:

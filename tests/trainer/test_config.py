@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import yaml
 
@@ -36,6 +38,10 @@ def test_exponent_floats_are_floats_in_files_and_flags(tiny, tmp_path):
     assert (
         _parse_value("-3e+2") == -300.0 and _parse_value("1e-5x") == "1e-5x" and _parse_value("null") is None
     )
+    # a template holds braces: quoted it is a string; unquoted, a clear error saying how to quote it
+    assert _parse_value("'{prompt} Put it in \\boxed{}.'") == "{prompt} Put it in \\boxed{}."
+    with pytest.raises(argparse.ArgumentTypeError, match="goes in single quotes"):
+        _parse_value("{prompt} Put it in \\boxed{}.")
 
 
 def test_official_defaults():
@@ -78,6 +84,9 @@ def test_unknown_key_is_an_error(tiny):
         (dict(seed=False), "seed: must be an int >= 0, got False"),
         (dict(micro_batch_tokens=True), "micro_batch_tokens: must be null or an int >="),
         (dict(eval_max_prompts=0), "eval_max_prompts: must be null or an int >= 1, got 0"),
+        (dict(prompt_template="Answer: "), "prompt_template: must be null, a text holding {prompt} once"),
+        (dict(prompt_template="{prompt} {prompt}"), "prompt_template: must be null, a text holding"),
+        (dict(prompt_template={"prompt": None}), "prompt_template: .* quote it"),  # what {prompt} reads as
         (dict(micro_batch_tokens=19), r"micro_batch_tokens: .* \(20\), the longest row"),  # 16 + 4
         (dict(micro_batch_tokens=2.5e4), "micro_batch_tokens"),
         (dict(lr_schedule="step"), "lr_schedule"),

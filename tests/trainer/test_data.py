@@ -179,3 +179,34 @@ def test_domain_weights_fix_each_batchs_mix_and_resume_exactly():
         DomainMixSampler(examples, 1, {"math": 1, "code": 0}).load_state_dict(state)
     with pytest.raises(ValueError, match="domain_weights: domain 'proofs' has no prompts"):
         DomainMixSampler(examples, 1, {"math": 1, "proofs": 1})
+
+
+def test_prompt_template_puts_each_prompt_in_its_domains_text(tiny, tmp_path):
+    """A plain replacement of {prompt}: the template's other braces (\\boxed{}) stay as written."""
+    path = tmp_path / "eval.jsonl"
+    records = [
+        {"prompt": "1+2=", "answer": "3", "domain": "math"},
+        {"prompt": "f?", "answer": "4", "domain": "code"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = load_tokenizer(str(tiny["student"]))
+    box = "{prompt} Put the answer in \\boxed{}."
+    cfg = base_config(tiny, tmp_path, prompt_template=box, max_prompt_tokens=64)
+    math, code = load_examples(str(path), cfg, tok, 256, for_eval=True)
+    assert (
+        math.prompt == "1+2= Put the answer in \\boxed{}."
+        and code.prompt == "f? Put the answer in \\boxed{}."
+    )
+    plain = load_examples(
+        str(path), base_config(tiny, tmp_path, max_prompt_tokens=64), tok, 256, for_eval=True
+    )[0]
+    assert plain.prompt == "1+2=" and len(math.prompt_ids) > len(plain.prompt_ids)
+    per_domain = base_config(tiny, tmp_path, prompt_template={"math": box, "code": "Code: {prompt}"},
+                             max_prompt_tokens=64)  # fmt: skip
+    math, code = load_examples(str(path), per_domain, tok, 256, for_eval=True)
+    assert math.prompt.endswith("\\boxed{}.") and code.prompt == "Code: f?"
+    only_math = base_config(tiny, tmp_path, prompt_template={"math": box}, max_prompt_tokens=64)
+    with pytest.raises(
+        ValueError, match=r"record 1: domain 'code' has no prompt_template \(it has \['math'\]\)"
+    ):
+        load_examples(str(path), only_math, tok, 256, for_eval=True)
