@@ -81,6 +81,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    # The tiny SFT's course follows the order of floating-point sums, so the thread count: fixed,
+    # the demo gives the README's figures on any machine of that CPU kind, whatever its cores.
+    torch.set_num_threads(args.threads)
     if args.merge:
         from gopd.demo.merge import run_merge_demo as run
     else:
@@ -231,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weak-teacher", action="store_true",
                    help="take each teacher as soon as it answers 80%% of its task greedily (default: "
                    "97%%, then 200 steps more): a teacher the student can pass")  # fmt: skip
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads for the demo's tensors; default 2, as the README's figures were made "
+                   "(the tiny SFT's course depends on it)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
     p.add_argument("--device", default="cpu",
                    help="where the evaluation and G-OPD run: cpu (default; the README's figures) | auto | "

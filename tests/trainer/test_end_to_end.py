@@ -211,15 +211,18 @@ def test_cli_demo_passes_its_options_to_the_demo(monkeypatch):
     import gopd.demo.merge
     from gopd.cli import main
 
-    calls = []
+    calls, threads = [], []
     for module, name in ((gopd.demo, "run_demo"), (gopd.demo.merge, "run_merge_demo")):
         monkeypatch.setattr(module, name, lambda out, **kw: calls.append((out, kw)))
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # this process's own stay as they are
     assert main(["demo", "--lam", "1", "1.25", "--weak-teacher", "--seed", "3", "--distill-steps", "7"]) == 0
-    assert main(["demo", "--merge"]) == 0
+    assert main(["demo", "--merge", "--threads", "1"]) == 0
     (out, kw), (merge_out, merge_kw) = calls
     want = dict(seed=3, distill_steps=7, quick=False, device="cpu", lams=[1.0, 1.25], weak_teacher=True)
     assert out == "runs/demo" and kw == want
     assert merge_out == "runs/demo_merge" and merge_kw["lams"] is None and merge_kw["weak_teacher"] is False
+    assert threads == [2, 1]  # 2 by default: the README's figures' count, whatever the machine's
+    assert main(["demo", "--threads", "0"]) == 2 and len(calls) == 2
 
 
 def test_cli_bad_config_exits_with_a_clear_error(tiny, tmp_path):
