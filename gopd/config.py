@@ -397,8 +397,6 @@ class TrainConfig:
         if not self.fsdp:
             return
         err.need(not self.shard_optimizer, "shard_optimizer", "fsdp shards it already; leave it off")
-        err.need(self.dtype != "float16", "dtype",
-                 "float16 is not supported with fsdp (no loss scaling there); use bfloat16")  # fmt: skip
         err.need(not self.liger, "liger", "liger's patches are not supported with fsdp")
 
     def _validate_lora(self, err: _Errors) -> None:

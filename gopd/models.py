@@ -336,6 +336,20 @@ def head_bias(model: PreTrainedModel | AdapterFree) -> torch.Tensor | None:
     return getattr(model.get_output_embeddings(), "bias", None)
 
 
+@contextmanager
+def adapters_off(student):
+    """peft's disable_adapter() with the adapters' requires_grad left as it was: peft switches it
+    off meanwhile, and FSDP2 fixes each layer group's gradient reduce dtype (float32, where it
+    computes in bf16) from which weights require grad at its first forward, which can be this
+    one (scoring the reference before the first update): the adapters' bf16 gradients would
+    then meet their float32 shards unconverted."""
+    trained = [p for p in student.parameters() if p.requires_grad]
+    with student.disable_adapter():
+        for p in trained:
+            p.requires_grad_(True)  # the adapters stay off: peft reads its own flag, not this
+        yield
+
+
 def final_hidden(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -345,7 +359,7 @@ def final_hidden(
     shift the positions of the real tokens.
     """
     if isinstance(model, AdapterFree):
-        with model.student.disable_adapter():
+        with adapters_off(model.student):
             return final_hidden(model.student, input_ids, attention_mask)
     model = unwrapped(model)  # peft's LoRA layers live inside it: the adapters still apply
     decoder = getattr(model, model.base_model_prefix)

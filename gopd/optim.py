@@ -28,7 +28,7 @@ GROWTH_INTERVAL steps without one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -75,6 +75,41 @@ class LossScale:
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def unscale(grads: list[torch.Tensor], scale: float, agree: Callable[[bool], bool] = bool) -> bool:
+    """Divide the gradients by the loss scale, unless one is not finite (then False, nothing
+    divided). agree(all finite here) -> all finite everywhere: the ranks' verdict where each
+    holds other gradients (FSDP's shards)."""
+    finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # one host sync
+    if not agree(finite):
+        return False
+    if grads:
+        torch._foreach_div_(grads, scale)
+    return True
+
+
+class ScaledAdamW(torch.optim.AdamW):
+    """torch.optim.AdamW on FSDP's float32 shards of a student computed in float16
+    (gopd.fsdp): the dynamic loss scale, without masters (the shards are the float32
+    weights). An overflow on any rank's shards skips the step on every rank (`agree`)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], agree: Callable[[bool], bool], **adamw_kwargs):
+        super().__init__(params, **adamw_kwargs)
+        self.loss_scale, self.agree = LossScale(), agree
+
+    def unscale_grads(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # in place: the shards
+        return unscale(local, self.loss_scale.scale, self.agree)
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"loss_scale": self.loss_scale.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.loss_scale.load_state_dict(state_dict.pop("loss_scale"))
+        super().load_state_dict(state_dict)
 
 
 class MasterWeightAdamW(torch.optim.AdamW):
@@ -144,13 +179,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def unscale_grads(self) -> bool:
         """Divide every gradient by the loss scale; False (and nothing divided) if any is not
         finite: the float16 backward overflowed at this scale."""
-        grads = [s.grad for s in self.slots if s.grad is not None]
-        if not grads:
-            return True
-        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one host sync
-            return False
-        torch._foreach_div_(grads, self.loss_scale.scale)
-        return True
+        return unscale([s.grad for s in self.slots if s.grad is not None], self.loss_scale.scale)
 
     def state_dict(self) -> dict:
         # references, not copies, as torch.optim keeps its own state tensors in state_dict()

@@ -21,7 +21,7 @@ from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext, all_reduce_grads, broadcast_from_owners
 from gopd.fsdp import is_sharded, release
 from gopd.models import Models, frozen_on_device, head_weight
-from gopd.optim import LossScale, MasterWeightAdamW, partition
+from gopd.optim import LossScale, MasterWeightAdamW, ScaledAdamW, partition
 from gopd.rollout import IGNORE, Rollouts
 from gopd.scoring import Scores, response_hidden, student_logprobs
 from gopd_kernels import gopd_dense_loss, gopd_loss
@@ -241,7 +241,11 @@ def make_optimizer(model, cfg: TrainConfig, ctx: DistContext = SINGLE) -> torch.
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     if is_sharded(model):  # float32 shards, cast to dtype only for the compute (gopd.fsdp)
-        return torch.optim.AdamW(params, **kwargs)
+        if cfg.dtype != "float16":
+            return torch.optim.AdamW(params, **kwargs)
+        logger.info("float16 compute under fsdp: dynamic loss scaling (from %g)", LossScale.INIT)
+        everywhere = lambda finite: not ctx.max([float(not finite)])[0]  # noqa: E731
+        return ScaledAdamW(params, agree=everywhere, **kwargs)
     if any(p.dtype == torch.float16 for p in params):
         logger.info("float16 student: dynamic loss scaling (from %g)", LossScale.INIT)
     if cfg.shard_optimizer and ctx.enabled:

@@ -404,6 +404,7 @@ VARIANTS = {
     "fsdp": ["--fsdp", "true"],
     "fsdp-bf16-tokens": ["--fsdp", "true", "--dtype", "bfloat16", "--micro-batch-tokens", "40"],
     "fsdp-shard-frozen": ["--fsdp", "true", "--shard-frozen", "true", "--lam", "1.25"],  # the reference too
+    "fsdp-fp16": ["--fsdp", "true", "--dtype", "float16"],  # the loss scale saved and resumed too
 }
 if importlib.util.find_spec("peft"):  # each rank must draw the same initial adapters
     VARIANTS["lora"] = ["--lora-rank", "4", "--lam", "1.25"]
@@ -454,6 +455,9 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
     for a, b in zip(again, train_recs[2:], strict=True):  # same rollouts on each rank, same step
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
         assert a["response_length"] == b["response_length"]
+        assert a.get("loss_scale") == b.get("loss_scale")  # float16: the scale resumed as it was
+    if "float16" in extra:
+        assert all("loss_scale" in r for r in train_recs) and "dynamic loss scaling" in proc.stderr
 
 
 def test_torchrun_evaluation_shares_the_prompts(tiny):
