@@ -341,8 +341,8 @@ def adapters_off(student):
     """peft's disable_adapter() with the adapters' requires_grad left as it was: peft switches it
     off meanwhile, and FSDP2 fixes each layer group's gradient reduce dtype (float32, where it
     computes in bf16) from which weights require grad at its first forward, which can be this
-    one (scoring the reference before the first update): the adapters' bf16 gradients would
-    then meet their float32 shards unconverted."""
+    one (scoring the reference when vLLM samples, so that nothing else has run the student):
+    the adapters' bf16 gradients would then meet their float32 shards unconverted."""
     trained = [p for p in student.parameters() if p.requires_grad]
     with student.disable_adapter():
         for p in trained:
