@@ -32,7 +32,7 @@ CALL_ROW = {
     "starter_code": "class Solution:\n    def add(self, a: int, b: int) -> int:\n        ",
     "public_test_cases": json.dumps([_case("1\n2", "3", "functional")]),
     "private_test_cases": _packed([_case("-5\n5", "0", "functional"), _case("10\n20", "30", "functional")]),
-    "metadata": json.dumps({"func_name": "add"}), "difficulty": "easy",
+    "metadata": json.dumps({"func_name": "add"}), "difficulty": "medium",
 }  # fmt: skip
 STDIN_ROW = {
     "question_id": "abc300_a", "question_content": "Print a + b.", "contest_date": "2024-03-02T00:00:00",
@@ -55,6 +55,13 @@ def test_livecodebench_files_become_records_the_verifier_runs(tiny, tmp_path, ca
     assert call.tests == CallCases("add", (("1\n2", "3"), ("-5\n5", "0"), ("10\n20", "30")))
     assert stdin.tests == [("1 2\n", "3\n"), ("4 5\n", "9\n")] and stdin.domain == "code"
     assert "class Solution:" in call.prompt and "standard input" in stdin.prompt
+    by_difficulty = base_config(tiny, tmp_path, eval_data=str(out), allow_code_execution=True,
+                                max_prompt_tokens=1024, domain_field="difficulty")  # fmt: skip
+    tok = load_tokenizer(str(tiny["student"]))
+    assert [ex.domain for ex in load_examples(str(out), by_difficulty, tok, 4096, for_eval=True)] == [
+        "medium",
+        "easy",
+    ]  # figures per difficulty
     right = ["```python\nclass Solution:\n    def add(self, a, b):\n        return a + b\n```",
              "```python\na, b = map(int, input().split())\nprint(a + b)\n```"]  # fmt: skip
     wrong = [right[0].replace("a + b", "a - b"), right[1].replace("a + b", "a * b")]
