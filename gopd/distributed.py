@@ -86,6 +86,15 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_to_main(self, obj) -> list | None:
+        """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others: what only rank 0
+        writes, without a copy of everything on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

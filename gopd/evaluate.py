@@ -38,8 +38,8 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
     examples, also avg@k/<domain> and pass@k/<domain> over each domain's prompts (a merged
     student against each domain's teacher). Under data parallelism each rank samples its
     share of the prompts and the figures are over all of them. `verifier`: math answers by
-    default (gopd.verifiers). `samples`: a list to which every sample's record (sample_record)
-    is appended, all ranks' on every rank."""
+    default (gopd.verifiers). `samples`: a list to which every sample's record (sample_records)
+    is appended, all ranks' on rank 0 (every rank must pass one)."""
     verifier = verifier or Verifier()
     domains = sorted({ex.domain for ex in examples})
     right = {d: 0.0 for d in domains}  # per domain: sum over prompts of the fraction right
@@ -73,8 +73,8 @@ def evaluate(engine: RolloutEngine, tokenizer, examples: list[Example], k: int, 
             right[ex.domain] += fraction
             passed[ex.domain] += fraction > 0
     sums = ctx.sum([right[d] for d in domains] + [passed[d] for d in domains] + [length_sum])
-    if samples is not None:
-        samples += [record for part in ctx.gather_objects(mine_samples) for record in part]
+    if samples is not None:  # rank 0 gets them all, the others nothing more
+        samples += [record for part in ctx.gather_to_main(mine_samples) or [] for record in part]
     right = dict(zip(domains, sums[: len(domains)], strict=True))
     passed = dict(zip(domains, sums[len(domains) : -1], strict=True))
     n = len(examples)

@@ -466,10 +466,14 @@ def test_torchrun_trains_evaluates_saves_and_resumes_exactly(tiny, tmp_path, var
         assert all("loss_scale" in r for r in train_recs) and "dynamic loss scaling" in proc.stderr
 
 
-def test_torchrun_evaluation_shares_the_prompts(tiny):
+def test_torchrun_evaluation_shares_the_prompts(tiny, tmp_path):
+    samples = tmp_path / "samples.jsonl"
     proc = torchrun("eval", "--model", str(tiny["student"]), "--data", str(tiny["eval"]), "--k", "2",
-                    "--max-new-tokens", "4", "--device", "cpu")  # fmt: skip
+                    "--max-new-tokens", "4", "--device", "cpu", "--samples-out", str(samples))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = yaml.safe_load(proc.stdout)  # one document: rank 0 alone prints
     assert result["prompts"] == 8 and 0 <= result["avg@2"] <= result["pass@2"] <= 1
     assert 0 < result["response_length"] <= 4  # each prompt sampled once, by one rank
+    records = [json.loads(line) for line in samples.read_text().splitlines()]  # rank 0 writes all ranks'
+    assert len(records) == 8 * 2 and len({r["prompt"] for r in records}) == 8
+    assert sum(r["right"] for r in records) / 16 == pytest.approx(result["avg@2"])
