@@ -107,9 +107,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    import json
     import re
 
+    from gopd.data import write_jsonl
     from gopd.prepare import livecodebench_records
 
     for name in ("start_date", "end_date"):
@@ -119,8 +119,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     records = livecodebench_records(args.input, args.start_date, args.end_date, args.public_only)
     if not records:
         raise ValueError(f"no problem of {args.input} is dated within [{args.start_date}, {args.end_date}]")
-    with open(args.output, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_jsonl(args.output, records)
     calls = sum("fn_name" in r["tests"] for r in records)
     dates = sorted(r["date"] for r in records)
     cases = sum(len(r["tests"]["inputs"]) for r in records)

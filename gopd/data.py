@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -34,6 +35,14 @@ def read_records(path: str) -> list[dict]:
             raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
         return pq.read_table(path).to_pylist()
     raise ValueError(f"{path}: expected a .jsonl or .parquet file")
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> Path:
+    """`records` one JSON object a line (what read_records reads back), the folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
 
 
 def encode_prompt(

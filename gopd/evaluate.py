@@ -3,7 +3,6 @@ per prompt, overall and per domain."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch
 from transformers import AutoConfig
 
 from gopd.config import TrainConfig
-from gopd.data import Example, load_examples
+from gopd.data import Example, load_examples, write_jsonl
 from gopd.distributed import SINGLE, DistContext, close_distributed, init_distributed
 from gopd.fsdp import release
 from gopd.models import (
@@ -123,9 +122,7 @@ def evaluate_configured(engine: RolloutEngine, tokenizer, examples: list[Example
     result = evaluate(engine, tokenizer, examples, cfg.eval_samples, temperature, ctx=ctx,
                       verifier=Verifier.from_config(cfg), top_p=top_p, samples=samples)  # fmt: skip
     if samples_to and ctx.is_main:
-        Path(samples_to).parent.mkdir(parents=True, exist_ok=True)
-        with open(samples_to, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in samples)
+        write_jsonl(samples_to, samples)
     return result
 
 

@@ -8,10 +8,11 @@ order in which a left-to-right model can carry). Small models learn it in a minu
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+
+from gopd.data import write_jsonl
 
 ALPHABET = "0123456789+="
 MERGE_ALPHABET = ALPHABET + "-"  # its own tokenizer: the addition demo's stays as it was
@@ -25,12 +26,6 @@ def problem(rng: random.Random, digits: int) -> tuple[str, str]:
 def subtraction(rng: random.Random, digits: int) -> tuple[str, str]:
     a, b = sorted((rng.randrange(10**digits), rng.randrange(10**digits)), reverse=True)
     return f"{a:0{digits}d}-{b:0{digits}d}=", f"{a - b:0{digits + 1}d}"[::-1]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def make_splits(out: Path, digits: int, n_train: int, n_eval: int, seed: int,
