@@ -23,7 +23,7 @@ from gopd.models import (
     resolve_device,
     servable_shapes,
 )
-from gopd.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, is_stop, load_vllm
+from gopd.rollout import HFRolloutEngine, RolloutEngine, VLLMRolloutEngine, load_vllm
 from gopd.verifiers import CallCases, Verifier, extract_answer
 
 logger = logging.getLogger("gopd")
@@ -96,7 +96,7 @@ def sample_records(rollouts, texts: list[str], right: list[bool], eos_ids: list[
     length in tokens and whether max_new_tokens cut it (no EOS), the reference answer and the
     final answer read from the response (math records) or the kind of tests (code)."""
     lengths = rollouts.response_mask.sum(-1).tolist()
-    cut = (~(is_stop(rollouts.responses, eos_ids) & rollouts.response_mask).any(-1)).tolist()
+    cut = rollouts.cut(eos_ids).tolist()
     records = []
     for i, (ex, text) in enumerate(zip(rollouts.examples, texts, strict=True)):
         record = {"prompt": ex.prompt, "domain": ex.domain, "sample": i % k, "response": text,

@@ -65,6 +65,10 @@ class Rollouts:
         """[B] response columns each row needs: up to its last valid token (EOS included)."""
         return (self.response_mask * torch.arange(1, self.width + 1)).amax(-1)
 
+    def cut(self, eos_ids: int | list[int]) -> torch.Tensor:
+        """[B] whether each response ended without an EOS: max_new_tokens cut it."""
+        return ~(is_stop(self.responses, eos_ids) & self.response_mask).any(-1)
+
     def select(self, rows: torch.Tensor | list[int]) -> Rollouts:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return replace(

@@ -50,7 +50,7 @@ from gopd.evaluate import evaluate_configured, evaluate_teachers
 from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
 from gopd.models import context_length, is_lora, load_models, load_student_weights
-from gopd.rollout import is_stop, make_engine
+from gopd.rollout import make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, update_step
 
@@ -236,7 +236,7 @@ def rollout_lengths(rollouts, domains: list[str], eos_ids: list[int], ctx: DistC
     ("response_length/code": how a merged student's answers grow in each domain); and the
     response tokens of all ranks."""
     lengths = rollouts.response_mask.sum(-1).float()
-    cut = ~(is_stop(rollouts.responses, eos_ids) & rollouts.response_mask).any(-1)
+    cut = rollouts.cut(eos_ids)
     groups = [None, *domains] if len(domains) > 1 else [None]
     sums = []
     for d in groups:
