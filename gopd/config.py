@@ -300,7 +300,7 @@ class TrainConfig:
             err.need(
                 _is_int(getattr(self, name), 1), name, f"must be an int >= 1, got {getattr(self, name)!r}"
             )
-        for name in ("keep_checkpoints", "generate_batch_size", "eval_max_prompts"):
+        for name in ("steps", "keep_checkpoints", "generate_batch_size", "eval_max_prompts"):
             value = getattr(self, name)
             err.need(value is None or _is_int(value, 1), name, f"must be null or an int >= 1, got {value!r}")
         if self.mini_batch_prompts is not None:
@@ -322,8 +322,6 @@ class TrainConfig:
             err.need(
                 _is_int(getattr(self, name), 0), name, f"must be an int >= 0, got {getattr(self, name)!r}"
             )
-        err.need(self.steps is None or _is_int(self.steps, 1), "steps", f"must be null or an int >= 1, got "
-                 f"{self.steps!r}")  # fmt: skip
         err.need(_finite(self.lr) and self.lr > 0, "lr", "must be > 0")
         err.choice(self.lr_schedule, SCHEDULES, "lr_schedule")
         err.need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
