@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class GradSlot:
@@ -100,7 +101,7 @@ class ScaledAdamW(torch.optim.AdamW):
 
     def unscale_grads(self) -> bool:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # in place: the shards
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]  # in place: the shards
         return unscale(local, self.loss_scale.scale, self.agree)
 
     def state_dict(self) -> dict:
