@@ -43,7 +43,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh first|fold|gemm|stages|small|trainer|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh lease|first|fold|gemm|stages|small|trainer|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -86,7 +86,37 @@ print('torch backend bf16 GEMMs:', m(torch.device('cuda', 0)))"  # addmm, mm or 
         tests/kernels/test_matmul_torch.py tests/kernels
 }
 
+left() {  # seconds left before this part's deadline (BUDGET_S from its start), less $1; at
+    # least 1 (`timeout 0` would mean no limit)
+    local s=$(( budget - SECONDS - ${1:-0} )); echo $(( s > 1 ? s : 1 ))
+}
+
 case $part in
+lease)  # a whole 15-minute lease in one call (~8.5 minutes): every headline row not yet saved,
+    # the one open decision (cuBLAS logit tiles for token_logprobs), the dense folds, then the
+    # CUDA tests with what is left. Each step's limit comes from one deadline.
+    status=0
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
+    # one process for the three headline ops: one ceilings run, one autotune cache in memory;
+    # each op is saved as it finishes. gopd_loss: gopd folds, gopd-recompute does not;
+    # token_logprobs_frozen_head: gopd folds (cuBLAS), gopd-recompute (Triton)
+    TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT $(left 200) python3 -m benchmarks.report \
+        --op gopd_loss,token_logprobs,token_logprobs_frozen_head $head \
+        --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
+    # token_logprobs' logit tiles by cuBLAS + the row passes against the fused kernels
+    GOPD_BACKWARD_GEMM=torch timeout $(( $(left 130) < 70 ? $(left 130) : 70 )) python3 -m benchmarks.stages $head \
+        --sweep GOPD_LOGITS_GEMM=triton,torch --op token_logprobs --impls gopd || status=1
+    # the dense losses: gopd recomputes (their Triton default), gopd-fold folds
+    timeout --signal=INT $(left 50) python3 -m benchmarks.report --op gopd_dense_loss \
+        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,gopd,gopd-fold,liger || status=1
+    # the kernels' tests compiled on CUDA, with what is left (never whole so far)
+    local_workers=""; python3 -c "import xdist" 2>/dev/null && local_workers="-n 16"
+    timeout $(left 5) python3 -m pytest -q $local_workers -m "triton or cuda" tests/kernels/test_folded_loss.py \
+        tests/kernels/test_folded_dense_kl.py tests/kernels/test_token_logprobs.py tests/kernels || status=1
+    (exit $status)
+    ;;
 first)
     status=0
     # the tests: 39 passed in 90 s on 16 workers and were cut (H100, 2026-11-26); more now
@@ -202,7 +232,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: first, fold, gemm, stages, small, trainer, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: lease, first, fold, gemm, stages, small, trainer, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"
