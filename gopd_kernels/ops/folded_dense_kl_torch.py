@@ -55,40 +55,46 @@ class FoldedDenseKL(torch.autograd.Function):
         hs_, ws_, ht_, wt_, hr_, wr_ = (up(t) for t in (hs, ws, ht, wt, hr, wr))
         live = 3 if with_teacher_kl else 2
         chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
-        buf = torch.empty(live, chunk * vocab, **like)
         dh = torch.zeros(hs.shape, **like) if need_dh else None
         dw = HeadGrad(ws, acc, chunk >= rows, rows_impl) if need_dw else None
         kl = torch.empty(rows, **like)
         kl_t = torch.empty(rows, **like) if with_teacher_kl else None
         weights = row_weights.to(acc)
         coef = weights * inv_temp  # d/d(raw logits) = d/da / tau
-        for r0 in range(0, rows, chunk):
-            r1 = min(rows, r0 + chunk)
-            a, c, zt = (buf[k, : (r1 - r0) * vocab].view(r1 - r0, vocab) for k in (0, 1, live - 1))
-            # c (and z_T) first, with the tile of a as scratch for their log-sum-exps
-            lse_t = None
-            if with_teacher_kl:
-                lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
-                torch.mul(zt, lam, out=c)
-                if hr_ is not None:
-                    mm_add(c, hr_[r0:r1], wr_.T, alpha=(1.0 - lam) * inv_temp)
-            else:
-                _target_tile(c, (ht_[r0:r1], wt_), None if hr_ is None else (hr_[r0:r1], wr_), lam, inv_temp)
-            lse_c = rows_impl.lse(c, a)
-            logits_tile(a, hs_[r0:r1], ws_, inv_temp, None)
-            coef_rows = coef[r0:r1] if dh is not None or dw is not None else None  # None: no dz
-            z_t = zt if with_teacher_kl else None
-            kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)
-            if kl_t is not None:
-                kl_t[r0:r1] = kl_t_rows
-            if dz is None:
-                continue
-            if dh is not None:
-                mm_into(dh[r0:r1], dz, ws_)
-            if dw is not None:
-                dw.add(dz, hs_[r0:r1])
-            del dz  # before the next chunk's is made
-        del buf  # before dH and dW are cast: the tiles are the largest buffers
+
+        def fold_chunks() -> None:
+            # A function so that the tiles and every view of them die with its frame, before dH
+            # and dW are cast below (see FoldedTokenLoss)
+            buf = torch.empty(live, chunk * vocab, **like)
+            for r0 in range(0, rows, chunk):
+                r1 = min(rows, r0 + chunk)
+                a, c, zt = (buf[k, : (r1 - r0) * vocab].view(r1 - r0, vocab) for k in (0, 1, live - 1))
+                # c (and z_T) first, with the tile of a as scratch for their log-sum-exps
+                lse_t = None
+                if with_teacher_kl:
+                    lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
+                    torch.mul(zt, lam, out=c)
+                    if hr_ is not None:
+                        mm_add(c, hr_[r0:r1], wr_.T, alpha=(1.0 - lam) * inv_temp)
+                else:
+                    ref = None if hr_ is None else (hr_[r0:r1], wr_)
+                    _target_tile(c, (ht_[r0:r1], wt_), ref, lam, inv_temp)
+                lse_c = rows_impl.lse(c, a)
+                logits_tile(a, hs_[r0:r1], ws_, inv_temp, None)
+                coef_rows = coef[r0:r1] if dh is not None or dw is not None else None  # None: no dz
+                z_t = zt if with_teacher_kl else None
+                kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)
+                if kl_t is not None:
+                    kl_t[r0:r1] = kl_t_rows
+                if dz is None:
+                    continue
+                if dh is not None:
+                    mm_into(dh[r0:r1], dz, ws_)
+                if dw is not None:
+                    dw.add(dz, hs_[r0:r1])
+                del dz  # before the next chunk's is made
+
+        fold_chunks()
         save_folded_grads(ctx, dh, None if dw is None else dw.result(), hs, ws)
         ctx.mark_non_differentiable(kl, *(() if kl_t is None else (kl_t,)))
         loss = (kl * weights).sum()

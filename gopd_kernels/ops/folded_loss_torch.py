@@ -108,32 +108,39 @@ class FoldedTokenLoss(torch.autograd.Function):
         acc = compute_dtype(hidden.dtype)
         h, w = operand(hidden), operand(weight)
         chunk = fold_rows(ws_bytes, rows, vocab, acc)
-        buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
         dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
         dw = HeadGrad(weight, acc, chunk >= rows, rows_impl) if need_dw else None
         logp = torch.empty(rows, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
-        for r0 in range(0, rows, chunk):
-            r1 = min(rows, r0 + chunk)
-            y = targets[r0:r1]
-            z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
-            s, state = rows_impl.log_softmax(z, y)
-            logp[r0:r1] = s
-            with torch.enable_grad():
-                s_leaf = s.detach().requires_grad_(need_dh or need_dw)
-                part = token_loss(s_leaf, r0, r1)
-            loss += part.detach().to(acc)
-            if not part.requires_grad:  # no gradient wanted, or this chunk's loss does not depend on s
-                continue
-            (c,) = torch.autograd.grad(part, s_leaf)
-            c = c * inv_temp  # through z = raw logits * inv_temp
-            dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)  # c (1[v = y] - p), a GEMM operand
-            if dh is not None:
-                mm_into(dh[r0:r1], dz, w)
-            if dw is not None:
-                dw.add(dz, h[r0:r1])
-            del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
-        del buf  # before dH and dW are cast: the logits tile is the largest buffer
+
+        def fold_chunks() -> None:
+            # A function so that the logits tile and every view of it die with its frame, before
+            # dH and dW are cast below: a view left in a local kept the tile (1.2 GB at the H100
+            # headline shape) alive through the cast.
+            buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
+            for r0 in range(0, rows, chunk):
+                r1 = min(rows, r0 + chunk)
+                y = targets[r0:r1]
+                z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
+                s, state = rows_impl.log_softmax(z, y)
+                logp[r0:r1] = s
+                with torch.enable_grad():
+                    s_leaf = s.detach().requires_grad_(need_dh or need_dw)
+                    part = token_loss(s_leaf, r0, r1)
+                loss.add_(part.detach().to(acc))
+                if not part.requires_grad:  # no gradient wanted, or this chunk's loss does not depend on s
+                    continue
+                (c,) = torch.autograd.grad(part, s_leaf)
+                c = c * inv_temp  # through z = raw logits * inv_temp
+                # c (1[v = y] - p), a GEMM operand
+                dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)
+                if dh is not None:
+                    mm_into(dh[r0:r1], dz, w)
+                if dw is not None:
+                    dw.add(dz, h[r0:r1])
+                del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
+
+        fold_chunks()
         save_folded_grads(ctx, dh, None if dw is None else dw.result(), hidden, weight)
         ctx.mark_non_differentiable(logp)
         return loss, logp

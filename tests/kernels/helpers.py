@@ -61,3 +61,20 @@ def autotuned_kernels() -> dict:
             module = importlib.import_module(f"gopd_kernels.ops.{info.name}")
             found.update({name: obj for name, obj in vars(module).items() if isinstance(obj, Autotuner)})
     return found
+
+
+def profiled_peak_bytes(fn) -> int:
+    """Peak bytes of CPU tensors alive at once while fn() runs, above what lived before: the
+    profiler's allocation timeline (torch.profiler's memory profile), so a test can check on a
+    CPU which buffers a kernel's host code keeps alive together, as a GPU's peak would show."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action  # private: the timeline export's own
+
+    options = dict(profile_memory=True, record_shapes=True, with_stack=True)  # what the timeline needs
+    with profile(activities=[ProfilerActivity.CPU], **options) as p:
+        fn()
+    live = peak = 0
+    for _, action, _, size in p._memory_profile().timeline:
+        live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak

@@ -1,4 +1,5 @@
-"""The torch backend never materialises [N, V]: peak memory of a fresh process stays bounded.
+"""The torch backend never materialises [N, V]: peak memory of a fresh process stays bounded;
+the folds free their tiles before casting their gradients.
 
 Measured as peak RSS of a child process above its own baseline taken after the inputs
 exist (ru_maxrss), for forward + backward, against the size the logits alone would take.
@@ -11,6 +12,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from tests.kernels.helpers import make_inputs, profiled_peak_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +48,50 @@ def test_peak_memory_is_independent_of_logits_size():
     bound = ws_mb * 2**20 + 3 * (v * d + n * d) * 4 + 32 * 2**20
     assert extra <= bound, (extra / 2**20, bound / 2**20)
     assert extra < logits_bytes / 2, (extra / 2**20, logits_bytes / 2**20)
+
+
+FOLD_N, FOLD_D, FOLD_V = 512, 256, 4099  # D > chunk rows: casting dW (V x D) outweighs a tile
+
+
+def _folded_bf16_peak(loss_fn, live_tiles: int, rows: int, models: int, monkeypatch) -> tuple[int, int, int]:
+    """(profiled peak, bytes that must coexist when dH and dW are cast, one chunk's tiles) for
+    loss_fn(h, w, teacher_h, teacher_w).backward() with bf16 student and teacher, torch backend
+    (models: how many models' operands the fold upcasts to fp32)."""
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(live_tiles * rows * FOLD_V * 4 / 2**20))
+    n, d, v = FOLD_N, FOLD_D, FOLD_V
+    hidden, weight, _, _ = make_inputs(n, d, v, torch.bfloat16, bias=False)
+    teacher_h, teacher_w, _, _ = make_inputs(n, d, v, torch.bfloat16, bias=False, seed=1)
+
+    def step():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss_fn(h, w, teacher_h, teacher_w).backward()
+
+    step()  # warm: lazy module state out of the measurement
+    peak = profiled_peak_bytes(step)
+    student = (n * d + v * d) * 2  # the clones above
+    # at the cast: the fp32 operands (upcast on CPUs), fp32 dH and dW, and their bf16 copies
+    at_cast = student + models * (n * d + v * d) * 4 + (n * d + v * d) * (4 + 2)
+    return peak, at_cast, live_tiles * rows * v * 4
+
+
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_fold_frees_its_tiles_before_casting_the_grads(op, monkeypatch):
+    """A bf16 head's fold casts its fp32 dH and dW once, after the last chunk: the logits
+    tiles must be gone by then. A view of them left in a local once kept them through the
+    cast, 1.2 GB of the peak at the H100 headline shape (N = 16384, V = 151936)."""
+    import gopd_kernels as gk
+
+    targets, logp_t, logp_ref = torch.arange(FOLD_N) % FOLD_V, torch.randn(FOLD_N), torch.randn(FOLD_N)
+
+    def policy(h, w, _th, _tw):
+        return gk.gopd_loss(h, w, targets, logp_t, logp_ref, lam=1.25, backend="torch", fold=True)[0]
+
+    def dense(h, w, th, tw):
+        return gk.gopd_dense_loss(h, w, th, tw, teacher_kl=False, backend="torch", fold=True)[0]
+
+    # gopd_loss: one fp32 tile of 64 rows; dense: two of 32 (student's, target's), and the
+    # teacher's operands upcast beside the student's
+    fn, live, rows, models = (policy, 1, 64, 1) if op == "gopd_loss" else (dense, 2, 32, 2)
+    peak, at_cast, tiles = _folded_bf16_peak(fn, live, rows, models, monkeypatch)
+    assert peak >= at_cast, (peak, at_cast)  # the profile sees the buffers the bound counts
+    assert peak < at_cast + tiles / 2, ((peak - at_cast) / 2**20, tiles / 2**20)
