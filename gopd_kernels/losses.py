@@ -273,29 +273,40 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
     return resolved
 
 
+def _cublas_bf16(*tensors: torch.Tensor | None) -> bool:
+    """bf16 operands throughout, on a device where torch has the bf16 GEMM with an fp32
+    result (cuBLAS): where the Triton backend's folds run their GEMMs."""
+    present = [t for t in tensors if t is not None]
+    return all(t.dtype == torch.bfloat16 for t in present) and bf16_gemm_mode(present[0].device) is not None
+
+
 def _policy_folds_by_default(hidden, weight):
     """gopd_loss with fold=None folds a trained head (a frozen one takes token_logprobs'
     frozen-head fold, leaner on CPUs; measured above): always on the torch backend; on the Triton
     backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS), the
-    fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096, V = 151936, 2026-11-26):
-    105.6 ms and 5146 MiB at 2070-row chunks against the recomputing backward's 146.9 ms
-    and 2760 MiB. fp32 heads keep the recomputing backward (its 3xTF32 GEMMs against
-    cuBLAS's plain fp32)."""
+    fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096, V = 151936, bf16): 104.0 ms
+    and 5132 MiB against the recomputing backward's 145.8 ms and 2523 MiB (2026-11-27; the
+    5132 MiB held the logits tile through dW's cast, since fixed). fp32 heads keep the
+    recomputing backward (its 3xTF32 GEMMs against cuBLAS's plain fp32)."""
 
     def folds(backend: str) -> bool:
-        if not weight.requires_grad:
-            return False
-        bf16 = hidden.dtype == weight.dtype == torch.bfloat16
-        return backend == "torch" or (bf16 and bf16_gemm_mode(hidden.device) is not None)
+        return weight.requires_grad and (backend == "torch" or _cublas_bf16(hidden, weight))
 
     return folds
 
 
-def _dense_folds_by_default(backend: str) -> bool:
+def _dense_folds_by_default(*heads: torch.Tensor | None):
     """gopd_dense_loss with fold=None folds on the torch backend (at lam = 1: 4 GEMMs, not 6;
-    measured on CPUs). The Triton backend's dense fold (fold_rows_triton's row passes) is
-    not yet timed on a GPU, so its recomputing backward stays the default there."""
-    return backend == "torch"
+    measured on CPUs) and on the Triton backend when every head is bf16 with cuBLAS's bf16
+    GEMM. Measured on an H100 (N = 4096, D = 4096, V = 151936, bf16, 2026-11-27): lam = 1,
+    39.7 ms / 4846 MiB folded against 92.5 ms / 2407 MiB recomputing (Liger's JSD 42.1 ms /
+    2705 MiB); lam = 1.25, 47.7 ms against 133.2 ms. The 4846 MiB held the tiles through dW's
+    cast, since fixed (predicted ~3660 MiB)."""
+
+    def folds(backend: str) -> bool:
+        return backend == "torch" or _cublas_bf16(*heads)
+
+    return folds
 
 
 def _folded_policy_loss(
@@ -362,8 +373,8 @@ def gopd_dense_loss(
     by side and [N, V] is never built: over vocabulary slices with a recomputing backward
     (fold=False), or in chunks of rows over the whole vocabulary with the gradient folded
     into the forward (FoldedDenseKL, fold=True: 4 GEMMs at lam = 1 instead of 6, for the
-    chunk's fp32 tiles). fold=None folds on the torch backend only (the Triton backend's
-    fold is built and tested, not yet timed on a GPU). Gradients flow to the student's
+    chunk's fp32 tiles). fold=None folds on the torch backend, and on the Triton backend for
+    bf16 heads (2.3-2.8x faster on an H100, _dense_folds_by_default). Gradients flow to the student's
     hidden states and head only.
 
     Hidden sizes may differ between the models; V must be the same. Returns
@@ -409,7 +420,7 @@ def gopd_dense_loss(
         take(teacher_hidden).detach(), teacher_weight.detach(),
         take(ref_hidden).detach() if use_ref else None, ref_weight.detach() if use_ref else None,
     )  # fmt: skip
-    fold_on = _fold_backend(fold, backend, student_hidden, student_weight, _dense_folds_by_default)
+    fold_on = _fold_backend(fold, backend, student_hidden, student_weight, _dense_folds_by_default(*heads))
     if fold_on:
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
         # budget for 2 tiles of DENSE_FOLD_ROWS rows; 3 tiles (the teacher KL) take fewer rows

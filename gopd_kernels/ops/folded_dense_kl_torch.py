@@ -29,8 +29,8 @@ from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operan
 
 # Rows per chunk (2 tiles) by who does the row work. torch, measured at N = 1024, D = 1024,
 # V = 151936 fp32 on the 2-core CPU, lam = 1 (s per call): 128 rows 15.3-16.0, 256 rows
-# 12.7-14.5, 512 rows 11.8-14.0; 256 rows keep the tiles at 297 MiB. triton: not yet timed;
-# 1024 rows hold the same 1.2 GB of fp32 tiles as gopd_loss's fold (FOLD_ROWS).
+# 12.7-14.5, 512 rows 11.8-14.0; 256 rows keep the tiles at 297 MiB. triton: 1024 rows hold
+# the same 1.2 GB of fp32 tiles as gopd_loss's fold (FOLD_ROWS); other sizes not yet timed.
 DENSE_FOLD_ROWS = {"torch": 256, "triton": 1024}
 
 

@@ -38,9 +38,9 @@ def folds_frozen_head(
     torch backend (forward + backward, N = 2048, D = 1024, V = 151936, fp32, Intel VM, 3
     calls each: 3.05-3.22 s against the recomputing backward's 4.64-4.78 s) and on the Triton
     backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS): 2 of
-    those GEMMs in place of 3 Triton ones. Not yet timed on a GPU; predicted from the
-    measured parts of gopd_loss's fold, which runs the same GEMMs and row passes (H100:
-    cuBLAS 735-775 TFLOP/s, the Triton GEMMs 550-580). fold=True on a head that is not
+    those GEMMs in place of 3 Triton ones. Measured on an H100 (N = 16384, D = 4096,
+    V = 151936, bf16, 2026-11-27): 67.5 ms / 1443 MiB against the recomputing backward's
+    116.9 ms / 1336 MiB (torch.compile 74.0 ms / 14244 MiB). fold=True on a head that is not
     frozen, or with the entropy, is an error; fold=False always recomputes.
     """
     if fold is not None and not isinstance(fold, bool):
@@ -63,8 +63,8 @@ def folds_frozen_head(
     if folds:
         info_once(
             "token_logprobs: frozen bf16 head on the Triton backend: dlogp/dh is computed in the forward "
-            "over full-vocabulary row chunks (2 cuBLAS GEMMs instead of 3 Triton ones; not yet timed on "
-            "a GPU); fold=False recomputes the logits in the backward"
+            "over full-vocabulary row chunks (2 cuBLAS GEMMs instead of 3 Triton ones: 1.7x faster on an "
+            "H100 for 8 % more memory); fold=False recomputes the logits in the backward"
         )
     return folds
 
