@@ -17,7 +17,7 @@ from gopd_kernels.functional import token_logprobs
 from gopd_kernels.ops.dense_kl import DenseGopdKL
 from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseKL
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes
-from gopd_kernels.ops.matmul_torch import bf16_gemm_mode
+from gopd_kernels.ops.matmul_torch import cublas_bf16
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
@@ -273,13 +273,6 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
     return resolved
 
 
-def _cublas_bf16(*tensors: torch.Tensor | None) -> bool:
-    """bf16 operands throughout, on a device where torch has the bf16 GEMM with an fp32
-    result (cuBLAS): where the Triton backend's folds run their GEMMs."""
-    present = [t for t in tensors if t is not None]
-    return all(t.dtype == torch.bfloat16 for t in present) and bf16_gemm_mode(present[0].device) is not None
-
-
 def _policy_folds_by_default(hidden, weight):
     """gopd_loss with fold=None folds a trained head (a frozen one takes token_logprobs'
     frozen-head fold, leaner on CPUs; measured above): always on the torch backend; on the Triton
@@ -290,7 +283,7 @@ def _policy_folds_by_default(hidden, weight):
     recomputing backward (its 3xTF32 GEMMs against cuBLAS's plain fp32)."""
 
     def folds(backend: str) -> bool:
-        return weight.requires_grad and (backend == "torch" or _cublas_bf16(hidden, weight))
+        return weight.requires_grad and (backend == "torch" or cublas_bf16(hidden, weight))
 
     return folds
 
@@ -304,7 +297,7 @@ def _dense_folds_by_default(*heads: torch.Tensor | None):
     cast, since fixed (predicted ~3660 MiB)."""
 
     def folds(backend: str) -> bool:
-        return backend == "torch" or _cublas_bf16(*heads)
+        return backend == "torch" or cublas_bf16(*heads)
 
     return folds
 

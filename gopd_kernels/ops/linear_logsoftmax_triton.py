@@ -13,7 +13,8 @@ fp16 would underflow small gradients); then dW[slice] = dZ^T @ H and dH += dZ @ 
 run on tensor cores with fp32 accumulators (`matmul_triton`). The workspace is no larger
 than the weight: memory stays O(N*D + V*D).
 
-GOPD_LOGITS_GEMM=torch builds the same tiles another way, for logp without the entropy:
+GOPD_LOGITS_GEMM=torch (the default for bf16 heads where torch has cuBLAS's bf16 GEMM with an
+fp32 result: backend.py) builds the same tiles another way, for logp without the entropy:
 torch's GEMMs (cuBLAS on CUDA: bf16 operands, fp32 results) write fp32 logit tiles of the
 backward's shape into the workspace, and fold_rows_triton's row passes read them: each
 tile's log-sum-exp in the forward (merged over the slices), dL/dz written over the tile in
@@ -31,7 +32,7 @@ import triton.language as tl
 from gopd_kernels.backend import backward_gemm, logits_gemm, warn_once
 from gopd_kernels.ops import fold_rows_triton
 from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile as torch_logits_tile
-from gopd_kernels.ops.matmul_torch import operand
+from gopd_kernels.ops.matmul_torch import cublas_bf16, operand
 from gopd_kernels.ops.matmul_triton import gradient_gemm
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
@@ -317,15 +318,18 @@ def forward_models(models: list[LinearModel], targets, inv_temp, with_entropy):
 
 def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_bytes):
     """Same contract as linear_logsoftmax_torch.forward; the fused kernels need no workspace."""
-    if torch_logits(with_entropy):
+    if torch_logits(with_entropy, hidden, weight, bias):
         return _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_bytes)
     return forward_models([(hidden, weight, bias)], targets, inv_temp, with_entropy)[0]
 
 
-def torch_logits(with_entropy: bool) -> bool:
-    """Whether token_logprobs' tiles come from torch's GEMMs (GOPD_LOGITS_GEMM=torch, module
-    doc). Not with the entropy, which only the fused kernels keep: said once in a log line."""
-    if logits_gemm() != "torch":
+def torch_logits(with_entropy: bool, *operands: torch.Tensor | None) -> bool:
+    """Whether token_logprobs' tiles come from torch's GEMMs (module doc): GOPD_LOGITS_GEMM,
+    else for operands that cublas_bf16 accepts (backend.logits_gemm; none given: the fused
+    kernels). Not with the entropy, which only the fused kernels keep: where
+    GOPD_LOGITS_GEMM=torch asked for it, said once in a log line."""
+    by_default = not with_entropy and bool(operands) and cublas_bf16(*operands)
+    if logits_gemm(by_default) != "torch":
         return False
     if with_entropy:
         warn_once("GOPD_LOGITS_GEMM=torch: token_logprobs with the entropy runs the fused Triton kernels")
@@ -427,7 +431,7 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
     # fp32 accumulators where a sum runs over tiles and the output is not fp32 itself, and
     # wherever torch's GEMMs run them (their bf16 results may reduce in bf16: gradient_gemm)
-    runner = backward_gemm()  # read once per backward, not per GEMM
+    runner = backward_gemm(cublas_bf16(hidden, weight))  # read once per backward, not per GEMM
     torch_gemms = runner == "torch"
     sums_dh = need_dh and dh.dtype != f32 and (cols < V or torch_gemms)
     sums_dw = need_dw and dw.dtype != f32 and row_chunk < M
@@ -467,7 +471,7 @@ def backward(
     g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
     # each kernel sees a vocabulary of the slice's columns: ids shift with it, and the ids
     # outside it (negative or past its end) match no column
-    if entropy is None and torch_logits(False):
+    if entropy is None and torch_logits(False, hidden, weight, bias):
         dz_dtype = logit_grad_dtype(hidden.dtype)
 
         def write_logit_grads(rows, cols, tile):  # tile: fp32, torch's GEMM; dZ written over it

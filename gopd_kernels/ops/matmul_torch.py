@@ -76,11 +76,19 @@ def bf16_gemm_mode(device: torch.device) -> str | None:
         return "mm"
     logger.warning(
         "torch GEMMs on %s: this torch (%s) has no bf16 GEMM with a float32 result (%s); the torch "
-        "backend upcasts bf16 inputs to float32 GEMMs, which are slower, and gopd_loss on the Triton "
-        "backend keeps its recomputing backward instead of folding",
+        "backend upcasts bf16 inputs to float32 GEMMs, which are slower, and the Triton backend keeps "
+        "its own GEMMs where cuBLAS's are its default (the losses' folds, token_logprobs' tiles)",
         device, torch.__version__, why,
     )  # fmt: skip
     return None
+
+
+def cublas_bf16(*tensors: torch.Tensor | None) -> bool:
+    """bf16 operands throughout (None skipped) on a device where torch has the bf16 GEMM with
+    an fp32 result (cuBLAS on CUDA): where the Triton backend's measured defaults hand GEMMs
+    to torch (the losses' folds, token_logprobs' logit tiles and gradient GEMMs)."""
+    present = [t for t in tensors if t is not None]
+    return all(t.dtype == torch.bfloat16 for t in present) and bf16_gemm_mode(present[0].device) is not None
 
 
 def operand(t: torch.Tensor) -> torch.Tensor:

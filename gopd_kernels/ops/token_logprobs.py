@@ -21,7 +21,7 @@ import torch
 from gopd_kernels.backend import implementation, info_once, workspace_bytes
 from gopd_kernels.ops import folded_frozen_head_torch
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, fold_workspace_bytes
-from gopd_kernels.ops.matmul_torch import bf16_gemm_mode
+from gopd_kernels.ops.matmul_torch import cublas_bf16
 
 
 def folds_frozen_head(
@@ -59,7 +59,7 @@ def folds_frozen_head(
         return False
     if fold or backend == "torch":
         return True
-    folds = hidden.dtype == torch.bfloat16 and bf16_gemm_mode(hidden.device) is not None
+    folds = cublas_bf16(hidden, weight)
     if folds:
         info_once(
             "token_logprobs: frozen bf16 head on the Triton backend: dlogp/dh is computed in the forward "

@@ -78,3 +78,9 @@ def profiled_peak_bytes(fn) -> int:
         live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
         peak = max(peak, live)
     return peak
+
+
+def cublas_bf16_as_on_cuda(*tensors) -> bool:
+    """matmul_torch.cublas_bf16 as a CUDA device answers it (bf16 throughout), for tests of
+    the Triton backend's defaults on a CPU, whose torch may lack the bf16 GEMM."""
+    return all(t.dtype == torch.bfloat16 for t in tensors if t is not None)

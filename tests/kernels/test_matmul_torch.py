@@ -40,6 +40,18 @@ def fresh_probe():
     matmul_torch.bf16_gemm_mode.cache_clear()  # the next test probes the real torch again
 
 
+def test_cublas_bf16_wants_bf16_throughout_and_the_gemm(monkeypatch):
+    """The Triton backend's defaults hand GEMMs to torch only for bf16 operands throughout
+    (None skipped: an absent reference) on a device with the bf16 -> fp32 GEMM."""
+    b16, f32 = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    monkeypatch.setattr(matmul_torch, "bf16_gemm_mode", lambda device: "addmm")
+    assert matmul_torch.cublas_bf16(b16, b16, None)
+    assert not matmul_torch.cublas_bf16(b16, f32)
+    assert not matmul_torch.cublas_bf16(b16.half(), b16.half())
+    monkeypatch.setattr(matmul_torch, "bf16_gemm_mode", lambda device: None)
+    assert not matmul_torch.cublas_bf16(b16, b16)
+
+
 def no_fused_accumulate(out, a, b, beta, alpha):
     raise RuntimeError("self and mat2 must have the same dtype")  # an older torch's addmm(out_dtype)
 
