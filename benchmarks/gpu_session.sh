@@ -105,7 +105,7 @@ lease)  # a whole 15-minute lease in one call (~8.5 minutes; BUDGET_S=490 ran th
     head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
     # one process: one ceilings run, one autotune cache in memory; each op saved as it finishes
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT $(left 260) python3 -m benchmarks.report \
-        --op gopd_loss,token_logprobs $head --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
+        --op gopd_loss,token_logprobs $head --impls naive,torch-compile,gopd,gopd-recompute,gopd-fused,liger,cce || status=1
     timeout --signal=INT $(left 150) python3 -m benchmarks.report --op gopd_dense_loss \
         --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-fold,liger || status=1
     # teacher + reference scoring: the two-model fused launch (default) or cuBLAS tiles per model

@@ -13,8 +13,10 @@ same quantity from the same inputs, so outputs and gradients are compared across
     gopd-fold      fold=True on CUDA (the losses, and token_logprobs with a frozen head): the Triton
                    backend's fold (cuBLAS GEMMs, fused row passes; the default of gopd_loss and of
                    the frozen head in bf16)
-    gopd-recompute fold=False on CUDA: the recomputing Triton backward (the default of gopd_loss in
-                   fp32 and of the dense losses)
+    gopd-recompute fold=False on CUDA: the recomputing Triton backward (the default in fp32)
+    gopd-fused     token_logprobs on CUDA with the fused Triton kernels and Triton GEMMs throughout
+                   (GOPD_LOGITS_GEMM=GOPD_BACKWARD_GEMM=triton): the leanest path, where bf16's
+                   default builds the logit tiles and runs the gradient GEMMs on cuBLAS
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -43,6 +46,7 @@ class Impl:
     run: Callable[[dict], torch.Tensor]
     needs: str | None = None  # importable module it needs
     cuda_only: str | None = None  # why it runs on CUDA only
+    env: dict[str, str] = field(default_factory=dict)  # settings for its forward and backward
 
     def unavailable(self, device: str) -> str | None:
         if self.cuda_only and device != "cuda":
@@ -159,6 +163,10 @@ def _logprob_impls(frozen_head: bool = False) -> dict[str, Impl]:
                               lambda x: _compiled(ref.token_logprobs_reference)(*_student(x))),
         **_ours("token_logprobs", lambda x, b, f=None: gk.token_logprobs(*_student(x), backend=b, fold=f),
                 frozen_head),
+        **({} if frozen_head else {"gopd-fused": Impl(
+            "gopd_kernels.token_logprobs with GOPD_LOGITS_GEMM=GOPD_BACKWARD_GEMM=triton: the fused kernels",
+            lambda x: gk.token_logprobs(*_student(x)), cuda_only="the Triton kernels",
+            env={"GOPD_LOGITS_GEMM": "triton", "GOPD_BACKWARD_GEMM": "triton"})}),
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), negated",
                       lambda x: _liger_flce_logp(*_student(x)),
                       needs="liger_kernel", cuda_only=TRITON_ONLY),
@@ -353,13 +361,26 @@ OPS: dict[str, Op] = {
 def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One forward (+ backward) on ``call = with_leaves(x, op)``; returns (output, dH, dW|None)."""
     h, w = call["h"], call["w"]
-    if not op.backward:
-        with torch.no_grad():
-            return impl.run(call), None, None
-    h.grad = w.grad = None
-    out = impl.run(call)
-    out.backward(op.upstream(call))
+    with _environment(impl.env):
+        if not op.backward:
+            with torch.no_grad():
+                return impl.run(call), None, None
+        h.grad = w.grad = None
+        out = impl.run(call)
+        out.backward(op.upstream(call))
     return out.detach(), h.grad, w.grad
+
+
+@contextlib.contextmanager
+def _environment(settings: dict[str, str]):
+    """The environment variables `settings` set around a block, restored after."""
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.update({k: v})
 
 
 def float64_reference(op: Op, x: dict) -> tuple:

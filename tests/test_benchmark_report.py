@@ -152,6 +152,34 @@ def test_records_say_which_gopd_settings_ran(monkeypatch):
     assert "- gopd ran with GOPD_LOGITS_GEMM=torch, GOPD_WORKSPACE_MB=600" in markdown(rec)
 
 
+def test_an_implementations_settings_hold_for_its_forward_and_backward_only(monkeypatch):
+    """gopd-fused sets GOPD_LOGITS_GEMM and GOPD_BACKWARD_GEMM around its own forward and
+    backward (where the kernels read them) and leaves the environment as it found it."""
+    monkeypatch.setenv("GOPD_BACKWARD_GEMM", "torch")
+    monkeypatch.delenv("GOPD_LOGITS_GEMM", raising=False)
+    op = bops.OPS["token_logprobs"]
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            seen.append(("forward", os.environ.get("GOPD_LOGITS_GEMM"), os.environ["GOPD_BACKWARD_GEMM"]))
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("backward", os.environ.get("GOPD_LOGITS_GEMM"), os.environ["GOPD_BACKWARD_GEMM"]))
+            return g
+
+    fused = op.impls["gopd-fused"]
+    assert fused.env == {"GOPD_LOGITS_GEMM": "triton", "GOPD_BACKWARD_GEMM": "triton"}
+    probe = bops.Impl("probe", lambda x: Probe.apply(x["h"].sum(dim=1)), env=fused.env)
+    x = bops.make_inputs(op, 3, 4, 7, torch.float32, "cpu")
+    bops.run_impl(op, probe, bops.with_leaves(x, op))
+    assert seen == [("forward", "triton", "triton"), ("backward", "triton", "triton")]
+    assert "GOPD_LOGITS_GEMM" not in os.environ and os.environ["GOPD_BACKWARD_GEMM"] == "torch"
+
+
 def test_liger_compiles_static_shapes_on_cuda_only():
     """The workaround for Liger's dynamic-shape recompile failure on the H100 applies to CUDA
     runs, and CPU runs keep torch's default (their warm-up makes the graph dynamic)."""
