@@ -294,7 +294,7 @@ def _dense_folds_by_default(*heads: torch.Tensor | None):
     GEMM. Measured on an H100 (N = 4096, D = 4096, V = 151936, bf16, 2026-11-27): lam = 1,
     39.7 ms / 4846 MiB folded against 92.5 ms / 2407 MiB recomputing (Liger's JSD 42.1 ms /
     2705 MiB); lam = 1.25, 47.7 ms against 133.2 ms. The 4846 MiB held the tiles through dW's
-    cast, since fixed (predicted ~3660 MiB)."""
+    cast, since fixed (predicted ~3630 MiB)."""
 
     def folds(backend: str) -> bool:
         return backend == "torch" or cublas_bf16(*heads)

@@ -80,7 +80,9 @@ class HeadGrad:
 
 
 def save_folded_grads(ctx, dh: torch.Tensor | None, dw: torch.Tensor | None, hidden, weight) -> None:
-    """Keep a folded loss's dH, dW (accumulated in fp32) in the inputs' dtypes for its backward."""
+    """Keep a folded loss's dH, dW (accumulated in fp32) in the inputs' dtypes for its backward.
+    The caller casts dH first and drops its fp32 copy: dW's cast (fp32 and bf16 [V, D] at once)
+    is the fold's peak."""
     cast = lambda g, like: None if g is None else g.to(like.dtype)
     ctx.save_for_backward(cast(dh, hidden), cast(dw, weight))
 
@@ -141,6 +143,7 @@ class FoldedTokenLoss(torch.autograd.Function):
                 del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
 
         fold_chunks()
+        dh = None if dh is None else dh.to(hidden.dtype)  # the fp32 dH gone before dW's cast, the peak
         save_folded_grads(ctx, dh, None if dw is None else dw.result(), hidden, weight)
         ctx.mark_non_differentiable(logp)
         return loss, logp

@@ -69,16 +69,17 @@ def _folded_bf16_peak(loss_fn, live_tiles: int, rows: int, models: int, monkeypa
     step()  # warm: lazy module state out of the measurement
     peak = profiled_peak_bytes(step)
     student = (n * d + v * d) * 2  # the clones above
-    # at the cast: the fp32 operands (upcast on CPUs), fp32 dH and dW, and their bf16 copies
-    at_cast = student + models * (n * d + v * d) * 4 + (n * d + v * d) * (4 + 2)
+    # at dW's cast: the fp32 operands (upcast on CPUs), fp32 dW and its bf16 copy, the bf16 dH
+    at_cast = student + models * (n * d + v * d) * 4 + v * d * (4 + 2) + n * d * 2
     return peak, at_cast, live_tiles * rows * v * 4
 
 
 @pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
 def test_fold_frees_its_tiles_before_casting_the_grads(op, monkeypatch):
     """A bf16 head's fold casts its fp32 dH and dW once, after the last chunk: the logits
-    tiles must be gone by then. A view of them left in a local once kept them through the
-    cast, 1.2 GB of the peak at the H100 headline shape (N = 16384, V = 151936)."""
+    tiles, and the fp32 dH, must be gone by dW's cast. A view of the tiles left in a local once
+    kept them through it, 1.2 GB of the peak at the H100 headline shape (N = 16384,
+    V = 151936); the fp32 dH is 0.25 GB there."""
     import gopd_kernels as gk
 
     targets, logp_t, logp_ref = torch.arange(FOLD_N) % FOLD_V, torch.randn(FOLD_N), torch.randn(FOLD_N)
@@ -94,4 +95,9 @@ def test_fold_frees_its_tiles_before_casting_the_grads(op, monkeypatch):
     fn, live, rows, models = (policy, 1, 64, 1) if op == "gopd_loss" else (dense, 2, 32, 2)
     peak, at_cast, tiles = _folded_bf16_peak(fn, live, rows, models, monkeypatch)
     assert peak >= at_cast, (peak, at_cast)  # the profile sees the buffers the bound counts
-    assert peak < at_cast + tiles / 2, ((peak - at_cast) / 2**20, tiles / 2**20)
+    fp32_dh = FOLD_N * FOLD_D * 4
+    assert peak < at_cast + min(tiles, fp32_dh) / 2, (
+        (peak - at_cast) / 2**20,
+        tiles / 2**20,
+        fp32_dh / 2**20,
+    )
