@@ -135,6 +135,7 @@ def gopd_loss(
     teacher_logp: torch.Tensor,
     ref_logp: torch.Tensor | None = None,
     *,
+    bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
     old_logp: torch.Tensor | None = None,
@@ -149,7 +150,7 @@ def gopd_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The G-OPD policy-gradient loss on sampled tokens, fused from the student's hidden states.
 
-        s_t   = log softmax(h W^T / tau)[y_t]          (token_logprobs: never [N, V])
+        s_t   = log softmax((h W^T + b) / tau)[y_t]    (token_logprobs: never [N, V]; b: bias)
         o_t   = old_logp, or s_t detached (on-policy)
         A_t   = lam (T_t - R_t) - (o_t - R_t)          (detached)
         rho_t = exp(s_t - o_t)
@@ -205,7 +206,9 @@ def gopd_loss(
     # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
     # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
     # 10.2-11.7 s and 314 MiB.
-    fold_on = _fold_backend(fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight))
+    fold_on = _fold_backend(
+        fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias
+    )
     if fold_on == "triton" and fold is None:
         info_once(
             "gopd_loss: the gradient is folded into the forward (bf16 head, Triton backend): on an H100 "
@@ -213,14 +216,14 @@ def gopd_loss(
         )
     if fold_on:
         loss, s = _folded_policy_loss(
-            hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens,
-            fold_on,
+            hidden, weight, bias, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg,
+            num_tokens, fold_on,
         )  # fmt: skip
         _, adv, clipped, is_weight = terms(s, *per_token_inputs)
     else:
         s = token_logprobs(
-            hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, backend=backend,
-            fold=fold,
+            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
+            backend=backend, fold=fold,
         )  # fmt: skip
         per_token, adv, clipped, is_weight = terms(s, *per_token_inputs)
         loss = aggregate_token_losses(per_token, targets != ignore_index, loss_agg, num_tokens)
@@ -257,7 +260,7 @@ def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
     return per_token, adv, clipped > unclipped, is_weight
 
 
-def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_default) -> str | None:
+def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_default, bias=None) -> str | None:
     """The backend ("torch" or "triton") that computes a loss with its gradient folded into the
     forward, or None to run it unfolded (streaming forward, recomputing backward).
 
@@ -267,13 +270,14 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
     resolved = resolve_backend(backend, hidden.device)
-    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_grad)
     if not wants_grad or fold is False or (fold is None and not folds_by_default(resolved)):
         return None
     return resolved
 
 
-def _policy_folds_by_default(hidden, weight):
+def _policy_folds_by_default(hidden, weight, bias=None):
     """gopd_loss with fold=None folds a trained head (a frozen one takes token_logprobs'
     frozen-head fold, leaner on CPUs; measured above): always on the torch backend; on the Triton
     backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS), the
@@ -283,7 +287,8 @@ def _policy_folds_by_default(hidden, weight):
     recomputing backward (its 3xTF32 GEMMs against cuBLAS's plain fp32)."""
 
     def folds(backend: str) -> bool:
-        return weight.requires_grad and (backend == "torch" or cublas_bf16(hidden, weight))
+        trained = weight.requires_grad or (bias is not None and bias.requires_grad)
+        return trained and (backend == "torch" or cublas_bf16(hidden, weight, bias))
 
     return folds
 
@@ -303,10 +308,11 @@ def _dense_folds_by_default(*heads: torch.Tensor | None):
 
 
 def _folded_policy_loss(
-    hidden, weight, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens, backend
-):
+    hidden, weight, bias, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens,
+    backend,
+):  # fmt: skip
     """(loss, s) with FoldedTokenLoss: each row chunk's loss and dL/ds are known in its one pass."""
-    inv_temp = 1.0 / check_token_inputs(hidden, weight, None, targets, ignore_index, temperature)
+    inv_temp = 1.0 / check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature)
     check_backend_dtype(backend, hidden.dtype)
     mask = targets != ignore_index
     rows = RowSelection(mask)
@@ -318,8 +324,9 @@ def _folded_policy_loss(
         return (per_token * weights[r0:r1].to(s.dtype)).sum()
 
     loss, s = FoldedTokenLoss.apply(
-        rows.take(hidden).contiguous(), weight, rows.take(targets).long().contiguous(), inv_temp, chunk_loss,
-        fold_workspace_bytes(weight, rows=FOLD_ROWS[backend]), implementation("fold_rows", backend),
+        rows.take(hidden).contiguous(), weight, bias, rows.take(targets).long().contiguous(), inv_temp,
+        chunk_loss, fold_workspace_bytes(weight, rows=FOLD_ROWS[backend]),
+        implementation("fold_rows", backend),
     )  # fmt: skip
     return loss, rows.put(s)
 

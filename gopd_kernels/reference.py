@@ -59,6 +59,7 @@ def gopd_loss_reference(
     teacher_logp: torch.Tensor,
     ref_logp: torch.Tensor | None = None,
     *,
+    bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
     old_logp: torch.Tensor | None = None,
@@ -70,7 +71,9 @@ def gopd_loss_reference(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """gopd_loss written out naively (materialised logits, explicit per-sequence loops)."""
-    s = token_logprobs_reference(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index)
+    s = token_logprobs_reference(
+        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
+    )
     valid = targets != ignore_index
     o = s.detach() if old_logp is None else old_logp.to(s.dtype)
     teacher = teacher_logp.to(s.dtype)

@@ -96,7 +96,7 @@ class FoldedDenseKL(torch.autograd.Function):
 
         fold_chunks()
         dh = None if dh is None else dh.to(hs.dtype)  # the fp32 dH gone before dW's cast, the peak
-        save_folded_grads(ctx, dh, None if dw is None else dw.result(), hs, ws)
+        save_folded_grads(ctx, (dh, hs), (None if dw is None else dw.result(), ws))
         ctx.mark_non_differentiable(kl, *(() if kl_t is None else (kl_t,)))
         loss = (kl * weights).sum()
         return loss, kl, kl_t

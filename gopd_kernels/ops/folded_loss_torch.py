@@ -79,12 +79,11 @@ class HeadGrad:
         return self.dw if self.written else self.dw.zero_()
 
 
-def save_folded_grads(ctx, dh: torch.Tensor | None, dw: torch.Tensor | None, hidden, weight) -> None:
-    """Keep a folded loss's dH, dW (accumulated in fp32) in the inputs' dtypes for its backward.
-    The caller casts dH first and drops its fp32 copy: dW's cast (fp32 and bf16 [V, D] at once)
-    is the fold's peak."""
-    cast = lambda g, like: None if g is None else g.to(like.dtype)
-    ctx.save_for_backward(cast(dh, hidden), cast(dw, weight))
+def save_folded_grads(ctx, *grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
+    """Keep a folded loss's gradients (accumulated in fp32), each given as (gradient, its
+    input), in the inputs' dtypes for its backward, in the inputs' order. The caller casts dH
+    first and drops its fp32 copy: dW's cast (fp32 and bf16 [V, D] at once) is the fold's peak."""
+    ctx.save_for_backward(*(None if g is None else g.to(like.dtype) for g, like in grads))
 
 
 def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -94,24 +93,28 @@ def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None
 
 
 class FoldedTokenLoss(torch.autograd.Function):
-    """(hidden [M, D], weight [V, D], targets [M] valid ids, inv_temp, token_loss) -> (loss, logp [M]).
+    """(hidden [M, D], weight [V, D], bias [V] | None, targets [M] valid ids, inv_temp, token_loss)
+    -> (loss, logp [M]).
 
-    logp is returned detached (for statistics); the loss is differentiable w.r.t. hidden and weight.
+    logp is returned detached (for statistics); the loss is differentiable w.r.t. hidden, weight
+    and bias (db = the column sums of dL/dz, in fp32 across the chunks).
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int, rows_impl
+        ctx, hidden, weight, bias, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int, rows_impl
     ):
         """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
-        need_dh, need_dw = ctx.needs_input_grad[:2]
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         rows, dim = hidden.shape
         vocab = weight.shape[0]
         acc = compute_dtype(hidden.dtype)
         h, w = operand(hidden), operand(weight)
+        b = None if bias is None else bias.to(acc) * inv_temp
         chunk = fold_rows(ws_bytes, rows, vocab, acc)
         dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
         dw = HeadGrad(weight, acc, chunk >= rows, rows_impl) if need_dw else None
+        db = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_db else None
         logp = torch.empty(rows, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
 
@@ -124,10 +127,12 @@ class FoldedTokenLoss(torch.autograd.Function):
                 r1 = min(rows, r0 + chunk)
                 y = targets[r0:r1]
                 z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
+                if b is not None:
+                    z.add_(b)
                 s, state = rows_impl.log_softmax(z, y)
                 logp[r0:r1] = s
                 with torch.enable_grad():
-                    s_leaf = s.detach().requires_grad_(need_dh or need_dw)
+                    s_leaf = s.detach().requires_grad_(need_dh or need_dw or need_db)
                     part = token_loss(s_leaf, r0, r1)
                 loss.add_(part.detach().to(acc))
                 if not part.requires_grad:  # no gradient wanted, or this chunk's loss does not depend on s
@@ -140,11 +145,13 @@ class FoldedTokenLoss(torch.autograd.Function):
                     mm_into(dh[r0:r1], dz, w)
                 if dw is not None:
                     dw.add(dz, h[r0:r1])
+                if db is not None:
+                    db.add_(dz.sum(dim=0, dtype=acc))
                 del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
 
         fold_chunks()
         dh = None if dh is None else dh.to(hidden.dtype)  # the fp32 dH gone before dW's cast, the peak
-        save_folded_grads(ctx, dh, None if dw is None else dw.result(), hidden, weight)
+        save_folded_grads(ctx, (dh, hidden), (None if dw is None else dw.result(), weight), (db, bias))
         ctx.mark_non_differentiable(logp)
         return loss, logp
 

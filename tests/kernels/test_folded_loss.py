@@ -94,7 +94,7 @@ def test_chunks_without_a_gradient_leave_dw_to_the_others_or_zero(first_with_gra
         return (s * row_w[r0:r1]).sum() if r0 >= grad_from else torch.zeros(())
 
     h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    loss, _ = FoldedTokenLoss.apply(h, w, y, 1.0, token_loss, 3 * 211 * 4, fold_rows_torch)
+    loss, _ = FoldedTokenLoss.apply(h, w, None, y, 1.0, token_loss, 3 * 211 * 4, fold_rows_torch)
     loss.backward()
     h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
     s = token_logprobs_reference(h2, w2, y)

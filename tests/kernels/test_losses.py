@@ -166,6 +166,43 @@ def test_matches_reference_on_both_backends(backend, device):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fold", [True, False, None])
+@pytest.mark.parametrize("trained", ["head", "bias", "none"])
+def test_head_bias_matches_reference(backend, fold, trained, device):
+    """An LM head with a bias (Phi-style): folded, recomputed, and with the head frozen (the
+    frozen-head fold), the bias alone trained, every gradient against float64, off-policy
+    with clipping and IS weights so that dL/ds varies per token; fold=True needs a gradient
+    on the head (else it is token_logprobs' frozen-head fold's to do)."""
+    if fold and trained == "none":
+        pytest.skip("fold=True with a frozen head is token_logprobs' fold, tested there")
+    dev = device if backend == "triton" else torch.device("cpu")
+    data = batch(b=2, t=9, d=17, v=211, device=dev, seed=6)
+    bias = (torch.randn(211, generator=torch.Generator().manual_seed(6)) * 0.8).to(dev)
+    kw = dict(lam=1.25, temperature=1.3, old_logp=data["old"], rollout_logp=data["rollout"], is_cap=5.0)
+    grads = {}
+    for name, fn, dtype in (("ours", lambda *a, **k: gopd_loss(*a, backend=backend, fold=fold, **k), None),
+                            ("reference", gopd_loss_reference, torch.float64)):  # fmt: skip
+
+        def on(t, dtype=dtype):  # the reference's float64 CPU copies; ours as given
+            return t.cpu().to(dtype) if dtype else t
+
+        h = on(data["hidden"]).detach().clone().requires_grad_()
+        w = on(data["weight"]).detach().clone().requires_grad_(trained == "head")
+        b = on(bias).detach().clone().requires_grad_(trained in ("head", "bias"))
+        per = {k: on(v) if dtype else v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+        out = fn(h, w, on(data["targets"]), on(data["teacher"]), on(data["ref"]), bias=b, **(kw | per))
+        loss = out[0] if isinstance(out, tuple) else out
+        (loss * 1.7).backward()
+        grads[name] = (loss.detach(), h.grad, w.grad, b.grad)
+    ours, want = grads["ours"], grads["reference"]
+    torch.testing.assert_close(ours[0].double().cpu(), want[0], atol=1e-5, rtol=1e-5)
+    for got, exp in zip(ours[1:], want[1:], strict=True):
+        assert (got is None) == (exp is None)
+        if exp is not None:
+            assert rel_err(got, exp) <= 1e-4
+
+
 def test_lam_one_makes_reference_irrelevant():
     data = batch()
     results = []
@@ -221,6 +258,8 @@ BAD_LOSS = {
     "num-tokens-zero": (dict(num_tokens=0), "num_tokens"),
     "temperature-zero": (dict(temperature=0.0), "temperature"),
     "targets-out-of-range": (dict(targets=torch.full((3, 7), 97)), "targets"),
+    "bias-shape": (dict(bias=torch.zeros(96)), "bias"),
+    "bias-dtype": (dict(bias=torch.zeros(97, dtype=torch.float64)), "bias"),
 }
 
 
