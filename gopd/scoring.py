@@ -94,8 +94,9 @@ def student_logprobs(
     def score(part: Rollouts, model) -> tuple:
         hidden = response_hidden(model, part)
         targets = part.targets.to(hidden.device)
-        return (token_logprobs(hidden, head_weight(model), targets, temperature=cfg.temperature,
-                               ignore_index=IGNORE, backend=cfg.kernel_backend),)  # fmt: skip
+        return (token_logprobs(hidden, head_weight(model), targets, bias=head_bias(model),
+                               temperature=cfg.temperature, ignore_index=IGNORE,
+                               backend=cfg.kernel_backend),)  # fmt: skip
 
     old_logp = torch.zeros(rollouts.response_mask.shape)
     held = lambda _: nullcontext((student,))  # noqa: E731

@@ -46,6 +46,30 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def give_heads_a_bias(monkeypatch, student: bool, frozen: bool) -> None:
+    """gopd.models.load_model gives the student's and/or the frozen models' LM head a random
+    bias (Phi-style heads; the tiny Qwen3s have none): a fresh untied Linear, its weight copied."""
+    import torch
+
+    import gopd.models
+
+    load = gopd.models.load_model
+
+    def with_bias(path, dtype, device, trainable):
+        model = load(path, dtype, device, trainable)
+        if student if trainable else frozen:
+            head = model.get_output_embeddings()
+            biased = torch.nn.Linear(head.in_features, head.out_features, bias=True).to(head.weight)
+            with torch.no_grad():
+                biased.weight.copy_(head.weight)
+                biased.bias.copy_(torch.randn(head.out_features, generator=torch.Generator().manual_seed(5)))
+            biased.requires_grad_(trainable)
+            model.lm_head = biased
+        return model
+
+    monkeypatch.setattr(gopd.models, "load_model", with_bias)
+
+
 def base_config(tiny: dict, tmp_path: Path, **overrides):
     from gopd.config import TrainConfig
 

@@ -13,7 +13,7 @@ from gopd.models import check_same_tokenizer, final_hidden, head_weight, load_mo
 from gopd.rollout import HFRolloutEngine, left_pad, response_mask, stop_ids
 from gopd.scoring import response_hidden
 from gopd_kernels import token_logprobs
-from tests.trainer.conftest import base_config, make_model_dir
+from tests.trainer.conftest import base_config, give_heads_a_bias, make_model_dir
 
 
 def test_tokenizer_mismatch_is_refused(tiny, tmp_path):
@@ -45,25 +45,19 @@ def test_logit_softcapping_models_are_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["sampled", "dense"])
-def test_a_head_bias_the_losses_would_leave_out_is_refused(tiny, tmp_path, monkeypatch, objective):
-    """The student's head bias always (gopd_loss and gopd_dense_loss take none); a teacher's
-    only for the dense loss, since the sampled objective scores teachers with frozen_logprobs,
-    which takes it."""
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_a_head_bias_is_refused_only_by_the_dense_loss(tiny, tmp_path, monkeypatch, objective, which):
+    """gopd_dense_loss takes no head bias, so objective 'dense' refuses one on any model it
+    reads; the sampled objective takes them (gopd_loss, frozen_logprobs, token_logprobs)."""
     import gopd.models
 
-    def with_bias(path, dtype, device, trainable):
-        model = load_model(path, dtype, device, trainable)
-        if trainable == (which == "student"):
-            head = model.get_output_embeddings()
-            model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-        return model
-
-    monkeypatch.setattr(gopd.models, "load_model", with_bias)
+    give_heads_a_bias(monkeypatch, student=which == "student", frozen=which == "teacher")
     cfg = base_config(tiny, tmp_path, objective=objective, is_cap=None, lam=1.0)
-    for which in ("student", "teacher"):
-        if which == "teacher" and objective == "sampled":
-            assert gopd.models.load_models(cfg).teachers["default"].lm_head.bias is not None
-            continue
+    if objective == "sampled":
+        models = gopd.models.load_models(cfg)
+        model = models.student if which == "student" else models.teachers["default"]
+        assert model.lm_head.bias is not None
+    else:
         path = cfg.student if which == "student" else cfg.teachers
         with pytest.raises(ValueError, match=f"{path}: its LM head has a bias"):
             gopd.models.load_models(cfg)

@@ -4,6 +4,7 @@ accumulation over micro-batches; several updates over mini-batches)."""
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from gopd.rollout import make_engine
 from gopd.scoring import response_hidden, score_rollouts, student_logprobs
 from gopd.update import make_optimizer, make_scheduler, policy_update, update_step
 from gopd_kernels import frozen_logprobs
-from tests.trainer.conftest import base_config
+from tests.trainer.conftest import base_config, give_heads_a_bias
 
 
 def rollouts_for(cfg, models, n=8):
@@ -128,6 +129,30 @@ def test_student_logprobs_are_the_students_own(tiny, tmp_path):
     valid = ro.response_mask
     torch.testing.assert_close(old[valid].double(), expected[valid], rtol=1e-5, atol=1e-5)
     assert not old[~valid].any()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_a_biased_student_head_is_scored_and_trained_with_its_bias(tiny, tmp_path, monkeypatch, backend):
+    """A Phi-style student (its LM head has a bias), the sampled objective: o_t against the
+    student's own materialised logits, bias included, and an off-policy update (two per batch,
+    so that the loss reads o_t) moves the bias. The teacher has one too (frozen_logprobs)."""
+    give_heads_a_bias(monkeypatch, student=True, frozen=True)
+    cfg = base_config(tiny, tmp_path, temperature=0.7, prompts_per_step=8, mini_batch_prompts=4, lr=0.05,
+                      is_cap=5.0, kernel_backend=backend)  # fmt: skip
+    models = load_models(cfg)
+    head = models.student.lm_head
+    ro = rollouts_for(cfg, models)
+    old = student_logprobs(models, ro, cfg)
+    with torch.no_grad():
+        logits = response_hidden(models.student, ro).double() @ head.weight.double().T + head.bias.double()
+    expected = torch.log_softmax(logits / 0.7, -1).gather(-1, ro.responses[..., None]).squeeze(-1)
+    valid = ro.response_mask
+    torch.testing.assert_close(old[valid].double(), expected[valid], rtol=1e-5, atol=1e-5)
+    bias_before = head.bias.detach().clone()
+    opt = make_optimizer(models.student, cfg)
+    updates = update_step(models, ro, score_rollouts(models, ro, cfg), opt, make_scheduler(opt, cfg, 3), cfg)
+    assert len(updates) == 2 and all(stepped and math.isfinite(loss) for loss, _, stepped in updates)
+    assert not torch.equal(head.bias.detach(), bias_before)
 
 
 def _updates(tiny, tmp_path, monkeypatch, objective="sampled", **overrides):
