@@ -12,8 +12,11 @@
 #   git describe --always --dirty --abbrev=7 > .whl/COMMIT
 # Then one device `run` per part, each with carry [".whl"]. A lease of 15 minutes of device
 # time (the present rule, the machine's start included) fits one call: run
-#   BUDGET_S=490 bash benchmarks/gpu_session.sh lease     (timeout_s 560)
-# and, on the still-warm machine, a short second call with what is left.
+#   BUDGET_S=420 bash benchmarks/gpu_session.sh lease       (timeout_s 480)
+# and at once, on the still-warm machine, the second call with what is left:
+#   BUDGET_S=220 bash benchmarks/gpu_session.sh liger-sm90  (timeout_s 260; token_logprobs
+#   against every peer, Liger's CuTe DSL kernel among them, carried in two parts over the two
+#   calls: benchmarks/pack_cutedsl.sh)
 #   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (120 s),
 #                                          # gopd demo --quick, gopd_loss and token_logprobs at
 #                                          # N = 16384 bf16, token_logprobs' logits by cuBLAS
@@ -45,7 +48,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh lease|first|fold|gemm|stages|small|trainer|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh lease|liger-sm90|first|fold|gemm|stages|small|trainer|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -94,18 +97,17 @@ left() {  # seconds left before this part's deadline (BUDGET_S from its start), 
 }
 
 case $part in
-lease)  # a whole 15-minute lease in one call (~8.5 minutes; BUDGET_S=490 ran the third
-    # lease's version in 486 s): the headline rows with the defaults chosen from the third
-    # lease (cuBLAS tiles for token_logprobs, the folds' peaks after the tile fix), the dense
-    # folds beside torch.compile, frozen scoring's open setting, then the CUDA tests with what
-    # is left. Each step's limit comes from one deadline.
+lease)  # the first call of a 15-minute lease (~7 minutes; the third lease's version, with
+    # token_logprobs and its frozen head too, ran in 486 s): gopd_loss with the folds' peaks
+    # after the tile fix, the dense folds beside torch.compile, frozen scoring's open setting,
+    # then the CUDA tests with what is left. Each step's limit comes from one deadline.
     status=0
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
     head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
-    # one process: one ceilings run, one autotune cache in memory; each op saved as it finishes
+    # token_logprobs' table is the second call's (liger-sm90), with Liger's CuTe DSL kernel
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT $(left 260) python3 -m benchmarks.report \
-        --op gopd_loss,token_logprobs $head --impls naive,torch-compile,gopd,gopd-recompute,gopd-fused,liger,cce || status=1
+        --op gopd_loss $head --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
     timeout --signal=INT $(left 150) python3 -m benchmarks.report --op gopd_dense_loss \
         --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-fold,liger || status=1
     # teacher + reference scoring: the two-model fused launch (default) or cuBLAS tiles per model
@@ -114,6 +116,24 @@ lease)  # a whole 15-minute lease in one call (~8.5 minutes; BUDGET_S=490 ran th
     # the kernels' tests compiled on CUDA (the whole suite took 43 s on 16 workers)
     local_workers=""; python3 -c "import xdist" 2>/dev/null && local_workers="-n 16"
     timeout $(left 5) python3 -m pytest -q $local_workers -m "triton or cuda" tests/kernels || status=1
+    (exit $status)
+    ;;
+liger-sm90)  # the second call of a lease, on the still-warm machine (benchmarks/pack_cutedsl.sh
+    # says how the CuTe DSL travels): Liger's SM90 scaled cross-entropy kernel, the published
+    # anchor for token_logprobs (666-701 TFLOP/s counting 8 N D V), beside gopd's two paths.
+    # Not yet run on a GPU: the DSL's import and Liger's use of it are checked first.
+    status=0
+    # the small wheels first: pip --target would replace the directory the libraries unpack into
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .cute/small/*.whl || exit 1
+    cat .cute/part-* | xz -d | tar -x -C /tmp/site || exit 1
+    export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH  # what the wheel's .pth adds
+    # a failed import is a result too: the report then records the liger-scaled row as failed
+    python3 -c "import cutlass.cute; from liger_kernel.ops.fused_linear_scaled_cross_entropy import \
+_load_sm90_function as f; print('Liger SM90 kernel:', f().__name__)" || status=1
+    # the token_logprobs table of the lease (call 1 leaves it to this call): every peer
+    TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT $(left 10) python3 -m benchmarks.report --op token_logprobs \
+        --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
+        --impls naive,torch-compile,gopd,gopd-fused,liger,liger-scaled,cce || status=1
     (exit $status)
     ;;
 first)
@@ -231,7 +251,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: lease, first, fold, gemm, stages, small, trainer, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: lease, liger-sm90, first, fold, gemm, stages, small, trainer, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

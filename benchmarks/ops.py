@@ -18,6 +18,8 @@ same quantity from the same inputs, so outputs and gradients are compared across
                    (GOPD_LOGITS_GEMM=GOPD_BACKWARD_GEMM=triton): the leanest path, where bf16's
                    default builds the logit tiles and runs the gradient GEMMs on cuBLAS
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
+    liger-scaled   Liger-Kernel's per-token scaled cross-entropy (token_logprobs): its SM90 CuTe DSL
+                   kernel on an H100 (with nvidia-cutlass-dsl), its chunked PyTorch fallback elsewhere
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
 
 A peer that cannot run somewhere says why (``Impl.unavailable``) and is left out of that run.
@@ -143,6 +145,15 @@ def _liger_flce_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch
     return -LigerFusedLinearCrossEntropyLoss(reduction="none")(w, h, y).float()
 
 
+def _liger_scaled_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Liger's per-token scaled cross-entropy, negated: on an sm_90 GPU its CuTe DSL kernel
+    (the published anchor; it needs nvidia-cutlass-dsl, else the import fails, recorded as
+    such), elsewhere its chunked PyTorch fallback (512 tokens, after verl's fused PPO)."""
+    from liger_kernel.ops.fused_linear_scaled_cross_entropy import LigerFusedLinearScaledCrossEntropyFunction
+
+    return -LigerFusedLinearScaledCrossEntropyFunction.apply(h, w, y.long(), 1.0, -100).float()
+
+
 # --- token_logprobs: forward only, and forward + backward with a per-token upstream gradient ---
 
 
@@ -170,6 +181,9 @@ def _logprob_impls(frozen_head: bool = False) -> dict[str, Impl]:
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), negated",
                       lambda x: _liger_flce_logp(*_student(x)),
                       needs="liger_kernel", cuda_only=TRITON_ONLY),
+        "liger-scaled": Impl("LigerFusedLinearScaledCrossEntropyFunction, negated: the SM90 CuTe DSL "
+                             "kernel on an H100, its chunked fallback elsewhere",
+                             lambda x: _liger_scaled_logp(*_student(x)), needs="liger_kernel"),
         "cce": Impl("cut_cross_entropy.linear_cross_entropy(reduction='none'), negated",
                     lambda x: _cce_logp(*_student(x)), needs="cut_cross_entropy"),
     }  # fmt: skip
