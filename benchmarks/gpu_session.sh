@@ -109,7 +109,7 @@ lease)  # the first call of a 15-minute lease (~7 minutes; the third lease's ver
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT $(left 260) python3 -m benchmarks.report \
         --op gopd_loss $head --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
     timeout --signal=INT $(left 150) python3 -m benchmarks.report --op gopd_dense_loss \
-        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-fold,liger || status=1
+        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,liger || status=1
     # teacher + reference scoring: the two-model fused launch (default) or cuBLAS tiles per model
     timeout $(( $(left 80) < 70 ? $(left 80) : 70 )) python3 -m benchmarks.stages $head \
         --sweep GOPD_LOGITS_GEMM=triton,torch --op frozen_scoring --impls gopd || status=1

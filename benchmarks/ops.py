@@ -11,8 +11,7 @@ same quantity from the same inputs, so outputs and gradients are compared across
     gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 operands with fp32 results;
                    the losses fold their gradient)
     gopd-fold      fold=True on CUDA (the losses, and token_logprobs with a frozen head): the Triton
-                   backend's fold (cuBLAS GEMMs, fused row passes; the default of gopd_loss and of
-                   the frozen head in bf16)
+                   backend's fold (cuBLAS GEMMs, fused row passes; the default in bf16)
     gopd-recompute fold=False on CUDA: the recomputing Triton backward (the default in fp32)
     gopd-fused     token_logprobs on CUDA with the fused Triton kernels and Triton GEMMs throughout
                    (GOPD_LOGITS_GEMM=GOPD_BACKWARD_GEMM=triton): the leanest path, where bf16's
