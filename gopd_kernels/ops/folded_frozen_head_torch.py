@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.folded_loss_torch import fold_rows
+from gopd_kernels.ops.folded_loss_torch import fold_rows, logit_chunks
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand
 
 
@@ -48,12 +48,7 @@ def forward(
     buf = torch.empty(min(chunk, rows) * vocab, dtype=acc, device=hidden.device)
     s = torch.empty(rows, dtype=acc, device=hidden.device)
     x = torch.empty(rows, dim, dtype=acc, device=hidden.device)
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        y = targets[r0:r1]
-        z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
-        if b is not None:
-            z.add_(b)
+    for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf):
         s[r0:r1], state = rows_impl.log_softmax(z, y)
         c = torch.full((r1 - r0,), inv_temp, dtype=acc, device=hidden.device)
         dz = rows_impl.logit_grads(z, y, state, c, w.dtype)  # (1[v = y] - p) / tau, a GEMM operand

@@ -54,6 +54,18 @@ def fold_rows(ws_bytes: int, rows: int, vocab: int, acc: torch.dtype, live: int 
     return max(1, min(rows, ws_bytes // (live * vocab * acc.itemsize)))
 
 
+def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tensor):
+    """Yield (r0, r1, y, z) per chunk of rows: z = (h W^T + b) / tau for rows r0:r1, their
+    fp32 logits over the whole vocabulary, written into buf (b already divided by tau)."""
+    rows, vocab = h.shape[0], w.shape[0]
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
+        if b is not None:
+            z.add_(b)
+        yield r0, r1, targets[r0:r1], z
+
+
 class HeadGrad:
     """A fold's dW = sum over row chunks of dz^T h: in fp32 (acc), or in the head's own dtype
     when the rows are one chunk and rows_impl has a GEMM that rounds its fp32 sum once.
@@ -123,12 +135,7 @@ class FoldedTokenLoss(torch.autograd.Function):
             # dH and dW are cast below: a view left in a local kept the tile (1.2 GB at the H100
             # headline shape) alive through the cast.
             buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
-            for r0 in range(0, rows, chunk):
-                r1 = min(rows, r0 + chunk)
-                y = targets[r0:r1]
-                z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
-                if b is not None:
-                    z.add_(b)
+            for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf):
                 s, state = rows_impl.log_softmax(z, y)
                 logp[r0:r1] = s
                 with torch.enable_grad():
