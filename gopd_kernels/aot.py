@@ -94,7 +94,15 @@ class KernelVariant:
 
     @property
     def features(self) -> str:
-        flags = ("TWO_MODELS", "WITH_ENTROPY", "HAS_BIAS", "HAS_REF", "TEACHER_KL", "ACCUMULATE")
+        flags = (
+            "TWO_MODELS",
+            "WITH_ENTROPY",
+            "HAS_BIAS",
+            "HAS_BIAS_S",
+            "HAS_REF",
+            "TEACHER_KL",
+            "ACCUMULATE",
+        )
         return ",".join(f for f in flags if self.constexprs.get(f)) or "-"
 
 
@@ -132,23 +140,29 @@ def _logits_grad(dt: str, hot: bool, **switches) -> KernelVariant:
 
 
 def _dense_heads(dt: str) -> dict:
-    return {f"{p}_ptr": TRITON_DTYPE[dt] for p in ("hs", "ws", "ht", "wt", "hr", "wr")}
+    return {f"{p}_ptr": TRITON_DTYPE[dt] for p in ("hs", "ws", "bs", "ht", "wt", "bt", "hr", "wr", "br")}
 
 
-def _dense_partials(dt: str, **switches) -> KernelVariant:
+def _dense_biases(on: bool) -> dict:  # the three heads' HAS_BIAS_* (Phi-style heads; the hot paths have none)
+    return {f"HAS_BIAS_{k}": on for k in "STR"}
+
+
+def _dense_partials(dt: str, biases: bool = False, **switches) -> KernelVariant:
     return KernelVariant(
         DENSE, "dense_kl_partials_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
-        dict(switches, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "lam"), hot=True,
+        dict(switches, DOT_PRECISION=_precision(dt)) | _dense_biases(biases), floats=("inv_temp", "lam"),
+        hot=not biases,
     )  # fmt: skip
 
 
-def _dense_grad(dt: str) -> KernelVariant:
+def _dense_grad(dt: str, biases: bool = False) -> KernelVariant:
     return KernelVariant(
         DENSE, "dense_kl_grad_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")}
         | {"dz_ptr": _logit_grad_dtype(dt)},
-        dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "lam"), hot=True,
+        dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
+        floats=("inv_temp", "lam"), hot=not biases,
     )  # fmt: skip
 
 
@@ -163,6 +177,10 @@ def kernel_variants() -> list[KernelVariant]:
             _dense_partials(dt, HAS_REF=True, TEACHER_KL=True),  # ExOPD's, hot as it is
             _dense_grad(dt),
         ]
+    out += [  # every head with a bias: proof that it builds (bf16; fp16 and fp32 share its code)
+        _dense_partials("bfloat16", biases=True, HAS_REF=True, TEACHER_KL=True),
+        _dense_grad("bfloat16", biases=True),
+    ]
     # The paths training runs, for the spill check: the student's forward and backward
     # (no bias, no entropy), teacher + reference scoring, the dense loss at lam = 1 (the
     # all-features variants above are ExOPD's). fp16 compiles to the same code as bf16.

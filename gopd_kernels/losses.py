@@ -346,6 +346,10 @@ def _check_clip_ratio(clip_ratio) -> tuple[float, float]:
     return low, high
 
 
+def _head_names(model: str) -> tuple[str, str, str]:
+    return f"{model}_hidden", f"{model}_weight", f"{model}_bias"
+
+
 @torch.compiler.disable  # as token_logprobs
 def gopd_dense_loss(
     student_hidden: torch.Tensor,
@@ -355,6 +359,9 @@ def gopd_dense_loss(
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
     *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -374,8 +381,9 @@ def gopd_dense_loss(
     (fold=False), or in chunks of rows over the whole vocabulary with the gradient folded
     into the forward (FoldedDenseKL, fold=True: 4 GEMMs at lam = 1 instead of 6, for the
     chunk's fp32 tiles). fold=None folds on the torch backend, and on the Triton backend for
-    bf16 heads (2.3-2.8x faster on an H100, _dense_folds_by_default). Gradients flow to the student's
-    hidden states and head only.
+    bf16 heads (2.3-2.8x faster on an H100, _dense_folds_by_default). Gradients flow to the
+    student's hidden states and head (its bias too) only. Each model's logits are
+    (h W^T + b) / tau with its own bias b when given (Phi-style heads).
 
     Hidden sizes may differ between the models; V must be the same. Returns
     ``(loss, stats)`` with stats "kl" (mean KL(p_s || q)), "kl_teacher" (mean KL(p_s || p_T)),
@@ -386,14 +394,16 @@ def gopd_dense_loss(
     """
     lam = check_lam(lam)
     temperature = check_temperature(temperature)
-    check_lm_head(student_hidden, student_weight, names=("student_hidden", "student_weight", "-"))
-    check_lm_head(teacher_hidden, teacher_weight, names=("teacher_hidden", "teacher_weight", "-"))
+    check_lm_head(student_hidden, student_weight, student_bias, names=_head_names("student"))
+    check_lm_head(teacher_hidden, teacher_weight, teacher_bias, names=_head_names("teacher"))
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together")
     if ref_hidden is None and lam != 1.0:
         raise ValueError(f"ref_hidden / ref_weight are required when lam != 1 (got lam={lam})")
     if ref_hidden is not None:
-        check_lm_head(ref_hidden, ref_weight, names=("ref_hidden", "ref_weight", "-"))
+        check_lm_head(ref_hidden, ref_weight, ref_bias, names=_head_names("ref"))
+    elif ref_bias is not None:
+        raise ValueError("ref_bias is given without ref_hidden / ref_weight")
     lead = student_hidden.shape[:-1]
     for name, h, w in (("teacher", teacher_hidden, teacher_weight), ("ref", ref_hidden, ref_weight)):
         if h is not None:
@@ -415,12 +425,15 @@ def gopd_dense_loss(
     with_teacher_kl = use_ref and teacher_kl  # at lam == 1 it is kl itself
     rows = RowSelection(mask)
     take = lambda h: rows.take(h).contiguous()
+    frozen = lambda t: None if t is None else t.detach()  # noqa: E731
     heads = (
-        take(student_hidden), student_weight,
-        take(teacher_hidden).detach(), teacher_weight.detach(),
+        take(student_hidden), student_weight, student_bias,
+        take(teacher_hidden).detach(), teacher_weight.detach(), frozen(teacher_bias),
         take(ref_hidden).detach() if use_ref else None, ref_weight.detach() if use_ref else None,
+        frozen(ref_bias) if use_ref else None,
     )  # fmt: skip
-    fold_on = _fold_backend(fold, backend, student_hidden, student_weight, _dense_folds_by_default(*heads))
+    folds_by_default = _dense_folds_by_default(*heads)
+    fold_on = _fold_backend(fold, backend, student_hidden, student_weight, folds_by_default, student_bias)
     if fold_on:
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
         # budget for 2 tiles of DENSE_FOLD_ROWS rows; 3 tiles (the teacher KL) take fewer rows

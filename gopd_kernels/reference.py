@@ -108,6 +108,9 @@ def gopd_dense_loss_reference(
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
     *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
@@ -115,12 +118,12 @@ def gopd_dense_loss_reference(
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-position KL(p_s || q)) with the three [N, V] log-softmaxes materialised."""
-    log_ps = linear_log_softmax_reference(student_hidden, student_weight, None, temperature)
-    log_pt = linear_log_softmax_reference(teacher_hidden, teacher_weight, None, temperature).detach()
+    log_ps = linear_log_softmax_reference(student_hidden, student_weight, student_bias, temperature)
+    log_pt = linear_log_softmax_reference(teacher_hidden, teacher_weight, teacher_bias, temperature).detach()
     if ref_hidden is None:
         log_q = log_pt
     else:
-        log_pr = linear_log_softmax_reference(ref_hidden, ref_weight, None, temperature).detach()
+        log_pr = linear_log_softmax_reference(ref_hidden, ref_weight, ref_bias, temperature).detach()
         log_q = torch.log_softmax(lam * log_pt + (1 - lam) * log_pr, dim=-1)
     kl = (log_ps.exp() * (log_ps - log_q)).sum(-1)
     valid = torch.ones(kl.shape, dtype=torch.bool, device=kl.device) if mask is None else mask

@@ -2,7 +2,7 @@
 
 Saves O(N) statistics (lse of the student, lse of the target, KL); the backward recomputes
 the logit tiles of all three models and differentiates the student only: the teacher and
-the reference are frozen by definition.
+the reference are frozen by definition. A head is (hidden, weight, bias | None).
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ class DenseGopdKL(torch.autograd.Function):
     """(student, teacher, reference heads) -> (KL(p_s || q) [M], KL(p_s || p_T) [M] | None)."""
 
     @staticmethod
-    def forward(ctx, hs, ws, ht, wt, hr, wr, lam, temperature, with_teacher_kl, backend):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, temperature, with_teacher_kl, backend):
         impl = implementation("dense_kl", backend)
         inv_temp = 1.0 / temperature
         ws_bytes = workspace_bytes(backend, ws)
-        ref = None if hr is None else (hr, wr)
+        ref = None if hr is None else (hr, wr, br)
         if hs.shape[0] == 0:
             empty = lambda: hs.new_zeros(0, dtype=torch.promote_types(hs.dtype, torch.float32))
             kl, lse_a, lse_c, kl_t = empty(), empty(), empty(), empty() if with_teacher_kl else None
         else:
             kl, lse_a, lse_c, kl_t = impl.forward(
-                (hs, ws), (ht, wt), ref, lam, inv_temp, with_teacher_kl, ws_bytes
+                (hs, ws, bs), (ht, wt, bt), ref, lam, inv_temp, with_teacher_kl, ws_bytes
             )
-        ctx.save_for_backward(hs, ws, ht, wt, hr, wr, lse_a, lse_c, kl)
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, lse_a, lse_c, kl)
         ctx.impl, ctx.lam, ctx.inv_temp, ctx.workspace = impl, lam, inv_temp, ws_bytes
         if kl_t is not None:
             ctx.mark_non_differentiable(kl_t)
@@ -36,14 +36,15 @@ class DenseGopdKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl, _grad_kl_teacher):
-        hs, ws, ht, wt, hr, wr, lse_a, lse_c, kl = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        hs, ws, bs, ht, wt, bt, hr, wr, br, lse_a, lse_c, kl = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
         if hs.shape[0] == 0 or grad_kl is None:
-            dh, dw = (torch.zeros_like(x) if n else None for x, n in zip((hs, ws), needs, strict=True))
+            student = (hs, ws, bs)
+            grads = tuple(torch.zeros_like(x) if n else None for x, n in zip(student, needs, strict=True))
         else:
-            ref = None if hr is None else (hr, wr)
-            dh, dw = ctx.impl.backward(
-                (hs, ws), (ht, wt), ref, ctx.lam, ctx.inv_temp, lse_a, lse_c, kl,
+            ref = None if hr is None else (hr, wr, br)
+            grads = ctx.impl.backward(
+                (hs, ws, bs), (ht, wt, bt), ref, ctx.lam, ctx.inv_temp, lse_a, lse_c, kl,
                 grad_kl.contiguous(), needs, ctx.workspace,
             )  # fmt: skip
-        return dh, dw, None, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None, None, None, None, None

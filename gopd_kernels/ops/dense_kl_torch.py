@@ -9,7 +9,8 @@ teacher's and reference's own normalisers fold into q's):
 
 Only the student gets gradients. Tiles of a, c (and the teacher's own logits when the
 KL to the teacher is asked for) stream over the vocabulary as in linear_logsoftmax_torch.
-A head is (hidden [M, D_k], weight [V, D_k]); D may differ between the three models.
+A head is (hidden [M, D_k], weight [V, D_k], bias [V] | None); D may differ between the
+three models.
 
 With gradients, gopd_dense_loss runs folded_dense_kl_torch on this backend instead (the
 logits once, not twice); the backward here stays the twin of the Triton kernels' and is
@@ -30,16 +31,34 @@ from gopd_kernels.ops.linear_logsoftmax_torch import (
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
 from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
 
-Head = tuple[torch.Tensor, torch.Tensor]
+Head = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def _target_tile(out, teacher: Head, ref: Head | None, lam: float, inv_temp: float) -> torch.Tensor:
-    """out <- c = (lam z_T + (1 - lam) z_R) / tau; heads already sliced to the tile."""
-    (ht, wt) = teacher
-    mm_into(out, ht, wt.T, alpha=(lam if ref is not None else 1.0) * inv_temp)
+    """out <- c = (lam z_T + (1 - lam) z_R) / tau; heads already sliced to the tile, their
+    biases already divided by tau (scaled_heads)."""
+    ht, wt, bt = teacher
+    lam_t = lam if ref is not None else 1.0
+    mm_into(out, ht, wt.T, alpha=lam_t * inv_temp)
+    if bt is not None:
+        out.add_(bt, alpha=lam_t)
     if ref is not None and lam != 1.0:
-        mm_add(out, ref[0], ref[1].T, alpha=(1.0 - lam) * inv_temp)
+        add_ref_logits(out, ref, lam, inv_temp)
     return out
+
+
+def add_ref_logits(out: torch.Tensor, ref: Head, lam: float, inv_temp: float) -> torch.Tensor:
+    """out += (1 - lam) z_R / tau, the reference's share of c (its bias already divided by tau)."""
+    mm_add(out, ref[0], ref[1].T, alpha=(1.0 - lam) * inv_temp)
+    if ref[2] is not None:
+        out.add_(ref[2], alpha=1.0 - lam)
+    return out
+
+
+def scaled_heads(heads, inv_temp: float, acc: torch.dtype) -> list[Head | None]:
+    """Each head with its hidden states as a GEMM operand and its bias in acc, divided by tau."""
+    scale = lambda b: None if b is None else b.to(acc) * inv_temp  # noqa: E731
+    return [None if hd is None else (operand(hd[0]), hd[1], scale(hd[2])) for hd in heads]
 
 
 def _lse_partials(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +68,8 @@ def _lse_partials(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _tile_heads(heads, r0, r1, c0, c1):
-    return [None if hd is None else (hd[0][r0:r1], operand(hd[1][c0:c1])) for hd in heads]
+    cut = lambda b: None if b is None else b[c0:c1]  # noqa: E731
+    return [None if hd is None else (hd[0][r0:r1], operand(hd[1][c0:c1]), cut(hd[2])) for hd in heads]
 
 
 def forward(
@@ -66,7 +86,7 @@ def forward(
     acc = compute_dtype(student[0].dtype)
     live = 4 if with_teacher_kl else 3
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, live)
-    heads = [None if hd is None else (operand(hd[0]), hd[1]) for hd in (student, teacher, ref)]
+    heads = scaled_heads((student, teacher, ref), inv_temp, acc)
     n_slices = -(-vocab // vocab_chunk)
     new = lambda: torch.empty(n_slices, rows, dtype=acc, device=student[0].device)
     ma, sa, u, mc, sc = new(), new(), new(), new(), new()
@@ -74,15 +94,15 @@ def forward(
     buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=live)
     for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
         for r0, r1 in _chunks(rows, row_chunk):
-            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
+            (hs, ws, bs), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            a = logits_tile(tiles[0], hs, ws, inv_temp, None)
+            a = logits_tile(tiles[0], hs, ws, inv_temp, bs)
             if with_teacher_kl:  # the teacher's own logits first, then c from them
                 zt = _target_tile(tiles[3], tch, None, 1.0, inv_temp)
                 mt[k, r0:r1], st[k, r0:r1] = _lse_partials(zt, tiles[2])
                 c = torch.mul(zt, lam, out=tiles[1])
                 if lam != 1.0:
-                    mm_add(c, rf[0], rf[1].T, alpha=(1.0 - lam) * inv_temp)
+                    add_ref_logits(c, rf, lam, inv_temp)
             else:
                 c = _target_tile(tiles[1], tch, rf, lam, inv_temp)
             mc[k, r0:r1], sc[k, r0:r1] = _lse_partials(c, tiles[2])
@@ -104,27 +124,33 @@ def backward(
     lse_c: torch.Tensor,
     kl: torch.Tensor,
     grad_kl: torch.Tensor,
-    needs: tuple[bool, bool],
+    needs: tuple[bool, bool, bool],
     workspace_bytes: int,
 ):
-    """Gradients (d student hidden, d student weight) for a per-position upstream grad_kl."""
-    need_dh, need_dw = needs
+    """Gradients (d student hidden, d student weight, d student bias) for a per-position
+    upstream grad_kl."""
+    need_dh, need_dw, need_db = needs
     rows, dim = student[0].shape
     vocab = student[1].shape[0]
     acc = compute_dtype(student[0].dtype)
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, 3)
-    heads = [None if hd is None else (operand(hd[0]), hd[1]) for hd in (student, teacher, ref)]
+    heads = scaled_heads((student, teacher, ref), inv_temp, acc)
     g = grad_kl.to(acc) * inv_temp  # d/d(raw logits) = d/da / tau
-    dh = torch.zeros(rows, dim, dtype=acc, device=student[0].device) if need_dh else None
-    dw = torch.empty(vocab, dim, dtype=acc, device=student[0].device) if need_dw else None
+    like = dict(dtype=acc, device=student[0].device)
+    dh = torch.zeros(rows, dim, **like) if need_dh else None
+    dw = torch.empty(vocab, dim, **like) if need_dw else None
+    db = torch.zeros(vocab, **like) if need_db else None
     buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=3)
     for c0, c1 in _chunks(vocab, vocab_chunk):
         for r0, r1 in _chunks(rows, row_chunk):
-            (hs, ws), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
+            (hs, ws, bs), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            log_p = logits_tile(tiles[0], hs, ws, inv_temp, None, lse_a[r0:r1])
+            log_p = logits_tile(tiles[0], hs, ws, inv_temp, bs, lse_a[r0:r1])
             log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])
             p = torch.exp(log_p, out=tiles[2])
             dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])
             accumulate_head_grads(dz, hs, ws, dh, dw, (r0, r1), (c0, c1))
-    return None if dh is None else dh.to(student[0].dtype), None if dw is None else dw.to(student[1].dtype)
+            if db is not None:
+                db[c0:c1] += dz.sum(dim=0)
+    cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
+    return cast(dh, student[0]), cast(dw, student[1]), cast(db, student[2])

@@ -50,21 +50,21 @@ DENSE_CONFIGS = [
 
 @triton.jit
 def target_tile(
-    ht_ptr, wt_ptr, hr_ptr, wr_ptr, rows, cols, M, V, DT, DR,
+    ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
     s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
-    HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """(z_T tile, c tile) with c = lam z_T + (1 - lam) z_R (c = z_T without a reference); -inf past V."""
     zt = logits_tile(
-        ht_ptr, wt_ptr, ht_ptr, rows, cols, M, V, DT, s_htm, s_htd, s_wtv, s_wtd,
-        inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        ht_ptr, wt_ptr, bt_ptr, rows, cols, M, V, DT, s_htm, s_htd, s_wtv, s_wtd,
+        inv_temp, HAS_BIAS_T, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     c = zt
     if HAS_REF:
         zr = logits_tile(
-            hr_ptr, wr_ptr, hr_ptr, rows, cols, M, V, DR, s_hrm, s_hrd, s_wrv, s_wrd,
-            inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DR, s_hrm, s_hrd, s_wrv, s_wrd,
+            inv_temp, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         # Both are -inf past V: combine real columns only (lam > 1 would give -inf + inf there).
         col_ok = cols[None, :] < V
@@ -82,12 +82,13 @@ def lse_update(z, m, s):
 
 @triton.jit
 def dense_kl_partials_kernel(
-    hs_ptr, ws_ptr, ht_ptr, wt_ptr, hr_ptr, wr_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr,
     ma_ptr, sa_ptr, u_ptr, mc_ptr, sc_ptr, mt_ptr, st_ptr, ut_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd,
     inv_temp, lam, slice_len, M_BUCKET,
     HAS_REF: tl.constexpr, TEACHER_KL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -108,13 +109,13 @@ def dense_kl_partials_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols[None, :] < V
         a = logits_tile(
-            hs_ptr, ws_ptr, hs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
-            inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            hs_ptr, ws_ptr, bs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
+            inv_temp, HAS_BIAS_S, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         zt, c = target_tile(
-            ht_ptr, wt_ptr, hr_ptr, wr_ptr, rows, cols, M, V, DT, DR,
+            ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
             s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
-            HAS_REF, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         ma_new = tl.maximum(ma, tl.max(a, axis=1))
         alpha = tl.exp(ma - ma_new)
@@ -140,12 +141,13 @@ def dense_kl_partials_kernel(
 
 @triton.jit
 def dense_kl_grad_kernel(
-    hs_ptr, ws_ptr, ht_ptr, wt_ptr, hr_ptr, wr_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr,
     lse_a_ptr, lse_c_ptr, kl_ptr, g_ptr, dz_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, stride_dzm,
     inv_temp, lam, M_BUCKET,
     HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dZ = g p_s (log p_s - log q - KL), g already divided by tau."""
@@ -155,13 +157,13 @@ def dense_kl_grad_kernel(
     row_ok = rows < M
     col_ok = cols[None, :] < V
     a = logits_tile(
-        hs_ptr, ws_ptr, hs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
-        inv_temp, False, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        hs_ptr, ws_ptr, bs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
+        inv_temp, HAS_BIAS_S, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     _, c = target_tile(
-        ht_ptr, wt_ptr, hr_ptr, wr_ptr, rows, cols, M, V, DT, DR,
+        ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
         s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
-        HAS_REF, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0)
     lse_c = tl.load(lse_c_ptr + rows, mask=row_ok, other=0.0)
@@ -184,16 +186,20 @@ dense_kl_grad_kernel_tuned = autotuned(  # keyed on the slice width, as logits_g
 
 
 def _head_args(heads):
-    """Pointers, dims and strides of the three heads; the teacher stands in for a missing ref."""
+    """Pointers (a head's hidden states stand in for a missing bias), dims and strides of the
+    three heads, and their HAS_BIAS_* flags; the teacher stands in for a missing ref."""
     student, teacher, ref = heads
+    flags = {
+        f"HAS_BIAS_{k}": hd is not None and hd[2] is not None for k, hd in zip("STR", heads, strict=True)
+    }
     ref = ref if ref is not None else teacher
-    ptrs = [t for hd in (student, teacher, ref) for t in hd]
+    ptrs = [t for h, w, b in (student, teacher, ref) for t in (h, w, h if b is None else b)]
     dims, strides = [], []
-    for h, w in (student, teacher, ref):
+    for h, w, _ in (student, teacher, ref):
         d, *st = lm_head_args(h, w)
         dims.append(d)
         strides += st
-    return ptrs, dims, strides
+    return ptrs, dims, strides, flags
 
 
 def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_bytes):
@@ -203,7 +209,7 @@ def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_byt
     new = lambda: torch.empty(n_slices, M, dtype=torch.float32, device=student[0].device)
     ma, sa, u, mc, sc = new(), new(), new(), new(), new()
     mt, st, ut = (new(), new(), new()) if with_teacher_kl else (ma, sa, u)  # placeholders when unused
-    ptrs, dims, strides = _head_args((student, teacher, ref))
+    ptrs, dims, strides, bias_flags = _head_args((student, teacher, ref))
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_slices)
     launch(
         dense_kl_partials_kernel,
@@ -215,18 +221,22 @@ def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_byt
         HAS_REF=ref is not None and lam != 1.0,
         TEACHER_KL=with_teacher_kl,
         DOT_PRECISION=DOT_PRECISION[student[0].dtype],
+        **bias_flags,
     )  # fmt: skip
     return merge_dense_kl_partials((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
 
 
 def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes):
     """Same contract as dense_kl_torch.backward."""
-    hs, ws = student
+    hs, ws, _ = student
     g = grad_kl.float() * inv_temp
 
     def write_logit_grads(rows, cols, dz):  # the three heads' columns `cols`: a vocabulary of their own
-        heads = [None if hd is None else (hd[0][rows], hd[1][cols]) for hd in (student, teacher, ref)]
-        ptrs, dims, strides = _head_args(heads)
+        cut = lambda b: None if b is None else b[cols]  # noqa: E731
+        heads = [
+            None if hd is None else (hd[0][rows], hd[1][cols], cut(hd[2])) for hd in (student, teacher, ref)
+        ]
+        ptrs, dims, strides, bias_flags = _head_args(heads)
         M, V = dz.shape
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
         launch(
@@ -239,10 +249,9 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
             HAS_REF=ref is not None and lam != 1.0,
             DOT_PRECISION=DOT_PRECISION[hs.dtype],
             GROUP_M=GROUP_M,
+            **bias_flags,
         )  # fmt: skip
         return dz
 
-    dh, dw, _ = grads_from_logit_grads(
-        hs, ws, (needs[0], needs[1], False), workspace_bytes, write_logit_grads
-    )
-    return dh, dw
+    dh, dw, db = grads_from_logit_grads(hs, ws, needs, workspace_bytes, write_logit_grads)
+    return dh, dw, None if db is None else db.to(student[2].dtype)

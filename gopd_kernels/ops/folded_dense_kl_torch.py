@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.dense_kl_torch import _target_tile
+from gopd_kernels.ops.dense_kl_torch import _target_tile, add_ref_logits, scaled_heads
 from gopd_kernels.ops.folded_loss_torch import HeadGrad, fold_rows, save_folded_grads, scale_saved_grads
 from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile
-from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand
 
 # Rows per chunk (2 tiles) by who does the row work. torch, measured at N = 1024, D = 1024,
 # V = 151936 fp32 on the 2-core CPU, lam = 1 (s per call): 128 rows 15.3-16.0, 256 rows
@@ -35,28 +35,33 @@ DENSE_FOLD_ROWS = {"torch": 256, "triton": 1024}
 
 
 class FoldedDenseKL(torch.autograd.Function):
-    """(student, teacher, reference heads, lam, inv_temp, row weights a [M], with_teacher_kl,
-    workspace bytes) -> (loss = sum_t a_t KL_t, KL(p_s || q) [M], KL(p_s || p_T) [M] | None).
+    """(student, teacher, reference heads (hidden, weight, bias | None each), lam, inv_temp,
+    row weights a [M], with_teacher_kl, workspace bytes) -> (loss = sum_t a_t KL_t,
+    KL(p_s || q) [M], KL(p_s || p_T) [M] | None).
 
     KL and KL to the teacher are returned detached; the loss is differentiable w.r.t. the
-    student's hidden states and head only (teacher and reference are frozen).
+    student's hidden states and head (weight and bias) only (teacher and reference are frozen).
     """
 
     @staticmethod
     def forward(
-        ctx, hs, ws, ht, wt, hr, wr, lam, inv_temp, row_weights, with_teacher_kl, ws_bytes, rows_impl
-    ):
+        ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, inv_temp, row_weights, with_teacher_kl, ws_bytes,
+        rows_impl,
+    ):  # fmt: skip
         """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
-        need_dh, need_dw = ctx.needs_input_grad[:2]
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         rows, vocab = hs.shape[0], ws.shape[0]
         acc = compute_dtype(hs.dtype)
         like = dict(dtype=acc, device=hs.device)
-        up = lambda t: None if t is None else operand(t)
-        hs_, ws_, ht_, wt_, hr_, wr_ = (up(t) for t in (hs, ws, ht, wt, hr, wr))
+        ref = None if hr is None else (hr, wr, br)
+        student, teacher, ref = scaled_heads(((hs, ws, bs), (ht, wt, bt), ref), inv_temp, acc)
+        (hs_, ws_, bs_), (ht_, wt_, bt_) = ((h, operand(w), b) for h, w, b in (student, teacher))
+        ref = None if ref is None else (ref[0], operand(ref[1]), ref[2])
         live = 3 if with_teacher_kl else 2
         chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
         dh = torch.zeros(hs.shape, **like) if need_dh else None
         dw = HeadGrad(ws, acc, chunk >= rows, rows_impl) if need_dw else None
+        db = torch.zeros(vocab, **like) if need_db else None
         kl = torch.empty(rows, **like)
         kl_t = torch.empty(rows, **like) if with_teacher_kl else None
         weights = row_weights.to(acc)
@@ -71,17 +76,18 @@ class FoldedDenseKL(torch.autograd.Function):
                 a, c, zt = (buf[k, : (r1 - r0) * vocab].view(r1 - r0, vocab) for k in (0, 1, live - 1))
                 # c (and z_T) first, with the tile of a as scratch for their log-sum-exps
                 lse_t = None
+                ref_rows = None if ref is None else (ref[0][r0:r1], ref[1], ref[2])
                 if with_teacher_kl:
-                    lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temp, None), a)
+                    lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temp, bt_), a)
                     torch.mul(zt, lam, out=c)
-                    if hr_ is not None:
-                        mm_add(c, hr_[r0:r1], wr_.T, alpha=(1.0 - lam) * inv_temp)
+                    if ref_rows is not None:
+                        add_ref_logits(c, ref_rows, lam, inv_temp)
                 else:
-                    ref = None if hr_ is None else (hr_[r0:r1], wr_)
-                    _target_tile(c, (ht_[r0:r1], wt_), ref, lam, inv_temp)
+                    _target_tile(c, (ht_[r0:r1], wt_, bt_), ref_rows, lam, inv_temp)
                 lse_c = rows_impl.lse(c, a)
-                logits_tile(a, hs_[r0:r1], ws_, inv_temp, None)
-                coef_rows = coef[r0:r1] if dh is not None or dw is not None else None  # None: no dz
+                logits_tile(a, hs_[r0:r1], ws_, inv_temp, bs_)
+                wants_dz = dh is not None or dw is not None or db is not None
+                coef_rows = coef[r0:r1] if wants_dz else None  # None: no dz
                 z_t = zt if with_teacher_kl else None
                 kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)
                 if kl_t is not None:
@@ -92,15 +98,17 @@ class FoldedDenseKL(torch.autograd.Function):
                     mm_into(dh[r0:r1], dz, ws_)
                 if dw is not None:
                     dw.add(dz, hs_[r0:r1])
+                if db is not None:
+                    db.add_(dz.sum(dim=0, dtype=acc))
                 del dz  # before the next chunk's is made
 
         fold_chunks()
         dh = None if dh is None else dh.to(hs.dtype)  # the fp32 dH gone before dW's cast, the peak
-        save_folded_grads(ctx, (dh, hs), (None if dw is None else dw.result(), ws))
+        save_folded_grads(ctx, (dh, hs), (None if dw is None else dw.result(), ws), (db, bs))
         ctx.mark_non_differentiable(kl, *(() if kl_t is None else (kl_t,)))
         loss = (kl * weights).sum()
         return loss, kl, kl_t
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_kl_t):
-        return *scale_saved_grads(ctx, grad_loss), *(None,) * 10
+        return *scale_saved_grads(ctx, grad_loss), *(None,) * 12

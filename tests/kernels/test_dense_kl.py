@@ -56,6 +56,53 @@ def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=
     return stats, (student, teacher, ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("lam", [1.0, 1.25])
+@pytest.mark.parametrize("biased", ["all", "student", "frozen"])
+def test_head_biases_match_reference(backend, fold, lam, biased, device):
+    """Heads with a bias (Phi-style): each model's logits are (h W^T + b) / tau. The loss, the
+    KL to the teacher (a third tile at lam != 1), and the student's dH, dW and db against
+    float64, folded and recomputing, on odd shapes."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    student, teacher, ref = heads(n=(2, 7), v=97, dims=(17, 16, 33), device=dev, seed=9)
+    g = torch.Generator().manual_seed(9)
+    bias = lambda on: (torch.randn(97, generator=g) * 0.7).to(dev) if on else None  # noqa: E731
+    b_s, b_t, b_r = bias(biased != "frozen"), bias(biased != "student"), bias(biased != "student")
+    mask = torch.ones(2, 7, dtype=torch.bool, device=dev)
+    mask[1, 5:] = False
+    kw = dict(lam=lam, temperature=1.3, mask=mask)
+    got, want = {}, {}
+    for out, dtype in ((got, None), (want, torch.float64)):
+
+        def on(t, dtype=dtype):  # the reference's float64 CPU copies; ours as given
+            return None if t is None else t.cpu().to(dtype) if dtype else t
+
+        hs, ws = (on(t).detach().clone().requires_grad_() for t in student)
+        bs = None if b_s is None else on(b_s).detach().clone().requires_grad_()
+        args = (hs, ws, *map(on, teacher), *map(on, ref))
+        biases = dict(student_bias=bs, teacher_bias=on(b_t), ref_bias=on(b_r))
+        kw_here = kw | {"mask": mask.cpu() if dtype else mask}
+        if dtype:
+            loss, kl = gopd_dense_loss_reference(*args, **biases, **kw_here)
+        else:
+            loss, stats = gopd_dense_loss(*args, **biases, **kw_here, backend=backend, fold=fold)
+            out["kl_teacher"] = stats["kl_teacher"]
+        (loss * 1.7).backward()
+        out.update(loss=loss.detach(), dh=hs.grad, dw=ws.grad, db=None if bs is None else bs.grad)
+    if lam != 1.0:  # KL(p_s || p_T) with the teacher's bias, the reference's log-softmax apart
+        on64 = lambda t: None if t is None else t.cpu().double()  # noqa: E731
+        log_ps = linear_log_softmax_reference(*map(on64, student), on64(b_s), 1.3)
+        log_pt = linear_log_softmax_reference(*map(on64, teacher), on64(b_t), 1.3)
+        kl_t = (log_ps.exp() * (log_ps - log_pt)).sum(-1)[mask.cpu()].mean()
+        torch.testing.assert_close(got["kl_teacher"].double().cpu(), kl_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["loss"].double().cpu(), want["loss"], atol=1e-5, rtol=1e-5)
+    for key in ("dh", "dw", "db"):
+        assert (got[key] is None) == (want[key] is None), key
+        if want[key] is not None:
+            assert rel_err(got[key], want[key]) <= 1e-4, key
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 1.25, 2.0])
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_torch_backend_matches_reference(lam, loss_agg):
@@ -173,6 +220,12 @@ BAD = {
     "loss-agg": (lambda s, t, r: (s, t, r, {"loss_agg": "mean"}), "loss_agg"),
     "student-weight-1d": (lambda s, t, r: ((s[0], s[1][:, 0]), t, r, {}), "student_weight"),
     "teacher-kl-not-bool": (lambda s, t, r: (s, t, r, {"teacher_kl": 1}), "teacher_kl"),
+    "student-bias-shape": (lambda s, t, r: (s, t, r, {"student_bias": torch.zeros(210)}), "student_bias"),
+    "teacher-bias-dtype": (
+        lambda s, t, r: (s, t, r, {"teacher_bias": torch.zeros(211).double()}),
+        "teacher_bias",
+    ),
+    "ref-bias-alone": (lambda s, t, r: (s, t, None, {"ref_bias": torch.zeros(211)}), "ref_bias"),
 }
 
 

@@ -54,8 +54,8 @@ def test_folded_equals_unfolded(tiny_chunks, lam):
     hs2, ws2 = (t.clone().requires_grad_() for t in student)
     use_ref = lam != 1.0
     kl, _ = DenseGopdKL.apply(
-        hs2[mask], ws2, teacher[0][mask], teacher[1],
-        ref[0][mask] if use_ref else None, ref[1] if use_ref else None,
+        hs2[mask], ws2, None, teacher[0][mask], teacher[1], None,
+        ref[0][mask] if use_ref else None, ref[1] if use_ref else None, None,
         lam, 1.3, use_ref, "torch",
     )  # fmt: skip
     unfolded = aggregate_token_losses(kl, mask[mask])
