@@ -100,16 +100,12 @@ def load_models(cfg: TrainConfig) -> Models:
     # device layer by layer as it shards them, so that the whole float32 student is never there
     fsdp = (torch.float32, torch.device("cpu")) if cfg.fsdp else (dtype, device)
     student = load_model(cfg.student, *fsdp, trainable=True)
-    if cfg.objective == "dense":  # the dense loss reads every model's head
-        check_head_bias(student, cfg.student)
     if cfg.lora_rank:
         student = add_lora(student, cfg)
     teachers = {}
     for domain, path in cfg.teacher_map.items():
         check_same_tokenizer(tokenizer, load_tokenizer(path), cfg.student, path)
         teachers[domain] = load_model(path, dtype, frozen_device, trainable=False)
-        if cfg.objective == "dense":  # the dense loss reads every model's head
-            check_head_bias(teachers[domain], path)
     reference = None
     if cfg.objective == "sampled" and cfg.lam == 1.0:
         logger.info(
@@ -125,8 +121,6 @@ def load_models(cfg: TrainConfig) -> Models:
         if ref_path != cfg.student:
             check_same_tokenizer(tokenizer, load_tokenizer(ref_path), cfg.student, ref_path)
         reference = load_model(ref_path, dtype, frozen_device, trainable=False)
-        if cfg.objective == "dense":
-            check_head_bias(reference, ref_path)
     models = Models(student, teachers, reference, tokenizer, device, cfg.offload_frozen)
     check_same_vocabulary(models)
     if cfg.freeze_lm_head:
@@ -136,16 +130,6 @@ def load_models(cfg: TrainConfig) -> Models:
     if cfg.liger:
         apply_liger(student)
     return models
-
-
-def check_head_bias(model, path: str) -> None:
-    """gopd_dense_loss takes head weights without a bias (gopd_loss and the sampled objective's
-    scoring take one): a bias there would be left out of the log-probs."""
-    if head_bias(model) is not None:
-        raise ValueError(
-            f"{path}: its LM head has a bias, which the dense loss does not take (yet); objective 'dense' "
-            "needs heads without one (the sampled objective takes them)"
-        )
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

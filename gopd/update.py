@@ -102,6 +102,8 @@ def _dense_loss(models, part, teacher, ref, cfg, num_tokens):
     return gopd_dense_loss(
         hidden, head_weight(models.student), t_hidden, head_weight(teacher),
         r_hidden, None if ref is None else head_weight(ref),
+        student_bias=head_bias(models.student), teacher_bias=head_bias(teacher),
+        ref_bias=None if ref is None else head_bias(ref),
         lam=cfg.lam, temperature=cfg.temperature, mask=part.response_mask.to(hidden.device),
         loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend, fold=cfg.loss_fold,
     )  # fmt: skip

@@ -131,14 +131,18 @@ def test_student_logprobs_are_the_students_own(tiny, tmp_path):
     assert not old[~valid].any()
 
 
+@pytest.mark.parametrize("objective", ["sampled", "dense"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-def test_a_biased_student_head_is_scored_and_trained_with_its_bias(tiny, tmp_path, monkeypatch, backend):
-    """A Phi-style student (its LM head has a bias), the sampled objective: o_t against the
-    student's own materialised logits, bias included, and an off-policy update (two per batch,
-    so that the loss reads o_t) moves the bias. The teacher has one too (frozen_logprobs)."""
+def test_a_biased_student_head_is_scored_and_trained_with_its_bias(
+    tiny, tmp_path, monkeypatch, objective, backend
+):
+    """Phi-style heads (the student's, the teacher's and the reference's have a bias), ExOPD:
+    the student's o_t against its own materialised logits, bias included, and two updates per
+    batch (the second off-policy, so that the sampled loss reads o_t) move the bias."""
     give_heads_a_bias(monkeypatch, student=True, frozen=True)
-    cfg = base_config(tiny, tmp_path, temperature=0.7, prompts_per_step=8, mini_batch_prompts=4, lr=0.05,
-                      is_cap=5.0, kernel_backend=backend)  # fmt: skip
+    cfg = base_config(tiny, tmp_path, objective=objective, temperature=0.7, prompts_per_step=8,
+                      mini_batch_prompts=4, lr=0.05, lam=1.25, reference=str(tiny["reference"]),
+                      is_cap=5.0 if objective == "sampled" else None, kernel_backend=backend)  # fmt: skip
     models = load_models(cfg)
     head = models.student.lm_head
     ro = rollouts_for(cfg, models)
@@ -150,7 +154,8 @@ def test_a_biased_student_head_is_scored_and_trained_with_its_bias(tiny, tmp_pat
     torch.testing.assert_close(old[valid].double(), expected[valid], rtol=1e-5, atol=1e-5)
     bias_before = head.bias.detach().clone()
     opt = make_optimizer(models.student, cfg)
-    updates = update_step(models, ro, score_rollouts(models, ro, cfg), opt, make_scheduler(opt, cfg, 3), cfg)
+    scores = score_rollouts(models, ro, cfg) if objective == "sampled" else None
+    updates = update_step(models, ro, scores, opt, make_scheduler(opt, cfg, 3), cfg)
     assert len(updates) == 2 and all(stepped and math.isfinite(loss) for loss, _, stepped in updates)
     assert not torch.equal(head.bias.detach(), bias_before)
 
