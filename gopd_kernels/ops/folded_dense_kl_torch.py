@@ -23,9 +23,15 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.ops.dense_kl_torch import _target_tile, add_ref_logits, scaled_heads
-from gopd_kernels.ops.folded_loss_torch import HeadGrad, fold_rows, save_folded_grads, scale_saved_grads
+from gopd_kernels.ops.folded_loss_torch import (
+    HeadGrad,
+    add_chunk_grads,
+    fold_rows,
+    save_folded_grads,
+    scale_saved_grads,
+)
 from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile
-from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, operand
 
 # Rows per chunk (2 tiles) by who does the row work. torch, measured at N = 1024, D = 1024,
 # V = 151936 fp32 on the 2-core CPU, lam = 1 (s per call): 128 rows 15.3-16.0, 256 rows
@@ -94,12 +100,7 @@ class FoldedDenseKL(torch.autograd.Function):
                     kl_t[r0:r1] = kl_t_rows
                 if dz is None:
                     continue
-                if dh is not None:
-                    mm_into(dh[r0:r1], dz, ws_)
-                if dw is not None:
-                    dw.add(dz, hs_[r0:r1])
-                if db is not None:
-                    db.add_(dz.sum(dim=0, dtype=acc))
+                add_chunk_grads(dz, hs_[r0:r1], ws_, None if dh is None else dh[r0:r1], dw, db)
                 del dz  # before the next chunk's is made
 
         fold_chunks()

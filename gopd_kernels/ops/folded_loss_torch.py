@@ -91,6 +91,17 @@ class HeadGrad:
         return self.dw if self.written else self.dw.zero_()
 
 
+def add_chunk_grads(dz, h_rows, w, dh_rows, dw: HeadGrad | None, db) -> None:
+    """One chunk's dL/dz (a GEMM operand) into a fold's gradients: dH[rows] = dz W,
+    dW += dz^T H[rows], db += the column sums of dz (fp32)."""
+    if dh_rows is not None:
+        mm_into(dh_rows, dz, w)
+    if dw is not None:
+        dw.add(dz, h_rows)
+    if db is not None:
+        db.add_(dz.sum(dim=0, dtype=db.dtype))
+
+
 def save_folded_grads(ctx, *grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
     """Keep a folded loss's gradients (accumulated in fp32), each given as (gradient, its
     input), in the inputs' dtypes for its backward, in the inputs' order. The caller casts dH
@@ -148,12 +159,7 @@ class FoldedTokenLoss(torch.autograd.Function):
                 c = c * inv_temp  # through z = raw logits * inv_temp
                 # c (1[v = y] - p), a GEMM operand
                 dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)
-                if dh is not None:
-                    mm_into(dh[r0:r1], dz, w)
-                if dw is not None:
-                    dw.add(dz, h[r0:r1])
-                if db is not None:
-                    db.add_(dz.sum(dim=0, dtype=acc))
+                add_chunk_grads(dz, h[r0:r1], w, None if dh is None else dh[r0:r1], dw, db)
                 del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
 
         fold_chunks()
