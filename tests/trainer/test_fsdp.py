@@ -17,7 +17,7 @@ from gopd import distributed
 from gopd.batching import step_plan
 from gopd.checkpoint import save_checkpoint, start_checkpoint
 from gopd.distributed import DistContext
-from gopd.fsdp import full_weights, is_sharded, shard_frozen, shard_student
+from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.models import load_models, servable_weights
 from gopd.scoring import score_rollouts
 from gopd.trainer import check_data_parallel
@@ -264,3 +264,43 @@ def test_sharded_teachers_are_evaluated_as_whole_ones(tiny, tmp_path):
     ranks = run_ranks(tmp_path, _teacher_evals, tiny, tmp_path)
     single = _teacher_evals(distributed.SINGLE, tiny, tmp_path / "single")
     assert ranks[0] == ranks[1] == single
+
+
+def _resume_states(ctx, tiny, tmp_path):
+    """A sharded student with a frozen head (freeze_lm_head) loaded from a checkpoint shard of
+    today's layout (trained weights only) and of the layout from before "trained_only" (every
+    weight's shard): which weights each one set, and a mismatched one's error."""
+    cfg = base_config(tiny, tmp_path / f"rank{ctx.rank}", fsdp=True, freeze_lm_head=True)
+    models = load_models(cfg)
+    student = models.student
+    shard_student(student, ctx, torch.float32)
+    optimizer = make_optimizer(student, cfg, ctx)
+    params = list(student.parameters())
+    trained = [p.requires_grad for p in params]
+    out = {"trained": trained}
+    new = shard_state(student, optimizer)
+    assert new["trained_only"] and len(new["weights"]) == sum(trained)
+    new["weights"] = [w + 1.0 for w in new["weights"]]
+    before = [p.to_local().detach().clone() for p in params]
+    load_shard_state(student, optimizer, new)
+    out["new"] = [bool(torch.equal(p.to_local(), b + 1.0)) for p, b in zip(params, before, strict=True)]
+    legacy = {"weights": [p.to_local().detach().clone() + 2.0 for p in params], "optimizer": new["optimizer"]}
+    before = [p.to_local().detach().clone() for p in params]
+    load_shard_state(student, optimizer, legacy)
+    out["legacy"] = [bool(torch.equal(p.to_local(), b + 2.0)) for p, b in zip(params, before, strict=True)]
+    try:
+        load_shard_state(student, optimizer, {**legacy, "weights": legacy["weights"][:-1]})
+    except ValueError as e:
+        out["mismatch"] = str(e)
+    return out
+
+
+def test_a_checkpoint_from_before_trained_only_resumes_every_weight(tiny, tmp_path):
+    """Today's shards hold the trained weights only and set those; a checkpoint written before
+    "trained_only" existed holds every weight's shard (frozen ones too) and sets them all; one
+    that matches neither is refused, naming the resume."""
+    for out in run_ranks(tmp_path, _resume_states, tiny, tmp_path):
+        assert not all(out["trained"]) and any(out["trained"])  # the frozen head is there
+        assert out["new"] == out["trained"]
+        assert all(out["legacy"])
+        assert "resume" in out["mismatch"]
