@@ -149,8 +149,6 @@ def backward(
             log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])
             p = torch.exp(log_p, out=tiles[2])
             dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])
-            accumulate_head_grads(dz, hs, ws, dh, dw, (r0, r1), (c0, c1))
-            if db is not None:
-                db[c0:c1] += dz.sum(dim=0)
+            accumulate_head_grads(dz, hs, ws, dh, dw, (r0, r1), (c0, c1), db)
     cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
     return cast(dh, student[0]), cast(dw, student[1]), cast(db, student[2])

@@ -93,10 +93,13 @@ def _targets_in(targets: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, 
     return rows, targets[rows] - c0
 
 
-def accumulate_head_grads(dz, h, w, dh, dw, rows: tuple[int, int], cols: tuple[int, int]) -> None:
+def accumulate_head_grads(dz, h, w, dh, dw, rows: tuple[int, int], cols: tuple[int, int], db=None) -> None:
     """From one tile's dL/dz: dh[rows] += dz @ w; dw[cols] = dz^T @ h on the first row chunk,
-    += after (each vocabulary chunk's dW is complete after its row chunks, written in place)."""
+    += after (each vocabulary chunk's dW is complete after its row chunks, written in place);
+    db[cols] += the column sums of dz, taken before dz becomes a GEMM operand."""
     (r0, r1), (c0, c1) = rows, cols
+    if db is not None:
+        db[c0:c1] += dz.sum(dim=0)
     dz = like_operand(dz, w)
     if dh is not None:
         mm_add(dh[r0:r1], dz, w)
@@ -211,8 +214,6 @@ def backward(
                 dz = u.add_(entropy[r0:r1, None]).mul_(g_e[r0:r1, None]).add_(g_l[r0:r1, None]).mul_(p).neg_()
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             dz[sel, col] += g_l[r0 + sel]
-            accumulate_head_grads(dz, h[r0:r1], w, dh, dw, (r0, r1), (c0, c1))
-            if db is not None:
-                db[c0:c1] += dz.sum(dim=0)
+            accumulate_head_grads(dz, h[r0:r1], w, dh, dw, (r0, r1), (c0, c1), db)
     cast = lambda x, like: None if x is None else x.to(like.dtype)
     return cast(dh, hidden), cast(dw, weight), cast(db, bias if bias is not None else weight)
