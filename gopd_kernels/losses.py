@@ -18,6 +18,7 @@ from gopd_kernels.ops.dense_kl import DenseGopdKL
 from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseKL
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes
 from gopd_kernels.ops.matmul_torch import cublas_bf16
+from gopd_kernels.ops.token_logprobs import head_requires_grad
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
@@ -270,8 +271,7 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
     resolved = resolve_backend(backend, hidden.device)
-    head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
-    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_grad)
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_requires_grad(weight, bias))
     if not wants_grad or fold is False or (fold is None and not folds_by_default(resolved)):
         return None
     return resolved
@@ -287,8 +287,7 @@ def _policy_folds_by_default(hidden, weight, bias=None):
     recomputing backward (its 3xTF32 GEMMs against cuBLAS's plain fp32)."""
 
     def folds(backend: str) -> bool:
-        trained = weight.requires_grad or (bias is not None and bias.requires_grad)
-        return trained and (backend == "torch" or cublas_bf16(hidden, weight, bias))
+        return head_requires_grad(weight, bias) and (backend == "torch" or cublas_bf16(hidden, weight, bias))
 
     return folds
 

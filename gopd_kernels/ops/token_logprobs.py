@@ -24,6 +24,11 @@ from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, fold_workspace_bytes
 from gopd_kernels.ops.matmul_torch import cublas_bf16
 
 
+def head_requires_grad(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether an LM head (its weight, or its bias when it has one) wants a gradient."""
+    return weight.requires_grad or (bias is not None and bias.requires_grad)
+
+
 def folds_frozen_head(
     fold: bool | None,
     backend: str,
@@ -45,7 +50,7 @@ def folds_frozen_head(
     """
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
-    head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    head_grad = head_requires_grad(weight, bias)
     if not torch.is_grad_enabled() or not (hidden.requires_grad or head_grad):
         return False  # no gradient wanted: nothing to fold
     can_fold = hidden.requires_grad and not head_grad and not with_entropy
