@@ -343,18 +343,22 @@ class CallCases:
             raise ValueError(f"fn_name must be a Python name, got {self.fn_name!r}")
         if not self.cases:
             raise ValueError("cases: none given")
+        parsed = []
         for i, (args, expected) in enumerate(self.cases):
             try:
-                [json.loads(line) for line in args.split("\n")], json.loads(expected)
+                parsed.append(([json.loads(line) for line in args.split("\n")], json.loads(expected)))
             except (json.JSONDecodeError, AttributeError, TypeError) as exc:
                 raise ValueError(f"case {i}: arguments (JSON lines) and expected value (JSON) must "
                                  f"parse as JSON: {exc}") from exc  # fmt: skip
+        # parsed once here, not again for each response checked against them (not a field:
+        # equality and hashing stay those of the JSON text)
+        object.__setattr__(self, "_parsed", tuple(parsed))
 
     def arguments(self) -> list[list]:
-        return [[json.loads(line) for line in args.split("\n")] for args, _ in self.cases]
+        return [args for args, _ in self._parsed]
 
     def expected(self) -> list:
-        return [json.loads(expected) for _, expected in self.cases]
+        return [expected for _, expected in self._parsed]
 
 
 # A record's tests: asserts (Python source), stdin cases (input, expected output), or calls.
