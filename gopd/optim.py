@@ -109,7 +109,10 @@ class ScaledAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        self.loss_scale.load_state_dict(state_dict.pop("loss_scale"))
+        scale = state_dict.pop("loss_scale", None)
+        if scale is None:  # as MasterWeightAdamW says it
+            raise ValueError("optimizer state and student disagree on float16 loss scaling (another dtype?)")
+        self.loss_scale.load_state_dict(scale)
         super().load_state_dict(state_dict)
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gopd.optim import LossScale, MasterWeightAdamW
+from gopd.optim import LossScale, MasterWeightAdamW, ScaledAdamW
 from gopd.trainer import train
 from tests.trainer.conftest import base_config
 from tests.trainer.test_end_to_end import changed, check_resume_continues_the_run, weights
@@ -167,3 +167,18 @@ def test_float16_training_rides_out_overflows_and_resumes_exactly(tiny, tmp_path
     full, resumed = scales("full"), scales("cut")
     assert full[0] == 2.0**19 and full[2] < 2.0**19  # steps 1-2 overflowed at least once
     assert resumed[-2:] == full[2:]
+
+
+def test_scaled_adamw_state_keeps_its_loss_scale_and_refuses_a_state_without_one():
+    """FSDP's float16 optimizer: its loss scale travels with its state; a state saved without
+    one (another dtype's run) is a clear error, as MasterWeightAdamW's is."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = ScaledAdamW([w], agree=bool, lr=0.1)
+    opt.loss_scale.scale, opt.loss_scale.good_steps = 512.0, 7
+    state = opt.state_dict()
+    again = ScaledAdamW([torch.nn.Parameter(torch.ones(3))], agree=bool, lr=0.1)
+    again.load_state_dict(state)
+    assert (again.loss_scale.scale, again.loss_scale.good_steps) == (512.0, 7)
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="loss scaling"):
+        again.load_state_dict(plain)
