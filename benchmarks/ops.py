@@ -374,7 +374,7 @@ OPS: dict[str, Op] = {
 def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One forward (+ backward) on ``call = with_leaves(x, op)``; returns (output, dH, dW|None)."""
     h, w = call["h"], call["w"]
-    with _environment(impl.env):
+    with environment(impl.env):
         if not op.backward:
             with torch.no_grad():
                 return impl.run(call), None, None
@@ -385,7 +385,7 @@ def run_impl(op: Op, impl: Impl, call: dict) -> tuple[torch.Tensor, torch.Tensor
 
 
 @contextlib.contextmanager
-def _environment(settings: dict[str, str]):
+def environment(settings: dict[str, str]):
     """The environment variables `settings` set around a block, restored after."""
     old = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)

@@ -41,7 +41,7 @@ if not torch.cuda.is_available():  # before triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import cuda_times_ms, markdown_table  # noqa: E402
-from benchmarks.ops import OPS, errors, make_inputs, rel_err  # noqa: E402
+from benchmarks.ops import OPS, environment, errors, make_inputs, rel_err  # noqa: E402
 from benchmarks.report import Spec, measure_cpu, measure_cuda  # noqa: E402
 from gopd_kernels import token_logprobs  # noqa: E402
 from gopd_kernels.backend import workspace_bytes  # noqa: E402
@@ -158,20 +158,16 @@ def sweep(spec: Spec, impls: list[str], name: str, values: list[str], device: to
     each of `values` in turn (restored after)."""
     measure = measure_cuda if device.type == "cuda" else measure_cpu
     op, first, out = OPS[spec.op], {}, []
-    old = os.environ.get(name)
-    try:
-        for value in values:
-            os.environ[name] = value
-            print(f"  {name}={value}", flush=True)  # a run cut short keeps what it printed
+    for value in values:
+        print(f"  {name}={value}", flush=True)  # a run cut short keeps what it printed
+        with environment({name: value}):
             runs, kept = measure(spec, impls, rounds=1, repeats=1)
-            for impl in impls:
-                got = tuple(kept[impl].values()) if impl in kept else None
-                first.setdefault(impl, got)
-                vs = errors(op, got, first[impl]) if got and first[impl] else {}
-                out.append({"setting": value, "impl": impl, "vs_first": vs, **runs[impl]})
-                print("  " + sweep_table(out[-1:], name).splitlines()[-1], flush=True)
-    finally:
-        os.environ.pop(name) if old is None else os.environ.update({name: old})
+        for impl in impls:
+            got = tuple(kept[impl].values()) if impl in kept else None
+            first.setdefault(impl, got)
+            vs = errors(op, got, first[impl]) if got and first[impl] else {}
+            out.append({"setting": value, "impl": impl, "vs_first": vs, **runs[impl]})
+            print("  " + sweep_table(out[-1:], name).splitlines()[-1], flush=True)
     return out
 
 
