@@ -132,10 +132,11 @@ liger-sm90)  # the second call of a lease, on the still-warm machine (benchmarks
     # a failed import is a result too: the report then records the liger-scaled row as failed
     python3 -c "import cutlass.cute; from liger_kernel.ops.fused_linear_scaled_cross_entropy import \
 _load_sm90_function as f; print('Liger SM90 kernel:', f().__name__)" || status=1
-    # the token_logprobs table of the lease (call 1 leaves it to this call): every peer
+    # the token_logprobs table of the lease (call 1 leaves it to this call): every peer, Liger's
+    # also with its fp32 dW sums; every row also against the float64 reference at N = 16384
     TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT $(left 10) python3 -m benchmarks.report --op token_logprobs \
         --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
-        --impls naive,torch-compile,gopd,gopd-fused,liger,liger-scaled,cce || status=1
+        --impls naive,torch-compile,gopd,gopd-fused,liger,liger-fp32,liger-scaled,cce || status=1
     (exit $status)
     ;;
 first)

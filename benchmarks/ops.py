@@ -17,6 +17,8 @@ same quantity from the same inputs, so outputs and gradients are compared across
                    (GOPD_LOGITS_GEMM=GOPD_BACKWARD_GEMM=triton): the leanest path, where bf16's
                    default builds the logit tiles and runs the gradient GEMMs on cuBLAS
     liger          Liger-Kernel: fused linear cross-entropy (CUDA only), chunked GRPO, fused linear JSD
+    liger-fp32     token_logprobs: Liger's fused linear cross-entropy with accum_dtype=float32, its
+                   setting that sums dW in fp32 across token chunks (the default sums in bf16)
     liger-scaled   Liger-Kernel's per-token scaled cross-entropy (token_logprobs): its SM90 CuTe DSL
                    kernel on an H100 (with nvidia-cutlass-dsl), its chunked PyTorch fallback elsewhere
     cce            Cut Cross-Entropy's linear_cross_entropy ("torch_compile" impl on CPU, "cce" on CUDA)
@@ -138,10 +140,13 @@ def _cce_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return -linear_cross_entropy(h, w, y, reduction="none", impl=impl).float()
 
 
-def _liger_flce_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _liger_flce_logp(
+    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, accum_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """accum_dtype: what Liger sums dW in across its token chunks (None: the head's dtype)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return -LigerFusedLinearCrossEntropyLoss(reduction="none")(w, h, y).float()
+    return -LigerFusedLinearCrossEntropyLoss(reduction="none", accum_dtype=accum_dtype)(w, h, y).float()
 
 
 def _liger_scaled_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -180,6 +185,11 @@ def _logprob_impls(frozen_head: bool = False) -> dict[str, Impl]:
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), negated",
                       lambda x: _liger_flce_logp(*_student(x)),
                       needs="liger_kernel", cuda_only=TRITON_ONLY),
+        **({} if frozen_head else {"liger-fp32": Impl(
+            "LigerFusedLinearCrossEntropyLoss(reduction='none', accum_dtype=torch.float32), negated: dW "
+            "summed in fp32 across its token chunks (by default in the head's dtype)",
+            lambda x: _liger_flce_logp(*_student(x), accum_dtype=torch.float32),
+            needs="liger_kernel", cuda_only=TRITON_ONLY)}),
         "liger-scaled": Impl("LigerFusedLinearScaledCrossEntropyFunction, negated: the SM90 CuTe DSL "
                              "kernel on an H100, its chunked fallback elsewhere",
                              lambda x: _liger_scaled_logp(*_student(x)), needs="liger_kernel"),
@@ -396,15 +406,46 @@ def environment(settings: dict[str, str]):
             os.environ.pop(k) if v is None else os.environ.update({k: v})
 
 
-def float64_reference(op: Op, x: dict) -> tuple:
+def float64_reference(op: Op, x: dict, rows: int | None = None) -> tuple:
     """naive in float64 on the values of ``x`` (already rounded to its dtype): (output, dH, dW).
 
     Computed once per shape, on leaves that are the float64 copies themselves: at D = 4096,
-    V = 151936 the head and its gradient are 5 GB each in float64.
+    V = 151936 the head and its gradient are 5 GB each in float64. rows: run naive on that
+    many rows at a time (its [rows, V] float64 logits instead of [N, V]), summing dW and
+    joining the rows' outputs and dH; a scalar output is a token mean (every loss here is),
+    so each chunk's counts rows / N of it.
     """
     to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
     x64 = {k: tuple(map(to64, t)) if isinstance(t, tuple) else to64(t) for k, t in x.items()}
-    return run_impl(op, op.impls["naive"], with_leaves(x64, op, copy=False))
+    n = x["n"]
+    if rows is None or rows >= n:
+        return run_impl(op, op.impls["naive"], with_leaves(x64, op, copy=False))
+    outs, dhs, dw = [], [], None
+    for start in range(0, n, rows):
+        part = with_leaves(rows_of(x64, slice(start, min(start + rows, n))), op, copy=False)
+        out = op.impls["naive"].run(part)
+        if out.ndim == 0:
+            out = out * (part["n"] / n)
+        if op.backward:
+            out.backward(op.upstream(part))
+            dhs.append(part["h"].grad)
+            if part["w"].grad is not None:
+                dw = part["w"].grad if dw is None else dw.add_(part["w"].grad)
+        outs.append(out.detach())
+    out = sum(outs) if outs[0].ndim == 0 else torch.cat(outs, dim=-1)
+    return out, (torch.cat(dhs) if dhs else None), dw
+
+
+ROW_INPUTS = ("hidden", "targets", "upstream", "teacher_logp", "ref_logp", "old_logp")
+MODEL_INPUTS = ("teacher", "ref")  # (hidden states, head): the hidden states are rows
+
+
+def rows_of(x: dict, rows: slice) -> dict:
+    """``x`` for a slice of its N rows (heads whole): what the op computes on those tokens alone."""
+    part = {**x, "n": len(range(x["n"])[rows])}
+    part |= {k: x[k][rows] for k in ROW_INPUTS if k in x}
+    part |= {k: (x[k][0][rows], x[k][1]) for k in MODEL_INPUTS if k in x}
+    return part
 
 
 def float64_errors(op: Op, impl: Impl, x: dict, want: tuple) -> dict[str, float]:

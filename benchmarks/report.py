@@ -20,7 +20,11 @@ disagrees is reported and not timed. Then:
   autotune), memory from torch.cuda.max_memory_allocated above the allocation before the call.
 
 Memory includes the returned gradients (dW is V x D in the weight's dtype), which every
-implementation pays. Outputs and gradients are also compared with naive's at the timed shape.
+implementation pays. Outputs and gradients are also compared at the timed shape: with naive's,
+and (by default on CUDA, --check-at-n on CPU) with the float64 reference on the same inputs,
+computed a slice of rows at a time. That second check is what shows how an implementation's
+error grows with N and V: one that sums gradients in bf16 across vocabulary or token blocks
+passes at N = 67 and drifts at N = 16384.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from benchmarks.common import (
 CHECK_N = 67  # rows of the float64 correctness check: odd, and more than one tile row on CPU
 WARMUP_NS = (64, 67)  # CPU: the shapes every implementation runs on before it is measured
 DW_ROWS = 512  # rows of dW kept for the comparison with naive at the timed shape
+REFERENCE_BYTES = 512 << 20  # a float64 [rows, V] logits slice of the timed-shape reference
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,21 @@ def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tup
 # --- one op at one shape: check, measure, compare --------------------------------------------
 
 
+def float64_at_shape(spec: Spec, device: str) -> dict:
+    """What _keep keeps of the float64 reference on the timed inputs (the same seed as the timed
+    run's), computed on `device` a slice of rows at a time and kept on the CPU."""
+    op = bops.OPS[spec.op]
+    x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), device)
+    rows = max(1, REFERENCE_BYTES // (8 * spec.v))
+    t0 = time.perf_counter()
+    kept = _keep(bops.float64_reference(op, x, rows=rows))
+    del x
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"    float64 reference at N={spec.n}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return kept
+
+
 def gopd_settings() -> dict[str, str]:
     """The GOPD_* environment the run had (workspace, GEMM runners): what its gopd rows ran."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("GOPD_") and k != "GOPD_COMMIT"}
@@ -240,9 +260,11 @@ def bench_spec(
     repeats: int,
     device: str,
     memory_limit: int | None = None,
+    check_at_n: bool = False,
 ) -> dict:
     """One op at one shape: the float64 check, then every implementation that passed it timed
-    (memory_limit: the CPU children's, see child)."""
+    (memory_limit: the CPU children's, see child), each compared with naive's result and, with
+    check_at_n, with the float64 reference at the timed shape."""
     op = bops.OPS[spec.op]
     dtype = getattr(torch, spec.dtype)
     record = {"spec": asdict(spec), "description": op.description, "flops": op.flops(spec.n, spec.d, spec.v),
@@ -269,6 +291,7 @@ def bench_spec(
         else:
             timed.append(name)
     del small, want
+    want_at_n = float64_at_shape(spec, device) if check_at_n and timed else None
     if device == "cuda":
         runs, kept = measure_cuda(spec, timed, rounds, repeats)
     else:
@@ -278,6 +301,8 @@ def bench_spec(
         entry |= runs[name]
         if name in kept and "naive" in kept:  # not when it failed at the timed shape
             entry["vs_naive"] = bops.errors(op, tuple(kept[name].values()), tuple(kept["naive"].values()))
+        if name in kept and want_at_n is not None:
+            entry["vs_float64_at_n"] = bops.errors(op, tuple(kept[name].values()), tuple(want_at_n.values()))
     return record
 
 
@@ -300,6 +325,7 @@ def summarize(record: dict) -> list[dict]:
             rows.append({"impl": name, "time": t, "lo": min(e["times_s"]), "hi": max(e["times_s"]),
                          "peak": statistics.median(e["peak_bytes"]), "tflops": record["flops"] / t / 1e12,
                          "err": max(e["vs_naive"].values()) if e.get("vs_naive") else None,
+                         "err64": max(e["vs_float64_at_n"].values()) if e.get("vs_float64_at_n") else None,
                          "check": max(e["check_vs_float64"].values())})  # fmt: skip
     peers = [r for r in rows if not r["impl"].startswith("gopd")]
     best_t = min((r["time"] for r in peers), default=None)
@@ -332,7 +358,11 @@ def markdown(record: dict) -> str:
              _ratio(r["m_naive"]), _ratio(r["m_peer"]), f"{r['check']:.0e}", err(r)]
             for r in summary]  # fmt: skip
     headers = ["impl", "time median (min-max)", "time / naive", "time / best peer", "TFLOP/s", "peak MiB",
-               "memory / naive", "memory / best peer", "float64 check", "vs naive"]  # fmt: skip
+               "memory / naive", "memory / best peer", f"float64 at N={CHECK_N}", "vs naive"]  # fmt: skip
+    if any(r["err64"] is not None for r in summary):  # the float64 reference ran at this N
+        headers.insert(9, f"float64 at N={s.n}")
+        for row, r in zip(rows, summary, strict=True):
+            row.insert(9, "-" if r["err64"] is None else f"{r['err64']:.0e}")
     if any(r["of_peak"] is not None for r in summary):
         headers.insert(5, "of GEMM peak")
         for row, r in zip(rows, summary, strict=True):
@@ -451,6 +481,12 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         help="CPU: memory each process may map (default: available at the start, less 1 GiB)",
     )
+    p.add_argument(
+        "--check-at-n",
+        action=argparse.BooleanOptionalAction,
+        help="also compare every implementation with the float64 reference at the timed shape "
+        "(default: on CUDA yes; on CPU no, where it costs several times the naive run)",
+    )
     p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     p.add_argument("--plots-only", action="store_true", help="redraw plots and summary from saved JSON")
     p.add_argument("--results", type=Path, help="results folder (default: results/<this machine>)")
@@ -485,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         print("note: bfloat16 on CPU times PyTorch's CPU bf16 GEMMs, not tensor cores")
     wanted = args.impls.split(",") if args.impls else None
     memory_limit = _memory_limit(args.memory_limit_gib, device)
+    check_at_n = device == "cuda" if args.check_at_n is None else args.check_at_n
     ceilings = None
     if device == "cuda":  # the card's own rates, for the "of GEMM peak" column
         from benchmarks.ceilings import measure as measure_ceilings
@@ -492,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         ceilings = measure_ceilings()
         print(f"ceilings: {ceilings}", flush=True)
     for spec in specs:
-        record = bench_spec(spec, wanted, args.rounds, args.repeats, device, memory_limit)
+        record = bench_spec(spec, wanted, args.rounds, args.repeats, device, memory_limit, check_at_n)
         record["machine"] = machine
         if ceilings:
             record["ceilings"] = ceilings

@@ -86,6 +86,45 @@ def test_float64_check_passes_gopd_and_catches_a_wrong_implementation():
     assert bops.float64_errors(op, off, small, want)["out"] > 5e-3
 
 
+@pytest.mark.parametrize("op_name", list(bops.OPS))
+def test_float64_reference_in_row_slices_is_the_whole_reference(op_name):
+    """The timed-shape reference runs naive a slice of rows at a time: joined outputs and dH,
+    summed dW, and for a token-mean loss each slice weighted by its share of the rows."""
+    op = bops.OPS[op_name]
+    x = bops.make_inputs(op, 7, 8, 13, torch.float32, "cpu", seed=3)
+    whole, sliced = bops.float64_reference(op, x), bops.float64_reference(op, x, rows=3)
+    for a, b in zip(whole, sliced, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_the_check_at_the_timed_shape_gives_each_implementation_its_error(monkeypatch):
+    """--check-at-n: every timed implementation's result at the timed shape against the float64
+    reference on the same inputs. An implementation 3e-5 off passes the small check (fp32
+    tolerance 1e-4) and the new column shows it, where naive's fp32 is ~1e-7 off."""
+    op = bops.OPS["token_logprobs"]
+    drift = bops.Impl("3e-5 off", lambda x: (1 + 3e-5) * op.impls["naive"].run(x))
+    monkeypatch.setitem(op.impls, "drift", drift)
+    spec = report.Spec("token_logprobs", 9, 8, 31, "float32")
+
+    def measure(spec, names, rounds, repeats, memory_limit):  # the children's results, in-process
+        x = bops.make_inputs(op, spec.n, spec.d, spec.v, torch.float32, "cpu")
+        run = lambda name: bops.run_impl(op, op.impls[name], bops.with_leaves(x, op))  # noqa: E731
+        kept = {name: report._keep(run(name)) for name in names}
+        return {name: {"peak_bytes": [1], "times_s": [1.0], "warmup_s": [0.0]} for name in names}, kept
+
+    monkeypatch.setattr(report, "measure_cpu", measure)
+    rec = report.bench_spec(spec, ["naive", "gopd", "drift"], 1, 1, "cpu", check_at_n=True)
+    at_n = {name: max(e["vs_float64_at_n"].values()) for name, e in rec["impls"].items()}
+    assert at_n["naive"] < 1e-6 and at_n["gopd"] < 1e-5
+    assert 2e-5 < at_n["drift"] < 4e-5
+    table = markdown(rec)
+    assert "| float64 at N=67 | float64 at N=9 | vs naive |" in table and "| 3e-05 |" in table
+    plain = report.bench_spec(spec, ["naive", "drift"], rounds=1, repeats=1, device="cpu")
+    assert "vs_float64_at_n" not in plain["impls"]["naive"] and "float64 at N=9" not in markdown(plain)
+
+
 def test_commit_is_dirty_for_code_changes_not_for_the_reports_own_results(tmp_path, monkeypatch):
     git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
     git("init", "-q")
