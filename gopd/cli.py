@@ -110,8 +110,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import re
 
     from gopd.data import write_jsonl
-    from gopd.prepare import livecodebench_records
+    from gopd.prepare import assert_records, livecodebench_records
 
+    if args.benchmark != "livecodebench":
+        lcb_only = ("start_date", "end_date", "public_only")
+        given = [f"--{n.replace('_', '-')}" for n in lcb_only if getattr(args, n)]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: for livecodebench only; {args.benchmark} has no dates or private tests"
+            )
+        records = assert_records(args.input, args.benchmark)
+        if not records:
+            raise ValueError(f"no problem in {args.input}")
+        write_jsonl(args.output, records)
+        print(f"{len(records)} problems, each with its asserts -> {args.output}")
+        for r in records:
+            if "repaired" in r:
+                print(f"  {r['id']}: its published test mended ({r['repaired']}; gopd.prepare says why)")
+        return 0
     for name in ("start_date", "end_date"):
         value = getattr(args, name)
         if value is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
@@ -251,10 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a public benchmark's files as eval records (.jsonl) for gopd eval / eval_data",
         description="Write a public benchmark's problems as gopd eval records: LiveCodeBench's "
         "code_generation_lite files (test.jsonl ... test6.jsonl), private tests decoded, each problem with "
-        "its stdin or call tests (gopd.prepare).",
+        "its stdin or call tests; HumanEval (HumanEval.jsonl, EvalPlus' HumanEvalPlus-OriginFmt.jsonl.gz) "
+        "and MBPP (sanitized-mbpp.json, MBPP+ in its original format), each with its asserts (gopd.prepare).",
     )
-    p.add_argument("benchmark", choices=["livecodebench"], help="which benchmark's files")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="the benchmark's .jsonl files")
+    p.add_argument("benchmark", choices=["livecodebench", "humaneval", "mbpp"],
+                   help="which benchmark's files")  # fmt: skip
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="the benchmark's .jsonl, .jsonl.gz, .json or .parquet files")  # fmt: skip
     p.add_argument("--output", required=True, help="the records' .jsonl")
     p.add_argument("--start-date", help="only problems from contests on or after this day (YYYY-MM-DD)")
     p.add_argument("--end-date", help="only problems from contests on or before this day (YYYY-MM-DD)")

@@ -4,6 +4,7 @@ whose position is part of the checkpoint."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,24 @@ class Example:
 
 
 def read_records(path: str) -> list[dict]:
-    if path.endswith(".jsonl"):
-        with open(path) as f:
+    """Rows of a .jsonl (or gzipped .jsonl.gz, as EvalPlus publishes), a .json list (MBPP's
+    sanitized-mbpp.json) or a .parquet file."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
             return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".json"):
+        with open(path) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+        return rows
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from exc
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: expected a .jsonl or .parquet file")
+    raise ValueError(f"{path}: expected a .jsonl, .jsonl.gz, .json or .parquet file")
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> Path:

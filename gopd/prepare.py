@@ -12,6 +12,18 @@ function that `metadata`'s "func_name" names, LeetCode's style). A record here i
 the `tests` form gopd.data reads (fn_name only for functional problems). The private cases
 are unpickled with every class refused: a string is all they may hold, so a file that
 carries anything else is an error rather than code run on load.
+
+HumanEval(+) and MBPP(+) (`gopd prepare humaneval`, `gopd prepare mbpp`) keep their tests
+as Python asserts, which the verifier runs after the response's code. HumanEval's layout
+(OpenAI's HumanEval.jsonl, and EvalPlus' HumanEvalPlus-OriginFmt.jsonl.gz) gives each
+problem a `prompt` (the signature and docstring), an `entry_point` and a `test` that
+defines check(candidate); the record's tests are that `test` and check(entry_point).
+EvalPlus' other HumanEvalPlus.jsonl keeps its extra inputs without expected outputs (its
+`test` is HumanEval's original one), so it is refused rather than read as HumanEval+.
+MBPP's layout (Google's sanitized-mbpp.json records, EvalPlus' MbppPlus in its
+original format) gives a `prompt` (the task in words), `test_list` (asserts) and
+`test_imports`, and MBPP+ adds a `test` program that checks the function on every input;
+the prompt shows the first assert, as MBPP's prompts do, which names the function.
 """
 
 from __future__ import annotations
@@ -94,3 +106,55 @@ def livecodebench_records(
                 continue
             records.append(livecodebench_record(row, public_only))
     return records
+
+
+_WHOLE_FUNCTION = "Write the whole solution, with the imports it needs, in one ```python code block."
+
+# Known faults in published tests, mended as their authors' own evaluator checks: in EvalPlus'
+# HumanEvalPlus-OriginFmt, HumanEval/32 (find_zero) unpacks the root it returns as if it were the
+# coefficients, so no solution passes (measured: the canonical one fails); EvalPlus' evaluator
+# checks the polynomial at the returned root, as HumanEval's own test does (|poly(xs, x)| small).
+_TEST_REPAIRS = {"assert _poly(*candidate(*inp), inp) <= ": "assert abs(_poly(*inp, candidate(*inp))) <= "}
+
+
+def humaneval_record(row: dict) -> dict:
+    """One HumanEval(+) problem as a gopd eval record (see the module docstring)."""
+    where = f"task {row.get('task_id', '?')}"
+    if "plus_input" in row:
+        raise ValueError(f"{where}: this is EvalPlus' HumanEvalPlus.jsonl, whose `test` holds HumanEval's "
+                         "original tests only (its plus inputs have no expected outputs there); use "
+                         "HumanEvalPlus-OriginFmt.jsonl.gz, whose `test` checks every input")  # fmt: skip
+    missing = [k for k in ("prompt", "entry_point", "test") if not row.get(k)]
+    if missing:
+        raise ValueError(f"{where}: no {', '.join(missing)}; HumanEval's layout: prompt, entry_point, test")
+    if "def check(" not in row["test"]:
+        raise ValueError(f"{where}: its test defines no check(candidate)")
+    prompt = f"Complete this Python function:\n```python\n{row['prompt'].strip()}\n```\n\n{_WHOLE_FUNCTION}"
+    test, repaired = row["test"], []
+    for broken, mended in _TEST_REPAIRS.items():
+        if broken in test:
+            test = test.replace(broken, mended)
+            repaired.append(f"{broken.strip()} -> {mended.strip()}")
+    record = {"prompt": prompt, "tests": f"{test}\n\ncheck({row['entry_point']})\n", "domain": "code",
+              "id": row.get("task_id")}  # fmt: skip
+    return record | ({"repaired": "; ".join(repaired)} if repaired else {})
+
+
+def mbpp_record(row: dict) -> dict:
+    """One MBPP(+) problem as a gopd eval record (see the module docstring)."""
+    where = f"task {row.get('task_id', '?')}"
+    task, asserts = row.get("prompt") or row.get("text"), row.get("test_list")
+    if not task or not asserts or not isinstance(asserts, list):
+        raise ValueError(f"{where}: needs `prompt` (or `text`) and a list `test_list`, as MBPP's layout has")
+    imports = "\n".join(row.get("test_imports") or [])
+    tests = row.get("test") or "\n".join(asserts)  # MBPP+'s whole check, else MBPP's asserts
+    example = f"Your code should pass this test:\n```python\n{asserts[0]}\n```"
+    prompt = f"{task.strip()}\n{example}\n\n{_WHOLE_FUNCTION}"
+    return {"prompt": prompt, "tests": f"{imports}\n{tests}\n" if imports else f"{tests}\n", "domain": "code",
+            "id": row.get("task_id")}  # fmt: skip
+
+
+def assert_records(paths: Iterable[str], benchmark: str) -> list[dict]:
+    """Every problem of `paths` (HumanEval's or MBPP's layout, by `benchmark`) as a record."""
+    make = {"humaneval": humaneval_record, "mbpp": mbpp_record}[benchmark]
+    return [make(row) for path in paths for row in read_records(path)]

@@ -1,8 +1,10 @@
-"""gopd prepare livecodebench: LiveCodeBench's files as eval records whose tests the verifier runs."""
+"""gopd prepare: LiveCodeBench's, HumanEval's and MBPP's files as eval records whose tests the
+verifier runs."""
 
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import pickle
 import zlib
@@ -10,10 +12,10 @@ import zlib
 import pytest
 
 from gopd.cli import main
-from gopd.data import load_examples
+from gopd.data import load_examples, read_records
 from gopd.models import load_tokenizer
-from gopd.prepare import livecodebench_record
-from gopd.verifiers import CallCases, Verifier
+from gopd.prepare import humaneval_record, livecodebench_record, mbpp_record
+from gopd.verifiers import CallCases, Verifier, run_python_tests
 from tests.trainer.conftest import base_config
 
 
@@ -107,3 +109,109 @@ def test_a_problem_that_does_not_read_is_an_error_naming_it(change, match, capsy
     with pytest.raises(ValueError, match=f"problem 3000: {match}"):
         livecodebench_record({**CALL_ROW, **change})
     assert "ran on load" not in capsys.readouterr().out
+
+
+# HumanEval's layout (OpenAI's file, EvalPlus' OriginFmt): the signature and docstring, the
+# function's name, and a check(candidate) of asserts. A problem written here, not copied.
+HUMANEVAL_ROW = {
+    "task_id": "HumanEval/999", "entry_point": "clamp",
+    "prompt": "from typing import List\n\n\ndef clamp(xs: List[int], low: int, high: int) -> List[int]:\n"
+              '    """Each of xs limited to [low, high].\n    >>> clamp([0, 5, 9], 1, 8)\n'
+              '    [1, 5, 8]\n    """\n',
+    "canonical_solution": "    return [min(max(x, low), high) for x in xs]\n",
+    "test": "\n\ndef check(candidate):\n    assert candidate([0, 5, 9], 1, 8) == [1, 5, 8]\n"
+            "    assert candidate([], 0, 1) == []\n    assert candidate([-3], -2, 2) == [-2]\n",
+}  # fmt: skip
+# MBPP's layout (sanitized-mbpp.json; MBPP+ adds `test`, a program checking more inputs)
+MBPP_ROW = {
+    "task_id": 9999, "prompt": "Write a function to return the larger of two numbers.",
+    "code": "def larger(a, b):\n    return a if a > b else b", "test_imports": ["import math"],
+    "test_list": ["assert larger(1, 2) == 2", "assert larger(5, 3) == 5"],
+}  # fmt: skip
+
+
+def _answer(code: str) -> str:
+    return f"Here it is:\n```python\n{code}\n```"
+
+
+def test_humaneval_files_become_records_the_verifier_runs(tiny, tmp_path, capsys):
+    source, out = tmp_path / "HumanEvalPlus-OriginFmt.jsonl.gz", tmp_path / "he.jsonl"
+    with gzip.open(source, "wt") as f:  # EvalPlus publishes gzipped JSON lines
+        f.write(json.dumps(HUMANEVAL_ROW) + "\n")
+    assert main(["prepare", "humaneval", "--input", str(source), "--output", str(out)]) == 0
+    assert "1 problems, each with its asserts" in capsys.readouterr().out
+    cfg = base_config(tiny, tmp_path, eval_data=str(out), allow_code_execution=True, max_prompt_tokens=1024)
+    (example,) = load_examples(str(out), cfg, load_tokenizer(str(tiny["student"])), 4096, for_eval=True)
+    assert HUMANEVAL_ROW["prompt"].strip() in example.prompt and example.domain == "code"
+    whole = HUMANEVAL_ROW["prompt"] + HUMANEVAL_ROW["canonical_solution"]
+    off_by_one = whole.replace("min(max(x, low), high)", "min(max(x, low), high - 1)")
+    no_import = whole.replace("from typing import List\n", "")  # the annotations need it
+    verifier = Verifier(allow_code_execution=True)
+    assert verifier.check([_answer(whole), _answer(off_by_one), _answer(no_import)], [example] * 3) == [
+        True, False, False]  # fmt: skip
+
+
+def test_humaneval_plus_without_expected_outputs_is_refused():
+    """EvalPlus' HumanEvalPlus.jsonl keeps the extra inputs without their outputs; read as
+    HumanEval it would silently be the original tests only."""
+    row = {**HUMANEVAL_ROW, "plus_input": [[[1], 0, 0]], "base_input": [[[0, 5, 9], 1, 8]]}
+    with pytest.raises(ValueError, match="HumanEval/999: this is EvalPlus' HumanEvalPlus.jsonl.*OriginFmt"):
+        humaneval_record(row)
+    with pytest.raises(ValueError, match="task HumanEval/999: its test defines no check"):
+        humaneval_record({**HUMANEVAL_ROW, "test": "assert True"})
+    with pytest.raises(ValueError, match="task HumanEval/999: no entry_point"):
+        humaneval_record({k: v for k, v in HUMANEVAL_ROW.items() if k != "entry_point"})
+
+
+def test_mbpp_and_mbpp_plus_records_run_their_asserts(tmp_path, capsys):
+    check = ("inputs = [[1, 2], [5, 3], [4, 4], [-1, -2]]\nresults = [2, 5, 4, -1]\n"
+             "for inp, exp in zip(inputs, results):\n    assert larger(*inp) == exp\n")  # fmt: skip
+    plus = {**MBPP_ROW, "test": check}
+    source, out = tmp_path / "sanitized-mbpp.json", tmp_path / "mbpp.jsonl"
+    source.write_text(json.dumps([MBPP_ROW, plus]))  # MBPP's own file is one JSON list
+    assert main(["prepare", "mbpp", "--input", str(source), "--output", str(out)]) == 0
+    base, extended = (json.loads(line) for line in out.read_text().splitlines())
+    assert "assert larger(1, 2) == 2" in base["prompt"] and base["tests"].startswith("import math\n")
+    assert "inputs = " in extended["tests"] and "assert larger(5, 3)" not in extended["tests"]
+    right, wrong = MBPP_ROW["code"], "def larger(a, b):\n    return max(abs(a), abs(b))"  # wrong below 0
+    outcome = lambda code, tests: run_python_tests(code, tests)  # noqa: E731
+    assert outcome(right, base["tests"]) and outcome(right, extended["tests"])
+    assert outcome(wrong, base["tests"]) and not outcome(wrong, extended["tests"])  # only MBPP+ catches it
+    with pytest.raises(ValueError, match="task 9999: needs `prompt`"):
+        mbpp_record({**MBPP_ROW, "test_list": []})
+    source.write_text(json.dumps(MBPP_ROW))  # one record, not a list of them
+    with pytest.raises(ValueError, match="sanitized-mbpp.json: expected a JSON list of records, got dict"):
+        read_records(str(source))
+
+
+def test_livecodebench_settings_are_refused_for_the_assert_benchmarks(tmp_path, capsys):
+    source = tmp_path / "mbpp.jsonl"
+    source.write_text(json.dumps(MBPP_ROW) + "\n")
+    args = ["prepare", "mbpp", "--input", str(source), "--output", str(tmp_path / "o.jsonl")]
+    assert main([*args, "--start-date", "2024-01-01", "--public-only"]) == 2
+    assert "--start-date, --public-only: for livecodebench only; mbpp has no dates" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_known_fault_in_a_published_test_is_mended_and_said(tmp_path, capsys):
+    """EvalPlus' OriginFmt check of find_zero unpacks the returned root as the coefficients:
+    every solution failed it (its canonical one too, measured on the real file). The record
+    checks the polynomial at the root instead, as EvalPlus' evaluator does, and says so."""
+    test = ("import math\n\ndef _poly(xs, x):\n"
+            "    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n\n"
+            "def check(candidate):\n    inputs = [[[-6, 11, -6, 1]], [[2, -1]]]\n"
+            "    for inp in inputs:\n        assert _poly(*candidate(*inp), inp) <= 0.0001\n")  # fmt: skip
+    prompt = 'def find_zero(xs: list) -> float:\n    """A root of the polynomial xs."""\n'
+    row = {"task_id": "HumanEval/32", "entry_point": "find_zero", "test": test, "prompt": prompt}
+    source, out = tmp_path / "he.jsonl", tmp_path / "o.jsonl"
+    source.write_text(json.dumps(row) + "\n")
+    assert main(["prepare", "humaneval", "--input", str(source), "--output", str(out)]) == 0
+    assert "HumanEval/32: its published test mended" in capsys.readouterr().out
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    bisect = ("def find_zero(xs):\n    f = lambda x: sum(c * x**i for i, c in enumerate(xs))\n"
+              "    lo, hi = -100.0, 100.0\n    for _ in range(200):\n        mid = (lo + hi) / 2\n"
+              "        lo, hi = (mid, hi) if f(lo) * f(mid) > 0 else (lo, mid)\n    return lo\n")  # fmt: skip
+    assert run_python_tests(bisect, record["tests"])
+    assert not run_python_tests(bisect, row["test"] + "\ncheck(find_zero)")  # as published
+    assert not run_python_tests("def find_zero(xs):\n    return 0.5\n", record["tests"])  # not a root
