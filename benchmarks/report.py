@@ -108,6 +108,11 @@ PRESETS = {
 # --- one implementation at one shape -----------------------------------------------------------
 
 
+def timed_inputs(spec: Spec, device: str) -> dict:
+    """The inputs every implementation is timed on at `spec` (seed 0: the same in every process)."""
+    return bops.make_inputs(bops.OPS[spec.op], spec.n, spec.d, spec.v, getattr(torch, spec.dtype), device)
+
+
 def _keep(got: tuple) -> dict:
     """The tensors compared with naive's: output, dH, and every k-th row of dW."""
     out, dh, dw = got
@@ -128,7 +133,7 @@ def child(spec: Spec, impl_name: str, repeats: int, out_file: Path, memory_limit
     if memory_limit:
         resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
     op, impl = bops.OPS[spec.op], bops.OPS[spec.op].impls[impl_name]
-    x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cpu")
+    x = timed_inputs(spec, "cpu")
     call = bops.with_leaves(x, op)
     torch.randn(256, 256) @ torch.randn(256, 256)  # load BLAS and its thread pool before the baseline
     # Every implementation is warmed up outside the measurement, on two small N of the same D
@@ -200,9 +205,10 @@ def measure_cpu(
     return runs, kept
 
 
-def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tuple[dict, dict]:
+def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int, x: dict | None = None) -> tuple:
+    """In this process, on x = timed_inputs(spec, "cuda") (made here when None)."""
     op = bops.OPS[spec.op]
-    x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), "cuda")
+    x = x if x is not None else timed_inputs(spec, "cuda")
     runs, kept = {}, {}
     for name in names:
         impl = op.impls[name]
@@ -233,11 +239,11 @@ def measure_cuda(spec: Spec, names: list[str], rounds: int, repeats: int) -> tup
 # --- one op at one shape: check, measure, compare --------------------------------------------
 
 
-def float64_at_shape(spec: Spec, device: str) -> dict:
-    """What _keep keeps of the float64 reference on the timed inputs (the same seed as the timed
-    run's), computed on `device` a slice of rows at a time and kept on the CPU."""
+def float64_at_shape(spec: Spec, device: str, x: dict | None = None) -> dict:
+    """What _keep keeps of the float64 reference on x = timed_inputs(spec, device) (made here when
+    None), computed on `device` a slice of rows at a time and kept on the CPU."""
     op = bops.OPS[spec.op]
-    x = bops.make_inputs(op, spec.n, spec.d, spec.v, getattr(torch, spec.dtype), device)
+    x = x if x is not None else timed_inputs(spec, device)
     rows = max(1, REFERENCE_BYTES // (8 * spec.v))
     t0 = time.perf_counter()
     kept = _keep(bops.float64_reference(op, x, rows=rows))
@@ -291,9 +297,13 @@ def bench_spec(
         else:
             timed.append(name)
     del small, want
-    want_at_n = float64_at_shape(spec, device) if check_at_n and timed else None
+    # CUDA: one set of timed inputs for the reference and the runs (drawn on the CPU: the AMD VM
+    # takes 3 s for a 151936 x 1024 head)
+    x = timed_inputs(spec, device) if device == "cuda" and timed else None
+    want_at_n = float64_at_shape(spec, device, x) if check_at_n and timed else None
     if device == "cuda":
-        runs, kept = measure_cuda(spec, timed, rounds, repeats)
+        runs, kept = measure_cuda(spec, timed, rounds, repeats, x)
+        del x
     else:
         runs, kept = measure_cpu(spec, timed, rounds, repeats, memory_limit)
     for name in timed:

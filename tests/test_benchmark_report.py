@@ -109,7 +109,7 @@ def test_the_check_at_the_timed_shape_gives_each_implementation_its_error(monkey
     spec = report.Spec("token_logprobs", 9, 8, 31, "float32")
 
     def measure(spec, names, rounds, repeats, memory_limit):  # the children's results, in-process
-        x = bops.make_inputs(op, spec.n, spec.d, spec.v, torch.float32, "cpu")
+        x = report.timed_inputs(spec, "cpu")
         run = lambda name: bops.run_impl(op, op.impls[name], bops.with_leaves(x, op))  # noqa: E731
         kept = {name: report._keep(run(name)) for name in names}
         return {name: {"peak_bytes": [1], "times_s": [1.0], "warmup_s": [0.0]} for name in names}, kept
