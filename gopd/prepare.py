@@ -143,6 +143,11 @@ def humaneval_record(row: dict) -> dict:
 def mbpp_record(row: dict) -> dict:
     """One MBPP(+) problem as a gopd eval record (see the module docstring)."""
     where = f"task {row.get('task_id', '?')}"
+    if "plus_input" in row:
+        raise ValueError(
+            f"{where}: this is EvalPlus' compact MbppPlus layout, whose plus inputs have no expected "
+            "outputs; use MBPP+ in its original format (a `test` program each)"
+        )
     task, asserts = row.get("prompt") or row.get("text"), row.get("test_list")
     if not task or not asserts or not isinstance(asserts, list):
         raise ValueError(f"{where}: needs `prompt` (or `text`) and a list `test_list`, as MBPP's layout has")

@@ -179,6 +179,8 @@ def test_mbpp_and_mbpp_plus_records_run_their_asserts(tmp_path, capsys):
     assert outcome(wrong, base["tests"]) and not outcome(wrong, extended["tests"])  # only MBPP+ catches it
     with pytest.raises(ValueError, match="task 9999: needs `prompt`"):
         mbpp_record({**MBPP_ROW, "test_list": []})
+    with pytest.raises(ValueError, match="task 9999: this is EvalPlus' compact MbppPlus layout"):
+        mbpp_record({**MBPP_ROW, "plus_input": [[1, 1]], "base_input": [[1, 2]]})
     source.write_text(json.dumps(MBPP_ROW))  # one record, not a list of them
     with pytest.raises(ValueError, match="sanitized-mbpp.json: expected a JSON list of records, got dict"):
         read_records(str(source))
