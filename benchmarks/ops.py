@@ -453,10 +453,27 @@ def float64_errors(op: Op, impl: Impl, x: dict, want: tuple) -> dict[str, float]
     return errors(op, run_impl(op, impl, with_leaves(x, op)), want)
 
 
-def errors(op: Op, got: tuple, want: tuple) -> dict[str, float]:
-    """Relative max errors of (output, dH, dW) against another run's (dW: unless frozen)."""
+def errors(op: Op, got: tuple, want: tuple, by_row: bool = False) -> dict[str, float]:
+    """Relative max errors of (output, dH, dW) against another run's (dW: unless frozen).
+
+    by_row: dH and dW as their worst row's relative error instead (row_err): each token's
+    gradient and each vocabulary row of dW against its own size, where the max error is set
+    against the largest entry of all, which the sampled tokens' rows of dW hold. Measured on
+    the AMD VM (token_logprobs, bf16, N = 4096, D = 256, V = 32000, against float64): naive's
+    dW 4.3e-3 by the max, 3.3e-2 by its worst row; gopd's 2.6e-3 and 2.0e-3."""
     names = ("out", "dh", "dw") if op.backward else ("out",)
-    return {k: rel_err(a, b) for k, a, b in zip(names, got, want, strict=False) if b is not None}
+    err = lambda k, a, b: row_err(a, b) if by_row and k != "out" else rel_err(a, b)  # noqa: E731
+    return {k: err(k, a, b) for k, a, b in zip(names, got, want, strict=False) if b is not None}
+
+
+def row_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max over rows of |a_r - b_r| / |b_r| (L2 norms; 0 for rows where both are 0), in float64
+    on the CPU."""
+    b64 = b.to("cpu", torch.float64)
+    diff = torch.linalg.vector_norm(a.to("cpu", torch.float64) - b64, dim=-1)
+    scale = torch.linalg.vector_norm(b64, dim=-1)
+    ratio = torch.where(scale > 0, diff / scale, torch.where(diff > 0, torch.inf, 0.0))
+    return float(ratio.max()) if ratio.numel() else 0.0
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -116,13 +116,32 @@ def test_the_check_at_the_timed_shape_gives_each_implementation_its_error(monkey
 
     monkeypatch.setattr(report, "measure_cpu", measure)
     rec = report.bench_spec(spec, ["naive", "gopd", "drift"], 1, 1, "cpu", check_at_n=True)
-    at_n = {name: max(e["vs_float64_at_n"].values()) for name, e in rec["impls"].items()}
+    at_n = {name: max(e["worst_row_vs_float64_at_n"].values()) for name, e in rec["impls"].items()}
     assert at_n["naive"] < 1e-6 and at_n["gopd"] < 1e-5
     assert 2e-5 < at_n["drift"] < 4e-5
     table = markdown(rec)
-    assert "| float64 at N=67 | float64 at N=9 | vs naive |" in table and "| 3e-05 |" in table
+    assert "| float64 at N=67 | float64 at N=9, worst row | vs naive |" in table and "| 3e-05 |" in table
     plain = report.bench_spec(spec, ["naive", "drift"], rounds=1, repeats=1, device="cpu")
-    assert "vs_float64_at_n" not in plain["impls"]["naive"] and "float64 at N=9" not in markdown(plain)
+    assert "worst_row_vs_float64_at_n" not in plain["impls"]["naive"]
+    assert "float64 at N=9" not in markdown(plain)
+
+
+def test_worst_row_error_sees_what_the_largest_entry_hides():
+    """A dW whose sampled rows dwarf the rest: 1 % off on every small row is 1e-4 of the largest
+    entry, and 1e-2 of each small row."""
+    op = bops.OPS["token_logprobs"]
+    want = torch.full((6, 4), 1e-2, dtype=torch.float64)
+    want[0] = 1.0
+    got = want.clone()
+    got[1:] *= 1.01
+    out = torch.ones(3)
+    by_max = bops.errors(op, (out, want, got), (out, want, want))
+    by_row = bops.errors(op, (out, want, got), (out, want, want), by_row=True)
+    assert by_max["dw"] == pytest.approx(1e-4) and by_row["dw"] == pytest.approx(1e-2)
+    assert by_row["dh"] == 0.0 and by_row["out"] == 0.0
+    zero_row = torch.zeros(2, 3)
+    assert bops.row_err(zero_row, zero_row) == 0.0
+    assert bops.row_err(zero_row + torch.tensor([[0.0], [1.0]]), zero_row) == float("inf")
 
 
 def test_commit_is_dirty_for_code_changes_not_for_the_reports_own_results(tmp_path, monkeypatch):
