@@ -7,7 +7,7 @@ import torch
 
 from gopd_kernels import gopd_dense_loss
 from gopd_kernels.reference import gopd_dense_loss_reference, linear_log_softmax_reference
-from tests.kernels.helpers import GRAD_REL, VALUE_ATOL, rel_err
+from tests.kernels.helpers import GRAD_REL, GRAD_ROW_REL, VALUE_ATOL, rel_err, row_rel_err
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -51,6 +51,11 @@ def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=
     atol = 10 * VALUE_ATOL[dtype]
     torch.testing.assert_close(loss.double().cpu(), ref_loss, atol=atol, rtol=atol)
     assert rel_err(dh, ref_dh) <= GRAD_REL[dtype] and rel_err(dw, ref_dw) <= GRAD_REL[dtype]
+    worst_rows = (
+        row_rel_err(dh.reshape(-1, dh.shape[-1]), ref_dh.reshape(-1, dh.shape[-1])),
+        row_rel_err(dw, ref_dw),
+    )
+    assert max(worst_rows) <= GRAD_ROW_REL[dtype], worst_rows
     valid = torch.ones(n, dtype=torch.bool) if m is None else m.cpu()
     torch.testing.assert_close(stats["kl"].double().cpu(), ref_kl[valid].mean(), atol=atol, rtol=atol)
     return stats, (student, teacher, ref)

@@ -10,11 +10,13 @@ from gopd_kernels.backend import backward_gemm, logits_gemm, warn_once
 from gopd_kernels.ops import matmul_triton
 from tests.kernels.helpers import (
     GRAD_REL,
+    GRAD_ROW_REL,
     VALUE_ATOL,
     cublas_bf16_as_on_cuda,
     make_inputs,
     reference_with_grads,
     rel_err,
+    row_rel_err,
     run_with_grads,
 )
 
@@ -56,6 +58,7 @@ def check_against_reference(
             continue
         assert grad.dtype == inp.dtype and grad.shape == inp.shape
         assert rel_err(grad, ref) <= GRAD_REL[dtype], rel_err(grad, ref)
+        assert row_rel_err(grad, ref) <= GRAD_ROW_REL[dtype], row_rel_err(grad, ref)
     assert (grads[0][ignored] == 0).all()
 
 
@@ -314,7 +317,23 @@ def test_frozen_head_fold(backend, shape, dtype, contiguous, device, monkeypatch
     tol = VALUE_ATOL[dtype]
     torch.testing.assert_close(logp.double().cpu(), ref.detach(), atol=tol, rtol=tol)
     assert h.grad.dtype == dtype and rel_err(h.grad, h64.grad) <= GRAD_REL[dtype], rel_err(h.grad, h64.grad)
+    assert row_rel_err(h.grad, h64.grad) <= GRAD_ROW_REL[dtype], row_rel_err(h.grad, h64.grad)
     assert (h.grad[targets == -100] == 0).all()
+
+
+def test_the_row_check_fails_logits_rounded_to_bf16():
+    """What GRAD_ROW_REL is for: the naive reference run in bf16 rounds the logits to bf16
+    before the softmax. Its dW passes the check against the largest entry and misses the worst
+    row's by more than 3x, which every gopd path passes."""
+    hidden, weight, bias, targets = make_inputs(130, 64, 1031, torch.bfloat16, bias=True, ignore_frac=0.3)
+    upstream = [torch.randn(130, generator=torch.Generator().manual_seed(1), dtype=torch.float64)]
+    kw = dict(temperature=0.7)
+    _, grads = run_with_grads(lambda h, w, b: token_logprobs_reference(h, w, targets, bias=b, **kw),
+                              hidden, weight, bias, upstream)  # fmt: skip
+    _, want = reference_with_grads(hidden, weight, bias, targets, upstream, **kw)
+    dw, want_dw = grads[1], want[1]
+    assert rel_err(dw, want_dw) <= GRAD_REL[torch.bfloat16]
+    assert row_rel_err(dw, want_dw) > 3 * GRAD_ROW_REL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
