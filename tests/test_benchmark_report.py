@@ -126,6 +126,29 @@ def test_the_check_at_the_timed_shape_gives_each_implementation_its_error(monkey
     assert "float64 at N=9" not in markdown(plain)
 
 
+def test_a_failed_reference_at_the_timed_shape_keeps_the_timed_runs(monkeypatch):
+    """The check at N is extra: when its float64 reference fails (out of memory on a smaller
+    card, say), the record keeps the timings and says why the column is missing."""
+    spec = report.Spec("token_logprobs", 9, 8, 31, "float32")
+
+    def measure(spec, names, *args):
+        timed = {n: {"peak_bytes": [1], "times_s": [1.0], "warmup_s": [0.0]} for n in names}
+        return timed, {n: {"out": torch.zeros(9)} for n in names}
+
+    real = bops.float64_reference
+
+    def reference(op, x, rows=None):  # the 67-token check passes; the one at N runs out of memory
+        if rows is not None:
+            raise MemoryError("oom")
+        return real(op, x)
+
+    monkeypatch.setattr(report, "measure_cpu", measure)
+    monkeypatch.setattr(bops, "float64_reference", reference)
+    rec = report.bench_spec(spec, ["naive", "gopd"], 1, 1, "cpu", check_at_n=True)
+    assert rec["float64_at_n_failed"] == "MemoryError: oom" and "times_s" in rec["impls"]["gopd"]
+    assert "- the float64 reference at N=9 failed: MemoryError: oom" in markdown(rec)
+
+
 def test_worst_row_error_sees_what_the_largest_entry_hides():
     """A dW whose sampled rows dwarf the rest: 1 % off on every small row is 1e-4 of the largest
     entry, and 1e-2 of each small row."""
