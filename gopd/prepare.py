@@ -32,6 +32,7 @@ import base64
 import io
 import json
 import pickle
+import re
 import zlib
 from collections.abc import Iterable
 
@@ -151,12 +152,26 @@ def mbpp_record(row: dict) -> dict:
     task, asserts = row.get("prompt") or row.get("text"), row.get("test_list")
     if not task or not asserts or not isinstance(asserts, list):
         raise ValueError(f"{where}: needs `prompt` (or `text`) and a list `test_list`, as MBPP's layout has")
-    imports = "\n".join(row.get("test_imports") or [])
-    tests = row.get("test") or "\n".join(asserts)  # MBPP+'s whole check, else MBPP's asserts
+    # what runs before the asserts: the sanitized layout's imports, the full layout's setup code
+    setup = "\n".join([*(row.get("test_imports") or []), row.get("test_setup_code") or ""]).strip()
+    tests = _called(row["test"], row.get("entry_point"), where) if row.get("test") else "\n".join(asserts)
     example = f"Your code should pass this test:\n```python\n{asserts[0]}\n```"
     prompt = f"{task.strip()}\n{example}\n\n{_WHOLE_FUNCTION}"
-    return {"prompt": prompt, "tests": f"{imports}\n{tests}\n" if imports else f"{tests}\n", "domain": "code",
+    return {"prompt": prompt, "tests": f"{setup}\n{tests}\n" if setup else f"{tests}\n", "domain": "code",
             "id": row.get("task_id")}  # fmt: skip
+
+
+def _called(test: str, entry_point: str | None, where: str) -> str:
+    """A `test` program that runs its checks: as it is (MBPP+'s checks every input at its top
+    level), or, where it only defines check() as some MBPP copies do, followed by the call,
+    which would otherwise never run and pass every response."""
+    if not re.search(r"^def check\(", test, re.MULTILINE) or re.search(r"^check\(", test, re.MULTILINE):
+        return test  # no check() to call, or one it calls itself
+    if re.search(r"^def check\(\s*\)", test, re.MULTILINE):
+        return f"{test}\n\ncheck()"
+    if not entry_point:
+        raise ValueError(f"{where}: its test defines check(candidate), and the row names no entry_point")
+    return f"{test}\n\ncheck({entry_point})"
 
 
 def assert_records(paths: Iterable[str], benchmark: str) -> list[dict]:

@@ -186,6 +186,28 @@ def test_mbpp_and_mbpp_plus_records_run_their_asserts(tmp_path, capsys):
         read_records(str(source))
 
 
+def test_mbpp_layouts_run_their_setup_and_a_check_they_only_define(tmp_path):
+    """The full MBPP layout (`text`, `test_setup_code`) and copies whose `test` only defines
+    check(): its call is added, else every response would pass a test that never runs."""
+    wrong = "def larger(a, b):\n    return a"
+    full = {"task_id": 1, "text": "Return the larger number.", "test_setup_code": "LIMIT = 5",
+            "test_list": ["assert larger(1, LIMIT) == 5"]}  # fmt: skip
+    assert run_python_tests(MBPP_ROW["code"], mbpp_record(full)["tests"])
+    assert not run_python_tests(wrong, mbpp_record(full)["tests"])
+    defines_only = {**MBPP_ROW, "test": "def check():\n    assert larger(1, 2) == 2\n"}
+    takes_candidate = {**MBPP_ROW, "test": "def check(candidate):\n    assert candidate(1, 2) == 2\n",
+                       "entry_point": "larger"}  # fmt: skip
+    for row in (defines_only, takes_candidate):
+        assert not run_python_tests(wrong, mbpp_record(row)["tests"])
+        assert run_python_tests(MBPP_ROW["code"], mbpp_record(row)["tests"])
+    calls_itself = {**MBPP_ROW, "test": defines_only["test"] + "\ncheck()\n"}
+    assert mbpp_record(calls_itself)["tests"].count("check()") == 2  # its definition and its one call
+    with pytest.raises(
+        ValueError, match="task 9999: its test defines check.candidate., and the row names no entry_point"
+    ):
+        mbpp_record({**takes_candidate, "entry_point": None})
+
+
 def test_livecodebench_settings_are_refused_for_the_assert_benchmarks(tmp_path, capsys):
     source = tmp_path / "mbpp.jsonl"
     source.write_text(json.dumps(MBPP_ROW) + "\n")
