@@ -21,9 +21,10 @@ defines check(candidate); the record's tests are that `test` and check(entry_poi
 EvalPlus' other HumanEvalPlus.jsonl keeps its extra inputs without expected outputs (its
 `test` is HumanEval's original one), so it is refused rather than read as HumanEval+.
 MBPP's layout (Google's sanitized-mbpp.json records, EvalPlus' MbppPlus in its
-original format) gives a `prompt` (the task in words), `test_list` (asserts) and
-`test_imports`, and MBPP+ adds a `test` program that checks the function on every input;
-the prompt shows the first assert, as MBPP's prompts do, which names the function.
+original format) gives a `prompt` (the task in words; `text` in the full layout),
+`test_list` (asserts) and `test_imports` (`test_setup_code` in the full layout), and MBPP+
+adds a `test` program that checks the function on every input; the prompt shows the first
+assert, as MBPP's prompts do, which names the function.
 """
 
 from __future__ import annotations
