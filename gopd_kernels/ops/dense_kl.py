@@ -12,6 +12,14 @@ import torch
 from gopd_kernels.backend import implementation, workspace_bytes
 
 
+def head_tiles(heads, rows: slice, cols: slice, weight=lambda w: w) -> list:
+    """Each head (hidden, weight, bias | None), or None, cut to the hidden states' `rows` and the
+    vocabulary's `cols` (weight rows and bias entries): a tile's own heads, on either backend
+    (`weight` maps each weight slice, e.g. to the torch backend's GEMM operand)."""
+    cut = lambda b: None if b is None else b[cols]  # noqa: E731
+    return [None if hd is None else (hd[0][rows], weight(hd[1][cols]), cut(hd[2])) for hd in heads]
+
+
 class DenseGopdKL(torch.autograd.Function):
     """(student, teacher, reference heads) -> (KL(p_s || q) [M], KL(p_s || p_T) [M] | None)."""
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from gopd_kernels.ops.dense_kl import head_tiles
 from gopd_kernels.ops.linear_logsoftmax_torch import (
     TileWorkspace,
     _chunks,
@@ -67,11 +68,6 @@ def _lse_partials(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor,
     return m, torch.sub(z, m[:, None], out=scratch).exp_().sum(dim=1)
 
 
-def _tile_heads(heads, r0, r1, c0, c1):
-    cut = lambda b: None if b is None else b[c0:c1]  # noqa: E731
-    return [None if hd is None else (hd[0][r0:r1], operand(hd[1][c0:c1]), cut(hd[2])) for hd in heads]
-
-
 def forward(
     student: Head,
     teacher: Head,
@@ -94,7 +90,7 @@ def forward(
     buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=live)
     for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
         for r0, r1 in _chunks(rows, row_chunk):
-            (hs, ws, bs), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
+            (hs, ws, bs), tch, rf = head_tiles(heads, slice(r0, r1), slice(c0, c1), operand)
             tiles = buf.tiles(r1 - r0, c1 - c0)
             a = logits_tile(tiles[0], hs, ws, inv_temp, bs)
             if with_teacher_kl:  # the teacher's own logits first, then c from them
@@ -143,7 +139,7 @@ def backward(
     buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=3)
     for c0, c1 in _chunks(vocab, vocab_chunk):
         for r0, r1 in _chunks(rows, row_chunk):
-            (hs, ws, bs), tch, rf = _tile_heads(heads, r0, r1, c0, c1)
+            (hs, ws, bs), tch, rf = head_tiles(heads, slice(r0, r1), slice(c0, c1), operand)
             tiles = buf.tiles(r1 - r0, c1 - c0)
             log_p = logits_tile(tiles[0], hs, ws, inv_temp, bs, lse_a[r0:r1])
             log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gopd_kernels.ops.dense_kl import head_tiles
 from gopd_kernels.ops.linear_logsoftmax_triton import (
     GROUP_M,
     INTERPRET_CONFIG,
@@ -232,11 +233,7 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
     g = grad_kl.float() * inv_temp
 
     def write_logit_grads(rows, cols, dz):  # the three heads' columns `cols`: a vocabulary of their own
-        cut = lambda b: None if b is None else b[cols]  # noqa: E731
-        heads = [
-            None if hd is None else (hd[0][rows], hd[1][cols], cut(hd[2])) for hd in (student, teacher, ref)
-        ]
-        ptrs, dims, strides, bias_flags = _head_args(heads)
+        ptrs, dims, strides, bias_flags = _head_args(head_tiles((student, teacher, ref), rows, cols))
         M, V = dz.shape
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
         launch(
