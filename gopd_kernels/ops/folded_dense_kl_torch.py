@@ -72,6 +72,7 @@ class FoldedDenseKL(torch.autograd.Function):
         kl_t = torch.empty(rows, **like) if with_teacher_kl else None
         weights = row_weights.to(acc)
         coef = weights * inv_temp  # d/d(raw logits) = d/da / tau
+        wants_dz = dh is not None or dw is not None or db is not None
 
         def fold_chunks() -> None:
             # A function so that the tiles and every view of them die with its frame, before dH
@@ -92,7 +93,6 @@ class FoldedDenseKL(torch.autograd.Function):
                     _target_tile(c, (ht_[r0:r1], wt_, bt_), ref_rows, lam, inv_temp)
                 lse_c = rows_impl.lse(c, a)
                 logits_tile(a, hs_[r0:r1], ws_, inv_temp, bs_)
-                wants_dz = dh is not None or dw is not None or db is not None
                 coef_rows = coef[r0:r1] if wants_dz else None  # None: no dz
                 z_t = zt if with_teacher_kl else None
                 kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)
