@@ -30,7 +30,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 TARGETS = (80, 90)
-MMA_PATTERN = {80: r"\bmma\.sync\.aligned\.\S+", 90: r"\bwgmma\.mma_async\.\S+"}
+# sm_75 (Turing: T4) is compiled only to show why the backend keeps Triton off it
+# (backend.MIN_TRITON_CAPABILITY): its mma.sync would be the pattern sm_80's is.
+MMA_SYNC = r"\bmma\.sync\.aligned\.\S+"
+MMA_PATTERN = {75: MMA_SYNC, 80: MMA_SYNC, 90: r"\bwgmma\.mma_async\.\S+"}
 SASS_MMA_NAME = {80: "HMMA", 90: "HGMMA"}
 SASS_MMA = {t: rf"\b{name}\b" for t, name in SASS_MMA_NAME.items()}
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -232,7 +235,9 @@ def kernel_variants() -> list[KernelVariant]:
     return out
 
 
-def compile_variant(variant: KernelVariant, target: int, config_index: int) -> dict:
+def compile_variant(variant: KernelVariant, target: int, config_index: int, sass: bool = True) -> dict:
+    """Shared memory and PTX tensor-core instructions of one compiled config, and with `sass`
+    what sass_usage reads off its machine code."""
     import importlib
 
     import triton
@@ -267,7 +272,8 @@ def compile_variant(variant: KernelVariant, target: int, config_index: int) -> d
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     mma = sorted(set(re.findall(MMA_PATTERN[target], compiled.asm["ptx"])))
-    return {"shared": compiled.metadata.shared, "mma": mma, **sass_usage(compiled.asm["cubin"], target)}
+    usage = sass_usage(compiled.asm["cubin"], target) if sass else {}
+    return {"shared": compiled.metadata.shared, "mma": mma, **usage}
 
 
 def _cuda_tool(name: str) -> str:
@@ -407,6 +413,32 @@ def jit_kernels() -> list[str]:
     return sorted(set(names))
 
 
+def turing_evidence() -> dict:
+    """Why the backend keeps Triton off GPUs older than Ampere, compiled for sm_75 (T4): the
+    PTX tensor-core instructions of the backward GEMM with fp16 operands (the one type
+    Turing's tensor cores and Triton's sm_80 path share), and whether an fp16 head's backward
+    GEMM (bf16 dZ against the fp16 head) builds at all."""
+    import dataclasses
+
+    mm = next(v for v in kernel_variants() if v.kernel == "matmul_kernel" and v.pointers["b_ptr"] == "fp16")
+    fp16 = dataclasses.replace(mm, pointers={"a_ptr": "fp16", "b_ptr": "fp16", "c_ptr": "fp32"})
+    narrowest = -1 % len(_module_configs(mm))
+    out = {"fp16_mma": compile_variant(fp16, 75, narrowest, sass=False)["mma"]}
+    try:
+        compile_variant(mm, 75, narrowest, sass=False)
+        out["fp16_head_backward"] = "ok"
+    except Exception as exc:  # the point is which error: ptxas's first line says it
+        first = re.search(r"\.ptx, line \d+; error\s*:\s*(.+)", str(exc))
+        out["fp16_head_backward"] = f"{type(exc).__name__}: {first.group(1) if first else str(exc)[:300]}"
+    return out
+
+
+def _module_configs(variant: KernelVariant) -> list:
+    import importlib
+
+    return getattr(importlib.import_module(variant.module), variant.configs)
+
+
 def check_all(workers: int = 2) -> list[AotResult]:
     import os
 
@@ -423,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    parser.add_argument("--turing", action="store_true", help="print turing_evidence() as JSON and stop")
     args = parser.parse_args(argv)
+    if args.turing:
+        print(json.dumps(turing_evidence()))
+        return 0
     results = check_all(args.workers)
     uncovered = sorted(set(jit_kernels()) - {v.kernel for v in kernel_variants()})
     spilling = hot_paths_that_spill(results)

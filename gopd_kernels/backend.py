@@ -3,8 +3,15 @@
 ``"triton"``: the Triton kernels, on CUDA tensors, or on CPU tensors when the Triton
 interpreter is on (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
 ``"torch"``: the same chunked algorithm in plain PyTorch, on any device.
-``"auto"``: Triton for CUDA tensors when Triton imports, the torch twin otherwise. When it
-has to fall back on a CUDA tensor it says so in a log line, once.
+``"auto"``: Triton for CUDA tensors when Triton imports and the GPU is an Ampere or newer
+(compute capability >= 8.0), the torch twin otherwise. When it has to fall back on a CUDA
+tensor it says so in a log line, once.
+
+Why not older GPUs (T4, V100): compiled ahead of time for sm_75 and sm_70 (Triton 3.9, as
+gopd_kernels.aot does for sm_80/sm_90), no kernel gets a tensor-core instruction (bf16,
+fp16 or fp32 operands); on sm_75 the kernels spill thousands of registers (the backward
+GEMM ~2000 to ~7000 per config), and an fp16 head's backward GEMMs, whose dZ operand is bf16,
+fail in ptxas (bf16 conversions need sm_80). The torch twin runs there on cuBLAS.
 """
 
 from __future__ import annotations
@@ -64,6 +71,26 @@ def triton_importable() -> bool:
     return True
 
 
+MIN_TRITON_CAPABILITY = (8, 0)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def _triton_unsupported(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run well on this CUDA device, or None."""
+    cap = cuda_capability(device)
+    if cap >= MIN_TRITON_CAPABILITY:
+        return None
+    return (
+        f"{torch.cuda.get_device_name(device)} has compute capability {cap[0]}.{cap[1]}, and the Triton "
+        "kernels need 8.0 or newer (Ampere, Hopper, ...): older GPUs get no tensor-core path from Triton, "
+        "and fp16 heads do not compile for them"
+    )
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Return ``"triton"`` or ``"torch"`` for tensors on ``device``; ValueError if impossible."""
     check_choice(backend, BACKENDS, "backend")
@@ -77,11 +104,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 f"backend='triton' needs CUDA tensors (got {device.type}); on a CPU set TRITON_INTERPRET=1 "
                 "before triton is imported to run the kernels through the interpreter"
             )
+        why = _triton_unsupported(device) if device.type == "cuda" else None
+        if why:
+            raise ValueError(f"backend='triton': {why}; use backend='torch' (or 'auto') there")
         return "triton"
     if device.type == "cuda":
-        if triton_importable():
+        if not triton_importable():
+            warn_once("backend='auto': triton is not importable, running the (slower) torch backend on CUDA")
+            return "torch"
+        why = _triton_unsupported(device)
+        if why is None:
             return "triton"
-        warn_once("backend='auto': triton is not importable, running the (slower) torch backend on CUDA")
+        warn_once(
+            f"backend='auto': {why}; running the torch backend instead (cuBLAS GEMMs, "
+            "float32 ones for fp16 heads, whose gradient tiles would underflow in fp16)"
+        )
     return "torch"
 
 

@@ -156,3 +156,16 @@ def test_each_kernel_dtype_and_target_has_configs(aot_report):
         for dtype in ("bfloat16", "float16", "float32"):
             for target in (80, 90):
                 assert per[(kernel, dtype, target)] >= 1, (kernel, dtype, target)
+
+
+@pytest.mark.aot
+def test_turing_gets_no_tensor_cores_from_triton():
+    """The premise of backend.MIN_TRITON_CAPABILITY (T4, V100 run the torch backend). If this
+    fails, Triton has gained a Turing tensor-core path: measure it, then revisit the gate."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "gopd_kernels.aot", "--turing"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["fp16_mma"] == []  # fp16 x fp16 -> fp32, which Turing's tensor cores run
+    assert "requires .target sm_80" in got["fp16_head_backward"]  # bf16 dZ against an fp16 head
