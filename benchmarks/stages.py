@@ -41,13 +41,14 @@ if not torch.cuda.is_available():  # before triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.common import cuda_times_ms, markdown_table  # noqa: E402
-from benchmarks.ops import OPS, environment, errors, make_inputs, rel_err  # noqa: E402
+from benchmarks.ops import OPS, environment, errors, make_inputs  # noqa: E402
 from benchmarks.report import Spec, measure_cpu, measure_cuda  # noqa: E402
 from gopd_kernels import token_logprobs  # noqa: E402
 from gopd_kernels.backend import workspace_bytes  # noqa: E402
 from gopd_kernels.ops import linear_logsoftmax_triton as tri  # noqa: E402
 from gopd_kernels.ops.matmul_torch import mm_add, mm_into, operand  # noqa: E402
 from gopd_kernels.ops.matmul_triton import matmul  # noqa: E402
+from gopd_kernels.reference import rel_err  # noqa: E402
 
 SWEEPABLE = ("GOPD_WORKSPACE_MB", "GOPD_BACKWARD_GEMM", "GOPD_LOGITS_GEMM")
 CHECK_ROWS = 256  # rows of the forward's log-sum-exp checked against torch (the rest would be N x V)

@@ -1,7 +1,8 @@
 """Naive, materialising references: the [N, V] logits in full, then log_softmax.
 
 They define what the fused ops compute. Tests run them in float64 on the same (rounded)
-inputs; benchmarks time them as the "naive PyTorch" baseline a user would write.
+inputs; benchmarks time them as the "naive PyTorch" baseline a user would write. The two
+error measures at the end are how tests and benchmarks alike compare a result with them.
 """
 
 from __future__ import annotations
@@ -128,3 +129,39 @@ def gopd_dense_loss_reference(
     kl = (log_ps.exp() * (log_ps - log_q)).sum(-1)
     valid = torch.ones(kl.shape, dtype=torch.bool, device=kl.device) if mask is None else mask
     return _aggregate_reference(kl, valid, loss_agg, num_tokens), kl
+
+
+def _floor(actual: torch.Tensor, entries: int) -> float:
+    """The smallest size a reference of `entries` entries is measured against: the smallest
+    normal number of actual's dtype per entry. Below it (fp16's subnormals) an entry keeps only
+    absolute precision; and a nonzero result against an all-zero reference comes out enormous,
+    not as a division by zero."""
+    return torch.finfo(actual.dtype).tiny * entries**0.5
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64 on the CPU (0 for empty tensors),
+    with one temporary the size of `actual` (a dW at D = 4096 is 5 GB in float64)."""
+    if not expected.numel():
+        return 0.0
+    diff = actual.to("cpu", torch.float64, copy=True).sub_(expected.to("cpu", torch.float64))
+    max_abs = lambda t: float(torch.linalg.vector_norm(t, float("inf")))  # no |t| temporary
+    return max_abs(diff) / max(max_abs(expected), _floor(actual, 1))
+
+
+def row_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max over rows r of |actual_r - expected_r| / |expected_r| (L2 norms along the last
+    dimension; a 0-D or 1-D tensor is one row), in float64 on the CPU (0 for empty tensors).
+
+    For gradients: each token's dH row and each vocabulary row of dW against its own size,
+    where rel_err sets every error against the largest entry of all, which the sampled
+    tokens' rows of dW hold (it hides an error spread over the rest)."""
+    if not expected.numel():
+        return 0.0
+    a = actual.to("cpu", torch.float64, copy=True)
+    e = expected.to("cpu", torch.float64)
+    if a.ndim < 2:
+        a, e = a.reshape(1, -1), e.reshape(1, -1)
+    diff = torch.linalg.vector_norm(a.sub_(e), dim=-1)
+    size = torch.linalg.vector_norm(e, dim=-1).clamp_min(_floor(actual, e.shape[-1]))
+    return float((diff / size).max())

@@ -8,11 +8,12 @@ import pkgutil
 import torch
 
 from gopd_kernels import token_logprobs_reference
+from gopd_kernels.reference import rel_err, row_rel_err  # noqa: F401  (the tests' error measures)
 
 # Value and gradient tolerances per input dtype (gradients: max error / max |reference|).
 VALUE_ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float64: 1e-10}
 GRAD_REL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2, torch.float64: 1e-10}
-# The worst row's relative error of a gradient (row_rel_err), per input dtype: what the GEMMs'
+# The worst row's relative error of a gradient (reference.row_rel_err), per input dtype: what the GEMMs'
 # 16-bit dZ operand and the rounded output cost passes (measured at token_logprobs' test shapes
 # and two seeds: bf16 2.8e-3 on the torch backend's fp32 dZ, 1.08e-2 on Triton's bf16 dZ; fp16
 # 3.4e-4 and 1.1e-2, Triton's dZ being bf16 for fp16 models too: logit_grad_dtype says why);
@@ -32,21 +33,6 @@ def make_inputs(n, d, v, dtype=torch.float32, device="cpu", bias=True, ignore_fr
         targets[torch.rand(n, generator=g) < ignore_frac] = -100
     to = lambda t: None if t is None else t.to(device=device, dtype=dtype)
     return to(hidden), to(weight), to(b), targets.to(device)
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double().cpu()
-    return float((actual.double().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
-
-
-def row_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max over rows of |actual_r - expected_r| / |expected_r| (L2 norms; a 1-D tensor is one
-    row), each row's size floored at the smallest normal number of actual's dtype per entry:
-    below it (fp16's subnormals) an entry keeps only absolute precision."""
-    a, e = actual.double().cpu(), expected.double().cpu()
-    a, e = (a[None], e[None]) if a.ndim == 1 else (a, e)
-    floor = torch.finfo(actual.dtype).tiny * e.shape[-1] ** 0.5
-    return float(((a - e).norm(dim=-1) / e.norm(dim=-1).clamp_min(floor)).max())
 
 
 def run_with_grads(fn, hidden, weight, bias, upstream):
