@@ -44,6 +44,30 @@ def test_logit_softcapping_models_are_refused(tiny, tmp_path):
         load_model(str(tmp_path / "capped"), torch.float32, torch.device("cpu"), trainable=False)
 
 
+@pytest.mark.parametrize("scaling", [4.0, 1.0])
+def test_logits_the_forward_transforms_unnamed_are_refused(tmp_path, scaling):
+    """Granite divides its logits by config.logits_scaling, which no check names: the forward
+    comparison finds it (and a plain Granite loads: the check is not about the architecture)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, logits_scaling=scaling)  # fmt: skip
+    torch.manual_seed(0)
+    GraniteForCausalLM(config).save_pretrained(tmp_path / "granite")
+    load = lambda: load_model(str(tmp_path / "granite"), torch.float32, torch.device("cpu"), trainable=False)
+    if scaling == 1.0:
+        load()
+        return
+    with pytest.raises(ValueError, match=r"granite: the model's logits are not its LM head .*\(off by 3 of"):
+        load()
+
+
+def test_a_plain_bf16_model_passes_the_logits_check(tiny):
+    """Its forward's bf16 logits and the head's agree within the check's tolerance (no error)."""
+    model = load_model(str(tiny["student"]), torch.bfloat16, torch.device("cpu"), trainable=False)
+    assert model.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("objective", ["sampled", "dense"])
 def test_heads_with_a_bias_load_for_both_objectives(tiny, tmp_path, monkeypatch, objective):
     """gopd_loss, gopd_dense_loss and the scoring ops all take a head bias (Phi-style heads):
