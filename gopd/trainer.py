@@ -49,10 +49,11 @@ from gopd.distributed import (
 from gopd.evaluate import evaluate_configured, evaluate_teachers
 from gopd.fsdp import full_weights, is_sharded, load_shard_state, shard_frozen, shard_state, shard_student
 from gopd.logs import MetricsLogger, NoMetrics
-from gopd.models import context_length, is_lora, load_models, load_student_weights
+from gopd.models import context_length, is_lora, load_models, load_student_weights, resolve_device
 from gopd.rollout import make_engine
 from gopd.scoring import score_rollouts
 from gopd.update import make_optimizer, make_scheduler, update_step
+from gopd_kernels.backend import resolve_backend
 
 logger = logging.getLogger("gopd")
 MAX_BAD_STEPS = 3
@@ -70,6 +71,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     ctx, device = init_distributed(cfg.device)
     try:
         check_data_parallel(cfg, ctx)
+        # the kernels' backend on this device now, not after the models load and the first
+        # rollouts: a ValueError (triton on a CPU or an old GPU), or the fallback's log line
+        resolve_backend(cfg.kernel_backend, resolve_device(device))
         if ctx.is_main:  # the settings as given (each rank's device is derived from them)
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             Path(cfg.output_dir, "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -408,3 +408,14 @@ def test_merge_demo_quick_runs(tmp_path):
         figures = result["avg"][row]
         assert set(figures) == {*TASKS, "both"} and all(0 <= v <= 1 for v in figures.values())
         assert figures["both"] == pytest.approx((figures["add"] + figures["sub"]) / 2)
+
+
+def test_an_unusable_kernel_backend_fails_before_the_models_load(tiny, tmp_path, monkeypatch):
+    """kernel_backend is resolved on the run's device first (here triton on a CPU without the
+    interpreter), not at the first scoring after the loads and rollouts."""
+    from gopd import trainer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(trainer, "load_models", lambda cfg: pytest.fail("the models were loaded"))
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        train(base_config(tiny, tmp_path, kernel_backend="triton", device="cpu"))
