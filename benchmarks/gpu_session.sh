@@ -121,7 +121,8 @@ lease)  # the first call of a 15-minute lease (~7 minutes; the third lease's ver
 liger-sm90)  # the second call of a lease, on the still-warm machine (benchmarks/pack_cutedsl.sh
     # says how the CuTe DSL travels): Liger's SM90 scaled cross-entropy kernel, the published
     # anchor for token_logprobs (666-701 TFLOP/s counting 8 N D V), beside gopd's two paths.
-    # Not yet run on a GPU: the DSL's import and Liger's use of it are checked first.
+    # Not yet run on a GPU: the DSL's import and Liger's use of it are checked first (both
+    # passed on the CPU VM under the device's Python 3.12 and torch: NOTES.md of the H100).
     status=0
     # the small wheels first: pip --target would replace the directory the libraries unpack into.
     # A failure here is reported and the table still runs (its liger-scaled row then fails).
