@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from gopd.config import TrainConfig
 from gopd.fsdp import gathered_weights, is_sharded, root_forward_hidden, whole
+from gopd_kernels.hf import check_head_reads_hidden, final_hidden_states, mask_position_ids
 
 logger = logging.getLogger("gopd")
 
@@ -73,7 +74,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, trainable: b
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     check_supported(model, path)
     model.to(device)
-    check_logits_are_head_of_hidden(model, path)
+    check_head_reads_hidden(model, path)  # what no config attribute above names
     if trainable:
         model.train()
     else:
@@ -90,31 +91,6 @@ def check_supported(model: PreTrainedModel, path: str) -> None:
             raise ValueError(f"{path}: config.{attr}={value} transforms the logits; gopd's fused ops do not")
     if model.get_output_embeddings() is None:
         raise ValueError(f"{path}: the model has no output embeddings (LM head)")
-
-
-def check_logits_are_head_of_hidden(model: PreTrainedModel, path: str, tokens: int = 4) -> None:
-    """The fused ops score head(final_hidden): refuse a model whose own forward gives other
-    logits on a few tokens, whatever transforms them (Granite's logits_scaling, a multiplier
-    in remote code: what check_supported's named attributes miss), or whose decoder's output
-    is not what its head reads. Relative to the largest logit, beyond a rounding or two of
-    the model's dtype."""
-    vocab = head_weight(model).shape[0]
-    device = next(model.parameters()).device
-    ids = (torch.arange(1, tokens + 1, device=device) % vocab)[None]
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
-        head = torch.nn.functional.linear(
-            final_hidden(model, ids, mask), head_weight(model), head_bias(model)
-        )
-    scale = logits.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-    err = float((logits - head.double()).abs().max() / scale)
-    if err > (1e-4 if head.dtype == torch.float32 else 1e-2):  # a 16-bit logit's rounding: 4e-3
-        raise ValueError(
-            f"{path}: the model's logits are not its LM head applied to its final hidden states (off by "
-            f"{err:.2g} of the largest logit on {tokens} tokens): its forward transforms them (a scale, a "
-            "softcap), which gopd's fused ops, reading the head's weight, would miss"
-        )
 
 
 def load_models(cfg: TrainConfig) -> Models:
@@ -364,25 +340,17 @@ def adapters_off(student):
 def final_hidden(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Hidden states after the decoder's last norm, [B, T, D], for left-padded sequences.
-
-    Position ids follow the attention mask (as generate() does), so left padding does not
-    shift the positions of the real tokens.
-    """
+    """Hidden states after the decoder's last norm, [B, T, D], for left-padded sequences
+    (gopd_kernels.hf.final_hidden_states), for every kind of model the trainer holds."""
     if isinstance(model, AdapterFree):
         with adapters_off(model.student):
             return final_hidden(model.student, input_ids, attention_mask)
     model = unwrapped(model)  # peft's LoRA layers live inside it: the adapters still apply
-    decoder = getattr(model, model.base_model_prefix)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     if is_sharded(model):  # through the root's forward, which gathers the head (gopd.fsdp)
-        return root_forward_hidden(model, input_ids, attention_mask, position_ids)
-    out = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state
+        return root_forward_hidden(model, input_ids, attention_mask, mask_position_ids(attention_mask))
+    return final_hidden_states(model, input_ids, attention_mask)
 
 
 @contextmanager

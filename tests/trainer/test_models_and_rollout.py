@@ -44,22 +44,15 @@ def test_logit_softcapping_models_are_refused(tiny, tmp_path):
         load_model(str(tmp_path / "capped"), torch.float32, torch.device("cpu"), trainable=False)
 
 
-@pytest.mark.parametrize("scaling", [4.0, 1.0])
-def test_logits_the_forward_transforms_unnamed_are_refused(tmp_path, scaling):
-    """Granite divides its logits by config.logits_scaling, which no check names: the forward
-    comparison finds it (and a plain Granite loads: the check is not about the architecture)."""
+def test_load_model_refuses_logits_the_forward_transforms(tmp_path):
+    """Granite's logits_scaling, which no config check names (gopd_kernels.hf's tests: the check)."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
     config = GraniteConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, logits_scaling=scaling)  # fmt: skip
-    torch.manual_seed(0)
+                           num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0)  # fmt: skip
     GraniteForCausalLM(config).save_pretrained(tmp_path / "granite")
-    load = lambda: load_model(str(tmp_path / "granite"), torch.float32, torch.device("cpu"), trainable=False)
-    if scaling == 1.0:
-        load()
-        return
-    with pytest.raises(ValueError, match=r"granite: the model's logits are not its LM head .*\(off by 3 of"):
-        load()
+    with pytest.raises(ValueError, match=r"granite: the model's logits are not its LM head"):
+        load_model(str(tmp_path / "granite"), torch.float32, torch.device("cpu"), trainable=False)
 
 
 def test_a_plain_bf16_model_passes_the_logits_check(tiny):

@@ -1,0 +1,125 @@
+"""Hugging Face models into the fused ops (gopd_kernels.hf), against the models' own logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from gopd_kernels.hf import check_head_reads_hidden, mask_position_ids, sequence_logprobs
+from tests.kernels.helpers import GRAD_ROW_REL, rel_err, row_rel_err
+
+V = 53  # prime
+
+
+def tiny_qwen3(seed: int = 0, tied: bool = True) -> Qwen3ForCausalLM:
+    config = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=64, tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :1] = 0
+    return ids, mask
+
+
+def naive(model, ids, mask, temperature=1.0):
+    """What users write: the model's logits, shifted, log-softmaxed, gathered (and the entropy)."""
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=mask_position_ids(mask)).logits
+    logp_all = (logits[:, :-1].float() / temperature).log_softmax(-1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    real = mask[:, 1:].bool()
+    return torch.where(real, logp, 0.0), torch.where(real, entropy, 0.0)
+
+
+def grads(model, fn):
+    model.zero_grad()
+    logp, entropy = fn()
+    g = torch.Generator().manual_seed(2)
+    (
+        (logp * torch.randn(logp.shape, generator=g)).sum()
+        + (entropy * torch.randn(logp.shape, generator=g)).sum()
+    ).backward()
+    return logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sequence_logprobs_are_the_models_own(backend, temperature):
+    """Values, entropies and every parameter's gradient as the model's materialised logits give
+    them, with left padding (zeros there) and a temperature."""
+    model = tiny_qwen3()
+    ids, mask = left_padded_batch()
+    want = grads(model, lambda: naive(model, ids, mask, temperature))
+    got = grads(model, lambda: sequence_logprobs(model, ids, mask, temperature=temperature,
+                                                 return_entropy=True, backend=backend))  # fmt: skip
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert (got[0][~mask[:, 1:].bool()] == 0).all()
+    for name, g in want[2].items():
+        assert rel_err(got[2][name], g) < 1e-4, name
+        assert row_rel_err(got[2][name], g) < GRAD_ROW_REL[torch.float32], name
+
+
+def test_untied_head_with_no_mask():
+    model = tiny_qwen3(tied=False)
+    ids, _ = left_padded_batch()
+    full = torch.ones_like(ids)
+    torch.testing.assert_close(sequence_logprobs(model, ids, backend="torch"), naive(model, ids, full)[0])
+
+
+def test_lora_adapters_get_their_gradients():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_qwen3(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids, mask = left_padded_batch()
+    sequence_logprobs(model, ids, mask, backend="torch").sum().backward()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+@pytest.mark.parametrize("scaling", [4.0, 1.0])
+def test_scaled_logits_are_refused(scaling):
+    """Granite divides its logits by config.logits_scaling: no attribute check names it, the
+    forward comparison finds it; a plain Granite passes (the check is not about architectures)."""
+    config = GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, logits_scaling=scaling)  # fmt: skip
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(config).eval()
+    ids, mask = left_padded_batch()
+    if scaling == 1.0:
+        torch.testing.assert_close(sequence_logprobs(model, ids, mask), naive(model, ids, mask)[0])
+        return
+    with pytest.raises(ValueError, match=r"model: the model's logits are not its LM head .*\(off by 3 of"):
+        sequence_logprobs(model, ids, mask)
+
+
+def test_the_check_runs_once_per_model():
+    model = tiny_qwen3()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))  # the whole model: only the check runs it
+    ids, mask = left_padded_batch()
+    sequence_logprobs(model, ids, mask, backend="torch")
+    sequence_logprobs(model, ids, mask, backend="torch")
+    check_head_reads_hidden(model)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "ids, mask, name",
+    [
+        (torch.zeros(5, dtype=torch.long), None, "input_ids"),
+        (torch.zeros(2, 5), None, "input_ids"),
+        (torch.zeros(2, 1, dtype=torch.long), None, "input_ids"),
+        (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), "attention_mask"),
+    ],
+)
+def test_bad_inputs_name_themselves(ids, mask, name):
+    with pytest.raises(ValueError, match=name):
+        sequence_logprobs(tiny_qwen3(), ids, mask)
