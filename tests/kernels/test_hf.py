@@ -43,20 +43,19 @@ def grads(model, fn):
     model.zero_grad()
     logp, entropy = fn()
     g = torch.Generator().manual_seed(2)
-    (
-        (logp * torch.randn(logp.shape, generator=g)).sum()
-        + (entropy * torch.randn(logp.shape, generator=g)).sum()
-    ).backward()
+    up = [torch.randn(logp.shape, generator=g).to(logp.device) for _ in range(2)]  # per-token upstream
+    ((logp * up[0]).sum() + (entropy * up[1]).sum()).backward()
     return logp.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sequence_logprobs_are_the_models_own(backend, temperature):
+def test_sequence_logprobs_are_the_models_own(backend, temperature, device):
     """Values, entropies and every parameter's gradient as the model's materialised logits give
     them, with left padding (zeros there) and a temperature."""
-    model = tiny_qwen3()
-    ids, mask = left_padded_batch()
+    dev = device if backend == "triton" else torch.device("cpu")
+    model = tiny_qwen3().to(dev)
+    ids, mask = (t.to(dev) for t in left_padded_batch())
     want = grads(model, lambda: naive(model, ids, mask, temperature))
     got = grads(model, lambda: sequence_logprobs(model, ids, mask, temperature=temperature,
                                                  return_entropy=True, backend=backend))  # fmt: skip
