@@ -73,7 +73,7 @@ def measure(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device) ->
     x = make_inputs(OPS["token_logprobs"], n, d, v, dtype, str(device))
     h, w, y = x["hidden"], x["weight"], x["targets"]
     tol = 1e-2 if dtype != torch.float32 else 1e-4
-    dz_dtype = tri.logit_grad_dtype(dtype)
+    dz_dtype = tri.logit_grad_dtype(dtype, scaled=True)  # token_logprobs' own
     rows, cols = tri.backward_tiles(n, v, d, dz_dtype, workspace_bytes("triton", w))
     out = []
 

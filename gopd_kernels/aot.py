@@ -105,6 +105,7 @@ class KernelVariant:
             "HAS_REF",
             "TEACHER_KL",
             "ACCUMULATE",
+            "SCALED",
         )
         return ",".join(f for f in flags if self.constexprs.get(f)) or "-"
 
@@ -118,8 +119,10 @@ def _precision(dt: str) -> str:
     return "tf32x3" if dt == "float32" else "ieee"
 
 
-def _logit_grad_dtype(dt: str) -> str:  # the dZ workspace: fp32 for fp32 models, else bf16
-    return "fp32" if dt == "float32" else "bf16"
+def _logit_grad_dtype(dt: str, dense: bool = False) -> str:
+    """The dZ workspace (linear_logsoftmax_triton.logit_grad_dtype and backward): fp32 for fp32
+    models, bf16 for bf16 ones, fp16 (scaled) for fp16 ones but bf16 in the dense losses."""
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16" if dense else "fp16"}[dt]
 
 
 def _forward(dt: str, hot: bool, **switches) -> KernelVariant:
@@ -163,7 +166,7 @@ def _dense_grad(dt: str, biases: bool = False) -> KernelVariant:
     return KernelVariant(
         DENSE, "dense_kl_grad_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")}
-        | {"dz_ptr": _logit_grad_dtype(dt)},
+        | {"dz_ptr": _logit_grad_dtype(dt, dense=True)},
         dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
         floats=("inv_temp", "lam"), hot=not biases,
     )  # fmt: skip
@@ -197,22 +200,23 @@ def kernel_variants() -> list[KernelVariant]:
         ]
     # Backward GEMMs, per dZ tile [rows, slice] (all rows at the launch shape): dH += dZ @ W,
     # summed over the slices in fp32; dW[slice] = dZ^T @ H over all rows, in the weight's
-    # dtype. dZ is bf16 for half-precision models, fp32 for fp32 ones.
+    # dtype. dZ as _logit_grad_dtype: bf16 for bf16 models, fp32 for fp32 ones, fp16 with its
+    # scale (SCALED) for fp16 ones, and bf16 against an fp16 head in the dense losses.
     layouts = {
         "dH": dict(M=TOKENS, N=HIDDEN, K=SLICE, stride_am=SLICE, stride_ak=1,
                    stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
         "dW": dict(M=SLICE, N=HIDDEN, K=TOKENS, stride_am=1, stride_ak=SLICE,
                    stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
     }  # fmt: skip
-    for model in ("bf16", "fp16", "fp32"):
-        dz = "fp32" if model == "fp32" else "bf16"
+    for model, dz in (("bf16", "bf16"), ("fp16", "fp16"), ("fp16", "bf16"), ("fp32", "fp32")):
         prec = "tf32x3" if model == "fp32" else "ieee"
         for layout in ("dH", "dW"):
             out.append(KernelVariant(
                 mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-                {"bf16": "bfloat16", "fp32": "float32"}[dz],
-                {"a_ptr": dz, "b_ptr": model, "c_ptr": "fp32" if layout == "dH" else model},
-                dict(ACCUMULATE=layout == "dH", DOT_PRECISION=prec, GROUP_M=8),
+                {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dz],
+                {"a_ptr": dz, "b_ptr": model, "c_ptr": "fp32" if layout == "dH" else model,
+                 "alpha_ptr": "fp32"},
+                dict(ACCUMULATE=layout == "dH", SCALED=dz == "fp16", DOT_PRECISION=prec, GROUP_M=8),
                 ints=tuple(layouts[layout].items()), hot=True,
             ))  # fmt: skip
     # The folded losses' row passes over a chunk's fp32 logits [rows, V] (fold_rows_triton);
@@ -416,20 +420,22 @@ def jit_kernels() -> list[str]:
 def turing_evidence() -> dict:
     """Why the backend keeps Triton off GPUs older than Ampere, compiled for sm_75 (T4): the
     PTX tensor-core instructions of the backward GEMM with fp16 operands (the one type
-    Turing's tensor cores and Triton's sm_80 path share), and whether an fp16 head's backward
-    GEMM (bf16 dZ against the fp16 head) builds at all."""
+    Turing's tensor cores and Triton's sm_80 path share), and whether the dense losses'
+    backward GEMM for an fp16 head (bf16 dZ against it) builds at all."""
     import dataclasses
 
-    mm = next(v for v in kernel_variants() if v.kernel == "matmul_kernel" and v.pointers["b_ptr"] == "fp16")
-    fp16 = dataclasses.replace(mm, pointers={"a_ptr": "fp16", "b_ptr": "fp16", "c_ptr": "fp32"})
+    variants = [v for v in kernel_variants() if v.kernel == "matmul_kernel" and v.pointers["b_ptr"] == "fp16"]
+    mm = next(v for v in variants if v.pointers["a_ptr"] == "bf16")  # the dense losses' bf16 dZ
+    fp16 = dataclasses.replace(mm, pointers=mm.pointers | {"a_ptr": "fp16", "c_ptr": "fp32"})
     narrowest = -1 % len(_module_configs(mm))
     out = {"fp16_mma": compile_variant(fp16, 75, narrowest, sass=False)["mma"]}
     try:
         compile_variant(mm, 75, narrowest, sass=False)
-        out["fp16_head_backward"] = "ok"
+        out["fp16_head_dense_backward"] = "ok"
     except Exception as exc:  # the point is which error: ptxas's first line says it
         first = re.search(r"\.ptx, line \d+; error\s*:\s*(.+)", str(exc))
-        out["fp16_head_backward"] = f"{type(exc).__name__}: {first.group(1) if first else str(exc)[:300]}"
+        why = first.group(1) if first else str(exc)[:300]
+        out["fp16_head_dense_backward"] = f"{type(exc).__name__}: {why}"
     return out
 
 

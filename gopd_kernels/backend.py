@@ -10,8 +10,9 @@ tensor it says so in a log line, once.
 Why not older GPUs (T4, V100): compiled ahead of time for sm_75 and sm_70 (Triton 3.9, as
 gopd_kernels.aot does for sm_80/sm_90), no kernel gets a tensor-core instruction (bf16,
 fp16 or fp32 operands); on sm_75 the kernels spill thousands of registers (the backward
-GEMM ~2000 to ~7000 per config), and an fp16 head's backward GEMMs, whose dZ operand is bf16,
-fail in ptxas (bf16 conversions need sm_80). The torch twin runs there on cuBLAS.
+GEMM ~2000 to ~7000 per config), and the dense losses' backward GEMMs for an fp16 head, whose
+dZ operand is bf16, fail in ptxas (bf16 conversions need sm_80). The torch twin runs there on
+cuBLAS.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _triton_unsupported(device: torch.device) -> str | None:
     return (
         f"{torch.cuda.get_device_name(device)} has compute capability {cap[0]}.{cap[1]}, and the Triton "
         "kernels need 8.0 or newer (Ampere, Hopper, ...): older GPUs get no tensor-core path from Triton, "
-        "and fp16 heads do not compile for them"
+        "and the dense losses do not compile for fp16 heads there"
     )
 
 

@@ -25,6 +25,8 @@ SMs with the tensor cores).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -374,16 +376,36 @@ def _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_byt
     return z_y - lse, lse, None
 
 
-def logit_grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dZ's dtype: bf16 for half-precision models (the GEMM operand), fp32 for fp32 ones.
+def logit_grad_dtype(dtype: torch.dtype, scaled: bool = False) -> torch.dtype:
+    """dZ's dtype, the GEMMs' operand: fp32 for fp32 models, bf16 for bf16 ones, and for fp16
+    ones fp16 where dZ is written times logit_grad_scale's power of two (`scaled`:
+    token_logprobs' backward), else bf16 (the dense losses, whose dZ has no bound known before
+    it is formed; their worst row ~1e-2).
 
-    fp16 models too get bf16, for its range: measured with the Triton interpreter (V = 151936,
-    an upstream gradient of 1/4096, a token mean's, with no loss scale), an fp16 dZ flushed the
-    small entries of c (1[v = y] - p_v) and dH came out 20 % off float64 in its worst row. The
-    price is bf16's precision for fp16 models' gradients (worst row 1.1e-2 at the tests' shapes,
-    where an fp16 dZ under a loss scale gives 9.6e-4 and the torch backend's fp32 GEMMs 3.4e-4).
+    Unscaled, an fp16 dZ goes wrong: measured with the Triton interpreter (V = 151936, an
+    upstream gradient of 1/4096, a token mean's, with no loss scale), it flushed the small
+    entries of c (1[v = y] - p_v) and dH came out 20 % off float64 in its worst row.
     """
-    return torch.float32 if dtype == torch.float32 else torch.bfloat16
+    if dtype == torch.float32:
+        return torch.float32
+    return torch.float16 if dtype == torch.float16 and scaled else torch.bfloat16
+
+
+FP16_DZ_TOP = 2.0**13  # the largest |dZ| entry an fp16 dZ is scaled to: 8x below fp16's max
+
+
+def logit_grad_scale(g_l: torch.Tensor, g_e: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """s, a power of two (a float32 scalar on the device: no host sync), with which an fp16 dZ
+    is written: s dZ's largest possible entry is at most FP16_DZ_TOP, so that none overflows and
+    the small entries p_v g of the largest rows stay clear of fp16's subnormals.
+
+    |dZ_v| <= |g_l| + |g_e| (1/e + ln V) per row (g already / tau): |1[v = y] - p_v| <= 1 and
+    |p_v (log p_v + H)| <= 1/e + H <= 1/e + ln V. A power of two is exact to apply and remove."""
+    bound = g_l.abs().amax() if g_l.numel() else g_l.new_zeros(())
+    if g_e is not None and g_e.numel():
+        bound = bound + g_e.abs().amax() * (math.exp(-1) + math.log(vocab))
+    exponent = torch.floor(torch.log2(FP16_DZ_TOP / bound.float().clamp_min(2.0**-100)))
+    return torch.exp2(exponent.clamp(-100.0, 100.0))
 
 
 def backward_tiles(
@@ -407,14 +429,16 @@ def backward_tiles(
     return row_chunk, triton.cdiv(width, 128) * 128
 
 
-def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype=None):
+def grads_from_logit_grads(
+    hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype=None, unscale=None
+):
     """The backward's second half, shared by every loss over a linear head.
 
     The logit gradient dZ [N, V] is formed tile by tile, a tile being a chunk of rows by a
     slice of the vocabulary (backward_tiles; at N = 16384, V = 151936 and a workspace of the
     weight's size: all rows by 5 slices of 30464 columns). For each tile,
     write_logit_grads(rows, cols, tile) returns dZ, dL/d(raw logits) of those rows and
-    columns: the workspace's tile (tile_dtype, default the dZ dtype of logit_grad_dtype)
+    columns: the workspace's tile (tile_dtype, default logit_grad_dtype's, scaled with unscale)
     filled, or a view of it; then
 
         dW[cols] = dZ^T @ H[rows]      one GEMM over all rows when they are one chunk
@@ -424,13 +448,14 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
     run as tensor-core GEMMs with fp32 accumulators. dW is never summed across chunks in
     bf16 (a known precision loss of chunked kernels); only when the rows come in several
     chunks (an fp32 dH accumulator over all of them would not fit the workspace) does an
-    fp32 [V, D] buffer carry dW across them.
+    fp32 [V, D] buffer carry dW across them. unscale: 1 / s for a dZ written times s (a
+    float32 scalar on the device, logit_grad_scale), taken out in the GEMMs and the bias sum.
     """
     need_dh, need_dw, need_db = needs
     M, D = hidden.shape
     V = weight.shape[0]
     dev, f32 = hidden.device, torch.float32
-    tile_dtype = tile_dtype or logit_grad_dtype(hidden.dtype)
+    tile_dtype = tile_dtype or logit_grad_dtype(hidden.dtype, scaled=unscale is not None)
     row_chunk, cols = backward_tiles(M, V, D, tile_dtype, workspace_bytes)
     tiles = torch.empty(row_chunk, cols, dtype=tile_dtype, device=dev)
     dh = torch.empty_like(hidden) if need_dh else None
@@ -454,11 +479,11 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
             dz_t = write_logit_grads(slice(r0, r1), slice(v0, v1), tiles[: r1 - r0, : v1 - v0])
             if dh is not None:
                 out = dh[r0:r1] if dh_acc is None else dh_acc[: r1 - r0]
-                gradient_gemm(dz_t, weight[v0:v1], out, v0 > 0, runner)
+                gradient_gemm(dz_t, weight[v0:v1], out, v0 > 0, runner, unscale)
             if dw is not None:
                 out = dw[v0:v1] if dw_acc is None else dw_acc[v0:v1]
                 out = out if dw_slice is None else dw_slice[: v1 - v0]
-                gradient_gemm(dz_t.T, hidden[r0:r1], out, r0 > 0, runner)
+                gradient_gemm(dz_t.T, hidden[r0:r1], out, r0 > 0, runner, unscale)
                 if dw_slice is not None:
                     dw[v0:v1] = out
             if db is not None:
@@ -467,6 +492,8 @@ def grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_g
             dh[r0:r1] = dh_acc[: r1 - r0]
     if dw_acc is not None:
         dw.copy_(dw_acc)
+    if db is not None and unscale is not None:
+        db *= unscale
     return dh, dw, db
 
 
@@ -476,10 +503,11 @@ def backward(
     """Same contract as linear_logsoftmax_torch.backward."""
     g_l = grad_logp.float() * inv_temp
     g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
+    tile_dtype = unscale = None  # dZ in logit_grad_dtype's dtype (scaled where unscale is set)
     # each kernel sees a vocabulary of the slice's columns: ids shift with it, and the ids
     # outside it (negative or past its end) match no column
     if entropy is None and torch_logits(False, hidden, weight, bias):
-        dz_dtype = logit_grad_dtype(hidden.dtype)
+        dz_dtype = logit_grad_dtype(hidden.dtype)  # unscaled: fp16 heads come here only if asked
 
         def write_logit_grads(rows, cols, tile):  # tile: fp32, torch's GEMM; dZ written over it
             z = _torch_logits(tile, hidden, weight, bias, rows, cols, inv_temp)
@@ -487,6 +515,10 @@ def backward(
 
         tile_dtype = torch.float32
     else:
+        if logit_grad_dtype(hidden.dtype, scaled=True) == torch.float16:  # dZ times s (logit_grad_scale)
+            s = logit_grad_scale(g_l, g_e, weight.shape[0])
+            g_l, g_e = g_l * s, None if g_e is None else g_e * s
+            unscale = 1.0 / s
 
         def write_logit_grads(rows, cols, dz):
             r = lambda t: None if t is None else t[rows]
@@ -495,8 +527,9 @@ def backward(
                         r(g_e), inv_temp, dz)  # fmt: skip
             return dz
 
-        tile_dtype = None
-    dh, dw, db = grads_from_logit_grads(hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype)
+    dh, dw, db = grads_from_logit_grads(
+        hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype, unscale
+    )
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 

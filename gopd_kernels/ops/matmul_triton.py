@@ -1,9 +1,12 @@
-"""C (+)= A @ B with a float32 accumulator, on tensor cores, for the backward GEMMs.
+"""C (+)= alpha A @ B with a float32 accumulator, on tensor cores, for the backward GEMMs.
 
 The backward needs two products of the logit-gradient tile dZ [rows, V]:
 dH += dZ @ W (summed over vocabulary slices in an fp32 buffer) and dW = dZ^T @ H (over all
-rows of a slice, written in the weight's dtype). Strides make dZ^T free. Both operands are cast to A's dtype
-before the dot (bf16 x bf16, or fp32 x fp32 through 3xTF32).
+rows of a slice, written in the weight's dtype). Strides make dZ^T free. Both operands are
+cast to A's dtype before the dot (bf16 x bf16, fp16 x fp16, or fp32 x fp32 through 3xTF32).
+alpha, a float32 scalar read on the device (no host sync), undoes the power-of-two scale an
+fp16 dZ is written with (linear_logsoftmax_triton.logit_grad_scale) before C is added to or
+rounded: exact, and the product never meets fp16's range.
 """
 
 from __future__ import annotations
@@ -50,10 +53,12 @@ def matmul_kernel(
     stride_bn,
     stride_cm,
     stride_cn,
+    alpha_ptr,  # float32 scalar, read when SCALED
     M_BUCKET,  # token_bucket of M, N, K: the autotuning key (rows of dZ are M or K), not read
     N_BUCKET,
     K_BUCKET,
     ACCUMULATE: tl.constexpr,
+    SCALED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -77,6 +82,8 @@ def matmul_kernel(
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :].to(tl.int64) * stride_cn
     c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SCALED:
+        acc *= tl.load(alpha_ptr)
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -85,14 +92,21 @@ def matmul_kernel(
 matmul_kernel_tuned = autotuned(
     matmul_kernel,
     CONFIGS,
-    ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACCUMULATE"],
+    ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACCUMULATE", "SCALED"],
     make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr"),
     restore_value=["c_ptr"],  # timing runs must not accumulate into C
 )
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> torch.Tensor:
-    """out (+)= a @ b; a [M, K], b [K, N] (any strides), out [M, N] of any float dtype."""
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    accumulate: bool = False,
+    alpha: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out (+)= alpha a @ b; a [M, K], b [K, N] (any strides), out [M, N] of any float dtype,
+    alpha None (1) or a float32 scalar tensor on the device."""
     M, K = a.shape
     N = b.shape[1]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -113,10 +127,12 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
         b.stride(1),
         out.stride(0),
         out.stride(1),
+        out if alpha is None else alpha,
         token_bucket(M),
         token_bucket(N),
         token_bucket(K),
         ACCUMULATE=accumulate,
+        SCALED=alpha is not None,
         DOT_PRECISION=DOT_PRECISION[a.dtype],
         GROUP_M=GROUP_M,
     )
@@ -124,18 +140,25 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
 
 
 def gradient_gemm(
-    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool, runner: str
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    accumulate: bool,
+    runner: str,
+    alpha: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out (+)= a @ b for the backward, by `runner` (backend.backward_gemm()): "triton",
+    """out (+)= alpha a @ b for the backward, by `runner` (backend.backward_gemm()): "triton",
     matmul() above, or "torch", torch's GEMM (cuBLAS on CUDA, bf16 operands with an fp32
     result: matmul_torch) into an `out` of float32, where the caller rounds once. Operands of
-    two dtypes (dZ in bf16 against an fp16 head) always take matmul(), which casts tiles; a
-    log line says so once."""
+    two dtypes (dZ in bf16 against an fp16 head) and a scaled fp16 dZ (alpha on the device,
+    which torch's GEMMs would read with a host sync) always take matmul(); a log line says so
+    once."""
     if runner == "torch":
-        if a.dtype == b.dtype and out.dtype == torch.float32:
+        if a.dtype == b.dtype and out.dtype == torch.float32 and alpha is None:
             return (mm_add if accumulate else mm_into)(out, operand(a), operand(b))
+        scaled = ", and no device-side scale, which this fp16 dZ has" if alpha is not None else ""
         warn_once(
             f"GOPD_BACKWARD_GEMM=torch: {a.dtype} x {b.dtype} -> {out.dtype} products run on the Triton "
-            "matmul (torch's GEMMs take one operand dtype and an fp32 result here)"
+            f"matmul (torch's GEMMs take one operand dtype and an fp32 result here{scaled})"
         )
-    return matmul(a, b, out, accumulate)
+    return matmul(a, b, out, accumulate, alpha)
