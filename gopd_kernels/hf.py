@@ -22,6 +22,9 @@ import torch
 from gopd_kernels.functional import token_logprobs
 
 IGNORE = -100
+# config attributes by which transformers models transform their logits (Gemma 2 / 3, Cohere,
+# Granite, ...); check_head_reads_hidden also compares the forward itself
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 _CHECKED: weakref.WeakSet = weakref.WeakSet()  # models check_head_reads_hidden has passed
 
 
@@ -51,14 +54,20 @@ def final_hidden_states(
 
 
 def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None:
-    """ValueError unless the model's own forward on a few tokens gives the logits of its LM
-    head applied to final_hidden_states, within a rounding or two of its dtype (relative to
-    the largest logit): a model that soft-caps or scales its logits in code (Gemma 2's
-    final_logit_softcapping, Granite's logits_scaling, remote code), or whose decoder's output
-    is not what its head reads, would be scored wrongly by the fused ops. Checked once per
-    model object."""
+    """ValueError unless the model's logits are its LM head applied to final_hidden_states: a
+    model that soft-caps or scales them (Gemma 2's final_logit_softcapping, Granite's
+    logits_scaling, code in a remote model), or whose decoder's output is not what its head
+    reads, would be scored wrongly by the fused ops. First the config attributes that name such
+    a transform, then the model's own forward on a few tokens against the head's, within a
+    rounding or two of its dtype (relative to the largest logit). Checked once per model
+    object."""
     if model in _CHECKED:
         return
+    config = getattr(model, "config", None)
+    for attr in LOGIT_TRANSFORMS:  # named first: a soft-cap barely moves small logits
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{name}: config.{attr}={value} transforms the logits; gopd's fused ops do not")
     head = _transformers_model(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{name}: the model has no output embeddings (LM head)")

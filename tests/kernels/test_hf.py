@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+from gopd_kernels import hf
 from gopd_kernels.hf import check_head_reads_hidden, mask_position_ids, sequence_logprobs
 from tests.kernels.helpers import GRAD_ROW_REL, rel_err, row_rel_err
 
@@ -83,20 +84,29 @@ def test_lora_adapters_get_their_gradients():
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
 
 
-@pytest.mark.parametrize("scaling", [4.0, 1.0])
-def test_scaled_logits_are_refused(scaling):
-    """Granite divides its logits by config.logits_scaling: no attribute check names it, the
-    forward comparison finds it; a plain Granite passes (the check is not about architectures)."""
+def tiny_granite(scaling: float) -> GraniteForCausalLM:
+    """Granite divides its logits by config.logits_scaling, in code."""
     config = GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, logits_scaling=scaling)  # fmt: skip
     torch.manual_seed(0)
-    model = GraniteForCausalLM(config).eval()
+    return GraniteForCausalLM(config).eval()
+
+
+def test_scaled_logits_are_refused_by_name_and_by_the_forward(monkeypatch):
+    """By the config attribute that names the transform; and, where none names it (as in a
+    remote model's code), by comparing the model's forward with the head's."""
     ids, mask = left_padded_batch()
-    if scaling == 1.0:
-        torch.testing.assert_close(sequence_logprobs(model, ids, mask), naive(model, ids, mask)[0])
-        return
+    with pytest.raises(ValueError, match=r"model: config\.logits_scaling=4\.0 transforms the logits"):
+        sequence_logprobs(tiny_granite(4.0), ids, mask)
+    monkeypatch.setattr(hf, "LOGIT_TRANSFORMS", ())
     with pytest.raises(ValueError, match=r"model: the model's logits are not its LM head .*\(off by 3 of"):
-        sequence_logprobs(model, ids, mask)
+        sequence_logprobs(tiny_granite(4.0), ids, mask)
+
+
+def test_a_plain_granite_passes():
+    model = tiny_granite(1.0)
+    ids, mask = left_padded_batch()
+    torch.testing.assert_close(sequence_logprobs(model, ids, mask), naive(model, ids, mask)[0])
 
 
 def test_the_check_runs_once_per_model():

@@ -44,14 +44,14 @@ def test_logit_softcapping_models_are_refused(tiny, tmp_path):
         load_model(str(tmp_path / "capped"), torch.float32, torch.device("cpu"), trainable=False)
 
 
-def test_load_model_refuses_logits_the_forward_transforms(tmp_path):
-    """Granite's logits_scaling, which no config check names (gopd_kernels.hf's tests: the check)."""
+def test_load_model_refuses_scaled_logits(tmp_path):
+    """Granite's logits_scaling (gopd_kernels.hf's tests: the check, also by the forward)."""
     from transformers import GraniteConfig, GraniteForCausalLM
 
     config = GraniteConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0)  # fmt: skip
     GraniteForCausalLM(config).save_pretrained(tmp_path / "granite")
-    with pytest.raises(ValueError, match=r"granite: the model's logits are not its LM head"):
+    with pytest.raises(ValueError, match=r"granite: config\.logits_scaling=4\.0 transforms the logits"):
         load_model(str(tmp_path / "granite"), torch.float32, torch.device("cpu"), trainable=False)
 
 
