@@ -23,8 +23,15 @@ from gopd_kernels.functional import token_logprobs
 
 IGNORE = -100
 # config attributes by which transformers models transform their logits (Gemma 2 / 3, Cohere,
-# Granite, ...); check_head_reads_hidden also compares the forward itself
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Granite, Falcon-H1; read off transformers 5.24's modeling code); check_head_reads_hidden also
+# compares the forward itself, for the rest (a vision-language model's text_config, remote code)
+LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier_scale",
+)
 _CHECKED: weakref.WeakSet = weakref.WeakSet()  # models check_head_reads_hidden has passed
 
 
