@@ -80,9 +80,15 @@ def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None
         raise ValueError(f"{name}: the model has no output embeddings (LM head)")
     device = head.weight.device
     ids = (torch.arange(1, tokens + 1, device=device) % head.weight.shape[0])[None]
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.double()
-        ours = torch.nn.functional.linear(final_hidden_states(model, ids), head.weight, head.bias).double()
+    training = model.training
+    model.eval()  # dropout would make the two forwards differ
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            ours = torch.nn.functional.linear(final_hidden_states(model, ids), head.weight, head.bias)
+    finally:
+        model.train(training)
+    logits, ours = logits.double(), ours.double()
     err = float((logits - ours).abs().max() / logits.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
     if err > (1e-4 if head.weight.dtype == torch.float32 else 1e-2):  # a 16-bit logit's rounding: 4e-3
         raise ValueError(

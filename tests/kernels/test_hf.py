@@ -132,3 +132,16 @@ def test_the_check_runs_once_per_model():
 def test_bad_inputs_name_themselves(ids, mask, name):
     with pytest.raises(ValueError, match=name):
         sequence_logprobs(tiny_qwen3(), ids, mask)
+
+
+def test_the_check_ignores_dropout_and_keeps_the_mode():
+    """A model in training mode with dropout: the check compares in eval mode and hands the
+    model back in training mode."""
+    model = tiny_qwen3()
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.train()
+    ids, mask = left_padded_batch()
+    sequence_logprobs(model, ids, mask, backend="torch")
+    assert model.training
