@@ -7,9 +7,10 @@ interpreter is on (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
 (compute capability >= 8.0), the torch twin otherwise. When it has to fall back on a CUDA
 tensor it says so in a log line, once.
 
-Why not older GPUs (T4, V100): compiled ahead of time for sm_75 and sm_70 (Triton 3.9, as
+Why not older GPUs (T4, V100): compiled ahead of time for sm_75 (Triton 3.9, as
 gopd_kernels.aot does for sm_80/sm_90), no kernel gets a tensor-core instruction (bf16,
-fp16 or fp32 operands); on sm_75 the kernels spill thousands of registers (the backward
+fp16 or fp32 operands; nor, in the PTX of the three checked, for sm_70); on sm_75 the
+kernels spill thousands of registers (the backward
 GEMM ~2000 to ~7000 per config), and the dense losses' backward GEMMs for an fp16 head, whose
 dZ operand is bf16, fail in ptxas (bf16 conversions need sm_80). The torch twin runs there on
 cuBLAS.
