@@ -120,9 +120,14 @@ def _precision(dt: str) -> str:
 
 
 def _logit_grad_dtype(dt: str, dense: bool = False) -> str:
-    """The dZ workspace (linear_logsoftmax_triton.logit_grad_dtype and backward): fp32 for fp32
-    models, bf16 for bf16 ones, fp16 (scaled) for fp16 ones but bf16 in the dense losses."""
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16" if dense else "fp16"}[dt]
+    """The dtype (torch's name) of the dZ workspace the runtime writes for a `dt` model
+    (linear_logsoftmax_triton.logit_grad_dtype: scaled in token_logprobs' backward, not in
+    the dense losses')."""
+    import torch
+
+    from gopd_kernels.ops.linear_logsoftmax_triton import logit_grad_dtype
+
+    return str(logit_grad_dtype(getattr(torch, dt), scaled=not dense)).removeprefix("torch.")
 
 
 def _forward(dt: str, hot: bool, **switches) -> KernelVariant:
@@ -140,7 +145,7 @@ def _logits_grad(dt: str, hot: bool, **switches) -> KernelVariant:
     return KernelVariant(
         LLS, "logits_grad_kernel", "TILE_CONFIGS", TILE, dt,
         {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64", "lse_ptr": "fp32", "ent_ptr": "fp32",
-         "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": _logit_grad_dtype(dt)},
+         "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": TRITON_DTYPE[_logit_grad_dtype(dt)]},
         dict(switches, GROUP_M=8, DOT_PRECISION=_precision(dt)), floats=("inv_temp",), hot=hot,
     )  # fmt: skip
 
@@ -166,7 +171,7 @@ def _dense_grad(dt: str, biases: bool = False) -> KernelVariant:
     return KernelVariant(
         DENSE, "dense_kl_grad_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")}
-        | {"dz_ptr": _logit_grad_dtype(dt, dense=True)},
+        | {"dz_ptr": TRITON_DTYPE[_logit_grad_dtype(dt, dense=True)]},
         dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
         floats=("inv_temp", "lam"), hot=not biases,
     )  # fmt: skip
@@ -208,15 +213,18 @@ def kernel_variants() -> list[KernelVariant]:
         "dW": dict(M=SLICE, N=HIDDEN, K=TOKENS, stride_am=1, stride_ak=SLICE,
                    stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
     }  # fmt: skip
-    for model, dz in (("bf16", "bf16"), ("fp16", "fp16"), ("fp16", "bf16"), ("fp32", "fp32")):
-        prec = "tf32x3" if model == "fp32" else "ieee"
+    # the (model dtype, dZ dtype) pairs the runtime forms: token_logprobs' and the dense losses'
+    pairs = dict.fromkeys(
+        (dt, _logit_grad_dtype(dt, dense)) for dt in TRITON_DTYPE for dense in (False, True)
+    )
+    for dt, dz in pairs:
+        model, a = TRITON_DTYPE[dt], TRITON_DTYPE[dz]
         for layout in ("dH", "dW"):
             out.append(KernelVariant(
-                mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-                {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dz],
-                {"a_ptr": dz, "b_ptr": model, "c_ptr": "fp32" if layout == "dH" else model,
+                mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"), dz,
+                {"a_ptr": a, "b_ptr": model, "c_ptr": "fp32" if layout == "dH" else model,
                  "alpha_ptr": "fp32"},
-                dict(ACCUMULATE=layout == "dH", SCALED=dz == "fp16", DOT_PRECISION=prec, GROUP_M=8),
+                dict(ACCUMULATE=layout == "dH", SCALED=a == "fp16", DOT_PRECISION=_precision(dt), GROUP_M=8),
                 ints=tuple(layouts[layout].items()), hot=True,
             ))  # fmt: skip
     # The folded losses' row passes over a chunk's fp32 logits [rows, V] (fold_rows_triton);
@@ -248,9 +256,8 @@ def compile_variant(variant: KernelVariant, target: int, config_index: int, sass
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(variant.module)
-    kernel = getattr(module, variant.kernel)
-    cfg = getattr(module, variant.configs)[config_index]
+    kernel = getattr(importlib.import_module(variant.module), variant.kernel)
+    cfg = _module_configs(variant)[config_index]
     constexprs = {**variant.constexprs, **cfg.kwargs}
     signature, divisible = {}, []
     for name in kernel.arg_names:
@@ -348,14 +355,13 @@ class AotResult:
 
 def jobs():
     """(variant, target, config index, limit) for every config the runtime pruning may pick."""
-    import importlib
 
     import torch
 
     from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT, fitting_configs
 
     for variant in kernel_variants():
-        configs = getattr(importlib.import_module(variant.module), variant.configs)
+        configs = _module_configs(variant)
         elem = getattr(torch, variant.operand_dtype).itemsize
         for target in TARGETS:
             limit = SHARED_MEMORY_LIMIT[target]
@@ -366,9 +372,7 @@ def jobs():
 
 def _run(job) -> AotResult:
     variant, target, index, limit = job
-    import importlib
-
-    cfg = getattr(importlib.import_module(variant.module), variant.configs)[index]
+    cfg = _module_configs(variant)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
     base = dict(
