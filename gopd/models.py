@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from gopd.config import TrainConfig
 from gopd.fsdp import gathered_weights, is_sharded, root_forward_hidden, whole
-from gopd_kernels.hf import check_head_reads_hidden, final_hidden_states, mask_position_ids
+from gopd_kernels.hf import (
+    check_head_reads_hidden,
+    final_hidden_states,
+    is_peft_model,
+    mask_position_ids,
+    transformers_model,
+)
 
 logger = logging.getLogger("gopd")
 
@@ -257,16 +263,13 @@ def _lora_delta(module, adapter: str, sharded: bool) -> torch.Tensor:
     return (b.float() @ a.float()) * module.scaling[adapter]
 
 
-def is_lora(model) -> bool:
-    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+is_lora = is_peft_model  # a LoRA student is a peft wrapper
 
 
 def unwrapped(model) -> PreTrainedModel:
     """The transformers model itself (inside a peft wrapper, if any; an AdapterFree
     reference's is its student's)."""
-    if isinstance(model, AdapterFree):
-        model = model.student
-    return model.get_base_model() if is_lora(model) else model
+    return transformers_model(model.student if isinstance(model, AdapterFree) else model)
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:

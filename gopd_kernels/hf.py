@@ -35,10 +35,14 @@ LOGIT_TRANSFORMS = (
 _CHECKED: weakref.WeakSet = weakref.WeakSet()  # models check_head_reads_hidden has passed
 
 
-def _transformers_model(model):
+def is_peft_model(model) -> bool:
+    """A peft wrapper (LoRA) around a transformers model."""
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def transformers_model(model):
     """The transformers model itself, inside a peft wrapper if any (its LoRA layers still apply)."""
-    base = getattr(model, "get_base_model", None)
-    return base() if callable(base) and hasattr(model, "peft_config") else model
+    return model.get_base_model() if is_peft_model(model) else model
 
 
 def mask_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -51,7 +55,7 @@ def final_hidden_states(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Hidden states after the decoder's last norm, [B, T, D]: what the LM head reads."""
-    model = _transformers_model(model)
+    model = transformers_model(model)
     decoder = getattr(model, model.base_model_prefix)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -75,7 +79,7 @@ def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
             raise ValueError(f"{name}: config.{attr}={value} transforms the logits; gopd's fused ops do not")
-    head = _transformers_model(model).get_output_embeddings()
+    head = transformers_model(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{name}: the model has no output embeddings (LM head)")
     device = head.weight.device
@@ -129,7 +133,7 @@ def sequence_logprobs(
             f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}"
         )
     check_head_reads_hidden(model)
-    head = _transformers_model(model).get_output_embeddings()
+    head = transformers_model(model).get_output_embeddings()
     hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]
     targets = input_ids[:, 1:].long()
     if attention_mask is not None:
