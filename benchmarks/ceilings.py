@@ -4,7 +4,7 @@
 
 The report's TFLOP/s are judged against these, not against the datasheet: a copy
 between two device buffers (bytes read plus bytes written) and cuBLAS products of
-8192 x 8192 x 8192 in bf16 and in fp32 (plain, and TF32 as torch allows it), on random
+8192 x 8192 x 8192 in bf16, fp16 and fp32 (plain, and TF32 as torch allows it), on random
 data (zeros run faster on some cards), each the median of triton.testing.do_bench.
 """
 
@@ -51,6 +51,7 @@ def measure() -> dict:
         "device": torch.cuda.get_device_name(),
         "copy_TB_per_s": copy_bandwidth() / 1e12,
         "bf16_gemm_TFLOP_per_s": gemm_rate(torch.bfloat16) / 1e12,
+        "fp16_gemm_TFLOP_per_s": gemm_rate(torch.float16) / 1e12,
         "fp32_gemm_TFLOP_per_s": gemm_rate(torch.float32) / 1e12,
         "tf32_gemm_TFLOP_per_s": gemm_rate(torch.float32, tf32=True) / 1e12,
     }

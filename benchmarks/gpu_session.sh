@@ -99,8 +99,9 @@ left() {  # seconds left before this part's deadline (BUDGET_S from its start), 
 case $part in
 lease)  # the first call of a 15-minute lease (~7 minutes; the third lease's version, with
     # token_logprobs and its frozen head too, ran in 486 s): gopd_loss with the folds' peaks
-    # after the tile fix, the dense folds beside torch.compile, frozen scoring's open setting,
-    # then the CUDA tests with what is left. Each step's limit comes from one deadline.
+    # after the tile fix, the dense folds beside torch.compile, the CUDA tests, fp16
+    # token_logprobs, then frozen scoring's open setting with what is left. Each step's limit
+    # comes from one deadline.
     status=0
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -110,12 +111,17 @@ lease)  # the first call of a 15-minute lease (~7 minutes; the third lease's ver
         --op gopd_loss $head --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
     timeout --signal=INT $(left 150) python3 -m benchmarks.report --op gopd_dense_loss \
         --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,liger || status=1
-    # teacher + reference scoring: the two-model fused launch (default) or cuBLAS tiles per model
-    timeout $(( $(left 80) < 70 ? $(left 80) : 70 )) python3 -m benchmarks.stages $head \
-        --sweep GOPD_LOGITS_GEMM=triton,torch --op frozen_scoring --impls gopd || status=1
-    # the kernels' tests compiled on CUDA (the whole suite took 43 s on 16 workers)
+    # the kernels' tests compiled on CUDA (the whole suite took 43 s on 16 workers): the fp16
+    # heads' scaled dZ, the backend gate and gopd_kernels.hf have never run on a GPU
     local_workers=""; python3 -c "import xdist" 2>/dev/null && local_workers="-n 16"
-    timeout $(left 5) python3 -m pytest -q $local_workers -m "triton or cuda" tests/kernels || status=1
+    timeout $(left 130) python3 -m pytest -q $local_workers -m "triton or cuda" tests/kernels || status=1
+    # fp16 heads, never timed: predicted at bf16's speed (the fused kernels; cuBLAS tiles are
+    # bf16-only), beside the naive fp16 version
+    timeout --signal=INT $(left 70) python3 -m benchmarks.report --op token_logprobs \
+        --n 16384 --d 4096 --v 151936 --dtype float16 --impls naive,gopd || status=1
+    # teacher + reference scoring: the two-model fused launch (default) or cuBLAS tiles per model
+    timeout $(( $(left 5) < 70 ? $(left 5) : 70 )) python3 -m benchmarks.stages $head \
+        --sweep GOPD_LOGITS_GEMM=triton,torch --op frozen_scoring --impls gopd || status=1
     (exit $status)
     ;;
 liger-sm90)  # the second call of a lease, on the still-warm machine (benchmarks/pack_cutedsl.sh

@@ -333,7 +333,11 @@ def bench_spec(
 # A CUDA record's "ceilings" (benchmarks.ceilings, measured in the same run): the GEMM rate
 # an op's TFLOP/s is set against, by input dtype. fp32 against plain fp32 cuBLAS (our fp32
 # kernels use 3xTF32, which is about fp32-exact).
-CEILING_OF = {"bfloat16": "bf16_gemm_TFLOP_per_s", "float32": "fp32_gemm_TFLOP_per_s"}
+CEILING_OF = {
+    "bfloat16": "bf16_gemm_TFLOP_per_s",
+    "float16": "fp16_gemm_TFLOP_per_s",
+    "float32": "fp32_gemm_TFLOP_per_s",
+}
 
 
 def summarize(record: dict) -> list[dict]:
@@ -495,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=_ints, default=[2048], help="tokens N, comma-separated")
     p.add_argument("--d", type=_ints, default=[1024], help="hidden size D, comma-separated")
     p.add_argument("--v", type=_ints, default=[V_QWEN], help="vocabulary V, comma-separated")
-    p.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16")
+    p.add_argument("--dtype", default="float32", help="comma-separated: float32, bfloat16, float16")
     p.add_argument("--impls", help="comma-separated subset (naive always runs: it is the reference)")
     p.add_argument("--rounds", type=int, default=2, help="CPU: fresh processes per impl; CUDA: x100 ms")
     p.add_argument("--repeats", type=int, default=1, help="CPU: calls per process (first: memory)")
@@ -533,15 +537,15 @@ def main(argv: list[str] | None = None) -> None:
         if name not in bops.OPS:
             raise ValueError(f"--op: unknown op {name!r}; choose from {', '.join(bops.OPS)}")
     for dtype in dtypes:
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype: {dtype!r} is not float32 or bfloat16")
+        if dtype not in CEILING_OF:
+            raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(CEILING_OF)}")
     if args.preset:  # --op still filters it
         specs = [s for s in PRESETS[args.preset]() if s.op in ops]
     else:
         specs = _grid(ops, args.n, args.d, args.v, dtypes)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and "bfloat16" in {s.dtype for s in specs}:
-        print("note: bfloat16 on CPU times PyTorch's CPU bf16 GEMMs, not tensor cores")
+    if device == "cpu" and {"bfloat16", "float16"} & {s.dtype for s in specs}:
+        print("note: 16-bit dtypes on CPU time PyTorch's CPU GEMMs, not tensor cores")
     wanted = args.impls.split(",") if args.impls else None
     memory_limit = _memory_limit(args.memory_limit_gib, device)
     check_at_n = device == "cuda" if args.check_at_n is None else args.check_at_n
