@@ -116,13 +116,18 @@ def timed_inputs(spec: Spec, device: str) -> dict:
 
 
 def _keep(got: tuple) -> dict:
-    """The tensors compared with naive's: output, dH, and every k-th row of dW."""
+    """The tensors compared with naive's and float64's: output, dH, and every k-th row of dW,
+    in their own dtype, which sets the error's floor (reference.row_rel_err: a 16-bit row below
+    the smallest normal is not held to fp32's precision). Kept as fp32 copies, fp16 gradients
+    put every run's worst dH row at 0.35 on the H100 (N = 16384, D = 4096): a token whose
+    upstream gradient is 1.6e-6, whose exact dH row (entries under 2.2e-7) is 0.35 off once
+    rounded to fp16 at all."""
     out, dh, dw = got
-    kept = {"out": out.detach().float().cpu()}
+    kept = {"out": out.detach().cpu()}
     if dh is not None:
-        kept["dh"] = dh.float().cpu()
+        kept["dh"] = dh.detach().cpu()
     if dw is not None:
-        kept["dw"] = dw[:: max(1, dw.shape[0] // DW_ROWS)].float().cpu()
+        kept["dw"] = dw[:: max(1, dw.shape[0] // DW_ROWS)].detach().cpu()
     return kept
 
 
@@ -360,7 +365,7 @@ def summarize(record: dict) -> list[dict]:
     for r in rows:
         r["of_peak"] = r["tflops"] / peak_rate if peak_rate else None
         r["t_naive"] = r["time"] / naive["time"] if naive else None
-        r["m_naive"] = r["peak"] / naive["peak"] if naive else None
+        r["m_naive"] = r["peak"] / naive["peak"] if naive and naive["peak"] else None  # 0: under RSS's grain
         r["t_peer"] = r["time"] / best_t if best_t else None
         r["m_peer"] = r["peak"] / best_m if best_m else None
     return rows
