@@ -10,13 +10,15 @@
 # and before every run, the commit that travels (the device's copy of .git is not this
 # checkout's: the first H100 run recorded the session's starting commit):
 #   git describe --always --dirty --abbrev=7 > .whl/COMMIT
-# Then one device `run` per part, each with carry [".whl"]. A lease of 15 minutes of device
-# time (the present rule, the machine's start included) fits one call: run
+# Then one device `run` per part, each with carry [".whl"]: a path carried in one call is
+# gone in the next, on a warm machine too (measured 2026-11-27), so every call carries all
+# it needs. A lease of 15 minutes of device time (the present rule, the machine's start
+# included) fits two calls: run
 #   BUDGET_S=420 bash benchmarks/gpu_session.sh lease       (timeout_s 480)
 # and at once, on the still-warm machine, the second call with what is left:
-#   BUDGET_S=220 bash benchmarks/gpu_session.sh liger-sm90  (timeout_s 260; token_logprobs
-#   against every peer, Liger's CuTe DSL kernel among them, carried in two parts over the two
-#   calls: benchmarks/pack_cutedsl.sh)
+#   BUDGET_S=220 bash benchmarks/gpu_session.sh liger-sm90  (timeout_s 260, carry [".whl",
+#   ".cute"]; token_logprobs against every peer, Liger's CuTe DSL kernel among them:
+#   benchmarks/pack_cutedsl.sh makes .cute)
 #   bash benchmarks/gpu_session.sh first   # versions, ceilings, Triton and CUDA tests (120 s),
 #                                          # gopd demo --quick, gopd_loss and token_logprobs at
 #                                          # N = 16384 bf16, token_logprobs' logits by cuBLAS
@@ -124,9 +126,9 @@ lease)  # the first call of a 15-minute lease (~7 minutes; the third lease's ver
         --sweep GOPD_LOGITS_GEMM=triton,torch --op frozen_scoring --impls gopd || status=1
     (exit $status)
     ;;
-liger-sm90)  # the second call of a lease, on the still-warm machine (benchmarks/pack_cutedsl.sh
-    # says how the CuTe DSL travels): Liger's SM90 scaled cross-entropy kernel, the published
-    # anchor for token_logprobs (666-701 TFLOP/s counting 8 N D V), beside gopd's two paths.
+liger-sm90)  # the second call of a lease (carry [".whl", ".cute"]; benchmarks/pack_cutedsl.sh
+    # makes .cute): Liger's SM90 scaled cross-entropy kernel, the published anchor for
+    # token_logprobs (666-701 TFLOP/s counting 8 N D V), beside gopd's two paths and every peer.
     # Not yet run on a GPU: the DSL's import and Liger's use of it are checked first (both
     # passed on the CPU VM under the device's Python 3.12 and torch: NOTES.md of the H100).
     status=0
@@ -134,7 +136,7 @@ liger-sm90)  # the second call of a lease, on the still-warm machine (benchmarks
     # A failure here is reported and the table still runs (its liger-scaled row then fails).
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .cute/small/*.whl || status=1
     unxz='import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)'
-    ls .cute/part-aa .cute/part-ab && cat .cute/part-* | python3 -c "$unxz" | tar -x -C /tmp/site || status=1
+    python3 -c "$unxz" < .cute/dsl.tar.xz | tar -x -C /tmp/site || status=1
     export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH  # what the wheel's .pth adds
     # a failed import is a result too: the report then records the liger-scaled row as failed
     python3 -c "import cutlass.cute; from liger_kernel.ops.fused_linear_scaled_cross_entropy import \
