@@ -1,9 +1,12 @@
 """Scoring the frozen models: teacher and reference log-probs of the student's samples.
 
-Both come from their own final hidden states and LM heads, without gradient, in one pass:
-on the Triton backend one launch streams the teacher's and the reference's logit tiles
-side by side (sharing the targets and the vocabulary loop); on the torch backend, and on
-the Triton one with GOPD_LOGITS_GEMM=torch, the two chunked passes run one after the other.
+Both come from their own final hidden states and LM heads, without gradient. On the Triton
+backend, bf16 heads on CUDA take their logit tiles from cuBLAS, one model after the other
+(as token_logprobs; on the H100 at N = 16384, D = 4096, V = 151936: 68.5 ms for a 1.0 GiB
+tile workspace, against 89.3 ms and no workspace for the fused launch below); other heads,
+or GOPD_LOGITS_GEMM=triton, get one launch that streams the teacher's and the reference's
+logit tiles side by side (sharing the targets and the vocabulary loop). The torch backend
+runs the two chunked passes one after the other.
 """
 
 from __future__ import annotations
@@ -96,9 +99,10 @@ def _score(models, targets, inv_temp, backend) -> list[torch.Tensor]:
     if models[0][0].shape[0] == 0:
         return [models[0][0].new_zeros(0, dtype=torch.float32) for _ in models]
     impl = implementation("linear_logsoftmax", backend)
-    if backend == "triton" and not impl.torch_logits(False):  # one launch for both models
+    operands = [t for model in models for t in model]
+    if backend == "triton" and not impl.torch_logits(False, *operands):  # one launch for both models
         return [logp for logp, _, _ in impl.forward_models(models, targets, inv_temp, False)]
-    # the torch backend, or the Triton one with GOPD_LOGITS_GEMM=torch: one model after the other
+    # the torch backend, or the Triton one with cuBLAS tiles: one model after the other
     return [
         impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w))[0] for h, w, b in models
     ]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from gopd_kernels import frozen_logprobs, gopd_advantage, token_logprobs_reference
+from tests.kernels.helpers import cublas_bf16_as_on_cuda
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -54,6 +55,46 @@ def test_teacher_and_reference_match_reference(backend, logits_gemm, dtype, devi
     valid = targets != -100
     torch.testing.assert_close(scores.advantage[valid], adv[valid])
     assert (scores.advantage[~valid] == 0).all() and (scores.teacher_logp[~valid] == 0).all()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "dtype, logits_gemm, per_model",
+    [(torch.bfloat16, None, True), (torch.float32, None, False), (torch.bfloat16, "triton", False)],
+    ids=["bf16", "fp32", "bf16-fused-asked"],
+)  # fmt: skip
+def test_default_tiles_follow_the_measurement(dtype, logits_gemm, per_model, device, monkeypatch):
+    """Unset, GOPD_LOGITS_GEMM gives bf16 heads on a cuBLAS device one model after the other with
+    cuBLAS tiles (H100: 68.5 against 89.3 ms for the two-model launch); fp32 heads, and
+    GOPD_LOGITS_GEMM=triton, keep the two-model launch. The scores match the reference either way."""
+    from gopd_kernels.ops import linear_logsoftmax_triton as tri
+
+    calls = {"two-model launch": 0, "cuBLAS tiles": 0}
+
+    def spy(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(tri, "cublas_bf16", cublas_bf16_as_on_cuda)
+    monkeypatch.setattr(tri, "forward_models", spy("two-model launch", tri.forward_models))
+    monkeypatch.setattr(tri, "_forward_torch_logits", spy("cuBLAS tiles", tri._forward_torch_logits))
+    if logits_gemm:
+        monkeypatch.setenv("GOPD_LOGITS_GEMM", logits_gemm)
+    else:
+        monkeypatch.delenv("GOPD_LOGITS_GEMM", raising=False)
+    (teacher, ref), targets = models(device, dtype=dtype)
+    scores = frozen_logprobs(teacher[0], teacher[1], targets, ref[0], ref[1], teacher_bias=teacher[2],
+                             ref_bias=ref[2], backend="triton")  # fmt: skip
+    assert calls == ({"two-model launch": 0, "cuBLAS tiles": 2} if per_model else
+                     {"two-model launch": 1, "cuBLAS tiles": 0})  # fmt: skip
+    to64 = lambda t: t.cpu().double()
+    for got, (h, w, b) in ((scores.teacher_logp, teacher), (scores.ref_logp, ref)):
+        want = token_logprobs_reference(to64(h), to64(w), targets.cpu(), bias=to64(b))
+        atol = 1e-5 if dtype == torch.float32 else 1e-3
+        torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -156,7 +156,7 @@ def test_gemm_defaults_follow_the_measurements(monkeypatch, caplog):
     assert tri.torch_logits(False, h16, w16, None)
     assert not tri.torch_logits(False, h32, w32, None)  # fp32: 3xTF32 against cuBLAS's fp32
     assert not tri.torch_logits(False, h16, w16, w16[:, 0].float())  # an fp32 bias
-    assert not tri.torch_logits(False)  # no operands named (frozen scoring's two-model launch)
+    assert not tri.torch_logits(False)  # no operands named: the fused kernels
     warn_once.cache_clear()
     assert not tri.torch_logits(True, h16, w16, None)
     assert "entropy" not in caplog.text
