@@ -149,8 +149,8 @@ def backward_gemm(cublas_bf16: bool = False) -> str:
 
 
 def logits_gemm(cublas_bf16: bool = False) -> str:
-    """Who builds token_logprobs' logit tiles on the Triton backend: GOPD_LOGITS_GEMM, else as
-    backward_gemm."""
+    """Who builds the logit tiles of token_logprobs and frozen_logprobs on the Triton backend:
+    GOPD_LOGITS_GEMM, else as backward_gemm."""
     return _env_choice("GOPD_LOGITS_GEMM", LOGITS_GEMMS, "torch" if cublas_bf16 else "triton")
 
 

@@ -8,8 +8,9 @@ small token counts still fill the GPU; their partials are merged by `merge_vocab
 
 Backward (`logits_grad_kernel` + two GEMMs, grads_from_logit_grads): for a tile of rows by
 a vocabulary slice, each (row tile, vocab tile) program recomputes z and writes dL/dz_raw
-(see linear_logsoftmax_torch) into a workspace in the input dtype (bf16 for fp16 inputs:
-fp16 would underflow small gradients); then dW[slice] = dZ^T @ H and dH += dZ @ W[slice]
+(see linear_logsoftmax_torch) into a workspace in the input dtype (fp16 inputs: times a
+power of two, logit_grad_scale, which the GEMMs take back out; unscaled, small gradients
+would underflow); then dW[slice] = dZ^T @ H and dH += dZ @ W[slice]
 run on tensor cores with fp32 accumulators (`matmul_triton`). The workspace is no larger
 than the weight: memory stays O(N*D + V*D).
 
@@ -469,9 +470,12 @@ def grads_from_logit_grads(
     sums_dw = need_dw and dw.dtype != f32 and row_chunk < M
     dh_acc = torch.empty(row_chunk, D, dtype=f32, device=dev) if sums_dh else None
     dw_acc = torch.empty(V, D, dtype=f32, device=dev) if sums_dw else None
-    # one slice's dW in fp32 for torch's GEMMs, rounded into dw once
+    # one slice's dW in fp32 for torch's GEMMs, rounded into dw once, in column blocks of at
+    # most a quarter of the workspace: a slice of the whole vocabulary (bf16 dZ tiles at small
+    # N) would hold an fp32 [V, D], 2.4 GB of the dense recompute's peak on the H100
     slice_dw = need_dw and torch_gemms and not sums_dw and dw.dtype != f32
-    dw_slice = torch.empty(cols, D, dtype=f32, device=dev) if slice_dw else None
+    dw_cols = max(1, min(cols, workspace_bytes // 4 // (D * 4)))
+    dw_slice = torch.empty(dw_cols, D, dtype=f32, device=dev) if slice_dw else None
     for r0 in range(0, M, row_chunk):
         r1 = min(r0 + row_chunk, M)
         for v0 in range(0, V, cols):
@@ -480,12 +484,15 @@ def grads_from_logit_grads(
             if dh is not None:
                 out = dh[r0:r1] if dh_acc is None else dh_acc[: r1 - r0]
                 gradient_gemm(dz_t, weight[v0:v1], out, v0 > 0, runner, unscale)
-            if dw is not None:
+            if dw is not None and dw_slice is None:
                 out = dw[v0:v1] if dw_acc is None else dw_acc[v0:v1]
-                out = out if dw_slice is None else dw_slice[: v1 - v0]
                 gradient_gemm(dz_t.T, hidden[r0:r1], out, r0 > 0, runner, unscale)
-                if dw_slice is not None:
-                    dw[v0:v1] = out
+            elif dw is not None:  # one row chunk: no sum across chunks
+                for c0 in range(0, v1 - v0, dw_cols):
+                    c1 = min(c0 + dw_cols, v1 - v0)
+                    out = dw_slice[: c1 - c0]
+                    gradient_gemm(dz_t[:, c0:c1].T, hidden, out, False, runner, unscale)
+                    dw[v0 + c0 : v0 + c1] = out
             if db is not None:
                 db[v0:v1] += dz_t.sum(dim=0, dtype=f32)
         if dh_acc is not None:
