@@ -99,31 +99,33 @@ left() {  # seconds left before this part's deadline (BUDGET_S from its start), 
 }
 
 case $part in
-lease)  # the first call of a 15-minute lease (~7 minutes; the third lease's version, with
-    # token_logprobs and its frozen head too, ran in 486 s): gopd_loss with the folds' peaks
-    # after the tile fix, the dense folds beside torch.compile, the CUDA tests, fp16
-    # token_logprobs, then frozen scoring's open setting with what is left. Each step's limit
-    # comes from one deadline.
+lease)  # the first call of a 15-minute lease (~7 minutes), what the fourth lease left open
+    # (its version, with gopd_loss and the dense fold, is in git history at 48b5399): the CUDA
+    # tests first (the bounded fp32 dW block and frozen scoring's cuBLAS default are new),
+    # frozen scoring against every peer, the dense recompute's memory after the fix, ExOPD's
+    # fold after the tile fix, the trainer on CUDA, the one-chunk gopd_loss fold. Each step's
+    # limit comes from one deadline.
     status=0
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-    head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
-    # token_logprobs' table is the second call's (liger-sm90), with Liger's CuTe DSL kernel
-    TRITON_PRINT_AUTOTUNING=1 timeout --signal=INT $(left 260) python3 -m benchmarks.report \
-        --op gopd_loss $head --impls naive,torch-compile,gopd,gopd-recompute,liger,cce || status=1
-    timeout --signal=INT $(left 150) python3 -m benchmarks.report --op gopd_dense_loss \
-        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,liger || status=1
-    # the kernels' tests compiled on CUDA (the whole suite took 43 s on 16 workers): the fp16
-    # heads' scaled dZ, the backend gate and gopd_kernels.hf have never run on a GPU
+    # the kernels' tests compiled on CUDA (176 passed in 51 s on 16 workers in the fourth lease)
     local_workers=""; python3 -c "import xdist" 2>/dev/null && local_workers="-n 16"
-    timeout $(left 130) python3 -m pytest -q $local_workers -m "triton or cuda" tests/kernels || status=1
-    # fp16 heads, never timed: predicted at bf16's speed (the fused kernels; cuBLAS tiles are
-    # bf16-only), beside the naive fp16 version
-    timeout --signal=INT $(left 70) python3 -m benchmarks.report --op token_logprobs \
-        --n 16384 --d 4096 --v 151936 --dtype float16 --impls naive,gopd || status=1
-    # teacher + reference scoring: the two-model fused launch (default) or cuBLAS tiles per model
-    timeout $(( $(left 5) < 70 ? $(left 5) : 70 )) python3 -m benchmarks.stages $head \
-        --sweep GOPD_LOGITS_GEMM=triton,torch --op frozen_scoring --impls gopd || status=1
+    timeout 100 python3 -m pytest -q $local_workers -p no:benchmark -m "triton or cuda" tests/kernels || status=1
+    head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
+    # teacher + reference scoring, bf16 heads now on cuBLAS tiles (68.5 ms / 1057 MiB in the
+    # stages sweep), against every peer, each once per model
+    timeout --signal=INT $(left 250) python3 -m benchmarks.report --op frozen_scoring $head \
+        --impls naive,torch-compile,gopd,liger,cce || status=1
+    # the dense recompute's fp32 dW block bounded (predicted ~2770 MiB, was 4846); ExOPD's fold
+    # after the tile fix (predicted ~3.6 GB, was 4846 MiB at 47.7 ms)
+    timeout --signal=INT $(left 170) python3 -m benchmarks.report --op gopd_dense_loss,gopd_dense_loss_exopd \
+        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,gopd,gopd-recompute || status=1
+    # the trainer end to end on CUDA (last run in the second lease): rollouts, scoring, updates
+    timeout $(( $(left 100) < 60 ? $(left 100) : 60 )) python3 -m gopd.cli demo --quick --device cuda \
+        --out /tmp/gopd-demo || status=1
+    # gopd_loss's one-chunk fold at N = 2048 (its direct bf16 dW), never timed
+    timeout --signal=INT $(left 5) python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 \
+        --v 151936 --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce || status=1
     (exit $status)
     ;;
 liger-sm90)  # the second call of a lease (carry [".whl", ".cute"]; benchmarks/pack_cutedsl.sh

@@ -341,7 +341,7 @@ def _scoring_impls() -> dict[str, Impl]:
     return {
         "naive": Impl("two materialised [N, V] log-softmaxes", lambda x: _naive_scores(*args(x))),
         "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_scores)(*args(x))),
-        **_ours("frozen_logprobs (one launch for both models on Triton)", ours),
+        **_ours("frozen_logprobs (Triton: cuBLAS tiles per model for bf16, else one launch for both)", ours),
         "liger": Impl("LigerFusedLinearCrossEntropyLoss(reduction='none'), once per model",
                       per_model(_liger_flce_logp), needs="liger_kernel", cuda_only=TRITON_ONLY),
         "cce": Impl("linear_cross_entropy(reduction='none'), once per model", per_model(_cce_logp),
