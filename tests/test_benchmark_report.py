@@ -59,6 +59,24 @@ def test_cuda_records_set_tflops_against_the_measured_gemm_rate():
     rec["spec"]["dtype"] = "bfloat16"
     assert {r["impl"]: r for r in summarize(rec)}["gopd"]["of_peak"] == pytest.approx(0.01)
     assert "| of GEMM peak |" in markdown(rec) and "| 1% |" in markdown(rec)
+    rec["spec"]["dtype"] = "float16"  # against its own rate, not bf16's
+    rec["ceilings"]["fp16_gemm_TFLOP_per_s"] = 300.0
+    assert {r["impl"]: r for r in summarize(rec)}["gopd"]["of_peak"] == pytest.approx(0.02)
+
+
+def test_kept_gradients_hold_a_16_bit_row_to_its_own_dtype():
+    """A dH row under fp16's smallest normal, rounded to fp16 as well as fp16 can, counts as
+    exact; an fp32 copy of it (what the report kept until the H100's fp16 run, where such a
+    row read 0.35 for every implementation) would not be."""
+    exact = torch.full((2, 64), 1e-3, dtype=torch.float64)
+    exact[1] = torch.linspace(-2e-7, 2e-7, 64, dtype=torch.float64)  # a token whose upstream is ~1e-6
+    got = (torch.zeros(3), exact.half(), None)
+    op = bops.OPS["token_logprobs_frozen_head"]  # out and dH
+    kept = report._keep(got)
+    assert kept["dh"].dtype == torch.float16
+    assert bops.errors(op, tuple(kept.values()), (torch.zeros(3), exact), by_row=True)["dh"] < 1e-3
+    fp32_copy = (torch.zeros(3), exact.half().float())
+    assert bops.errors(op, fp32_copy, (torch.zeros(3), exact), by_row=True)["dh"] > 0.1
 
 
 def test_series_group_the_records_that_vary_one_field():
