@@ -119,15 +119,15 @@ def _precision(dt: str) -> str:
     return "tf32x3" if dt == "float32" else "ieee"
 
 
-def _logit_grad_dtype(dt: str, dense: bool = False) -> str:
+def _logit_grad_dtype(dt: str, scaled: bool = True) -> str:
     """The dtype (torch's name) of the dZ workspace the runtime writes for a `dt` model
-    (linear_logsoftmax_triton.logit_grad_dtype: scaled in token_logprobs' backward, not in
-    the dense losses')."""
+    (linear_logsoftmax_triton.logit_grad_dtype: scaled in the Triton kernels' backwards, not
+    over cuBLAS tiles)."""
     import torch
 
     from gopd_kernels.ops.linear_logsoftmax_triton import logit_grad_dtype
 
-    return str(logit_grad_dtype(getattr(torch, dt), scaled=not dense)).removeprefix("torch.")
+    return str(logit_grad_dtype(getattr(torch, dt), scaled=scaled)).removeprefix("torch.")
 
 
 def _forward(dt: str, hot: bool, **switches) -> KernelVariant:
@@ -171,7 +171,7 @@ def _dense_grad(dt: str, biases: bool = False) -> KernelVariant:
     return KernelVariant(
         DENSE, "dense_kl_grad_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")}
-        | {"dz_ptr": TRITON_DTYPE[_logit_grad_dtype(dt, dense=True)]},
+        | {"dz_ptr": TRITON_DTYPE[_logit_grad_dtype(dt)]},
         dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
         floats=("inv_temp", "lam"), hot=not biases,
     )  # fmt: skip
@@ -206,16 +206,16 @@ def kernel_variants() -> list[KernelVariant]:
     # Backward GEMMs, per dZ tile [rows, slice] (all rows at the launch shape): dH += dZ @ W,
     # summed over the slices in fp32; dW[slice] = dZ^T @ H over all rows, in the weight's
     # dtype. dZ as _logit_grad_dtype: bf16 for bf16 models, fp32 for fp32 ones, fp16 with its
-    # scale (SCALED) for fp16 ones, and bf16 against an fp16 head in the dense losses.
+    # scale (SCALED) for fp16 ones, and bf16 against an fp16 head over cuBLAS tiles (asked for).
     layouts = {
         "dH": dict(M=TOKENS, N=HIDDEN, K=SLICE, stride_am=SLICE, stride_ak=1,
                    stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
         "dW": dict(M=SLICE, N=HIDDEN, K=TOKENS, stride_am=1, stride_ak=SLICE,
                    stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1),
     }  # fmt: skip
-    # the (model dtype, dZ dtype) pairs the runtime forms: token_logprobs' and the dense losses'
+    # the (model dtype, dZ dtype) pairs the runtime forms: the kernels' scaled dZ, cuBLAS tiles' not
     pairs = dict.fromkeys(
-        (dt, _logit_grad_dtype(dt, dense)) for dt in TRITON_DTYPE for dense in (False, True)
+        (dt, _logit_grad_dtype(dt, scaled)) for dt in TRITON_DTYPE for scaled in (True, False)
     )
     for dt, dz in pairs:
         model, a = TRITON_DTYPE[dt], TRITON_DTYPE[dz]

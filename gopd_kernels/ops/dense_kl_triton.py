@@ -21,8 +21,10 @@ from gopd_kernels.ops.dense_kl import head_tiles
 from gopd_kernels.ops.linear_logsoftmax_triton import (
     GROUP_M,
     INTERPRET_CONFIG,
+    fp16_dz_scale,
     grads_from_logit_grads,
     lm_head_args,
+    logit_grad_dtype,
     logits_tile,
     vocab_slices,
 )
@@ -231,6 +233,13 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
     """Same contract as dense_kl_torch.backward."""
     hs, ws, _ = student
     g = grad_kl.float() * inv_temp
+    unscale = None
+    if logit_grad_dtype(hs.dtype, scaled=True) == torch.float16:  # dZ in fp16 times s
+        # dZ_v = g p_v (log p_v - log q_v - KL) with t_v = p_v log(p_v / q_v) >= p_v - q_v >= -q_v
+        # and sum_v t_v = KL, so -1 <= t_v <= KL + 1: |dZ_v| <= |g| (2 KL + 1), for any q
+        bound = (g.abs() * (2.0 * kl.float().clamp_min(0.0) + 1.0)).amax() if g.numel() else g.new_zeros(())
+        s = fp16_dz_scale(bound)
+        g, unscale = g * s, 1.0 / s
 
     def write_logit_grads(rows, cols, dz):  # the three heads' columns `cols`: a vocabulary of their own
         ptrs, dims, strides, bias_flags = _head_args(head_tiles((student, teacher, ref), rows, cols))
@@ -250,5 +259,5 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
         )  # fmt: skip
         return dz
 
-    dh, dw, db = grads_from_logit_grads(hs, ws, needs, workspace_bytes, write_logit_grads)
+    dh, dw, db = grads_from_logit_grads(hs, ws, needs, workspace_bytes, write_logit_grads, unscale=unscale)
     return dh, dw, None if db is None else db.to(student[2].dtype)

@@ -379,9 +379,9 @@ def _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_byt
 
 def logit_grad_dtype(dtype: torch.dtype, scaled: bool = False) -> torch.dtype:
     """dZ's dtype, the GEMMs' operand: fp32 for fp32 models, bf16 for bf16 ones, and for fp16
-    ones fp16 where dZ is written times logit_grad_scale's power of two (`scaled`:
-    token_logprobs' backward), else bf16 (the dense losses, whose dZ has no bound known before
-    it is formed; their worst row ~1e-2).
+    ones fp16 where dZ is written times a power of two from fp16_dz_scale (`scaled`: the
+    backwards of token_logprobs and of the dense losses), else bf16 (dZ from cuBLAS tiles,
+    which GOPD_LOGITS_GEMM=torch gives fp16 heads only when asked).
 
     Unscaled, an fp16 dZ goes wrong: measured with the Triton interpreter (V = 151936, an
     upstream gradient of 1/4096, a token mean's, with no loss scale), it flushed the small
@@ -395,18 +395,22 @@ def logit_grad_dtype(dtype: torch.dtype, scaled: bool = False) -> torch.dtype:
 FP16_DZ_TOP = 2.0**13  # the largest |dZ| entry an fp16 dZ is scaled to: 8x below fp16's max
 
 
-def logit_grad_scale(g_l: torch.Tensor, g_e: torch.Tensor | None, vocab: int) -> torch.Tensor:
+def fp16_dz_scale(bound: torch.Tensor) -> torch.Tensor:
     """s, a power of two (a float32 scalar on the device: no host sync), with which an fp16 dZ
-    is written: s dZ's largest possible entry is at most FP16_DZ_TOP, so that none overflows and
-    the small entries p_v g of the largest rows stay clear of fp16's subnormals.
+    whose entries are at most `bound` (a scalar tensor) is written: s dZ's largest possible
+    entry is at most FP16_DZ_TOP, so that none overflows and the small entries of the largest
+    rows stay clear of fp16's subnormals. A power of two is exact to apply and remove."""
+    exponent = torch.floor(torch.log2(FP16_DZ_TOP / bound.float().clamp_min(2.0**-100)))
+    return torch.exp2(exponent.clamp(-100.0, 100.0))
 
-    |dZ_v| <= |g_l| + |g_e| (1/e + ln V) per row (g already / tau): |1[v = y] - p_v| <= 1 and
-    |p_v (log p_v + H)| <= 1/e + H <= 1/e + ln V. A power of two is exact to apply and remove."""
+
+def logit_grad_scale(g_l: torch.Tensor, g_e: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """fp16_dz_scale for token_logprobs' dZ: |dZ_v| <= |g_l| + |g_e| (1/e + ln V) per row (g
+    already / tau), since |1[v = y] - p_v| <= 1 and |p_v (log p_v + H)| <= 1/e + H <= 1/e + ln V."""
     bound = g_l.abs().amax() if g_l.numel() else g_l.new_zeros(())
     if g_e is not None and g_e.numel():
         bound = bound + g_e.abs().amax() * (math.exp(-1) + math.log(vocab))
-    exponent = torch.floor(torch.log2(FP16_DZ_TOP / bound.float().clamp_min(2.0**-100)))
-    return torch.exp2(exponent.clamp(-100.0, 100.0))
+    return fp16_dz_scale(bound)
 
 
 def backward_tiles(

@@ -7,7 +7,7 @@ import torch
 
 from gopd_kernels import gopd_dense_loss
 from gopd_kernels.reference import gopd_dense_loss_reference, linear_log_softmax_reference
-from tests.kernels.helpers import GRAD_REL, GRAD_ROW_REL, VALUE_ATOL, rel_err, row_rel_err
+from tests.kernels.helpers import FP16_DZ_ROW_REL, GRAD_REL, GRAD_ROW_REL, VALUE_ATOL, rel_err, row_rel_err
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -241,3 +241,42 @@ def test_bad_inputs(case):
     ref = ref or (None, None)
     with pytest.raises(ValueError, match=match):
         gopd_dense_loss(*student, *teacher, *ref, **kw)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "lam, scale", [(1.0, 1.0), (1.25, 1.0), (1.25, 1e-3)], ids=["lam1", "exopd", "exopd-small"]
+)
+def test_fp16_gradients_keep_fp16_precision(lam, scale, device):
+    """An fp16 student's dZ is fp16 times a power of two bounded by |g| (2 KL + 1): every row
+    of dH and dW within a few fp16 roundings of float64 (a bf16 dZ gave 7e-3 to 1.1e-2 here)."""
+    student, teacher, ref = heads((2, 8), 32003, (32, 48, 40), device=device, seed=3, dtype=torch.float16)
+    kw = dict(lam=lam, temperature=1.0)
+    _, dh, dw = run(lambda *a, **k: gopd_dense_loss(*a, backend="triton", fold=False, **k), student, teacher,
+                    ref, torch.float16, scale, **kw)  # fmt: skip
+    cpu64 = lambda hd: tuple(t.cpu().double() for t in hd)  # noqa: E731
+    _, want_dh, want_dw = run(gopd_dense_loss_reference, cpu64(student), cpu64(teacher), cpu64(ref),
+                              torch.float64, scale, **kw)  # fmt: skip
+    assert dh.dtype == dw.dtype == torch.float16
+    for got, want in ((dh.reshape(-1, 32), want_dh.reshape(-1, 32)), (dw, want_dw)):
+        assert torch.isfinite(got).all()
+        assert row_rel_err(got, want) <= FP16_DZ_ROW_REL, row_rel_err(got, want)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dz_bound_holds_for_any_target_distribution(seed):
+    """The bound the fp16 scale rests on: |p_v (log p_v - log q_v - KL(p || q))| <= 2 KL + 1,
+    for peaked, flat and nearly disjoint p and q (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.tensor([0.1, 1.0, 5.0, 30.0], dtype=torch.float64)[:, None, None]
+    log_p = torch.log_softmax(torch.randn(4, 64, 1000, generator=g, dtype=torch.float64) * spread, -1)
+    log_q = torch.log_softmax(torch.randn(4, 64, 1000, generator=g, dtype=torch.float64) * spread.flip(0), -1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1, keepdim=True)
+    dz = p * (log_p - log_q - kl)
+    assert (dz.abs() <= 2 * kl + 1).all()
+    # half of p on a token q gives e^-40: |dz| reaches a quarter of the bound there (10.0 of 39.6)
+    log_q = torch.log_softmax(torch.cat([torch.tensor([-40.0]), torch.zeros(999)]).double(), -1)
+    p = torch.cat([torch.tensor([0.5]), torch.full((999,), 0.5 / 999)]).double()
+    kl = (p * (p.log() - log_q)).sum()
+    assert (p * (p.log() - log_q - kl)).abs().max() > 0.25 * (2 * kl + 1)
