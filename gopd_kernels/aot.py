@@ -424,22 +424,22 @@ def jit_kernels() -> list[str]:
 def turing_evidence() -> dict:
     """Why the backend keeps Triton off GPUs older than Ampere, compiled for sm_75 (T4): the
     PTX tensor-core instructions of the backward GEMM with fp16 operands (the one type
-    Turing's tensor cores and Triton's sm_80 path share), and whether the dense losses'
-    backward GEMM for an fp16 head (bf16 dZ against it) builds at all."""
+    Turing's tensor cores and Triton's sm_80 path share), and whether the backward GEMM of a
+    bf16 dZ against an fp16 head (the dZ over cuBLAS tiles) builds at all."""
     import dataclasses
 
     variants = [v for v in kernel_variants() if v.kernel == "matmul_kernel" and v.pointers["b_ptr"] == "fp16"]
-    mm = next(v for v in variants if v.pointers["a_ptr"] == "bf16")  # the dense losses' bf16 dZ
+    mm = next(v for v in variants if v.pointers["a_ptr"] == "bf16")  # a bf16 dZ (cuBLAS tiles')
     fp16 = dataclasses.replace(mm, pointers=mm.pointers | {"a_ptr": "fp16", "c_ptr": "fp32"})
     narrowest = -1 % len(_module_configs(mm))
     out = {"fp16_mma": compile_variant(fp16, 75, narrowest, sass=False)["mma"]}
     try:
         compile_variant(mm, 75, narrowest, sass=False)
-        out["fp16_head_dense_backward"] = "ok"
+        out["bf16_dz_fp16_head_backward"] = "ok"
     except Exception as exc:  # the point is which error: ptxas's first line says it
         first = re.search(r"\.ptx, line \d+; error\s*:\s*(.+)", str(exc))
         why = first.group(1) if first else str(exc)[:300]
-        out["fp16_head_dense_backward"] = f"{type(exc).__name__}: {why}"
+        out["bf16_dz_fp16_head_backward"] = f"{type(exc).__name__}: {why}"
     return out
 
 

@@ -11,9 +11,10 @@ Why not older GPUs (T4, V100): compiled ahead of time for sm_75 (Triton 3.9, as
 gopd_kernels.aot does for sm_80/sm_90), no kernel gets a tensor-core instruction (bf16,
 fp16 or fp32 operands; nor, in the PTX of the three checked, for sm_70); on sm_75 the
 kernels spill thousands of registers (the backward
-GEMM ~2000 to ~7000 per config), and the dense losses' backward GEMMs for an fp16 head, whose
-dZ operand is bf16, fail in ptxas (bf16 conversions need sm_80). The torch twin runs there on
-cuBLAS.
+GEMM ~2000 to ~7000 per config), and a backward GEMM whose dZ operand is bf16 against an fp16
+head (the dZ over cuBLAS tiles, which fp16 heads get when GOPD_LOGITS_GEMM=torch asks; the
+dense losses' until their fp16 dZ was scaled) fails in ptxas (bf16 conversions need sm_80).
+The torch twin runs there on cuBLAS.
 """
 
 from __future__ import annotations

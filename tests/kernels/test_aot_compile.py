@@ -168,4 +168,4 @@ def test_turing_gets_no_tensor_cores_from_triton():
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["fp16_mma"] == []  # fp16 x fp16 -> fp32, which Turing's tensor cores run
-    assert "requires .target sm_80" in got["fp16_head_dense_backward"]  # bf16 dZ against an fp16 head
+    assert "requires .target sm_80" in got["bf16_dz_fp16_head_backward"]  # bf16 dZ against an fp16 head
