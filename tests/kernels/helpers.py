@@ -16,10 +16,11 @@ GRAD_REL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2, torc
 # The worst row's relative error of a gradient (reference.row_rel_err), per input dtype: what the GEMMs'
 # 16-bit dZ operand and the rounded output cost passes (measured at token_logprobs' test shapes
 # and two seeds: bf16 2.8e-3 on the torch backend's fp32 dZ, 1.08e-2 on Triton's bf16 dZ; fp16
-# 3.4e-4 and 5.7e-4 on Triton's scaled fp16 dZ, the dense losses keeping a bf16 dZ for fp16 too:
-# linear_logsoftmax_triton.logit_grad_dtype says why); logits rounded to bf16 before the softmax
-# do not (the naive reference in bf16: its dW 5e-2 to 0.34 where V > 5). The error set against
-# the largest entry (GRAD_REL) lets both pass. FP16_DZ_ROW_REL: token_logprobs' fp16 bound.
+# 3.4e-4 and 5.7e-4 on Triton's scaled fp16 dZ, a bf16 dZ still where fp16 heads take cuBLAS
+# tiles when asked: linear_logsoftmax_triton.logit_grad_dtype); logits rounded to bf16 before the
+# softmax do not (the naive reference in bf16: its dW 5e-2 to 0.34 where V > 5). The error set
+# against the largest entry (GRAD_REL) lets both pass. FP16_DZ_ROW_REL: the scaled fp16 dZ's
+# bound (token_logprobs' and the dense losses' backwards).
 GRAD_ROW_REL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2, torch.float64: 1e-10}
 FP16_DZ_ROW_REL = 2e-3
 
