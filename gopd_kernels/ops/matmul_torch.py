@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from gopd_kernels.backend import warn_once
+
 logger = logging.getLogger("gopd_kernels")
 
 
@@ -96,6 +98,11 @@ def operand(t: torch.Tensor) -> torch.Tensor:
     GEMMs run (see the module doc), else upcast to the compute dtype."""
     if t.dtype == torch.bfloat16 and bf16_gemm_mode(t.device) is not None:
         return t
+    if t.dtype == torch.float16 and t.device.type != "cpu":  # a GPU, whose fp16 GEMMs this forgoes
+        warn_once(
+            f"torch backend on {t.device.type}: fp16 operands are upcast to float32 GEMMs (an fp16 "
+            "dL/dz would underflow), slower than the GPU's fp16 tensor cores"
+        )
     return t.to(compute_dtype(t.dtype))
 
 

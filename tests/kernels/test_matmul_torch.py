@@ -110,6 +110,21 @@ def test_only_bf16_stays_bf16_where_native(native_gemms):
     assert matmul_torch.operand(torch.ones(2, 2)).dtype == torch.float32
 
 
+def test_fp16_upcast_on_a_gpu_is_said_once(caplog):
+    """fp16 operands take float32 GEMMs (an fp16 dZ would underflow): on a GPU, a T4's for one,
+    that forgoes its fp16 tensor cores, and a log line says so once; a CPU has none to forgo."""
+    from gopd_kernels.backend import warn_once
+
+    warn_once.cache_clear()
+    on_gpu = torch.ones(2, 2, dtype=torch.float16, device="meta")  # stands for a CUDA tensor
+    with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
+        assert matmul_torch.operand(torch.ones(2, 2, dtype=torch.float16)).dtype == torch.float32
+        assert "fp16 operands" not in caplog.text
+        for _ in range(3):
+            assert matmul_torch.operand(on_gpu).dtype == torch.float32
+    assert caplog.text.count("torch backend on meta: fp16 operands are upcast to float32 GEMMs") == 1
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_mm_into_and_add_scale_and_accumulate_in_fp32(native_gemms, alpha):
     g = torch.Generator().manual_seed(0)
