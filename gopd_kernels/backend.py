@@ -90,7 +90,7 @@ def _triton_unsupported(device: torch.device) -> str | None:
     return (
         f"{torch.cuda.get_device_name(device)} has compute capability {cap[0]}.{cap[1]}, and the Triton "
         "kernels need 8.0 or newer (Ampere, Hopper, ...): older GPUs get no tensor-core path from Triton, "
-        "and the dense losses do not compile for fp16 heads there"
+        "and a bf16 dZ against an fp16 head does not compile there"
     )
 
 
