@@ -101,10 +101,10 @@ left() {  # seconds left before this part's deadline (BUDGET_S from its start), 
 case $part in
 lease)  # the first call of a 15-minute lease (~7 minutes), what the fourth lease left open
     # (its version, with gopd_loss and the dense fold, is in git history at 48b5399): the CUDA
-    # tests first (the bounded fp32 dW block and frozen scoring's cuBLAS default are new),
-    # frozen scoring against every peer, the dense recompute's memory after the fix, ExOPD's
-    # fold after the tile fix, the trainer on CUDA, the one-chunk gopd_loss fold. Each step's
-    # limit comes from one deadline.
+    # tests first (the bounded fp32 dW block, frozen scoring's cuBLAS default and the pair dW
+    # sum are new), the folds with GOPD_DW_SUM swept, frozen scoring against every peer, the
+    # dense recompute's memory after the fix, ExOPD's fold after the tile fix, the trainer on
+    # CUDA, the one-chunk gopd_loss fold. Each step's limit comes from one deadline.
     status=0
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || status=1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -112,13 +112,22 @@ lease)  # the first call of a 15-minute lease (~7 minutes), what the fourth leas
     local_workers=""; python3 -c "import xdist" 2>/dev/null && local_workers="-n 16"
     timeout 100 python3 -m pytest -q $local_workers -p no:benchmark -m "triton or cuda" tests/kernels || status=1
     head="--n 16384 --d 4096 --v 151936 --dtype bfloat16"
+    # GOPD_DW_SUM=pair (new, not yet the default): the folds carry dW across row chunks as
+    # itself plus a bf16 remainder, in the Triton matmul's epilogue, instead of an fp32 [V, D]
+    # summed by cuBLAS and rounded at the end. It only lowers a peak that the rounding sets:
+    # at the default 2048-row chunks the chunk's logits weigh as much as dW's bf16 copy at
+    # D = 4096, so both ways peak at ~3721 MiB (3817 before dH was rounded per chunk); at
+    # 1035-row chunks (600 MiB), float32 ~3689 MiB, pair ~3120 MiB. Time: the dW GEMM on
+    # Triton (~600 TFLOP/s against cuBLAS's ~735 here before) costs ~6 ms
+    GOPD_WORKSPACE_MB=600 timeout --signal=INT $(left 280) python3 -m benchmarks.stages $head --op gopd_loss \
+        --impls gopd --sweep GOPD_DW_SUM=float32,pair || status=1
     # teacher + reference scoring, bf16 heads now on cuBLAS tiles (68.5 ms / 1057 MiB in the
     # stages sweep), against every peer, each once per model
-    timeout --signal=INT $(left 250) python3 -m benchmarks.report --op frozen_scoring $head \
+    timeout --signal=INT $(left 210) python3 -m benchmarks.report --op frozen_scoring $head \
         --impls naive,torch-compile,gopd,liger,cce || status=1
     # the dense recompute's fp32 dW block bounded (predicted ~2770 MiB, was 4846); ExOPD's fold
     # after the tile fix (predicted ~3.6 GB, was 4846 MiB at 47.7 ms)
-    timeout --signal=INT $(left 170) python3 -m benchmarks.report --op gopd_dense_loss,gopd_dense_loss_exopd \
+    timeout --signal=INT $(left 130) python3 -m benchmarks.report --op gopd_dense_loss,gopd_dense_loss_exopd \
         --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,gopd,gopd-recompute || status=1
     # the trainer end to end on CUDA (last run in the second lease): rollouts, scoring, updates
     timeout $(( $(left 100) < 60 ? $(left 100) : 60 )) python3 -m gopd.cli demo --quick --device cuda \

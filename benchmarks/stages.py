@@ -50,7 +50,7 @@ from gopd_kernels.ops.matmul_torch import mm_add, mm_into, operand  # noqa: E402
 from gopd_kernels.ops.matmul_triton import matmul  # noqa: E402
 from gopd_kernels.reference import rel_err  # noqa: E402
 
-SWEEPABLE = ("GOPD_WORKSPACE_MB", "GOPD_BACKWARD_GEMM", "GOPD_LOGITS_GEMM")
+SWEEPABLE = ("GOPD_WORKSPACE_MB", "GOPD_BACKWARD_GEMM", "GOPD_LOGITS_GEMM", "GOPD_DW_SUM")
 CHECK_ROWS = 256  # rows of the forward's log-sum-exp checked against torch (the rest would be N x V)
 
 

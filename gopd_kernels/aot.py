@@ -44,6 +44,7 @@ TOKENS, HIDDEN, VOCAB = 16383, 4096, 151936  # LAUNCH_SHAPE: token counts are ar
 # 30464 vocabulary columns (linear_logsoftmax_triton.backward_tiles). Like VOCAB, a multiple
 # of 16: the logit-gradient kernels, which see a slice as their vocabulary, compile the same.
 SLICE = 30464
+FOLD_CHUNK = 2048  # the folds' rows per chunk on the Triton backend (folded_loss_torch.FOLD_ROWS)
 LAUNCH_INTS = {  # representative integer arguments by name; matmul layouts give their own
     "M": TOKENS,
     "V": VOCAB,
@@ -106,6 +107,7 @@ class KernelVariant:
             "TEACHER_KL",
             "ACCUMULATE",
             "SCALED",
+            "PAIR",
         )
         return ",".join(f for f in flags if self.constexprs.get(f)) or "-"
 
@@ -220,13 +222,26 @@ def kernel_variants() -> list[KernelVariant]:
     for dt, dz in pairs:
         model, a = TRITON_DTYPE[dt], TRITON_DTYPE[dz]
         for layout in ("dH", "dW"):
+            c = "fp32" if layout == "dH" else model
             out.append(KernelVariant(
                 mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"), dz,
-                {"a_ptr": a, "b_ptr": model, "c_ptr": "fp32" if layout == "dH" else model,
-                 "alpha_ptr": "fp32"},
-                dict(ACCUMULATE=layout == "dH", SCALED=a == "fp16", DOT_PRECISION=_precision(dt), GROUP_M=8),
+                {"a_ptr": a, "b_ptr": model, "c_ptr": c, "lo_ptr": c, "alpha_ptr": "fp32"},
+                dict(ACCUMULATE=layout == "dH", SCALED=a == "fp16", PAIR=False, DOT_PRECISION=_precision(dt),
+                     GROUP_M=8),
                 ints=tuple(layouts[layout].items()), hot=True,
             ))  # fmt: skip
+    # The folds' dW over a chunk of FOLD_ROWS rows, bf16: dz^T with dz written over the chunk's
+    # fp32 logits (a row stride of 2V bf16 elements, fold_rows_triton); one chunk rounds its fp32
+    # sum once into dW, several carry it as dW and a bf16 remainder (GOPD_DW_SUM=pair).
+    fold_dw = dict(M=VOCAB, N=HIDDEN, K=FOLD_CHUNK, stride_am=1, stride_ak=2 * VOCAB,
+                   stride_bk=HIDDEN, stride_bn=1, stride_cm=HIDDEN, stride_cn=1)  # fmt: skip
+    for pair in (False, True):
+        out.append(KernelVariant(
+            mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "bfloat16",
+            {"a_ptr": "bf16", "b_ptr": "bf16", "c_ptr": "bf16", "lo_ptr": "bf16", "alpha_ptr": "fp32"},
+            dict(ACCUMULATE=pair, SCALED=False, PAIR=pair, DOT_PRECISION="ieee", GROUP_M=8),
+            ints=tuple(fold_dw.items()), hot=True,
+        ))  # fmt: skip
     # The folded losses' row passes over a chunk's fp32 logits [rows, V] (fold_rows_triton);
     # dz in the GEMM operand's dtype.
     rows = "gopd_kernels.ops.fold_rows_triton"

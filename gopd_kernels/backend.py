@@ -61,6 +61,18 @@ LOGITS_GEMMS = ("triton", "torch")
 # GOPD_BACKWARD_GEMM and GOPD_LOGITS_GEMM override the defaults ("triton": the leanest).
 
 
+# How a bf16 dW is carried across row chunks, where the rows do not fit one (the folded
+# losses' chunks; the recomputing backward's beyond its workspace): "float32", an fp32
+# [V, D] buffer that torch's GEMMs add to and that is rounded into dW at the end, or "pair",
+# dW itself plus a bf16 remainder [V, D], kept by the Triton matmul's epilogue
+# (matmul_triton: ~16 significant bits of each partial sum to fp32's 24, before the one
+# rounding to bf16's 8). "pair" holds
+# 2 bytes an element where "float32" holds 4 (6 while rounding): 1.2 GB less at D = 4096,
+# V = 151936, for the dW GEMM on Triton instead of cuBLAS. Other heads keep their own
+# way: fp32 heads sum into dW, fp16 heads in fp32 (an fp16 remainder would underflow).
+DW_SUMS = ("float32", "pair")
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -153,6 +165,19 @@ def logits_gemm(cublas_bf16: bool = False) -> str:
     """Who builds the logit tiles of token_logprobs and frozen_logprobs on the Triton backend:
     GOPD_LOGITS_GEMM, else as backward_gemm."""
     return _env_choice("GOPD_LOGITS_GEMM", LOGITS_GEMMS, "torch" if cublas_bf16 else "triton")
+
+
+def dw_sum(weight: torch.Tensor) -> str:
+    """How a bf16 head's dW is summed across row chunks (DW_SUMS): GOPD_DW_SUM, else
+    "float32". "pair" asked for a head of another dtype says once that it keeps its own way."""
+    choice = _env_choice("GOPD_DW_SUM", DW_SUMS, "float32")
+    if choice == "pair" and weight.dtype != torch.bfloat16:
+        warn_once(
+            f"GOPD_DW_SUM=pair applies to bf16 heads; this {weight.dtype} head's dW is summed "
+            f"{'in itself' if weight.dtype == torch.float32 else 'in float32'}"
+        )
+        return "float32"
+    return choice
 
 
 def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:

@@ -250,3 +250,11 @@ def gemm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.T
     """out <- a @ b, accumulated in fp32 and rounded once into out's dtype (the Triton matmul:
     cuBLAS's bf16 results may reduce in bf16). The fold's dW when its rows are one chunk."""
     return matmul(a, b, out)
+
+
+def gemm_pair(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, lo: torch.Tensor, accumulate: bool
+) -> None:
+    """(out, lo) (+)= a @ b, the sum carried as bf16 value and remainder (matmul_triton's
+    pair): the fold's dW over several row chunks with GOPD_DW_SUM=pair."""
+    matmul(a, b, out, accumulate, lo=lo)

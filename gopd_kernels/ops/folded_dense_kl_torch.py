@@ -25,6 +25,7 @@ import torch
 from gopd_kernels.ops.dense_kl_torch import _target_tile, add_ref_logits, scaled_heads
 from gopd_kernels.ops.folded_loss_torch import (
     HeadGrad,
+    HiddenGrad,
     add_chunk_grads,
     fold_rows,
     save_folded_grads,
@@ -65,7 +66,7 @@ class FoldedDenseKL(torch.autograd.Function):
         ref = None if ref is None else (ref[0], operand(ref[1]), ref[2])
         live = 3 if with_teacher_kl else 2
         chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
-        dh = torch.zeros(hs.shape, **like) if need_dh else None
+        dh = HiddenGrad(hs, acc, chunk) if need_dh else None
         dw = HeadGrad(ws, acc, chunk >= rows, rows_impl) if need_dw else None
         db = torch.zeros(vocab, **like) if need_db else None
         kl = torch.empty(rows, **like)
@@ -100,11 +101,11 @@ class FoldedDenseKL(torch.autograd.Function):
                     kl_t[r0:r1] = kl_t_rows
                 if dz is None:
                     continue
-                add_chunk_grads(dz, hs_[r0:r1], ws_, None if dh is None else dh[r0:r1], dw, db)
+                add_chunk_grads(dz, hs_, ws_, (r0, r1), dh, dw, db)
                 del dz  # before the next chunk's is made
 
         fold_chunks()
-        dh = None if dh is None else dh.to(hs.dtype)  # the fp32 dH gone before dW's cast, the peak
+        dh = None if dh is None else dh.dh  # its fp32 scratch gone before dW's cast
         save_folded_grads(ctx, (dh, hs), (None if dw is None else dw.result(), ws), (db, bs))
         ctx.mark_non_differentiable(kl, *(() if kl_t is None else (kl_t,)))
         loss = (kl * weights).sum()

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import torch
 
-from gopd_kernels.backend import workspace_bytes
+from gopd_kernels.backend import dw_sum, warn_once, workspace_bytes
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
 
 # Rows per chunk unless GOPD_WORKSPACE_MB says otherwise, by who does the row work. torch
@@ -67,45 +67,77 @@ def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tenso
 
 
 class HeadGrad:
-    """A fold's dW = sum over row chunks of dz^T h: in fp32 (acc), or in the head's own dtype
-    when the rows are one chunk and rows_impl has a GEMM that rounds its fp32 sum once.
+    """A fold's dW = sum over row chunks of dz^T h: in fp32 (acc); in the head's own dtype
+    when the rows are one chunk and rows_impl has a GEMM that rounds its fp32 sum once; or,
+    for a bf16 head over several chunks with GOPD_DW_SUM=pair (backend.dw_sum), as dW itself
+    plus a bf16 remainder, where rows_impl has that GEMM (fold_rows_triton.gemm_pair): 4
+    bytes an element instead of fp32's 4 and its rounded copy's 2.
 
     The first chunk's GEMM writes the buffer and the others add to it: a zero fill first is
     one more pass over an fp32 [V, D] (2 % of gopd_dense_loss at N = 512, D = 1024,
     V = 151936 on the Intel VM)."""
 
     def __init__(self, weight: torch.Tensor, acc: torch.dtype, one_chunk: bool, rows_impl):
-        direct = one_chunk and weight.dtype != acc and hasattr(rows_impl, "gemm_rounded")
+        pair = not one_chunk and dw_sum(weight) == "pair" and weight.dtype != acc
+        if pair and not hasattr(rows_impl, "gemm_pair"):
+            warn_once("GOPD_DW_SUM=pair needs the Triton matmul; the torch backend's folds sum dW in float32")
+            pair = False
+        direct = weight.dtype != acc and hasattr(rows_impl, "gemm_rounded") and (one_chunk or pair)
         self.dw = torch.empty(weight.shape, dtype=weight.dtype if direct else acc, device=weight.device)
+        self.lo = torch.empty_like(self.dw) if pair else None
         self.rows_impl, self.written = rows_impl, False
 
     def add(self, dz: torch.Tensor, h: torch.Tensor) -> None:
-        if self.dw.dtype not in (torch.float32, torch.float64):
+        if self.lo is not None:
+            self.rows_impl.gemm_pair(dz.T, h, self.dw, self.lo, accumulate=self.written)
+        elif self.dw.dtype not in (torch.float32, torch.float64):
             self.rows_impl.gemm_rounded(dz.T, h, self.dw)
         else:
             (mm_add if self.written else mm_into)(self.dw, dz.T, h)
         self.written = True
 
     def result(self) -> torch.Tensor:
-        """dW; zeros when no chunk had a gradient."""
+        """dW; zeros when no chunk had a gradient. The remainder is dropped: dW is its sum rounded."""
+        self.lo = None
         return self.dw if self.written else self.dw.zero_()
 
 
-def add_chunk_grads(dz, h_rows, w, dh_rows, dw: HeadGrad | None, db) -> None:
-    """One chunk's dL/dz (a GEMM operand) into a fold's gradients: dH[rows] = dz W,
-    dW += dz^T H[rows], db += the column sums of dz (fp32)."""
-    if dh_rows is not None:
-        mm_into(dh_rows, dz, w)
+class HiddenGrad:
+    """A fold's dH: each chunk's rows are complete in its one GEMM (dz spans the vocabulary),
+    so they are rounded into dH's own dtype at once, through an fp32 [chunk, D] scratch where
+    the GEMM's dtype differs: never an fp32 [N, D] beside the result (2 GB at N = 131072,
+    D = 4096, bf16). The same rounding as a cast at the end: bit-identical."""
+
+    def __init__(self, hidden: torch.Tensor, acc: torch.dtype, chunk: int):
+        rows, dim = hidden.shape
+        # zeros: the rows of chunks without a gradient
+        self.dh = torch.zeros(rows, dim, dtype=hidden.dtype, device=hidden.device)
+        own = hidden.dtype == acc
+        self.scratch = None if own else torch.empty(min(chunk, rows), dim, dtype=acc, device=hidden.device)
+
+    def write(self, r0: int, r1: int, dz: torch.Tensor, w: torch.Tensor) -> None:
+        if self.scratch is None:
+            mm_into(self.dh[r0:r1], dz, w)
+        else:
+            self.dh[r0:r1] = mm_into(self.scratch[: r1 - r0], dz, w)
+
+
+def add_chunk_grads(dz, h, w, rows: tuple[int, int], dh: HiddenGrad | None, dw: HeadGrad | None, db) -> None:
+    """One chunk's dL/dz (a GEMM operand) for rows r0:r1 into a fold's gradients:
+    dH[rows] = dz W, dW += dz^T H[rows], db += the column sums of dz (fp32)."""
+    r0, r1 = rows
+    if dh is not None:
+        dh.write(r0, r1, dz, w)
     if dw is not None:
-        dw.add(dz, h_rows)
+        dw.add(dz, h[r0:r1])
     if db is not None:
         db.add_(dz.sum(dim=0, dtype=db.dtype))
 
 
 def save_folded_grads(ctx, *grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
-    """Keep a folded loss's gradients (accumulated in fp32), each given as (gradient, its
-    input), in the inputs' dtypes for its backward, in the inputs' order. The caller casts dH
-    first and drops its fp32 copy: dW's cast (fp32 and bf16 [V, D] at once) is the fold's peak."""
+    """Keep a folded loss's gradients, each given as (gradient, its input), in the inputs'
+    dtypes for its backward, in the inputs' order: dH is already (HiddenGrad); dW's cast, an
+    fp32 and a bf16 [V, D] at once, can be the fold's peak (HeadGrad's pair has none)."""
     ctx.save_for_backward(*(None if g is None else g.to(like.dtype) for g, like in grads))
 
 
@@ -135,7 +167,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         h, w = operand(hidden), operand(weight)
         b = None if bias is None else bias.to(acc) * inv_temp
         chunk = fold_rows(ws_bytes, rows, vocab, acc)
-        dh = torch.zeros(rows, dim, dtype=acc, device=hidden.device) if need_dh else None
+        dh = HiddenGrad(hidden, acc, chunk) if need_dh else None
         dw = HeadGrad(weight, acc, chunk >= rows, rows_impl) if need_dw else None
         db = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_db else None
         logp = torch.empty(rows, dtype=acc, device=hidden.device)
@@ -159,11 +191,11 @@ class FoldedTokenLoss(torch.autograd.Function):
                 c = c * inv_temp  # through z = raw logits * inv_temp
                 # c (1[v = y] - p), a GEMM operand
                 dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)
-                add_chunk_grads(dz, h[r0:r1], w, None if dh is None else dh[r0:r1], dw, db)
+                add_chunk_grads(dz, h, w, (r0, r1), dh, dw, db)
                 del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
 
         fold_chunks()
-        dh = None if dh is None else dh.to(hidden.dtype)  # the fp32 dH gone before dW's cast, the peak
+        dh = None if dh is None else dh.dh  # its fp32 scratch gone before dW's cast
         save_folded_grads(ctx, (dh, hidden), (None if dw is None else dw.result(), weight), (db, bias))
         ctx.mark_non_differentiable(logp)
         return loss, logp

@@ -32,11 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.backend import backward_gemm, logits_gemm, warn_once
+from gopd_kernels.backend import backward_gemm, dw_sum, logits_gemm, warn_once
 from gopd_kernels.ops import fold_rows_triton
 from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile as torch_logits_tile
 from gopd_kernels.ops.matmul_torch import cublas_bf16, operand
-from gopd_kernels.ops.matmul_triton import gradient_gemm
+from gopd_kernels.ops.matmul_triton import gradient_gemm, matmul
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
     autotuned,
@@ -453,8 +453,10 @@ def grads_from_logit_grads(
     run as tensor-core GEMMs with fp32 accumulators. dW is never summed across chunks in
     bf16 (a known precision loss of chunked kernels); only when the rows come in several
     chunks (an fp32 dH accumulator over all of them would not fit the workspace) does an
-    fp32 [V, D] buffer carry dW across them. unscale: 1 / s for a dZ written times s (a
-    float32 scalar on the device, logit_grad_scale), taken out in the GEMMs and the bias sum.
+    fp32 [V, D] buffer carry dW across them, or with GOPD_DW_SUM=pair a bf16 remainder
+    beside dW (backend.DW_SUMS; the dW GEMM then is the Triton matmul's). unscale: 1 / s
+    for a dZ written times s (a float32 scalar on the device, logit_grad_scale), taken out
+    in the GEMMs and the bias sum.
     """
     need_dh, need_dw, need_db = needs
     M, D = hidden.shape
@@ -472,8 +474,10 @@ def grads_from_logit_grads(
     torch_gemms = runner == "torch"
     sums_dh = need_dh and dh.dtype != f32 and (cols < V or torch_gemms)
     sums_dw = need_dw and dw.dtype != f32 and row_chunk < M
+    pair_dw = sums_dw and dw_sum(weight) == "pair"  # dW and a bf16 remainder (matmul_triton)
     dh_acc = torch.empty(row_chunk, D, dtype=f32, device=dev) if sums_dh else None
-    dw_acc = torch.empty(V, D, dtype=f32, device=dev) if sums_dw else None
+    dw_acc = torch.empty(V, D, dtype=f32, device=dev) if sums_dw and not pair_dw else None
+    dw_lo = torch.empty_like(dw) if pair_dw else None
     # one slice's dW in fp32 for torch's GEMMs, rounded into dw once, in column blocks of at
     # most a quarter of the workspace: a slice of the whole vocabulary (bf16 dZ tiles at small
     # N) would hold an fp32 [V, D], 2.4 GB of the dense recompute's peak on the H100
@@ -488,7 +492,9 @@ def grads_from_logit_grads(
             if dh is not None:
                 out = dh[r0:r1] if dh_acc is None else dh_acc[: r1 - r0]
                 gradient_gemm(dz_t, weight[v0:v1], out, v0 > 0, runner, unscale)
-            if dw is not None and dw_slice is None:
+            if dw_lo is not None:
+                matmul(dz_t.T, hidden[r0:r1], dw[v0:v1], r0 > 0, unscale, lo=dw_lo[v0:v1])
+            elif dw is not None and dw_slice is None:
                 out = dw[v0:v1] if dw_acc is None else dw_acc[v0:v1]
                 gradient_gemm(dz_t.T, hidden[r0:r1], out, r0 > 0, runner, unscale)
             elif dw is not None:  # one row chunk: no sum across chunks

@@ -7,6 +7,15 @@ cast to A's dtype before the dot (bf16 x bf16, fp16 x fp16, or fp32 x fp32 throu
 alpha, a float32 scalar read on the device (no host sync), undoes the power-of-two scale an
 fp16 dZ is written with (linear_logsoftmax_triton.logit_grad_scale) before C is added to or
 rounded: exact, and the product never meets fp16's range.
+
+A bf16 dW summed over row chunks can be carried as a pair (C, LO) of bf16 [V, D] tensors,
+C + LO its value (PAIR): each GEMM forms s = acc + (C + LO) in fp32 and stores C = bf16(s),
+LO = bf16(s - C), the exact remainder rounded. The pair holds about 16 significant bits
+(an fp32 buffer 24, the bf16 result 8): each chunk adds at most 2^-16 of its partial sum
+(2^-24 in fp32), far under the final rounding's 2^-8 unless the sum cancels to a small
+fraction of its partial sums. C is that final rounding at the end, so the result needs no
+fp32 [V, D] buffer (4 bytes an element) beside it, only LO (2). Its reads and writes per
+chunk are an fp32 buffer's (4 + 4 bytes an element).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ def matmul_kernel(
     a_ptr,
     b_ptr,
     c_ptr,
+    lo_ptr,  # the bf16 remainder of C (same strides), read and written when PAIR
     M,
     N,
     K,
@@ -59,6 +69,7 @@ def matmul_kernel(
     K_BUCKET,
     ACCUMULATE: tl.constexpr,
     SCALED: tl.constexpr,
+    PAIR: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -84,17 +95,26 @@ def matmul_kernel(
     c_mask = (rm[:, None] < M) & (rn[None, :] < N)
     if SCALED:
         acc *= tl.load(alpha_ptr)
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if PAIR:
+        lo_ptrs = lo_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :].to(tl.int64) * stride_cn
+        if ACCUMULATE:  # C + LO is exact in fp32 (LO is under half of C's last place): one rounding
+            hi = tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+            acc += hi + tl.load(lo_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        hi = acc.to(c_ptr.dtype.element_ty)
+        tl.store(c_ptrs, hi, mask=c_mask)
+        tl.store(lo_ptrs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 matmul_kernel_tuned = autotuned(
     matmul_kernel,
     CONFIGS,
-    ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACCUMULATE", "SCALED"],
+    ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACCUMULATE", "SCALED", "PAIR"],
     make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr"),
-    restore_value=["c_ptr"],  # timing runs must not accumulate into C
+    restore_value=["c_ptr", "lo_ptr"],  # timing runs must not accumulate into C (or its remainder)
 )
 
 
@@ -104,9 +124,18 @@ def matmul(
     out: torch.Tensor,
     accumulate: bool = False,
     alpha: torch.Tensor | None = None,
+    lo: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out (+)= alpha a @ b; a [M, K], b [K, N] (any strides), out [M, N] of any float dtype,
-    alpha None (1) or a float32 scalar tensor on the device."""
+    alpha None (1) or a float32 scalar tensor on the device. lo: out's bf16 remainder, the
+    pair (out, lo) holding the sum (module doc); both bf16, of one shape and strides."""
+    if lo is not None and not (
+        out.dtype == lo.dtype == torch.bfloat16 and lo.shape == out.shape and lo.stride() == out.stride()
+    ):
+        raise ValueError(
+            f"lo must be a bf16 tensor of out's shape and strides, with out bf16; got out {out.dtype} "
+            f"{tuple(out.shape)} {out.stride()}, lo {lo.dtype} {tuple(lo.shape)} {lo.stride()}"
+        )
     M, K = a.shape
     N = b.shape[1]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -118,6 +147,7 @@ def matmul(
         a,
         b,
         out,
+        out.new_empty(1) if lo is None else lo,  # not read; not out, which autotuning would copy twice
         M,
         N,
         K,
@@ -133,6 +163,7 @@ def matmul(
         token_bucket(K),
         ACCUMULATE=accumulate,
         SCALED=alpha is not None,
+        PAIR=lo is not None,
         DOT_PRECISION=DOT_PRECISION[a.dtype],
         GROUP_M=GROUP_M,
     )

@@ -60,6 +60,12 @@ def test_launch_shape_slice_is_the_backwards():
         assert backward_tiles(aot.TOKENS, aot.VOCAB, aot.HIDDEN, dtype, ws) == (aot.TOKENS, aot.SLICE)
 
 
+def test_launch_shape_fold_chunk_is_the_folds():
+    from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS
+
+    assert aot.FOLD_CHUNK == FOLD_ROWS["triton"]
+
+
 RES_USAGE = """
 Resource usage:
  Common:

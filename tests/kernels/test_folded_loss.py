@@ -14,7 +14,7 @@ from gopd_kernels import losses as losses_module
 from gopd_kernels.losses import aggregate_token_losses, gopd_advantage
 from gopd_kernels.ops import linear_logsoftmax_torch
 from gopd_kernels.reference import gopd_loss_reference
-from tests.kernels.helpers import cublas_bf16_as_on_cuda, rel_err
+from tests.kernels.helpers import cublas_bf16_as_on_cuda, make_inputs, rel_err
 from tests.kernels.test_losses import batch, compare, run_loss
 
 
@@ -324,3 +324,77 @@ def test_default_fold_on_triton_says_so_once(device, monkeypatch, caplog):
         for _ in range(2):
             gopd_loss(h, w, data["targets"], data["teacher"], data["ref"], lam=1.25, backend="triton")
     assert caplog.text.count("gradient is folded into the forward") == 1
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_triton_fold_sums_dw_as_a_bf16_pair_when_asked(op, tiny_chunks, device, monkeypatch):
+    """GOPD_DW_SUM=pair: over several row chunks, the folds carry dW as itself plus a bf16
+    remainder (one pair GEMM per chunk, no fp32 [V, D] buffer), and the bf16 dW they return
+    is within one rounding of the exact sum of the chunks' products."""
+    from gopd_kernels import gopd_dense_loss
+    from gopd_kernels.ops import fold_rows_triton, folded_loss_torch
+    from tests.kernels.test_linear_logsoftmax_triton import pair_error_bound, within_one_bf16_rounding
+
+    monkeypatch.setenv("GOPD_DW_SUM", "pair")
+    n, d, v = 16, 24, 211  # 3-row chunks of 211 fp32 logits (tiny_chunks): 6 chunks, the last short
+    hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, device, bias=False, seed=3)
+    t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, device, bias=False, seed=4)
+    products, fp32_dw = [], []
+    real_pair = fold_rows_triton.gemm_pair
+
+    def pair(a, b, out, lo, accumulate):
+        products.append((a.cpu().double(), b.cpu().double()))
+        assert out.dtype == lo.dtype == torch.bfloat16 and accumulate == (len(products) > 1)
+        real_pair(a, b, out, lo, accumulate)
+
+    monkeypatch.setattr(fold_rows_triton, "gemm_pair", pair)
+    monkeypatch.setattr(folded_loss_torch, "mm_add", lambda *a: fp32_dw.append(a) or 1 / 0)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if op == "gopd_loss":
+        logp_t = torch.randn(n, device=device)
+        loss, _ = gopd_loss(h, w, targets, logp_t, logp_t - 0.3, lam=1.25, backend="triton", fold=True)
+    else:
+        loss, _ = gopd_dense_loss(h, w, t_hidden, t_weight, teacher_kl=False, backend="triton", fold=True)
+    loss.backward()
+    chunks = -(-n // (3 if op == "gopd_loss" else 1))  # the dense fold's 2 tiles: 1-row chunks
+    assert len(products) == chunks and not fp32_dw
+    exact = sum(a @ b for a, b in products)
+    magnitude = sum(a.abs() @ b.abs() for a, b in products)
+    assert w.grad.dtype == torch.bfloat16
+    assert within_one_bf16_rounding(w.grad.cpu(), exact, fp32_sum=pair_error_bound(chunks, magnitude))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dw_sum", ["float32", "pair"])
+def test_head_grad_buffers_by_dw_sum(dtype, dw_sum, monkeypatch, caplog):
+    """What a fold's dW holds over several chunks (bytes an element beside dW's own 2): bf16
+    heads 4 in fp32 (and dW's rounded copy at the end) or, with pair, 2 (the remainder, dropped
+    with the result); fp16 heads always fp32 and fp32 heads dW itself, a log line saying so when
+    pair was asked for. The torch backend's folds have no pair GEMM, and say so."""
+    import logging
+
+    from gopd_kernels.backend import warn_once
+    from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
+    from gopd_kernels.ops.folded_loss_torch import HeadGrad
+
+    monkeypatch.setenv("GOPD_DW_SUM", dw_sum)
+    warn_once.cache_clear()
+    weight = torch.zeros(7, 3, dtype=dtype)
+    with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
+        grad = HeadGrad(weight, torch.float32, False, fold_rows_triton)
+        one_chunk = HeadGrad(weight, torch.float32, True, fold_rows_triton)
+        on_torch = HeadGrad(weight, torch.float32, False, fold_rows_torch)
+    pair = dw_sum == "pair" and dtype == torch.bfloat16
+    assert grad.dw.dtype == (dtype if pair or dtype == torch.float32 else torch.float32)
+    assert (grad.lo is not None) == pair and (not pair or grad.lo.dtype == torch.bfloat16)
+    assert one_chunk.lo is None and one_chunk.dw.dtype == dtype  # one chunk: nothing to sum
+    assert on_torch.lo is None and on_torch.dw.dtype == torch.float32
+    grad.result()
+    assert grad.lo is None  # freed with the result
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert ("applies to bf16 heads" in said) == (dw_sum == "pair" and dtype != torch.bfloat16)
+    assert ("torch backend's folds sum dW in float32" in said) == pair
+    with pytest.raises(ValueError, match="GOPD_DW_SUM"):
+        monkeypatch.setenv("GOPD_DW_SUM", "fp64")
+        HeadGrad(weight, torch.float32, False, fold_rows_triton)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gopd_kernels.backend import BACKWARD_GEMMS
+from gopd_kernels.backend import BACKWARD_GEMMS, DW_SUMS
+from gopd_kernels.ops import linear_logsoftmax_triton as tri
 from gopd_kernels.ops.linear_logsoftmax_triton import backward_tiles, grads_from_logit_grads
+from gopd_kernels.ops.matmul_triton import matmul
 from gopd_kernels.ops.triton_common import token_bucket
 
 pytestmark = pytest.mark.triton
@@ -61,8 +63,11 @@ def within_one_bf16_rounding(
 
 @pytest.mark.parametrize("workspace", [2000, 40_000, 10**6], ids=["row-chunks", "vocab-slices", "one-tile"])
 @pytest.mark.parametrize("gemm", BACKWARD_GEMMS)
-def test_dw_and_dh_take_one_bf16_rounding_however_they_are_tiled(workspace, gemm, device, monkeypatch):
+@pytest.mark.parametrize("dw_sum", DW_SUMS)
+def test_dw_and_dh_take_one_bf16_rounding_however_they_are_tiled(workspace, gemm, dw_sum, device,
+                                                                 monkeypatch):  # fmt: skip
     monkeypatch.setenv("GOPD_BACKWARD_GEMM", gemm)  # Triton's matmul or torch's (cuBLAS on CUDA)
+    monkeypatch.setenv("GOPD_DW_SUM", dw_sum)  # across row chunks: an fp32 [V, D], or dW and a remainder
     n, d, v = 300, 32, 211
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=g).to(device, torch.bfloat16)
@@ -75,12 +80,51 @@ def test_dw_and_dh_take_one_bf16_rounding_however_they_are_tiled(workspace, gemm
     def write_logit_grads(r, c, dz):
         return dz.copy_(dz_all[r, c])
 
+    pairs = []
+    real_matmul = tri.matmul
+    monkeypatch.setattr(tri, "matmul", lambda *a, lo: pairs.append(lo.shape) or real_matmul(*a, lo=lo))
     dh, dw, db = grads_from_logit_grads(hidden, weight, (True, True, True), workspace, write_logit_grads)
+    # the pair only where dW is summed across row chunks, once per tile
+    assert len(pairs) == (-(-n // rows) * -(-v // cols) if dw_sum == "pair" and rows < n else 0)
     exact = dz_all.double()
     assert dh.dtype == dw.dtype == torch.bfloat16
-    assert within_one_bf16_rounding(dw.cpu(), exact.T @ hidden.cpu().double())
+    # the pair is exact to ~16 bits of its partial sums, not fp32's 24: entries that cancel need that much
+    drift = 0.0 if not pairs else pair_error_bound(-(-n // rows), exact.abs().T @ hidden.cpu().double().abs())
+    assert within_one_bf16_rounding(dw.cpu(), exact.T @ hidden.cpu().double(), fp32_sum=drift)
     assert within_one_bf16_rounding(dh.cpu(), exact @ weight.cpu().double())
     torch.testing.assert_close(db.cpu().double(), exact.sum(0), atol=1e-4, rtol=1e-5)
+
+
+def pair_error_bound(chunks: int, magnitude: torch.Tensor) -> torch.Tensor:
+    """How far matmul's pair (value + bf16 remainder) may drift from the exact sum of `chunks`
+    products: each step rounds the remainder of a partial sum s, at most 2^-14 |s| when the
+    casts truncate (the interpreter; 2^-16 rounding to nearest, as GPUs do), and |s| is at
+    most the sum of the terms' magnitudes."""
+    return chunks * 2.0**-14 * magnitude
+
+
+def test_a_pair_carries_a_bf16_sum_to_near_fp32_accuracy(device):
+    """matmul's PAIR epilogue: seven products summed into (dW, remainder), both bf16. dW + the
+    remainder stays within pair_error_bound of the exact sum (float64); dW alone within one
+    bf16 rounding of it. Summing into a bf16 dW alone fails the first."""
+    v, d, rows, chunks = 67, 33, 40, 7  # odd shapes, masked edges in every tile
+    g = torch.Generator().manual_seed(0)
+    dz = [torch.randn(rows, v, generator=g).to(device, torch.bfloat16) for _ in range(chunks)]
+    h = [torch.randn(rows, d, generator=g).to(device, torch.bfloat16) for _ in range(chunks)]
+    exact = sum(a.cpu().double().T @ b.cpu().double() for a, b in zip(dz, h, strict=True))
+    magnitude = sum(a.cpu().double().abs().T @ b.cpu().double().abs() for a, b in zip(dz, h, strict=True))
+    hi = torch.full((v, d), float("nan"), dtype=torch.bfloat16, device=device)  # the first GEMM writes
+    lo, plain = hi.clone(), hi.clone()
+    for k, (a, b) in enumerate(zip(dz, h, strict=True)):
+        matmul(a.T, b, hi, k > 0, lo=lo)
+        matmul(a.T, b, plain, k > 0)  # bf16 sums: rounded at every chunk
+    bound = pair_error_bound(chunks, magnitude)
+    within = lambda got: bool(((got.cpu().double() - exact).abs() <= bound).all())  # noqa: E731
+    assert within(hi.double() + lo.double())
+    assert not within(plain)  # the check above can fail
+    assert within_one_bf16_rounding(hi.cpu(), exact, fp32_sum=bound)
+    with pytest.raises(ValueError, match="lo must be a bf16"):
+        matmul(dz[0].T, h[0], hi, lo=lo.float())
 
 
 def test_torch_gemms_round_dw_through_a_bounded_fp32_block(device, monkeypatch):

@@ -102,3 +102,36 @@ def test_fold_frees_its_tiles_before_casting_the_grads(op, monkeypatch):
         tiles / 2**20,
         fp32_dh / 2**20,
     )
+
+
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
+    """Many tokens, a small head: dH [N, D] outweighs everything else. The folds write each
+    chunk's dH rows in bf16 through a [chunk, D] fp32 scratch; an fp32 [N, D] dH (cast at the
+    end, so 6 bytes an element at once) would put the peak above the bound."""
+    import gopd_kernels as gk
+
+    pytest.importorskip("torch.profiler._memory_profiler", reason="torch's private allocation timeline")
+    n, d, v, rows = 4096, 64, 257, 64
+    live = 1 if op == "gopd_loss" else 2
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(live * rows * v * 4 / 2**20))
+    hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, bias=False)
+    t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, bias=False, seed=1)
+    logp_t = torch.randn(n)
+
+    def step():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if op == "gopd_loss":
+            loss = gk.gopd_loss(h, w, targets, logp_t, logp_t - 0.5, lam=1.25, backend="torch", fold=True)[0]
+        else:
+            loss = gk.gopd_dense_loss(h, w, t_hidden, t_weight, teacher_kl=False, backend="torch", fold=True)[0]
+        loss.backward()
+
+    step()  # warm: lazy module state out of the measurement
+    peak = profiled_peak_bytes(step)
+    models = 1 if op == "gopd_loss" else 2
+    # the clones, the fp32 operands (upcast on CPUs), dH in bf16, dW's fp32 sum and bf16 copy,
+    # a chunk's tiles and scratch; the per-token vectors (a few fp32 [N] each, 16 KiB)
+    held = (n * d + v * d) * 2 + models * (n * d + v * d) * 4 + n * d * 2 + v * d * 6
+    bound = held + live * rows * v * 4 + rows * d * 4 + 32 * n * 4
+    assert peak <= bound < peak + n * d * 2, (peak / 2**10, bound / 2**10)  # fp32 dH: 4 more bytes
