@@ -69,9 +69,9 @@ def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None
     model that soft-caps or scales them (Gemma 2's final_logit_softcapping, Granite's
     logits_scaling, code in a remote model), or whose decoder's output is not what its head
     reads, would be scored wrongly by the fused ops. First the config attributes that name such
-    a transform, then the model's own forward on a few tokens against the head's, within a
-    rounding or two of its dtype (relative to the largest logit). Checked once per model
-    object."""
+    a transform, then the model's own forward on a few tokens against the head's: within a
+    rounding or two of its dtype (relative to the largest logit), and a scale fitted over all
+    those logits within 1e-3 of 1 (1e-5 in fp32). Checked once per model object."""
     if model in _CHECKED:
         return
     config = getattr(model, "config", None)
@@ -93,12 +93,18 @@ def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None
     finally:
         model.train(training)
     logits, ours = logits.double(), ours.double()
-    err = float((logits - ours).abs().max() / logits.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
-    if err > (1e-4 if head.weight.dtype == torch.float32 else 1e-2):  # a 16-bit logit's rounding: 4e-3
+    tiny = torch.finfo(torch.float32).tiny
+    err = float((logits - ours).abs().max() / logits.abs().max().clamp_min(tiny))
+    # A scale near 1 (a multiplier in code) hides in one logit's rounding, not in the scale
+    # fitted over all of them (least squares), whose rounding noise averages out.
+    scale = float((logits * ours).sum() / (ours * ours).sum().clamp_min(tiny))
+    fp32 = head.weight.dtype == torch.float32
+    if err > (1e-4 if fp32 else 1e-2) or abs(scale - 1) > (1e-5 if fp32 else 1e-3):  # 16-bit rounding: 4e-3
         raise ValueError(
             f"{name}: the model's logits are not its LM head applied to its final hidden states (off by "
-            f"{err:.2g} of the largest logit on {tokens} tokens): its forward transforms them (a scale, a "
-            "softcap), which gopd's fused ops, reading the head's weight, would miss"
+            f"{err:.2g} of the largest logit, a fitted scale of {scale:.6g}, on {tokens} tokens): its "
+            "forward transforms them (a scale, a softcap), which gopd's fused ops, reading the head's "
+            "weight, would miss"
         )
     _CHECKED.add(model)
 

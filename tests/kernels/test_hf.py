@@ -103,6 +103,18 @@ def test_scaled_logits_are_refused_by_name_and_by_the_forward(monkeypatch):
         sequence_logprobs(tiny_granite(4.0), ids, mask)
 
 
+@pytest.mark.parametrize("dtype, scaling", [(torch.bfloat16, 1.004), (torch.float32, 1.0001)], ids=str)
+def test_a_scale_within_one_logits_rounding_is_refused(dtype, scaling, monkeypatch):
+    """A multiplier this close to 1 moves no logit by more than its dtype's rounding (the
+    largest-error check passes it), but the scale fitted over all the logits shows it."""
+    monkeypatch.setattr(hf, "LOGIT_TRANSFORMS", ())
+    ids, mask = left_padded_batch()
+    model = tiny_granite(scaling).to(dtype)
+    with pytest.raises(ValueError, match=r"a fitted scale of 0\.99"):
+        sequence_logprobs(model, ids, mask, backend="torch")
+    check_head_reads_hidden(tiny_granite(1.0).to(dtype))  # the same model unscaled passes
+
+
 def test_a_plain_granite_passes():
     model = tiny_granite(1.0)
     ids, mask = left_padded_batch()
