@@ -131,8 +131,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if why is None:
             return "triton"
         warn_once(
-            f"backend='auto': {why}; running the torch backend instead (cuBLAS GEMMs, "
-            "float32 ones for fp16 heads, whose gradient tiles would underflow in fp16)"
+            f"backend='auto': {why}; running the torch backend instead (cuBLAS GEMMs, on fp16 "
+            "tensor cores for fp16 heads, with scaled gradient tiles)"
         )
     return "torch"
 

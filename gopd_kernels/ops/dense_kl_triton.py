@@ -21,13 +21,13 @@ from gopd_kernels.ops.dense_kl import head_tiles
 from gopd_kernels.ops.linear_logsoftmax_triton import (
     GROUP_M,
     INTERPRET_CONFIG,
-    fp16_dz_scale,
     grads_from_logit_grads,
     lm_head_args,
     logit_grad_dtype,
     logits_tile,
     vocab_slices,
 )
+from gopd_kernels.ops.matmul_torch import fp16_dz_scale
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
     autotuned,

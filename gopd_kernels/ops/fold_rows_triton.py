@@ -201,11 +201,12 @@ def lse(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
 def logit_grads(
     z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """dz [rows, V] of `dtype` (fp32 or 16-bit) <- c (1[v = y] - exp(z - lse)); c [rows] fp32,
+    """dz [rows, V] of `dtype` (fp32 or bf16; fp32 for an fp16 operand, which
+    matmul_torch.scaled_operand scales first) <- c (1[v = y] - exp(z - lse)); c [rows] fp32,
     z fp32 with a unit column stride. Written over z, which is consumed (module doc): dz is
     a view of z's memory, row t in the first bytes of z's row t."""
     rows, vocab = z.shape
-    dz = _written_over(z, dtype)
+    dz = _written_over(z, _dz_dtype(dtype))
     if rows:
         row_logit_grads_kernel[(rows,)](
             z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), **_launch_config(vocab)
@@ -238,12 +239,18 @@ def dense_kl(
         )  # fmt: skip
     if coef is None:
         return kl, kl_t, None
-    dz = _written_over(a, dtype)
+    dz = _written_over(a, _dz_dtype(dtype))
     if rows:
         row_dense_grads_kernel[(rows,)](
             a, c, lse_a, u, coef, dz, vocab, a.stride(0), dz.stride(0), **_launch_config(vocab)
         )
     return kl, kl_t, dz
+
+
+def _dz_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dz's dtype for a GEMM operand of `dtype`: its own, but fp32 for fp16, as the torch rows'
+    (an unscaled fp16 dz would flush a token mean's small gradients)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def gemm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.ops.folded_loss_torch import fold_rows, logit_chunks
-from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand, scaled_operand
 
 
 def forward(
@@ -52,6 +52,7 @@ def forward(
         s[r0:r1], state = rows_impl.log_softmax(z, y)
         c = torch.full((r1 - r0,), inv_temp, dtype=acc, device=hidden.device)
         dz = rows_impl.logit_grads(z, y, state, c, w.dtype)  # (1[v = y] - p) / tau, a GEMM operand
-        mm_into(x[r0:r1], dz, w)
+        dz, alpha = scaled_operand(dz, w)  # fp16: scaled (fp32 from the torch rows)
+        mm_into(x[r0:r1], dz, w, alpha)
         del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
     return s, x

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 from gopd_kernels.backend import dw_sum, warn_once, workspace_bytes
-from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand, scaled_operand
 
 # Rows per chunk unless GOPD_WORKSPACE_MB says otherwise, by who does the row work. torch
 # (CPUs): 512 (measured: 110 rows gain nothing). triton (GPUs): more rows, fewer passes of
@@ -82,18 +82,20 @@ class HeadGrad:
         if pair and not hasattr(rows_impl, "gemm_pair"):
             warn_once("GOPD_DW_SUM=pair needs the Triton matmul; the torch backend's folds sum dW in float32")
             pair = False
-        direct = weight.dtype != acc and hasattr(rows_impl, "gemm_rounded") and (one_chunk or pair)
+        # bf16 only: an fp16 dz comes scaled, its alpha taken out by torch's GEMMs (add)
+        direct = weight.dtype == torch.bfloat16 and hasattr(rows_impl, "gemm_rounded") and (one_chunk or pair)
         self.dw = torch.empty(weight.shape, dtype=weight.dtype if direct else acc, device=weight.device)
         self.lo = torch.empty_like(self.dw) if pair else None
         self.rows_impl, self.written = rows_impl, False
 
-    def add(self, dz: torch.Tensor, h: torch.Tensor) -> None:
+    def add(self, dz: torch.Tensor, h: torch.Tensor, alpha: float = 1.0) -> None:
+        """dW += alpha dz^T h (alpha: scaled_operand's; 1 wherever the Triton GEMMs run)."""
         if self.lo is not None:
             self.rows_impl.gemm_pair(dz.T, h, self.dw, self.lo, accumulate=self.written)
         elif self.dw.dtype not in (torch.float32, torch.float64):
             self.rows_impl.gemm_rounded(dz.T, h, self.dw)
         else:
-            (mm_add if self.written else mm_into)(self.dw, dz.T, h)
+            (mm_add if self.written else mm_into)(self.dw, dz.T, h, alpha)
         self.written = True
 
     def result(self) -> torch.Tensor:
@@ -115,23 +117,24 @@ class HiddenGrad:
         own = hidden.dtype == acc
         self.scratch = None if own else torch.empty(min(chunk, rows), dim, dtype=acc, device=hidden.device)
 
-    def write(self, r0: int, r1: int, dz: torch.Tensor, w: torch.Tensor) -> None:
+    def write(self, r0: int, r1: int, dz: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> None:
         if self.scratch is None:
-            mm_into(self.dh[r0:r1], dz, w)
+            mm_into(self.dh[r0:r1], dz, w, alpha)
         else:
-            self.dh[r0:r1] = mm_into(self.scratch[: r1 - r0], dz, w)
+            self.dh[r0:r1] = mm_into(self.scratch[: r1 - r0], dz, w, alpha)
 
 
 def add_chunk_grads(dz, h, w, rows: tuple[int, int], dh: HiddenGrad | None, dw: HeadGrad | None, db) -> None:
-    """One chunk's dL/dz (a GEMM operand) for rows r0:r1 into a fold's gradients:
-    dH[rows] = dz W, dW += dz^T H[rows], db += the column sums of dz (fp32)."""
+    """One chunk's dL/dz (a GEMM operand, or fp32 for an fp16 one) for rows r0:r1 into a fold's
+    gradients: dH[rows] = dz W, dW += dz^T H[rows], db += the column sums of dz (fp32)."""
     r0, r1 = rows
-    if dh is not None:
-        dh.write(r0, r1, dz, w)
-    if dw is not None:
-        dw.add(dz, h[r0:r1])
     if db is not None:
         db.add_(dz.sum(dim=0, dtype=db.dtype))
+    dz, alpha = scaled_operand(dz, w)  # an fp16 operand's scale, taken out by the GEMMs
+    if dh is not None:
+        dh.write(r0, r1, dz, w, alpha)
+    if dw is not None:
+        dw.add(dz, h[r0:r1], alpha)
 
 
 def save_folded_grads(ctx, *grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.matmul_torch import compute_dtype, like_operand, mm_add, mm_into, operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand, scaled_operand
 from gopd_kernels.ops.vocab_partials import merge_vocab_partials
 
 ROWS_PER_TILE = 4096  # rows of a tile when the budget allows; more rows, fewer re-reads of W
@@ -96,15 +96,16 @@ def _targets_in(targets: torch.Tensor, c0: int, c1: int) -> tuple[torch.Tensor, 
 def accumulate_head_grads(dz, h, w, dh, dw, rows: tuple[int, int], cols: tuple[int, int], db=None) -> None:
     """From one tile's dL/dz: dh[rows] += dz @ w; dw[cols] = dz^T @ h on the first row chunk,
     += after (each vocabulary chunk's dW is complete after its row chunks, written in place);
-    db[cols] += the column sums of dz, taken before dz becomes a GEMM operand."""
+    db[cols] += the column sums of dz, taken before dz becomes a GEMM operand (scaled_operand:
+    w's dtype, scaled for fp16, the scale taken out by the GEMMs' alpha)."""
     (r0, r1), (c0, c1) = rows, cols
     if db is not None:
         db[c0:c1] += dz.sum(dim=0)
-    dz = like_operand(dz, w)
+    dz, alpha = scaled_operand(dz, w)
     if dh is not None:
-        mm_add(dh[r0:r1], dz, w)
+        mm_add(dh[r0:r1], dz, w, alpha)
     if dw is not None:
-        (mm_into if r0 == 0 else mm_add)(dw[c0:c1], dz.T, h)
+        (mm_into if r0 == 0 else mm_add)(dw[c0:c1], dz.T, h, alpha)
 
 
 def forward(
@@ -150,7 +151,8 @@ def forward(
             m[k, r0:r1] = m_k
             s[k, r0:r1] = e.sum(dim=1)
             if ew is not None:
-                mm_add(ew[r0:r1], like_operand(e, w), w)
+                e_op, alpha = scaled_operand(e, w)
+                mm_add(ew[r0:r1], e_op, w, alpha)
             if t is not None:
                 t[k, r0:r1] = e.mul_(u).sum(dim=1)
     logp, lse, entropy = merge_vocab_partials(m, s, t, zy)

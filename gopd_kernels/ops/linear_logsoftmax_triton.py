@@ -35,7 +35,7 @@ import triton.language as tl
 from gopd_kernels.backend import backward_gemm, dw_sum, logits_gemm, warn_once
 from gopd_kernels.ops import fold_rows_triton
 from gopd_kernels.ops.linear_logsoftmax_torch import logits_tile as torch_logits_tile
-from gopd_kernels.ops.matmul_torch import cublas_bf16, operand
+from gopd_kernels.ops.matmul_torch import cublas_bf16, fp16_dz_scale, operand
 from gopd_kernels.ops.matmul_triton import gradient_gemm, matmul
 from gopd_kernels.ops.triton_common import (
     DOT_PRECISION,
@@ -390,18 +390,6 @@ def logit_grad_dtype(dtype: torch.dtype, scaled: bool = False) -> torch.dtype:
     if dtype == torch.float32:
         return torch.float32
     return torch.float16 if dtype == torch.float16 and scaled else torch.bfloat16
-
-
-FP16_DZ_TOP = 2.0**13  # the largest |dZ| entry an fp16 dZ is scaled to: 8x below fp16's max
-
-
-def fp16_dz_scale(bound: torch.Tensor) -> torch.Tensor:
-    """s, a power of two (a float32 scalar on the device: no host sync), with which an fp16 dZ
-    whose entries are at most `bound` (a scalar tensor) is written: s dZ's largest possible
-    entry is at most FP16_DZ_TOP, so that none overflows and the small entries of the largest
-    rows stay clear of fp16's subnormals. A power of two is exact to apply and remove."""
-    exponent = torch.floor(torch.log2(FP16_DZ_TOP / bound.float().clamp_min(2.0**-100)))
-    return torch.exp2(exponent.clamp(-100.0, 100.0))
 
 
 def logit_grad_scale(g_l: torch.Tensor, g_e: torch.Tensor | None, vocab: int) -> torch.Tensor:

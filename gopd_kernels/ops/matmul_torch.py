@@ -1,17 +1,22 @@
-"""The torch backend's GEMMs: float32 results, operands in bf16 where the device allows it.
+"""The torch backend's GEMMs: float32 results, operands in bf16 or fp16 where the device allows it.
 
-Where torch runs bf16 x bf16 -> float32 GEMMs (``out_dtype=torch.float32``: cuBLAS, torch
->= 2.8), bf16 inputs go to them as they are: tensor cores with fp32 accumulation, the
-arithmetic of the Triton kernels' ``tl.dot``, and no fp32 copy of the LM head. Gradient
-tiles dL/dz, computed in fp32, are rounded to bf16 for the two gradient GEMMs (as the Triton
-backward stores them); dH and dW are accumulated in fp32, in place by ``torch.addmm(...,
-out_dtype=...)`` where this torch takes a float32 accumulator (else through a temporary).
+Where torch runs bf16 x bf16 -> float32 and fp16 x fp16 -> float32 GEMMs (``out_dtype=
+torch.float32``: cuBLAS, torch >= 2.8; fp16 on every CUDA GPU, a T4's and a V100's tensor
+cores included), half-precision inputs go to them as they are: tensor cores with fp32
+accumulation, the arithmetic of the Triton kernels' ``tl.dot``, and no fp32 copy of the LM
+head. Gradient tiles dL/dz and probability tiles, computed in fp32, become the other
+operand of their GEMM in its dtype (scaled_operand): rounded to bf16 as the Triton backward
+stores them, or, for fp16, written times a power of two from the tile's largest entry and
+multiplied back by its inverse in the GEMM, as the Triton kernels' fp16 dZ is (unscaled, a
+token mean's small gradients flush to zero in fp16). dH and dW are accumulated in fp32, in
+place by ``torch.addmm(..., out_dtype=...)`` where this torch takes a float32 accumulator
+(else through a temporary).
 
 Elsewhere operands are upcast to float32 first (float64 stays float64): on CPUs, whose
 torch (2.13) has no such GEMM and a bf16 result would round every logit to 3 significant
-digits; for fp16 inputs, whose dL/dz would underflow in fp16. A one-off probe per device
-(bf16_gemm_mode) decides, and says in a log line when bf16 inputs are upcast or accumulate
-through a temporary.
+digits. A one-off probe per device and dtype (bf16_gemm_mode, fp16_gemm_mode) decides, and
+says in a log line when inputs are upcast on a GPU, or bf16 ones on any device, or when
+they accumulate through a temporary.
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ import functools
 import logging
 
 import torch
-
-from gopd_kernels.backend import warn_once
 
 logger = logging.getLogger("gopd_kernels")
 
@@ -32,22 +35,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bf16 @ bf16 -> a new float32 tensor (cuBLAS, fp32 accumulation)."""
+    """half @ half -> a new float32 tensor (cuBLAS, fp32 accumulation)."""
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float) -> None:
-    """out (float32) <- beta * out + alpha * (bf16 a @ bf16 b), in one cuBLAS call."""
+    """out (float32) <- beta * out + alpha * (half a @ half b), in one cuBLAS call."""
     torch.addmm(out, a, b, out_dtype=torch.float32, beta=beta, alpha=alpha, out=out)
 
 
-_ONE = 1 + 2**-7  # exact in bf16; 16 ONE^2 = 16 + 2^-2 + 2^-10 is exact in fp32, not in a bf16 result
+_ONE = 1 + 2**-7  # exact in bf16 and fp16; 16 ONE^2 = 16 + 2^-2 + 2^-10: exact in fp32, not in a half
 
 
-def _probe(device: torch.device, fused: bool) -> str | None:
-    """None if the bf16 GEMM with a float32 result works exactly on `device`, else why not."""
+def _probe(device: torch.device, fused: bool, dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None if the `dtype` GEMM with a float32 result works exactly on `device`, else why not."""
     try:
-        a = torch.full((16, 16), _ONE, dtype=torch.bfloat16, device=device)
+        a = torch.full((16, 16), _ONE, dtype=dtype, device=device)
         if fused:  # accumulating into a float32 tensor in place, and scaling
             got = torch.full((16, 16), 0.5, dtype=torch.float32, device=device)
             _addmm_fp32_(got, a, a, beta=1.0, alpha=2.0)
@@ -57,8 +60,30 @@ def _probe(device: torch.device, fused: bool) -> str | None:
         if got.dtype == torch.float32 and bool((got == want).all()):
             return None
         return f"got {got.dtype} {got.flatten()[0].item()} for {want}"
-    except (RuntimeError, TypeError) as e:  # no out_dtype kernel (NotImplementedError), or no argument
+    except (RuntimeError, TypeError, NotImplementedError) as e:  # no out_dtype kernel, or no argument
         return str(e).splitlines()[0][:120]
+
+
+def _gemm_mode(device: torch.device, dtype: torch.dtype, say_upcast: bool) -> str | None:
+    """bf16_gemm_mode's and fp16_gemm_mode's answer for `dtype` (see there)."""
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if _probe(device, fused=True, dtype=dtype) is None:
+        return "addmm"
+    why = _probe(device, fused=False, dtype=dtype)
+    if why is None:
+        logger.warning(
+            "torch GEMMs on %s: this torch (%s) cannot accumulate %s GEMMs into float32 in place; "
+            "each accumulation takes a float32 temporary and one more pass", device, torch.__version__, name,
+        )  # fmt: skip
+        return "mm"
+    if say_upcast:
+        logger.warning(
+            "torch GEMMs on %s: this torch (%s) has no %s GEMM with a float32 result (%s); the torch "
+            "backend upcasts %s inputs to float32 GEMMs, which are slower%s", device, torch.__version__, name,
+            why, name, ", and the Triton backend keeps its own GEMMs where cuBLAS's are its default (the "
+            "losses' folds, token_logprobs' tiles)" if dtype == torch.bfloat16 else "",
+        )  # fmt: skip
+    return None
 
 
 @functools.cache
@@ -67,22 +92,21 @@ def bf16_gemm_mode(device: torch.device) -> str | None:
     place, CUDA with a recent torch), "mm" (float32 results, then added: one more pass over the
     accumulator), or None (upcast to float32 GEMMs). Probed once per device; said in a log
     line where it is not "addmm"."""
-    if _probe(device, fused=True) is None:
-        return "addmm"
-    why = _probe(device, fused=False)
-    if why is None:
-        logger.warning(
-            "torch GEMMs on %s: this torch (%s) cannot accumulate bf16 GEMMs into float32 in place; "
-            "each accumulation takes a float32 temporary and one more pass", device, torch.__version__,
-        )  # fmt: skip
-        return "mm"
-    logger.warning(
-        "torch GEMMs on %s: this torch (%s) has no bf16 GEMM with a float32 result (%s); the torch "
-        "backend upcasts bf16 inputs to float32 GEMMs, which are slower, and the Triton backend keeps "
-        "its own GEMMs where cuBLAS's are its default (the losses' folds, token_logprobs' tiles)",
-        device, torch.__version__, why,
-    )  # fmt: skip
-    return None
+    return _gemm_mode(device, torch.bfloat16, say_upcast=True)
+
+
+@functools.cache
+def fp16_gemm_mode(device: torch.device) -> str | None:
+    """bf16_gemm_mode for fp16 operands. A CPU's upcast goes unsaid (CPUs have no fp16 GEMM to
+    forgo); a GPU's is said (a T4's or a V100's fp16 tensor cores forgone)."""
+    return _gemm_mode(device, torch.float16, say_upcast=device.type != "cpu")
+
+
+def half_gemm_mode(device: torch.device, dtype: torch.dtype) -> str | None:
+    """bf16_gemm_mode or fp16_gemm_mode by dtype; None for any other dtype (its own GEMMs)."""
+    if dtype == torch.bfloat16:
+        return bf16_gemm_mode(device)
+    return fp16_gemm_mode(device) if dtype == torch.float16 else None
 
 
 def cublas_bf16(*tensors: torch.Tensor | None) -> bool:
@@ -94,29 +118,44 @@ def cublas_bf16(*tensors: torch.Tensor | None) -> bool:
 
 
 def operand(t: torch.Tensor) -> torch.Tensor:
-    """An input (hidden states, a weight slice) as a GEMM operand: bf16 kept where native
-    GEMMs run (see the module doc), else upcast to the compute dtype."""
-    if t.dtype == torch.bfloat16 and bf16_gemm_mode(t.device) is not None:
+    """An input (hidden states, a weight slice) as a GEMM operand: bf16 and fp16 kept where
+    native GEMMs run (see the module doc), else upcast to the compute dtype."""
+    if half_gemm_mode(t.device, t.dtype) is not None:
         return t
-    if t.dtype == torch.float16 and t.device.type != "cpu":  # a GPU, whose fp16 GEMMs this forgoes
-        warn_once(
-            f"torch backend on {t.device.type}: fp16 operands are upcast to float32 GEMMs (an fp16 "
-            "dL/dz would underflow), slower than the GPU's fp16 tensor cores"
-        )
     return t.to(compute_dtype(t.dtype))
 
 
-def like_operand(tile: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """A float32 tile (dL/dz, probabilities) in the dtype of the operand it multiplies."""
-    return tile.to(other.dtype)
+FP16_DZ_TOP = 2.0**13  # the largest |entry| an fp16 GEMM operand tile is scaled to: 8x below fp16's max
+
+
+def fp16_dz_scale(bound: torch.Tensor) -> torch.Tensor:
+    """s, a power of two (a float32 scalar on the tensor's device: no host sync), with which an
+    fp16 tile (dZ, probabilities) whose entries are at most `bound` (a scalar tensor) is
+    written: s times its largest possible entry is at most FP16_DZ_TOP, so that none overflows
+    and the small entries of the largest rows stay clear of fp16's subnormals. A power of two
+    is exact to apply and remove."""
+    exponent = torch.floor(torch.log2(FP16_DZ_TOP / bound.float().clamp_min(2.0**-100)))
+    return torch.exp2(exponent.clamp(-100.0, 100.0))
+
+
+def scaled_operand(tile: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """A compute-dtype tile (dL/dz, probabilities) as the operand that multiplies `other`, in
+    other's dtype, and the alpha its GEMM takes to undo the tile's scale: 1, or for an fp16
+    operand 1 / s with s from fp16_dz_scale of the tile's own largest entry (read on the host:
+    one sync per tile, on the torch backend's GPUs only, whose alpha is a host number). A tile
+    already in other's dtype is taken as it is."""
+    if other.dtype != torch.float16 or tile.dtype == other.dtype or tile.numel() == 0:
+        return tile.to(other.dtype), 1.0
+    s = float(fp16_dz_scale(tile.abs().amax()))
+    return (tile * s).to(torch.float16), 1.0 / s
 
 
 def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
     """out <- beta * out + alpha * a @ b (beta 0 or 1), out in the compute dtype; a, b operands of
-    one dtype: the compute dtype itself, or bf16 (operand())."""
+    one dtype: the compute dtype itself, or bf16 or fp16 (operand())."""
     if a.dtype == out.dtype:
         return out.addmm_(a, b, beta=beta, alpha=alpha)  # beta = 0: the old contents are ignored
-    if bf16_gemm_mode(out.device) == "addmm":
+    if half_gemm_mode(out.device, a.dtype) == "addmm":
         _addmm_fp32_(out, a, b, beta=beta, alpha=alpha)
         return out
     product = _mm_fp32_out(a, b)

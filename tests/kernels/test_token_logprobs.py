@@ -436,7 +436,8 @@ def test_fp16_gradients_keep_fp16_precision(upstream, device):
 
 
 def test_logit_grad_scale_is_a_power_of_two_that_bounds_dz():
-    from gopd_kernels.ops.linear_logsoftmax_triton import FP16_DZ_TOP, logit_grad_scale
+    from gopd_kernels.ops.linear_logsoftmax_triton import logit_grad_scale
+    from gopd_kernels.ops.matmul_torch import FP16_DZ_TOP
 
     g_l = torch.tensor([1e-3, -3e-3, 0.0])
     s = logit_grad_scale(g_l, None, 151936)
