@@ -30,6 +30,8 @@
 #                                          # for the backward's GEMMs, the autotune cache (~5.5 min;
 #                                          # ran in the second lease)
 #   bash benchmarks/gpu_session.sh stages  # token_logprobs stage by stage beside cuBLAS (75 s)
+#   bash benchmarks/gpu_session.sh fp16-torch  # the torch backend's fp16 GEMMs (a T4's path), its
+#                                          # CUDA tests, timed against naive fp16 (~1.5 minutes)
 #   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048, frozen scoring
 #                                          # with GOPD_LOGITS_GEMM swept (~3 minutes)
 #   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA, one update step
@@ -50,7 +52,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh lease|liger-sm90|first|fold|gemm|stages|small|trainer|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh lease|liger-sm90|first|fold|gemm|stages|fp16-torch|small|trainer|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -176,6 +178,15 @@ first)
     # the fused kernels, both with cuBLAS for dH and dW (140.5 ms in the second lease)
     GOPD_BACKWARD_GEMM=torch timeout 70 python3 -m benchmarks.stages --n 16384 --d 4096 --v 151936 \
         --dtype bfloat16 --sweep GOPD_LOGITS_GEMM=triton,torch --op token_logprobs --impls gopd || status=1
+    (exit $status)
+    ;;
+fp16-torch)  # the torch backend's fp16 heads on fp16 tensor cores with scaled dL/dz tiles (new;
+    # before, float32 GEMMs): the T4's and V100's path, run here on the H100's cuBLAS. Predicted:
+    # GEMMs at fp16's rate, and a host sync per tile (the scale) that costs a few ms
+    status=0
+    timeout 60 python3 -m pytest -q -p no:benchmark -m cuda tests/kernels/test_matmul_torch.py || status=1
+    timeout --signal=INT 90 python3 -m benchmarks.report --op token_logprobs,gopd_loss --n 8192 --d 4096 \
+        --v 151936 --dtype float16 --impls naive,gopd,gopd-torch || status=1
     (exit $status)
     ;;
 small)  # not yet timed: rows that fit one fold chunk write a bf16 dW directly (no fp32 [V, D]);

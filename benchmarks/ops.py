@@ -8,8 +8,8 @@ same quantity from the same inputs, so outputs and gradients are compared across
     naive          the materialising reference a user would write (gopd_kernels.reference)
     torch-compile  torch.compile of that same function
     gopd           gopd_kernels (torch backend on CPU, Triton on CUDA)
-    gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 operands with fp32 results;
-                   the losses fold their gradient)
+    gopd-torch     gopd_kernels' torch backend on CUDA (cuBLAS GEMMs, bf16 or fp16 operands with fp32
+                   results, fp16 gradient tiles scaled; the losses fold their gradient)
     gopd-fold      fold=True on CUDA (the losses, and token_logprobs with a frozen head): the Triton
                    backend's fold (cuBLAS GEMMs, fused row passes; the default in bf16)
     gopd-recompute fold=False on CUDA: the recomputing Triton backward (the default in fp32)
