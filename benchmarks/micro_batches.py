@@ -16,6 +16,8 @@ forward and backward, ExOPD lam 1.25):
 - tokens: the same with a token budget, micro_batch_tokens = micro_batch_size / 4 x the
   longest possible row, and up to 4x the rows: long rows go a few at a time (a lower peak),
   short rows many at a time.
+- packed: grouped's micro-batches, each run as one row of its sequences' real tokens
+  (pack_sequences, gopd.packing; sdpa's block-diagonal mask on a CPU).
 
 The step (seeded): prompts of 32-128 tokens; responses log-normal around cap/5, one in ten
 cut at the cap, as a step of a long-response RL run. The models are Qwen3-shaped (hidden
@@ -48,7 +50,7 @@ from benchmarks.common import (
 )
 from benchmarks.report import CHILD_ENV
 
-LAYOUTS = ("padded", "grouped", "tokens")
+LAYOUTS = ("padded", "grouped", "tokens", "packed")
 VOCAB, PROMPTS = 32000, (32, 128)
 
 
@@ -93,12 +95,12 @@ def models_and_config(layout: str, rows: int, cap: int, micro: int, device: str 
     cfg = TrainConfig(
         lam=1.25, micro_batch_size=rows_at_most, micro_batch_tokens=budget, max_prompt_tokens=PROMPTS[1],
         max_new_tokens=cap, kernel_backend="torch" if device == "cpu" else "auto", grad_clip=None,
-        device=device,
+        device=device, pack_sequences=layout == "packed",
     )  # fmt: skip
     return models, cfg
 
 
-def padded_micro_batches(rollouts, rows, max_rows, max_tokens=None):
+def padded_micro_batches(rollouts, rows, max_rows, max_tokens=None, packed=False):
     """The layout before gopd.batching: consecutive rows, as many as allowed."""
     for start in range(0, len(rows), max_rows):
         yield rows[start : start + max_rows]
@@ -129,13 +131,18 @@ def layout_in_effect(layout: str):
 
 
 def plan_shape(rollouts, cfg) -> dict:
-    """The update's micro-batches under the layout in effect: how many, and their padded tokens."""
+    """The update's micro-batches under the layout in effect: how many, and the tokens a model
+    runs through (padded ones included; packed, only the real ones)."""
     import gopd.batching
     import gopd.update
+    from gopd.packing import pack
 
-    plan = gopd.batching.step_plan(rollouts, None, cfg.micro_batch_size, cfg.micro_batch_tokens)
+    limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
+    plan = gopd.batching.step_plan(rollouts, None, *limits, packed=cfg.pack_sequences)
     parts = [gopd.update.micro_batch(rollouts, rows)[0] for _, chunks in plan for rows, _ in chunks]
-    return {"micro_batches": len(parts), "tokens": sum(part.sequences.numel() for part in parts)}
+    packed = cfg.pack_sequences
+    tokens = sum(pack(part).input_ids.numel() if packed else part.sequences.numel() for part in parts)
+    return {"micro_batches": len(parts), "tokens": tokens}
 
 
 def one_step(models, rollouts, cfg):

@@ -8,7 +8,8 @@ end of the step), cut into micro-batches, and each is trimmed to its own longest
 response (Rollouts.trimmed) before it reaches a model.
 
 A micro-batch holds at most `micro_batch_size` rows and, when `micro_batch_tokens` is set,
-at most that many padded tokens: rows x (longest prompt + longest response among them).
+at most that many padded tokens: rows x (longest prompt + longest response among them);
+packed (gopd.packing), its rows' real tokens, which is what a packed forward runs.
 Sorted rows make that close to the real tokens, so long rows go a few at a time and short
 ones many at a time (verl's dynamic batch size). The losses are normalised over the whole
 step (gopd.update), so the grouping changes neither the loss nor the gradient.
@@ -25,25 +26,26 @@ from gopd.rollout import Rollouts
 
 
 def micro_batches(
-    rollouts: Rollouts, rows: list[int], max_rows: int, max_tokens: int | None = None
+    rollouts: Rollouts, rows: list[int], max_rows: int, max_tokens: int | None = None, packed: bool = False
 ) -> Iterator[list[int]]:
     """`rows` (indices into rollouts), longest first, in groups of at most max_rows rows and
-    max_tokens padded tokens. A row longer than max_tokens alone is a group of its own
-    (TrainConfig.validate refuses a budget below the longest possible row)."""
+    max_tokens padded tokens (real tokens when packed). A row longer than max_tokens alone is
+    a group of its own (TrainConfig.validate refuses a budget below the longest possible row)."""
     prompt, response = rollouts.prompt_lengths(), rollouts.response_lengths()
     order = sorted(rows, key=lambda i: (-int(prompt[i] + response[i]), i))
     budget = max_tokens if max_tokens is not None else float("inf")
     group: list[int] = []
     width = (0, 0)  # the group's longest prompt and longest response
+    real = 0  # the group's real tokens
     for i in order:
         row = (int(prompt[i]), int(response[i]))
         grown = (max(width[0], row[0]), max(width[1], row[1]))
-        full = len(group) == max_rows or (len(group) + 1) * sum(grown) > budget
-        if group and full:
+        tokens = real + sum(row) if packed else (len(group) + 1) * sum(grown)
+        if group and (len(group) == max_rows or tokens > budget):
             yield group
-            group, grown = [], row
+            group, grown, real = [], row, 0
         group.append(i)
-        width = grown
+        width, real = grown, real + sum(row)
     if group:
         yield group
 
@@ -55,6 +57,7 @@ def step_plan(
     max_tokens: int | None = None,
     ctx: DistContext = SINGLE,
     in_step: bool = False,
+    packed: bool = False,
 ) -> list[tuple[str | None, list[tuple[list[int], bool]]]]:
     """A step's micro-batches, [(domain, [(rows, counts), ...]), ...]: by domain, in the order
     of `domains`, when each row needs its own teacher, else all rows under None.
@@ -69,7 +72,7 @@ def step_plan(
         groups = [(None, everything)]
     else:
         groups = [(d, [i for i in everything if rollouts.examples[i].domain == d]) for d in domains]
-    limits = (max_rows, max_tokens)
+    limits = (max_rows, max_tokens, packed)
     plan = [(d, [(c, True) for c in micro_batches(rollouts, rows, *limits)]) for d, rows in groups]
     if in_step:
         most = ctx.max([float(len(chunks)) for _, chunks in plan])

@@ -105,8 +105,20 @@ class TrainConfig:
     micro_batch_size: int = _f(16, "most sequences per forward/backward (gradient accumulation)")
     micro_batch_tokens: int | None = _f(
         None,
-        "most padded tokens per forward/backward (rows x longest row; rows are grouped by length); "
-        "null = micro_batch_size alone decides",
+        "most padded tokens per forward/backward (rows x longest row; rows are grouped by length; "
+        "with pack_sequences, real tokens); null = micro_batch_size alone decides",
+    )
+    attn_implementation: str | None = _f(
+        None,
+        "transformers' attention for every model (sdpa, eager, flash_attention_2, flash_attention_3, ...); "
+        "null = transformers' default, sdpa. flash_attention_2/3 (their packages installed) run "
+        "pack_sequences' rows with varlen kernels",
+    )
+    pack_sequences: bool = _f(
+        False,
+        "run each micro-batch's sequences as one row of their real tokens, no padding (position ids "
+        "restart per sequence, which transformers keeps apart: flash attention's varlen kernels, or a "
+        "block-diagonal mask for sdpa/eager); checked per model, which must keep them apart",
     )
     # -- optimisation -----------------------------------------------------------------
     lr: float = _f(1e-5, "AdamW learning rate")
@@ -363,6 +375,10 @@ class TrainConfig:
                          f"must be true or false{' or null' if nullable else ''}, got {value!r}")  # fmt: skip
         err.need(_finite(self.code_timeout) and self.code_timeout > 0, "code_timeout", "must be > 0")
         err.choice(self.dtype, DTYPES, "dtype")
+        attn = self.attn_implementation
+        named = isinstance(attn, str) and attn.strip() == attn != ""
+        err.need(attn is None or named, "attn_implementation",
+                 f"must be null or a name (sdpa, flash_attention_2, ...), got {attn!r}")  # fmt: skip
         err.choice(self.rollout_engine, ENGINES, "rollout_engine")
         share = self.vllm_gpu_memory_utilization
         if self.rollout_engine == "vllm":
@@ -396,6 +412,7 @@ class TrainConfig:
             return
         err.need(not self.shard_optimizer, "shard_optimizer", "fsdp shards it already; leave it off")
         err.need(not self.liger, "liger", "liger's patches are not supported with fsdp")
+        err.need(not self.pack_sequences, "pack_sequences", "is not supported with fsdp yet")
 
     def _validate_lora(self, err: _Errors) -> None:
         rank = self.lora_rank

@@ -76,8 +76,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device, trainable: bool) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def load_model(
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    trainable: bool,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM from `path`, checked for what the fused ops need; attn_implementation:
+    transformers' (sdpa when None), e.g. flash_attention_2, which runs packed rows varlen."""
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+    except (ImportError, ValueError) as exc:  # a kernel package missing, or a name transformers lacks
+        if attn_implementation is None:
+            raise
+        raise ValueError(f"attn_implementation={attn_implementation!r}: {exc}") from exc
     model.to(device)
     check_head_reads_hidden(model, path)  # logits that the fused ops would score wrongly
     if trainable:
@@ -95,13 +109,14 @@ def load_models(cfg: TrainConfig) -> Models:
     # fsdp keeps the student's weights in float32 and computes in dtype; it moves them to the
     # device layer by layer as it shards them, so that the whole float32 student is never there
     fsdp = (torch.float32, torch.device("cpu")) if cfg.fsdp else (dtype, device)
-    student = load_model(cfg.student, *fsdp, trainable=True)
+    attn = cfg.attn_implementation
+    student = load_model(cfg.student, *fsdp, trainable=True, attn_implementation=attn)
     if cfg.lora_rank:
         student = add_lora(student, cfg)
     teachers = {}
     for domain, path in cfg.teacher_map.items():
         check_same_tokenizer(tokenizer, load_tokenizer(path), cfg.student, path)
-        teachers[domain] = load_model(path, dtype, frozen_device, trainable=False)
+        teachers[domain] = load_model(path, dtype, frozen_device, trainable=False, attn_implementation=attn)
     reference = None
     if cfg.objective == "sampled" and cfg.lam == 1.0:
         logger.info(
@@ -116,7 +131,7 @@ def load_models(cfg: TrainConfig) -> Models:
         ref_path = cfg.student if cfg.reference == "student" else cfg.reference
         if ref_path != cfg.student:
             check_same_tokenizer(tokenizer, load_tokenizer(ref_path), cfg.student, ref_path)
-        reference = load_model(ref_path, dtype, frozen_device, trainable=False)
+        reference = load_model(ref_path, dtype, frozen_device, trainable=False, attn_implementation=attn)
     models = Models(student, teachers, reference, tokenizer, device, cfg.offload_frozen)
     check_same_vocabulary(models)
     if cfg.freeze_lm_head:
@@ -329,19 +344,25 @@ def adapters_off(student):
 
 
 def final_hidden(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hidden states after the decoder's last norm, [B, T, D], for left-padded sequences
-    (gopd_kernels.hf.final_hidden_states), for every kind of model the trainer holds."""
+    (gopd_kernels.hf.final_hidden_states), or for packed rows given their position_ids and no
+    attention_mask (gopd.packing), for every kind of model the trainer holds."""
     if isinstance(model, AdapterFree):
         with adapters_off(model.student):
-            return final_hidden(model.student, input_ids, attention_mask)
+            return final_hidden(model.student, input_ids, attention_mask, position_ids)
     model = unwrapped(model)  # peft's LoRA layers live inside it: the adapters still apply
     device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    input_ids, attention_mask, position_ids = to(input_ids), to(attention_mask), to(position_ids)
     if is_sharded(model):  # through the root's forward, which gathers the head (gopd.fsdp)
-        return root_forward_hidden(model, input_ids, attention_mask, mask_position_ids(attention_mask))
-    return final_hidden_states(model, input_ids, attention_mask)
+        positions = position_ids if position_ids is not None else mask_position_ids(attention_mask)
+        return root_forward_hidden(model, input_ids, attention_mask, positions)
+    return final_hidden_states(model, input_ids, attention_mask, position_ids)
 
 
 @contextmanager

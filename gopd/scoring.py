@@ -18,6 +18,7 @@ from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext
 from gopd.fsdp import is_sharded, release
 from gopd.models import Models, final_hidden, frozen_on_device, head_bias, head_weight
+from gopd.packing import packed_response_hidden
 from gopd.rollout import IGNORE, Rollouts
 from gopd_kernels import frozen_logprobs, token_logprobs
 
@@ -33,9 +34,12 @@ class Scores:
         return Scores(pick(self.teacher_logp), pick(self.ref_logp), pick(self.old_logp))
 
 
-def response_hidden(model, rollouts: Rollouts) -> torch.Tensor:
+def response_hidden(model, rollouts: Rollouts, packed: bool = False) -> torch.Tensor:
     """[B, R, D]: the hidden state at position t predicts token t + 1, so the response tokens
-    (positions P .. P+R-1) are predicted from positions P-1 .. P+R-2."""
+    (positions P .. P+R-1) are predicted from positions P-1 .. P+R-2. packed: from one row of
+    the rows' real tokens (gopd.packing; zeros where a row has no response token)."""
+    if packed:
+        return packed_response_hidden(model, rollouts)
     hidden = final_hidden(model, rollouts.sequences, rollouts.attention_mask)
     return hidden[:, rollouts.prompt_len - 1 : -1]
 
@@ -46,7 +50,8 @@ def _per_token(rollouts: Rollouts, cfg: TrainConfig, ctx: DistContext, domains: 
     [b, width] results it returns into `outs`, [B, R] tensors (a None there is skipped).
     models_for(domain) is a context manager giving the models a domain's micro-batches need."""
     limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
-    for domain, chunks in step_plan(rollouts, domains, *limits, ctx=ctx, in_step=in_step):
+    plan = step_plan(rollouts, domains, *limits, ctx=ctx, in_step=in_step, packed=cfg.pack_sequences)
+    for domain, chunks in plan:
         with models_for(domain) as held:
             for chunk, counts in chunks:
                 part, idx = micro_batch(rollouts, chunk)
@@ -62,8 +67,8 @@ def _per_token(rollouts: Rollouts, cfg: TrainConfig, ctx: DistContext, domains: 
 @torch.no_grad()
 def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig, ctx: DistContext = SINGLE) -> Scores:
     def score(part: Rollouts, teacher, ref) -> tuple:
-        t_hidden = response_hidden(teacher, part)
-        r_hidden = None if ref is None else response_hidden(ref, part)
+        t_hidden = response_hidden(teacher, part, cfg.pack_sequences)
+        r_hidden = None if ref is None else response_hidden(ref, part, cfg.pack_sequences)
         out = frozen_logprobs(
             t_hidden, head_weight(teacher), part.targets.to(t_hidden.device),
             r_hidden, None if ref is None else head_weight(ref),
@@ -92,7 +97,7 @@ def student_logprobs(
     student = models.student
 
     def score(part: Rollouts, model) -> tuple:
-        hidden = response_hidden(model, part)
+        hidden = response_hidden(model, part, cfg.pack_sequences)
         targets = part.targets.to(hidden.device)
         return (token_logprobs(hidden, head_weight(model), targets, bias=head_bias(model),
                                temperature=cfg.temperature, ignore_index=IGNORE,

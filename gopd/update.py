@@ -81,7 +81,7 @@ def _part_weight(cfg: TrainConfig, part: Rollouts, total_seqs: int) -> float:
 
 def _sampled_loss(models, part, scores, idx, cfg, num_tokens):
     student = models.student
-    hidden = response_hidden(student, part)
+    hidden = response_hidden(student, part, cfg.pack_sequences)
     dev = hidden.device
     cols = slice(0, part.width)  # the micro-batch is trimmed (gopd.batching), the scores are not
     here = lambda t: None if t is None else t[idx, cols].to(dev)  # noqa: E731  (this micro-batch's rows)
@@ -95,10 +95,11 @@ def _sampled_loss(models, part, scores, idx, cfg, num_tokens):
 
 
 def _dense_loss(models, part, teacher, ref, cfg, num_tokens):
-    hidden = response_hidden(models.student, part)
+    packed = cfg.pack_sequences
+    hidden = response_hidden(models.student, part, packed)
     with torch.no_grad():
-        t_hidden = response_hidden(teacher, part)
-        r_hidden = None if ref is None else response_hidden(ref, part)
+        t_hidden = response_hidden(teacher, part, packed)
+        r_hidden = None if ref is None else response_hidden(ref, part, packed)
     return gopd_dense_loss(
         hidden, head_weight(models.student), t_hidden, head_weight(teacher),
         r_hidden, None if ref is None else head_weight(ref),
@@ -169,7 +170,8 @@ def policy_update(
     dense = cfg.objective == "dense"  # it needs each row's own teacher during the update
     in_step = sharded or (dense and models.frozen_sharded)
     limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
-    plan = step_plan(rollouts, domains if dense or by_domain else None, *limits, ctx=ctx, in_step=in_step)
+    plan = step_plan(rollouts, domains if dense or by_domain else None, *limits, ctx=ctx, in_step=in_step,
+                     packed=cfg.pack_sequences)  # fmt: skip
     for domain, chunks in plan:
         # with offload_frozen, the domain's teacher (and the reference) come to the device once
         # for all its micro-batches, not once per micro-batch

@@ -52,15 +52,25 @@ def mask_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def final_hidden_states(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hidden states after the decoder's last norm, [B, T, D]: what the LM head reads."""
+    """Hidden states after the decoder's last norm, [B, T, D]: what the LM head reads.
+
+    position_ids given (and no attention_mask): packed rows, each restarting at position 0,
+    which transformers keeps apart without a KV cache (gopd.packing); else positions follow
+    the attention mask (all ones when None)."""
     model = transformers_model(model)
     decoder = getattr(model, model.base_model_prefix)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    positions = mask_position_ids(attention_mask)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    if position_ids is None:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = mask_position_ids(attention_mask)
+    out = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return out.last_hidden_state
 
 

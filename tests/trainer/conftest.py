@@ -55,8 +55,8 @@ def give_heads_a_bias(monkeypatch, student: bool, frozen: bool) -> None:
 
     load = gopd.models.load_model
 
-    def with_bias(path, dtype, device, trainable):
-        model = load(path, dtype, device, trainable)
+    def with_bias(path, dtype, device, trainable, attn_implementation=None):
+        model = load(path, dtype, device, trainable, attn_implementation)
         if student if trainable else frozen:
             head = model.get_output_embeddings()
             biased = torch.nn.Linear(head.in_features, head.out_features, bias=True).to(head.weight)

@@ -59,6 +59,16 @@ def test_micro_batches_sort_longest_first_and_respect_both_limits():
     # the longest row (26 tokens) alone in its group when the budget is below it
     assert list(micro_batches(ro, rows, 8, 20))[0] == [1]
     assert list(micro_batches(ro, [5, 0], 8, None)) == [[5, 0]]  # only the rows asked for
+    # packed: the budget counts each group's real tokens, not rows x its longest row
+    for max_rows, max_tokens in [(8, 30), (3, 40), (8, 26)]:
+        groups = list(micro_batches(ro, rows, max_rows, max_tokens, packed=True))
+        order = [i for g in groups for i in g]
+        assert sorted(order) == rows
+        real = [sum(sum(LENGTHS[i]) for i in g) for g in groups]
+        assert all(t <= max_tokens or len(g) == 1 for t, g in zip(real, groups, strict=True))
+        for g, nxt in zip(groups, groups[1:], strict=False):  # greedy: the next row broke a limit
+            assert len(g) == max_rows or sum(sum(LENGTHS[i]) for i in g + nxt[:1]) > max_tokens
+    assert len(list(micro_batches(ro, rows, 8, 40, packed=True))) < len(list(micro_batches(ro, rows, 8, 40)))
 
 
 def test_trimmed_keeps_the_models_outputs_at_every_valid_position(tiny, tmp_path):
@@ -89,13 +99,17 @@ class GradientsSeen(torch.optim.SGD):
         return super().step(closure)
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
-def test_scores_and_update_match_the_untrimmed_batch_in_one_piece(tiny, tmp_path, loss_agg):
-    """score_rollouts and policy_update, over length-grouped trimmed micro-batches, against
-    the frozen scores and the G-OPD loss of the whole padded batch at once."""
+@pytest.mark.parametrize(
+    "loss_agg, packed", [("token-mean", False), ("seq-mean-token-mean", False), ("token-mean", True)]
+)
+def test_scores_and_update_match_the_untrimmed_batch_in_one_piece(tiny, tmp_path, loss_agg, packed):
+    """score_rollouts and policy_update, over length-grouped trimmed micro-batches (or packed
+    ones: each one row of its sequences' real tokens), against the frozen scores and the
+    G-OPD loss of the whole padded batch at once."""
     cfg = base_config(
-        tiny, tmp_path, micro_batch_size=3, micro_batch_tokens=32, loss_agg=loss_agg, grad_clip=None
-    )
+        tiny, tmp_path, micro_batch_size=3, micro_batch_tokens=32, loss_agg=loss_agg, grad_clip=None,
+        pack_sequences=packed,
+    )  # fmt: skip
     models = load_models(cfg)
     tok = models.tokenizer
     ro = synthetic_rollouts(LENGTHS, vocab=len(tok), pad=tok.pad_token_id, seed=1)
@@ -123,3 +137,87 @@ def test_scores_and_update_match_the_untrimmed_batch_in_one_piece(tiny, tmp_path
     assert got_loss == pytest.approx(float(loss.detach()), rel=1e-5)
     for g, w in zip(sgd.seen, want_grads, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_rows_score_as_padded_ones_and_leave_out_empty_responses(tiny, tmp_path):
+    """response_hidden from one packed row equals the padded batch's at every response token
+    (an empty response adds no tokens to the row), for the student, a teacher of another
+    hidden size, and a LoRA student's adapter-free reference; zeros elsewhere."""
+    from gopd.models import AdapterFree
+    from gopd.packing import pack
+
+    cfg = base_config(tiny, tmp_path, lora_rank=4, reference="student", pack_sequences=True)
+    models = load_models(cfg)
+    assert isinstance(models.reference, AdapterFree)
+    tok = models.tokenizer
+    lengths = [*LENGTHS[:3], (4, 0), *LENGTHS[3:5]]
+    ro = synthetic_rollouts(lengths, vocab=len(tok), pad=tok.pad_token_id, seed=2)
+    packed = pack(ro)
+    assert packed.input_ids.shape == (1, sum(p + r for p, r in lengths if r))  # no padding at all
+    assert packed.position_ids.max() == max(p + r for p, r in lengths) - 1
+    for model in (models.student, models.teachers["default"], models.reference):
+        with torch.no_grad():
+            want = response_hidden(model, ro)
+            got = response_hidden(model, ro, packed=True)
+        valid = ro.response_mask
+        torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+        assert (got[~valid] == 0).all()
+
+
+def test_a_model_that_mixes_packed_rows_is_refused(tiny, tmp_path):
+    """A decoder that does not keep packed rows apart (here: one that drops the position ids,
+    so the second row attends to the first) fails check_packing, with a ValueError naming the
+    setting, before it scores anything."""
+    from gopd.packing import check_packing
+
+    models = load_models(base_config(tiny, tmp_path))
+    decoder = models.student.model
+    forward = decoder.forward
+    decoder.forward = lambda *a, position_ids=None, **k: forward(*a, **k)  # positions: 0 .. T - 1
+    ro = synthetic_rollouts(LENGTHS[:3], vocab=len(models.tokenizer), pad=models.tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="pack_sequences: this model's hidden states of two rows packed"):
+        response_hidden(models.student, ro, packed=True)
+    check_packing(models.teachers["default"])  # a plain model passes
+
+
+def test_dense_update_is_the_same_packed(tiny, tmp_path):
+    """The dense objective reads the student's, the teacher's and the reference's hidden states
+    in its update: packed, its loss and gradients are the padded micro-batches'."""
+    results = []
+    for packed in (False, True):
+        cfg = base_config(tiny, tmp_path, objective="dense", lam=1.25, reference=str(tiny["reference"]),
+                          is_cap=None, micro_batch_size=3, grad_clip=None, pack_sequences=packed)  # fmt: skip
+        models = load_models(cfg)
+        tok = models.tokenizer
+        ro = synthetic_rollouts(LENGTHS, vocab=len(tok), pad=tok.pad_token_id, seed=3)
+        params = [p for p in models.student.parameters() if p.requires_grad]
+        sgd = GradientsSeen(params, lr=0.0)
+        loss, _, stepped = policy_update(models, ro, None, sgd, make_scheduler(sgd, cfg, 1), cfg)
+        assert stepped
+        results.append((loss, sgd.seen))
+    (loss, grads), (packed_loss, packed_grads) = results
+    assert packed_loss == pytest.approx(loss, rel=1e-5)
+    for g, w in zip(packed_grads, grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_is_a_setting_and_packing_over_a_dense_mask_says_so(tiny, tmp_path, caplog):
+    """attn_implementation reaches every model; a name transformers lacks is a ValueError naming
+    the setting. Packing through an attention that is not flash attention's varlen kernels (a
+    dense block-diagonal mask, measured slower) says so in a log line."""
+    import logging
+
+    models = load_models(
+        base_config(tiny, tmp_path, attn_implementation="eager", reference=str(tiny["reference"]))
+    )
+    for model in (models.student, models.teachers["default"], models.reference):
+        assert model.config._attn_implementation == "eager"
+    ro = synthetic_rollouts(LENGTHS[:3], vocab=len(models.tokenizer), pad=models.tokenizer.pad_token_id)
+    with caplog.at_level(logging.WARNING, logger="gopd"):
+        response_hidden(models.student, ro, packed=True)
+    assert (
+        "pack_sequences with attn_implementation 'eager': transformers keeps the packed rows apart"
+        in caplog.text
+    )
+    with pytest.raises(ValueError, match="attn_implementation='no_such_attention'"):
+        load_models(base_config(tiny, tmp_path, attn_implementation="no_such_attention"))
