@@ -71,7 +71,8 @@ def packed_response_hidden(model, rollouts: Rollouts) -> torch.Tensor:
     packed = pack(rollouts)
     hidden = final_hidden(model, packed.input_ids, None, packed.position_ids)[0]  # [T, D]
     out = hidden.new_zeros(len(rollouts.examples), rollouts.width, hidden.shape[-1])
-    out[packed.rows, packed.cols] = hidden[packed.at.to(hidden.device)]
+    dev = hidden.device
+    out[packed.rows.to(dev), packed.cols.to(dev)] = hidden[packed.at.to(dev)]
     return out
 
 
