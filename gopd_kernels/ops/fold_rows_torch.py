@@ -5,8 +5,7 @@ logit_grads(z, y, state, c, dtype) -> dz; lse(z, scratch) and dense_kl(...) for 
 fold. Both consume z in logit_grads. Here they work in place on the fp32 tiles (after
 log_softmax, z holds exp(z - max) and state is its row sums; lse leaves exp(z - max) in
 scratch; dense_kl overwrites all its tiles), and dz is cast to `dtype`, the GEMM
-operand's, at the end; for fp16 it stays fp32, scaled into fp16 at the GEMM
-(matmul_torch.scaled_operand).
+operand's (matmul_torch.tile_dtype: fp32 for fp16, scaled into fp16 at the GEMM), at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.ops.dense_kl_torch import _lse_partials
+from gopd_kernels.ops.matmul_torch import tile_dtype
 
 
 def log_softmax(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +27,7 @@ def logit_grads(
     z: torch.Tensor, targets: torch.Tensor, sum_e: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     dz = z.mul_((-c / sum_e)[:, None]).scatter_add_(1, targets[:, None], c[:, None])  # c (1[v = y] - p)
-    return _as_operand(dz, dtype)
+    return dz.to(tile_dtype(dtype))
 
 
 def lse(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -57,9 +57,4 @@ def dense_kl(
     if coef is None:
         return kl, kl_t, None
     dz = diff.addcmul_(e, -u[:, None]).mul_((coef / s_a)[:, None])  # e (a - c - u) coef / s_a
-    return kl, kl_t, _as_operand(dz, dtype)
-
-
-def _as_operand(dz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dz in the GEMM operand's dtype, but fp32 for fp16, which scaled_operand scales first."""
-    return dz if dtype == torch.float16 else dz.to(dtype)
+    return kl, kl_t, dz.to(tile_dtype(dtype))

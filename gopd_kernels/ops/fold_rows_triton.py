@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from gopd_kernels.backend import interpreter_enabled
+from gopd_kernels.ops.matmul_torch import tile_dtype
 from gopd_kernels.ops.matmul_triton import matmul
 
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
@@ -201,12 +202,12 @@ def lse(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
 def logit_grads(
     z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """dz [rows, V] of `dtype` (fp32 or bf16; fp32 for an fp16 operand, which
-    matmul_torch.scaled_operand scales first) <- c (1[v = y] - exp(z - lse)); c [rows] fp32,
+    """dz [rows, V] in matmul_torch.tile_dtype(dtype) (fp32 or bf16; fp32 for an fp16 operand,
+    scaled at the GEMM) <- c (1[v = y] - exp(z - lse)); c [rows] fp32,
     z fp32 with a unit column stride. Written over z, which is consumed (module doc): dz is
     a view of z's memory, row t in the first bytes of z's row t."""
     rows, vocab = z.shape
-    dz = _written_over(z, _dz_dtype(dtype))
+    dz = _written_over(z, tile_dtype(dtype))
     if rows:
         row_logit_grads_kernel[(rows,)](
             z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), **_launch_config(vocab)
@@ -224,7 +225,7 @@ def dense_kl(
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The dense fold's rows: (KL(p_s || q), KL(p_s || p_T) when z_t is given, and, when coef
-    [rows] is, dz of `dtype` = coef p_s (a - c - E_ps[a - c])) from fp32 tiles a, c, z_t
+    [rows] is, dz in tile_dtype(dtype) = coef p_s (a - c - E_ps[a - c])) from fp32 tiles a, c, z_t
     [rows, V] (unit column strides) and the log-sum-exps of c and z_t. dz is written over a
     (consumed, as z in logit_grads); c and z_t are left as they are."""
     rows, vocab = a.shape
@@ -239,18 +240,12 @@ def dense_kl(
         )  # fmt: skip
     if coef is None:
         return kl, kl_t, None
-    dz = _written_over(a, _dz_dtype(dtype))
+    dz = _written_over(a, tile_dtype(dtype))
     if rows:
         row_dense_grads_kernel[(rows,)](
             a, c, lse_a, u, coef, dz, vocab, a.stride(0), dz.stride(0), **_launch_config(vocab)
         )
     return kl, kl_t, dz
-
-
-def _dz_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dz's dtype for a GEMM operand of `dtype`: its own, but fp32 for fp16, as the torch rows'
-    (an unscaled fp16 dz would flush a token mean's small gradients)."""
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def gemm_rounded(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

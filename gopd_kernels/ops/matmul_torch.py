@@ -138,6 +138,13 @@ def fp16_dz_scale(bound: torch.Tensor) -> torch.Tensor:
     return torch.exp2(exponent.clamp(-100.0, 100.0))
 
 
+def tile_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a compute-dtype tile (dL/dz) is written in to multiply an operand of `dtype`:
+    `dtype` itself, but fp32 for fp16, which scaled_operand scales into fp16 at the GEMM (an
+    unscaled fp16 tile would flush a token mean's small gradients)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def scaled_operand(tile: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, float]:
     """A compute-dtype tile (dL/dz, probabilities) as the operand that multiplies `other`, in
     other's dtype, and the alpha its GEMM takes to undo the tile's scale: 1, or for an fp16
