@@ -66,10 +66,12 @@ LOGITS_GEMMS = ("triton", "torch")
 # [V, D] buffer that torch's GEMMs add to and that is rounded into dW at the end, or "pair",
 # dW itself plus a bf16 remainder [V, D], kept by the Triton matmul's epilogue
 # (matmul_triton: ~16 significant bits of each partial sum to fp32's 24, before the one
-# rounding to bf16's 8). "pair" holds
-# 2 bytes an element where "float32" holds 4 (6 while rounding): 1.2 GB less at D = 4096,
-# V = 151936, for the dW GEMM on Triton instead of cuBLAS. Other heads keep their own
-# way: fp32 heads sum into dW, fp16 heads in fp32 (an fp16 remainder would underflow).
+# rounding to bf16's 8). While summing, both hold 4 bytes an element beside nothing else
+# ("pair": dW and its remainder); "float32" then holds dW beside its buffer while rounding
+# (6), which "pair" never does. So "pair" lowers a peak only where that step set it (1.2 GB
+# at D = 4096, V = 151936), for the dW GEMM on Triton instead of cuBLAS. Other heads keep
+# their own way: fp32 heads sum into dW, fp16 heads in fp32 (an fp16 remainder would
+# underflow).
 DW_SUMS = ("float32", "pair")
 
 
