@@ -16,8 +16,11 @@ forward and backward, ExOPD lam 1.25):
 - tokens: the same with a token budget, micro_batch_tokens = micro_batch_size / 4 x the
   longest possible row, and up to 4x the rows: long rows go a few at a time (a lower peak),
   short rows many at a time.
-- packed: grouped's micro-batches, each run as one row of its sequences' real tokens
-  (pack_sequences, gopd.packing; sdpa's block-diagonal mask on a CPU).
+- packed: grouped's micro-batches, packed (pack_sequences, gopd.packing) as the models'
+  attention packs them: under sdpa (these models' default), into bins of the micro-batch's
+  longest row, each kept apart by a block-diagonal mask.
+- packed-row: the same, each micro-batch as one row of all its tokens (flash attention's
+  layout, run here through sdpa's mask: the layout packed had before its bins).
 
 The step (seeded): prompts of 32-128 tokens; responses log-normal around cap/5, one in ten
 cut at the cap, as a step of a long-response RL run. The models are Qwen3-shaped (hidden
@@ -50,7 +53,7 @@ from benchmarks.common import (
 )
 from benchmarks.report import CHILD_ENV
 
-LAYOUTS = ("padded", "grouped", "tokens", "packed")
+LAYOUTS = ("padded", "grouped", "tokens", "packed", "packed-row")
 VOCAB, PROMPTS = 32000, (32, 128)
 
 
@@ -95,7 +98,7 @@ def models_and_config(layout: str, rows: int, cap: int, micro: int, device: str 
     cfg = TrainConfig(
         lam=1.25, micro_batch_size=rows_at_most, micro_batch_tokens=budget, max_prompt_tokens=PROMPTS[1],
         max_new_tokens=cap, kernel_backend="torch" if device == "cpu" else "auto", grad_clip=None,
-        device=device, pack_sequences=layout == "packed",
+        device=device, pack_sequences=layout.startswith("packed"),
     )  # fmt: skip
     return models, cfg
 
@@ -113,11 +116,21 @@ def untrimmed(rollouts, rows):
 @contextmanager
 def layout_in_effect(layout: str):
     """The trainer's stages with `layout`'s micro-batches: 'padded' puts back consecutive,
-    untrimmed rows where the stages look them up; the others are gopd's own."""
+    untrimmed rows where the stages look them up; 'packed-row' packs each into one row; the
+    others are gopd's own."""
     import gopd.batching
+    import gopd.packing
     import gopd.scoring
     import gopd.update
 
+    if layout == "packed-row":
+        saved_bins = gopd.packing.bin_length
+        gopd.packing.bin_length = lambda model, rollouts: None
+        try:
+            yield
+        finally:
+            gopd.packing.bin_length = saved_bins
+        return
     if layout != "padded":
         yield
         return
@@ -130,18 +143,19 @@ def layout_in_effect(layout: str):
         gopd.batching.micro_batches, gopd.scoring.micro_batch, gopd.update.micro_batch = saved
 
 
-def plan_shape(rollouts, cfg) -> dict:
-    """The update's micro-batches under the layout in effect: how many, and the tokens a model
-    runs through (padded ones included; packed, only the real ones)."""
+def plan_shape(rollouts, cfg, model) -> dict:
+    """The update's micro-batches under the layout in effect: how many, and the tokens `model`
+    runs through (padded ones included: packed, the bins' tail padding)."""
     import gopd.batching
+    import gopd.packing
     import gopd.update
-    from gopd.packing import pack
 
     limits = (cfg.micro_batch_size, cfg.micro_batch_tokens)
     plan = gopd.batching.step_plan(rollouts, None, *limits, packed=cfg.pack_sequences)
     parts = [gopd.update.micro_batch(rollouts, rows)[0] for _, chunks in plan for rows, _ in chunks]
     packed = cfg.pack_sequences
-    tokens = sum(pack(part).input_ids.numel() if packed else part.sequences.numel() for part in parts)
+    packed_ids = lambda part: gopd.packing.pack(part, gopd.packing.bin_length(model, part)).input_ids  # noqa: E731
+    tokens = sum(packed_ids(part).numel() if packed else part.sequences.numel() for part in parts)
     return {"micro_batches": len(parts), "tokens": tokens}
 
 
@@ -162,7 +176,7 @@ def child(layout: str, rows: int, cap: int, micro: int, repeats: int, out: Path)
         pad = models.tokenizer.pad_token_id
         rollouts = step_rollouts(rows, cap, pad)
         one_step(models, step_rollouts(2, 32, pad, seed=1), cfg)  # one-time costs
-        shape = plan_shape(rollouts, cfg)
+        shape = plan_shape(rollouts, cfg, models.student)
         times, peak, result = timed_calls(lambda: one_step(models, rollouts, cfg), repeats)
     found = {"peak_bytes": peak, "times_s": times, "loss": result[0], "grad_norm": result[1]}
     out.write_text(json.dumps(found | shape))
@@ -193,7 +207,7 @@ def cuda_run(layout: str, rows: int, cap: int, micro: int, device: str) -> dict:
         one_step(models, step_rollouts(2, 32, pad, seed=1), cfg)
         (loss, norm), peak = cuda_peak_bytes(lambda: one_step(models, rollouts, cfg))
         times = [ms / 1e3 for ms in cuda_times_ms(lambda: one_step(models, rollouts, cfg))]
-        shape = plan_shape(rollouts, cfg)
+        shape = plan_shape(rollouts, cfg, models.student)
     return {"peak_bytes": [peak], "times_s": times, "loss": loss, "grad_norm": norm} | shape
 
 

@@ -9,7 +9,8 @@ response (Rollouts.trimmed) before it reaches a model.
 
 A micro-batch holds at most `micro_batch_size` rows and, when `micro_batch_tokens` is set,
 at most that many padded tokens: rows x (longest prompt + longest response among them);
-packed (gopd.packing), its rows' real tokens, which is what a packed forward runs.
+packed (gopd.packing), its rows' real tokens (a packed forward runs those, and under sdpa
+the tail padding of its bins).
 Sorted rows make that close to the real tokens, so long rows go a few at a time and short
 ones many at a time (verl's dynamic batch size). The losses are normalised over the whole
 step (gopd.update), so the grouping changes neither the loss nor the gradient.

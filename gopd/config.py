@@ -116,9 +116,10 @@ class TrainConfig:
     )
     pack_sequences: bool = _f(
         False,
-        "run each micro-batch's sequences as one row of their real tokens, no padding (position ids "
-        "restart per sequence, which transformers keeps apart: flash attention's varlen kernels, or a "
-        "block-diagonal mask for sdpa/eager); checked per model, which must keep them apart",
+        "run each micro-batch's sequences end to end without their padding (position ids restart per "
+        "sequence, which transformers keeps apart): one row through flash attention's varlen kernels, "
+        "or for sdpa/eager bins as long as the micro-batch's longest sequence, each with a "
+        "block-diagonal mask; checked per model, which must keep them apart",
     )
     # -- optimisation -----------------------------------------------------------------
     lr: float = _f(1e-5, "AdamW learning rate")

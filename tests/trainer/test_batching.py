@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -140,11 +141,12 @@ def test_scores_and_update_match_the_untrimmed_batch_in_one_piece(tiny, tmp_path
 
 
 def test_packed_rows_score_as_padded_ones_and_leave_out_empty_responses(tiny, tmp_path):
-    """response_hidden from one packed row equals the padded batch's at every response token
-    (an empty response adds no tokens to the row), for the student, a teacher of another
-    hidden size, and a LoRA student's adapter-free reference; zeros elsewhere."""
+    """response_hidden from packed rows equals the padded batch's at every response token (an
+    empty response adds no tokens), for the student, a teacher of another hidden size, and a
+    LoRA student's adapter-free reference; zeros elsewhere. sdpa packs into bins of the longest
+    row, padded at their ends; one row (flash attention's layout) scores the same."""
     from gopd.models import AdapterFree
-    from gopd.packing import pack
+    from gopd.packing import bin_length, longest_row, pack
 
     cfg = base_config(tiny, tmp_path, lora_rank=4, reference="student", pack_sequences=True)
     models = load_models(cfg)
@@ -152,9 +154,13 @@ def test_packed_rows_score_as_padded_ones_and_leave_out_empty_responses(tiny, tm
     tok = models.tokenizer
     lengths = [*LENGTHS[:3], (4, 0), *LENGTHS[3:5]]
     ro = synthetic_rollouts(lengths, vocab=len(tok), pad=tok.pad_token_id, seed=2)
-    packed = pack(ro)
-    assert packed.input_ids.shape == (1, sum(p + r for p, r in lengths if r))  # no padding at all
-    assert packed.position_ids.max() == max(p + r for p, r in lengths) - 1
+    real = [p + r for p, r in lengths if r]
+    one_row = pack(ro)
+    assert one_row.input_ids.shape == (1, sum(real))  # no padding at all
+    assert one_row.position_ids.max() == max(real) - 1
+    assert bin_length(models.student, ro) == longest_row(ro) == max(real)
+    bins = pack(ro, max(real))
+    assert bins.input_ids.shape[1] == max(real) and 1 < bins.input_ids.shape[0] < len(real)
     for model in (models.student, models.teachers["default"], models.reference):
         with torch.no_grad():
             want = response_hidden(model, ro)
@@ -162,6 +168,22 @@ def test_packed_rows_score_as_padded_ones_and_leave_out_empty_responses(tiny, tm
         valid = ro.response_mask
         torch.testing.assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
         assert (got[~valid] == 0).all()
+    with patch("gopd.packing.uses_varlen_attention", return_value=True), torch.no_grad():
+        got = response_hidden(models.teachers["default"], ro, packed=True)
+        want = response_hidden(models.teachers["default"], ro)
+    torch.testing.assert_close(got[ro.response_mask], want[ro.response_mask], atol=1e-5, rtol=1e-5)
+
+
+def test_first_fit_bins_longest_first():
+    """Rows go longest first into the first bin with room; None is one bin; a row longer than
+    the bin is a ValueError naming bin_len."""
+    from gopd.packing import first_fit
+
+    assert first_fit([3, 7, 2, 5, 4], 7) == [[1], [3, 2], [4, 0]]
+    assert first_fit([3, 7, 2], None) == [[0, 1, 2]]
+    assert first_fit([], 4) == []
+    with pytest.raises(ValueError, match="bin_len=4 is shorter than a row of 5 tokens"):
+        first_fit([5], 4)
 
 
 def test_a_model_that_mixes_packed_rows_is_refused(tiny, tmp_path):
@@ -175,7 +197,7 @@ def test_a_model_that_mixes_packed_rows_is_refused(tiny, tmp_path):
     forward = decoder.forward
     decoder.forward = lambda *a, position_ids=None, **k: forward(*a, **k)  # positions: 0 .. T - 1
     ro = synthetic_rollouts(LENGTHS[:3], vocab=len(models.tokenizer), pad=models.tokenizer.pad_token_id)
-    with pytest.raises(ValueError, match="pack_sequences: this model's hidden states of two rows packed"):
+    with pytest.raises(ValueError, match="pack_sequences: this model's hidden states of rows packed"):
         response_hidden(models.student, ro, packed=True)
     check_packing(models.teachers["default"])  # a plain model passes
 
@@ -203,8 +225,8 @@ def test_dense_update_is_the_same_packed(tiny, tmp_path):
 
 def test_attention_is_a_setting_and_packing_over_a_dense_mask_says_so(tiny, tmp_path, caplog):
     """attn_implementation reaches every model; a name transformers lacks is a ValueError naming
-    the setting. Packing through an attention that is not flash attention's varlen kernels (a
-    dense block-diagonal mask, measured slower) says so in a log line."""
+    the setting. Packing through an attention that is not flash attention's varlen kernels
+    says in a log line that it packs into bins (a dense block-diagonal mask per bin)."""
     import logging
 
     models = load_models(
@@ -213,11 +235,9 @@ def test_attention_is_a_setting_and_packing_over_a_dense_mask_says_so(tiny, tmp_
     for model in (models.student, models.teachers["default"], models.reference):
         assert model.config._attn_implementation == "eager"
     ro = synthetic_rollouts(LENGTHS[:3], vocab=len(models.tokenizer), pad=models.tokenizer.pad_token_id)
-    with caplog.at_level(logging.WARNING, logger="gopd"):
+    with caplog.at_level(logging.INFO, logger="gopd"):
         response_hidden(models.student, ro, packed=True)
-    assert (
-        "pack_sequences with attn_implementation 'eager': transformers keeps the packed rows apart"
-        in caplog.text
-    )
+    said = "pack_sequences with attn_implementation 'eager': each micro-batch's rows go into bins"
+    assert said in caplog.text
     with pytest.raises(ValueError, match="attn_implementation='no_such_attention'"):
         load_models(base_config(tiny, tmp_path, attn_implementation="no_such_attention"))
