@@ -127,10 +127,13 @@ lease)  # the first call of a 15-minute lease (~7 minutes), what the fourth leas
     # stages sweep), against every peer, each once per model
     timeout --signal=INT $(left 150) python3 -m benchmarks.report --op frozen_scoring $head \
         --impls naive,torch-compile,gopd,liger,cce || status=1
-    # the dense recompute's fp32 dW block bounded (predicted ~2770 MiB, was 4846); ExOPD's fold
-    # after the tile fix (predicted ~3.6 GB, was 4846 MiB at 47.7 ms)
+    # the dense folds at N = 4096 <= 2D keep each chunk's bf16 dz and form dW in one GEMM at the
+    # end (no fp32 [V, D] sum, none of its per-chunk traffic): predicted lam = 1 ~34-37 ms and
+    # ~2.4 GB (39.3 ms / 3626 MiB before; Liger's JSD 42.7 ms / 2705 MiB, torch.compile 34.7 ms
+    # / 4749 MiB), ExOPD's ~40-43 ms and ~2.4 GB (47.7 ms / 4846 MiB before the tile fix); the
+    # dense recompute's fp32 dW block bounded (predicted ~2770 MiB, was 4846)
     timeout --signal=INT $(left 65) python3 -m benchmarks.report --op gopd_dense_loss,gopd_dense_loss_exopd \
-        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,gopd,gopd-recompute || status=1
+        --n 4096 --d 4096 --v 151936 --dtype bfloat16 --impls naive,gopd,gopd-recompute,liger || status=1
     # the trainer end to end on CUDA (last run in the second lease): rollouts, scoring, updates
     timeout $(( $(left 5) < 60 ? $(left 5) : 60 )) python3 -m gopd.cli demo --quick --device cuda \
         --out /tmp/gopd-demo || status=1

@@ -67,7 +67,7 @@ class FoldedDenseKL(torch.autograd.Function):
         live = 3 if with_teacher_kl else 2
         chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
         dh = HiddenGrad(hs, acc, chunk) if need_dh else None
-        dw = HeadGrad(ws, acc, chunk >= rows, rows_impl) if need_dw else None
+        dw = HeadGrad(ws, hs_, ws_.dtype, acc, chunk, rows_impl) if need_dw else None
         db = torch.zeros(vocab, **like) if need_db else None
         kl = torch.empty(rows, **like)
         kl_t = torch.empty(rows, **like) if with_teacher_kl else None

@@ -15,7 +15,9 @@ Costs: dH and dW are held from the forward to the backward (they are what the ba
 returns); dW is read and written once per row chunk, in fp32, so a chunk needs hundreds of
 rows to keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS
 rows). Rows that fit one chunk write a bf16 dW directly, where the row module has a GEMM
-that rounds its fp32 sum once (fold_rows_triton's): no fp32 [V, D] at all.
+that rounds its fp32 sum once (fold_rows_triton's): no fp32 [V, D] at all. A bf16 head over
+few rows (N <= 2D) keeps each chunk's dz instead and forms dW in one GEMM at the end
+(HeadGrad): no larger than the fp32 sum, without its traffic.
 GEMM operands are the inputs upcast to fp32 (one copy of W for the whole pass), or bf16 as
 they are on CUDA (matmul_torch); dH and dW are accumulated in fp32 and rounded once.
 
@@ -31,7 +33,7 @@ from collections.abc import Callable
 import torch
 
 from gopd_kernels.backend import dw_sum, warn_once, workspace_bytes
-from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand, scaled_operand
+from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand, scaled_operand, tile_dtype
 
 # Rows per chunk unless GOPD_WORKSPACE_MB says otherwise, by who does the row work. torch
 # (CPUs): 512 (measured: 110 rows gain nothing). triton (GPUs): more rows, fewer passes of
@@ -66,42 +68,111 @@ def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tenso
         yield r0, r1, targets[r0:r1], z
 
 
+# The fp32 blocks of dW that a stored dz's GEMM writes where no GEMM rounds its own sum
+DW_BLOCK_BYTES = 64 << 20
+
+
 class HeadGrad:
-    """A fold's dW = sum over row chunks of dz^T h: in fp32 (acc); in the head's own dtype
-    when the rows are one chunk and rows_impl has a GEMM that rounds its fp32 sum once; or,
-    for a bf16 head over several chunks with GOPD_DW_SUM=pair (backend.dw_sum), as dW itself
-    plus a bf16 remainder, where rows_impl has that GEMM (fold_rows_triton.gemm_pair): 4
-    bytes an element instead of fp32's 4 and its rounded copy's 2.
+    """A fold's dW = sum over row chunks of dz^T h (h: every row's GEMM operand), kept one way
+    of four, by what it holds besides dW:
 
-    The first chunk's GEMM writes the buffer and the others add to it: a zero fill first is
-    one more pass over an fp32 [V, D] (2 % of gopd_dense_loss at N = 512, D = 1024,
-    V = 151936 on the Intel VM)."""
+    - direct (nothing): the rows are one chunk, and rows_impl has a GEMM that rounds its fp32
+      sum once into a bf16 dW (fold_rows_triton.gemm_rounded).
+    - stored dz ([N, V] in dz's GEMM dtype, bf16 on GPUs): each chunk's dz is kept, and dW is
+      one GEMM over all rows at the end, accumulated in fp32 and rounded once (by
+      gemm_rounded, else through fp32 blocks of DW_BLOCK_BYTES). Where the store (and its
+      block) holds no more than the sum below (N <= 2D for a bf16 dz against fp32's), for
+      bf16 heads (an fp16 dz comes scaled per chunk): it also spares that sum's read and
+      write of [V, D] fp32 per chunk, and its rounding step. Measured on the AMD VM (torch
+      rows, fp32 dz and blocks; dense fold, D = 1024, V = 151936): N = 512 2169 MiB against
+      the sum's 2401 in the same time; at N = D, where the store and the sum weigh the
+      same, the block made it 64 MiB and 3-5 % worse, hence the block in the count.
+    - pair (a bf16 remainder [V, D]): GOPD_DW_SUM=pair (backend.dw_sum), where rows_impl has
+      the Triton matmul that keeps it (fold_rows_triton.gemm_pair): 4 bytes an element
+      instead of fp32's 4 and its rounded copy's 2. A store wins over it at N <= D.
+    - fp32 sum (acc [V, D]): added to by each chunk's GEMM, rounded into dW at the end; the
+      first chunk's GEMM writes it (a zero fill first is one more pass over an fp32 [V, D],
+      2 % of gopd_dense_loss at N = 512, D = 1024, V = 151936 on the Intel VM).
 
-    def __init__(self, weight: torch.Tensor, acc: torch.dtype, one_chunk: bool, rows_impl):
+    fp32 heads sum into dW itself (acc is their dtype)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        h: torch.Tensor,
+        w_dtype: torch.dtype,
+        acc: torch.dtype,
+        chunk: int,
+        rows_impl,
+    ):
+        rows, vocab = h.shape[0], weight.shape[0]
+        one_chunk = chunk >= rows
         pair = not one_chunk and dw_sum(weight) == "pair" and weight.dtype != acc
         if pair and not hasattr(rows_impl, "gemm_pair"):
             warn_once("GOPD_DW_SUM=pair needs the Triton matmul; the torch backend's folds sum dW in float32")
             pair = False
+        dz_dtype = tile_dtype(w_dtype)  # what rows_impl writes dz in
         # bf16 only: an fp16 dz comes scaled, its alpha taken out by torch's GEMMs (add)
-        direct = weight.dtype == torch.bfloat16 and hasattr(rows_impl, "gemm_rounded") and (one_chunk or pair)
-        self.dw = torch.empty(weight.shape, dtype=weight.dtype if direct else acc, device=weight.device)
-        self.lo = torch.empty_like(self.dw) if pair else None
-        self.rows_impl, self.written = rows_impl, False
+        self.rounds = weight.dtype == torch.bfloat16 and hasattr(rows_impl, "gemm_rounded")
+        dim = h.shape[1]
+        sum_bytes = vocab * dim * (2 if pair else 4)  # what the sum holds besides dW
+        store_bytes = rows * vocab * dz_dtype.itemsize + (
+            0 if self.rounds else _block_cols(vocab, dim) * dim * 4
+        )
+        store = not one_chunk and weight.dtype not in (acc, torch.float16) and store_bytes <= sum_bytes
+        own = store or (self.rounds and (one_chunk or pair))  # dW written in its own dtype
+        self.dw = torch.empty(weight.shape, dtype=weight.dtype if own else acc, device=weight.device)
+        self.lo = torch.empty_like(self.dw) if pair and not store else None
+        self.store = torch.empty(rows, vocab, dtype=dz_dtype, device=weight.device) if store else None
+        self.filled: list[tuple[int, int]] = []
+        self.h, self.rows_impl, self.written = h, rows_impl, False
 
-    def add(self, dz: torch.Tensor, h: torch.Tensor, alpha: float = 1.0) -> None:
-        """dW += alpha dz^T h (alpha: scaled_operand's; 1 wherever the Triton GEMMs run)."""
-        if self.lo is not None:
-            self.rows_impl.gemm_pair(dz.T, h, self.dw, self.lo, accumulate=self.written)
-        elif self.dw.dtype not in (torch.float32, torch.float64):
-            self.rows_impl.gemm_rounded(dz.T, h, self.dw)
+    def add(self, dz: torch.Tensor, rows: tuple[int, int], alpha: float = 1.0) -> None:
+        """dW += alpha dz^T h[rows] (alpha: scaled_operand's; 1 wherever the Triton GEMMs run
+        and for a stored dz)."""
+        r0, r1 = rows
+        if self.store is not None:
+            self.store[r0:r1] = dz
+            self.filled.append(rows)
+        elif self.lo is not None:
+            self.rows_impl.gemm_pair(dz.T, self.h[r0:r1], self.dw, self.lo, accumulate=self.written)
+        elif self.dw.dtype not in (torch.float32, torch.float64):  # one chunk, direct
+            self.rows_impl.gemm_rounded(dz.T, self.h[r0:r1], self.dw)
         else:
-            (mm_add if self.written else mm_into)(self.dw, dz.T, h, alpha)
+            (mm_add if self.written else mm_into)(self.dw, dz.T, self.h[r0:r1], alpha)
         self.written = True
 
     def result(self) -> torch.Tensor:
-        """dW; zeros when no chunk had a gradient. The remainder is dropped: dW is its sum rounded."""
+        """dW; zeros when no chunk had a gradient. A pair's remainder is dropped: dW is its sum
+        rounded."""
         self.lo = None
-        return self.dw if self.written else self.dw.zero_()
+        if not self.written:
+            return self.dw.zero_()
+        if self.store is not None:
+            self._from_store()
+        return self.dw
+
+    def _from_store(self) -> None:
+        store, self.store = self.store, None
+        unfilled = torch.ones(store.shape[0], dtype=torch.bool)
+        for r0, r1 in self.filled:
+            unfilled[r0:r1] = False
+        if unfilled.any():  # chunks whose loss did not depend on their log-probs
+            store[unfilled.to(store.device)] = 0
+        if self.rounds:
+            self.rows_impl.gemm_rounded(store.T, self.h, self.dw)
+            return
+        vocab, dim = self.dw.shape
+        cols = _block_cols(vocab, dim)
+        block = torch.empty(cols, dim, dtype=compute_dtype(self.dw.dtype), device=self.dw.device)
+        for c0 in range(0, vocab, cols):
+            c1 = min(vocab, c0 + cols)
+            self.dw[c0:c1] = mm_into(block[: c1 - c0], store[:, c0:c1].T, self.h)
+
+
+def _block_cols(vocab: int, dim: int) -> int:
+    """Columns of the fp32 blocks a stored dz's GEMM writes dW through (no rounding GEMM)."""
+    return max(1, min(vocab, DW_BLOCK_BYTES // (dim * 4)))
 
 
 class HiddenGrad:
@@ -134,7 +205,7 @@ def add_chunk_grads(dz, h, w, rows: tuple[int, int], dh: HiddenGrad | None, dw: 
     if dh is not None:
         dh.write(r0, r1, dz, w, alpha)
     if dw is not None:
-        dw.add(dz, h[r0:r1], alpha)
+        dw.add(dz, rows, alpha)
 
 
 def save_folded_grads(ctx, *grads: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
@@ -171,7 +242,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         b = None if bias is None else bias.to(acc) * inv_temp
         chunk = fold_rows(ws_bytes, rows, vocab, acc)
         dh = HiddenGrad(hidden, acc, chunk) if need_dh else None
-        dw = HeadGrad(weight, acc, chunk >= rows, rows_impl) if need_dw else None
+        dw = HeadGrad(weight, h, w.dtype, acc, chunk, rows_impl) if need_dw else None
         db = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_db else None
         logp = torch.empty(rows, dtype=acc, device=hidden.device)
         loss = torch.zeros((), dtype=acc, device=hidden.device)

@@ -281,16 +281,13 @@ def test_fold_default_follows_the_measurements(monkeypatch):
 
 
 @pytest.mark.triton
-def test_triton_fold_in_one_chunk_writes_a_bf16_dw_without_an_fp32_one(device, monkeypatch):
+def test_triton_fold_writes_a_bf16_dw_without_an_fp32_one_unless_it_sums(device, monkeypatch):
     """All rows in one chunk: dW goes straight to bf16 through the once-rounding Triton GEMM
-    (no fp32 [V, D]), and equals the several-chunk fold's to within bf16 rounding."""
+    (no fp32 [V, D]). Several chunks of few rows (N x 2 <= D x 4): their dz is kept and dW is
+    the same GEMM over all of them at the end. Several chunks of many rows: an fp32 sum.
+    The three agree to within bf16 rounding."""
     from gopd_kernels.ops import fold_rows_triton, folded_loss_torch
 
-    data = batch(b=2, t=8, d=32, v=211, seed=9, device=device)
-    data["ref_used"] = data["ref"]
-    kw = dict(lam=1.25, temperature=0.9)
-    run = lambda: run_loss(lambda *a, **k: gopd_loss(*a, backend="triton", fold=True, **k), data,
-                           torch.bfloat16, **kw)  # fmt: skip
     fp32_dw, direct = [], []
     real_mm_add, real_gemm = folded_loss_torch.mm_add, fold_rows_triton.gemm_rounded
     monkeypatch.setattr(
@@ -299,13 +296,24 @@ def test_triton_fold_in_one_chunk_writes_a_bf16_dw_without_an_fp32_one(device, m
     monkeypatch.setattr(
         fold_rows_triton, "gemm_rounded", lambda a, b, out: direct.append(out.dtype) or real_gemm(a, b, out)
     )
-    one_chunk = run()
-    assert direct == [torch.bfloat16] and not fp32_dw
-    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))  # 3-row chunks: the fp32 dW
-    chunks = run()
-    assert fp32_dw and len(direct) == 1
-    torch.testing.assert_close(one_chunk[0], chunks[0], atol=1e-5, rtol=1e-5)
-    assert rel_err(one_chunk[1], chunks[1]) < 1e-2 and rel_err(one_chunk[2], chunks[2]) < 1e-2
+    kw = dict(lam=1.25, temperature=0.9)
+    for d in (32, 4):  # 16 rows: D = 32 stores dz, D = 4 sums in fp32
+        data = batch(b=2, t=8, d=d, v=211, seed=9, device=device)
+        data["ref_used"] = data["ref"]
+        run = lambda data=data: run_loss(lambda *a, **k: gopd_loss(*a, backend="triton", fold=True, **k),
+                                         data, torch.bfloat16, **kw)  # fmt: skip
+        fp32_dw.clear(), direct.clear()
+        monkeypatch.delenv("GOPD_WORKSPACE_MB", raising=False)
+        one_chunk = run()
+        assert direct == [torch.bfloat16] and not fp32_dw
+        monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))  # 3-row chunks
+        chunks = run()
+        if d == 32:
+            assert not fp32_dw and direct == [torch.bfloat16] * 2
+        else:
+            assert len(fp32_dw) > 1 and len(direct) == 1
+        torch.testing.assert_close(one_chunk[0], chunks[0], atol=1e-5, rtol=1e-5)
+        assert rel_err(one_chunk[1], chunks[1]) < 1e-2 and rel_err(one_chunk[2], chunks[2]) < 1e-2
 
 
 @pytest.mark.triton
@@ -337,7 +345,7 @@ def test_triton_fold_sums_dw_as_a_bf16_pair_when_asked(op, tiny_chunks, device, 
     from tests.kernels.test_linear_logsoftmax_triton import pair_error_bound, within_one_bf16_rounding
 
     monkeypatch.setenv("GOPD_DW_SUM", "pair")
-    n, d, v = 16, 24, 211  # 3-row chunks of 211 fp32 logits (tiny_chunks): 6 chunks, the last short
+    n, d, v = 16, 12, 211  # 3-row chunks of 211 fp32 logits (tiny_chunks): 6 chunks, the last short
     hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, device, bias=False, seed=3)
     t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, device, bias=False, seed=4)
     products, fp32_dw = [], []
@@ -368,10 +376,11 @@ def test_triton_fold_sums_dw_as_a_bf16_pair_when_asked(op, tiny_chunks, device, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("dw_sum", ["float32", "pair"])
 def test_head_grad_buffers_by_dw_sum(dtype, dw_sum, monkeypatch, caplog):
-    """What a fold's dW holds over several chunks (bytes an element beside dW's own 2): bf16
-    heads 4 in fp32 (and dW's rounded copy at the end) or, with pair, 2 (the remainder, dropped
-    with the result); fp16 heads always fp32 and fp32 heads dW itself, a log line saying so when
-    pair was asked for. The torch backend's folds have no pair GEMM, and say so."""
+    """What a fold's dW holds over several chunks of many rows (bytes an element beside dW's
+    own 2): bf16 heads 4 in fp32 (and dW's rounded copy at the end) or, with pair, 2 (the
+    remainder, dropped with the result); fp16 heads always fp32 and fp32 heads dW itself, a log
+    line saying so when pair was asked for. The torch backend's folds have no pair GEMM, and
+    say so."""
     import logging
 
     from gopd_kernels.backend import warn_once
@@ -380,11 +389,12 @@ def test_head_grad_buffers_by_dw_sum(dtype, dw_sum, monkeypatch, caplog):
 
     monkeypatch.setenv("GOPD_DW_SUM", dw_sum)
     warn_once.cache_clear()
-    weight = torch.zeros(7, 3, dtype=dtype)
+    weight, h = torch.zeros(7, 3, dtype=dtype), torch.zeros(40, 3, dtype=dtype)  # N > 2D: no store
+    operand = torch.float32 if dtype == torch.float32 else dtype  # as on a GPU
     with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
-        grad = HeadGrad(weight, torch.float32, False, fold_rows_triton)
-        one_chunk = HeadGrad(weight, torch.float32, True, fold_rows_triton)
-        on_torch = HeadGrad(weight, torch.float32, False, fold_rows_torch)
+        grad = HeadGrad(weight, h, operand, torch.float32, 8, fold_rows_triton)
+        one_chunk = HeadGrad(weight, h, operand, torch.float32, 40, fold_rows_triton)
+        on_torch = HeadGrad(weight, h, torch.float32, torch.float32, 8, fold_rows_torch)
     pair = dw_sum == "pair" and dtype == torch.bfloat16
     assert grad.dw.dtype == (dtype if pair or dtype == torch.float32 else torch.float32)
     assert (grad.lo is not None) == pair and (not pair or grad.lo.dtype == torch.bfloat16)
@@ -392,6 +402,7 @@ def test_head_grad_buffers_by_dw_sum(dtype, dw_sum, monkeypatch, caplog):
     # fp32 (its dz comes scaled, and torch's GEMMs take the scale back out)
     assert one_chunk.lo is None and one_chunk.dw.dtype == (torch.float32 if dtype == torch.float16 else dtype)
     assert on_torch.lo is None and on_torch.dw.dtype == torch.float32
+    assert grad.store is one_chunk.store is on_torch.store is None
     grad.result()
     assert grad.lo is None  # freed with the result
     said = " ".join(r.getMessage() for r in caplog.records)
@@ -399,4 +410,93 @@ def test_head_grad_buffers_by_dw_sum(dtype, dw_sum, monkeypatch, caplog):
     assert ("torch backend's folds sum dW in float32" in said) == pair
     with pytest.raises(ValueError, match="GOPD_DW_SUM"):
         monkeypatch.setenv("GOPD_DW_SUM", "fp64")
-        HeadGrad(weight, torch.float32, False, fold_rows_triton)
+        HeadGrad(weight, h, operand, torch.float32, 8, fold_rows_triton)
+
+
+@pytest.mark.parametrize("dw_sum", ["float32", "pair"])
+def test_head_grad_stores_dz_where_that_holds_no_more_than_the_sum(dw_sum, monkeypatch):
+    """Few rows: a bf16 head's chunks keep their dz ([N, V] in its GEMM dtype) in place of the
+    sum ([V, D] beside dW: 4 bytes an element in fp32, 2 as a pair) while that holds no more:
+    N x 2 <= D x 4 for a bf16 dz and the rounding Triton GEMM (GPUs), N <= D against a pair;
+    for the fp32 dz of the CPU's upcast operands, N x V x 4 plus dW's fp32 block <= V x D x 4.
+    Never for fp16 (a dz scaled per chunk) or fp32 heads."""
+    from gopd_kernels.ops import fold_rows_torch, fold_rows_triton, folded_loss_torch
+    from gopd_kernels.ops.folded_loss_torch import HeadGrad
+    from tests.kernels.test_linear_logsoftmax_triton import within_one_bf16_rounding
+
+    monkeypatch.setenv("GOPD_DW_SUM", dw_sum)
+    monkeypatch.setattr(folded_loss_torch, "DW_BLOCK_BYTES", 2 * 8 * 4)  # blocks of 2 columns
+    d, v = 8, 11
+    cases = [  # (dz's dtype, rows_impl, the most rows it stores)
+        (torch.bfloat16, fold_rows_triton, d * (1 if dw_sum == "pair" else 2)),
+        (torch.float32, fold_rows_torch, (v * d * 4 - 2 * d * 4) // (v * 4)),  # no pair GEMM there
+    ]
+    for operand, rows_impl, most in cases:
+        for n in (most, most + 1):
+            grad = HeadGrad(torch.zeros(v, d, dtype=torch.bfloat16), torch.zeros(n, d, dtype=operand),
+                            operand, torch.float32, 1, rows_impl)  # fmt: skip
+            assert (grad.store is not None) == (n <= most), (operand, n)
+            if n <= most:
+                assert grad.store.shape == (n, v) and grad.store.dtype == operand
+                assert grad.dw.dtype == torch.bfloat16 and grad.lo is None
+    for dtype in (torch.float16, torch.float32):
+        weight, h = torch.zeros(v, d, dtype=dtype), torch.zeros(2, d, dtype=dtype)
+        assert HeadGrad(weight, h, dtype, torch.float32, 1, fold_rows_triton).store is None
+    # chunks without a gradient (a loss that does not depend on them) leave their rows unwritten:
+    # zeros in the product. dW in fp32 blocks of two columns (the torch rows have no rounding
+    # GEMM), each rounded once
+    h = torch.randn(3, d)
+    grad = HeadGrad(
+        torch.zeros(v, d, dtype=torch.bfloat16), h, torch.float32, torch.float32, 1, fold_rows_torch
+    )
+    dz = torch.randn(3, v)
+    grad.store.fill_(float("nan"))  # what torch.empty may hold
+    grad.add(dz[0:1], (0, 1))
+    grad.add(dz[2:3], (2, 3))
+    exact = dz[[0, 2]].double().T @ h[[0, 2]].double()
+    assert within_one_bf16_rounding(grad.result(), exact)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_stored_dz_gives_dw_within_one_rounding(op, backend, tiny_chunks, device, monkeypatch):
+    """A bf16 fold over several chunks of few rows keeps their dz and takes dW in one GEMM at
+    the end (no fp32 [V, D] sum): within one bf16 rounding of the exact product of the dz it
+    kept; and close to the recomputing backward's."""
+    from gopd_kernels import gopd_dense_loss
+    from gopd_kernels.ops import folded_loss_torch
+    from tests.kernels.test_linear_logsoftmax_triton import within_one_bf16_rounding
+
+    dev = device if backend == "triton" else "cpu"
+    n, d, v = 8, 16, 211  # 3-row chunks (tiny_chunks; 1-row for the dense fold's 2 tiles)
+    hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, dev, bias=False, seed=3)
+    t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, dev, bias=False, seed=4)
+    logp_t = torch.randn(n, device=dev)
+
+    def run(fold=True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if op == "gopd_loss":
+            loss, _ = gopd_loss(h, w, targets, logp_t, logp_t - 0.3, lam=1.25, backend=backend, fold=fold)
+        else:
+            loss, _ = gopd_dense_loss(h, w, t_hidden, t_weight, teacher_kl=False, backend=backend, fold=fold)
+        loss.backward()
+        return w.grad
+
+    stores = []
+    real_from_store = folded_loss_torch.HeadGrad._from_store
+
+    def from_store(self):
+        stores.append((self.store.cpu().double(), self.h.cpu().double(), self.filled))
+        real_from_store(self)
+
+    monkeypatch.setattr(folded_loss_torch.HeadGrad, "_from_store", from_store)
+    monkeypatch.setattr(folded_loss_torch, "mm_add", lambda *a: 1 / 0)  # no fp32 sum across chunks
+    monkeypatch.setattr(folded_loss_torch, "DW_BLOCK_BYTES", 16 * d * 4)  # the torch rows' fp32 blocks
+    dw = run()
+    assert len(stores) == 1 and dw.dtype == torch.bfloat16
+    store, h, filled = stores[0]
+    assert sorted(filled) == [(r, min(r + 3, n)) for r in range(0, n, 3)] or op == "gopd_dense_loss"
+    assert within_one_bf16_rounding(dw.cpu(), store.T @ h)
+    monkeypatch.undo()  # the recomputing backward (no fold) gives the same dW to bf16's precision
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))
+    assert rel_err(dw.float(), run(fold=False).float()) < 1e-2

@@ -136,3 +136,40 @@ def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
     held = (n * d + v * d) * 2 + models * (n * d + v * d) * 4 + n * d * 2 + v * d * 6
     bound = held + live * rows * v * 4 + rows * d * 4 + 32 * n * 4
     assert peak <= bound < peak + n * d * 2, (peak / 2**10, bound / 2**10)  # fp32 dH: 4 more bytes
+
+
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_fold_over_few_rows_stores_dz_instead_of_an_fp32_dw(op, monkeypatch):
+    """Few tokens, a wide head (N <= D): a bf16 fold keeps each chunk's dz ([N, V]) and forms
+    dW once at the end, holding no fp32 [V, D] sum and no rounding copy of it. The peak stays
+    under the bound below, which an fp32 dW sum (4 bytes an element of [V, D] more) exceeds."""
+    import gopd_kernels as gk
+    from gopd_kernels.ops import folded_loss_torch
+
+    pytest.importorskip("torch.profiler._memory_profiler", reason="torch's private allocation timeline")
+    n, d, v, rows = 128, 256, 4099, 32
+    live = 1 if op == "gopd_loss" else 2
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(live * rows * v * 4 / 2**20))
+    block_cols = 64  # dW's fp32 blocks (the default, 64 MiB, spans this whole head)
+    monkeypatch.setattr(folded_loss_torch, "DW_BLOCK_BYTES", block_cols * d * 4)
+    hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, bias=False)
+    t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, bias=False, seed=1)
+    logp_t = torch.randn(n)
+
+    def step():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        kw = dict(backend="torch", fold=True)
+        if op == "gopd_loss":
+            loss, _ = gk.gopd_loss(h, w, targets, logp_t, logp_t - 0.5, lam=1.25, **kw)
+        else:
+            loss, _ = gk.gopd_dense_loss(h, w, t_hidden, t_weight, teacher_kl=False, **kw)
+        loss.backward()
+
+    step()  # warm: lazy module state out of the measurement
+    peak = profiled_peak_bytes(step)
+    models = 1 if op == "gopd_loss" else 2
+    # the clones, the fp32 operands (upcast on CPUs), dH and dW in bf16, the fp32 dz store, a
+    # chunk's tiles and dH scratch, one fp32 block of dW; the per-token vectors (16 KiB)
+    held = (n * d + v * d) * 2 + models * (n * d + v * d) * 4 + (n * d + v * d) * 2 + n * v * 4
+    bound = held + live * rows * v * 4 + rows * d * 4 + block_cols * d * 4 + 32 * n * 4
+    assert peak <= bound < peak + v * d * 4, (peak / 2**10, bound / 2**10)
