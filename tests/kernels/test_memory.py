@@ -104,15 +104,13 @@ def test_fold_frees_its_tiles_before_casting_the_grads(op, monkeypatch):
     )
 
 
-@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
-def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
-    """Many tokens, a small head: dH [N, D] outweighs everything else. The folds write each
-    chunk's dH rows in bf16 through a [chunk, D] fp32 scratch; an fp32 [N, D] dH (cast at the
-    end, so 6 bytes an element at once) would put the peak above the bound."""
+def _bf16_fold_peak(op: str, n: int, d: int, v: int, rows: int, monkeypatch) -> tuple[int, int, int]:
+    """(profiled peak, fp32 tiles per chunk, models whose operands are upcast) of one bf16
+    fold's forward + backward (gopd_loss or the dense loss against a teacher), torch backend,
+    chunks of `rows` rows."""
     import gopd_kernels as gk
 
     pytest.importorskip("torch.profiler._memory_profiler", reason="torch's private allocation timeline")
-    n, d, v, rows = 4096, 64, 257, 64
     live = 1 if op == "gopd_loss" else 2
     monkeypatch.setenv("GOPD_WORKSPACE_MB", str(live * rows * v * 4 / 2**20))
     hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, bias=False)
@@ -129,8 +127,16 @@ def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
         loss.backward()
 
     step()  # warm: lazy module state out of the measurement
-    peak = profiled_peak_bytes(step)
-    models = 1 if op == "gopd_loss" else 2
+    return profiled_peak_bytes(step), live, 1 if op == "gopd_loss" else 2
+
+
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
+    """Many tokens, a small head: dH [N, D] outweighs everything else. The folds write each
+    chunk's dH rows in bf16 through a [chunk, D] fp32 scratch; an fp32 [N, D] dH (cast at the
+    end, so 6 bytes an element at once) would put the peak above the bound."""
+    n, d, v, rows = 4096, 64, 257, 64
+    peak, live, models = _bf16_fold_peak(op, n, d, v, rows, monkeypatch)
     # the clones, the fp32 operands (upcast on CPUs), dH in bf16, dW's fp32 sum and bf16 copy,
     # a chunk's tiles and scratch; the per-token vectors (a few fp32 [N] each, 16 KiB)
     held = (n * d + v * d) * 2 + models * (n * d + v * d) * 4 + n * d * 2 + v * d * 6
@@ -143,31 +149,12 @@ def test_fold_over_few_rows_stores_dz_instead_of_an_fp32_dw(op, monkeypatch):
     """Few tokens, a wide head (N <= D): a bf16 fold keeps each chunk's dz ([N, V]) and forms
     dW once at the end, holding no fp32 [V, D] sum and no rounding copy of it. The peak stays
     under the bound below, which an fp32 dW sum (4 bytes an element of [V, D] more) exceeds."""
-    import gopd_kernels as gk
     from gopd_kernels.ops import folded_loss_torch
 
-    pytest.importorskip("torch.profiler._memory_profiler", reason="torch's private allocation timeline")
     n, d, v, rows = 128, 256, 4099, 32
-    live = 1 if op == "gopd_loss" else 2
-    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(live * rows * v * 4 / 2**20))
     block_cols = 64  # dW's fp32 blocks (the default, 64 MiB, spans this whole head)
     monkeypatch.setattr(folded_loss_torch, "DW_BLOCK_BYTES", block_cols * d * 4)
-    hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, bias=False)
-    t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, bias=False, seed=1)
-    logp_t = torch.randn(n)
-
-    def step():
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        kw = dict(backend="torch", fold=True)
-        if op == "gopd_loss":
-            loss, _ = gk.gopd_loss(h, w, targets, logp_t, logp_t - 0.5, lam=1.25, **kw)
-        else:
-            loss, _ = gk.gopd_dense_loss(h, w, t_hidden, t_weight, teacher_kl=False, **kw)
-        loss.backward()
-
-    step()  # warm: lazy module state out of the measurement
-    peak = profiled_peak_bytes(step)
-    models = 1 if op == "gopd_loss" else 2
+    peak, live, models = _bf16_fold_peak(op, n, d, v, rows, monkeypatch)
     # the clones, the fp32 operands (upcast on CPUs), dH and dW in bf16, the fp32 dz store, a
     # chunk's tiles and dH scratch, one fp32 block of dW; the per-token vectors (16 KiB)
     held = (n * d + v * d) * 2 + models * (n * d + v * d) * 4 + (n * d + v * d) * 2 + n * v * 4
