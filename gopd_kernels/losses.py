@@ -17,7 +17,7 @@ from gopd_kernels.functional import token_logprobs
 from gopd_kernels.ops.dense_kl import DenseGopdKL
 from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseKL
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes
-from gopd_kernels.ops.matmul_torch import cublas_bf16
+from gopd_kernels.ops.matmul_torch import cublas_half
 from gopd_kernels.ops.token_logprobs import head_requires_grad
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
@@ -165,8 +165,8 @@ def gopd_loss(
     fold: compute the gradient in the forward, one row chunk at a time (FoldedTokenLoss: the
     chunk's fp32 logits once, 3 GEMMs), instead of recomputing the logits in the backward
     (4 GEMMs, no [rows, V] chunk held, about half the memory). None: fold where measured
-    faster, when the head is trained: the torch backend, and the Triton backend for bf16
-    heads (1.4x faster for about twice the memory on an H100); True / False force it either way.
+    faster, when the head is trained: the torch backend, and the Triton backend for bf16 and
+    fp16 heads (1.4x faster for about twice the memory on an H100, bf16); True / False force it.
     A frozen head (dH only) with fold=None or False goes through token_logprobs with the same
     fold setting: its frozen-head fold is the other way to need 2 GEMMs (see token_logprobs).
 
@@ -212,8 +212,9 @@ def gopd_loss(
     )
     if fold_on == "triton" and fold is None:
         info_once(
-            "gopd_loss: the gradient is folded into the forward (bf16 head, Triton backend): on an H100 "
-            "1.4x faster than recomputing the logits, for about twice the memory; fold=False is the leanest"
+            f"gopd_loss: the gradient is folded into the forward ({weight.dtype} head, Triton backend): "
+            "on an H100 (bf16) 1.4x faster than recomputing the logits, for about twice the memory; "
+            "fold=False is the leanest"
         )
     if fold_on:
         loss, s = _folded_policy_loss(
@@ -280,28 +281,32 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
 def _policy_folds_by_default(hidden, weight, bias=None):
     """gopd_loss with fold=None folds a trained head (a frozen one takes token_logprobs'
     frozen-head fold, leaner on CPUs; measured above): always on the torch backend; on the Triton
-    backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS), the
-    fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096, V = 151936, bf16): 104.0 ms
+    backend for bf16 and fp16 heads where torch has their GEMM with an fp32 result (cuBLAS),
+    the fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096, V = 151936, bf16): 104.0 ms
     and 5132 MiB against the recomputing backward's 145.8 ms and 2523 MiB (2026-11-27; the
-    5132 MiB held the logits tile through dW's cast, since fixed). fp32 heads keep the
-    recomputing backward (its 3xTF32 GEMMs against cuBLAS's plain fp32)."""
+    5132 MiB held the logits tile through dW's cast, since fixed). fp16 is predicted, not yet
+    measured: cuBLAS's fp16 rate there (650-693 TFLOP/s against bf16's 702-760) and one pass
+    to scale each chunk's fp32 dz into fp16, against the recomputing fused kernels' 153 ms for
+    token_logprobs. fp32 heads keep the recomputing backward (its 3xTF32 GEMMs against
+    cuBLAS's plain fp32)."""
 
     def folds(backend: str) -> bool:
-        return head_requires_grad(weight, bias) and (backend == "torch" or cublas_bf16(hidden, weight, bias))
+        return head_requires_grad(weight, bias) and (backend == "torch" or cublas_half(hidden, weight, bias))
 
     return folds
 
 
 def _dense_folds_by_default(*heads: torch.Tensor | None):
     """gopd_dense_loss with fold=None folds on the torch backend (at lam = 1: 4 GEMMs, not 6;
-    measured on CPUs) and on the Triton backend when every head is bf16 with cuBLAS's bf16
-    GEMM. Measured on an H100 (N = 4096, D = 4096, V = 151936, bf16, 2026-11-27): lam = 1,
+    measured on CPUs) and on the Triton backend when every head has one half dtype with its
+    cuBLAS GEMM (fp16 predicted as gopd_loss's, not yet measured). Measured on an H100
+    (N = 4096, D = 4096, V = 151936, bf16, 2026-11-27): lam = 1,
     39.7 ms / 4846 MiB folded against 92.5 ms / 2407 MiB recomputing (Liger's JSD 42.1 ms /
     2705 MiB); lam = 1.25, 47.7 ms against 133.2 ms. The 4846 MiB held the tiles through dW's
     cast, since fixed (predicted ~3630 MiB)."""
 
     def folds(backend: str) -> bool:
-        return backend == "torch" or cublas_bf16(*heads)
+        return backend == "torch" or cublas_half(*heads)
 
     return folds
 

@@ -117,6 +117,16 @@ def cublas_bf16(*tensors: torch.Tensor | None) -> bool:
     return all(t.dtype == torch.bfloat16 for t in present) and bf16_gemm_mode(present[0].device) is not None
 
 
+def cublas_half(*tensors: torch.Tensor | None) -> bool:
+    """One half dtype throughout (bf16 or fp16; None skipped) on a device where torch has its
+    GEMM with an fp32 result: where the Triton backend's losses fold by default (cuBLAS GEMMs,
+    fp16's dz scaled at them as on the torch backend)."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    same = all(t.dtype == dtype for t in present)
+    return same and half_gemm_mode(present[0].device, dtype) is not None
+
+
 def operand(t: torch.Tensor) -> torch.Tensor:
     """An input (hidden states, a weight slice) as a GEMM operand: bf16 and fp16 kept where
     native GEMMs run (see the module doc), else upcast to the compute dtype."""

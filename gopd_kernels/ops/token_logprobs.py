@@ -21,7 +21,7 @@ import torch
 from gopd_kernels.backend import implementation, info_once, workspace_bytes
 from gopd_kernels.ops import folded_frozen_head_torch
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, fold_workspace_bytes
-from gopd_kernels.ops.matmul_torch import cublas_bf16
+from gopd_kernels.ops.matmul_torch import cublas_half
 
 
 def head_requires_grad(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -42,10 +42,11 @@ def folds_frozen_head(
     Only a frozen head can fold, and only when a gradient is wanted. fold=None folds on the
     torch backend (forward + backward, N = 2048, D = 1024, V = 151936, fp32, Intel VM, 3
     calls each: 3.05-3.22 s against the recomputing backward's 4.64-4.78 s) and on the Triton
-    backend for bf16 heads where torch has the bf16 GEMM with an fp32 result (cuBLAS): 2 of
-    those GEMMs in place of 3 Triton ones. Measured on an H100 (N = 16384, D = 4096,
+    backend for bf16 and fp16 heads where torch has their GEMM with an fp32 result (cuBLAS): 2
+    of those GEMMs in place of 3 Triton ones. Measured on an H100 (N = 16384, D = 4096,
     V = 151936, bf16, 2026-11-27): 67.5 ms / 1443 MiB against the recomputing backward's
-    116.9 ms / 1336 MiB (torch.compile 74.0 ms / 14244 MiB). fold=True on a head that is not
+    116.9 ms / 1336 MiB (torch.compile 74.0 ms / 14244 MiB); fp16 not yet measured (its dz
+    is scaled into fp16 at the GEMM, one more pass per chunk). fold=True on a head that is not
     frozen, or with the entropy, is an error; fold=False always recomputes.
     """
     if fold is not None and not isinstance(fold, bool):
@@ -64,12 +65,12 @@ def folds_frozen_head(
         return False
     if fold or backend == "torch":
         return True
-    folds = cublas_bf16(hidden, weight)
+    folds = cublas_half(hidden, weight)
     if folds:
         info_once(
-            "token_logprobs: frozen bf16 head on the Triton backend: dlogp/dh is computed in the forward "
-            "over full-vocabulary row chunks (2 cuBLAS GEMMs instead of 3 Triton ones: 1.7x faster on an "
-            "H100 for 8 % more memory); fold=False recomputes the logits in the backward"
+            f"token_logprobs: frozen {weight.dtype} head on the Triton backend: dlogp/dh is computed in "
+            "the forward over full-vocabulary row chunks (2 cuBLAS GEMMs instead of 3 Triton ones: 1.7x "
+            "faster on an H100, bf16, for 8 % more memory); fold=False recomputes the logits in the backward"
         )
     return folds
 

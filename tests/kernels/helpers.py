@@ -86,6 +86,13 @@ def profiled_peak_bytes(fn) -> int:
     return peak
 
 
+def cublas_half_as_on_cuda(*tensors) -> bool:
+    """matmul_torch.cublas_half as a CUDA device answers it (one half dtype throughout), for
+    tests of the Triton backend's fold defaults on a CPU, whose torch may lack those GEMMs."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16}
+
+
 def cublas_bf16_as_on_cuda(*tensors) -> bool:
     """matmul_torch.cublas_bf16 as a CUDA device answers it (bf16 throughout), for tests of
     the Triton backend's defaults on a CPU, whose torch may lack the bf16 GEMM."""

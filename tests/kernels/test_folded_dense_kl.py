@@ -13,7 +13,7 @@ import torch
 from gopd_kernels import gopd_dense_loss
 from gopd_kernels.losses import aggregate_token_losses
 from gopd_kernels.ops.dense_kl import DenseGopdKL
-from tests.kernels.helpers import cublas_bf16_as_on_cuda, rel_err
+from tests.kernels.helpers import cublas_half_as_on_cuda, rel_err
 from tests.kernels.test_dense_kl import compare, heads
 
 
@@ -190,10 +190,13 @@ def test_dense_fold_default_follows_the_measurements(monkeypatch):
     student, teacher, ref = heads(seed=7)
     b16 = lambda pair: tuple(t.bfloat16() for t in pair)
     assert folds("torch", *student, *teacher)
-    monkeypatch.setattr(losses, "cublas_bf16", cublas_bf16_as_on_cuda)
+    monkeypatch.setattr(losses, "cublas_half", cublas_half_as_on_cuda)
     assert folds("triton", *b16(student), *b16(teacher), *b16(ref))
     assert folds("triton", *b16(student), *b16(teacher), None, None)  # lam = 1: no reference
+    f16 = lambda pair: tuple(t.half() for t in pair)
+    assert folds("triton", *f16(student), *f16(teacher), *f16(ref))
+    assert not folds("triton", *b16(student), *f16(teacher))  # mixed halves: no one GEMM
     assert not folds("triton", *student, *teacher)  # fp32: 3xTF32 against cuBLAS's fp32
     assert not folds("triton", *student, *b16(teacher))
-    monkeypatch.setattr(losses, "cublas_bf16", lambda *ts: False)
+    monkeypatch.setattr(losses, "cublas_half", lambda *ts: False)
     assert not folds("triton", *b16(student), *b16(teacher))  # no cuBLAS bf16 -> fp32 GEMM

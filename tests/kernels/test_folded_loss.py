@@ -14,7 +14,7 @@ from gopd_kernels import losses as losses_module
 from gopd_kernels.losses import aggregate_token_losses, gopd_advantage
 from gopd_kernels.ops import linear_logsoftmax_torch
 from gopd_kernels.reference import gopd_loss_reference
-from tests.kernels.helpers import cublas_bf16_as_on_cuda, make_inputs, rel_err
+from tests.kernels.helpers import cublas_half_as_on_cuda, make_inputs, rel_err
 from tests.kernels.test_losses import batch, compare, run_loss
 
 
@@ -270,11 +270,13 @@ def test_fold_default_follows_the_measurements(monkeypatch):
     assert policy(True, "torch", h32, w32.detach()) == "torch"
     assert policy(False, "torch", h32, w32) is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton backend on CPU tensors
-    monkeypatch.setattr(losses_module, "cublas_bf16", cublas_bf16_as_on_cuda)
+    monkeypatch.setattr(losses_module, "cublas_half", cublas_half_as_on_cuda)
     assert policy(None, "triton", h16, w16) == "triton"
+    assert policy(None, "triton", h16.half(), w16.half()) == "triton"  # fp16: cuBLAS's fp16 GEMMs
+    assert policy(None, "triton", h16, w16.half()) is None  # mixed: no one GEMM for both
     assert policy(None, "triton", h32, w32) is None  # fp32: the recomputing backward
     assert policy(True, "triton", h32, w32) == "triton"
-    monkeypatch.setattr(losses_module, "cublas_bf16", lambda *ts: False)
+    monkeypatch.setattr(losses_module, "cublas_half", lambda *ts: False)
     assert policy(None, "triton", h16, w16) is None  # no cuBLAS bf16 -> fp32 GEMM here
     with torch.no_grad():
         assert policy(True, "torch", h32, w32) is None  # no gradient wanted: nothing to fold
@@ -324,7 +326,7 @@ def test_default_fold_on_triton_says_so_once(device, monkeypatch, caplog):
 
     from gopd_kernels.backend import info_once
 
-    monkeypatch.setattr(losses_module, "cublas_bf16", cublas_bf16_as_on_cuda)  # as on CUDA
+    monkeypatch.setattr(losses_module, "cublas_half", cublas_half_as_on_cuda)  # as on CUDA
     info_once.cache_clear()
     data = batch(b=2, t=4, d=16, v=97, device=device)
     h, w = (data[k].bfloat16().requires_grad_() for k in ("hidden", "weight"))

@@ -189,8 +189,9 @@ def test_native_forward_keeps_fp32_logits(monkeypatch, fresh_probe):
 @pytest.mark.parametrize(
     "backend, dtype",
     [("torch", torch.bfloat16), ("torch", torch.float16),
-     pytest.param("triton", torch.bfloat16, marks=pytest.mark.triton)],
-    ids=["torch-bf16", "torch-fp16", "triton-bf16"],
+     pytest.param("triton", torch.bfloat16, marks=pytest.mark.triton),
+     pytest.param("triton", torch.float16, marks=pytest.mark.triton)],
+    ids=["torch-bf16", "torch-fp16", "triton-bf16", "triton-fp16"],
 )  # fmt: skip
 def test_frozen_head_native_half(native_gemms, monkeypatch, backend, dtype, device, narrow_row_blocks):
     """The frozen-head fold, by default, from half-precision operands: torch's E_p[W]
@@ -221,23 +222,22 @@ def test_frozen_head_native_half(native_gemms, monkeypatch, backend, dtype, devi
      pytest.param("triton", 3, torch.bfloat16, marks=pytest.mark.triton),
      # 24 rows: one chunk, dW straight to bf16
      pytest.param("triton", 24, torch.bfloat16, marks=pytest.mark.triton),
-     # fold=True's fp16 (not a default): Triton's rows write an fp32 dz, scaled at the GEMMs
+     # fp16: Triton's rows write an fp32 dz, scaled at the GEMMs
      pytest.param("triton", 3, torch.float16, marks=pytest.mark.triton),
      pytest.param("triton", 24, torch.float16, marks=pytest.mark.triton)],
     ids=["torch-bf16", "torch-fp16", "triton", "triton-one-chunk", "triton-fp16", "triton-fp16-one-chunk"],
 )  # fmt: skip
 def test_folded_gopd_loss_native_half(native_gemms, monkeypatch, backend, chunk_rows, dtype, device):
-    """The fold's default for bf16 where GEMMs give fp32 results: on Triton the row passes
-    write a bf16 dZ over each chunk's logits, which the GEMMs then read with a row stride of
-    2V. fp16 (the torch backend's default, Triton's with fold=True): an fp32 dZ, scaled into
-    fp16 for the GEMMs."""
+    """The fold's default where half-precision GEMMs give fp32 results: on Triton the row
+    passes write a bf16 dZ over each chunk's logits, which the GEMMs then read with a row
+    stride of 2V; for fp16 an fp32 dZ, scaled into fp16 for the GEMMs (on either backend).
+    Only the fold runs torch's GEMMs on Triton (the recomputing path's are Triton's)."""
     monkeypatch.setenv("GOPD_WORKSPACE_MB", str(chunk_rows * 211 * 4 / 2**20))
     data = batch(b=3, t=8, d=17, v=211, seed=5)
     data["ref_used"] = data["ref"]
     if backend == "triton":
         data = {k: v.to(device) for k, v in data.items()}
-    fold = True if backend == "triton" and dtype == torch.float16 else None  # not fp16's default there
-    loss, dh, dw, _ = run_loss(lambda *a, **k: gopd_loss(*a, backend=backend, fold=fold, **k), data, dtype,
+    loss, dh, dw, _ = run_loss(lambda *a, **k: gopd_loss(*a, backend=backend, **k), data, dtype,
                                lam=1.25, temperature=0.8)  # fmt: skip
     data = {k: v.cpu() for k, v in data.items()}
     loss, dh, dw = loss.cpu(), dh.cpu(), dw.cpu()
@@ -253,11 +253,17 @@ def test_folded_gopd_loss_native_half(native_gemms, monkeypatch, backend, chunk_
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lam", [1.0, 1.25])
-@pytest.mark.parametrize("folded", [True, False], ids=["folded", "streaming"])
-def test_dense_loss_native_half(native_gemms, monkeypatch, lam, folded, dtype):
-    """Folded (with gradients) and the streaming forward (without)."""
+@pytest.mark.parametrize(
+    "folded", [True, False, pytest.param("triton", marks=pytest.mark.triton)],
+    ids=["folded", "streaming", "triton-folded"],
+)  # fmt: skip
+def test_dense_loss_native_half(native_gemms, monkeypatch, lam, folded, dtype, request):
+    """Folded (with gradients) and the streaming forward (without); folded on the Triton
+    backend too, its default for either half (the row passes Triton's, the GEMMs emulated)."""
     monkeypatch.setenv("GOPD_WORKSPACE_MB", str(6 * 211 * 4 / 2**20))
-    if folded:
+    if folded == "triton":
+        compare_dense("triton", request.getfixturevalue("device"), lam, dtype=dtype)
+    elif folded:
         compare_dense("torch", "cpu", lam, dtype=dtype)
     else:
         heads_half = [t for head in heads(dtype=dtype) for t in head]

@@ -14,6 +14,7 @@ from tests.kernels.helpers import (
     GRAD_ROW_REL,
     VALUE_ATOL,
     cublas_bf16_as_on_cuda,
+    cublas_half_as_on_cuda,
     make_inputs,
     reference_with_grads,
     rel_err,
@@ -370,10 +371,12 @@ def test_fold_policy(monkeypatch):
         assert not op.folds_frozen_head(True, "torch", h, w_trained, None, False)  # nothing to fold
     assert not op.folds_frozen_head(None, "triton", h, w, None, False)  # fp32: 3xTF32 recompute
     h16, w16 = h.detach().bfloat16().requires_grad_(), w.bfloat16()
-    monkeypatch.setattr(op, "cublas_bf16", lambda *ts: False)
+    monkeypatch.setattr(op, "cublas_half", lambda *ts: False)
     assert not op.folds_frozen_head(None, "triton", h16, w16, None, False)  # no bf16 -> fp32 GEMM
-    monkeypatch.setattr(op, "cublas_bf16", cublas_bf16_as_on_cuda)
+    monkeypatch.setattr(op, "cublas_half", cublas_half_as_on_cuda)
     assert op.folds_frozen_head(None, "triton", h16, w16, None, False)
+    assert op.folds_frozen_head(None, "triton", h16.half(), w16.half(), None, False)  # fp16 too
+    assert not op.folds_frozen_head(None, "triton", h16, w16.half(), None, False)  # mixed: no one GEMM
     for bad, why in (((True, "torch", h, w_trained, None, False), "frozen head"),
                      ((True, "torch", h.detach(), w_trained, None, False), "frozen head"),  # dW only
                      ((True, "torch", h, w, b_trained, False), "frozen head"),
