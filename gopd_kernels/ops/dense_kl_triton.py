@@ -23,8 +23,8 @@ from gopd_kernels.ops.linear_logsoftmax_triton import (
     INTERPRET_CONFIG,
     grads_from_logit_grads,
     lm_head_args,
-    logit_grad_dtype,
     logits_tile,
+    scaled_for_fp16_dz,
     vocab_slices,
 )
 from gopd_kernels.ops.matmul_torch import fp16_dz_scale
@@ -233,13 +233,14 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
     """Same contract as dense_kl_torch.backward."""
     hs, ws, _ = student
     g = grad_kl.float() * inv_temp
-    unscale = None
-    if logit_grad_dtype(hs.dtype, scaled=True) == torch.float16:  # dZ in fp16 times s
+
+    def scale():
         # dZ_v = g p_v (log p_v - log q_v - KL) with t_v = p_v log(p_v / q_v) >= p_v - q_v >= -q_v
         # and sum_v t_v = KL, so -1 <= t_v <= KL + 1: |dZ_v| <= |g| (2 KL + 1), for any q
         bound = (g.abs() * (2.0 * kl.float().clamp_min(0.0) + 1.0)).amax() if g.numel() else g.new_zeros(())
-        s = fp16_dz_scale(bound)
-        g, unscale = g * s, 1.0 / s
+        return fp16_dz_scale(bound)
+
+    (g,), unscale = scaled_for_fp16_dz(hs.dtype, scale, g)
 
     def write_logit_grads(rows, cols, dz):  # the three heads' columns `cols`: a vocabulary of their own
         ptrs, dims, strides, bias_flags = _head_args(head_tiles((student, teacher, ref), rows, cols))

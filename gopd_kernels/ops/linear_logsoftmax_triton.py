@@ -401,6 +401,18 @@ def logit_grad_scale(g_l: torch.Tensor, g_e: torch.Tensor | None, vocab: int) ->
     return fp16_dz_scale(bound)
 
 
+def scaled_for_fp16_dz(dtype: torch.dtype, scale, *grads: torch.Tensor | None):
+    """(grads, unscale) for a backward whose kernels write dZ from upstream gradients: for an
+    fp16 model (dZ in fp16, logit_grad_dtype(scaled=True)) the gradients times s = scale(), a
+    power of two from a bound on |dZ| (logit_grad_scale, or the dense losses' own), and
+    1 / s for the GEMMs to take back out; for every other dtype the gradients as they are and
+    None. The one gate and multiply of token_logprobs' and the dense losses' backwards."""
+    if logit_grad_dtype(dtype, scaled=True) != torch.float16:
+        return grads, None
+    s = scale()
+    return tuple(None if g is None else g * s for g in grads), 1.0 / s
+
+
 def backward_tiles(
     rows: int, vocab: int, hidden_size: int, dz_dtype: torch.dtype, workspace_bytes: int
 ) -> tuple[int, int]:
@@ -520,10 +532,8 @@ def backward(
 
         tile_dtype = torch.float32
     else:
-        if logit_grad_dtype(hidden.dtype, scaled=True) == torch.float16:  # dZ times s (logit_grad_scale)
-            s = logit_grad_scale(g_l, g_e, weight.shape[0])
-            g_l, g_e = g_l * s, None if g_e is None else g_e * s
-            unscale = 1.0 / s
+        bounded = lambda: logit_grad_scale(g_l, g_e, weight.shape[0])  # noqa: E731 (read before the rescale)
+        (g_l, g_e), unscale = scaled_for_fp16_dz(hidden.dtype, bounded, g_l, g_e)
 
         def write_logit_grads(rows, cols, dz):
             r = lambda t: None if t is None else t[rows]
