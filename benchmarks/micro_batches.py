@@ -21,6 +21,7 @@ forward and backward, ExOPD lam 1.25):
   longest row, each kept apart by a block-diagonal mask.
 - packed-row: the same, each micro-batch as one row of all its tokens (flash attention's
   layout, run here through sdpa's mask: the layout packed had before its bins).
+- packed-tokens: tokens' budget (counting real tokens, as it does packed) with packed's bins.
 
 The step (seeded): prompts of 32-128 tokens; responses log-normal around cap/5, one in ten
 cut at the cap, as a step of a long-response RL run. The models are Qwen3-shaped (hidden
@@ -53,7 +54,7 @@ from benchmarks.common import (
 )
 from benchmarks.report import CHILD_ENV
 
-LAYOUTS = ("padded", "grouped", "tokens", "packed", "packed-row")
+LAYOUTS = ("padded", "grouped", "tokens", "packed", "packed-row", "packed-tokens")
 VOCAB, PROMPTS = 32000, (32, 128)
 
 
@@ -94,7 +95,8 @@ def models_and_config(layout: str, rows: int, cap: int, micro: int, device: str 
     for m in models.frozen():
         m.requires_grad_(False)
     longest = PROMPTS[1] + cap
-    rows_at_most, budget = (micro * 4, max(1, micro // 4) * longest) if layout == "tokens" else (micro, None)
+    budgeted = layout in ("tokens", "packed-tokens")
+    rows_at_most, budget = (micro * 4, max(1, micro // 4) * longest) if budgeted else (micro, None)
     cfg = TrainConfig(
         lam=1.25, micro_batch_size=rows_at_most, micro_batch_tokens=budget, max_prompt_tokens=PROMPTS[1],
         max_new_tokens=cap, kernel_backend="torch" if device == "cpu" else "auto", grad_clip=None,

@@ -16,8 +16,8 @@ How many packed rows (pack's bin_len) follows from the attention:
   micro-batch's longest row (first fit, longest first), a batch of [bins, longest row]: the
   attention costs bins x longest^2, under the trimmed micro-batch's rows x longest^2, and the
   bins' tail padding is all that is left of the padding. Measured on a 2-core CPU
-  (benchmarks.micro_batches, sdpa): bins 0.92x the trimmed micro-batches' time, one row
-  1.35x.
+  (benchmarks.micro_batches, sdpa, two runs): bins 0.90-0.92x the trimmed micro-batches'
+  time, one row 1.29-1.35x.
 
 Padding at a bin's end has position ids of its own run (0, 1, ...), so it is a sequence
 apart: no real token attends to it, and its hidden states are dropped.
