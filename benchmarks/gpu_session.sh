@@ -33,7 +33,8 @@
 #   bash benchmarks/gpu_session.sh fp16-torch  # the torch backend's fp16 GEMMs (a T4's path), its
 #                                          # CUDA tests, timed against naive fp16 (~1.5 minutes)
 #   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048, frozen scoring
-#                                          # with GOPD_LOGITS_GEMM swept (~3 minutes)
+#                                          # with GOPD_LOGITS_GEMM swept, the dense fold's stored
+#                                          # dz against its fp32 sum (~4 minutes)
 #   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA, one update step
 #                                          # through a 28-layer Qwen3-0.6B shape, the micro-batch
 #                                          # layouts (~5 minutes)
@@ -196,12 +197,16 @@ fp16-torch)  # the torch backend's fp16 heads on fp16 tensor cores with scaled d
     (exit $status)
     ;;
 small)  # not yet timed: rows that fit one fold chunk write a bf16 dW directly (no fp32 [V, D]);
-    # teacher + reference scoring with cuBLAS logits, one model after the other
+    # teacher + reference scoring with cuBLAS logits, one model after the other; the stored dz
     status=0
     timeout --signal=INT 100 python3 -m benchmarks.report --op gopd_loss --n 2048 --d 4096 --v 151936 \
         --dtype bfloat16 --impls naive,torch-compile,gopd,gopd-recompute,cce || status=1
     timeout 70 python3 -m benchmarks.stages --n 16384 --d 4096 --v 151936 --dtype bfloat16 \
         --sweep GOPD_LOGITS_GEMM=triton,torch --op frozen_scoring --impls gopd || status=1
+    # the dense fold with its dz stored (auto, N = 4096 <= 2D) against the fp32 dW sum, in one
+    # process: predicted ~34-37 ms / ~2.4 GB against ~39 ms / ~3.6 GB
+    timeout 60 python3 -m benchmarks.stages --n 4096 --d 4096 --v 151936 --dtype bfloat16 \
+        --sweep GOPD_DW_SUM=auto,float32 --op gopd_dense_loss --impls gopd || status=1
     (exit $status)
     ;;
 stages)  # where token_logprobs' time goes, stage by stage, beside cuBLAS on the same GEMMs

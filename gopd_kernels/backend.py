@@ -69,10 +69,12 @@ LOGITS_GEMMS = ("triton", "torch")
 # rounding to bf16's 8). While summing, both hold 4 bytes an element beside nothing else
 # ("pair": dW and its remainder); "float32" then holds dW beside its buffer while rounding
 # (6), which "pair" never does. So "pair" lowers a peak only where that step set it (1.2 GB
-# at D = 4096, V = 151936), for the dW GEMM on Triton instead of cuBLAS. Other heads keep
-# their own way: fp32 heads sum into dW, fp16 heads in fp32 (an fp16 remainder would
-# underflow).
-DW_SUMS = ("float32", "pair")
+# at D = 4096, V = 151936), for the dW GEMM on Triton instead of cuBLAS. "auto" (the
+# default) is "float32", except that a fold whose chunks' dZ together weigh no more keeps
+# them and forms dW in one GEMM at the end (folded_loss_torch.HeadGrad: N <= 2D on the GPU
+# path); "float32" asks for the sum there too, to compare. Other heads keep their own way:
+# fp32 heads sum into dW, fp16 heads in fp32 (an fp16 remainder would underflow).
+DW_SUMS = ("auto", "float32", "pair")
 
 
 def interpreter_enabled() -> bool:
@@ -170,9 +172,9 @@ def logits_gemm(cublas_bf16: bool = False) -> str:
 
 
 def dw_sum(weight: torch.Tensor) -> str:
-    """How a bf16 head's dW is summed across row chunks (DW_SUMS): GOPD_DW_SUM, else
-    "float32". "pair" asked for a head of another dtype says once that it keeps its own way."""
-    choice = _env_choice("GOPD_DW_SUM", DW_SUMS, "float32")
+    """How a bf16 head's dW is summed across row chunks (DW_SUMS): GOPD_DW_SUM, else "auto".
+    "pair" asked for a head of another dtype says once that it keeps its own way."""
+    choice = _env_choice("GOPD_DW_SUM", DW_SUMS, "auto")
     if choice == "pair" and weight.dtype != torch.bfloat16:
         warn_once(
             f"GOPD_DW_SUM=pair applies to bf16 heads; this {weight.dtype} head's dW is summed "

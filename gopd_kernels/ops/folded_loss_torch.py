@@ -15,9 +15,9 @@ Costs: dH and dW are held from the forward to the backward (they are what the ba
 returns); dW is read and written once per row chunk, in fp32, so a chunk needs hundreds of
 rows to keep that traffic small next to its GEMMs, hence its own default budget (FOLD_ROWS
 rows). Rows that fit one chunk write a bf16 dW directly, where the row module has a GEMM
-that rounds its fp32 sum once (fold_rows_triton's): no fp32 [V, D] at all. A bf16 head over
-few rows (N <= 2D) keeps each chunk's dz instead and forms dW in one GEMM at the end
-(HeadGrad): no larger than the fp32 sum, without its traffic.
+that rounds its fp32 sum once (fold_rows_triton's): no fp32 [V, D] at all. With that GEMM, a
+bf16 head over few rows (N <= 2D) keeps each chunk's dz instead and forms dW in one GEMM at
+the end (HeadGrad): no larger than the fp32 sum, without its traffic.
 GEMM operands are the inputs upcast to fp32 (one copy of W for the whole pass), or bf16 as
 they are on CUDA (matmul_torch); dH and dW are accumulated in fp32 and rounded once.
 
@@ -68,29 +68,26 @@ def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tenso
         yield r0, r1, targets[r0:r1], z
 
 
-# The fp32 blocks of dW that a stored dz's GEMM writes where no GEMM rounds its own sum
-DW_BLOCK_BYTES = 64 << 20
-
-
 class HeadGrad:
     """A fold's dW = sum over row chunks of dz^T h (h: every row's GEMM operand), kept one way
     of four, by what it holds besides dW:
 
     - direct (nothing): the rows are one chunk, and rows_impl has a GEMM that rounds its fp32
       sum once into a bf16 dW (fold_rows_triton.gemm_rounded).
-    - stored dz ([N, V] in dz's GEMM dtype, bf16 on GPUs): each chunk's dz is kept, and dW is
-      one GEMM over all rows at the end, accumulated in fp32 and rounded once (by
-      gemm_rounded, else through fp32 blocks of DW_BLOCK_BYTES). Where the store (and its
-      block) holds no more than the sum below (N <= 2D for a bf16 dz against fp32's), for
-      bf16 heads (an fp16 dz comes scaled per chunk): it also spares that sum's read and
-      write of [V, D] fp32 per chunk, and its rounding step. Measured on the AMD VM (torch
-      rows, fp32 dz and blocks; dense fold, D = 1024, V = 151936): N = 512 2169 MiB against
-      the sum's 2401 in the same time; at N = D, where the store and the sum weigh the
-      same, the block made it 64 MiB and 3-5 % worse, hence the block in the count.
+    - stored dz ([N, V] in dz's dtype: bf16 on GPUs): each chunk's dz is kept, and dW is one
+      GEMM over all rows at the end (gemm_rounded: fp32 accumulation, one rounding).
+      GOPD_DW_SUM=auto (the default), where rows_impl has that GEMM and the store holds no
+      more than the fp32 sum below (N x 2 <= D x 4 bytes for a bf16 dz: N <= 2D): it also
+      spares that sum's read and write of [V, D] fp32 per chunk, and its rounding step. Not
+      on the torch rows, which have no rounding GEMM: there it measured as a trade (AMD VM,
+      dense fold, bf16 head, N = 512, D = 1024, V = 151936, an fp32 store and fp32 blocks of
+      dW, benchmarks.stages --sweep GOPD_DW_SUM in one process: 1859 MiB and 4.73-4.81 s
+      stored, 2093 MiB and 4.55-4.58 s summed; 11 % less memory for 4-6 % more time).
     - pair (a bf16 remainder [V, D]): GOPD_DW_SUM=pair (backend.dw_sum), where rows_impl has
       the Triton matmul that keeps it (fold_rows_triton.gemm_pair): 4 bytes an element
-      instead of fp32's 4 and its rounded copy's 2. A store wins over it at N <= D.
-    - fp32 sum (acc [V, D]): added to by each chunk's GEMM, rounded into dW at the end; the
+      instead of fp32's 4 and its rounded copy's 2.
+    - fp32 sum (acc [V, D]; GOPD_DW_SUM=float32, or auto where no store): added to by each
+      chunk's GEMM, rounded into dW at the end; the
       first chunk's GEMM writes it (a zero fill first is one more pass over an fp32 [V, D],
       2 % of gopd_dense_loss at N = 512, D = 1024, V = 151936 on the Intel VM).
 
@@ -107,22 +104,18 @@ class HeadGrad:
     ):
         rows, vocab = h.shape[0], weight.shape[0]
         one_chunk = chunk >= rows
-        pair = not one_chunk and dw_sum(weight) == "pair" and weight.dtype != acc
+        mode = dw_sum(weight) if not one_chunk else "float32"  # dw_sum: "pair" only for bf16 heads
+        pair = mode == "pair"
         if pair and not hasattr(rows_impl, "gemm_pair"):
             warn_once("GOPD_DW_SUM=pair needs the Triton matmul; the torch backend's folds sum dW in float32")
             pair = False
-        dz_dtype = tile_dtype(w_dtype)  # what rows_impl writes dz in
         # bf16 only: an fp16 dz comes scaled, its alpha taken out by torch's GEMMs (add)
-        self.rounds = weight.dtype == torch.bfloat16 and hasattr(rows_impl, "gemm_rounded")
-        dim = h.shape[1]
-        sum_bytes = vocab * dim * (2 if pair else 4)  # what the sum holds besides dW
-        store_bytes = rows * vocab * dz_dtype.itemsize + (
-            0 if self.rounds else _block_cols(vocab, dim) * dim * 4
-        )
-        store = not one_chunk and weight.dtype not in (acc, torch.float16) and store_bytes <= sum_bytes
-        own = store or (self.rounds and (one_chunk or pair))  # dW written in its own dtype
+        rounds = weight.dtype == torch.bfloat16 and hasattr(rows_impl, "gemm_rounded")
+        dz_dtype = tile_dtype(w_dtype)  # what rows_impl writes dz in: bf16 (GPUs), fp32 (CPU upcast)
+        store = mode == "auto" and rounds and rows * dz_dtype.itemsize <= h.shape[1] * 4
+        own = rounds and (one_chunk or pair or store)  # dW written in its own dtype
         self.dw = torch.empty(weight.shape, dtype=weight.dtype if own else acc, device=weight.device)
-        self.lo = torch.empty_like(self.dw) if pair and not store else None
+        self.lo = torch.empty_like(self.dw) if pair else None
         self.store = torch.empty(rows, vocab, dtype=dz_dtype, device=weight.device) if store else None
         self.filled: list[tuple[int, int]] = []
         self.h, self.rows_impl, self.written = h, rows_impl, False
@@ -159,20 +152,7 @@ class HeadGrad:
             unfilled[r0:r1] = False
         if unfilled.any():  # chunks whose loss did not depend on their log-probs
             store[unfilled.to(store.device)] = 0
-        if self.rounds:
-            self.rows_impl.gemm_rounded(store.T, self.h, self.dw)
-            return
-        vocab, dim = self.dw.shape
-        cols = _block_cols(vocab, dim)
-        block = torch.empty(cols, dim, dtype=compute_dtype(self.dw.dtype), device=self.dw.device)
-        for c0 in range(0, vocab, cols):
-            c1 = min(vocab, c0 + cols)
-            self.dw[c0:c1] = mm_into(block[: c1 - c0], store[:, c0:c1].T, self.h)
-
-
-def _block_cols(vocab: int, dim: int) -> int:
-    """Columns of the fp32 blocks a stored dz's GEMM writes dW through (no rounding GEMM)."""
-    return max(1, min(vocab, DW_BLOCK_BYTES // (dim * 4)))
+        self.rows_impl.gemm_rounded(store.T, self.h, self.dw)
 
 
 class HiddenGrad:

@@ -376,7 +376,7 @@ def test_triton_fold_sums_dw_as_a_bf16_pair_when_asked(op, tiny_chunks, device, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("dw_sum", ["float32", "pair"])
+@pytest.mark.parametrize("dw_sum", ["auto", "float32", "pair"])
 def test_head_grad_buffers_by_dw_sum(dtype, dw_sum, monkeypatch, caplog):
     """What a fold's dW holds over several chunks of many rows (bytes an element beside dW's
     own 2): bf16 heads 4 in fp32 (and dW's rounded copy at the end) or, with pair, 2 (the
@@ -415,42 +415,40 @@ def test_head_grad_buffers_by_dw_sum(dtype, dw_sum, monkeypatch, caplog):
         HeadGrad(weight, h, operand, torch.float32, 8, fold_rows_triton)
 
 
-@pytest.mark.parametrize("dw_sum", ["float32", "pair"])
-def test_head_grad_stores_dz_where_that_holds_no_more_than_the_sum(dw_sum, monkeypatch):
-    """Few rows: a bf16 head's chunks keep their dz ([N, V] in its GEMM dtype) in place of the
-    sum ([V, D] beside dW: 4 bytes an element in fp32, 2 as a pair) while that holds no more:
-    N x 2 <= D x 4 for a bf16 dz and the rounding Triton GEMM (GPUs), N <= D against a pair;
-    for the fp32 dz of the CPU's upcast operands, N x V x 4 plus dW's fp32 block <= V x D x 4.
-    Never for fp16 (a dz scaled per chunk) or fp32 heads."""
-    from gopd_kernels.ops import fold_rows_torch, fold_rows_triton, folded_loss_torch
+@pytest.mark.triton
+def test_head_grad_stores_dz_where_that_holds_no_more_than_the_sum(monkeypatch):
+    """Few rows: with GOPD_DW_SUM=auto (the default) a bf16 head's chunks keep their dz ([N, V]
+    in its GEMM dtype) in place of the fp32 sum ([V, D] beside dW, 4 bytes an element) while
+    that holds no more, where the rows have the rounding Triton GEMM: N x 2 <= D x 4 for a bf16
+    dz (GPUs), N x 4 <= D x 4 for the fp32 dz of the CPU's upcast operands. Never on the torch
+    rows, nor with float32 or pair asked for (to compare), nor for fp16 heads (a dz scaled per
+    chunk) or fp32 heads. Rows of chunks that never came (a loss that does not depend on them)
+    count as zeros."""
+    from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
     from gopd_kernels.ops.folded_loss_torch import HeadGrad
     from tests.kernels.test_linear_logsoftmax_triton import within_one_bf16_rounding
 
-    monkeypatch.setenv("GOPD_DW_SUM", dw_sum)
-    monkeypatch.setattr(folded_loss_torch, "DW_BLOCK_BYTES", 2 * 8 * 4)  # blocks of 2 columns
     d, v = 8, 11
-    cases = [  # (dz's dtype, rows_impl, the most rows it stores)
-        (torch.bfloat16, fold_rows_triton, d * (1 if dw_sum == "pair" else 2)),
-        (torch.float32, fold_rows_torch, (v * d * 4 - 2 * d * 4) // (v * 4)),  # no pair GEMM there
-    ]
-    for operand, rows_impl, most in cases:
+    weight = torch.zeros(v, d, dtype=torch.bfloat16)
+    for operand in (torch.bfloat16, torch.float32):
+        most = d * 4 // operand.itemsize
         for n in (most, most + 1):
-            grad = HeadGrad(torch.zeros(v, d, dtype=torch.bfloat16), torch.zeros(n, d, dtype=operand),
-                            operand, torch.float32, 1, rows_impl)  # fmt: skip
+            h = torch.zeros(n, d, dtype=operand)
+            grad = HeadGrad(weight, h, operand, torch.float32, 1, fold_rows_triton)
             assert (grad.store is not None) == (n <= most), (operand, n)
             if n <= most:
                 assert grad.store.shape == (n, v) and grad.store.dtype == operand
                 assert grad.dw.dtype == torch.bfloat16 and grad.lo is None
+            assert HeadGrad(weight, h, operand, torch.float32, 1, fold_rows_torch).store is None
+            for asked in ("float32", "pair"):
+                monkeypatch.setenv("GOPD_DW_SUM", asked)
+                assert HeadGrad(weight, h, operand, torch.float32, 1, fold_rows_triton).store is None
+            monkeypatch.delenv("GOPD_DW_SUM")
     for dtype in (torch.float16, torch.float32):
-        weight, h = torch.zeros(v, d, dtype=dtype), torch.zeros(2, d, dtype=dtype)
-        assert HeadGrad(weight, h, dtype, torch.float32, 1, fold_rows_triton).store is None
-    # chunks without a gradient (a loss that does not depend on them) leave their rows unwritten:
-    # zeros in the product. dW in fp32 blocks of two columns (the torch rows have no rounding
-    # GEMM), each rounded once
+        half_weight, h = torch.zeros(v, d, dtype=dtype), torch.zeros(2, d, dtype=dtype)
+        assert HeadGrad(half_weight, h, dtype, torch.float32, 1, fold_rows_triton).store is None
     h = torch.randn(3, d)
-    grad = HeadGrad(
-        torch.zeros(v, d, dtype=torch.bfloat16), h, torch.float32, torch.float32, 1, fold_rows_torch
-    )
+    grad = HeadGrad(weight, h, torch.float32, torch.float32, 1, fold_rows_triton)
     dz = torch.randn(3, v)
     grad.store.fill_(float("nan"))  # what torch.empty may hold
     grad.add(dz[0:1], (0, 1))
@@ -459,9 +457,9 @@ def test_head_grad_stores_dz_where_that_holds_no_more_than_the_sum(dw_sum, monke
     assert within_one_bf16_rounding(grad.result(), exact)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.triton
 @pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
-def test_stored_dz_gives_dw_within_one_rounding(op, backend, tiny_chunks, device, monkeypatch):
+def test_stored_dz_gives_dw_within_one_rounding(op, tiny_chunks, device, monkeypatch):
     """A bf16 fold over several chunks of few rows keeps their dz and takes dW in one GEMM at
     the end (no fp32 [V, D] sum): within one bf16 rounding of the exact product of the dz it
     kept; and close to the recomputing backward's."""
@@ -469,18 +467,17 @@ def test_stored_dz_gives_dw_within_one_rounding(op, backend, tiny_chunks, device
     from gopd_kernels.ops import folded_loss_torch
     from tests.kernels.test_linear_logsoftmax_triton import within_one_bf16_rounding
 
-    dev = device if backend == "triton" else "cpu"
     n, d, v = 8, 16, 211  # 3-row chunks (tiny_chunks; 1-row for the dense fold's 2 tiles)
-    hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, dev, bias=False, seed=3)
-    t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, dev, bias=False, seed=4)
-    logp_t = torch.randn(n, device=dev)
+    hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, device, bias=False, seed=3)
+    t_hidden, t_weight, _, _ = make_inputs(n, d, v, torch.bfloat16, device, bias=False, seed=4)
+    logp_t = torch.randn(n, device=device)
 
     def run(fold=True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         if op == "gopd_loss":
-            loss, _ = gopd_loss(h, w, targets, logp_t, logp_t - 0.3, lam=1.25, backend=backend, fold=fold)
+            loss, _ = gopd_loss(h, w, targets, logp_t, logp_t - 0.3, lam=1.25, backend="triton", fold=fold)
         else:
-            loss, _ = gopd_dense_loss(h, w, t_hidden, t_weight, teacher_kl=False, backend=backend, fold=fold)
+            loss, _ = gopd_dense_loss(h, w, t_hidden, t_weight, teacher_kl=False, backend="triton", fold=fold)
         loss.backward()
         return w.grad
 
@@ -493,7 +490,6 @@ def test_stored_dz_gives_dw_within_one_rounding(op, backend, tiny_chunks, device
 
     monkeypatch.setattr(folded_loss_torch.HeadGrad, "_from_store", from_store)
     monkeypatch.setattr(folded_loss_torch, "mm_add", lambda *a: 1 / 0)  # no fp32 sum across chunks
-    monkeypatch.setattr(folded_loss_torch, "DW_BLOCK_BYTES", 16 * d * 4)  # the torch rows' fp32 blocks
     dw = run()
     assert len(stores) == 1 and dw.dtype == torch.bfloat16
     store, h, filled = stores[0]
