@@ -104,13 +104,15 @@ def test_fold_frees_its_tiles_before_casting_the_grads(op, monkeypatch):
     )
 
 
-def _bf16_fold_peak(op: str, n: int, d: int, v: int, rows: int, monkeypatch) -> tuple[int, int, int]:
-    """(profiled peak, fp32 tiles per chunk, models whose operands are upcast) of one bf16
-    fold's forward + backward (gopd_loss or the dense loss against a teacher), torch backend,
-    chunks of `rows` rows."""
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
+    """Many tokens, a small head: dH [N, D] outweighs everything else. The folds write each
+    chunk's dH rows in bf16 through a [chunk, D] fp32 scratch; an fp32 [N, D] dH (cast at the
+    end, so 6 bytes an element at once) would put the peak above the bound."""
     import gopd_kernels as gk
 
     pytest.importorskip("torch.profiler._memory_profiler", reason="torch's private allocation timeline")
+    n, d, v, rows = 4096, 64, 257, 64
     live = 1 if op == "gopd_loss" else 2
     monkeypatch.setenv("GOPD_WORKSPACE_MB", str(live * rows * v * 4 / 2**20))
     hidden, weight, _, targets = make_inputs(n, d, v, torch.bfloat16, bias=False)
@@ -127,16 +129,8 @@ def _bf16_fold_peak(op: str, n: int, d: int, v: int, rows: int, monkeypatch) -> 
         loss.backward()
 
     step()  # warm: lazy module state out of the measurement
-    return profiled_peak_bytes(step), live, 1 if op == "gopd_loss" else 2
-
-
-@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
-def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
-    """Many tokens, a small head: dH [N, D] outweighs everything else. The folds write each
-    chunk's dH rows in bf16 through a [chunk, D] fp32 scratch; an fp32 [N, D] dH (cast at the
-    end, so 6 bytes an element at once) would put the peak above the bound."""
-    n, d, v, rows = 4096, 64, 257, 64
-    peak, live, models = _bf16_fold_peak(op, n, d, v, rows, monkeypatch)
+    peak = profiled_peak_bytes(step)
+    models = 1 if op == "gopd_loss" else 2
     # the clones, the fp32 operands (upcast on CPUs), dH in bf16, dW's fp32 sum and bf16 copy,
     # a chunk's tiles and scratch; the per-token vectors (a few fp32 [N] each, 16 KiB)
     held = (n * d + v * d) * 2 + models * (n * d + v * d) * 4 + n * d * 2 + v * d * 6
