@@ -87,9 +87,9 @@ class HeadGrad:
       the Triton matmul that keeps it (fold_rows_triton.gemm_pair): 4 bytes an element
       instead of fp32's 4 and its rounded copy's 2.
     - fp32 sum (acc [V, D]; GOPD_DW_SUM=float32, or auto where no store): added to by each
-      chunk's GEMM, rounded into dW at the end; the
-      first chunk's GEMM writes it (a zero fill first is one more pass over an fp32 [V, D],
-      2 % of gopd_dense_loss at N = 512, D = 1024, V = 151936 on the Intel VM).
+      chunk's GEMM, rounded into dW at the end; the first chunk's GEMM writes it (a zero fill
+      first is one more pass over an fp32 [V, D], 2 % of gopd_dense_loss at N = 512,
+      D = 1024, V = 151936 on the Intel VM).
 
     fp32 heads sum into dW itself (acc is their dtype)."""
 

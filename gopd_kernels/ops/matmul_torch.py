@@ -109,14 +109,6 @@ def half_gemm_mode(device: torch.device, dtype: torch.dtype) -> str | None:
     return fp16_gemm_mode(device) if dtype == torch.float16 else None
 
 
-def cublas_bf16(*tensors: torch.Tensor | None) -> bool:
-    """bf16 operands throughout (None skipped) on a device where torch has the bf16 GEMM with
-    an fp32 result (cuBLAS on CUDA): where the Triton backend's measured defaults hand GEMMs
-    to torch (the losses' folds, token_logprobs' logit tiles and gradient GEMMs)."""
-    present = [t for t in tensors if t is not None]
-    return all(t.dtype == torch.bfloat16 for t in present) and bf16_gemm_mode(present[0].device) is not None
-
-
 def cublas_half(*tensors: torch.Tensor | None) -> bool:
     """One half dtype throughout (bf16 or fp16; None skipped) on a device where torch has its
     GEMM with an fp32 result: where the Triton backend's losses fold by default (cuBLAS GEMMs,
@@ -125,6 +117,13 @@ def cublas_half(*tensors: torch.Tensor | None) -> bool:
     dtype = present[0].dtype
     same = all(t.dtype == dtype for t in present)
     return same and half_gemm_mode(present[0].device, dtype) is not None
+
+
+def cublas_bf16(*tensors: torch.Tensor | None) -> bool:
+    """cublas_half for bf16 only: where token_logprobs' logit tiles and gradient GEMMs go to
+    torch by default (their dZ over cuBLAS tiles has no fp16 scale)."""
+    present = [t for t in tensors if t is not None]
+    return present[0].dtype == torch.bfloat16 and cublas_half(*present)
 
 
 def operand(t: torch.Tensor) -> torch.Tensor:
