@@ -126,12 +126,12 @@ def layout_in_effect(layout: str):
     import gopd.update
 
     if layout == "packed-row":
-        saved_bins = gopd.packing.bin_length
-        gopd.packing.bin_length = lambda model, rollouts: None
+        saved_varlen = gopd.packing.uses_varlen_attention
+        gopd.packing.uses_varlen_attention = lambda model: True  # flash attention's layout: one row
         try:
             yield
         finally:
-            gopd.packing.bin_length = saved_bins
+            gopd.packing.uses_varlen_attention = saved_varlen
         return
     if layout != "padded":
         yield
@@ -156,7 +156,8 @@ def plan_shape(rollouts, cfg, model) -> dict:
     plan = gopd.batching.step_plan(rollouts, None, *limits, packed=cfg.pack_sequences)
     parts = [gopd.update.micro_batch(rollouts, rows)[0] for _, chunks in plan for rows, _ in chunks]
     packed = cfg.pack_sequences
-    packed_ids = lambda part: gopd.packing.pack(part, gopd.packing.bin_length(model, part)).input_ids  # noqa: E731
+    binned = not gopd.packing.uses_varlen_attention(model)
+    packed_ids = lambda part: gopd.packing.pack(part, binned).input_ids  # noqa: E731
     tokens = sum(packed_ids(part).numel() if packed else part.sequences.numel() for part in parts)
     return {"micro_batches": len(parts), "tokens": tokens}
 

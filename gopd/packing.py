@@ -7,7 +7,7 @@ mask; transformers then keeps the rows apart from the position ids alone. Only w
 KV cache: with one, transformers reads the position ids as one long row, so the decoders
 run with use_cache=False (gopd_kernels.hf.final_hidden_states).
 
-How many packed rows (pack's bin_len) follows from the attention:
+How many packed rows (pack's binned) follows from the attention:
 
 - flash_attention_2/3: one row of all the tokens. transformers runs it through the varlen
   kernels, whose cost is each row's own (and which it uses only for a batch of one row).
@@ -96,10 +96,11 @@ def pack_pieces(pieces: list[torch.Tensor], bin_len: int | None) -> tuple[torch.
     return ids, positions, starts
 
 
-def pack(rollouts: Rollouts, bin_len: int | None = None) -> PackedRows:
+def pack(rollouts: Rollouts, binned: bool = False) -> PackedRows:
     """The rows of `rollouts` packed (pack_pieces): each row's prompt (without its left
     padding) and its response up to its last valid token; rows without a response token are
-    left out (nothing to score). bin_len must hold the longest row (longest_row)."""
+    left out (nothing to score). binned: into bins as long as the longest row (sdpa, eager),
+    else one row of them all (flash attention's varlen kernels; module doc)."""
     prompts, responses = rollouts.prompt_lengths().tolist(), rollouts.response_lengths().tolist()
     P = rollouts.prompt_len
     kept = [i for i, r in enumerate(responses) if r > 0]
@@ -111,7 +112,7 @@ def pack(rollouts: Rollouts, bin_len: int | None = None) -> PackedRows:
         empty = torch.zeros(0, dtype=torch.long)
         return PackedRows(ids, torch.zeros_like(ids), empty, empty, empty)
     pieces = [rollouts.sequences[i, P - prompts[i] : P + responses[i]] for i in kept]
-    ids, positions, starts = pack_pieces(pieces, bin_len)
+    ids, positions, starts = pack_pieces(pieces, max(map(len, pieces)) if binned else None)
     width = ids.shape[1]
     rows, cols, at = [], [], []
     for i, (b, offset) in zip(kept, starts, strict=True):
@@ -122,21 +123,10 @@ def pack(rollouts: Rollouts, bin_len: int | None = None) -> PackedRows:
     return PackedRows(ids, positions, torch.cat(rows), torch.cat(cols), torch.cat(at))
 
 
-def longest_row(rollouts: Rollouts) -> int:
-    """The most prompt + response tokens of one row: the bin length of a binned pack."""
-    return int((rollouts.prompt_lengths() + rollouts.response_lengths()).max())
-
-
-def bin_length(model, rollouts: Rollouts) -> int | None:
-    """pack's bin_len for `model` (module doc): None (one row) under flash attention's varlen
-    kernels, else the longest row."""
-    return None if uses_varlen_attention(model) else longest_row(rollouts)
-
-
 def packed_response_hidden(model, rollouts: Rollouts) -> torch.Tensor:
     """response_hidden's [B, R, D] from one packed forward (zeros where no response token is)."""
     check_packing(model)
-    packed = pack(rollouts, bin_length(model, rollouts))
+    packed = pack(rollouts, binned=not uses_varlen_attention(model))
     hidden = final_hidden(model, packed.input_ids, None, packed.position_ids)  # [bins, L, D]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     out = hidden.new_zeros(len(rollouts.examples), rollouts.width, hidden.shape[-1])

@@ -146,7 +146,7 @@ def test_packed_rows_score_as_padded_ones_and_leave_out_empty_responses(tiny, tm
     LoRA student's adapter-free reference; zeros elsewhere. sdpa packs into bins of the longest
     row, padded at their ends; one row (flash attention's layout) scores the same."""
     from gopd.models import AdapterFree
-    from gopd.packing import bin_length, longest_row, pack
+    from gopd.packing import pack, uses_varlen_attention
 
     cfg = base_config(tiny, tmp_path, lora_rank=4, reference="student", pack_sequences=True)
     models = load_models(cfg)
@@ -158,8 +158,8 @@ def test_packed_rows_score_as_padded_ones_and_leave_out_empty_responses(tiny, tm
     one_row = pack(ro)
     assert one_row.input_ids.shape == (1, sum(real))  # no padding at all
     assert one_row.position_ids.max() == max(real) - 1
-    assert bin_length(models.student, ro) == longest_row(ro) == max(real)
-    bins = pack(ro, max(real))
+    assert not uses_varlen_attention(models.student)  # sdpa: bins
+    bins = pack(ro, binned=True)
     assert bins.input_ids.shape[1] == max(real) and 1 < bins.input_ids.shape[0] < len(real)
     for model in (models.student, models.teachers["default"], models.reference):
         with torch.no_grad():
