@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed import ProcessGroup
 
 from gopd_kernels.backend import resolve_backend
 from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs, folds_frozen_head
+from gopd_kernels.ops.vocab_parallel import vocab_shard
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import check_backend_dtype, check_token_inputs
 
@@ -24,6 +26,8 @@ def token_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     fold: bool | None = None,
+    vocab_group: ProcessGroup | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token, straight from hidden states and the LM head.
 
@@ -49,8 +53,19 @@ def token_logprobs(
             [N, D] float32 kept until the backward. The torch backend does it in tiles, the
             Triton backend over row chunks of full-vocabulary fp32 logits (cuBLAS GEMMs,
             fused row passes, as gopd_loss's fold). None: fold on the torch backend, and on
-            Triton for bf16 heads; True: fold (an error for a head that is trained, or with
-            the entropy); False: never.
+            Triton for bf16 heads; True: fold (an error for a head that is trained, with the
+            entropy, or with ``vocab_group``); False: never.
+        vocab_group: a vocabulary-parallel (tensor-parallel) head: ``weight`` and ``bias`` hold
+            this rank's rows of the whole head (rank r of the group rows [start_r, start_r + V_r),
+            in rank order; shards may differ in size), while ``hidden`` and ``targets`` (ids of
+            the whole vocabulary) are the same on every rank. Each rank streams its own rows,
+            one all_gather of (lse, z_y, entropy) per token merges them, and every rank gets the
+            whole log-probs and entropies. dW and db are the rank's own rows; dH is summed over
+            the group (in fp32 for 16-bit inputs). Every rank must make the same call. The
+            logits are recomputed in the backward (no fold, which needs whole rows).
+        reduce_hidden_grad: with ``vocab_group``, False returns the rank's own term of dH
+            instead of the sum, for callers whose autograd sums it (sequence parallelism's
+            reduce-scatter after gathering the hidden states).
 
     Returns:
         float32 log-probs [...] (float64 for float64 inputs, torch backend only); with
@@ -58,12 +73,14 @@ def token_logprobs(
         weight and bias for any per-token upstream gradient; gradients come back in the
         inputs' dtype, accumulated in float32.
     """
-    temperature = check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature)
+    shard = vocab_shard(vocab_group, reduce_hidden_grad, hidden, weight, bias, targets)
+    vocab = weight.shape[0] if shard is None else shard.vocab
+    temperature = check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature, vocab)
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)
     check_backend_dtype(backend, hidden.dtype)
-    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy)
+    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy, shard is not None)
 
     rows = RowSelection(targets != ignore_index)
     logp, entropy = LinearTokenLogprobs.apply(
@@ -75,6 +92,7 @@ def token_logprobs(
         return_entropy,
         backend,
         fold,
+        shard,
     )
     if return_entropy:
         return rows.put(logp), rows.put(entropy)

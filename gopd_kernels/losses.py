@@ -11,6 +11,7 @@ import math
 from numbers import Real
 
 import torch
+from torch.distributed import ProcessGroup
 
 from gopd_kernels.backend import implementation, info_once, resolve_backend
 from gopd_kernels.functional import token_logprobs
@@ -148,6 +149,8 @@ def gopd_loss(
     ignore_index: int = -100,
     backend: str = "auto",
     fold: bool | None = None,
+    vocab_group: ProcessGroup | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The G-OPD policy-gradient loss on sampled tokens, fused from the student's hidden states.
 
@@ -169,6 +172,10 @@ def gopd_loss(
     fp16 heads (1.4x faster for about twice the memory on an H100, bf16); True / False force it.
     A frozen head (dH only) with fold=None or False goes through token_logprobs with the same
     fold setting: its frozen-head fold is the other way to need 2 GEMMs (see token_logprobs).
+
+    vocab_group, reduce_hidden_grad: a vocabulary-parallel head, as in token_logprobs (weight
+    and bias this rank's rows; everything per token the same on every rank, and so the loss).
+    It never folds (the fold's dZ needs whole rows): fold=True is an error.
 
     Returns ``(loss, stats)``; stats holds detached 0-d tensors (no device sync): the mean
     advantage, the reverse-KL estimate mean(s - T), the reward mean(T - R) (with a
@@ -207,9 +214,12 @@ def gopd_loss(
     # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
     # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
     # 10.2-11.7 s and 314 MiB.
-    fold_on = _fold_backend(
-        fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias
-    )
+    if vocab_group is None:
+        fold_on = _fold_backend(
+            fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias
+        )
+    else:
+        fold_on = _unfolded_vocab_parallel("gopd_loss", fold, backend, hidden, weight, bias)
     if fold_on == "triton" and fold is None:
         info_once(
             f"gopd_loss: the gradient is folded into the forward ({weight.dtype} head, Triton backend): "
@@ -225,7 +235,8 @@ def gopd_loss(
     else:
         s = token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            backend=backend, fold=fold,
+            backend=backend, fold=fold, vocab_group=vocab_group,
+            reduce_hidden_grad=reduce_hidden_grad,
         )  # fmt: skip
         per_token, adv, clipped, is_weight = terms(s, *per_token_inputs)
         loss = aggregate_token_losses(per_token, targets != ignore_index, loss_agg, num_tokens)
@@ -276,6 +287,23 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
     if not wants_grad or fold is False or (fold is None and not folds_by_default(resolved)):
         return None
     return resolved
+
+
+def _unfolded_vocab_parallel(op: str, fold, backend, hidden, weight, bias) -> None:
+    """A loss over a vocabulary-parallel head never folds: fold=True is an error, and where
+    fold=None would have folded (a trained head) a log line says so."""
+    if fold:
+        raise ValueError(f"{op}: fold=True does not apply to a vocabulary-parallel head (vocab_group)")
+    resolved = resolve_backend(backend, hidden.device)
+    if (
+        fold is None
+        and head_requires_grad(weight, bias)
+        and _policy_folds_by_default(hidden, weight, bias)(resolved)
+    ):
+        info_once(
+            f"{op}: a vocabulary-parallel head (vocab_group) recomputes its logits in the backward: "
+            "the folded gradient needs whole rows"
+        )
 
 
 def _policy_folds_by_default(hidden, weight, bias=None):

@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.distributed import ProcessGroup
 
 from gopd_kernels.backend import implementation, resolve_backend, workspace_bytes
 from gopd_kernels.losses import check_lam, check_per_token, gopd_advantage
+from gopd_kernels.ops.vocab_parallel import vocab_shard
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
@@ -49,6 +51,7 @@ def frozen_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    vocab_group: ProcessGroup | None = None,
 ) -> FrozenScores:
     """Teacher (T_t) and reference (R_t) log-probs of `targets` at temperature tau, and the
     G-OPD advantage lam (T - R) - (s - R) when ``student_logp`` (s) is given.
@@ -56,6 +59,10 @@ def frozen_logprobs(
     Hidden sizes of teacher and reference may differ; their vocabularies must match (and
     the targets index both). Without a reference (``ref_hidden=None``) only lam == 1 can
     give an advantage (A = T - s). Never [N, V], no autograd graph.
+
+    vocab_group: vocabulary-parallel heads, as in token_logprobs: the teacher's and the
+    reference's weights (and biases) hold this rank's rows, shard by shard alike; every
+    rank gets the whole log-probs.
     """
     check_lm_head(
         teacher_hidden,
@@ -63,9 +70,9 @@ def frozen_logprobs(
         teacher_bias,
         names=("teacher_hidden", "teacher_weight", "teacher_bias"),
     )
-    check_targets(
-        targets, teacher_hidden.shape[:-1], teacher_weight.shape[0], ignore_index, teacher_hidden.device
-    )
+    shard = vocab_shard(vocab_group, True, teacher_hidden, teacher_weight, teacher_bias, targets)
+    vocab = teacher_weight.shape[0] if shard is None else shard.vocab
+    check_targets(targets, teacher_hidden.shape[:-1], vocab, ignore_index, teacher_hidden.device)
     temperature = check_temperature(temperature)
     lam = check_lam(lam)
     if (ref_hidden is None) != (ref_weight is None):
@@ -85,7 +92,7 @@ def frozen_logprobs(
     rows = RowSelection(targets != ignore_index)
     y = rows.take(targets).long().contiguous()
     compact = [(rows.take(h).contiguous(), w, b) for h, w, b in models]
-    logps = _score(compact, y, 1.0 / temperature, backend)
+    logps = _score(compact, y, 1.0 / temperature, backend, shard)
     teacher_logp = rows.put(logps[0])
     ref_logp = rows.put(logps[1]) if len(logps) > 1 else None
     advantage = None
@@ -95,14 +102,19 @@ def frozen_logprobs(
     return FrozenScores(teacher_logp, ref_logp, advantage)
 
 
-def _score(models, targets, inv_temp, backend) -> list[torch.Tensor]:
+def _score(models, targets, inv_temp, backend, shard=None) -> list[torch.Tensor]:
     if models[0][0].shape[0] == 0:
         return [models[0][0].new_zeros(0, dtype=torch.float32) for _ in models]
     impl = implementation("linear_logsoftmax", backend)
+    if shard is not None:
+        targets = shard.local_targets(targets)
     operands = [t for model in models for t in model]
     if backend == "triton" and not impl.torch_logits(False, *operands):  # one launch for both models
-        return [logp for logp, _, _ in impl.forward_models(models, targets, inv_temp, False)]
-    # the torch backend, or the Triton one with cuBLAS tiles: one model after the other
-    return [
-        impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w))[0] for h, w, b in models
-    ]
+        scores = impl.forward_models(models, targets, inv_temp, False)
+    else:  # the torch backend, or the Triton one with cuBLAS tiles: one model after the other
+        scores = [
+            impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w)) for h, w, b in models
+        ]
+    if shard is not None:  # each model's shards merged over the group
+        scores = [shard.merge(targets, logp, lse, None) for logp, lse, _ in scores]
+    return [logp for logp, _, _ in scores]

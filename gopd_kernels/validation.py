@@ -139,8 +139,11 @@ def check_token_inputs(
     targets: torch.Tensor,
     ignore_index: int,
     temperature: float,
+    vocab_size: int | None = None,
 ) -> float:
-    """The checks of every op on sampled tokens: the LM head, the targets, tau (returned as a float)."""
+    """The checks of every op on sampled tokens: the LM head, the targets, tau (returned as a
+    float). vocab_size: the whole vocabulary where weight holds a shard of it."""
     check_lm_head(hidden, weight, bias)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
+    vocab = weight.shape[0] if vocab_size is None else vocab_size
+    check_targets(targets, hidden.shape[:-1], vocab, ignore_index, hidden.device)
     return check_temperature(temperature)

@@ -188,8 +188,11 @@ def backward(
     grad_entropy: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
     workspace_bytes: int,
+    dh_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (dhidden, dweight, dbias) for per-token upstream grad_logp / grad_entropy [M]."""
+    """Gradients (dhidden, dweight, dbias) for per-token upstream grad_logp / grad_entropy [M];
+    dhidden in dh_dtype when given (a vocabulary-parallel head sums it over ranks in fp32),
+    else in hidden's dtype."""
     need_dh, need_dw, need_db = needs
     rows, dim = hidden.shape
     vocab = weight.shape[0]
@@ -217,5 +220,9 @@ def backward(
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             dz[sel, col] += g_l[r0 + sel]
             accumulate_head_grads(dz, h[r0:r1], w, dh, dw, (r0, r1), (c0, c1), db)
-    cast = lambda x, like: None if x is None else x.to(like.dtype)
-    return cast(dh, hidden), cast(dw, weight), cast(db, bias if bias is not None else weight)
+    cast = lambda x, dtype: None if x is None else x.to(dtype)
+    return (
+        cast(dh, dh_dtype or hidden.dtype),
+        cast(dw, weight.dtype),
+        cast(db, weight.dtype),
+    )

@@ -392,12 +392,15 @@ def logit_grad_dtype(dtype: torch.dtype, scaled: bool = False) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 and scaled else torch.bfloat16
 
 
-def logit_grad_scale(g_l: torch.Tensor, g_e: torch.Tensor | None, vocab: int) -> torch.Tensor:
-    """fp16_dz_scale for token_logprobs' dZ: |dZ_v| <= |g_l| + |g_e| (1/e + ln V) per row (g
-    already / tau), since |1[v = y] - p_v| <= 1 and |p_v (log p_v + H)| <= 1/e + H <= 1/e + ln V."""
+def logit_grad_scale(
+    g_l: torch.Tensor, g_e: torch.Tensor | None, entropy: torch.Tensor | None
+) -> torch.Tensor:
+    """fp16_dz_scale for token_logprobs' dZ: |dZ_v| <= |g_l| + |g_e| (1/e + H) per row (g
+    already / tau), since |1[v = y] - p_v| <= 1 and |p_v (log p_v + H)| <= 1/e + H. H is the
+    row's entropy (<= ln V): that of the whole row for a vocabulary-parallel head's shard."""
     bound = g_l.abs().amax() if g_l.numel() else g_l.new_zeros(())
     if g_e is not None and g_e.numel():
-        bound = bound + g_e.abs().amax() * (math.exp(-1) + math.log(vocab))
+        bound = bound + (g_e.abs() * (math.exp(-1) + entropy)).amax()
     return fp16_dz_scale(bound)
 
 
@@ -435,7 +438,7 @@ def backward_tiles(
 
 
 def grads_from_logit_grads(
-    hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype=None, unscale=None
+    hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype=None, unscale=None, dh_dtype=None
 ):
     """The backward's second half, shared by every loss over a linear head.
 
@@ -456,7 +459,8 @@ def grads_from_logit_grads(
     fp32 [V, D] buffer carry dW across them, or with GOPD_DW_SUM=pair a bf16 remainder
     beside dW (backend.DW_SUMS; the dW GEMM then is the Triton matmul's). unscale: 1 / s
     for a dZ written times s (a float32 scalar on the device, logit_grad_scale), taken out
-    in the GEMMs and the bias sum.
+    in the GEMMs and the bias sum. dh_dtype: dH's dtype when not hidden's (fp32 for a
+    vocabulary-parallel head, which sums it over ranks before rounding).
     """
     need_dh, need_dw, need_db = needs
     M, D = hidden.shape
@@ -465,7 +469,7 @@ def grads_from_logit_grads(
     tile_dtype = tile_dtype or logit_grad_dtype(hidden.dtype, scaled=unscale is not None)
     row_chunk, cols = backward_tiles(M, V, D, tile_dtype, workspace_bytes)
     tiles = torch.empty(row_chunk, cols, dtype=tile_dtype, device=dev)
-    dh = torch.empty_like(hidden) if need_dh else None
+    dh = torch.empty(M, D, dtype=dh_dtype or hidden.dtype, device=dev) if need_dh else None
     dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if need_dw else None
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
     # fp32 accumulators where a sum runs over tiles and the output is not fp32 itself, and
@@ -515,8 +519,9 @@ def grads_from_logit_grads(
 
 
 def backward(
-    hidden, weight, bias, targets, inv_temp, lse, entropy, grad_logp, grad_entropy, needs, workspace_bytes
-):
+    hidden, weight, bias, targets, inv_temp, lse, entropy, grad_logp, grad_entropy, needs, workspace_bytes,
+    dh_dtype=None,
+):  # fmt: skip
     """Same contract as linear_logsoftmax_torch.backward."""
     g_l = grad_logp.float() * inv_temp
     g_e = grad_entropy.float() * inv_temp if grad_entropy is not None else None
@@ -532,7 +537,7 @@ def backward(
 
         tile_dtype = torch.float32
     else:
-        bounded = lambda: logit_grad_scale(g_l, g_e, weight.shape[0])  # noqa: E731 (read before the rescale)
+        bounded = lambda: logit_grad_scale(g_l, g_e, entropy)  # noqa: E731 (read before the rescale)
         (g_l, g_e), unscale = scaled_for_fp16_dz(hidden.dtype, bounded, g_l, g_e)
 
         def write_logit_grads(rows, cols, dz):
@@ -543,7 +548,7 @@ def backward(
             return dz
 
     dh, dw, db = grads_from_logit_grads(
-        hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype, unscale
+        hidden, weight, needs, workspace_bytes, write_logit_grads, tile_dtype, unscale, dh_dtype
     )
     return dh, dw, None if db is None else db.to(bias.dtype)
 

@@ -36,6 +36,7 @@ def folds_frozen_head(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     with_entropy: bool,
+    vocab_parallel: bool = False,
 ) -> bool:
     """Whether token_logprobs computes dlogp/dh in its forward (the frozen-head fold above).
 
@@ -47,7 +48,8 @@ def folds_frozen_head(
     V = 151936, bf16, 2026-11-27): 67.5 ms / 1443 MiB against the recomputing backward's
     116.9 ms / 1336 MiB (torch.compile 74.0 ms / 14244 MiB); fp16 not yet measured (its dz
     is scaled into fp16 at the GEMM, one more pass per chunk). fold=True on a head that is not
-    frozen, or with the entropy, is an error; fold=False always recomputes.
+    frozen, or with the entropy, is an error; fold=False always recomputes. A vocabulary-parallel
+    head never folds: dlogp/dh needs E_p[W] over whole rows, which no rank holds.
     """
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
@@ -62,6 +64,16 @@ def folds_frozen_head(
             "logits are recomputed in the backward"
         )
     if fold is False or not can_fold:
+        return False
+    if vocab_parallel:
+        if fold:
+            raise ValueError(
+                "fold=True does not apply to a vocabulary-parallel head (vocab_group): it needs whole rows"
+            )
+        info_once(
+            "token_logprobs: a frozen vocabulary-parallel head (vocab_group) recomputes its logits in the "
+            "backward: the frozen-head fold needs whole rows"
+        )
         return False
     if fold or backend == "torch":
         return True
@@ -90,13 +102,18 @@ class LinearTokenLogprobs(torch.autograd.Function):
     """(hidden [M, D], weight [V, D], bias [V]|None, targets [M]) -> (logp [M], entropy [M]|None).
 
     All targets must be valid ids (ignored positions are removed by the caller). fold: the
-    frozen-head fold, as decided by folds_frozen_head.
+    frozen-head fold, as decided by folds_frozen_head. shard: for a vocabulary-parallel head
+    (ops/vocab_parallel.py), weight and bias are this rank's rows and targets are ids of the
+    whole vocabulary; no fold.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend, fold):
+    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend, fold, shard=None):
         inv_temp = 1.0 / temperature
         ctx.fold = fold and hidden.shape[0] > 0
+        ctx.shard = shard
+        if shard is not None:
+            targets = shard.local_targets(targets)
         if hidden.shape[0] == 0:
             empty = hidden.new_zeros(0, dtype=torch.float32)
             ctx.save_for_backward(hidden, weight, bias)
@@ -109,6 +126,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
         impl = implementation("linear_logsoftmax", backend)
         ws = workspace_bytes(backend, weight)
         logp, lse, entropy = impl.forward(hidden, weight, bias, targets, inv_temp, with_entropy, ws)
+        if shard is not None:
+            logp, lse, entropy = shard.merge(targets, logp, lse, entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.impl, ctx.inv_temp, ctx.workspace = impl, inv_temp, ws
         return logp, entropy
@@ -116,7 +135,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         needs = tuple(ctx.needs_input_grad[:3])
-        none = (None,) * 5
+        none = (None,) * 6
         if ctx.fold:  # dh = g x
             (x,) = ctx.saved_tensors
             return (x * grad_logp.to(x.dtype)[:, None]).to(ctx.hidden_dtype), None, None, *none
@@ -126,6 +145,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, lse, entropy = saved
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
+        shard = ctx.shard
+        reduce_dh = shard is not None and shard.reduce_hidden_grad and needs[0]
         dh, dw, db = ctx.impl.backward(
             hidden,
             weight,
@@ -138,5 +159,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
             None if grad_entropy is None else grad_entropy.contiguous(),
             needs,
             ctx.workspace,
+            dh_dtype=torch.promote_types(hidden.dtype, torch.float32) if reduce_dh else None,
         )
+        if reduce_dh:  # summed over the ranks in fp32, then rounded once
+            dh = shard.reduce_hidden(dh).to(hidden.dtype)
         return dh, dw, db, *none

@@ -66,6 +66,29 @@ def merge_vocab_partials(
     return logp, merged.lse, entropy
 
 
+def merge_vocab_shards(
+    lse: torch.Tensor, zy: torch.Tensor, entropy: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[shards, rows] statistics of whole vocabulary shards -> (logp, lse, entropy|None) per row.
+
+    Shard r's own log-softmax gives lse_r, H_r (the entropy of its softmax) and zy_r (z_y if
+    y lies in r, else 0). With weights w_r = exp(lse_r - lse), the shard's share of p:
+
+        lse     = log sum_r exp lse_r
+        logp    = sum_r zy_r - lse                       (clamped to <= 0)
+        entropy = sum_r w_r (H_r - log w_r)              (a mixture's entropy; >= 0)
+
+    The vocabulary-parallel heads' merge (ops/vocab_parallel.py); no large terms cancel.
+    """
+    merged = merge_logsumexp(lse, torch.ones_like(lse))
+    logp = (zy.sum(dim=0) - merged.lse).clamp_(max=0.0)
+    merged_entropy = None
+    if entropy is not None:
+        log_w = merged.shift - merged.log_sum
+        merged_entropy = merge_expectation(merged.weights, entropy - log_w).clamp_(min=0.0)
+    return logp, merged.lse, merged_entropy
+
+
 def merge_dense_kl_partials(
     student: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     target: tuple[torch.Tensor, torch.Tensor],

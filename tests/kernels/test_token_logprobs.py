@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -443,12 +445,15 @@ def test_logit_grad_scale_is_a_power_of_two_that_bounds_dz():
     from gopd_kernels.ops.matmul_torch import FP16_DZ_TOP
 
     g_l = torch.tensor([1e-3, -3e-3, 0.0])
-    s = logit_grad_scale(g_l, None, 151936)
+    s = logit_grad_scale(g_l, None, None)
     assert s.dtype == torch.float32 and s.dim() == 0
     assert float(torch.log2(s)) == int(torch.log2(s))  # exact to apply and remove
     assert FP16_DZ_TOP / 2 < 3e-3 * float(s) <= FP16_DZ_TOP
-    with_entropy = logit_grad_scale(g_l, torch.tensor([0.0, 1e-3, 0.0]), 151936)
-    assert with_entropy < s  # |dZ| <= |g_l| + |g_e| (1/e + ln V): a smaller scale
-    zero = logit_grad_scale(torch.zeros(3), None, 151936)
+    # |dZ| <= |g_l| + |g_e| (1/e + H): the entropy's term scales with the row's own H
+    entropy = torch.tensor([0.5, 11.0, 2.0])
+    bound = 3e-3 + 1e-3 * (math.exp(-1) + 11.0)
+    with_entropy = logit_grad_scale(g_l, torch.tensor([0.0, 1e-3, 0.0]), entropy)
+    assert FP16_DZ_TOP / 2 < bound * float(with_entropy) <= FP16_DZ_TOP
+    zero = logit_grad_scale(torch.zeros(3), None, None)
     assert torch.isfinite(zero) and torch.isfinite(1.0 / zero)
-    assert torch.isfinite(logit_grad_scale(torch.empty(0), None, 5))
+    assert torch.isfinite(logit_grad_scale(torch.empty(0), None, None))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.vocab_partials import merge_vocab_partials
+from gopd_kernels.ops.vocab_partials import merge_vocab_partials, merge_vocab_shards
 
 
 def partials(z: torch.Tensor, bounds: list[int], y: torch.Tensor):
@@ -39,3 +39,24 @@ def test_entropy_is_accurate_for_large_logits():
     logp, lse, ent = merge_vocab_partials(*partials(z, [0, 2, 4], torch.tensor([0])))
     ref = torch.log_softmax(z.double(), 1)
     assert abs(ent.item() - float(-(ref.exp() * ref).sum())) < 1e-5
+
+
+def test_merging_whole_shards_matches_the_whole_row():
+    """Each shard's own log-softmax (lse_r, z_y or 0, H_r) merged: the vocabulary-parallel heads."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(7, 41, dtype=torch.float64, generator=g) * 4
+    z[1, 30:] += 60  # one shard holds nearly all of a row's mass: the others' weights underflow
+    y = torch.randint(0, 41, (7,), generator=g)
+    lse, zy, ent = [], [], []
+    for a, b in [(0, 13), (13, 30), (30, 41)]:
+        logp = torch.log_softmax(z[:, a:b], 1)
+        lse.append(torch.logsumexp(z[:, a:b], 1))
+        ent.append(-(logp.exp() * logp).sum(1))
+        inside = (y >= a) & (y < b)
+        zy.append(torch.where(inside, z.gather(1, y[:, None]).squeeze(1), torch.zeros_like(lse[-1])))
+    logp, merged_lse, merged_ent = merge_vocab_shards(torch.stack(lse), torch.stack(zy), torch.stack(ent))
+    ref = torch.log_softmax(z, 1)
+    torch.testing.assert_close(merged_lse, torch.logsumexp(z, 1))
+    torch.testing.assert_close(logp, ref.gather(1, y[:, None]).squeeze(1))
+    torch.testing.assert_close(merged_ent, -(ref.exp() * ref).sum(1))
+    assert merge_vocab_shards(torch.stack(lse), torch.stack(zy), None)[2] is None

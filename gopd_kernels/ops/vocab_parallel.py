@@ -1,0 +1,122 @@
+"""Vocabulary-parallel LM heads: each rank of a process group holds a slice of the head's rows.
+
+Tensor-parallel trainers split the LM head by vocabulary (a column-parallel output layer):
+rank r holds rows [start_r, start_r + V_r) of W and b, in rank order, and every rank holds
+the same hidden states and targets. The log-softmax needs whole rows, so each rank runs the
+single-device op on its slice, an id of another slice matching none of its columns, and the
+ranks exchange three numbers per token in one all_gather:
+
+    lse_r = log sum_{v in r} exp z_v      zy_r = z_y if y in r, else 0      H_r (with the entropy)
+
+which vocab_partials.merge_vocab_shards turns into the whole row's lse, logp = sum_r zy_r - lse
+and entropy. The backward needs nothing more: given the merged lse and H, each rank's
+recompute gives the exact dZ of its own columns, so dW and db stay on their rank, and
+dH = sum_r dZ_r W_r is one all_reduce over the group, in fp32 for 16-bit heads. A caller whose
+own autograd sums dH over the group (sequence parallelism's reduce-scatter after an
+all-gather of the hidden states) asks for the rank's partial sum instead (reduce_hidden_grad).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gopd_kernels.ops.vocab_partials import merge_vocab_shards
+from gopd_kernels.validation import check_lm_head
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank holds rows [start, start + size) of a head over `vocab` ids, split across `group`."""
+
+    group: dist.ProcessGroup
+    start: int
+    size: int
+    vocab: int
+    reduce_hidden_grad: bool = True
+
+    def local_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Ids as columns of this shard; -1, which matches no column, for the other shards' ids."""
+        local = targets - self.start
+        return torch.where((local >= 0) & (local < self.size), local, torch.full_like(local, -1))
+
+    def merge(
+        self, local: torch.Tensor, logp: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The whole vocabulary's (logp, lse, entropy|None) from this shard's, by one all_gather.
+
+        The shard's z_y comes back as its logp + lse (exact up to the rounding of lse)."""
+        zy = torch.where(local >= 0, logp + lse, torch.zeros_like(lse))
+        stats = torch.stack([lse, zy] if entropy is None else [lse, zy, entropy])
+        gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, stats, group=self.group)
+        shards = torch.stack(gathered, dim=1)  # [stats, shards, rows]
+        return merge_vocab_shards(shards[0], shards[1], None if entropy is None else shards[2])
+
+    def reduce_hidden(self, dh: torch.Tensor) -> torch.Tensor:
+        """dH = sum over the ranks of their dZ_r W_r (in place), or the rank's own term."""
+        if self.reduce_hidden_grad:
+            dist.all_reduce(dh, group=self.group)
+        return dh
+
+
+def check_vocab_group(vocab_group, reduce_hidden_grad: bool) -> None:
+    """vocab_group: None or a process group of an initialised torch.distributed."""
+    if not isinstance(reduce_hidden_grad, bool):
+        raise ValueError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
+    if vocab_group is None:
+        if not reduce_hidden_grad:
+            raise ValueError(
+                "reduce_hidden_grad=False applies to a vocabulary-parallel head only (vocab_group)"
+            )
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("vocab_group is set, but torch.distributed is not initialised")
+    if not isinstance(vocab_group, dist.ProcessGroup):
+        raise ValueError(
+            f"vocab_group must be a torch.distributed ProcessGroup, got {type(vocab_group).__name__}"
+        )
+
+
+def vocab_shard(
+    vocab_group: dist.ProcessGroup | None,
+    reduce_hidden_grad: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+) -> VocabShard | None:
+    """This rank's shard of a head split across vocab_group (None without one).
+
+    One all_gather of every rank's row count, which also checks that all ranks were given the
+    same targets (their count and sum: replicated inputs are the contract, and a mismatch would
+    hang a later collective or mix rows)."""
+    check_vocab_group(vocab_group, reduce_hidden_grad)
+    if vocab_group is None:
+        return None
+    check_lm_head(hidden, weight, bias)
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point:
+        raise ValueError(
+            f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets).__name__)}"
+        )
+    dev = weight.device
+    mine = torch.stack(
+        [
+            torch.tensor(weight.shape[0], device=dev),
+            torch.tensor(targets.numel(), device=dev),
+            targets.to(device=dev, dtype=torch.int64).sum(),
+        ]
+    )
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(vocab_group))]
+    dist.all_gather(gathered, mine, group=vocab_group)
+    table = torch.stack(gathered).tolist()  # one device sync
+    if any(row[1:] != table[0][1:] for row in table):
+        raise ValueError(
+            "targets differ across the ranks of vocab_group ((count, sum) by rank: "
+            f"{[tuple(row[1:]) for row in table]}): every rank must pass the same hidden states and targets"
+        )
+    rank = dist.get_rank(vocab_group)
+    sizes = [row[0] for row in table]
+    return VocabShard(vocab_group, sum(sizes[:rank]), sizes[rank], sum(sizes), reduce_hidden_grad)
