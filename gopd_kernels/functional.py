@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch.distributed import ProcessGroup
 
 from gopd_kernels.backend import resolve_backend
 from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs, folds_frozen_head
 from gopd_kernels.ops.vocab_parallel import vocab_shard
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import check_backend_dtype, check_token_inputs
+
+if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some torch builds
+    from torch.distributed import ProcessGroup
 
 
 # torch.compile runs the op as it is, one graph break: tracing into its checks, row selection

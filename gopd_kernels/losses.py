@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed import ProcessGroup
 
 from gopd_kernels.backend import implementation, info_once, resolve_backend
 from gopd_kernels.functional import token_logprobs
@@ -29,6 +29,9 @@ from gopd_kernels.validation import (
     check_temperature,
     check_token_inputs,
 )
+
+if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some torch builds
+    from torch.distributed import ProcessGroup
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 

@@ -11,10 +11,9 @@ runs the two chunked passes one after the other.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from torch.distributed import ProcessGroup
 
 from gopd_kernels.backend import implementation, resolve_backend, workspace_bytes
 from gopd_kernels.losses import check_lam, check_per_token, gopd_advantage
@@ -27,6 +26,9 @@ from gopd_kernels.validation import (
     check_targets,
     check_temperature,
 )
+
+if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some torch builds
+    from torch.distributed import ProcessGroup
 
 
 class FrozenScores(NamedTuple):
