@@ -20,6 +20,7 @@ from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseK
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes
 from gopd_kernels.ops.matmul_torch import cublas_half
 from gopd_kernels.ops.token_logprobs import head_requires_grad
+from gopd_kernels.ops.vocab_parallel import vocab_shard
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
@@ -222,7 +223,9 @@ def gopd_loss(
             fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias
         )
     else:
-        fold_on = _unfolded_vocab_parallel("gopd_loss", fold, backend, hidden, weight, bias)
+        fold_on = _unfolded_vocab_parallel(
+            "gopd_loss", fold, backend, (hidden, weight, bias), _policy_folds_by_default(hidden, weight, bias)
+        )
     if fold_on == "triton" and fold is None:
         info_once(
             f"gopd_loss: the gradient is folded into the forward ({weight.dtype} head, Triton backend): "
@@ -292,17 +295,15 @@ def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_defa
     return resolved
 
 
-def _unfolded_vocab_parallel(op: str, fold, backend, hidden, weight, bias) -> None:
+def _unfolded_vocab_parallel(op: str, fold, backend, student, folds_by_default) -> None:
     """A loss over a vocabulary-parallel head never folds: fold=True is an error, and where
-    fold=None would have folded (a trained head) a log line says so."""
+    fold=None would have folded (folds_by_default, the loss's rule, for a student (hidden,
+    weight, bias) that wants a gradient) a log line says so."""
     if fold:
         raise ValueError(f"{op}: fold=True does not apply to a vocabulary-parallel head (vocab_group)")
-    resolved = resolve_backend(backend, hidden.device)
-    if (
-        fold is None
-        and head_requires_grad(weight, bias)
-        and _policy_folds_by_default(hidden, weight, bias)(resolved)
-    ):
+    hidden, weight, bias = student
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_requires_grad(weight, bias))
+    if fold is None and wants_grad and folds_by_default(resolve_backend(backend, hidden.device)):
         info_once(
             f"{op}: a vocabulary-parallel head (vocab_group) recomputes its logits in the backward: "
             "the folded gradient needs whole rows"
@@ -405,6 +406,8 @@ def gopd_dense_loss(
     teacher_kl: bool = True,
     backend: str = "auto",
     fold: bool | None = None,
+    vocab_group: ProcessGroup | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dense G-OPD: KL(p_s || q) over the whole vocabulary at every valid position.
 
@@ -426,6 +429,11 @@ def gopd_dense_loss(
     logit tile per chunk and a few passes over it (8-15% of the folded torch path's time,
     measured at N = 1024, V = 151936 on a 2-core CPU); ``teacher_kl=False`` skips it
     and leaves "kl_teacher" out of the stats. At lam = 1 it is "kl" itself, at no cost.
+
+    vocab_group, reduce_hidden_grad: vocabulary-parallel heads, as in token_logprobs: the three
+    weights (and biases) hold this rank's rows, shard by shard alike; hidden states and mask
+    the same on every rank. Each rank's slices combine into one set of partials, one
+    all_gather merges the ranks', and dH is summed over the group. Never folded.
     """
     lam = check_lam(lam)
     temperature = check_temperature(temperature)
@@ -468,7 +476,13 @@ def gopd_dense_loss(
         frozen(ref_bias) if use_ref else None,
     )  # fmt: skip
     folds_by_default = _dense_folds_by_default(*heads)
-    fold_on = _fold_backend(fold, backend, student_hidden, student_weight, folds_by_default, student_bias)
+    shard = vocab_shard(
+        vocab_group, reduce_hidden_grad, student_hidden, student_weight, student_bias, mask, "mask"
+    )
+    if shard is None:
+        fold_on = _fold_backend(fold, backend, student_hidden, student_weight, folds_by_default, student_bias)
+    else:
+        fold_on = _unfolded_vocab_parallel("gopd_dense_loss", fold, backend, heads[:3], folds_by_default)
     if fold_on:
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
         # budget for 2 tiles of DENSE_FOLD_ROWS rows; 3 tiles (the teacher KL) take fewer rows
@@ -479,7 +493,7 @@ def gopd_dense_loss(
         )
         kl = rows.put(kl)
     else:
-        kl, kl_teacher = DenseGopdKL.apply(*heads, lam, temperature, with_teacher_kl, backend)
+        kl, kl_teacher = DenseGopdKL.apply(*heads, lam, temperature, with_teacher_kl, backend, shard)
         kl = rows.put(kl)
         loss = aggregate_token_losses(kl, mask, loss_agg, num_tokens)
     stats = {"kl": _masked_mean(kl, mask), "num_tokens": mask.sum().detach()}

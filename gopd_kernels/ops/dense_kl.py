@@ -21,10 +21,15 @@ def head_tiles(heads, rows: slice, cols: slice, weight=lambda w: w) -> list:
 
 
 class DenseGopdKL(torch.autograd.Function):
-    """(student, teacher, reference heads) -> (KL(p_s || q) [M], KL(p_s || p_T) [M] | None)."""
+    """(student, teacher, reference heads) -> (KL(p_s || q) [M], KL(p_s || p_T) [M] | None).
+
+    shard: vocabulary-parallel heads (ops/vocab_parallel.py): the three weights (and biases)
+    hold this rank's rows; the slices' partials merge over the ranks, and dH is summed."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, temperature, with_teacher_kl, backend):
+    def forward(
+        ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, temperature, with_teacher_kl, backend, shard=None
+    ):
         impl = implementation("dense_kl", backend)
         inv_temp = 1.0 / temperature
         ws_bytes = workspace_bytes(backend, ws)
@@ -33,11 +38,12 @@ class DenseGopdKL(torch.autograd.Function):
             empty = lambda: hs.new_zeros(0, dtype=torch.promote_types(hs.dtype, torch.float32))
             kl, lse_a, lse_c, kl_t = empty(), empty(), empty(), empty() if with_teacher_kl else None
         else:
+            merge = {} if shard is None else {"merge": shard.merge_dense}
             kl, lse_a, lse_c, kl_t = impl.forward(
-                (hs, ws, bs), (ht, wt, bt), ref, lam, inv_temp, with_teacher_kl, ws_bytes
+                (hs, ws, bs), (ht, wt, bt), ref, lam, inv_temp, with_teacher_kl, ws_bytes, **merge
             )
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, lse_a, lse_c, kl)
-        ctx.impl, ctx.lam, ctx.inv_temp, ctx.workspace = impl, lam, inv_temp, ws_bytes
+        ctx.impl, ctx.lam, ctx.inv_temp, ctx.workspace, ctx.shard = impl, lam, inv_temp, ws_bytes, shard
         if kl_t is not None:
             ctx.mark_non_differentiable(kl_t)
         return kl, kl_t
@@ -51,8 +57,12 @@ class DenseGopdKL(torch.autograd.Function):
             grads = tuple(torch.zeros_like(x) if n else None for x, n in zip(student, needs, strict=True))
         else:
             ref = None if hr is None else (hr, wr, br)
+            reduce_dh = ctx.shard is not None and ctx.shard.reduce_hidden_grad and needs[0]
             grads = ctx.impl.backward(
                 (hs, ws, bs), (ht, wt, bt), ref, ctx.lam, ctx.inv_temp, lse_a, lse_c, kl,
                 grad_kl.contiguous(), needs, ctx.workspace,
+                dh_dtype=torch.promote_types(hs.dtype, torch.float32) if reduce_dh else None,
             )  # fmt: skip
-        return *grads, None, None, None, None, None, None, None, None, None, None
+            if reduce_dh:  # summed over the ranks in fp32, then rounded once
+                grads = (ctx.shard.reduce_hidden(grads[0]).to(hs.dtype), *grads[1:])
+        return *grads, *(None,) * 11

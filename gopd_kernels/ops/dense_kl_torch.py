@@ -76,8 +76,10 @@ def forward(
     inv_temp: float,
     with_teacher_kl: bool,
     workspace_bytes: int,
+    merge=merge_dense_kl_partials,
 ):
-    """-> (kl, lse_a, lse_c, kl_to_teacher | None), each [M]."""
+    """-> (kl, lse_a, lse_c, kl_to_teacher | None), each [M], from the vocabulary slices'
+    partials by `merge` (a vocabulary-parallel head's merges over its ranks too)."""
     rows, vocab = student[0].shape[0], student[1].shape[0]
     acc = compute_dtype(student[0].dtype)
     live = 4 if with_teacher_kl else 3
@@ -107,7 +109,7 @@ def forward(
             u[k, r0:r1] = torch.sub(a, c, out=c).mul_(e).sum(dim=1)
             if with_teacher_kl:
                 ut[k, r0:r1] = torch.sub(a, zt, out=zt).mul_(e).sum(dim=1)
-    return merge_dense_kl_partials((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
+    return merge((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
 
 
 def backward(
@@ -122,9 +124,10 @@ def backward(
     grad_kl: torch.Tensor,
     needs: tuple[bool, bool, bool],
     workspace_bytes: int,
+    dh_dtype: torch.dtype | None = None,
 ):
     """Gradients (d student hidden, d student weight, d student bias) for a per-position
-    upstream grad_kl."""
+    upstream grad_kl; d student hidden in dh_dtype when given (as linear_logsoftmax_torch's)."""
     need_dh, need_dw, need_db = needs
     rows, dim = student[0].shape
     vocab = student[1].shape[0]
@@ -146,5 +149,5 @@ def backward(
             p = torch.exp(log_p, out=tiles[2])
             dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])
             accumulate_head_grads(dz, hs, ws, dh, dw, (r0, r1), (c0, c1), db)
-    cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
-    return cast(dh, student[0]), cast(dw, student[1]), cast(db, student[2])
+    cast = lambda grad, dtype: None if grad is None else grad.to(dtype)  # noqa: E731
+    return cast(dh, dh_dtype or student[0].dtype), cast(dw, student[1].dtype), cast(db, student[1].dtype)

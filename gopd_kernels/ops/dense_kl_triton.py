@@ -205,7 +205,9 @@ def _head_args(heads):
     return ptrs, dims, strides, flags
 
 
-def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_bytes):
+def forward(
+    student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_bytes, merge=merge_dense_kl_partials
+):
     """Same contract as dense_kl_torch.forward."""
     M, V = student[0].shape[0], student[1].shape[0]
     n_slices, slice_len = vocab_slices(M, V, student[0].device)
@@ -226,10 +228,12 @@ def forward(student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_byt
         DOT_PRECISION=DOT_PRECISION[student[0].dtype],
         **bias_flags,
     )  # fmt: skip
-    return merge_dense_kl_partials((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
+    return merge((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
 
 
-def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes):
+def backward(
+    student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes, dh_dtype=None
+):
     """Same contract as dense_kl_torch.backward."""
     hs, ws, _ = student
     g = grad_kl.float() * inv_temp
@@ -260,5 +264,7 @@ def backward(student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, ne
         )  # fmt: skip
         return dz
 
-    dh, dw, db = grads_from_logit_grads(hs, ws, needs, workspace_bytes, write_logit_grads, unscale=unscale)
+    dh, dw, db = grads_from_logit_grads(
+        hs, ws, needs, workspace_bytes, write_logit_grads, unscale=unscale, dh_dtype=dh_dtype
+    )
     return dh, dw, None if db is None else db.to(student[2].dtype)

@@ -14,6 +14,10 @@ recompute gives the exact dZ of its own columns, so dW and db stay on their rank
 dH = sum_r dZ_r W_r is one all_reduce over the group, in fp32 for 16-bit heads. A caller whose
 own autograd sums dH over the group (sequence parallelism's reduce-scatter after an
 all-gather of the hidden states) asks for the rank's partial sum instead (reduce_hidden_grad).
+
+The dense loss merges its slices' partial sums instead (merge_dense): each rank combines its
+own slices into one set (vocab_partials.combine_slices, exact), and the ranks' sets merge as
+the slices of one row would.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from gopd_kernels.ops.vocab_partials import merge_vocab_shards
+from gopd_kernels.ops.vocab_partials import combine_slices, merge_dense_kl_partials, merge_vocab_shards
 from gopd_kernels.validation import check_lm_head
 
 
@@ -54,6 +58,23 @@ class VocabShard:
         dist.all_gather(gathered, stats, group=self.group)
         shards = torch.stack(gathered, dim=1)  # [stats, shards, rows]
         return merge_vocab_shards(shards[0], shards[1], None if entropy is None else shards[2])
+
+    def merge_dense(self, student, target, teacher=None):
+        """merge_dense_kl_partials over the whole vocabulary: each rank's [slices, rows] partials
+        combined into one slice (combine_slices; the teacher's u is shifted by the student's
+        max, as its own), one all_gather of them all, merged as slices of one row."""
+        u_teacher = () if teacher is None else (teacher[2],)  # shifted by the student's m, as u
+        m_a, s_a, u, *u_teacher = combine_slices(*student, *u_teacher)
+        fields = [m_a, s_a, u, *combine_slices(*target)]
+        if teacher is not None:
+            fields += [*combine_slices(teacher[0], teacher[1]), *u_teacher]
+        stacked = torch.cat(fields)  # [fields, rows]: (m_a, s_a, u), (m_c, s_c), (m_t, s_t, u_t)
+        gathered = [torch.empty_like(stacked) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, stacked, group=self.group)
+        f = torch.stack(gathered, dim=1)  # [fields, ranks, rows]
+        return merge_dense_kl_partials(
+            (f[0], f[1], f[2]), (f[3], f[4]), None if teacher is None else (f[5], f[6], f[7])
+        )
 
     def reduce_hidden(self, dh: torch.Tensor) -> torch.Tensor:
         """dH = sum over the ranks of their dZ_r W_r (in place), or the rank's own term."""
@@ -87,20 +108,20 @@ def vocab_shard(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
+    targets_name: str = "targets",
 ) -> VocabShard | None:
     """This rank's shard of a head split across vocab_group (None without one).
 
     One all_gather of every rank's row count, which also checks that all ranks were given the
     same targets (their count and sum: replicated inputs are the contract, and a mismatch would
-    hang a later collective or mix rows)."""
+    hang a later collective or mix rows); targets_name: what the caller calls them (a mask)."""
     check_vocab_group(vocab_group, reduce_hidden_grad)
     if vocab_group is None:
         return None
     check_lm_head(hidden, weight, bias)
     if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point:
-        raise ValueError(
-            f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets).__name__)}"
-        )
+        got = getattr(targets, "dtype", type(targets).__name__)
+        raise ValueError(f"{targets_name} must be an integer or bool tensor, got {got}")
     dev = weight.device
     mine = torch.stack(
         [
@@ -114,8 +135,9 @@ def vocab_shard(
     table = torch.stack(gathered).tolist()  # one device sync
     if any(row[1:] != table[0][1:] for row in table):
         raise ValueError(
-            "targets differ across the ranks of vocab_group ((count, sum) by rank: "
-            f"{[tuple(row[1:]) for row in table]}): every rank must pass the same hidden states and targets"
+            f"the ranks of vocab_group were given different {targets_name} ((count, sum) by rank: "
+            f"{[tuple(row[1:]) for row in table]}): every rank must pass the same hidden states and "
+            f"{targets_name}"
         )
     rank = dist.get_rank(vocab_group)
     sizes = [row[0] for row in table]

@@ -66,6 +66,16 @@ def merge_vocab_partials(
     return logp, merged.lse, entropy
 
 
+def combine_slices(m: torch.Tensor, s: torch.Tensor, *sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[slices, rows] (m, s, u...) -> [1, rows] partials of the slices together, exactly: with
+    M = max_k m_k, s = sum_k exp(m_k - M) s_k and each u = sum_k exp(m_k - M) u_k (every u_k
+    shifted by the m_k given). A rank's slices before the ranks are merged; ranks may hold
+    different numbers of slices."""
+    m_max = m.amax(dim=0, keepdim=True)
+    scale = (m - m_max).exp()
+    return m_max, *((scale * x).sum(dim=0, keepdim=True) for x in (s, *sums))
+
+
 def merge_vocab_shards(
     lse: torch.Tensor, zy: torch.Tensor, entropy: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -241,7 +241,7 @@ def test_frozen_head_fold_setting_reaches_token_logprobs(monkeypatch):
     recomputed = []
     real_backward = linear_logsoftmax_torch.backward
     monkeypatch.setattr(linear_logsoftmax_torch, "backward",
-                        lambda *a: recomputed.append(1) or real_backward(*a))  # fmt: skip
+                        lambda *a, **kw: recomputed.append(1) or real_backward(*a, **kw))  # fmt: skip
     data = batch(b=2, t=6, d=16, v=97, seed=4)
     grads = {}
     for fold in (None, False):

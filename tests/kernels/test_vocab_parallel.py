@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gopd_kernels import frozen_logprobs, gopd_loss, token_logprobs
-from gopd_kernels.reference import gopd_loss_reference
+from gopd_kernels import frozen_logprobs, gopd_dense_loss, gopd_loss, token_logprobs
+from gopd_kernels.reference import gopd_dense_loss_reference, gopd_loss_reference
 from tests.kernels.helpers import GRAD_ROW_REL, VALUE_ATOL, make_inputs, reference_with_grads, row_rel_err
 
 N, D, V = 13, 16, 97
@@ -38,12 +38,20 @@ CASES = {
     "gopd_loss torch float64, lam 1.25": dict(op="gopd_loss", backend="torch", dtype=torch.float64),
     "gopd_loss triton float32, lam 1.25": dict(op="gopd_loss", backend="triton"),
     "frozen_logprobs torch float64": dict(op="frozen_logprobs", backend="torch", dtype=torch.float64),
+    "gopd_dense_loss torch float64, lam 1.25": dict(
+        op="gopd_dense_loss", backend="torch", dtype=torch.float64
+    ),
+    "gopd_dense_loss triton float32, lam 1.25": dict(op="gopd_dense_loss", backend="triton"),
+    "gopd_dense_loss triton float16, lam 1": dict(
+        op="gopd_dense_loss", backend="triton", dtype=torch.float16, lam=1.0
+    ),
     "frozen_logprobs triton float32": dict(op="frozen_logprobs", backend="triton"),
 }
 ERROR_CASES = {
-    "targets differ across ranks": (
-        dict(backend="torch", skew_targets=True),
-        "targets differ across the ranks",
+    "targets differ across ranks": (dict(backend="torch", skew_targets=True), "were given different targets"),
+    "gopd_dense_loss fold=True": (
+        dict(op="gopd_dense_loss", backend="torch", fold=True),
+        "fold=True does not apply",
     ),
     "fold=True": (dict(backend="torch", frozen=True, fold=True), "fold=True does not apply"),
     "gopd_loss fold=True": (dict(op="gopd_loss", backend="torch", fold=True), "fold=True does not apply"),
@@ -57,6 +65,11 @@ def case_inputs(n=N, dtype=torch.float32, ignore_frac=0.3, **_):
     upstream = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2)]
     teacher = [torch.randn(n, generator=g, dtype=torch.float64) - 2 for _ in range(2)]  # T_t, R_t
     return hidden, weight, bias, targets, upstream, teacher
+
+
+def dense_heads(n: int, dtype: torch.dtype, device: str) -> list[tuple]:
+    """The teacher's (hidden size TEACHER_D) and the reference's heads of the dense cases."""
+    return [make_inputs(n, d, V, dtype, device, seed=seed)[:3] for d, seed in ((TEACHER_D, 5), (D, 6))]
 
 
 def run_case(rank: int, world: int, op="token_logprobs", **case):
@@ -88,7 +101,15 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
     if "fold" in case:
         kw["fold"] = case["fold"]
     out = {}
-    if op == "gopd_loss":
+    if op == "gopd_dense_loss":
+        (th, tw, tb), (rh, rw, rb) = dense_heads(len(targets), hidden.dtype, device)
+        loss, stats = gopd_dense_loss(
+            h, w, th, tw[rows], rh, rw[rows], student_bias=b, teacher_bias=tb[rows], ref_bias=rb[rows],
+            lam=case.get("lam", 1.25), temperature=0.7, mask=targets != -100, **kw,
+        )  # fmt: skip
+        loss.backward()
+        out.update(loss=loss.detach(), kl=stats["kl"], kl_teacher=stats["kl_teacher"])
+    elif op == "gopd_loss":
         loss, _ = gopd_loss(h, w, targets, teacher[0].to(h.dtype), teacher[1].to(h.dtype), bias=b, lam=1.25,
                             temperature=0.7, **kw)  # fmt: skip
         loss.backward()
@@ -181,6 +202,32 @@ def test_gopd_loss_matches_the_whole_head(ranks, name):
     for res in (r[name] for r in results):
         assert abs(float(res["loss"]) - loss.item()) <= atol
         assert row_rel_err(res["dh"], leaves[0].grad) <= row_rel
+    assert row_rel_err(torch.cat([r[name]["dw"] for r in results]), leaves[1].grad) <= row_rel
+    assert row_rel_err(torch.cat([r[name]["db"] for r in results]), leaves[2].grad) <= row_rel
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("op") == "gopd_dense_loss"])
+def test_gopd_dense_loss_matches_the_whole_heads(ranks, name):
+    world, results = ranks
+    case = CASES[name]
+    hidden, weight, bias, targets, _, _ = case_inputs(**case)
+    (th, tw, tb), (rh, rw, rb) = [
+        [x.double() for x in head] for head in dense_heads(len(targets), hidden.dtype, "cpu")
+    ]
+    leaves = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    mask = targets != -100
+    dense = lambda lam, ref: gopd_dense_loss_reference(  # noqa: E731
+        leaves[0], leaves[1], th, tw, *ref, student_bias=leaves[2], teacher_bias=tb,
+        ref_bias=rb if ref else None, lam=lam, temperature=0.7, mask=mask,
+    )  # fmt: skip
+    loss, _ = dense(case.get("lam", 1.25), (rh, rw))
+    kl_teacher = dense(1.0, ())[1][mask].mean()
+    loss.backward()
+    atol, row_rel = tolerances(hidden.dtype)
+    for res in (r[name] for r in results):
+        assert abs(float(res["loss"]) - loss.item()) <= atol
+        assert abs(float(res["kl_teacher"]) - kl_teacher.item()) <= atol
+        assert row_rel_err(res["dh"], leaves[0].grad) <= row_rel, row_rel_err(res["dh"], leaves[0].grad)
     assert row_rel_err(torch.cat([r[name]["dw"] for r in results]), leaves[1].grad) <= row_rel
     assert row_rel_err(torch.cat([r[name]["db"] for r in results]), leaves[2].grad) <= row_rel
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.vocab_partials import merge_vocab_partials, merge_vocab_shards
+from gopd_kernels.ops.vocab_partials import (
+    combine_slices,
+    merge_dense_kl_partials,
+    merge_vocab_partials,
+    merge_vocab_shards,
+)
 
 
 def partials(z: torch.Tensor, bounds: list[int], y: torch.Tensor):
@@ -60,3 +65,38 @@ def test_merging_whole_shards_matches_the_whole_row():
     torch.testing.assert_close(logp, ref.gather(1, y[:, None]).squeeze(1))
     torch.testing.assert_close(merged_ent, -(ref.exp() * ref).sum(1))
     assert merge_vocab_shards(torch.stack(lse), torch.stack(zy), None)[2] is None
+
+
+def dense_partials(a: torch.Tensor, c: torch.Tensor, zt: torch.Tensor, bounds: list[int]):
+    """[slices, rows] (m_a, s_a, u), (m_c, s_c), (m_t, s_t, u_t) as the dense kernels leave them."""
+    out = [[] for _ in range(8)]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        a_k, c_k, t_k = a[:, lo:hi], c[:, lo:hi], zt[:, lo:hi]
+        m_a, m_c, m_t = (x.amax(1) for x in (a_k, c_k, t_k))
+        e = (a_k - m_a[:, None]).exp()
+        sum_exp = lambda x, m: (x - m[:, None]).exp().sum(1)  # noqa: E731
+        stats = (m_a, e.sum(1), (e * (a_k - c_k)).sum(1), m_c, sum_exp(c_k, m_c),
+                 m_t, sum_exp(t_k, m_t), (e * (a_k - t_k)).sum(1))  # fmt: skip
+        for k, x in enumerate(stats):
+            out[k].append(x)
+    f = [torch.stack(x) for x in out]
+    return (f[0], f[1], f[2]), (f[3], f[4]), (f[5], f[6], f[7])
+
+
+def test_combined_slices_merge_as_the_slices_themselves():
+    """A rank's slices combined into one (combine_slices, the teacher's u on the student's shift),
+    then merged across ranks: the dense KL statistics of all the slices merged at once."""
+    g = torch.Generator().manual_seed(2)
+    a, c, zt = (torch.randn(5, 60, dtype=torch.float64, generator=g) * 3 for _ in range(3))
+    a[0, :25] += 30  # slices whose maxima differ a lot, so a wrong shift shows
+    student, target, teacher = dense_partials(a, c, zt, [0, 9, 25, 26, 41, 60])
+    ranks = [slice(0, 3), slice(3, 4), slice(4, 5)]  # 3, 1 and 1 slices
+    parts = []
+    for r in ranks:
+        m_a, s_a, u, u_t = combine_slices(student[0][r], student[1][r], student[2][r], teacher[2][r])
+        parts.append([m_a, s_a, u, *combine_slices(target[0][r], target[1][r]),
+                      *combine_slices(teacher[0][r], teacher[1][r]), u_t])  # fmt: skip
+    f = [torch.cat(x) for x in zip(*parts, strict=True)]
+    merged = merge_dense_kl_partials((f[0], f[1], f[2]), (f[3], f[4]), (f[5], f[6], f[7]))
+    for got, want in zip(merged, merge_dense_kl_partials(student, target, teacher), strict=True):
+        torch.testing.assert_close(got, want)
