@@ -35,6 +35,9 @@
 #   bash benchmarks/gpu_session.sh small   # gopd_loss's one-chunk fold at N = 2048, frozen scoring
 #                                          # with GOPD_LOGITS_GEMM swept, the dense fold's stored
 #                                          # dz against its fp32 sum (~4 minutes)
+#   bash benchmarks/gpu_session.sh vocab-parallel  # heads split by vocabulary (vocab_group): their
+#                                          # tests with the compiled kernels, 2 and 3 ranks over
+#                                          # gloo on the one GPU (~2 minutes, never run on a GPU)
 #   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA, one update step
 #                                          # through a 28-layer Qwen3-0.6B shape, the micro-batch
 #                                          # layouts (~5 minutes)
@@ -53,7 +56,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh lease|liger-sm90|first|fold|gemm|stages|fp16-torch|small|trainer|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh lease|liger-sm90|first|fold|gemm|stages|fp16-torch|small|vocab-parallel|trainer|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -183,6 +186,11 @@ first)
     GOPD_BACKWARD_GEMM=torch timeout 70 python3 -m benchmarks.stages --n 16384 --d 4096 --v 151936 \
         --dtype bfloat16 --sweep GOPD_LOGITS_GEMM=triton,torch --op token_logprobs --impls gopd || status=1
     (exit $status)
+    ;;
+vocab-parallel)  # every case of tests/kernels/test_vocab_parallel.py, its Triton ones compiled on
+    # CUDA tensors (gloo moves CUDA tensors too; both ranks share the card). The benchmark
+    # (benchmarks.vocab_parallel) needs a GPU per rank (NCCL) and is not run on one card.
+    timeout 150 python3 -m pytest -q -p no:benchmark tests/kernels/test_vocab_parallel.py
     ;;
 fp16-torch)  # the torch backend's fp16 heads on fp16 tensor cores with scaled dL/dz tiles (new;
     # before, float32 GEMMs): the T4's and V100's path, run here on the H100's cuBLAS. Predicted:
