@@ -8,7 +8,7 @@ import torch
 
 from gopd_kernels.backend import resolve_backend
 from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs, folds_frozen_head
-from gopd_kernels.ops.vocab_parallel import vocab_shard
+from gopd_kernels.ops.vocab_parallel import local_head, vocab_shard
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import check_backend_dtype, check_token_inputs
 
@@ -71,12 +71,18 @@ def token_logprobs(
             instead of the sum, for callers whose autograd sums it (sequence parallelism's
             reduce-scatter after gathering the hidden states).
 
+    ``weight`` and ``bias`` may be DTensors whose rows are sharded over one mesh dimension
+    (``Shard(0)``, as torch's ColwiseParallel leaves an LM head): the head is then
+    vocabulary-parallel over that dimension's group, without ``vocab_group``; ``hidden`` may
+    be a replicated DTensor. Gradients come back as the same DTensors' local shards.
+
     Returns:
         float32 log-probs [...] (float64 for float64 inputs, torch backend only); with
         ``return_entropy``, ``(logp, entropy)``. Both are differentiable w.r.t. hidden,
         weight and bias for any per-token upstream gradient; gradients come back in the
         inputs' dtype, accumulated in float32.
     """
+    hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     shard = vocab_shard(vocab_group, reduce_hidden_grad, hidden, weight, bias, targets)
     vocab = weight.shape[0] if shard is None else shard.vocab
     temperature = check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature, vocab)

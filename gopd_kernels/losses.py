@@ -20,7 +20,7 @@ from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseK
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes
 from gopd_kernels.ops.matmul_torch import cublas_half
 from gopd_kernels.ops.token_logprobs import head_requires_grad
-from gopd_kernels.ops.vocab_parallel import vocab_shard
+from gopd_kernels.ops.vocab_parallel import local_head, vocab_shard
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
@@ -187,6 +187,7 @@ def gopd_loss(
     rollout mismatch mean(o - r) (with rollout_logp), and the valid-token count.
     """
     lam = check_lam(lam)
+    hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     check_per_token(
         teacher_logp, "teacher_logp", targets if isinstance(targets, torch.Tensor) else teacher_logp
     )
@@ -382,7 +383,7 @@ def _check_clip_ratio(clip_ratio) -> tuple[float, float]:
     return low, high
 
 
-def _head_names(model: str) -> tuple[str, str, str]:
+def head_names(model: str) -> tuple[str, str, str]:
     return f"{model}_hidden", f"{model}_weight", f"{model}_bias"
 
 
@@ -437,14 +438,24 @@ def gopd_dense_loss(
     """
     lam = check_lam(lam)
     temperature = check_temperature(temperature)
-    check_lm_head(student_hidden, student_weight, student_bias, names=_head_names("student"))
-    check_lm_head(teacher_hidden, teacher_weight, teacher_bias, names=_head_names("teacher"))
+    student_hidden, student_weight, student_bias, vocab_group = local_head(
+        student_hidden, student_weight, student_bias, vocab_group, head_names("student")
+    )
+    teacher_hidden, teacher_weight, teacher_bias, vocab_group = local_head(
+        teacher_hidden, teacher_weight, teacher_bias, vocab_group, head_names("teacher")
+    )
+    if ref_hidden is not None:
+        ref_hidden, ref_weight, ref_bias, vocab_group = local_head(
+            ref_hidden, ref_weight, ref_bias, vocab_group, head_names("ref")
+        )
+    check_lm_head(student_hidden, student_weight, student_bias, names=head_names("student"))
+    check_lm_head(teacher_hidden, teacher_weight, teacher_bias, names=head_names("teacher"))
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together")
     if ref_hidden is None and lam != 1.0:
         raise ValueError(f"ref_hidden / ref_weight are required when lam != 1 (got lam={lam})")
     if ref_hidden is not None:
-        check_lm_head(ref_hidden, ref_weight, ref_bias, names=_head_names("ref"))
+        check_lm_head(ref_hidden, ref_weight, ref_bias, names=head_names("ref"))
     elif ref_bias is not None:
         raise ValueError("ref_bias is given without ref_hidden / ref_weight")
     lead = student_hidden.shape[:-1]

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from gopd_kernels.backend import implementation, resolve_backend, workspace_bytes
-from gopd_kernels.losses import check_lam, check_per_token, gopd_advantage
-from gopd_kernels.ops.vocab_parallel import vocab_shard
+from gopd_kernels.losses import check_lam, check_per_token, gopd_advantage, head_names
+from gopd_kernels.ops.vocab_parallel import local_head, vocab_shard
 from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
@@ -72,6 +72,13 @@ def frozen_logprobs(
         teacher_bias,
         names=("teacher_hidden", "teacher_weight", "teacher_bias"),
     )
+    teacher_hidden, teacher_weight, teacher_bias, vocab_group = local_head(
+        teacher_hidden, teacher_weight, teacher_bias, vocab_group, head_names("teacher")
+    )
+    if ref_hidden is not None:
+        ref_hidden, ref_weight, ref_bias, vocab_group = local_head(
+            ref_hidden, ref_weight, ref_bias, vocab_group, head_names("ref")
+        )
     shard = vocab_shard(vocab_group, True, teacher_hidden, teacher_weight, teacher_bias, targets)
     vocab = teacher_weight.shape[0] if shard is None else shard.vocab
     check_targets(targets, teacher_hidden.shape[:-1], vocab, ignore_index, teacher_hidden.device)

@@ -142,3 +142,65 @@ def vocab_shard(
     rank = dist.get_rank(vocab_group)
     sizes = [row[0] for row in table]
     return VocabShard(vocab_group, sum(sizes[:rank]), sizes[rank], sum(sizes), reduce_hidden_grad)
+
+
+def _dtensor_type():
+    """torch's DTensor class, or None where torch.distributed is not built in."""
+    if not dist.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def local_rows(t: torch.Tensor | None, name: str) -> tuple[torch.Tensor | None, dist.ProcessGroup | None]:
+    """(the local tensor, the group its rows are split over, or None) of a DTensor; anything
+    else as it is. Sharded by rows (Shard(0)) over one mesh dimension, replicated over any
+    other: that dimension's group (a vocabulary-parallel head's rows, as torch's ColwiseParallel
+    leaves an LM head). Replicated everywhere: its local tensor. Any other layout is refused."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(t, dtensor):
+        return t, None
+    placements = t.placements
+    split = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    if not split:
+        return t.to_local(), None
+    if len(split) == 1 and placements[split[0]].is_shard(0):
+        return t.to_local(), t.device_mesh.get_group(split[0])
+    raise ValueError(
+        f"{name} is a DTensor placed as {placements}: only rows sharded over one mesh dimension "
+        "(Shard(0)), the rest replicated, or a replicated one, are understood"
+    )
+
+
+def local_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    vocab_group: dist.ProcessGroup | None,
+    names: tuple[str, str, str] = ("hidden", "weight", "bias"),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dist.ProcessGroup | None]:
+    """(hidden, weight, bias, vocab_group) with DTensors made local (local_rows): a head whose
+    weight is sharded by rows is vocabulary-parallel over that group, without vocab_group being
+    passed; its bias must be sharded alike, and the hidden states replicated."""
+    hidden, hidden_group = local_rows(hidden, names[0])
+    if hidden_group is not None:
+        raise ValueError(
+            f"{names[0]} is a DTensor sharded by its first dimension: every rank of the head's group "
+            "needs all the hidden states (gather them first)"
+        )
+    weight, group = local_rows(weight, names[1])
+    bias, bias_group = local_rows(bias, names[2])
+    if bias_group is not group and not _same_ranks(bias_group, group):
+        raise ValueError(f"{names[2]} must be sharded as {names[1]} is (rows over one group, or not at all)")
+    if group is None:
+        return hidden, weight, bias, vocab_group
+    if vocab_group is not None and not _same_ranks(vocab_group, group):
+        raise ValueError(f"vocab_group is not the group {names[1]}'s rows are sharded over (a DTensor)")
+    return hidden, weight, bias, group
+
+
+def _same_ranks(a: dist.ProcessGroup | None, b: dist.ProcessGroup | None) -> bool:
+    if a is None or b is None:
+        return False
+    return dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)

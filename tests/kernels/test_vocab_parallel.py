@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from gopd_kernels import frozen_logprobs, gopd_dense_loss, gopd_loss, token_logprobs
 from gopd_kernels.reference import gopd_dense_loss_reference, gopd_loss_reference
@@ -38,6 +40,10 @@ CASES = {
     "gopd_loss torch float64, lam 1.25": dict(op="gopd_loss", backend="torch", dtype=torch.float64),
     "gopd_loss triton float32, lam 1.25": dict(op="gopd_loss", backend="triton"),
     "frozen_logprobs torch float64": dict(op="frozen_logprobs", backend="torch", dtype=torch.float64),
+    "torch float32, DTensor head": dict(backend="torch", dtensor=True, entropy=True),
+    "triton float32, DTensor head": dict(backend="triton", dtensor=True),
+    "gopd_dense_loss torch float32, DTensor heads": dict(op="gopd_dense_loss", backend="torch", dtensor=True),
+    "frozen_logprobs torch float32, DTensor heads": dict(op="frozen_logprobs", backend="torch", dtensor=True),
     "gopd_dense_loss torch float64, lam 1.25": dict(
         op="gopd_dense_loss", backend="torch", dtype=torch.float64
     ),
@@ -49,6 +55,10 @@ CASES = {
 }
 ERROR_CASES = {
     "targets differ across ranks": (dict(backend="torch", skew_targets=True), "were given different targets"),
+    "hidden states sharded by rows": (
+        dict(backend="torch", dtensor=True, sharded_hidden=True),
+        "needs all the hidden states",
+    ),
     "gopd_dense_loss fold=True": (
         dict(op="gopd_dense_loss", backend="torch", fold=True),
         "fold=True does not apply",
@@ -84,27 +94,34 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
     rows = slice(start, start + SHARDS[world][rank])
     if case.get("skew_targets"):
         targets = (targets + rank) % V
-    group = dist.group.WORLD
-    kw = dict(backend=case["backend"], vocab_group=group)
+    kw = dict(backend=case["backend"])
+    if case.get("dtensor"):  # rows sharded as torch's ColwiseParallel leaves a head: no vocab_group
+        mesh = init_device_mesh(device, (world,))
+        cut = lambda t: distribute_tensor(t, mesh, [Shard(0)])  # noqa: E731  (33, 33, 31 rows of 97)
+    else:
+        kw["vocab_group"] = dist.group.WORLD
+        cut = lambda t: t[rows].clone()  # noqa: E731
     if op == "frozen_logprobs":
         t_hidden, t_weight, t_bias, _ = make_inputs(len(targets), TEACHER_D, V, hidden.dtype, device, seed=5)
         scores = frozen_logprobs(
-            t_hidden, t_weight[rows], targets, hidden, weight[rows], teacher_bias=t_bias[rows],
-            ref_bias=bias[rows], temperature=0.7, **kw,
+            t_hidden, cut(t_weight), targets, hidden, cut(weight), teacher_bias=cut(t_bias),
+            ref_bias=cut(bias), temperature=0.7, **kw,
         )  # fmt: skip
         return dict(teacher_logp=scores.teacher_logp, ref_logp=scores.ref_logp)
     wide = torch.stack([hidden, torch.zeros_like(hidden)], dim=-1).reshape(len(targets), 2 * D)
     wide.requires_grad_()
     h = wide[:, ::2] if case.get("strided") else wide.view(len(targets), D, 2)[..., 0]
-    w = weight[rows].clone().requires_grad_(not case.get("frozen"))
-    b = bias[rows].clone().requires_grad_(not case.get("frozen"))
+    if case.get("sharded_hidden"):
+        h = distribute_tensor(h.detach(), mesh, [Shard(0)])
+    w = cut(weight).requires_grad_(not case.get("frozen"))
+    b = cut(bias).requires_grad_(not case.get("frozen"))
     if "fold" in case:
         kw["fold"] = case["fold"]
     out = {}
     if op == "gopd_dense_loss":
         (th, tw, tb), (rh, rw, rb) = dense_heads(len(targets), hidden.dtype, device)
         loss, stats = gopd_dense_loss(
-            h, w, th, tw[rows], rh, rw[rows], student_bias=b, teacher_bias=tb[rows], ref_bias=rb[rows],
+            h, w, th, cut(tw), rh, cut(rw), student_bias=b, teacher_bias=cut(tb), ref_bias=cut(rb),
             lam=case.get("lam", 1.25), temperature=0.7, mask=targets != -100, **kw,
         )  # fmt: skip
         loss.backward()
@@ -122,7 +139,8 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
         res = res if isinstance(res, tuple) else (res,)
         sum((r.double() * g).sum() for r, g in zip(res, upstream, strict=False)).backward()
         out.update(logp=res[0].detach(), entropy=res[1].detach() if len(res) > 1 else None)
-    out.update(dh=wide.grad.view(len(targets), D, 2)[..., 0].clone(), dw=w.grad, db=b.grad)
+    local = lambda g: g.to_local() if isinstance(g, DTensor) else g  # noqa: E731
+    out.update(dh=wide.grad.view(len(targets), D, 2)[..., 0].clone(), dw=local(w.grad), db=local(b.grad))
     return out
 
 
