@@ -20,6 +20,7 @@ import weakref
 import torch
 
 from gopd_kernels.functional import token_logprobs
+from gopd_kernels.ops.vocab_parallel import local_rows, vocab_shard
 
 IGNORE = -100
 # config attributes by which transformers models transform their logits (Gemma 2 / 3, Cohere,
@@ -94,14 +95,22 @@ def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None
         raise ValueError(f"{name}: the model has no output embeddings (LM head)")
     device = head.weight.device
     ids = (torch.arange(1, tokens + 1, device=device) % head.weight.shape[0])[None]
+    # a tensor-parallel model's head (DTensor rows): this rank's rows against its logits' columns
+    weight, group = local_rows(head.weight, f"{name}'s LM head weight")
+    bias, _ = local_rows(head.bias, f"{name}'s LM head bias")
     training = model.training
     model.eval()  # dropout would make the two forwards differ
     try:
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-            ours = torch.nn.functional.linear(final_hidden_states(model, ids), head.weight, head.bias)
+            logits, _ = local_rows(logits, f"{name}'s logits")  # replicated if a DTensor
+            hidden = final_hidden_states(model, ids)
+            ours = torch.nn.functional.linear(hidden, weight, bias)
     finally:
         model.train(training)
+    if group is not None:
+        shard = vocab_shard(group, True, hidden, weight, bias, ids)
+        logits = logits[..., shard.start : shard.start + shard.size]
     logits, ours = logits.double(), ours.double()
     tiny = torch.finfo(torch.float32).tiny
     err = float((logits - ours).abs().max() / logits.abs().max().clamp_min(tiny))

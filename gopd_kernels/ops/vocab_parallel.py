@@ -191,7 +191,7 @@ def local_head(
         )
     weight, group = local_rows(weight, names[1])
     bias, bias_group = local_rows(bias, names[2])
-    if bias_group is not group and not _same_ranks(bias_group, group):
+    if bias is not None and bias_group is not group and not _same_ranks(bias_group, group):
         raise ValueError(f"{names[2]} must be sharded as {names[1]} is (rows over one group, or not at all)")
     if group is None:
         return hidden, weight, bias, vocab_group

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 import torch
@@ -97,3 +98,24 @@ def cublas_bf16_as_on_cuda(*tensors) -> bool:
     """matmul_torch.cublas_bf16 as a CUDA device answers it (bf16 throughout), for tests of
     the Triton backend's defaults on a CPU, whose torch may lack the bf16 GEMM."""
     return all(t.dtype == torch.bfloat16 for t in tensors if t is not None)
+
+
+def _gloo_rank(rank: int, world: int, out_dir: str, fn, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # as torchrun's
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world, *args), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(out_dir, world: int, fn, *args) -> list:
+    """fn(rank, world, *args) on `world` spawned CPU processes in one gloo group; their return
+    values, by rank (fn: a module-level function; its result saved with torch.save)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(world, str(out_dir), fn, args), nprocs=world, join=True)
+    return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]

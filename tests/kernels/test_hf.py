@@ -8,7 +8,7 @@ from transformers import GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3Fo
 
 from gopd_kernels import hf
 from gopd_kernels.hf import check_head_reads_hidden, mask_position_ids, sequence_logprobs
-from tests.kernels.helpers import GRAD_ROW_REL, rel_err, row_rel_err
+from tests.kernels.helpers import GRAD_ROW_REL, rel_err, row_rel_err, run_gloo_ranks
 
 V = 53  # prime
 
@@ -157,3 +157,32 @@ def test_the_check_ignores_dropout_and_keeps_the_mode():
     ids, mask = left_padded_batch()
     sequence_logprobs(model, ids, mask, backend="torch")
     assert model.training
+
+
+def _tensor_parallel_rank(rank: int, world: int, path: str) -> dict:
+    """One rank of a model loaded with transformers' tensor-parallel plan (its LM head's rows
+    sharded, a DTensor): sequence_logprobs against the model's own logits, with gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32).eval()
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    ids, mask = left_padded_batch()
+    want = grads(model, lambda: naive(model, ids, mask, 0.7))
+    got = grads(model, lambda: sequence_logprobs(model, ids, mask, temperature=0.7, return_entropy=True))
+    head = model.get_output_embeddings().weight
+    errors = {name: row_rel_err(local(got[2][name]), local(g)) for name, g in want[2].items()}
+    return {"head": (type(head).__name__, tuple(local(head).shape)), "logp": (got[0], want[0]),
+            "entropy": (got[1], want[1]), "grad_row_rel": errors}  # fmt: skip
+
+
+def test_a_tensor_parallel_model_scores_with_its_sharded_head(tmp_path):
+    """transformers' tp_plan="auto" on 2 CPU ranks (gloo) shards the head's rows into a DTensor:
+    sequence_logprobs runs it vocabulary-parallel, and values, entropies and every parameter's
+    gradient (each rank's shard) are the model's own."""
+    tiny_qwen3(tied=False).save_pretrained(tmp_path / "model")
+    ranks = run_gloo_ranks(tmp_path, 2, _tensor_parallel_rank, str(tmp_path / "model"))
+    assert [r["head"] for r in ranks] == [("DTensor", (V - V // 2, 32)), ("DTensor", (V // 2, 32))]
+    for r in ranks:
+        torch.testing.assert_close(*r["logp"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(*r["entropy"], atol=1e-5, rtol=1e-5)
+        assert max(r["grad_row_rel"].values()) < GRAD_ROW_REL[torch.float32], r["grad_row_rel"]

@@ -14,13 +14,19 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from gopd_kernels import frozen_logprobs, gopd_dense_loss, gopd_loss, token_logprobs
 from gopd_kernels.reference import gopd_dense_loss_reference, gopd_loss_reference
-from tests.kernels.helpers import GRAD_ROW_REL, VALUE_ATOL, make_inputs, reference_with_grads, row_rel_err
+from tests.kernels.helpers import (
+    GRAD_ROW_REL,
+    VALUE_ATOL,
+    make_inputs,
+    reference_with_grads,
+    row_rel_err,
+    run_gloo_ranks,
+)
 
 N, D, V = 13, 16, 97
 SHARDS = {2: [50, 47], 3: [40, 31, 26]}  # rows of the head by rank
@@ -42,6 +48,7 @@ CASES = {
     "frozen_logprobs torch float64": dict(op="frozen_logprobs", backend="torch", dtype=torch.float64),
     "torch float32, DTensor head": dict(backend="torch", dtensor=True, entropy=True),
     "triton float32, DTensor head": dict(backend="triton", dtensor=True),
+    "torch float32, DTensor head without bias": dict(backend="torch", dtensor=True, bias=False),
     "gopd_dense_loss torch float32, DTensor heads": dict(op="gopd_dense_loss", backend="torch", dtensor=True),
     "frozen_logprobs torch float32, DTensor heads": dict(op="frozen_logprobs", backend="torch", dtensor=True),
     "gopd_dense_loss torch float64, lam 1.25": dict(
@@ -68,9 +75,9 @@ ERROR_CASES = {
 }
 
 
-def case_inputs(n=N, dtype=torch.float32, ignore_frac=0.3, **_):
+def case_inputs(n=N, dtype=torch.float32, ignore_frac=0.3, bias=True, **_):
     """The same inputs on every rank (seeded): hidden, the whole head, targets, per-token upstreams."""
-    hidden, weight, bias, targets = make_inputs(n, D, V, dtype, ignore_frac=ignore_frac, seed=3)
+    hidden, weight, bias, targets = make_inputs(n, D, V, dtype, bias=bias, ignore_frac=ignore_frac, seed=3)
     g = torch.Generator().manual_seed(4)
     upstream = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2)]
     teacher = [torch.randn(n, generator=g, dtype=torch.float64) - 2 for _ in range(2)]  # T_t, R_t
@@ -87,7 +94,7 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
     compiled = case["backend"] == "triton" and os.environ.get("TRITON_INTERPRET") != "1"
     device = "cuda" if compiled else "cpu"  # the compiled kernels on a GPU (both ranks on one)
     hidden, weight, bias, targets, upstream, teacher = (
-        x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
+        x if x is None else x.to(device) if isinstance(x, torch.Tensor) else [t.to(device) for t in x]
         for x in case_inputs(**case)
     )
     start = sum(SHARDS[world][:rank])
@@ -114,7 +121,7 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
     if case.get("sharded_hidden"):
         h = distribute_tensor(h.detach(), mesh, [Shard(0)])
     w = cut(weight).requires_grad_(not case.get("frozen"))
-    b = cut(bias).requires_grad_(not case.get("frozen"))
+    b = None if bias is None else cut(bias).requires_grad_(not case.get("frozen"))
     if "fold" in case:
         kw["fold"] = case["fold"]
     out = {}
@@ -140,25 +147,24 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
         sum((r.double() * g).sum() for r, g in zip(res, upstream, strict=False)).backward()
         out.update(logp=res[0].detach(), entropy=res[1].detach() if len(res) > 1 else None)
     local = lambda g: g.to_local() if isinstance(g, DTensor) else g  # noqa: E731
-    out.update(dh=wide.grad.view(len(targets), D, 2)[..., 0].clone(), dw=local(w.grad), db=local(b.grad))
+    out.update(
+        dh=wide.grad.view(len(targets), D, 2)[..., 0].clone(),
+        dw=local(w.grad),
+        db=None if b is None else local(b.grad),
+    )
     return out
 
 
-def _rank_main(rank: int, world: int, init_file: str, out_dir: str, cases: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        results = {}
-        for name, case in cases.items():
-            try:
-                results[name] = {
-                    k: v if v is None else v.cpu() for k, v in run_case(rank, world, **case).items()
-                }
-            except ValueError as e:  # the error cases; any other exception fails the spawn
-                results[name] = str(e)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def run_cases(rank: int, world: int, cases: dict) -> dict:
+    """Every case on this rank: its outputs on the CPU, or the message of the ValueError it
+    raised (the error cases; any other exception fails the spawn)."""
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = {k: v if v is None else v.cpu() for k, v in run_case(rank, world, **case).items()}
+        except ValueError as e:
+            results[name] = str(e)
+    return results
 
 
 @pytest.fixture(scope="module", params=sorted(SHARDS))
@@ -167,8 +173,7 @@ def ranks(request, tmp_path_factory) -> tuple[int, list[dict]]:
     world = request.param
     out = tmp_path_factory.mktemp(f"vocab_parallel_{world}")
     cases = {**CASES, **{name: case for name, (case, _) in ERROR_CASES.items()}}
-    mp.spawn(_rank_main, args=(world, str(out / "init"), str(out), cases), nprocs=world, join=True)
-    return world, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return world, run_gloo_ranks(out, world, run_cases, cases)
 
 
 def tolerances(dtype):
@@ -201,9 +206,12 @@ def test_token_logprobs_matches_the_whole_head(ranks, name):
         assert all(r[name]["dw"] is None and r[name]["db"] is None for r in results)
         return
     dw = torch.cat([r[name]["dw"] for r in results])
-    db = torch.cat([r[name]["db"] for r in results])
-    assert dw.shape == (V, D) and db.shape == (V,)
+    assert dw.shape == (V, D)
     assert row_rel_err(dw, grads[1]) <= row_rel, row_rel_err(dw, grads[1])
+    if bias is None:
+        assert all(r[name]["db"] is None for r in results)
+        return
+    db = torch.cat([r[name]["db"] for r in results])
     assert row_rel_err(db, grads[2]) <= row_rel, row_rel_err(db, grads[2])
 
 
