@@ -108,6 +108,7 @@ def _gloo_rank(rank: int, world: int, out_dir: str, fn, args: tuple) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=world)
     try:
         torch.save(fn(rank, world, *args), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank closes its connections while another still reads from them
     finally:
         dist.destroy_process_group()
 
