@@ -77,7 +77,7 @@ class MaterialisedShardLogprobs(torch.autograd.Function):
         dz[rows, local[rows]] += grad[rows]
         dh = dz @ weight
         dist.all_reduce(dh, group=ctx.group)
-        return dh, dz.T @ hidden, None, None, None
+        return dh, dz.T @ hidden if ctx.needs_input_grad[1] else None, None, None, None
 
 
 def inputs(tokens: int, dim: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -96,10 +96,10 @@ def shard_rows(vocab: int, world: int, rank: int) -> slice:
     return slice(start, start + per + (rank < extra))
 
 
-def one_call(impl: str, hidden, weight, targets, upstream, start: int, group):
-    """Forward + backward once; (logp, dH, dW of the shard)."""
+def one_call(impl: str, hidden, weight, targets, upstream, start: int, group, frozen: bool):
+    """Forward + backward once; (logp, dH, dW of the shard, None for a frozen head)."""
     h = hidden.detach().requires_grad_()
-    w = weight.detach().requires_grad_()
+    w = weight.detach().requires_grad_(not frozen)
     if impl == "gopd":
         logp = token_logprobs(h, w, targets, vocab_group=group)
     else:
@@ -125,7 +125,9 @@ def rank_main(rank: int, world: int, args: dict, out_dir: str) -> None:
         shard = weight[rows].contiguous()
         del weight
         impl, group = args["impl"], dist.group.WORLD
-        call = lambda h=hidden, y=targets, g=upstream: one_call(impl, h, shard, y, g, rows.start, group)  # noqa: E731
+        call = lambda h=hidden, y=targets, g=upstream: one_call(  # noqa: E731
+            impl, h, shard, y, g, rows.start, group, args["frozen_head"]
+        )
         call(hidden[:64], targets[:64], upstream[:64])  # one-time costs: imports, kernels, pages
         if cuda:
             result, peak = cuda_peak_bytes(call)
@@ -134,7 +136,7 @@ def rank_main(rank: int, world: int, args: dict, out_dir: str) -> None:
             times, peak, result = timed_calls(call, args["repeats"])
         torch.save(
             {"times_s": times, "peak_bytes": peak, "logp": result[0].cpu(), "dh": result[1].cpu(),
-             "dw": result[2].cpu(), "rows": (rows.start, rows.stop)},
+             "dw": None if result[2] is None else result[2].cpu(), "rows": (rows.start, rows.stop)},
             Path(out_dir) / f"rank{rank}.pt",
         )  # fmt: skip
     finally:
@@ -156,7 +158,7 @@ def agreement(a: list[dict], b: list[dict]) -> dict:
     return {
         "logp_max_abs": max(float((x["logp"] - y["logp"]).abs().max()) for x, y in zip(a, b, strict=True)),
         "dh_rel": max(rel(x["dh"], y["dh"]) for x, y in zip(a, b, strict=True)),
-        "dw_rel": rel(dw(a), dw(b)),
+        "dw_rel": None if a[0]["dw"] is None else rel(dw(a), dw(b)),
     }
 
 
@@ -175,9 +177,10 @@ def table(record: dict) -> str:
             ])  # fmt: skip
     headers = ["ranks", "impl", "fwd+bwd per rank, median (min-max)", "time / materialised",
                "peak MiB per rank (largest)", "memory / materialised"]  # fmt: skip
+    dw = lambda a: "" if a["dw_rel"] is None else f" and dW {a['dw_rel']:.1e}"  # noqa: E731 (a frozen head: none)
     agree = "\n".join(
         f"- {world} ranks, gopd against materialised: log-probs {a['logp_max_abs']:.1e} apart, "
-        f"dH {a['dh_rel']:.1e} and dW {a['dw_rel']:.1e} (largest difference / largest entry)"
+        f"dH {a['dh_rel']:.1e}{dw(a)} (largest difference / largest entry)"
         for world, a in record["agreement"].items()
     )
     return markdown_table(headers, rows) + "\n\n" + agree
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="ranks sharing the vocabulary")
+    p.add_argument("--frozen-head", action="store_true", help="the head takes no gradient (LoRA): dH only")
     p.add_argument("--repeats", type=int, default=3, help="CPU: timed calls per rank, the first gives memory")
     p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     a = p.parse_args(argv)
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(w < 1 or w > a.vocab or (cuda and w > torch.cuda.device_count()) for w in a.worlds):
         raise ValueError(f"--worlds {a.worlds}: each in [1, vocab] (and at most one rank per GPU on CUDA)")
     args = dict(tokens=a.tokens, dim=a.dim, vocab=a.vocab, dtype=a.dtype, repeats=a.repeats,
-                device="cuda" if cuda else "cpu")  # fmt: skip
+                frozen_head=a.frozen_head, device="cuda" if cuda else "cpu")  # fmt: skip
     worlds, agree = {}, {}
     for world in a.worlds:
         ranks = {impl: run_world(impl, world, args) for impl in IMPLS}
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.no_save:
         folder = RESULTS_DIR / machine_slug(record["machine"]) / "vocab_parallel"
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{a.dtype}_N{a.tokens}_D{a.dim}_V{a.vocab}.json"
+        name = f"{a.dtype}_N{a.tokens}_D{a.dim}_V{a.vocab}{'_frozen_head' if a.frozen_head else ''}.json"
         (folder / name).write_text(json.dumps(record, indent=1))
 
 

@@ -57,16 +57,17 @@ def token_logprobs(
             [N, D] float32 kept until the backward. The torch backend does it in tiles, the
             Triton backend over row chunks of full-vocabulary fp32 logits (cuBLAS GEMMs,
             fused row passes, as gopd_loss's fold). None: fold on the torch backend, and on
-            Triton for bf16 heads; True: fold (an error for a head that is trained, with the
-            entropy, or with ``vocab_group``); False: never.
+            Triton for bf16 heads; True: fold (an error for a head that is trained, or with
+            the entropy); False: never.
         vocab_group: a vocabulary-parallel (tensor-parallel) head: ``weight`` and ``bias`` hold
             this rank's rows of the whole head (rank r of the group rows [start_r, start_r + V_r),
             in rank order; shards may differ in size), while ``hidden`` and ``targets`` (ids of
             the whole vocabulary) are the same on every rank. Each rank streams its own rows,
             one all_gather of (lse, z_y, entropy) per token merges them, and every rank gets the
             whole log-probs and entropies. dW and db are the rank's own rows; dH is summed over
-            the group (in fp32 for 16-bit inputs). Every rank must make the same call. The
-            logits are recomputed in the backward (no fold, which needs whole rows).
+            the group (in fp32 for 16-bit inputs). Every rank must make the same call. A
+            frozen head folds as on one device, each rank over its rows, the ranks' dlogp/dh
+            summed in the forward.
         reduce_hidden_grad: with ``vocab_group``, False returns the rank's own term of dH
             instead of the sum, for callers whose autograd sums it (sequence parallelism's
             reduce-scatter after gathering the hidden states).
@@ -90,7 +91,7 @@ def token_logprobs(
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)
     check_backend_dtype(backend, hidden.dtype)
-    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy, shard is not None)
+    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy)
 
     rows = RowSelection(targets != ignore_index)
     logp, entropy = LinearTokenLogprobs.apply(

@@ -36,9 +36,10 @@ def forward(
     inv_temp: float,
     ws_bytes: int,
     rows_impl,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [M, D], weight [V, D], bias [V] | None, targets [M] valid ids ->
-    (s [M], x = ds/dh [M, D]), both in the compute dtype; rows_impl: fold_rows_torch or _triton."""
+    (s [M], lse [M], x = ds/dh [M, D]), in the compute dtype; rows_impl: fold_rows_torch or
+    _triton."""
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     acc = compute_dtype(hidden.dtype)
@@ -47,12 +48,15 @@ def forward(
     chunk = fold_rows(ws_bytes, rows, vocab, acc)
     buf = torch.empty(min(chunk, rows) * vocab, dtype=acc, device=hidden.device)
     s = torch.empty(rows, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(s)
     x = torch.empty(rows, dim, dtype=acc, device=hidden.device)
     for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf):
+        lse[r0:r1] = z.gather(1, y[:, None]).squeeze(1)  # z_y, before the row pass may overwrite z
         s[r0:r1], state = rows_impl.log_softmax(z, y)
+        lse[r0:r1] -= s[r0:r1]  # z_y - s
         c = torch.full((r1 - r0,), inv_temp, dtype=acc, device=hidden.device)
         dz = rows_impl.logit_grads(z, y, state, c, w.dtype)  # (1[v = y] - p) / tau, a GEMM operand
         dz, alpha = scaled_operand(dz, w)  # fp16: scaled (fp32 from the torch rows)
         mm_into(x[r0:r1], dz, w, alpha)
         del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
-    return s, x
+    return s, lse, x

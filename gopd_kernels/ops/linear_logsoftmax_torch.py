@@ -168,12 +168,12 @@ def frozen_head_forward(
     targets: torch.Tensor,
     inv_temp: float,
     workspace_bytes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [M], x = dlogp/dh = (W_y - E_p[W]) / tau [M, D]) for a frozen head (see the module
-    doc): the backward is dh = g_l x, no logits, no GEMM."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [M], lse [M], x = dlogp/dh = (W_y - E_p[W]) / tau [M, D]) for a frozen head (see
+    the module doc): the backward is dh = g_l x, no logits, no GEMM."""
     x = torch.empty(hidden.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device)
-    logp, _, _ = forward(hidden, weight, bias, targets, inv_temp, False, workspace_bytes, x)
-    return logp, x.sub_(weight[targets].to(x.dtype)).mul_(-inv_temp)
+    logp, lse, _ = forward(hidden, weight, bias, targets, inv_temp, False, workspace_bytes, x)
+    return logp, lse, x.sub_(weight[targets].to(x.dtype)).mul_(-inv_temp)
 
 
 def backward(

@@ -36,7 +36,6 @@ def folds_frozen_head(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     with_entropy: bool,
-    vocab_parallel: bool = False,
 ) -> bool:
     """Whether token_logprobs computes dlogp/dh in its forward (the frozen-head fold above).
 
@@ -49,7 +48,8 @@ def folds_frozen_head(
     116.9 ms / 1336 MiB (torch.compile 74.0 ms / 14244 MiB); fp16 not yet measured (its dz
     is scaled into fp16 at the GEMM, one more pass per chunk). fold=True on a head that is not
     frozen, or with the entropy, is an error; fold=False always recomputes. A vocabulary-parallel
-    head never folds: dlogp/dh needs E_p[W] over whole rows, which no rank holds.
+    head folds the same way, each rank over its rows, the ranks' x merged in the forward
+    (VocabShard.merge_fold).
     """
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
@@ -65,16 +65,6 @@ def folds_frozen_head(
         )
     if fold is False or not can_fold:
         return False
-    if vocab_parallel:
-        if fold:
-            raise ValueError(
-                "fold=True does not apply to a vocabulary-parallel head (vocab_group): it needs whole rows"
-            )
-        info_once(
-            "token_logprobs: a frozen vocabulary-parallel head (vocab_group) recomputes its logits in the "
-            "backward: the frozen-head fold needs whole rows"
-        )
-        return False
     if fold or backend == "torch":
         return True
     folds = cublas_half(hidden, weight)
@@ -88,7 +78,7 @@ def folds_frozen_head(
 
 
 def _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend):
-    """(logp, x = dlogp/dh) by the backend's frozen-head fold (module doc)."""
+    """(logp, lse, x = dlogp/dh) by the backend's frozen-head fold (module doc)."""
     if backend == "torch":
         impl = implementation("linear_logsoftmax", backend)
         ws = workspace_bytes(backend, weight)
@@ -104,7 +94,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
     All targets must be valid ids (ignored positions are removed by the caller). fold: the
     frozen-head fold, as decided by folds_frozen_head. shard: for a vocabulary-parallel head
     (ops/vocab_parallel.py), weight and bias are this rank's rows and targets are ids of the
-    whole vocabulary; no fold.
+    whole vocabulary; its fold merges the ranks' (VocabShard.merge_fold).
     """
 
     @staticmethod
@@ -118,8 +108,15 @@ class LinearTokenLogprobs(torch.autograd.Function):
             empty = hidden.new_zeros(0, dtype=torch.float32)
             ctx.save_for_backward(hidden, weight, bias)
             return empty, empty.clone() if with_entropy else None
-        if fold:
-            logp, x = _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend)
+        if fold and shard is None:
+            logp, _, x = _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend)
+            ctx.save_for_backward(x)
+            ctx.hidden_dtype = hidden.dtype
+            return logp, None
+        if fold:  # each rank's own fold, on a valid stand-in id where the target is another's
+            stand_in = targets.clamp(min=0)
+            logp, lse, x = _frozen_head_forward(hidden, weight, bias, stand_in, inv_temp, backend)
+            logp, x = shard.merge_fold(targets, logp, lse, x, weight[stand_in], inv_temp)
             ctx.save_for_backward(x)
             ctx.hidden_dtype = hidden.dtype
             return logp, None

@@ -76,6 +76,30 @@ class VocabShard:
             (f[0], f[1], f[2]), (f[3], f[4]), None if teacher is None else (f[5], f[6], f[7])
         )
 
+    def merge_fold(
+        self,
+        local: torch.Tensor,
+        logp: torch.Tensor,
+        lse: torch.Tensor,
+        x: torch.Tensor,
+        w_stand_in: torch.Tensor,
+        inv_temp: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen-head fold over the whole vocabulary: (logp, x = dlogp/dh [M, D]).
+
+        Each rank folded its rows with a stand-in id y' (the target where it is this rank's):
+        x_r = (W_y' - E_r[W]) / tau, E_r under the rank's own softmax, and logp, lse of its rows.
+        With w_r = exp(lse_r - lse), E_p[W] = sum_r w_r E_r[W], so
+
+            x = sum_r t_r,   t_r = (1[y in r] - w_r) W_y' / tau + w_r x_r
+
+        summed by one all_reduce in fp32 (or the rank's own t_r with reduce_hidden_grad=False)."""
+        on = local >= 0
+        whole_logp, whole_lse, _ = self.merge(local, logp, lse, None)
+        w = (lse - whole_lse).exp()
+        t = x.mul_(w[:, None]).add_(w_stand_in.to(x.dtype) * ((on.to(x.dtype) - w) * inv_temp)[:, None])
+        return whole_logp, self.reduce_hidden(t)
+
     def reduce_hidden(self, dh: torch.Tensor) -> torch.Tensor:
         """dH = sum over the ranks of their dZ_r W_r (in place), or the rank's own term."""
         if self.reduce_hidden_grad:

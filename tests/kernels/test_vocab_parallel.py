@@ -38,7 +38,16 @@ CASES = {
     ),
     "torch float32, one token": dict(backend="torch", n=1, ignore_frac=0.0),
     "torch float32, every token ignored": dict(backend="torch", ignore_frac=1.0),
-    "torch float32, frozen head": dict(backend="torch", frozen=True),
+    "torch float32, frozen head (folded)": dict(backend="torch", frozen=True),
+    "torch float32, frozen head, recomputed": dict(backend="torch", frozen=True, fold=False),
+    "torch float32, frozen head, dH left to the caller": dict(
+        backend="torch", frozen=True, reduce_hidden_grad=False
+    ),
+    "triton float32, frozen head, folded": dict(backend="triton", frozen=True, fold=True, strided=True),
+    "triton bfloat16, frozen head, folded": dict(
+        backend="triton", dtype=torch.bfloat16, frozen=True, fold=True
+    ),
+    "torch float32, DTensor frozen head (folded)": dict(backend="torch", dtensor=True, frozen=True),
     "torch float32, dH left to the caller": dict(backend="torch", reduce_hidden_grad=False, entropy=True),
     "triton float32, entropy, bias, tau, ignored": dict(backend="triton", entropy=True, strided=True),
     "triton bfloat16": dict(backend="triton", dtype=torch.bfloat16),
@@ -70,7 +79,7 @@ ERROR_CASES = {
         dict(op="gopd_dense_loss", backend="torch", fold=True),
         "fold=True does not apply",
     ),
-    "fold=True": (dict(backend="torch", frozen=True, fold=True), "fold=True does not apply"),
+    "fold=True, a trained head": (dict(backend="torch", fold=True), "fold=True needs a frozen head"),
     "gopd_loss fold=True": (dict(op="gopd_loss", backend="torch", fold=True), "fold=True does not apply"),
 }
 
