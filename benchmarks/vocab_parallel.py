@@ -9,6 +9,8 @@ one GPU per rank, when CUDA has a GPU for each). Two implementations, on the sam
 - ``gopd``: ``token_logprobs(..., vocab_group=group)``: the rank streams its own rows, one
   all_gather of three numbers per token merges the ranks' log-softmax statistics, and dH is
   one all_reduce (ops/vocab_parallel.py);
+- ``gopd-recompute`` (``--frozen-head`` only): the same with ``fold=False``, its logits
+  recomputed in the backward instead of dlogp/dh folded into the forward;
 - ``materialised``: the method of tensor-parallel trainers' vocabulary-parallel cross-entropy
   (Megatron-LM's, and verl's log-probs from vocabulary-parallel logits), written here: the
   rank's [N, V / world] logits from one GEMM, all_reduces of the row max, the sum of exps and
@@ -47,6 +49,7 @@ from benchmarks.report import CHILD_ENV
 from gopd_kernels import token_logprobs
 
 IMPLS = ("gopd", "materialised")
+FROZEN_IMPLS = ("gopd", "gopd-recompute", "materialised")  # gopd folds a frozen head; fold=False beside it
 
 
 class MaterialisedShardLogprobs(torch.autograd.Function):
@@ -100,8 +103,10 @@ def one_call(impl: str, hidden, weight, targets, upstream, start: int, group, fr
     """Forward + backward once; (logp, dH, dW of the shard, None for a frozen head)."""
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_(not frozen)
-    if impl == "gopd":
-        logp = token_logprobs(h, w, targets, vocab_group=group)
+    if impl.startswith("gopd"):
+        logp = token_logprobs(
+            h, w, targets, vocab_group=group, fold=False if impl == "gopd-recompute" else None
+        )
     else:
         logp = MaterialisedShardLogprobs.apply(h, w, targets, start, group)
     (logp * upstream).sum().backward()
@@ -166,7 +171,7 @@ def table(record: dict) -> str:
     rows = []
     for world, runs in record["worlds"].items():
         base = runs.get("materialised")
-        for impl in IMPLS:
+        for impl in runs:
             run = runs[impl]
             t = statistics.median(run["times_s"])
             mem = max(run["peak_bytes"])
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                 frozen_head=a.frozen_head, device="cuda" if cuda else "cpu")  # fmt: skip
     worlds, agree = {}, {}
     for world in a.worlds:
-        ranks = {impl: run_world(impl, world, args) for impl in IMPLS}
+        ranks = {impl: run_world(impl, world, args) for impl in (FROZEN_IMPLS if a.frozen_head else IMPLS)}
         worlds[world] = {
             impl: {
                 "times_s": [t for r in rs for t in r["times_s"]],
