@@ -108,15 +108,11 @@ class LinearTokenLogprobs(torch.autograd.Function):
             empty = hidden.new_zeros(0, dtype=torch.float32)
             ctx.save_for_backward(hidden, weight, bias)
             return empty, empty.clone() if with_entropy else None
-        if fold and shard is None:
-            logp, _, x = _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend)
-            ctx.save_for_backward(x)
-            ctx.hidden_dtype = hidden.dtype
-            return logp, None
-        if fold:  # each rank's own fold, on a valid stand-in id where the target is another's
-            stand_in = targets.clamp(min=0)
-            logp, lse, x = _frozen_head_forward(hidden, weight, bias, stand_in, inv_temp, backend)
-            logp, x = shard.merge_fold(targets, logp, lse, x, weight[stand_in], inv_temp)
+        if fold:  # a shard folds its own rows, on a valid stand-in id where the target is another's
+            y = targets if shard is None else targets.clamp(min=0)
+            logp, lse, x = _frozen_head_forward(hidden, weight, bias, y, inv_temp, backend)
+            if shard is not None:
+                logp, x = shard.merge_fold(targets, logp, lse, x, weight[y], inv_temp)
             ctx.save_for_backward(x)
             ctx.hidden_dtype = hidden.dtype
             return logp, None

@@ -17,7 +17,12 @@ all-gather of the hidden states) asks for the rank's partial sum instead (reduce
 
 The dense loss merges its slices' partial sums instead (merge_dense): each rank combines its
 own slices into one set (vocab_partials.combine_slices, exact), and the ranks' sets merge as
-the slices of one row would.
+the slices of one row would. A frozen head's fold (dlogp/dh in the forward) merges the ranks'
+folds in the forward (merge_fold), so that its backward needs no collective.
+
+Heads may also come as DTensors with rows sharded over one mesh dimension (what torch's
+ColwiseParallel, and transformers' tp_plan, leave an LM head): local_head takes the group
+from them.
 """
 
 from __future__ import annotations
