@@ -1,7 +1,8 @@
 """Vocabulary-parallel heads (ops/vocab_parallel.py): 2 and 3 CPU ranks over gloo, each holding
-a slice of the head's rows (uneven slices of a prime vocabulary), against the float64 reference
-on the whole head: log-probs, entropies, dH on every rank, and the ranks' dW and db rows put
-back together.
+a slice of the head's rows (uneven slices of a prime vocabulary, given with vocab_group or as
+DTensors sharded by rows), against the float64 reference on the whole head: log-probs,
+entropies, losses, dH on every rank, and the ranks' dW and db rows put back together; trained
+heads and frozen ones (folded and recomputed), all four ops, both backends.
 
 Each world is one spawn running every case (a process start costs seconds, a case under the
 Triton interpreter a fraction of one); the tests below check the cases one by one.
