@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from gopd_kernels import hf
+from gopd_kernels import gopd_loss, hf
 from gopd_kernels.hf import check_head_reads_hidden, mask_position_ids, sequence_logprobs
 from tests.kernels.helpers import GRAD_ROW_REL, rel_err, row_rel_err, run_gloo_ranks
 
@@ -171,14 +171,41 @@ def _tensor_parallel_rank(rank: int, world: int, path: str) -> dict:
     got = grads(model, lambda: sequence_logprobs(model, ids, mask, temperature=0.7, return_entropy=True))
     head = model.get_output_embeddings().weight
     errors = {name: row_rel_err(local(got[2][name]), local(g)) for name, g in want[2].items()}
+    # the G-OPD loss from the decoder's hidden states and the DTensor head, as a TP student runs it
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    g = torch.Generator().manual_seed(3)
+    teacher, ref = (torch.randn(targets.shape, generator=g) - 3 for _ in range(2))
+
+    def policy_loss(logp=None):
+        model.zero_grad()
+        if logp is None:  # fused, vocabulary-parallel
+            hidden = hf.final_hidden_states(model, ids, mask)[:, :-1]
+            loss, _ = gopd_loss(hidden, head, targets, teacher, ref, lam=1.25, temperature=0.7)
+        else:
+            loss = gopd_loss_reference_from_logp(logp, targets, teacher, ref)
+        loss.backward()
+        return loss.detach(), {n: local(p.grad).clone() for n, p in model.named_parameters()}
+
+    fused = policy_loss()
+    naive_loss = policy_loss(naive(model, ids, mask, 0.7)[0])
+    loss_errors = {name: row_rel_err(fused[1][name], g) for name, g in naive_loss[1].items()}
     return {"head": (type(head).__name__, tuple(local(head).shape)), "logp": (got[0], want[0]),
-            "entropy": (got[1], want[1]), "grad_row_rel": errors}  # fmt: skip
+            "entropy": (got[1], want[1]), "grad_row_rel": errors, "loss": (fused[0], naive_loss[0]),
+            "loss_grad_row_rel": loss_errors}  # fmt: skip
+
+
+def gopd_loss_reference_from_logp(s, targets, teacher, ref, lam=1.25):
+    """On-policy gopd_loss from student log-probs s: -mean over valid tokens of A exp(s - sg(s))."""
+    valid = targets != -100
+    adv = (lam * (teacher - ref) - (s.detach() - ref)).detach()
+    return -torch.where(valid, adv * torch.exp(s - s.detach()), 0.0).sum() / valid.sum()
 
 
 def test_a_tensor_parallel_model_scores_with_its_sharded_head(tmp_path):
     """transformers' tp_plan="auto" on 2 CPU ranks (gloo) shards the head's rows into a DTensor:
     sequence_logprobs runs it vocabulary-parallel, and values, entropies and every parameter's
-    gradient (each rank's shard) are the model's own."""
+    gradient (each rank's shard) are the model's own; so are gopd_loss's loss and gradients from
+    the decoder's hidden states and that head."""
     tiny_qwen3(tied=False).save_pretrained(tmp_path / "model")
     ranks = run_gloo_ranks(tmp_path, 2, _tensor_parallel_rank, str(tmp_path / "model"))
     assert [r["head"] for r in ranks] == [("DTensor", (V - V // 2, 32)), ("DTensor", (V // 2, 32))]
@@ -186,3 +213,5 @@ def test_a_tensor_parallel_model_scores_with_its_sharded_head(tmp_path):
         torch.testing.assert_close(*r["logp"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(*r["entropy"], atol=1e-5, rtol=1e-5)
         assert max(r["grad_row_rel"].values()) < GRAD_ROW_REL[torch.float32], r["grad_row_rel"]
+        torch.testing.assert_close(*r["loss"], atol=1e-6, rtol=1e-6)
+        assert max(r["loss_grad_row_rel"].values()) < GRAD_ROW_REL[torch.float32], r["loss_grad_row_rel"]

@@ -55,6 +55,7 @@ CASES = {
     "triton float16, entropy": dict(backend="triton", dtype=torch.float16, entropy=True),
     "gopd_loss torch float64, lam 1.25": dict(op="gopd_loss", backend="torch", dtype=torch.float64),
     "gopd_loss triton float32, lam 1.25": dict(op="gopd_loss", backend="triton"),
+    "gopd_loss torch float32, DTensor head": dict(op="gopd_loss", backend="torch", dtensor=True),
     "frozen_logprobs torch float64": dict(op="frozen_logprobs", backend="torch", dtype=torch.float64),
     "torch float32, DTensor head": dict(backend="torch", dtensor=True, entropy=True),
     "triton float32, DTensor head": dict(backend="triton", dtensor=True),
