@@ -179,7 +179,8 @@ def gopd_loss(
 
     vocab_group, reduce_hidden_grad: a vocabulary-parallel head, as in token_logprobs (weight
     and bias this rank's rows; everything per token the same on every rank, and so the loss).
-    It never folds (the fold's dZ needs whole rows): fold=True is an error.
+    The loss's own fold does not apply (its dZ needs whole rows): fold=True is an error, and a
+    trained head recomputes; a frozen head still takes token_logprobs' frozen-head fold.
 
     Returns ``(loss, stats)``; stats holds detached 0-d tensors (no device sync): the mean
     advantage, the reverse-KL estimate mean(s - T), the reward mean(T - R) (with a
