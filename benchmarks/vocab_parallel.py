@@ -2,9 +2,10 @@
 
     python -m benchmarks.vocab_parallel                      # N = 2048, D = 1024, V = 151936, fp32
     python -m benchmarks.vocab_parallel --worlds 1 2 --tokens 4096
+    python -m benchmarks.vocab_parallel --frozen-head       # dH only (LoRA): the frozen-head fold
 
 Each rank of a world holds V / world rows of the head (gloo on CPUs, one thread per rank; NCCL,
-one GPU per rank, when CUDA has a GPU for each). Two implementations, on the same inputs:
+one GPU per rank, when CUDA has a GPU for each). The implementations, on the same inputs:
 
 - ``gopd``: ``token_logprobs(..., vocab_group=group)``: the rank streams its own rows, one
   all_gather of three numbers per token merges the ranks' log-softmax statistics, and dH is
@@ -18,8 +19,8 @@ one GPU per rank, when CUDA has a GPU for each). Two implementations, on the sam
 
 Per implementation and world: every rank's time per call (median over the ranks' calls) and
 its peak memory above what it held before the first call (CPU: peak RSS, each world a fresh
-set of processes; CUDA: max_memory_allocated), and the agreement of the two implementations'
-log-probs, dH and dW. Results under benchmarks/results/<machine>/vocab_parallel/.
+set of processes; CUDA: max_memory_allocated), and the agreement of gopd's and the
+materialised logits' log-probs, dH and dW. Results under benchmarks/results/<machine>/vocab_parallel/.
 """
 
 from __future__ import annotations
