@@ -220,14 +220,10 @@ def gopd_loss(
     # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
     # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
     # 10.2-11.7 s and 314 MiB.
-    if vocab_group is None:
-        fold_on = _fold_backend(
-            fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias
-        )
-    else:
-        fold_on = _unfolded_vocab_parallel(
-            "gopd_loss", fold, backend, (hidden, weight, bias), _policy_folds_by_default(hidden, weight, bias)
-        )
+    fold_on = _fold_backend(
+        fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias,
+        vocab_parallel_op=None if vocab_group is None else "gopd_loss",
+    )  # fmt: skip
     if fold_on == "triton" and fold is None:
         info_once(
             f"gopd_loss: the gradient is folded into the forward ({weight.dtype} head, Triton backend): "
@@ -281,35 +277,35 @@ def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
     return per_token, adv, clipped > unclipped, is_weight
 
 
-def _fold_backend(fold: bool | None, backend: str, hidden, weight, folds_by_default, bias=None) -> str | None:
+def _fold_backend(
+    fold: bool | None, backend: str, hidden, weight, folds_by_default, bias=None, vocab_parallel_op=None
+) -> str | None:
     """The backend ("torch" or "triton") that computes a loss with its gradient folded into the
     forward, or None to run it unfolded (streaming forward, recomputing backward).
 
     Folding computes the logits once instead of twice, for a [rows, V] fp32 chunk held.
     fold=True folds on either backend, fold=False never, and nothing folds when no gradient
-    is wanted; fold=None asks folds_by_default(resolved backend), each loss's measured rule."""
+    is wanted; fold=None asks folds_by_default(resolved backend), each loss's measured rule.
+    vocab_parallel_op: the loss's name when its head is vocabulary-parallel, which never folds
+    (the fold's dZ needs whole rows): fold=True is then an error, and where fold=None would
+    have folded a log line says so."""
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
+    if vocab_parallel_op and fold:
+        raise ValueError(
+            f"{vocab_parallel_op}: fold=True does not apply to a vocabulary-parallel head (vocab_group)"
+        )
     resolved = resolve_backend(backend, hidden.device)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_requires_grad(weight, bias))
     if not wants_grad or fold is False or (fold is None and not folds_by_default(resolved)):
         return None
-    return resolved
-
-
-def _unfolded_vocab_parallel(op: str, fold, backend, student, folds_by_default) -> None:
-    """A loss over a vocabulary-parallel head never folds: fold=True is an error, and where
-    fold=None would have folded (folds_by_default, the loss's rule, for a student (hidden,
-    weight, bias) that wants a gradient) a log line says so."""
-    if fold:
-        raise ValueError(f"{op}: fold=True does not apply to a vocabulary-parallel head (vocab_group)")
-    hidden, weight, bias = student
-    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_requires_grad(weight, bias))
-    if fold is None and wants_grad and folds_by_default(resolve_backend(backend, hidden.device)):
+    if vocab_parallel_op:
         info_once(
-            f"{op}: a vocabulary-parallel head (vocab_group) recomputes its logits in the backward: "
-            "the folded gradient needs whole rows"
+            f"{vocab_parallel_op}: a vocabulary-parallel head (vocab_group) recomputes its logits in the "
+            "backward: the folded gradient needs whole rows"
         )
+        return None
+    return resolved
 
 
 def _policy_folds_by_default(hidden, weight, bias=None):
@@ -491,10 +487,10 @@ def gopd_dense_loss(
     shard = vocab_shard(
         vocab_group, reduce_hidden_grad, student_hidden, student_weight, student_bias, mask, "mask"
     )
-    if shard is None:
-        fold_on = _fold_backend(fold, backend, student_hidden, student_weight, folds_by_default, student_bias)
-    else:
-        fold_on = _unfolded_vocab_parallel("gopd_dense_loss", fold, backend, heads[:3], folds_by_default)
+    fold_on = _fold_backend(
+        fold, backend, student_hidden, student_weight, folds_by_default, student_bias,
+        vocab_parallel_op=None if shard is None else "gopd_dense_loss",
+    )  # fmt: skip
     if fold_on:
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
         # budget for 2 tiles of DENSE_FOLD_ROWS rows; 3 tiles (the teacher KL) take fewer rows
