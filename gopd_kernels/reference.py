@@ -75,6 +75,30 @@ def gopd_loss_reference(
     s = token_logprobs_reference(
         hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
     )
+    return policy_loss_reference(
+        s, targets, teacher_logp, ref_logp, lam=lam, old_logp=old_logp, rollout_logp=rollout_logp,
+        clip_ratio=clip_ratio, is_cap=is_cap, loss_agg=loss_agg, num_tokens=num_tokens,
+        ignore_index=ignore_index,
+    )  # fmt: skip
+
+
+def policy_loss_reference(
+    s: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    lam: float = 1.0,
+    old_logp: torch.Tensor | None = None,
+    rollout_logp: torch.Tensor | None = None,
+    clip_ratio: tuple[float, float] = (0.2, 0.2),
+    is_cap: float | None = None,
+    loss_agg: str = "token-mean",
+    num_tokens: float | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """gopd_loss_reference from the student's log-probs s (with their graph) instead of its head:
+    for log-probs that come from elsewhere, e.g. a whole model's logits."""
     valid = targets != ignore_index
     o = s.detach() if old_logp is None else old_logp.to(s.dtype)
     teacher = teacher_logp.to(s.dtype)

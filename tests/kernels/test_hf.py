@@ -8,6 +8,7 @@ from transformers import GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3Fo
 
 from gopd_kernels import gopd_loss, hf
 from gopd_kernels.hf import check_head_reads_hidden, mask_position_ids, sequence_logprobs
+from gopd_kernels.reference import policy_loss_reference
 from tests.kernels.helpers import GRAD_ROW_REL, rel_err, row_rel_err, run_gloo_ranks
 
 V = 53  # prime
@@ -182,7 +183,7 @@ def _tensor_parallel_rank(rank: int, world: int, path: str) -> dict:
             hidden = hf.final_hidden_states(model, ids, mask)[:, :-1]
             loss, _ = gopd_loss(hidden, head, targets, teacher, ref, lam=1.25, temperature=0.7)
         else:
-            loss = gopd_loss_reference_from_logp(logp, targets, teacher, ref)
+            loss = policy_loss_reference(logp, targets, teacher, ref, lam=1.25)
         loss.backward()
         return loss.detach(), {n: local(p.grad).clone() for n, p in model.named_parameters()}
 
@@ -192,13 +193,6 @@ def _tensor_parallel_rank(rank: int, world: int, path: str) -> dict:
     return {"head": (type(head).__name__, tuple(local(head).shape)), "logp": (got[0], want[0]),
             "entropy": (got[1], want[1]), "grad_row_rel": errors, "loss": (fused[0], naive_loss[0]),
             "loss_grad_row_rel": loss_errors}  # fmt: skip
-
-
-def gopd_loss_reference_from_logp(s, targets, teacher, ref, lam=1.25):
-    """On-policy gopd_loss from student log-probs s: -mean over valid tokens of A exp(s - sg(s))."""
-    valid = targets != -100
-    adv = (lam * (teacher - ref) - (s.detach() - ref)).detach()
-    return -torch.where(valid, adv * torch.exp(s - s.detach()), 0.0).sum() / valid.sum()
 
 
 def test_a_tensor_parallel_model_scores_with_its_sharded_head(tmp_path):
