@@ -138,7 +138,7 @@ def _forward(dt: str, hot: bool, **switches) -> KernelVariant:
         LLS, "vocab_partials_kernel", "TILE_CONFIGS", TILE, dt,
         {"h_ptr": x, "w_ptr": x, "b_ptr": x, "h2_ptr": x, "w2_ptr": x, "b2_ptr": x, "y_ptr": "i64",
          "m_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "fp32", "zy_ptr": "fp32"},
-        dict(switches, DOT_PRECISION=_precision(dt)), floats=("inv_temp",), hot=hot,
+        dict(switches, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "inv_temp2"), hot=hot,
     )  # fmt: skip
 
 
@@ -164,7 +164,8 @@ def _dense_partials(dt: str, biases: bool = False, **switches) -> KernelVariant:
     return KernelVariant(
         DENSE, "dense_kl_partials_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
-        dict(switches, DOT_PRECISION=_precision(dt)) | _dense_biases(biases), floats=("inv_temp", "lam"),
+        dict(switches, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
+        floats=("inv_temp", "inv_temp_t", "inv_temp_r", "lam"),
         hot=not biases,
     )  # fmt: skip
 
@@ -175,7 +176,7 @@ def _dense_grad(dt: str, biases: bool = False) -> KernelVariant:
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")}
         | {"dz_ptr": TRITON_DTYPE[_logit_grad_dtype(dt)]},
         dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
-        floats=("inv_temp", "lam"), hot=not biases,
+        floats=("inv_temp", "inv_temp_t", "inv_temp_r", "lam"), hot=not biases,
     )  # fmt: skip
 
 

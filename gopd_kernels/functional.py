@@ -26,6 +26,7 @@ def token_logprobs(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
@@ -35,7 +36,7 @@ def token_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token, straight from hidden states and the LM head.
 
-    Computes ``log_softmax((hidden @ weight.T + bias) / temperature)[..., targets]`` without
+    Computes ``log_softmax(logit_scale * (hidden @ weight.T + bias) / temperature)[..., targets]`` without
     ever holding the [tokens, V] logits: extra memory is O(N*D + V*D) plus a bounded tile
     workspace, in the forward and in the backward.
 
@@ -46,6 +47,10 @@ def token_logprobs(
             or equal to ``ignore_index``.
         bias: optional [V] LM-head bias, same dtype.
         temperature: tau > 0; the distribution is softmax(logits / tau), as in sampling.
+        logit_scale: s > 0, a multiplier the model applies to its head's output before
+            sampling (Granite divides by ``logits_scaling``, Cohere multiplies by
+            ``logit_scale``): logits = s (h W^T + b). gopd_kernels.hf.head_logit_scale reads a
+            transformers model's, checked against its forward.
         ignore_index: positions with this target get log-prob 0.0 (and entropy 0.0), no
             gradient, and no compute (they are removed before the kernels run).
         return_entropy: also return the entropy of softmax(logits / tau) per position.
@@ -86,7 +91,9 @@ def token_logprobs(
     hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     shard = vocab_shard(vocab_group, reduce_hidden_grad, hidden, weight, bias, targets)
     vocab = weight.shape[0] if shard is None else shard.vocab
-    temperature = check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature, vocab)
+    temperature = check_token_inputs(
+        hidden, weight, bias, targets, ignore_index, temperature, vocab, logit_scale
+    )  # tau / s from here on
     if not isinstance(return_entropy, bool):
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)

@@ -27,8 +27,8 @@ from gopd_kernels.validation import (
     check_choice,
     check_lm_head,
     check_matching_head,
-    check_temperature,
     check_token_inputs,
+    logit_temperature,
 )
 
 if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some torch builds
@@ -144,6 +144,7 @@ def gopd_loss(
     bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
     old_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     clip_ratio: tuple[float, float] = (0.2, 0.2),
@@ -158,7 +159,8 @@ def gopd_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The G-OPD policy-gradient loss on sampled tokens, fused from the student's hidden states.
 
-        s_t   = log softmax((h W^T + b) / tau)[y_t]    (token_logprobs: never [N, V]; b: bias)
+        s_t   = log softmax(s (h W^T + b) / tau)[y_t]  (token_logprobs: never [N, V]; b: bias,
+                                                   s: logit_scale, the model's logit multiplier)
         o_t   = old_logp, or s_t detached (on-policy)
         A_t   = lam (T_t - R_t) - (o_t - R_t)          (detached)
         rho_t = exp(s_t - o_t)
@@ -188,6 +190,7 @@ def gopd_loss(
     rollout mismatch mean(o - r) (with rollout_logp), and the valid-token count.
     """
     lam = check_lam(lam)
+    temperature = logit_temperature(temperature, logit_scale)  # tau / s: the kernels' one divisor
     hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     check_per_token(
         teacher_logp, "teacher_logp", targets if isinstance(targets, torch.Tensor) else teacher_logp
@@ -398,6 +401,9 @@ def gopd_dense_loss(
     ref_bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    ref_logit_scale: float = 1.0,
     mask: torch.Tensor | None = None,
     loss_agg: str = "token-mean",
     num_tokens: float | None = None,
@@ -419,7 +425,9 @@ def gopd_dense_loss(
     chunk's fp32 tiles). fold=None folds on the torch backend, and on the Triton backend for
     bf16 heads (2.3-2.8x faster on an H100, _dense_folds_by_default). Gradients flow to the
     student's hidden states and head (its bias too) only. Each model's logits are
-    (h W^T + b) / tau with its own bias b when given (Phi-style heads).
+    s (h W^T + b) / tau with its own bias b when given (Phi-style heads) and its own logit
+    multiplier s (``student_logit_scale``, ``teacher_logit_scale``, ``ref_logit_scale``: see
+    token_logprobs' logit_scale; 1 for most models).
 
     Hidden sizes may differ between the models; V must be the same. Returns
     ``(loss, stats)`` with stats "kl" (mean KL(p_s || q)), "kl_teacher" (mean KL(p_s || p_T)),
@@ -434,7 +442,11 @@ def gopd_dense_loss(
     all_gather merges the ranks', and dH is summed over the group. Never folded.
     """
     lam = check_lam(lam)
-    temperature = check_temperature(temperature)
+    inv_temps = tuple(
+        1.0 / logit_temperature(temperature, scale, f"{model}_logit_scale")
+        for model, scale in (("student", student_logit_scale), ("teacher", teacher_logit_scale),
+                             ("ref", ref_logit_scale))
+    )  # fmt: skip
     student_hidden, student_weight, student_bias, vocab_group = local_head(
         student_hidden, student_weight, student_bias, vocab_group, head_names("student")
     )
@@ -453,8 +465,9 @@ def gopd_dense_loss(
         raise ValueError(f"ref_hidden / ref_weight are required when lam != 1 (got lam={lam})")
     if ref_hidden is not None:
         check_lm_head(ref_hidden, ref_weight, ref_bias, names=head_names("ref"))
-    elif ref_bias is not None:
-        raise ValueError("ref_bias is given without ref_hidden / ref_weight")
+    elif ref_bias is not None or ref_logit_scale != 1.0:
+        given = "ref_bias" if ref_bias is not None else f"ref_logit_scale={ref_logit_scale}"
+        raise ValueError(f"{given} is given without ref_hidden / ref_weight")
     lead = student_hidden.shape[:-1]
     for name, h, w in (("teacher", teacher_hidden, teacher_weight), ("ref", ref_hidden, ref_weight)):
         if h is not None:
@@ -497,11 +510,11 @@ def gopd_dense_loss(
         ws_bytes = fold_workspace_bytes(student_weight, live=2, rows=DENSE_FOLD_ROWS[fold_on])
         rows_impl = implementation("fold_rows", fold_on)
         loss, kl, kl_teacher = FoldedDenseKL.apply(
-            *heads, lam, 1.0 / temperature, weights, with_teacher_kl, ws_bytes, rows_impl
+            *heads, lam, inv_temps, weights, with_teacher_kl, ws_bytes, rows_impl
         )
         kl = rows.put(kl)
     else:
-        kl, kl_teacher = DenseGopdKL.apply(*heads, lam, temperature, with_teacher_kl, backend, shard)
+        kl, kl_teacher = DenseGopdKL.apply(*heads, lam, inv_temps, with_teacher_kl, backend, shard)
         kl = rows.put(kl)
         loss = aggregate_token_losses(kl, mask, loss_agg, num_tokens)
     stats = {"kl": _masked_mean(kl, mask), "num_tokens": mask.sum().detach()}

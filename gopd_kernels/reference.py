@@ -15,15 +15,19 @@ def linear_log_softmax_reference(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """log_softmax((hidden @ weight.T + bias) / temperature) over the last dim, [..., V].
+    """log_softmax(logit_scale * (hidden @ weight.T + bias) / temperature) over the last dim, [..., V].
 
     The logits are computed in the inputs' dtype and normalised in float32 (float64 stays
-    float64), as a Hugging Face model followed by ``logits.float()`` would do.
+    float64), as a Hugging Face model followed by ``logits.float()`` would do; logit_scale is
+    applied to them first, as such a model's forward does (Granite's 1 / logits_scaling).
     """
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
     if logits.dtype != torch.float64:
         logits = logits.float()
     if temperature != 1.0:  # no extra [N, V] copy when it would change nothing
@@ -38,11 +42,12 @@ def token_logprobs_reference(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``gopd_kernels.token_logprobs``, by materialising the logits."""
-    logp_all = linear_log_softmax_reference(hidden, weight, bias, temperature)
+    logp_all = linear_log_softmax_reference(hidden, weight, bias, temperature, logit_scale)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -63,6 +68,7 @@ def gopd_loss_reference(
     bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
+    logit_scale: float = 1.0,
     old_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     clip_ratio: tuple[float, float] = (0.2, 0.2),
@@ -73,8 +79,9 @@ def gopd_loss_reference(
 ) -> torch.Tensor:
     """gopd_loss written out naively (materialised logits, explicit per-sequence loops)."""
     s = token_logprobs_reference(
-        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index
-    )
+        hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
+        ignore_index=ignore_index,
+    )  # fmt: skip
     return policy_loss_reference(
         s, targets, teacher_logp, ref_logp, lam=lam, old_logp=old_logp, rollout_logp=rollout_logp,
         clip_ratio=clip_ratio, is_cap=is_cap, loss_agg=loss_agg, num_tokens=num_tokens,
@@ -138,17 +145,25 @@ def gopd_dense_loss_reference(
     ref_bias: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    ref_logit_scale: float = 1.0,
     mask: torch.Tensor | None = None,
     loss_agg: str = "token-mean",
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-position KL(p_s || q)) with the three [N, V] log-softmaxes materialised."""
-    log_ps = linear_log_softmax_reference(student_hidden, student_weight, student_bias, temperature)
-    log_pt = linear_log_softmax_reference(teacher_hidden, teacher_weight, teacher_bias, temperature).detach()
+    log_ps = linear_log_softmax_reference(
+        student_hidden, student_weight, student_bias, temperature, student_logit_scale
+    )
+    log_pt = linear_log_softmax_reference(
+        teacher_hidden, teacher_weight, teacher_bias, temperature, teacher_logit_scale
+    ).detach()
     if ref_hidden is None:
         log_q = log_pt
     else:
-        log_pr = linear_log_softmax_reference(ref_hidden, ref_weight, ref_bias, temperature).detach()
+        log_pr = linear_log_softmax_reference(ref_hidden, ref_weight, ref_bias, temperature, ref_logit_scale)
+        log_pr = log_pr.detach()
         log_q = torch.log_softmax(lam * log_pt + (1 - lam) * log_pr, dim=-1)
     kl = (log_ps.exp() * (log_ps - log_q)).sum(-1)
     valid = torch.ones(kl.shape, dtype=torch.bool, device=kl.device) if mask is None else mask

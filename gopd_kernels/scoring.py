@@ -24,7 +24,7 @@ from gopd_kernels.validation import (
     check_lm_head,
     check_matching_head,
     check_targets,
-    check_temperature,
+    logit_temperature,
 )
 
 if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some torch builds
@@ -51,6 +51,8 @@ def frozen_logprobs(
     student_logp: torch.Tensor | None = None,
     lam: float = 1.0,
     temperature: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    ref_logit_scale: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
     vocab_group: ProcessGroup | None = None,
@@ -61,6 +63,9 @@ def frozen_logprobs(
     Hidden sizes of teacher and reference may differ; their vocabularies must match (and
     the targets index both). Without a reference (``ref_hidden=None``) only lam == 1 can
     give an advantage (A = T - s). Never [N, V], no autograd graph.
+
+    teacher_logit_scale, ref_logit_scale: each model's logit multiplier s (see token_logprobs'
+    logit_scale): its log-probs are those of softmax(s (h W^T + b) / tau).
 
     vocab_group: vocabulary-parallel heads, as in token_logprobs: the teacher's and the
     reference's weights (and biases) hold this rank's rows, shard by shard alike; every
@@ -82,7 +87,12 @@ def frozen_logprobs(
     shard = vocab_shard(vocab_group, True, teacher_hidden, teacher_weight, teacher_bias, targets)
     vocab = teacher_weight.shape[0] if shard is None else shard.vocab
     check_targets(targets, teacher_hidden.shape[:-1], vocab, ignore_index, teacher_hidden.device)
-    temperature = check_temperature(temperature)
+    temperatures = [logit_temperature(temperature, teacher_logit_scale, "teacher_logit_scale")]
+    ref_temperature = logit_temperature(temperature, ref_logit_scale, "ref_logit_scale")
+    if ref_hidden is not None:
+        temperatures.append(ref_temperature)
+    elif ref_logit_scale != 1.0:
+        raise ValueError(f"ref_logit_scale={ref_logit_scale} is given without ref_hidden / ref_weight")
     lam = check_lam(lam)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together")
@@ -101,7 +111,7 @@ def frozen_logprobs(
     rows = RowSelection(targets != ignore_index)
     y = rows.take(targets).long().contiguous()
     compact = [(rows.take(h).contiguous(), w, b) for h, w, b in models]
-    logps = _score(compact, y, 1.0 / temperature, backend, shard)
+    logps = _score(compact, y, [1.0 / t for t in temperatures], backend, shard)
     teacher_logp = rows.put(logps[0])
     ref_logp = rows.put(logps[1]) if len(logps) > 1 else None
     advantage = None
@@ -111,7 +121,8 @@ def frozen_logprobs(
     return FrozenScores(teacher_logp, ref_logp, advantage)
 
 
-def _score(models, targets, inv_temp, backend, shard=None) -> list[torch.Tensor]:
+def _score(models, targets, inv_temps, backend, shard=None) -> list[torch.Tensor]:
+    """Each model's log-probs of `targets` (one 1 / tau each in inv_temps)."""
     if models[0][0].shape[0] == 0:
         return [models[0][0].new_zeros(0, dtype=torch.float32) for _ in models]
     impl = implementation("linear_logsoftmax", backend)
@@ -119,10 +130,11 @@ def _score(models, targets, inv_temp, backend, shard=None) -> list[torch.Tensor]
         targets = shard.local_targets(targets)
     operands = [t for model in models for t in model]
     if backend == "triton" and not impl.torch_logits(False, *operands):  # one launch for both models
-        scores = impl.forward_models(models, targets, inv_temp, False)
+        scores = impl.forward_models(models, targets, inv_temps, False)
     else:  # the torch backend, or the Triton one with cuBLAS tiles: one model after the other
         scores = [
-            impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w)) for h, w, b in models
+            impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w))
+            for (h, w, b), inv_temp in zip(models, inv_temps, strict=True)
         ]
     if shard is not None:  # each model's shards merged over the group
         scores = [shard.merge(targets, logp, lse, None) for logp, lse, _ in scores]

@@ -25,6 +25,18 @@ def check_temperature(temperature: float, name: str = "temperature") -> float:
     return temperature
 
 
+def logit_temperature(temperature: float, logit_scale: float = 1.0, scale_name: str = "logit_scale") -> float:
+    """tau / s, the one divisor of a head's raw logits h W^T + b in softmax(s (h W^T + b) / tau):
+    the sampling temperature tau and the model's own logit multiplier s (Granite's
+    1 / logits_scaling, Cohere's logit_scale; gopd_kernels.hf.head_logit_scale), both checked."""
+    effective = check_temperature(temperature) / check_temperature(logit_scale, scale_name)
+    if not math.isfinite(effective) or effective <= 0:
+        raise ValueError(
+            f"temperature / {scale_name} must be finite and > 0, got {temperature} / {logit_scale}"
+        )
+    return effective
+
+
 def check_lm_head(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -140,10 +152,12 @@ def check_token_inputs(
     ignore_index: int,
     temperature: float,
     vocab_size: int | None = None,
+    logit_scale: float = 1.0,
 ) -> float:
-    """The checks of every op on sampled tokens: the LM head, the targets, tau (returned as a
-    float). vocab_size: the whole vocabulary where weight holds a shard of it."""
+    """The checks of every op on sampled tokens: the LM head, the targets, tau and the logit
+    scale s (returned as tau / s, logit_temperature). vocab_size: the whole vocabulary where
+    weight holds a shard of it."""
     check_lm_head(hidden, weight, bias)
     vocab = weight.shape[0] if vocab_size is None else vocab_size
     check_targets(targets, hidden.shape[:-1], vocab, ignore_index, hidden.device)
-    return check_temperature(temperature)
+    return logit_temperature(temperature, logit_scale)

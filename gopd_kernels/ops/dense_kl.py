@@ -11,6 +11,10 @@ import torch
 
 from gopd_kernels.backend import implementation, workspace_bytes
 
+# 1 / tau of the student's, the teacher's and the reference's logits: s_k / tau for a model that
+# multiplies its head's output by s_k (logit_scale), else all three 1 / tau
+InvTemps = tuple[float, float, float]
+
 
 def head_tiles(heads, rows: slice, cols: slice, weight=lambda w: w) -> list:
     """Each head (hidden, weight, bias | None), or None, cut to the hidden states' `rows` and the
@@ -28,10 +32,9 @@ class DenseGopdKL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, temperature, with_teacher_kl, backend, shard=None
+        ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, inv_temps, with_teacher_kl, backend, shard=None
     ):
         impl = implementation("dense_kl", backend)
-        inv_temp = 1.0 / temperature
         ws_bytes = workspace_bytes(backend, ws)
         ref = None if hr is None else (hr, wr, br)
         if hs.shape[0] == 0:
@@ -40,10 +43,10 @@ class DenseGopdKL(torch.autograd.Function):
         else:
             merge = {} if shard is None else {"merge": shard.merge_dense}
             kl, lse_a, lse_c, kl_t = impl.forward(
-                (hs, ws, bs), (ht, wt, bt), ref, lam, inv_temp, with_teacher_kl, ws_bytes, **merge
+                (hs, ws, bs), (ht, wt, bt), ref, lam, inv_temps, with_teacher_kl, ws_bytes, **merge
             )
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, lse_a, lse_c, kl)
-        ctx.impl, ctx.lam, ctx.inv_temp, ctx.workspace, ctx.shard = impl, lam, inv_temp, ws_bytes, shard
+        ctx.impl, ctx.lam, ctx.inv_temps, ctx.workspace, ctx.shard = impl, lam, inv_temps, ws_bytes, shard
         if kl_t is not None:
             ctx.mark_non_differentiable(kl_t)
         return kl, kl_t
@@ -59,7 +62,7 @@ class DenseGopdKL(torch.autograd.Function):
             ref = None if hr is None else (hr, wr, br)
             reduce_dh = ctx.shard is not None and ctx.shard.reduce_hidden_grad and needs[0]
             grads = ctx.impl.backward(
-                (hs, ws, bs), (ht, wt, bt), ref, ctx.lam, ctx.inv_temp, lse_a, lse_c, kl,
+                (hs, ws, bs), (ht, wt, bt), ref, ctx.lam, ctx.inv_temps, lse_a, lse_c, kl,
                 grad_kl.contiguous(), needs, ctx.workspace,
                 dh_dtype=torch.promote_types(hs.dtype, torch.float32) if reduce_dh else None,
             )  # fmt: skip

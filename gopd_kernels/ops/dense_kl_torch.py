@@ -2,7 +2,8 @@
 
 At every position the loss is KL(p_s || q) with q proportional to p_T^lam p_R^(1 - lam),
 all at temperature tau. With a = z_s / tau and c = (lam z_T + (1 - lam) z_R) / tau (the
-teacher's and reference's own normalisers fold into q's):
+teacher's and reference's own normalisers fold into q's; each model's 1 / tau is its own
+entry of inv_temps, s_k / tau for a model that multiplies its logits by s_k):
 
     KL = E_ps[a - c] - lse(a) + lse(c)
     dKL/da_v = p_s,v ((a_v - lse(a)) - (c_v - lse(c)) - KL)
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.dense_kl import head_tiles
+from gopd_kernels.ops.dense_kl import InvTemps, head_tiles
 from gopd_kernels.ops.linear_logsoftmax_torch import (
     TileWorkspace,
     _chunks,
@@ -35,16 +36,16 @@ from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
 Head = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def _target_tile(out, teacher: Head, ref: Head | None, lam: float, inv_temp: float) -> torch.Tensor:
+def _target_tile(out, teacher: Head, ref: Head | None, lam: float, inv_temps: InvTemps) -> torch.Tensor:
     """out <- c = (lam z_T + (1 - lam) z_R) / tau; heads already sliced to the tile, their
     biases already divided by tau (scaled_heads)."""
     ht, wt, bt = teacher
     lam_t = lam if ref is not None else 1.0
-    mm_into(out, ht, wt.T, alpha=lam_t * inv_temp)
+    mm_into(out, ht, wt.T, alpha=lam_t * inv_temps[1])
     if bt is not None:
         out.add_(bt, alpha=lam_t)
     if ref is not None and lam != 1.0:
-        add_ref_logits(out, ref, lam, inv_temp)
+        add_ref_logits(out, ref, lam, inv_temps[2])
     return out
 
 
@@ -56,10 +57,13 @@ def add_ref_logits(out: torch.Tensor, ref: Head, lam: float, inv_temp: float) ->
     return out
 
 
-def scaled_heads(heads, inv_temp: float, acc: torch.dtype) -> list[Head | None]:
-    """Each head with its hidden states as a GEMM operand and its bias in acc, divided by tau."""
-    scale = lambda b: None if b is None else b.to(acc) * inv_temp  # noqa: E731
-    return [None if hd is None else (operand(hd[0]), hd[1], scale(hd[2])) for hd in heads]
+def scaled_heads(heads, inv_temps: InvTemps, acc: torch.dtype) -> list[Head | None]:
+    """Each head with its hidden states as a GEMM operand and its bias in acc, divided by its tau."""
+    scale = lambda b, inv_temp: None if b is None else b.to(acc) * inv_temp  # noqa: E731
+    return [
+        None if hd is None else (operand(hd[0]), hd[1], scale(hd[2], inv_temp))
+        for hd, inv_temp in zip(heads, inv_temps, strict=True)
+    ]
 
 
 def _lse_partials(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +77,7 @@ def forward(
     teacher: Head,
     ref: Head | None,
     lam: float,
-    inv_temp: float,
+    inv_temps: InvTemps,
     with_teacher_kl: bool,
     workspace_bytes: int,
     merge=merge_dense_kl_partials,
@@ -84,7 +88,7 @@ def forward(
     acc = compute_dtype(student[0].dtype)
     live = 4 if with_teacher_kl else 3
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, live)
-    heads = scaled_heads((student, teacher, ref), inv_temp, acc)
+    heads = scaled_heads((student, teacher, ref), inv_temps, acc)
     n_slices = -(-vocab // vocab_chunk)
     new = lambda: torch.empty(n_slices, rows, dtype=acc, device=student[0].device)
     ma, sa, u, mc, sc = new(), new(), new(), new(), new()
@@ -94,15 +98,15 @@ def forward(
         for r0, r1 in _chunks(rows, row_chunk):
             (hs, ws, bs), tch, rf = head_tiles(heads, slice(r0, r1), slice(c0, c1), operand)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            a = logits_tile(tiles[0], hs, ws, inv_temp, bs)
+            a = logits_tile(tiles[0], hs, ws, inv_temps[0], bs)
             if with_teacher_kl:  # the teacher's own logits first, then c from them
-                zt = _target_tile(tiles[3], tch, None, 1.0, inv_temp)
+                zt = _target_tile(tiles[3], tch, None, 1.0, inv_temps)
                 mt[k, r0:r1], st[k, r0:r1] = _lse_partials(zt, tiles[2])
                 c = torch.mul(zt, lam, out=tiles[1])
                 if lam != 1.0:
-                    add_ref_logits(c, rf, lam, inv_temp)
+                    add_ref_logits(c, rf, lam, inv_temps[2])
             else:
-                c = _target_tile(tiles[1], tch, rf, lam, inv_temp)
+                c = _target_tile(tiles[1], tch, rf, lam, inv_temps)
             mc[k, r0:r1], sc[k, r0:r1] = _lse_partials(c, tiles[2])
             ma[k, r0:r1], sa[k, r0:r1] = _lse_partials(a, tiles[2])
             e = tiles[2]  # exp(a - m_a), left there by the last _lse_partials
@@ -117,7 +121,7 @@ def backward(
     teacher: Head,
     ref: Head | None,
     lam: float,
-    inv_temp: float,
+    inv_temps: InvTemps,
     lse_a: torch.Tensor,
     lse_c: torch.Tensor,
     kl: torch.Tensor,
@@ -133,8 +137,8 @@ def backward(
     vocab = student[1].shape[0]
     acc = compute_dtype(student[0].dtype)
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, 3)
-    heads = scaled_heads((student, teacher, ref), inv_temp, acc)
-    g = grad_kl.to(acc) * inv_temp  # d/d(raw logits) = d/da / tau
+    heads = scaled_heads((student, teacher, ref), inv_temps, acc)
+    g = grad_kl.to(acc) * inv_temps[0]  # d/d(raw logits) = d/da / tau
     like = dict(dtype=acc, device=student[0].device)
     dh = torch.zeros(rows, dim, **like) if need_dh else None
     dw = torch.empty(vocab, dim, **like) if need_dw else None
@@ -144,8 +148,8 @@ def backward(
         for r0, r1 in _chunks(rows, row_chunk):
             (hs, ws, bs), tch, rf = head_tiles(heads, slice(r0, r1), slice(c0, c1), operand)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            log_p = logits_tile(tiles[0], hs, ws, inv_temp, bs, lse_a[r0:r1])
-            log_q = _target_tile(tiles[1], tch, rf, lam, inv_temp).sub_(lse_c[r0:r1, None])
+            log_p = logits_tile(tiles[0], hs, ws, inv_temps[0], bs, lse_a[r0:r1])
+            log_q = _target_tile(tiles[1], tch, rf, lam, inv_temps).sub_(lse_c[r0:r1, None])
             p = torch.exp(log_p, out=tiles[2])
             dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])
             accumulate_head_grads(dz, hs, ws, dh, dw, (r0, r1), (c0, c1), db)

@@ -54,20 +54,20 @@ DENSE_CONFIGS = [
 @triton.jit
 def target_tile(
     ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
-    s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
+    s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, lam,
     HAS_REF: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """(z_T tile, c tile) with c = lam z_T + (1 - lam) z_R (c = z_T without a reference); -inf past V."""
     zt = logits_tile(
         ht_ptr, wt_ptr, bt_ptr, rows, cols, M, V, DT, s_htm, s_htd, s_wtv, s_wtd,
-        inv_temp, HAS_BIAS_T, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        inv_temp_t, HAS_BIAS_T, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     c = zt
     if HAS_REF:
         zr = logits_tile(
             hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DR, s_hrm, s_hrd, s_wrv, s_wrd,
-            inv_temp, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            inv_temp_r, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         # Both are -inf past V: combine real columns only (lam > 1 would give -inf + inf there).
         col_ok = cols[None, :] < V
@@ -89,7 +89,7 @@ def dense_kl_partials_kernel(
     ma_ptr, sa_ptr, u_ptr, mc_ptr, sc_ptr, mt_ptr, st_ptr, ut_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd,
-    inv_temp, lam, slice_len, M_BUCKET,
+    inv_temp, inv_temp_t, inv_temp_r, lam, slice_len, M_BUCKET,
     HAS_REF: tl.constexpr, TEACHER_KL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -117,7 +117,7 @@ def dense_kl_partials_kernel(
         )  # fmt: skip
         zt, c = target_tile(
             ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
-            s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
+            s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, lam,
             HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         ma_new = tl.maximum(ma, tl.max(a, axis=1))
@@ -148,12 +148,13 @@ def dense_kl_grad_kernel(
     lse_a_ptr, lse_c_ptr, kl_ptr, g_ptr, dz_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, stride_dzm,
-    inv_temp, lam, M_BUCKET,
+    inv_temp, inv_temp_t, inv_temp_r, lam, M_BUCKET,
     HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """dZ = g p_s (log p_s - log q - KL), g already divided by tau."""
+    """dZ = g p_s (log p_s - log q - KL), g already divided by the student's tau (inv_temp; the
+    teacher's and reference's logits at their own, inv_temp_t and inv_temp_r)."""
     pid_m, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -165,7 +166,7 @@ def dense_kl_grad_kernel(
     )  # fmt: skip
     _, c = target_tile(
         ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
-        s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp, lam,
+        s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, lam,
         HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0)
@@ -206,7 +207,7 @@ def _head_args(heads):
 
 
 def forward(
-    student, teacher, ref, lam, inv_temp, with_teacher_kl, workspace_bytes, merge=merge_dense_kl_partials
+    student, teacher, ref, lam, inv_temps, with_teacher_kl, workspace_bytes, merge=merge_dense_kl_partials
 ):
     """Same contract as dense_kl_torch.forward."""
     M, V = student[0].shape[0], student[1].shape[0]
@@ -222,7 +223,7 @@ def forward(
         grid,
         INTERPRET_CONFIG,
         *ptrs, ma, sa, u, mc, sc, mt, st, ut, M, V, *dims, *strides,
-        inv_temp, float(lam), slice_len, token_bucket(M),
+        *inv_temps, float(lam), slice_len, token_bucket(M),
         HAS_REF=ref is not None and lam != 1.0,
         TEACHER_KL=with_teacher_kl,
         DOT_PRECISION=DOT_PRECISION[student[0].dtype],
@@ -232,11 +233,11 @@ def forward(
 
 
 def backward(
-    student, teacher, ref, lam, inv_temp, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes, dh_dtype=None
+    student, teacher, ref, lam, inv_temps, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes, dh_dtype=None
 ):
     """Same contract as dense_kl_torch.backward."""
     hs, ws, _ = student
-    g = grad_kl.float() * inv_temp
+    g = grad_kl.float() * inv_temps[0]
 
     def scale():
         # dZ_v = g p_v (log p_v - log q_v - KL) with t_v = p_v log(p_v / q_v) >= p_v - q_v >= -q_v
@@ -256,7 +257,7 @@ def backward(
             grid,
             INTERPRET_CONFIG,
             *ptrs, lse_a[rows], lse_c[rows], kl[rows], g[rows], dz,
-            M, V, *dims, *strides, dz.stride(0), inv_temp, float(lam), token_bucket(M),
+            M, V, *dims, *strides, dz.stride(0), *inv_temps, float(lam), token_bucket(M),
             HAS_REF=ref is not None and lam != 1.0,
             DOT_PRECISION=DOT_PRECISION[hs.dtype],
             GROUP_M=GROUP_M,

@@ -42,7 +42,7 @@ DENSE_FOLD_ROWS = {"torch": 256, "triton": 1024}
 
 
 class FoldedDenseKL(torch.autograd.Function):
-    """(student, teacher, reference heads (hidden, weight, bias | None each), lam, inv_temp,
+    """(student, teacher, reference heads (hidden, weight, bias | None each), lam, inv_temps,
     row weights a [M], with_teacher_kl, workspace bytes) -> (loss = sum_t a_t KL_t,
     KL(p_s || q) [M], KL(p_s || p_T) [M] | None).
 
@@ -52,7 +52,7 @@ class FoldedDenseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, inv_temp, row_weights, with_teacher_kl, ws_bytes,
+        ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, inv_temps, row_weights, with_teacher_kl, ws_bytes,
         rows_impl,
     ):  # fmt: skip
         """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
@@ -61,7 +61,7 @@ class FoldedDenseKL(torch.autograd.Function):
         acc = compute_dtype(hs.dtype)
         like = dict(dtype=acc, device=hs.device)
         ref = None if hr is None else (hr, wr, br)
-        student, teacher, ref = scaled_heads(((hs, ws, bs), (ht, wt, bt), ref), inv_temp, acc)
+        student, teacher, ref = scaled_heads(((hs, ws, bs), (ht, wt, bt), ref), inv_temps, acc)
         (hs_, ws_, bs_), (ht_, wt_, bt_) = ((h, operand(w), b) for h, w, b in (student, teacher))
         ref = None if ref is None else (ref[0], operand(ref[1]), ref[2])
         live = 3 if with_teacher_kl else 2
@@ -72,7 +72,7 @@ class FoldedDenseKL(torch.autograd.Function):
         kl = torch.empty(rows, **like)
         kl_t = torch.empty(rows, **like) if with_teacher_kl else None
         weights = row_weights.to(acc)
-        coef = weights * inv_temp  # d/d(raw logits) = d/da / tau
+        coef = weights * inv_temps[0]  # d/d(raw logits) = d/da / tau
         wants_dz = dh is not None or dw is not None or db is not None
 
         def fold_chunks() -> None:
@@ -86,14 +86,14 @@ class FoldedDenseKL(torch.autograd.Function):
                 lse_t = None
                 ref_rows = None if ref is None else (ref[0][r0:r1], ref[1], ref[2])
                 if with_teacher_kl:
-                    lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temp, bt_), a)
+                    lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temps[1], bt_), a)
                     torch.mul(zt, lam, out=c)
                     if ref_rows is not None:
-                        add_ref_logits(c, ref_rows, lam, inv_temp)
+                        add_ref_logits(c, ref_rows, lam, inv_temps[2])
                 else:
-                    _target_tile(c, (ht_[r0:r1], wt_, bt_), ref_rows, lam, inv_temp)
+                    _target_tile(c, (ht_[r0:r1], wt_, bt_), ref_rows, lam, inv_temps)
                 lse_c = rows_impl.lse(c, a)
-                logits_tile(a, hs_[r0:r1], ws_, inv_temp, bs_)
+                logits_tile(a, hs_[r0:r1], ws_, inv_temps[0], bs_)
                 coef_rows = coef[r0:r1] if wants_dz else None  # None: no dz
                 z_t = zt if with_teacher_kl else None
                 kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)

@@ -149,6 +149,7 @@ def vocab_partials_kernel(
     stride_w2v,
     stride_w2d,
     inv_temp,
+    inv_temp2,
     slice_len,
     M_BUCKET,  # token_bucket(M): the autotuning key, not read
     HAS_BIAS: tl.constexpr,
@@ -161,7 +162,8 @@ def vocab_partials_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Partials [model, slice, row] for one model, or two (teacher and reference) sharing
-    targets and V, whose tiles are streamed side by side in the same program."""
+    targets and V, whose tiles are streamed side by side in the same program (each at its own
+    1 / tau: inv_temp, inv_temp2, which differ where the models scale their logits apart)."""
     pid_m = tl.program_id(0)
     vocab_slice = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,7 +189,7 @@ def vocab_partials_kernel(
         if TWO_MODELS:
             z2 = logits_tile(
                 h2_ptr, w2_ptr, b2_ptr, rows, cols, M, V, D2, stride_h2m, stride_h2d, stride_w2v, stride_w2d,
-                inv_temp, HAS_BIAS2, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+                inv_temp2, HAS_BIAS2, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
             )  # fmt: skip
             m2, s2, t2, zy2 = online_softmax_update(z2, cols, y, V, m2, s2, t2, zy2, WITH_ENTROPY)
     out = vocab_slice * M + rows
@@ -289,10 +291,11 @@ def lm_head_args(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
 LinearModel = tuple  # (hidden [M, D], weight [V, D], bias [V] | None)
 
 
-def forward_models(models: list[LinearModel], targets, inv_temp, with_entropy):
-    """(logp, lse, entropy|None) of one model, or of two sharing targets, in one launch."""
-    if len(models) not in (1, 2):
-        raise ValueError(f"forward_models takes one or two models, got {len(models)}")
+def forward_models(models: list[LinearModel], targets, inv_temps: list[float], with_entropy):
+    """(logp, lse, entropy|None) of one model, or of two sharing targets, in one launch; each
+    model's logits times its own entry of inv_temps."""
+    if len(models) not in (1, 2) or len(inv_temps) != len(models):
+        raise ValueError(f"forward_models takes one or two models, a 1 / tau each: {len(models)} {inv_temps}")
     (h, w, b), (h2, w2, b2) = models[0], models[-1]
     M, V = h.shape[0], w.shape[0]
     n_slices, slice_len = vocab_slices(M, V, h.device)
@@ -309,7 +312,7 @@ def forward_models(models: list[LinearModel], targets, inv_temp, with_entropy):
         INTERPRET_CONFIG,
         h, w, h if b is None else b, h2, w2, h2 if b2 is None else b2, targets,
         m, s, m if t is None else t, zy, M, V, d, d2, *strides, *strides2,
-        inv_temp, slice_len, token_bucket(M),
+        inv_temps[0], inv_temps[-1], slice_len, token_bucket(M),
         HAS_BIAS=b is not None,
         HAS_BIAS2=b2 is not None,
         TWO_MODELS=len(models) == 2,
@@ -323,7 +326,7 @@ def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_byt
     """Same contract as linear_logsoftmax_torch.forward; the fused kernels need no workspace."""
     if torch_logits(with_entropy, hidden, weight, bias):
         return _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_bytes)
-    return forward_models([(hidden, weight, bias)], targets, inv_temp, with_entropy)[0]
+    return forward_models([(hidden, weight, bias)], targets, [inv_temp], with_entropy)[0]
 
 
 def torch_logits(with_entropy: bool, *operands: torch.Tensor | None) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def run(fn, student, teacher, ref, dtype, scale, **kw):
 
 
 def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=True, loss_agg="token-mean",
-            use_ref=True, n=(3, 5), v=211, dims=(16, 24, 20), fold=None):  # fmt: skip
+            use_ref=True, n=(3, 5), v=211, dims=(16, 24, 20), fold=None, logit_scales=None):  # fmt: skip
     student, teacher, ref = heads(n, v, dims, device=device, dtype=dtype)
     m = None
     if mask:
@@ -41,6 +43,9 @@ def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=
         m[0, -2:] = False
         m = m.to(device)
     kw = dict(lam=lam, temperature=temperature, mask=m, loss_agg=loss_agg)
+    if logit_scales is not None:
+        names = ("student_logit_scale", "teacher_logit_scale", "ref_logit_scale")
+        kw.update(zip(names, logit_scales, strict=True))
     ref = ref if use_ref else None
     (loss, stats), dh, dw = run(lambda *a, **k: gopd_dense_loss(*a, backend=backend, fold=fold, **k),
                                 student, teacher, ref, dtype, 1.3, **kw)  # fmt: skip
@@ -119,6 +124,18 @@ def test_torch_backend_matches_reference(lam, loss_agg):
 def test_backends_match_reference_odd_shapes(backend, lam, device):
     dev = device if backend == "triton" else torch.device("cpu")
     compare(backend, dev, lam, n=(1, 7), v=97, dims=(17, 16, 33), temperature=1.4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_each_model_scales_its_own_logits(backend, fold, dtype, device):
+    """Three logit multipliers (as Granite's 1 / logits_scaling, per model): the student's in
+    its gradient too, the teacher's and the reference's in q and in the KL to the teacher."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    stats, _ = compare(backend, dev, 1.25, dtype=dtype, n=(2, 7), v=97, dims=(17, 16, 33), temperature=0.9,
+                       fold=fold, logit_scales=(0.5, 2.0, 0.25))  # fmt: skip
+    assert "kl_teacher" in stats
 
 
 @pytest.mark.triton
@@ -231,6 +248,10 @@ BAD = {
         "teacher_bias",
     ),
     "ref-bias-alone": (lambda s, t, r: (s, t, None, {"ref_bias": torch.zeros(211)}), "ref_bias"),
+    "ref-scale-alone": (lambda s, t, r: (s, t, None, {"ref_logit_scale": 0.5}), "ref_logit_scale=0.5 is"),
+    "student-scale-zero": (lambda s, t, r: (s, t, r, {"student_logit_scale": 0.0}), "student_logit_scale"),
+    "teacher-scale-nan": (lambda s, t, r: (s, t, r, {"teacher_logit_scale": math.nan}), "teacher_logit_"),
+    "ref-scale-bool": (lambda s, t, r: (s, t, r, {"ref_logit_scale": True}), "ref_logit_scale"),
 }
 
 

@@ -56,7 +56,7 @@ def test_folded_equals_unfolded(tiny_chunks, lam):
     kl, _ = DenseGopdKL.apply(
         hs2[mask], ws2, None, teacher[0][mask], teacher[1], None,
         ref[0][mask] if use_ref else None, ref[1] if use_ref else None, None,
-        lam, 1.3, use_ref, "torch",
+        lam, (1 / 1.3,) * 3, use_ref, "torch",
     )  # fmt: skip
     unfolded = aggregate_token_losses(kl, mask[mask])
     (unfolded * 0.3).backward()

@@ -34,14 +34,14 @@ def _device(backend, device):
 
 
 def check_against_reference(
-    backend, device, n, d, v, dtype, *, temperature, entropy, bias, ignore_frac, seed=0
+    backend, device, n, d, v, dtype, *, temperature, entropy, bias, ignore_frac, seed=0, logit_scale=1.0
 ):
     hidden, weight, b, targets = make_inputs(
         n, d, v, dtype, device, bias=bias, ignore_frac=ignore_frac, seed=seed
     )
     g = torch.Generator().manual_seed(seed + 1)
     upstream = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2 if entropy else 1)]
-    kw = dict(temperature=temperature, return_entropy=entropy)
+    kw = dict(temperature=temperature, return_entropy=entropy, logit_scale=logit_scale)
     outs, grads = run_with_grads(
         lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, backend=backend, **kw),
         hidden,
@@ -81,6 +81,18 @@ def test_matches_reference_all_options(backend, device, shape, dtype):
         bias=True,
         ignore_frac=0.3,
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("logit_scale", [0.125, 3.0])
+def test_logit_scale(backend, device, dtype, logit_scale):
+    """A model that multiplies its logits by s (Granite's 1 / logits_scaling): the log-probs and
+    entropies of softmax(s (h W^T + b) / tau), and the gradients through s, against float64."""
+    check_against_reference(
+        backend, _device(backend, device), 130, 17, 1031, dtype,
+        temperature=0.7, entropy=True, bias=True, ignore_frac=0.2, logit_scale=logit_scale,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
