@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from gopd.config import TrainConfig
 from gopd.fsdp import gathered_weights, is_sharded, root_forward_hidden, whole
 from gopd_kernels.hf import (
-    check_head_reads_hidden,
     final_hidden_states,
+    head_logit_scale,
     is_peft_model,
     mask_position_ids,
     transformers_model,
@@ -93,7 +93,9 @@ def load_model(
             raise
         raise ValueError(f"attn_implementation={attn_implementation!r}: {exc}") from exc
     model.to(device)
-    check_head_reads_hidden(model, path)  # logits that the fused ops would score wrongly
+    scale = head_logit_scale(model, path)  # refuses logits that the fused ops would score wrongly
+    if scale != 1.0:
+        logger.info("%s: its logits are %.6g x its LM head's output; scored so", path, scale)
     if trainable:
         model.train()
     else:
@@ -327,6 +329,12 @@ def head_weight(model: PreTrainedModel | AdapterFree) -> torch.Tensor:
 
 def head_bias(model: PreTrainedModel | AdapterFree) -> torch.Tensor | None:
     return getattr(model.get_output_embeddings(), "bias", None)
+
+
+def logit_scale(model: PreTrainedModel | AdapterFree) -> float:
+    """The multiplier s of the model's logits over its head's output (1 for most models, Granite's
+    1 / logits_scaling): gopd_kernels.hf.head_logit_scale, found when load_model checked it."""
+    return head_logit_scale(unwrapped(model))
 
 
 @contextmanager

@@ -8,9 +8,9 @@ The usual way to score a sequence,
 holds the [B, T, V] logits (and their float32 copy and gradient). sequence_logprobs gives
 the same log-probs from the decoder's hidden states and the head's weight through
 token_logprobs, for any transformers model whose logits are its head applied to its final
-hidden states: check_head_reads_hidden refuses the others (soft-capped or scaled logits),
-once per model. transformers itself is not imported: models are read through their own
-attributes.
+hidden states, times a scale at most (Granite's logits_scaling, Cohere's logit_scale), which
+head_logit_scale reads; it refuses the others (soft-capped logits among them), once per
+model. transformers itself is not imported: models are read through their own attributes.
 """
 
 from __future__ import annotations
@@ -23,17 +23,14 @@ from gopd_kernels.functional import token_logprobs
 from gopd_kernels.ops.vocab_parallel import local_rows, vocab_shard
 
 IGNORE = -100
-# config attributes by which transformers models transform their logits (Gemma 2 / 3, Cohere,
-# Granite, Falcon-H1; read off transformers 5.24's modeling code); check_head_reads_hidden also
-# compares the forward itself, for the rest (a vision-language model's text_config, remote code)
-LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "lm_head_multiplier",
-    "output_multiplier_scale",
-)
-_CHECKED: weakref.WeakSet = weakref.WeakSet()  # models check_head_reads_hidden has passed
+# config attributes by which transformers models transform their logits (read off transformers
+# 5.24's modeling code). A soft-cap, c tanh(z / c) (Gemma 2 / 3n, Mistral Large 4, nanochat), is
+# not a multiplier: refused. A multiplier is taken (head_logit_scale), its direction read off the
+# model's own forward, since the names do not fix it: Granite divides by logits_scaling,
+# HyperCLOVAX multiplies by it; Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier.
+LOGIT_SOFTCAPS = ("final_logit_softcapping",)
+LOGIT_SCALES = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier_scale")
+_SCALES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head_logit_scale's answers
 
 
 def is_peft_model(model) -> bool:
@@ -75,22 +72,52 @@ def final_hidden_states(
     return out.last_hidden_state
 
 
-def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None:
-    """ValueError unless the model's logits are its LM head applied to final_hidden_states: a
-    model that soft-caps or scales them (Gemma 2's final_logit_softcapping, Granite's
-    logits_scaling, code in a remote model), or whose decoder's output is not what its head
-    reads, would be scored wrongly by the fused ops. First the config attributes that name such
-    a transform, then the model's own forward on a few tokens against the head's: within a
-    rounding or two of its dtype (relative to the largest logit), and a scale fitted over all
-    those logits within 1e-3 of 1 (1e-5 in fp32). Checked once per model object."""
-    if model in _CHECKED:
-        return
+def _configs(model) -> list:
+    """The model's config, and its text model's where that is another (vision-language models)."""
     config = getattr(model, "config", None)
-    for attr in LOGIT_TRANSFORMS:  # named first: a soft-cap barely moves small logits
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"{name}: config.{attr}={value} transforms the logits; gopd's fused ops do not")
-    head = transformers_model(model).get_output_embeddings()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    return [c for c in (config, None if text is config else text) if c is not None]
+
+
+def _named_scales(model, name: str) -> dict[str, float]:
+    """The logit multipliers the config names ({attribute: value}, values other than 1); a
+    ValueError for a soft-cap."""
+    named = {}
+    for config in _configs(model):
+        for attr in LOGIT_SOFTCAPS:
+            value = getattr(config, attr, None)
+            if value is not None:
+                raise ValueError(
+                    f"{name}: config.{attr}={value} soft-caps the logits (c tanh(z / c)); gopd's fused ops "
+                    "take a head whose logits are linear in its hidden states (times a scale at most)"
+                )
+        for attr in LOGIT_SCALES:
+            value = getattr(config, attr, None)
+            if value is None or value == 1:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}: config.{attr}={value!r} is not a positive logit multiplier")
+            named[attr] = float(value)
+    return named
+
+
+def head_logit_scale(model, name: str = "model", tokens: int = 4) -> float:
+    """s such that the model's logits are s times its LM head applied to final_hidden_states
+    (1 for most models; Granite's 1 / logits_scaling, Cohere's logit_scale), for the fused ops'
+    ``logit_scale``. A ValueError for any other transform: a soft-cap named by the config, or a
+    forward whose logits are not so (a multiplier in a remote model's code, a decoder whose
+    output is not what its head reads).
+
+    The candidates are 1 and, for each multiplier the config names, its value and its inverse
+    (the names do not say which way it applies); the model's own forward on a few tokens
+    decides: its logits must be within a rounding or two of its dtype of the candidate times
+    the head's (relative to the largest logit), and the scale fitted over all those logits
+    within 1e-3 of the candidate (1e-5 in fp32). Checked once per model object."""
+    key = transformers_model(model)
+    if key in _SCALES:
+        return _SCALES[key]
+    named = _named_scales(model, name)
+    head = key.get_output_embeddings()
     if head is None:
         raise ValueError(f"{name}: the model has no output embeddings (LM head)")
     device = head.weight.device
@@ -113,19 +140,24 @@ def check_head_reads_hidden(model, name: str = "model", tokens: int = 4) -> None
         logits = logits[..., shard.start : shard.start + shard.size]
     logits, ours = logits.double(), ours.double()
     tiny = torch.finfo(torch.float32).tiny
-    err = float((logits - ours).abs().max() / logits.abs().max().clamp_min(tiny))
     # A scale near 1 (a multiplier in code) hides in one logit's rounding, not in the scale
     # fitted over all of them (least squares), whose rounding noise averages out.
-    scale = float((logits * ours).sum() / (ours * ours).sum().clamp_min(tiny))
+    fitted = float((logits * ours).sum() / (ours * ours).sum().clamp_min(tiny))
+    candidates = {1.0} | {v for value in named.values() for v in (value, 1.0 / value)}
+    scale = min(candidates, key=lambda c: abs(fitted / c - 1))
+    err = float((logits - scale * ours).abs().max() / logits.abs().max().clamp_min(tiny))
     fp32 = head.weight.dtype == torch.float32
-    if err > (1e-4 if fp32 else 1e-2) or abs(scale - 1) > (1e-5 if fp32 else 1e-3):  # 16-bit rounding: 4e-3
+    if err > (1e-4 if fp32 else 1e-2) or abs(fitted / scale - 1) > (1e-5 if fp32 else 1e-3):  # 16-bit: 4e-3
+        times = f" (times {scale:.6g})" if scale != 1 else ""
+        names = "".join(f"; config.{attr}={value}" for attr, value in named.items())
         raise ValueError(
-            f"{name}: the model's logits are not its LM head applied to its final hidden states (off by "
-            f"{err:.2g} of the largest logit, a fitted scale of {scale:.6g}, on {tokens} tokens): its "
-            "forward transforms them (a scale, a softcap), which gopd's fused ops, reading the head's "
-            "weight, would miss"
+            f"{name}: the model's logits are not its LM head applied to its final hidden states{times} "
+            f"(off by {err:.2g} of the largest logit, a fitted scale of {fitted:.6g}, on {tokens} tokens"
+            f"{names}): its forward transforms them (a scale, a softcap), which gopd's fused ops, "
+            "reading the head's weight, would miss"
         )
-    _CHECKED.add(model)
+    _SCALES[key] = scale
+    return scale
 
 
 def sequence_logprobs(
@@ -157,13 +189,13 @@ def sequence_logprobs(
         raise ValueError(
             f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}"
         )
-    check_head_reads_hidden(model)
+    scale = head_logit_scale(model)
     head = transformers_model(model).get_output_embeddings()
     hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]
     targets = input_ids[:, 1:].long()
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE)
     return token_logprobs(
-        hidden, head.weight, targets, bias=head.bias, temperature=temperature, ignore_index=IGNORE,
-        return_entropy=return_entropy, backend=backend,
+        hidden, head.weight, targets, bias=head.bias, temperature=temperature, logit_scale=scale,
+        ignore_index=IGNORE, return_entropy=return_entropy, backend=backend,
     )  # fmt: skip

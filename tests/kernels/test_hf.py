@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from transformers import GraniteConfig, GraniteForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from gopd_kernels import gopd_loss, hf
-from gopd_kernels.hf import check_head_reads_hidden, mask_position_ids, sequence_logprobs
+from gopd_kernels.hf import mask_position_ids, sequence_logprobs
 from gopd_kernels.reference import policy_loss_reference
 from tests.kernels.helpers import GRAD_ROW_REL, rel_err, row_rel_err, run_gloo_ranks
 
@@ -93,27 +94,102 @@ def tiny_granite(scaling: float) -> GraniteForCausalLM:
     return GraniteForCausalLM(config).eval()
 
 
-def test_scaled_logits_are_refused_by_name_and_by_the_forward(monkeypatch):
-    """By the config attribute that names the transform; and, where none names it (as in a
-    remote model's code), by comparing the model's forward with the head's."""
+FALCON_H1_SSM = dict(head_dim=16, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_n_groups=1,
+                     mamba_d_state=8, mamba_chunk_size=8)  # fmt: skip
+
+
+def tiny_scaled(family: str, value: float):
+    """A tiny model of a family that multiplies its logits by a config value, each its own way:
+    Granite divides by logits_scaling, HyperCLOVAX multiplies by it, Cohere by logit_scale,
+    Falcon-H1 (Mamba-2 and attention) by lm_head_multiplier."""
+    if family == "granite":
+        return tiny_granite(value)
+    make = dict(hyperclovax=("HyperCLOVAX", "logits_scaling", {}), cohere=("Cohere", "logit_scale", {}),
+                falcon_h1=("FalconH1", "lm_head_multiplier", FALCON_H1_SSM))[family]  # fmt: skip
+    config = getattr(transformers, f"{make[0]}Config")(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, eos_token_id=None, **{make[1]: value}, **make[2],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return getattr(transformers, f"{make[0]}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize(
+    "family, value, scale",
+    [("granite", 4.0, 0.25), ("hyperclovax", 4.0, 4.0), ("cohere", 0.0625, 0.0625), ("falcon_h1", 0.5, 0.5)],
+    ids=["granite-divides", "hyperclovax-multiplies", "cohere", "falcon-h1"],
+)
+def test_scaled_logits_are_the_models_own(backend, family, value, scale, device):
+    """A logit multiplier named by the config is taken, in the direction the model's own forward
+    applies it (the same name goes both ways): values, entropies and every parameter's gradient
+    as the model's materialised logits give them, at a temperature."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    model = tiny_scaled(family, value).to(dev)
+    assert hf.head_logit_scale(model) == scale
+    ids, mask = (t.to(dev) for t in left_padded_batch())
+    want = grads(model, lambda: naive(model, ids, mask, 0.7))
+    got = grads(model, lambda: sequence_logprobs(model, ids, mask, temperature=0.7, return_entropy=True,
+                                                 backend=backend))  # fmt: skip
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    for name, g in want[2].items():
+        assert rel_err(got[2][name], g) < 1e-4, name
+
+
+def test_a_scale_the_config_names_but_the_forward_ignores_is_not_applied():
+    """Qwen3's forward reads no logit_scale: set on its config anyway, the forward decides (1)."""
+    model = tiny_qwen3(seed=3)
+    model.config.logit_scale = 0.5
+    assert hf.head_logit_scale(model) == 1.0
     ids, mask = left_padded_batch()
-    with pytest.raises(ValueError, match=r"model: config\.logits_scaling=4\.0 transforms the logits"):
-        sequence_logprobs(tiny_granite(4.0), ids, mask)
-    monkeypatch.setattr(hf, "LOGIT_TRANSFORMS", ())
+    torch.testing.assert_close(sequence_logprobs(model, ids, mask), naive(model, ids, mask)[0])
+
+
+def test_soft_capped_logits_are_refused_by_name():
+    config = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                       head_dim=16)  # fmt: skip
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"config\.final_logit_softcapping=30\.0 soft-caps the logits"):
+        sequence_logprobs(model, *left_padded_batch())
+
+
+def test_unnamed_scales_are_refused_by_the_forward(monkeypatch):
+    """Where no config attribute names the multiplier (as in a remote model's code), the model's
+    forward against the head's shows it."""
+    monkeypatch.setattr(hf, "LOGIT_SCALES", ())
+    ids, mask = left_padded_batch()
     with pytest.raises(ValueError, match=r"model: the model's logits are not its LM head .*\(off by 3 of"):
         sequence_logprobs(tiny_granite(4.0), ids, mask)
+
+
+def test_a_named_scale_that_does_not_explain_the_logits_is_refused(monkeypatch):
+    """Granite divides by 4 (scale 0.25); its config naming 3 instead offers 3 and 1/3, neither right."""
+    model = tiny_granite(4.0)
+    monkeypatch.setattr(model.config, "logits_scaling", 3.0)
+    forward = type(model).forward
+
+    def forward_by_four(self, *args, **kwargs):  # the forward reads the config: keep it dividing by 4
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * (3.0 / 4.0)
+        return out
+
+    monkeypatch.setattr(type(model), "forward", forward_by_four)
+    with pytest.raises(ValueError, match=r"\(times 0\.333333\) .*a fitted scale of 0\.25.*logits_scaling=3"):
+        hf.head_logit_scale(model)
 
 
 @pytest.mark.parametrize("dtype, scaling", [(torch.bfloat16, 1.004), (torch.float32, 1.0001)], ids=str)
 def test_a_scale_within_one_logits_rounding_is_refused(dtype, scaling, monkeypatch):
     """A multiplier this close to 1 moves no logit by more than its dtype's rounding (the
     largest-error check passes it), but the scale fitted over all the logits shows it."""
-    monkeypatch.setattr(hf, "LOGIT_TRANSFORMS", ())
+    monkeypatch.setattr(hf, "LOGIT_SCALES", ())
     ids, mask = left_padded_batch()
     model = tiny_granite(scaling).to(dtype)
     with pytest.raises(ValueError, match=r"a fitted scale of 0\.99"):
         sequence_logprobs(model, ids, mask, backend="torch")
-    check_head_reads_hidden(tiny_granite(1.0).to(dtype))  # the same model unscaled passes
+    assert hf.head_logit_scale(tiny_granite(1.0).to(dtype)) == 1.0  # the same model unscaled passes
 
 
 def test_a_plain_granite_passes():
@@ -129,7 +205,7 @@ def test_the_check_runs_once_per_model():
     ids, mask = left_padded_batch()
     sequence_logprobs(model, ids, mask, backend="torch")
     sequence_logprobs(model, ids, mask, backend="torch")
-    check_head_reads_hidden(model)
+    hf.head_logit_scale(model)
     assert len(calls) == 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -44,15 +45,20 @@ def test_logit_softcapping_models_are_refused(tiny, tmp_path):
         load_model(str(tmp_path / "capped"), torch.float32, torch.device("cpu"), trainable=False)
 
 
-def test_load_model_refuses_scaled_logits(tmp_path):
-    """Granite's logits_scaling (gopd_kernels.hf's tests: the check, also by the forward)."""
+def test_load_model_takes_scaled_logits_and_says_so(tmp_path, caplog):
+    """Granite divides its logits by logits_scaling: its scale, 1 / 4, is found and logged
+    (gopd_kernels.hf's tests: the forward decides the direction; the stages' tests: scored so)."""
     from transformers import GraniteConfig, GraniteForCausalLM
+
+    from gopd.models import logit_scale
 
     config = GraniteConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0)  # fmt: skip
     GraniteForCausalLM(config).save_pretrained(tmp_path / "granite")
-    with pytest.raises(ValueError, match=r"granite: config\.logits_scaling=4\.0 transforms the logits"):
-        load_model(str(tmp_path / "granite"), torch.float32, torch.device("cpu"), trainable=False)
+    with caplog.at_level(logging.INFO, logger="gopd"):
+        model = load_model(str(tmp_path / "granite"), torch.float32, torch.device("cpu"), trainable=False)
+    assert logit_scale(model) == 0.25
+    assert "granite: its logits are 0.25 x its LM head's output; scored so" in caplog.text
 
 
 def test_a_plain_bf16_model_passes_the_logits_check(tiny):

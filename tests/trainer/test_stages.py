@@ -10,11 +10,15 @@ import pytest
 import torch
 
 from gopd.data import PromptSampler, load_examples
-from gopd.models import head_weight, load_models
+from gopd.demo.task import ALPHABET
+from gopd.demo.tiny import build_tokenizer, save
+from gopd.models import head_weight, load_models, logit_scale
 from gopd.rollout import make_engine
 from gopd.scoring import response_hidden, score_rollouts, student_logprobs
 from gopd.update import make_optimizer, make_scheduler, policy_update, update_step
 from gopd_kernels import frozen_logprobs
+from gopd_kernels.hf import mask_position_ids
+from gopd_kernels.reference import policy_loss_reference
 from tests.trainer.conftest import base_config, give_heads_a_bias
 
 
@@ -291,3 +295,69 @@ def test_loss_fold_reaches_the_loss_and_both_paths_agree(tiny, tmp_path, objecti
         out[fold] = (loss, stats["grad_norm"])
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-4)
+
+
+def granite_dir(path, seed: int, logits_scaling: float):
+    """A tiny Granite with the tiny models' tokenizer: its forward divides its logits by
+    logits_scaling, so its logit scale is 1 / logits_scaling."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    tokenizer = build_tokenizer(ALPHABET)
+    config = GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+        logits_scaling=logits_scaling, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return str(save(GraniteForCausalLM(config), tokenizer, path))
+
+
+def own_log_softmax(model, ro, temperature: float) -> torch.Tensor:
+    """[B, R, V] float64: the model's own logits (its forward, scale included) at the response
+    positions, log-softmaxed at the temperature; with the graph to its parameters."""
+    mask = ro.attention_mask
+    logits = model(input_ids=ro.sequences, attention_mask=mask, position_ids=mask_position_ids(mask)).logits
+    return torch.log_softmax(logits[:, ro.prompt_len - 1 : -1].double() / temperature, -1)
+
+
+@pytest.mark.parametrize("objective", ["sampled", "dense"])
+def test_scaled_logits_are_scored_and_trained_as_the_models_forward_gives_them(tiny, tmp_path, objective):
+    """Student, teacher and reference Granites with three logits_scaling values: the scores, the
+    loss and the gradient's norm as the models' materialised logits give them (no IS weight:
+    these rollouts were sampled at another temperature)."""
+    root = tmp_path / "granite"
+    roles = (("student", 0, 4.0), ("teachers", 1, 8.0), ("reference", 2, 2.0))
+    paths = {role: granite_dir(root / role, seed, scaling) for role, seed, scaling in roles}
+    cfg = base_config(tiny, tmp_path, **paths, lam=1.25, temperature=0.7, objective=objective, grad_clip=None,
+                      is_cap=None)  # fmt: skip
+    models = load_models(cfg)
+    teacher, ref = models.teachers["default"], models.reference
+    assert [logit_scale(m) for m in (models.student, teacher, ref)] == [0.25, 0.125, 0.5]
+    ro = rollouts_for(cfg, models)
+    valid = ro.response_mask
+    at_targets = lambda logp: logp.gather(-1, ro.responses[..., None]).squeeze(-1)  # noqa: E731
+    with torch.no_grad():
+        log_pt, log_pr = own_log_softmax(teacher, ro, 0.7), own_log_softmax(ref, ro, 0.7)
+    models.student.zero_grad()
+    log_ps = own_log_softmax(models.student, ro, 0.7)
+    if objective == "sampled":
+        scores = score_rollouts(models, ro, cfg)
+        for got, want in ((scores.teacher_logp, at_targets(log_pt)), (scores.ref_logp, at_targets(log_pr))):
+            torch.testing.assert_close(got[valid].double(), want[valid], rtol=1e-5, atol=1e-5)
+        s, t, r = (torch.where(valid, at_targets(logp), 0.0) for logp in (log_ps, log_pt, log_pr))
+        want_loss = policy_loss_reference(s, ro.targets, t, r, lam=1.25)
+    else:
+        scores = None
+        log_q = torch.log_softmax(1.25 * log_pt - 0.25 * log_pr, -1)
+        kl = (log_ps.exp() * (log_ps - log_q)).sum(-1)
+        want_loss = kl[valid].mean()
+    want_loss.backward()
+    want_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in models.student.parameters()))
+    models.student.zero_grad()
+    sgd = torch.optim.SGD(models.student.parameters(), lr=0.0)
+    loss, stats, stepped = policy_update(models, ro, scores, sgd, make_scheduler(sgd, cfg, 3), cfg)
+    assert stepped
+    if objective == "dense":  # the sampled loss on-policy is -mean(A), whatever the student's scale
+        assert loss == pytest.approx(float(want_loss), abs=1e-7)  # fp32 sums: KL ~ 2e-3 of lse ~ 3
+    assert stats["grad_norm"] == pytest.approx(float(want_norm), rel=1e-4)
