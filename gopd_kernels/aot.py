@@ -138,7 +138,8 @@ def _forward(dt: str, hot: bool, **switches) -> KernelVariant:
         LLS, "vocab_partials_kernel", "TILE_CONFIGS", TILE, dt,
         {"h_ptr": x, "w_ptr": x, "b_ptr": x, "h2_ptr": x, "w2_ptr": x, "b2_ptr": x, "y_ptr": "i64",
          "m_ptr": "fp32", "s_ptr": "fp32", "t_ptr": "fp32", "zy_ptr": "fp32"},
-        dict(switches, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "inv_temp2"), hot=hot,
+        dict(switches, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "inv_temp2", "cap", "cap2"),
+        hot=hot,
     )  # fmt: skip
 
 
@@ -148,7 +149,7 @@ def _logits_grad(dt: str, hot: bool, **switches) -> KernelVariant:
         LLS, "logits_grad_kernel", "TILE_CONFIGS", TILE, dt,
         {"h_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "i64", "lse_ptr": "fp32", "ent_ptr": "fp32",
          "gl_ptr": "fp32", "ge_ptr": "fp32", "dz_ptr": TRITON_DTYPE[_logit_grad_dtype(dt)]},
-        dict(switches, GROUP_M=8, DOT_PRECISION=_precision(dt)), floats=("inv_temp",), hot=hot,
+        dict(switches, GROUP_M=8, DOT_PRECISION=_precision(dt)), floats=("inv_temp", "cap"), hot=hot,
     )  # fmt: skip
 
 
@@ -156,16 +157,18 @@ def _dense_heads(dt: str) -> dict:
     return {f"{p}_ptr": TRITON_DTYPE[dt] for p in ("hs", "ws", "bs", "ht", "wt", "bt", "hr", "wr", "br")}
 
 
-def _dense_biases(on: bool) -> dict:  # the three heads' HAS_BIAS_* (Phi-style heads; the hot paths have none)
-    return {f"HAS_BIAS_{k}": on for k in "STR"}
+def _dense_head_flags(on: bool) -> dict:
+    """The three heads' HAS_BIAS_* (Phi-style heads) and SOFTCAP_* (Gemma 2's): the hot paths
+    have neither; one variant has both, proof that that code builds."""
+    return {f"{flag}_{k}": on for flag in ("HAS_BIAS", "SOFTCAP") for k in "STR"}
 
 
 def _dense_partials(dt: str, biases: bool = False, **switches) -> KernelVariant:
     return KernelVariant(
         DENSE, "dense_kl_partials_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("ma", "sa", "u", "mc", "sc", "mt", "st", "ut")},
-        dict(switches, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
-        floats=("inv_temp", "inv_temp_t", "inv_temp_r", "lam"),
+        dict(switches, DOT_PRECISION=_precision(dt)) | _dense_head_flags(biases),
+        floats=("inv_temp", "inv_temp_t", "inv_temp_r", "cap_s", "cap_t", "cap_r", "lam"),
         hot=not biases,
     )  # fmt: skip
 
@@ -175,34 +178,35 @@ def _dense_grad(dt: str, biases: bool = False) -> KernelVariant:
         DENSE, "dense_kl_grad_kernel", "DENSE_CONFIGS", TILE, dt,
         _dense_heads(dt) | {f"{p}_ptr": "fp32" for p in ("lse_a", "lse_c", "kl", "g")}
         | {"dz_ptr": TRITON_DTYPE[_logit_grad_dtype(dt)]},
-        dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)) | _dense_biases(biases),
-        floats=("inv_temp", "inv_temp_t", "inv_temp_r", "lam"), hot=not biases,
+        dict(HAS_REF=True, GROUP_M=8, DOT_PRECISION=_precision(dt)) | _dense_head_flags(biases),
+        floats=("inv_temp", "inv_temp_t", "inv_temp_r", "cap_s", "cap_t", "cap_r", "lam"), hot=not biases,
     )  # fmt: skip
 
 
 def kernel_variants() -> list[KernelVariant]:
     mm = "gopd_kernels.ops.matmul_triton"
     out = []
-    every = dict(HAS_BIAS=True, WITH_ENTROPY=True)  # every feature on: proof that all code builds
+    # every feature on (a bias, the entropy, soft-capped heads): proof that all code builds
+    every = dict(HAS_BIAS=True, WITH_ENTROPY=True, SOFTCAP=True)
     for dt in ("bfloat16", "float16", "float32"):
         out += [
-            _forward(dt, False, **every, HAS_BIAS2=True, TWO_MODELS=True),
+            _forward(dt, False, **every, HAS_BIAS2=True, TWO_MODELS=True, SOFTCAP2=True),
             _logits_grad(dt, False, **every),
             _dense_partials(dt, HAS_REF=True, TEACHER_KL=True),  # ExOPD's, hot as it is
             _dense_grad(dt),
         ]
-    out += [  # every head with a bias: proof that it builds (bf16; fp16 and fp32 share its code)
+    out += [  # every head with a bias and a soft-cap: proof that it builds (bf16; fp16, fp32 share its code)
         _dense_partials("bfloat16", biases=True, HAS_REF=True, TEACHER_KL=True),
         _dense_grad("bfloat16", biases=True),
     ]
     # The paths training runs, for the spill check: the student's forward and backward
     # (no bias, no entropy), teacher + reference scoring, the dense loss at lam = 1 (the
     # all-features variants above are ExOPD's). fp16 compiles to the same code as bf16.
-    plain = dict(HAS_BIAS=False, WITH_ENTROPY=False)
+    plain = dict(HAS_BIAS=False, WITH_ENTROPY=False, SOFTCAP=False)
     for dt in ("bfloat16", "float32"):
         out += [
-            _forward(dt, True, **plain, HAS_BIAS2=False, TWO_MODELS=False),
-            _forward(dt, True, **plain, HAS_BIAS2=False, TWO_MODELS=True),
+            _forward(dt, True, **plain, HAS_BIAS2=False, TWO_MODELS=False, SOFTCAP2=False),
+            _forward(dt, True, **plain, HAS_BIAS2=False, TWO_MODELS=True, SOFTCAP2=False),
             _logits_grad(dt, True, **plain),
             _dense_partials(dt, HAS_REF=False, TEACHER_KL=False),
         ]

@@ -10,7 +10,7 @@ from gopd_kernels.backend import resolve_backend
 from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs, folds_frozen_head
 from gopd_kernels.ops.vocab_parallel import local_head, vocab_shard
 from gopd_kernels.selection import RowSelection
-from gopd_kernels.validation import check_backend_dtype, check_token_inputs
+from gopd_kernels.validation import check_backend_dtype, check_token_inputs, logit_cap
 
 if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some torch builds
     from torch.distributed import ProcessGroup
@@ -27,6 +27,7 @@ def token_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
     backend: str = "auto",
@@ -49,8 +50,11 @@ def token_logprobs(
         temperature: tau > 0; the distribution is softmax(logits / tau), as in sampling.
         logit_scale: s > 0, a multiplier the model applies to its head's output before
             sampling (Granite divides by ``logits_scaling``, Cohere multiplies by
-            ``logit_scale``): logits = s (h W^T + b). gopd_kernels.hf.head_logit_scale reads a
+            ``logit_scale``): logits = s (h W^T + b). gopd_kernels.hf.head_logits reads a
             transformers model's, checked against its forward.
+        logit_softcap: c > 0 for a model that soft-caps its logits, c tanh(s (h W^T + b) / c)
+            (Gemma 2's ``final_logit_softcapping``), before the temperature; None: no cap. A
+            soft-capped frozen head is not folded.
         ignore_index: positions with this target get log-prob 0.0 (and entropy 0.0), no
             gradient, and no compute (they are removed before the kernels run).
         return_entropy: also return the entropy of softmax(logits / tau) per position.
@@ -91,6 +95,7 @@ def token_logprobs(
     hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     shard = vocab_shard(vocab_group, reduce_hidden_grad, hidden, weight, bias, targets)
     vocab = weight.shape[0] if shard is None else shard.vocab
+    cap = logit_cap(temperature, logit_softcap)
     temperature = check_token_inputs(
         hidden, weight, bias, targets, ignore_index, temperature, vocab, logit_scale
     )  # tau / s from here on
@@ -98,7 +103,7 @@ def token_logprobs(
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)
     check_backend_dtype(backend, hidden.dtype)
-    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy)
+    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy, cap is not None)
 
     rows = RowSelection(targets != ignore_index)
     logp, entropy = LinearTokenLogprobs.apply(
@@ -111,6 +116,7 @@ def token_logprobs(
         backend,
         fold,
         shard,
+        cap,
     )
     if return_entropy:
         return rows.put(logp), rows.put(entropy)

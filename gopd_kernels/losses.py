@@ -28,6 +28,7 @@ from gopd_kernels.validation import (
     check_lm_head,
     check_matching_head,
     check_token_inputs,
+    logit_cap,
     logit_temperature,
 )
 
@@ -145,6 +146,7 @@ def gopd_loss(
     lam: float = 1.0,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     old_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     clip_ratio: tuple[float, float] = (0.2, 0.2),
@@ -179,6 +181,10 @@ def gopd_loss(
     A frozen head (dH only) with fold=None or False goes through token_logprobs with the same
     fold setting: its frozen-head fold is the other way to need 2 GEMMs (see token_logprobs).
 
+    logit_scale, logit_softcap: the student's logit multiplier and soft-cap, as in token_logprobs.
+    A soft-capped head does not fold (fold=True is an error; a log line says where fold=None
+    would have folded).
+
     vocab_group, reduce_hidden_grad: a vocabulary-parallel head, as in token_logprobs (weight
     and bias this rank's rows; everything per token the same on every rank, and so the loss).
     The loss's own fold does not apply (its dZ needs whole rows): fold=True is an error, and a
@@ -190,7 +196,8 @@ def gopd_loss(
     rollout mismatch mean(o - r) (with rollout_logp), and the valid-token count.
     """
     lam = check_lam(lam)
-    temperature = logit_temperature(temperature, logit_scale)  # tau / s: the kernels' one divisor
+    logit_temperature(temperature, logit_scale)  # both checked before any kernel runs
+    capped = logit_cap(temperature, logit_softcap) is not None
     hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     check_per_token(
         teacher_logp, "teacher_logp", targets if isinstance(targets, torch.Tensor) else teacher_logp
@@ -223,9 +230,10 @@ def gopd_loss(
     # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
     # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
     # 10.2-11.7 s and 314 MiB.
+    unfoldable = "vocab_group" if vocab_group is not None else ("softcap" if capped else None)
     fold_on = _fold_backend(
         fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias,
-        vocab_parallel_op=None if vocab_group is None else "gopd_loss",
+        op="gopd_loss", unfoldable=unfoldable,
     )  # fmt: skip
     if fold_on == "triton" and fold is None:
         info_once(
@@ -235,14 +243,15 @@ def gopd_loss(
         )
     if fold_on:
         loss, s = _folded_policy_loss(
-            hidden, weight, bias, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg,
-            num_tokens, fold_on,
+            hidden, weight, bias, targets, temperature, logit_scale, ignore_index, per_token_inputs, terms,
+            loss_agg, num_tokens, fold_on,
         )  # fmt: skip
         _, adv, clipped, is_weight = terms(s, *per_token_inputs)
     else:
         s = token_logprobs(
-            hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
-            backend=backend, fold=fold, vocab_group=vocab_group,
+            hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
+            logit_softcap=logit_softcap, ignore_index=ignore_index, backend=backend, fold=fold,
+            vocab_group=vocab_group,
             reduce_hidden_grad=reduce_hidden_grad,
         )  # fmt: skip
         per_token, adv, clipped, is_weight = terms(s, *per_token_inputs)
@@ -280,8 +289,14 @@ def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
     return per_token, adv, clipped > unclipped, is_weight
 
 
+UNFOLDABLE = {  # heads whose losses never fold, and why
+    "vocab_group": "a vocabulary-parallel head (vocab_group): the folded gradient needs whole rows",
+    "softcap": "a soft-capped head (logit_softcap): the folds take no soft-cap",
+}
+
+
 def _fold_backend(
-    fold: bool | None, backend: str, hidden, weight, folds_by_default, bias=None, vocab_parallel_op=None
+    fold: bool | None, backend: str, hidden, weight, folds_by_default, bias=None, op="", unfoldable=None
 ) -> str | None:
     """The backend ("torch" or "triton") that computes a loss with its gradient folded into the
     forward, or None to run it unfolded (streaming forward, recomputing backward).
@@ -289,24 +304,19 @@ def _fold_backend(
     Folding computes the logits once instead of twice, for a [rows, V] fp32 chunk held.
     fold=True folds on either backend, fold=False never, and nothing folds when no gradient
     is wanted; fold=None asks folds_by_default(resolved backend), each loss's measured rule.
-    vocab_parallel_op: the loss's name when its head is vocabulary-parallel, which never folds
-    (the fold's dZ needs whole rows): fold=True is then an error, and where fold=None would
-    have folded a log line says so."""
+    unfoldable: a key of UNFOLDABLE for a head that never folds (a vocabulary-parallel one, whose
+    fold's dZ would need whole rows; a soft-capped one): fold=True is then an error, and where
+    fold=None would have folded a log line says so. op: the loss's name, for both."""
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
-    if vocab_parallel_op and fold:
-        raise ValueError(
-            f"{vocab_parallel_op}: fold=True does not apply to a vocabulary-parallel head (vocab_group)"
-        )
+    if unfoldable and fold:
+        raise ValueError(f"{op}: fold=True does not apply to {UNFOLDABLE[unfoldable]}")
     resolved = resolve_backend(backend, hidden.device)
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_requires_grad(weight, bias))
     if not wants_grad or fold is False or (fold is None and not folds_by_default(resolved)):
         return None
-    if vocab_parallel_op:
-        info_once(
-            f"{vocab_parallel_op}: a vocabulary-parallel head (vocab_group) recomputes its logits in the "
-            "backward: the folded gradient needs whole rows"
-        )
+    if unfoldable:
+        info_once(f"{op}: the backward recomputes the logits of {UNFOLDABLE[unfoldable]}")
         return None
     return resolved
 
@@ -345,11 +355,13 @@ def _dense_folds_by_default(*heads: torch.Tensor | None):
 
 
 def _folded_policy_loss(
-    hidden, weight, bias, targets, temperature, ignore_index, per_token_inputs, terms, loss_agg, num_tokens,
-    backend,
+    hidden, weight, bias, targets, temperature, logit_scale, ignore_index, per_token_inputs, terms, loss_agg,
+    num_tokens, backend,
 ):  # fmt: skip
     """(loss, s) with FoldedTokenLoss: each row chunk's loss and dL/ds are known in its one pass."""
-    inv_temp = 1.0 / check_token_inputs(hidden, weight, bias, targets, ignore_index, temperature)
+    inv_temp = 1.0 / check_token_inputs(
+        hidden, weight, bias, targets, ignore_index, temperature, logit_scale=logit_scale
+    )
     check_backend_dtype(backend, hidden.dtype)
     mask = targets != ignore_index
     rows = RowSelection(mask)
@@ -404,6 +416,9 @@ def gopd_dense_loss(
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
     ref_logit_scale: float = 1.0,
+    student_logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
+    ref_logit_softcap: float | None = None,
     mask: torch.Tensor | None = None,
     loss_agg: str = "token-mean",
     num_tokens: float | None = None,
@@ -427,7 +442,8 @@ def gopd_dense_loss(
     student's hidden states and head (its bias too) only. Each model's logits are
     s (h W^T + b) / tau with its own bias b when given (Phi-style heads) and its own logit
     multiplier s (``student_logit_scale``, ``teacher_logit_scale``, ``ref_logit_scale``: see
-    token_logprobs' logit_scale; 1 for most models).
+    token_logprobs' logit_scale; 1 for most models), soft-capped where a ``*_logit_softcap`` c is
+    given, c tanh(s (h W^T + b) / c) (Gemma 2's; never folded: fold=True is then an error).
 
     Hidden sizes may differ between the models; V must be the same. Returns
     ``(loss, stats)`` with stats "kl" (mean KL(p_s || q)), "kl_teacher" (mean KL(p_s || p_T)),
@@ -442,11 +458,11 @@ def gopd_dense_loss(
     all_gather merges the ranks', and dH is summed over the group. Never folded.
     """
     lam = check_lam(lam)
-    inv_temps = tuple(
-        1.0 / logit_temperature(temperature, scale, f"{model}_logit_scale")
-        for model, scale in (("student", student_logit_scale), ("teacher", teacher_logit_scale),
-                             ("ref", ref_logit_scale))
-    )  # fmt: skip
+    transforms = (("student", student_logit_scale, student_logit_softcap),
+                  ("teacher", teacher_logit_scale, teacher_logit_softcap),
+                  ("ref", ref_logit_scale, ref_logit_softcap))  # fmt: skip
+    inv_temps = tuple(1.0 / logit_temperature(temperature, s, f"{m}_logit_scale") for m, s, _ in transforms)
+    caps = tuple(logit_cap(temperature, c, f"{m}_logit_softcap") for m, _, c in transforms)
     student_hidden, student_weight, student_bias, vocab_group = local_head(
         student_hidden, student_weight, student_bias, vocab_group, head_names("student")
     )
@@ -465,8 +481,9 @@ def gopd_dense_loss(
         raise ValueError(f"ref_hidden / ref_weight are required when lam != 1 (got lam={lam})")
     if ref_hidden is not None:
         check_lm_head(ref_hidden, ref_weight, ref_bias, names=head_names("ref"))
-    elif ref_bias is not None or ref_logit_scale != 1.0:
+    elif ref_bias is not None or ref_logit_scale != 1.0 or ref_logit_softcap is not None:
         given = "ref_bias" if ref_bias is not None else f"ref_logit_scale={ref_logit_scale}"
+        given = f"ref_logit_softcap={ref_logit_softcap}" if ref_logit_softcap is not None else given
         raise ValueError(f"{given} is given without ref_hidden / ref_weight")
     lead = student_hidden.shape[:-1]
     for name, h, w in (("teacher", teacher_hidden, teacher_weight), ("ref", ref_hidden, ref_weight)):
@@ -500,9 +517,10 @@ def gopd_dense_loss(
     shard = vocab_shard(
         vocab_group, reduce_hidden_grad, student_hidden, student_weight, student_bias, mask, "mask"
     )
+    unfoldable = "vocab_group" if shard is not None else ("softcap" if any(caps) else None)
     fold_on = _fold_backend(
         fold, backend, student_hidden, student_weight, folds_by_default, student_bias,
-        vocab_parallel_op=None if shard is None else "gopd_dense_loss",
+        op="gopd_dense_loss", unfoldable=unfoldable,
     )  # fmt: skip
     if fold_on:
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
@@ -514,7 +532,7 @@ def gopd_dense_loss(
         )
         kl = rows.put(kl)
     else:
-        kl, kl_teacher = DenseGopdKL.apply(*heads, lam, inv_temps, with_teacher_kl, backend, shard)
+        kl, kl_teacher = DenseGopdKL.apply(*heads, lam, inv_temps, with_teacher_kl, backend, shard, caps)
         kl = rows.put(kl)
         loss = aggregate_token_losses(kl, mask, loss_agg, num_tokens)
     stats = {"kl": _masked_mean(kl, mask), "num_tokens": mask.sum().detach()}

@@ -16,18 +16,23 @@ def linear_log_softmax_reference(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
-    """log_softmax(logit_scale * (hidden @ weight.T + bias) / temperature) over the last dim, [..., V].
+    """log_softmax(z / temperature) over the last dim, [..., V], z = logit_scale * (hidden @
+    weight.T + bias), or c tanh(z / c) with c = logit_softcap.
 
     The logits are computed in the inputs' dtype and normalised in float32 (float64 stays
-    float64), as a Hugging Face model followed by ``logits.float()`` would do; logit_scale is
-    applied to them first, as such a model's forward does (Granite's 1 / logits_scaling).
+    float64), as a Hugging Face model followed by ``logits.float()`` would do; the scale and
+    the cap are applied to them first, as such a model's forward does (Granite's
+    1 / logits_scaling, Gemma 2's final_logit_softcapping).
     """
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
     if logit_scale != 1.0:
         logits = logits * logit_scale
+    if logit_softcap is not None:
+        logits = torch.tanh(logits / logit_softcap) * logit_softcap
     if logits.dtype != torch.float64:
         logits = logits.float()
     if temperature != 1.0:  # no extra [N, V] copy when it would change nothing
@@ -43,11 +48,12 @@ def token_logprobs_reference(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``gopd_kernels.token_logprobs``, by materialising the logits."""
-    logp_all = linear_log_softmax_reference(hidden, weight, bias, temperature, logit_scale)
+    logp_all = linear_log_softmax_reference(hidden, weight, bias, temperature, logit_scale, logit_softcap)
     valid = targets != ignore_index
     safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -69,6 +75,7 @@ def gopd_loss_reference(
     lam: float = 1.0,
     temperature: float = 1.0,
     logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     old_logp: torch.Tensor | None = None,
     rollout_logp: torch.Tensor | None = None,
     clip_ratio: tuple[float, float] = (0.2, 0.2),
@@ -80,7 +87,7 @@ def gopd_loss_reference(
     """gopd_loss written out naively (materialised logits, explicit per-sequence loops)."""
     s = token_logprobs_reference(
         hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
-        ignore_index=ignore_index,
+        logit_softcap=logit_softcap, ignore_index=ignore_index,
     )  # fmt: skip
     return policy_loss_reference(
         s, targets, teacher_logp, ref_logp, lam=lam, old_logp=old_logp, rollout_logp=rollout_logp,
@@ -148,21 +155,26 @@ def gopd_dense_loss_reference(
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
     ref_logit_scale: float = 1.0,
+    student_logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None,
+    ref_logit_softcap: float | None = None,
     mask: torch.Tensor | None = None,
     loss_agg: str = "token-mean",
     num_tokens: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, per-position KL(p_s || q)) with the three [N, V] log-softmaxes materialised."""
     log_ps = linear_log_softmax_reference(
-        student_hidden, student_weight, student_bias, temperature, student_logit_scale
+        student_hidden, student_weight, student_bias, temperature, student_logit_scale, student_logit_softcap
     )
     log_pt = linear_log_softmax_reference(
-        teacher_hidden, teacher_weight, teacher_bias, temperature, teacher_logit_scale
+        teacher_hidden, teacher_weight, teacher_bias, temperature, teacher_logit_scale, teacher_logit_softcap
     ).detach()
     if ref_hidden is None:
         log_q = log_pt
     else:
-        log_pr = linear_log_softmax_reference(ref_hidden, ref_weight, ref_bias, temperature, ref_logit_scale)
+        log_pr = linear_log_softmax_reference(
+            ref_hidden, ref_weight, ref_bias, temperature, ref_logit_scale, ref_logit_softcap
+        )
         log_pr = log_pr.detach()
         log_q = torch.log_softmax(lam * log_pt + (1 - lam) * log_pr, dim=-1)
     kl = (log_ps.exp() * (log_ps - log_q)).sum(-1)

@@ -24,6 +24,7 @@ from gopd_kernels.validation import (
     check_lm_head,
     check_matching_head,
     check_targets,
+    logit_cap,
     logit_temperature,
 )
 
@@ -53,6 +54,8 @@ def frozen_logprobs(
     temperature: float = 1.0,
     teacher_logit_scale: float = 1.0,
     ref_logit_scale: float = 1.0,
+    teacher_logit_softcap: float | None = None,
+    ref_logit_softcap: float | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     vocab_group: ProcessGroup | None = None,
@@ -64,8 +67,9 @@ def frozen_logprobs(
     the targets index both). Without a reference (``ref_hidden=None``) only lam == 1 can
     give an advantage (A = T - s). Never [N, V], no autograd graph.
 
-    teacher_logit_scale, ref_logit_scale: each model's logit multiplier s (see token_logprobs'
-    logit_scale): its log-probs are those of softmax(s (h W^T + b) / tau).
+    teacher_logit_scale, ref_logit_scale, teacher_logit_softcap, ref_logit_softcap: each model's
+    logit multiplier s and soft-cap c (see token_logprobs'): its log-probs are those of
+    softmax(c tanh(s (h W^T + b) / c) / tau), or of softmax(s (h W^T + b) / tau) without a cap.
 
     vocab_group: vocabulary-parallel heads, as in token_logprobs: the teacher's and the
     reference's weights (and biases) hold this rank's rows, shard by shard alike; every
@@ -88,11 +92,15 @@ def frozen_logprobs(
     vocab = teacher_weight.shape[0] if shard is None else shard.vocab
     check_targets(targets, teacher_hidden.shape[:-1], vocab, ignore_index, teacher_hidden.device)
     temperatures = [logit_temperature(temperature, teacher_logit_scale, "teacher_logit_scale")]
+    caps = [logit_cap(temperature, teacher_logit_softcap, "teacher_logit_softcap")]
     ref_temperature = logit_temperature(temperature, ref_logit_scale, "ref_logit_scale")
+    ref_cap = logit_cap(temperature, ref_logit_softcap, "ref_logit_softcap")
     if ref_hidden is not None:
         temperatures.append(ref_temperature)
-    elif ref_logit_scale != 1.0:
-        raise ValueError(f"ref_logit_scale={ref_logit_scale} is given without ref_hidden / ref_weight")
+        caps.append(ref_cap)
+    elif ref_logit_scale != 1.0 or ref_cap is not None:
+        given = f"ref_logit_softcap={ref_logit_softcap}" if ref_cap else f"ref_logit_scale={ref_logit_scale}"
+        raise ValueError(f"{given} is given without ref_hidden / ref_weight")
     lam = check_lam(lam)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together")
@@ -111,7 +119,7 @@ def frozen_logprobs(
     rows = RowSelection(targets != ignore_index)
     y = rows.take(targets).long().contiguous()
     compact = [(rows.take(h).contiguous(), w, b) for h, w, b in models]
-    logps = _score(compact, y, [1.0 / t for t in temperatures], backend, shard)
+    logps = _score(compact, y, [1.0 / t for t in temperatures], caps, backend, shard)
     teacher_logp = rows.put(logps[0])
     ref_logp = rows.put(logps[1]) if len(logps) > 1 else None
     advantage = None
@@ -121,20 +129,22 @@ def frozen_logprobs(
     return FrozenScores(teacher_logp, ref_logp, advantage)
 
 
-def _score(models, targets, inv_temps, backend, shard=None) -> list[torch.Tensor]:
-    """Each model's log-probs of `targets` (one 1 / tau each in inv_temps)."""
+def _score(models, targets, inv_temps, caps, backend, shard=None) -> list[torch.Tensor]:
+    """Each model's log-probs of `targets` (one 1 / tau each in inv_temps, one cap / tau or None
+    each in caps)."""
     if models[0][0].shape[0] == 0:
         return [models[0][0].new_zeros(0, dtype=torch.float32) for _ in models]
     impl = implementation("linear_logsoftmax", backend)
     if shard is not None:
         targets = shard.local_targets(targets)
     operands = [t for model in models for t in model]
-    if backend == "triton" and not impl.torch_logits(False, *operands):  # one launch for both models
-        scores = impl.forward_models(models, targets, inv_temps, False)
+    capped = any(cap is not None for cap in caps)
+    if backend == "triton" and not impl.torch_logits(False, *operands, capped=capped):  # one launch for both
+        scores = impl.forward_models(models, targets, inv_temps, False, caps)
     else:  # the torch backend, or the Triton one with cuBLAS tiles: one model after the other
         scores = [
-            impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w))
-            for (h, w, b), inv_temp in zip(models, inv_temps, strict=True)
+            impl.forward(h, w, b, targets, inv_temp, False, workspace_bytes(backend, w), cap=cap)
+            for (h, w, b), inv_temp, cap in zip(models, inv_temps, caps, strict=True)
         ]
     if shard is not None:  # each model's shards merged over the group
         scores = [shard.merge(targets, logp, lse, None) for logp, lse, _ in scores]

@@ -28,13 +28,24 @@ def check_temperature(temperature: float, name: str = "temperature") -> float:
 def logit_temperature(temperature: float, logit_scale: float = 1.0, scale_name: str = "logit_scale") -> float:
     """tau / s, the one divisor of a head's raw logits h W^T + b in softmax(s (h W^T + b) / tau):
     the sampling temperature tau and the model's own logit multiplier s (Granite's
-    1 / logits_scaling, Cohere's logit_scale; gopd_kernels.hf.head_logit_scale), both checked."""
+    1 / logits_scaling, Cohere's logit_scale; gopd_kernels.hf.head_logits), both checked."""
     effective = check_temperature(temperature) / check_temperature(logit_scale, scale_name)
     if not math.isfinite(effective) or effective <= 0:
         raise ValueError(
             f"temperature / {scale_name} must be finite and > 0, got {temperature} / {logit_scale}"
         )
     return effective
+
+
+def logit_cap(temperature: float, softcap: float | None, name: str = "logit_softcap") -> float | None:
+    """c / tau, a soft-capped head's cap in the units of its tempered logits (softmax reads
+    (c / tau) tanh(s (h W^T + b) / c)), or None for a head with no cap (softcap None)."""
+    if softcap is None:
+        return None
+    cap = check_temperature(softcap, name) / check_temperature(temperature)
+    if not math.isfinite(cap) or cap <= 0:
+        raise ValueError(f"{name} / temperature must be finite and > 0, got {softcap} / {temperature}")
+    return cap
 
 
 def check_lm_head(

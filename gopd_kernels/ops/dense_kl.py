@@ -14,6 +14,9 @@ from gopd_kernels.backend import implementation, workspace_bytes
 # 1 / tau of the student's, the teacher's and the reference's logits: s_k / tau for a model that
 # multiplies its head's output by s_k (logit_scale), else all three 1 / tau
 InvTemps = tuple[float, float, float]
+# their soft-caps / tau (None: a head whose logits are not capped), the same way
+Caps = tuple[float | None, float | None, float | None]
+NO_CAPS: Caps = (None, None, None)
 
 
 def head_tiles(heads, rows: slice, cols: slice, weight=lambda w: w) -> list:
@@ -32,7 +35,22 @@ class DenseGopdKL(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, inv_temps, with_teacher_kl, backend, shard=None
+        ctx,
+        hs,
+        ws,
+        bs,
+        ht,
+        wt,
+        bt,
+        hr,
+        wr,
+        br,
+        lam,
+        inv_temps,
+        with_teacher_kl,
+        backend,
+        shard=None,
+        caps=NO_CAPS,
     ):
         impl = implementation("dense_kl", backend)
         ws_bytes = workspace_bytes(backend, ws)
@@ -43,10 +61,11 @@ class DenseGopdKL(torch.autograd.Function):
         else:
             merge = {} if shard is None else {"merge": shard.merge_dense}
             kl, lse_a, lse_c, kl_t = impl.forward(
-                (hs, ws, bs), (ht, wt, bt), ref, lam, inv_temps, with_teacher_kl, ws_bytes, **merge
+                (hs, ws, bs), (ht, wt, bt), ref, lam, inv_temps, with_teacher_kl, ws_bytes, **merge, caps=caps
             )
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, hr, wr, br, lse_a, lse_c, kl)
         ctx.impl, ctx.lam, ctx.inv_temps, ctx.workspace, ctx.shard = impl, lam, inv_temps, ws_bytes, shard
+        ctx.caps = caps
         if kl_t is not None:
             ctx.mark_non_differentiable(kl_t)
         return kl, kl_t
@@ -64,8 +83,8 @@ class DenseGopdKL(torch.autograd.Function):
             grads = ctx.impl.backward(
                 (hs, ws, bs), (ht, wt, bt), ref, ctx.lam, ctx.inv_temps, lse_a, lse_c, kl,
                 grad_kl.contiguous(), needs, ctx.workspace,
-                dh_dtype=torch.promote_types(hs.dtype, torch.float32) if reduce_dh else None,
+                dh_dtype=torch.promote_types(hs.dtype, torch.float32) if reduce_dh else None, caps=ctx.caps,
             )  # fmt: skip
             if reduce_dh:  # summed over the ranks in fp32, then rounded once
                 grads = (ctx.shard.reduce_hidden(grads[0]).to(hs.dtype), *grads[1:])
-        return *grads, *(None,) * 11
+        return *grads, *(None,) * 12

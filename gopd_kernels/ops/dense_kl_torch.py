@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.dense_kl import InvTemps, head_tiles
+from gopd_kernels.ops.dense_kl import NO_CAPS, Caps, InvTemps, head_tiles
 from gopd_kernels.ops.linear_logsoftmax_torch import (
     TileWorkspace,
     _chunks,
     accumulate_head_grads,
+    cap_grad,
     logits_tile,
     tile_shape,
 )
@@ -36,21 +37,33 @@ from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
 Head = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def _target_tile(out, teacher: Head, ref: Head | None, lam: float, inv_temps: InvTemps) -> torch.Tensor:
+def _target_tile(
+    out, teacher: Head, ref: Head | None, lam: float, inv_temps: InvTemps, caps: Caps = NO_CAPS, scratch=None
+) -> torch.Tensor:
     """out <- c = (lam z_T + (1 - lam) z_R) / tau; heads already sliced to the tile, their
-    biases already divided by tau (scaled_heads)."""
+    biases already divided by tau (scaled_heads). A soft-capped teacher's or reference's tile
+    is capped before it is weighted (caps; the reference's through `scratch`, a tile-sized
+    buffer)."""
     ht, wt, bt = teacher
     lam_t = lam if ref is not None else 1.0
-    mm_into(out, ht, wt.T, alpha=lam_t * inv_temps[1])
-    if bt is not None:
-        out.add_(bt, alpha=lam_t)
+    if caps[1] is None:
+        mm_into(out, ht, wt.T, alpha=lam_t * inv_temps[1])
+        if bt is not None:
+            out.add_(bt, alpha=lam_t)
+    else:
+        logits_tile(out, ht, wt, inv_temps[1], bt, cap=caps[1]).mul_(lam_t)
     if ref is not None and lam != 1.0:
-        add_ref_logits(out, ref, lam, inv_temps[2])
+        add_ref_logits(out, ref, lam, inv_temps[2], caps[2], scratch)
     return out
 
 
-def add_ref_logits(out: torch.Tensor, ref: Head, lam: float, inv_temp: float) -> torch.Tensor:
-    """out += (1 - lam) z_R / tau, the reference's share of c (its bias already divided by tau)."""
+def add_ref_logits(
+    out: torch.Tensor, ref: Head, lam: float, inv_temp: float, cap: float | None = None, scratch=None
+) -> torch.Tensor:
+    """out += (1 - lam) z_R / tau, the reference's share of c (its bias already divided by tau);
+    a soft-capped reference's tile is capped in `scratch` first."""
+    if cap is not None:
+        return out.add_(logits_tile(scratch, ref[0], ref[1], inv_temp, ref[2], cap=cap), alpha=1.0 - lam)
     mm_add(out, ref[0], ref[1].T, alpha=(1.0 - lam) * inv_temp)
     if ref[2] is not None:
         out.add_(ref[2], alpha=1.0 - lam)
@@ -81,9 +94,11 @@ def forward(
     with_teacher_kl: bool,
     workspace_bytes: int,
     merge=merge_dense_kl_partials,
+    caps: Caps = NO_CAPS,
 ):
     """-> (kl, lse_a, lse_c, kl_to_teacher | None), each [M], from the vocabulary slices'
-    partials by `merge` (a vocabulary-parallel head's merges over its ranks too)."""
+    partials by `merge` (a vocabulary-parallel head's merges over its ranks too). caps: the
+    three heads' soft-caps / tau (None: not capped)."""
     rows, vocab = student[0].shape[0], student[1].shape[0]
     acc = compute_dtype(student[0].dtype)
     live = 4 if with_teacher_kl else 3
@@ -98,15 +113,15 @@ def forward(
         for r0, r1 in _chunks(rows, row_chunk):
             (hs, ws, bs), tch, rf = head_tiles(heads, slice(r0, r1), slice(c0, c1), operand)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            a = logits_tile(tiles[0], hs, ws, inv_temps[0], bs)
+            a = logits_tile(tiles[0], hs, ws, inv_temps[0], bs, cap=caps[0])
             if with_teacher_kl:  # the teacher's own logits first, then c from them
-                zt = _target_tile(tiles[3], tch, None, 1.0, inv_temps)
+                zt = _target_tile(tiles[3], tch, None, 1.0, inv_temps, caps)
                 mt[k, r0:r1], st[k, r0:r1] = _lse_partials(zt, tiles[2])
                 c = torch.mul(zt, lam, out=tiles[1])
                 if lam != 1.0:
-                    add_ref_logits(c, rf, lam, inv_temps[2])
+                    add_ref_logits(c, rf, lam, inv_temps[2], caps[2], tiles[2])
             else:
-                c = _target_tile(tiles[1], tch, rf, lam, inv_temps)
+                c = _target_tile(tiles[1], tch, rf, lam, inv_temps, caps, tiles[2])
             mc[k, r0:r1], sc[k, r0:r1] = _lse_partials(c, tiles[2])
             ma[k, r0:r1], sa[k, r0:r1] = _lse_partials(a, tiles[2])
             e = tiles[2]  # exp(a - m_a), left there by the last _lse_partials
@@ -129,29 +144,36 @@ def backward(
     needs: tuple[bool, bool, bool],
     workspace_bytes: int,
     dh_dtype: torch.dtype | None = None,
+    caps: Caps = NO_CAPS,
 ):
     """Gradients (d student hidden, d student weight, d student bias) for a per-position
-    upstream grad_kl; d student hidden in dh_dtype when given (as linear_logsoftmax_torch's)."""
+    upstream grad_kl; d student hidden in dh_dtype when given (as linear_logsoftmax_torch's).
+    A soft-capped student's dL/da is taken through its cap: times 1 - (a / cap)^2."""
     need_dh, need_dw, need_db = needs
     rows, dim = student[0].shape
     vocab = student[1].shape[0]
     acc = compute_dtype(student[0].dtype)
-    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, 3)
+    live = 3 if caps[0] is None else 4  # and da/dz
+    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, student[0].dtype, live)
     heads = scaled_heads((student, teacher, ref), inv_temps, acc)
     g = grad_kl.to(acc) * inv_temps[0]  # d/d(raw logits) = d/da / tau
     like = dict(dtype=acc, device=student[0].device)
     dh = torch.zeros(rows, dim, **like) if need_dh else None
     dw = torch.empty(vocab, dim, **like) if need_dw else None
     db = torch.zeros(vocab, **like) if need_db else None
-    buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=3)
+    buf = TileWorkspace(row_chunk, vocab_chunk, acc, student[0].device, live=live)
     for c0, c1 in _chunks(vocab, vocab_chunk):
         for r0, r1 in _chunks(rows, row_chunk):
             (hs, ws, bs), tch, rf = head_tiles(heads, slice(r0, r1), slice(c0, c1), operand)
             tiles = buf.tiles(r1 - r0, c1 - c0)
-            log_p = logits_tile(tiles[0], hs, ws, inv_temps[0], bs, lse_a[r0:r1])
-            log_q = _target_tile(tiles[1], tch, rf, lam, inv_temps).sub_(lse_c[r0:r1, None])
+            log_p = logits_tile(tiles[0], hs, ws, inv_temps[0], bs, cap=caps[0])
+            da_dz = None if caps[0] is None else cap_grad(log_p, caps[0], tiles[3])
+            log_p.sub_(lse_a[r0:r1, None])
+            log_q = _target_tile(tiles[1], tch, rf, lam, inv_temps, caps, tiles[2]).sub_(lse_c[r0:r1, None])
             p = torch.exp(log_p, out=tiles[2])
             dz = log_p.sub_(log_q).sub_(kl[r0:r1, None]).mul_(p).mul_(g[r0:r1, None])
+            if da_dz is not None:
+                dz.mul_(da_dz)
             accumulate_head_grads(dz, hs, ws, dh, dw, (r0, r1), (c0, c1), db)
     cast = lambda grad, dtype: None if grad is None else grad.to(dtype)  # noqa: E731
     return cast(dh, dh_dtype or student[0].dtype), cast(dw, student[1].dtype), cast(db, student[1].dtype)

@@ -17,10 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.ops.dense_kl import head_tiles
+from gopd_kernels.ops.dense_kl import NO_CAPS, head_tiles
 from gopd_kernels.ops.linear_logsoftmax_triton import (
     GROUP_M,
     INTERPRET_CONFIG,
+    cap_grad,
+    capped,
     grads_from_logit_grads,
     lm_head_args,
     logits_tile,
@@ -54,21 +56,25 @@ DENSE_CONFIGS = [
 @triton.jit
 def target_tile(
     ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
-    s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, lam,
+    s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, cap_t, cap_r, lam,
     HAS_REF: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP_T: tl.constexpr, SOFTCAP_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """(z_T tile, c tile) with c = lam z_T + (1 - lam) z_R (c = z_T without a reference); -inf past V."""
+    """(z_T tile, c tile) with c = lam z_T + (1 - lam) z_R (c = z_T without a reference); -inf past V.
+    Each model's tile at its own 1 / tau, and soft-capped at its own cap / tau where SOFTCAP_*."""
     zt = logits_tile(
         ht_ptr, wt_ptr, bt_ptr, rows, cols, M, V, DT, s_htm, s_htd, s_wtv, s_wtd,
         inv_temp_t, HAS_BIAS_T, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
+    zt = capped(zt, cols, V, cap_t, SOFTCAP_T)
     c = zt
     if HAS_REF:
         zr = logits_tile(
             hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DR, s_hrm, s_hrd, s_wrv, s_wrd,
             inv_temp_r, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
+        zr = capped(zr, cols, V, cap_r, SOFTCAP_R)
         # Both are -inf past V: combine real columns only (lam > 1 would give -inf + inf there).
         col_ok = cols[None, :] < V
         mixed = lam * tl.where(col_ok, zt, 0.0) + (1.0 - lam) * tl.where(col_ok, zr, 0.0)
@@ -89,9 +95,10 @@ def dense_kl_partials_kernel(
     ma_ptr, sa_ptr, u_ptr, mc_ptr, sc_ptr, mt_ptr, st_ptr, ut_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd,
-    inv_temp, inv_temp_t, inv_temp_r, lam, slice_len, M_BUCKET,
+    inv_temp, inv_temp_t, inv_temp_r, cap_s, cap_t, cap_r, lam, slice_len, M_BUCKET,
     HAS_REF: tl.constexpr, TEACHER_KL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr,
+    SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr, SOFTCAP_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -115,10 +122,11 @@ def dense_kl_partials_kernel(
             hs_ptr, ws_ptr, bs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
             inv_temp, HAS_BIAS_S, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
+        a = capped(a, cols, V, cap_s, SOFTCAP_S)
         zt, c = target_tile(
             ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
-            s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, lam,
-            HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+            s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, cap_t, cap_r, lam,
+            HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, SOFTCAP_T, SOFTCAP_R, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         ma_new = tl.maximum(ma, tl.max(a, axis=1))
         alpha = tl.exp(ma - ma_new)
@@ -148,13 +156,15 @@ def dense_kl_grad_kernel(
     lse_a_ptr, lse_c_ptr, kl_ptr, g_ptr, dz_ptr,
     M, V, DS, DT, DR,
     s_hsm, s_hsd, s_wsv, s_wsd, s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, stride_dzm,
-    inv_temp, inv_temp_t, inv_temp_r, lam, M_BUCKET,
+    inv_temp, inv_temp_t, inv_temp_r, cap_s, cap_t, cap_r, lam, M_BUCKET,
     HAS_REF: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, HAS_BIAS_R: tl.constexpr,
+    SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr, SOFTCAP_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """dZ = g p_s (log p_s - log q - KL), g already divided by the student's tau (inv_temp; the
-    teacher's and reference's logits at their own, inv_temp_t and inv_temp_r)."""
+    teacher's and reference's logits at their own, inv_temp_t and inv_temp_r), times
+    1 - (a / cap_s)^2 for a soft-capped student."""
     pid_m, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -164,10 +174,11 @@ def dense_kl_grad_kernel(
         hs_ptr, ws_ptr, bs_ptr, rows, cols, M, V, DS, s_hsm, s_hsd, s_wsv, s_wsd,
         inv_temp, HAS_BIAS_S, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
+    a = capped(a, cols, V, cap_s, SOFTCAP_S)
     _, c = target_tile(
         ht_ptr, wt_ptr, bt_ptr, hr_ptr, wr_ptr, br_ptr, rows, cols, M, V, DT, DR,
-        s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, lam,
-        HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
+        s_htm, s_htd, s_wtv, s_wtd, s_hrm, s_hrd, s_wrv, s_wrd, inv_temp_t, inv_temp_r, cap_t, cap_r, lam,
+        HAS_REF, HAS_BIAS_T, HAS_BIAS_R, DOT_PRECISION, SOFTCAP_T, SOFTCAP_R, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0)
     lse_c = tl.load(lse_c_ptr + rows, mask=row_ok, other=0.0)
@@ -176,6 +187,8 @@ def dense_kl_grad_kernel(
     log_p = a - lse_a[:, None]
     log_q = c - lse_c[:, None]
     dz = g[:, None] * tl.exp(log_p) * tl.where(col_ok, log_p - log_q - kl[:, None], 0.0)
+    if SOFTCAP_S:
+        dz = dz * cap_grad(a, cols, V, cap_s)
     dz_ptrs = dz_ptr + rows[:, None].to(tl.int64) * stride_dzm + cols[None, :]
     tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
 
@@ -206,9 +219,15 @@ def _head_args(heads):
     return ptrs, dims, strides, flags
 
 
+def _cap_args(caps) -> tuple[list[float], dict]:
+    """The three caps as kernel scalars (1.0 standing in for None) and their SOFTCAP_* flags."""
+    return [c or 1.0 for c in caps], {f"SOFTCAP_{k}": c is not None for k, c in zip("STR", caps, strict=True)}
+
+
 def forward(
-    student, teacher, ref, lam, inv_temps, with_teacher_kl, workspace_bytes, merge=merge_dense_kl_partials
-):
+    student, teacher, ref, lam, inv_temps, with_teacher_kl, workspace_bytes, merge=merge_dense_kl_partials,
+    caps=NO_CAPS,
+):  # fmt: skip
     """Same contract as dense_kl_torch.forward."""
     M, V = student[0].shape[0], student[1].shape[0]
     n_slices, slice_len = vocab_slices(M, V, student[0].device)
@@ -216,6 +235,7 @@ def forward(
     ma, sa, u, mc, sc = new(), new(), new(), new(), new()
     mt, st, ut = (new(), new(), new()) if with_teacher_kl else (ma, sa, u)  # placeholders when unused
     ptrs, dims, strides, bias_flags = _head_args((student, teacher, ref))
+    cap_values, cap_flags = _cap_args(caps)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_slices)
     launch(
         dense_kl_partials_kernel,
@@ -223,20 +243,23 @@ def forward(
         grid,
         INTERPRET_CONFIG,
         *ptrs, ma, sa, u, mc, sc, mt, st, ut, M, V, *dims, *strides,
-        *inv_temps, float(lam), slice_len, token_bucket(M),
+        *inv_temps, *cap_values, float(lam), slice_len, token_bucket(M),
         HAS_REF=ref is not None and lam != 1.0,
         TEACHER_KL=with_teacher_kl,
         DOT_PRECISION=DOT_PRECISION[student[0].dtype],
         **bias_flags,
+        **cap_flags,
     )  # fmt: skip
     return merge((ma, sa, u), (mc, sc), (mt, st, ut) if with_teacher_kl else None)
 
 
 def backward(
-    student, teacher, ref, lam, inv_temps, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes, dh_dtype=None
-):
+    student, teacher, ref, lam, inv_temps, lse_a, lse_c, kl, grad_kl, needs, workspace_bytes, dh_dtype=None,
+    caps=NO_CAPS,
+):  # fmt: skip
     """Same contract as dense_kl_torch.backward."""
     hs, ws, _ = student
+    cap_values, cap_flags = _cap_args(caps)
     g = grad_kl.float() * inv_temps[0]
 
     def scale():
@@ -257,11 +280,12 @@ def backward(
             grid,
             INTERPRET_CONFIG,
             *ptrs, lse_a[rows], lse_c[rows], kl[rows], g[rows], dz,
-            M, V, *dims, *strides, dz.stride(0), *inv_temps, float(lam), token_bucket(M),
+            M, V, *dims, *strides, dz.stride(0), *inv_temps, *cap_values, float(lam), token_bucket(M),
             HAS_REF=ref is not None and lam != 1.0,
             DOT_PRECISION=DOT_PRECISION[hs.dtype],
             GROUP_M=GROUP_M,
             **bias_flags,
+            **cap_flags,
         )  # fmt: skip
         return dz
 

@@ -15,6 +15,10 @@ entropy. Backward: each tile is recomputed and turned into dL/dz,
 follow by two GEMMs and a column sum. dW of a vocabulary chunk is complete once its row
 chunks are done, so it is written once, in float32.
 
+A soft-capped head (Gemma 2's final_logit_softcapping c) has logits a = cap tanh(z / cap),
+cap = c / tau: the tiles are capped where they are built, and the backward's dL/da times
+da/dz = 1 - (a / cap)^2, read off the capped tile itself, is dL/dz.
+
 Frozen head (only dH wanted, no entropy): dL/dh = g_l / tau (W_y - E_p[W]), and the
 forward can accumulate E_p[W] = sum_v p_v W_v with one more GEMM per tile (an online
 softmax over vocabulary chunks, rescaled as the running row maximum moves;
@@ -72,14 +76,23 @@ def logits_tile(
     inv_temp: float,
     col_bias: torch.Tensor | None,
     row_shift: torch.Tensor | None = None,
+    cap: float | None = None,
 ) -> torch.Tensor:
-    """out <- (h @ w.T) * inv_temp + col_bias - row_shift[:, None]."""
+    """out <- (h @ w.T) * inv_temp + col_bias, soft-capped (cap tanh(. / cap)) when cap is
+    given, minus row_shift[:, None]."""
     mm_into(out, h, w.T, alpha=inv_temp)
     if col_bias is not None:
         out.add_(col_bias)
+    if cap is not None:
+        out.div_(cap).tanh_().mul_(cap)
     if row_shift is not None:
         out.sub_(row_shift[:, None])
     return out
+
+
+def cap_grad(capped: torch.Tensor, cap: float, out: torch.Tensor) -> torch.Tensor:
+    """out <- d capped / d raw = 1 - (capped / cap)^2, from a soft-capped tile."""
+    return torch.div(capped, cap, out=out).square_().neg_().add_(1.0)
 
 
 def _chunks(n: int, size: int):
@@ -117,11 +130,15 @@ def forward(
     with_entropy: bool,
     workspace_bytes: int,
     expected_weight: torch.Tensor | None = None,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """hidden [M, D], weight [V, D], targets [M] int64 in [0, V) -> (logp, lse, entropy|None).
 
-    expected_weight: an optional [M, D] float32 buffer, filled with E_p[W] (frozen-head backward).
+    expected_weight: an optional [M, D] float32 buffer, filled with E_p[W] (frozen-head backward;
+    not with a soft-cap). cap: a soft-capped head's cap / tau (module doc).
     """
+    if cap is not None and expected_weight is not None:
+        raise ValueError("the frozen-head fold does not take a soft-capped head")
     rows, vocab = hidden.shape[0], weight.shape[0]
     row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
     n_slices = -(-vocab // vocab_chunk)
@@ -139,7 +156,7 @@ def forward(
         w = operand(weight[c0:c1])
         b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
         for r0, r1 in _chunks(rows, row_chunk):
-            z = logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b)
+            z = logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, cap=cap)
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             zy[k, r0 + sel] = z[sel, col]
             m_k = z.amax(dim=1)
@@ -189,14 +206,16 @@ def backward(
     needs: tuple[bool, bool, bool],
     workspace_bytes: int,
     dh_dtype: torch.dtype | None = None,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients (dhidden, dweight, dbias) for per-token upstream grad_logp / grad_entropy [M];
     dhidden in dh_dtype when given (a vocabulary-parallel head sums it over ranks in fp32),
-    else in hidden's dtype."""
+    else in hidden's dtype. cap: a soft-capped head's cap / tau."""
     need_dh, need_dw, need_db = needs
     rows, dim = hidden.shape
     vocab = weight.shape[0]
-    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
+    live = LIVE_TILES if cap is None else LIVE_TILES + 1  # and da/dz
+    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype, live)
     acc = compute_dtype(hidden.dtype)
     h = operand(hidden)
     # dz/d(raw logits) = dz/dz_scaled * inv_temp: fold it into the per-token upstream grads.
@@ -206,12 +225,14 @@ def backward(
     dh = torch.zeros(rows, dim, **like) if need_dh else None
     dw = torch.empty(vocab, dim, **like) if need_dw else None
     db = torch.zeros(vocab, **like) if need_db else None
-    ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
+    ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device, live)
     for c0, c1 in _chunks(vocab, vocab_chunk):
         w = operand(weight[c0:c1])
         b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
         for r0, r1 in _chunks(rows, row_chunk):
-            u = logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, lse[r0:r1])  # log p
+            u = logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, cap=cap)
+            da_dz = None if cap is None else cap_grad(u, cap, ws.tile(2, r1 - r0, c1 - c0))
+            u.sub_(lse[r0:r1, None])  # log p
             if g_e is None:
                 dz = u.exp_().mul_(-g_l[r0:r1, None])
             else:
@@ -219,6 +240,8 @@ def backward(
                 dz = u.add_(entropy[r0:r1, None]).mul_(g_e[r0:r1, None]).add_(g_l[r0:r1, None]).mul_(p).neg_()
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             dz[sel, col] += g_l[r0 + sel]
+            if da_dz is not None:
+                dz.mul_(da_dz)
             accumulate_head_grads(dz, h[r0:r1], w, dh, dw, (r0, r1), (c0, c1), db)
     cast = lambda x, dtype: None if x is None else x.to(dtype)
     return (

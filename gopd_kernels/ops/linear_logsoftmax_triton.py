@@ -109,6 +109,35 @@ def logits_tile(
 
 
 @triton.jit
+def soft_cap(x, cap):
+    """cap tanh(x / cap). By exp, which the interpreter runs too (libdevice's tanh it does not):
+    (1 - e^-2|t|) / (1 + e^-2|t|), and below |t| = 1/8, where that cancels, tanh's odd series
+    to t^7 (5e-7 relative at most on either side)."""
+    t = x / cap
+    a = tl.abs(t)
+    e = tl.exp(-2.0 * a)
+    t2 = t * t
+    series = a * (1.0 + t2 * (-1.0 / 3.0 + t2 * (2.0 / 15.0 + t2 * (-17.0 / 315.0))))
+    th = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
+    return cap * tl.where(t < 0, -th, th)
+
+
+@triton.jit
+def capped(z, cols, V, cap, SOFTCAP: tl.constexpr):
+    """A logit tile as softmax reads it: z, or for a soft-capped head cap tanh(z / cap) (cap and z
+    both already / tau), columns past V still -inf."""
+    if SOFTCAP:
+        z = tl.where(cols[None, :] < V, soft_cap(z, cap), float("-inf"))
+    return z
+
+
+@triton.jit
+def cap_grad(z, cols, V, cap):
+    """d capped / d raw from the capped tile z itself: 1 - (z / cap)^2 (0 past V)."""
+    return tl.where(cols[None, :] < V, 1.0 - (z / cap) * (z / cap), 0.0)
+
+
+@triton.jit
 def online_softmax_update(z, cols, y, V, m, s, t, zy, WITH_ENTROPY: tl.constexpr):
     """Fold one [BLOCK_M, BLOCK_V] logit tile into the running (m, s, t, zy) of its rows."""
     zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
@@ -150,12 +179,16 @@ def vocab_partials_kernel(
     stride_w2d,
     inv_temp,
     inv_temp2,
+    cap,
+    cap2,
     slice_len,
     M_BUCKET,  # token_bucket(M): the autotuning key, not read
     HAS_BIAS: tl.constexpr,
     HAS_BIAS2: tl.constexpr,
     TWO_MODELS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    SOFTCAP2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -163,7 +196,8 @@ def vocab_partials_kernel(
 ):
     """Partials [model, slice, row] for one model, or two (teacher and reference) sharing
     targets and V, whose tiles are streamed side by side in the same program (each at its own
-    1 / tau: inv_temp, inv_temp2, which differ where the models scale their logits apart)."""
+    1 / tau: inv_temp, inv_temp2, which differ where the models scale their logits apart; and
+    soft-capped at its own cap / tau where SOFTCAP, SOFTCAP2)."""
     pid_m = tl.program_id(0)
     vocab_slice = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -185,12 +219,14 @@ def vocab_partials_kernel(
             h_ptr, w_ptr, b_ptr, rows, cols, M, V, D, stride_hm, stride_hd, stride_wv, stride_wd,
             inv_temp, HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
+        z = capped(z, cols, V, cap, SOFTCAP)
         m, s, t, zy = online_softmax_update(z, cols, y, V, m, s, t, zy, WITH_ENTROPY)
         if TWO_MODELS:
             z2 = logits_tile(
                 h2_ptr, w2_ptr, b2_ptr, rows, cols, M, V, D2, stride_h2m, stride_h2d, stride_w2v, stride_w2d,
                 inv_temp2, HAS_BIAS2, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
             )  # fmt: skip
+            z2 = capped(z2, cols, V, cap2, SOFTCAP2)
             m2, s2, t2, zy2 = online_softmax_update(z2, cols, y, V, m2, s2, t2, zy2, WITH_ENTROPY)
     out = vocab_slice * M + rows
     tl.store(m_ptr + out, m, mask=row_ok)
@@ -227,16 +263,19 @@ def logits_grad_kernel(
     stride_wd,
     stride_dzm,
     inv_temp,
+    cap,
     M_BUCKET,  # token_bucket(M): the autotuning key, not read
     HAS_BIAS: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dZ[rows, cols] = g_l 1[col = y] - p (g_l + g_H (H + z - lse)), g already / tau."""
+    """dZ[rows, cols] = (g_l 1[col = y] - p (g_l + g_H (H + z - lse))) (1 - (z / cap)^2), g
+    already / tau; the last factor only for a soft-capped head, whose z is cap tanh(raw / cap)."""
     pid_m, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(V, BLOCK_V), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -245,6 +284,7 @@ def logits_grad_kernel(
         h_ptr, w_ptr, b_ptr, rows, cols, M, V, D, stride_hm, stride_hd, stride_wv, stride_wd,
         inv_temp, HAS_BIAS, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
     )  # fmt: skip
+    z = capped(z, cols, V, cap, SOFTCAP)
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g_l = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
@@ -257,6 +297,8 @@ def logits_grad_kernel(
     else:
         coef = g_l[:, None]
     dz = tl.where(cols[None, :] == y[:, None], g_l[:, None], 0.0) - p * coef
+    if SOFTCAP:
+        dz = dz * cap_grad(z, cols, V, cap)
     dz_ptrs = dz_ptr + rows[:, None].to(tl.int64) * stride_dzm + cols[None, :]
     tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < V))
 
@@ -291,9 +333,11 @@ def lm_head_args(hidden: torch.Tensor, weight: torch.Tensor) -> tuple:
 LinearModel = tuple  # (hidden [M, D], weight [V, D], bias [V] | None)
 
 
-def forward_models(models: list[LinearModel], targets, inv_temps: list[float], with_entropy):
+def forward_models(models: list[LinearModel], targets, inv_temps: list[float], with_entropy, caps=None):
     """(logp, lse, entropy|None) of one model, or of two sharing targets, in one launch; each
-    model's logits times its own entry of inv_temps."""
+    model's logits times its own entry of inv_temps, and soft-capped at its entry of caps
+    (cap / tau; None: not capped)."""
+    caps = caps or [None] * len(models)
     if len(models) not in (1, 2) or len(inv_temps) != len(models):
         raise ValueError(f"forward_models takes one or two models, a 1 / tau each: {len(models)} {inv_temps}")
     (h, w, b), (h2, w2, b2) = models[0], models[-1]
@@ -312,33 +356,37 @@ def forward_models(models: list[LinearModel], targets, inv_temps: list[float], w
         INTERPRET_CONFIG,
         h, w, h if b is None else b, h2, w2, h2 if b2 is None else b2, targets,
         m, s, m if t is None else t, zy, M, V, d, d2, *strides, *strides2,
-        inv_temps[0], inv_temps[-1], slice_len, token_bucket(M),
+        inv_temps[0], inv_temps[-1], caps[0] or 1.0, caps[-1] or 1.0, slice_len, token_bucket(M),
         HAS_BIAS=b is not None,
         HAS_BIAS2=b2 is not None,
         TWO_MODELS=len(models) == 2,
         WITH_ENTROPY=with_entropy,
+        SOFTCAP=caps[0] is not None,
+        SOFTCAP2=caps[-1] is not None,
         DOT_PRECISION=DOT_PRECISION[h.dtype],
     )  # fmt: skip
     return [merge_vocab_partials(m[k], s[k], None if t is None else t[k], zy[k]) for k in range(len(models))]
 
 
-def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_bytes):
+def forward(hidden, weight, bias, targets, inv_temp, with_entropy, workspace_bytes, cap=None):
     """Same contract as linear_logsoftmax_torch.forward; the fused kernels need no workspace."""
-    if torch_logits(with_entropy, hidden, weight, bias):
+    if torch_logits(with_entropy, hidden, weight, bias, capped=cap is not None):
         return _forward_torch_logits(hidden, weight, bias, targets, inv_temp, workspace_bytes)
-    return forward_models([(hidden, weight, bias)], targets, [inv_temp], with_entropy)[0]
+    return forward_models([(hidden, weight, bias)], targets, [inv_temp], with_entropy, [cap])[0]
 
 
-def torch_logits(with_entropy: bool, *operands: torch.Tensor | None) -> bool:
+def torch_logits(with_entropy: bool, *operands: torch.Tensor | None, capped: bool = False) -> bool:
     """Whether token_logprobs' tiles come from torch's GEMMs (module doc): GOPD_LOGITS_GEMM,
     else for operands that cublas_bf16 accepts (backend.logits_gemm; none given: the fused
-    kernels). Not with the entropy, which only the fused kernels keep: where
-    GOPD_LOGITS_GEMM=torch asked for it, said once in a log line."""
+    kernels). Not with the entropy or a soft-capped head (`capped`), which only the fused
+    kernels take: said once in a log line, where GOPD_LOGITS_GEMM=torch asked for those
+    tiles, or where they were the default (bf16 on cuBLAS) and a soft-cap keeps them out."""
     by_default = not with_entropy and bool(operands) and cublas_bf16(*operands)
     if logits_gemm(by_default) != "torch":
         return False
-    if with_entropy:
-        warn_once("GOPD_LOGITS_GEMM=torch: token_logprobs with the entropy runs the fused Triton kernels")
+    if with_entropy or capped:
+        who = "token_logprobs with the entropy" if with_entropy else "a soft-capped head's log-probs"
+        warn_once(f"{who} runs the fused Triton kernels, not cuBLAS logit tiles (GOPD_LOGITS_GEMM)")
         return False
     return True
 
@@ -523,7 +571,7 @@ def grads_from_logit_grads(
 
 def backward(
     hidden, weight, bias, targets, inv_temp, lse, entropy, grad_logp, grad_entropy, needs, workspace_bytes,
-    dh_dtype=None,
+    dh_dtype=None, cap=None,
 ):  # fmt: skip
     """Same contract as linear_logsoftmax_torch.backward."""
     g_l = grad_logp.float() * inv_temp
@@ -531,7 +579,7 @@ def backward(
     tile_dtype = unscale = None  # dZ in logit_grad_dtype's dtype (scaled where unscale is set)
     # each kernel sees a vocabulary of the slice's columns: ids shift with it, and the ids
     # outside it (negative or past its end) match no column
-    if entropy is None and torch_logits(False, hidden, weight, bias):
+    if entropy is None and torch_logits(False, hidden, weight, bias, capped=cap is not None):
         dz_dtype = logit_grad_dtype(hidden.dtype)  # unscaled: fp16 heads come here only if asked
 
         def write_logit_grads(rows, cols, tile):  # tile: fp32, torch's GEMM; dZ written over it
@@ -547,7 +595,7 @@ def backward(
             r = lambda t: None if t is None else t[rows]
             b = None if bias is None else bias[cols]
             logit_grads(r(hidden), weight[cols], b, r(targets) - cols.start, r(lse), r(entropy), r(g_l),
-                        r(g_e), inv_temp, dz)  # fmt: skip
+                        r(g_e), inv_temp, dz, cap)  # fmt: skip
             return dz
 
     dh, dw, db = grads_from_logit_grads(
@@ -556,9 +604,10 @@ def backward(
     return dh, dw, None if db is None else db.to(bias.dtype)
 
 
-def logit_grads(hidden, weight, bias, targets, lse, entropy, g_l, g_e, inv_temp, dz) -> None:
+def logit_grads(hidden, weight, bias, targets, lse, entropy, g_l, g_e, inv_temp, dz, cap=None) -> None:
     """dz [M, V] <- dL/d(raw logits) of M rows, the logits recomputed tile by tile (g_l, g_e:
-    the upstream gradients of logp and entropy, already / tau; g_e None without entropy)."""
+    the upstream gradients of logp and entropy, already / tau; g_e None without entropy; cap:
+    a soft-capped head's cap / tau)."""
     M, V = hidden.shape[0], weight.shape[0]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_V"]),)
     launch(
@@ -568,9 +617,10 @@ def logit_grads(hidden, weight, bias, targets, lse, entropy, g_l, g_e, inv_temp,
         INTERPRET_CONFIG,
         hidden, weight, hidden if bias is None else bias, targets, lse,
         lse if entropy is None else entropy, g_l, g_l if g_e is None else g_e,
-        dz, M, V, *lm_head_args(hidden, weight), dz.stride(0), inv_temp, token_bucket(M),
+        dz, M, V, *lm_head_args(hidden, weight), dz.stride(0), inv_temp, cap or 1.0, token_bucket(M),
         HAS_BIAS=bias is not None,
         WITH_ENTROPY=g_e is not None,
+        SOFTCAP=cap is not None,
         DOT_PRECISION=DOT_PRECISION[hidden.dtype],
         GROUP_M=GROUP_M,
     )  # fmt: skip

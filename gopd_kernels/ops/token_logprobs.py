@@ -36,6 +36,7 @@ def folds_frozen_head(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     with_entropy: bool,
+    capped: bool = False,
 ) -> bool:
     """Whether token_logprobs computes dlogp/dh in its forward (the frozen-head fold above).
 
@@ -49,7 +50,8 @@ def folds_frozen_head(
     is scaled into fp16 at the GEMM, one more pass per chunk). fold=True on a head that is not
     frozen, or with the entropy, is an error; fold=False always recomputes. A vocabulary-parallel
     head folds the same way, each rank over its rows, the ranks' x merged in the forward
-    (VocabShard.merge_fold).
+    (VocabShard.merge_fold). A soft-capped head (`capped`) does not fold: fold=True is an error,
+    and where fold=None would have folded, a log line says the logits are recomputed.
     """
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
@@ -64,6 +66,15 @@ def folds_frozen_head(
             "logits are recomputed in the backward"
         )
     if fold is False or not can_fold:
+        return False
+    if capped:
+        if fold:
+            raise ValueError(
+                "fold=True: the frozen-head fold does not take a soft-capped head (logit_softcap)"
+            )
+        info_once(
+            "token_logprobs: a frozen soft-capped head is not folded; the backward recomputes its logits"
+        )
         return False
     if fold or backend == "torch":
         return True
@@ -94,11 +105,14 @@ class LinearTokenLogprobs(torch.autograd.Function):
     All targets must be valid ids (ignored positions are removed by the caller). fold: the
     frozen-head fold, as decided by folds_frozen_head. shard: for a vocabulary-parallel head
     (ops/vocab_parallel.py), weight and bias are this rank's rows and targets are ids of the
-    whole vocabulary; its fold merges the ranks' (VocabShard.merge_fold).
+    whole vocabulary; its fold merges the ranks' (VocabShard.merge_fold). cap: a soft-capped
+    head's cap / tau (linear_logsoftmax_torch's module doc).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, with_entropy, backend, fold, shard=None):
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature, with_entropy, backend, fold, shard=None, cap=None
+    ):
         inv_temp = 1.0 / temperature
         ctx.fold = fold and hidden.shape[0] > 0
         ctx.shard = shard
@@ -118,17 +132,17 @@ class LinearTokenLogprobs(torch.autograd.Function):
             return logp, None
         impl = implementation("linear_logsoftmax", backend)
         ws = workspace_bytes(backend, weight)
-        logp, lse, entropy = impl.forward(hidden, weight, bias, targets, inv_temp, with_entropy, ws)
+        logp, lse, entropy = impl.forward(hidden, weight, bias, targets, inv_temp, with_entropy, ws, cap=cap)
         if shard is not None:
             logp, lse, entropy = shard.merge(targets, logp, lse, entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.impl, ctx.inv_temp, ctx.workspace = impl, inv_temp, ws
+        ctx.impl, ctx.inv_temp, ctx.workspace, ctx.cap = impl, inv_temp, ws, cap
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         needs = tuple(ctx.needs_input_grad[:3])
-        none = (None,) * 6
+        none = (None,) * 7
         if ctx.fold:  # dh = g x
             (x,) = ctx.saved_tensors
             return (x * grad_logp.to(x.dtype)[:, None]).to(ctx.hidden_dtype), None, None, *none
@@ -153,6 +167,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             needs,
             ctx.workspace,
             dh_dtype=torch.promote_types(hidden.dtype, torch.float32) if reduce_dh else None,
+            cap=ctx.cap,
         )
         if reduce_dh:  # summed over the ranks in fp32, then rounded once
             dh = shard.reduce_hidden(dh).to(hidden.dtype)

@@ -35,7 +35,8 @@ def run(fn, student, teacher, ref, dtype, scale, **kw):
 
 
 def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=True, loss_agg="token-mean",
-            use_ref=True, n=(3, 5), v=211, dims=(16, 24, 20), fold=None, logit_scales=None):  # fmt: skip
+            use_ref=True, n=(3, 5), v=211, dims=(16, 24, 20), fold=None, logit_scales=None,
+            logit_softcaps=None):  # fmt: skip
     student, teacher, ref = heads(n, v, dims, device=device, dtype=dtype)
     m = None
     if mask:
@@ -46,6 +47,9 @@ def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=
     if logit_scales is not None:
         names = ("student_logit_scale", "teacher_logit_scale", "ref_logit_scale")
         kw.update(zip(names, logit_scales, strict=True))
+    if logit_softcaps is not None:
+        names = ("student_logit_softcap", "teacher_logit_softcap", "ref_logit_softcap")
+        kw.update(zip(names, logit_softcaps, strict=True))
     ref = ref if use_ref else None
     (loss, stats), dh, dw = run(lambda *a, **k: gopd_dense_loss(*a, backend=backend, fold=fold, **k),
                                 student, teacher, ref, dtype, 1.3, **kw)  # fmt: skip
@@ -127,14 +131,19 @@ def test_backends_match_reference_odd_shapes(backend, lam, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize(
+    "fold, softcaps",  # no fold takes a soft-cap
+    [(True, None), (False, None), (None, (3.0, 2.5, None)), (False, (None, 2.5, 4.0))],
+    ids=["scaled-folded", "scaled", "capped-student-and-teacher", "capped-teacher-and-ref"],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_each_model_scales_its_own_logits(backend, fold, dtype, device):
-    """Three logit multipliers (as Granite's 1 / logits_scaling, per model): the student's in
-    its gradient too, the teacher's and the reference's in q and in the KL to the teacher."""
+def test_each_model_transforms_its_own_logits(backend, fold, softcaps, dtype, device):
+    """Three logit multipliers (as Granite's 1 / logits_scaling, per model), and soft-caps (as
+    Gemma 2's) on some of the heads, against logits of spread ~2: the student's in its gradient
+    too, the teacher's and the reference's in q and in the KL to the teacher."""
     dev = device if backend == "triton" else torch.device("cpu")
     stats, _ = compare(backend, dev, 1.25, dtype=dtype, n=(2, 7), v=97, dims=(17, 16, 33), temperature=0.9,
-                       fold=fold, logit_scales=(0.5, 2.0, 0.25))  # fmt: skip
+                       fold=fold, logit_scales=(0.5, 2.0, 0.25), logit_softcaps=softcaps)  # fmt: skip
     assert "kl_teacher" in stats
 
 
@@ -252,6 +261,12 @@ BAD = {
     "student-scale-zero": (lambda s, t, r: (s, t, r, {"student_logit_scale": 0.0}), "student_logit_scale"),
     "teacher-scale-nan": (lambda s, t, r: (s, t, r, {"teacher_logit_scale": math.nan}), "teacher_logit_"),
     "ref-scale-bool": (lambda s, t, r: (s, t, r, {"ref_logit_scale": True}), "ref_logit_scale"),
+    "ref-cap-alone": (lambda s, t, r: (s, t, None, {"ref_logit_softcap": 30.0}), "ref_logit_softcap=30.0 is"),
+    "teacher-cap-zero": (lambda s, t, r: (s, t, r, {"teacher_logit_softcap": 0.0}), "teacher_logit_softcap"),
+    "fold-with-cap": (
+        lambda s, t, r: (s, t, r, {"student_logit_softcap": 30.0, "fold": True}),
+        "fold=True does not apply to a soft-capped head",
+    ),
 }
 
 

@@ -168,20 +168,20 @@ def test_matches_reference_on_both_backends(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "fold, trained",  # fold=True needs a gradient on the head: a frozen one is token_logprobs' fold
-    [(fold, trained) for fold in (True, False, None) for trained in ("head", "bias", "none")
-     if not (fold and trained == "none")],
+    "fold, trained, softcap",  # fold=True needs a gradient on the head, and no soft-cap
+    [(fold, trained, softcap) for fold in (True, False, None) for trained in ("head", "bias", "none")
+     for softcap in (None, 3.0) if not (fold and (trained == "none" or softcap))],
 )  # fmt: skip
-def test_head_bias_matches_reference(backend, fold, trained, device):
+def test_head_bias_matches_reference(backend, fold, trained, softcap, device):
     """An LM head with a bias (Phi-style) and a logit multiplier (logit_scale, as Granite's):
     folded, recomputed, and with the head frozen (the frozen-head fold), the bias alone trained,
     every gradient against float64, off-policy with clipping and IS weights so that dL/ds
-    varies per token."""
+    varies per token. softcap: a soft-capped head (Gemma 2's), never folded."""
     dev = device if backend == "triton" else torch.device("cpu")
     data = batch(b=2, t=9, d=17, v=211, device=dev, seed=6)
     bias = (torch.randn(211, generator=torch.Generator().manual_seed(6)) * 0.8).to(dev)
-    kw = dict(lam=1.25, temperature=1.3, logit_scale=0.5, old_logp=data["old"], rollout_logp=data["rollout"],
-              is_cap=5.0)  # fmt: skip
+    kw = dict(lam=1.25, temperature=1.3, logit_scale=0.5, logit_softcap=softcap, old_logp=data["old"],
+              rollout_logp=data["rollout"], is_cap=5.0)  # fmt: skip
     grads = {}
     for name, fn, dtype in (("ours", lambda *a, **k: gopd_loss(*a, backend=backend, fold=fold, **k), None),
                             ("reference", gopd_loss_reference, torch.float64)):  # fmt: skip
@@ -260,6 +260,11 @@ BAD_LOSS = {
     "num-tokens-zero": (dict(num_tokens=0), "num_tokens"),
     "temperature-zero": (dict(temperature=0.0), "temperature"),
     "logit-scale-negative": (dict(logit_scale=-2.0), "logit_scale"),
+    "logit-softcap-negative": (dict(logit_softcap=-30.0), "logit_softcap"),
+    "fold-with-softcap": (
+        dict(logit_softcap=30.0, fold=True),
+        "fold=True does not apply to a soft-capped head",
+    ),
     "targets-out-of-range": (dict(targets=torch.full((3, 7), 97)), "targets"),
     "bias-shape": (dict(bias=torch.zeros(96)), "bias"),
     "bias-dtype": (dict(bias=torch.zeros(97, dtype=torch.float64)), "bias"),

@@ -31,29 +31,38 @@ def models(device, n=(2, 9), v=1031, dims=(24, 17), seed=0, dtype=torch.float32)
     ids=["torch", "triton", "triton-logits-by-torch"],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.25, 3.0)], ids=["unscaled", "logit-scales"])
-def test_teacher_and_reference_match_reference(backend, logits_gemm, dtype, scales, device, monkeypatch):
+@pytest.mark.parametrize(
+    "scales, caps",
+    [((1.0, 1.0), (None, None)), ((0.25, 3.0), (None, None)), ((1.0, 0.5), (3.0, None))],
+    ids=["plain", "logit-scales", "teacher-soft-capped"],
+)
+def test_teacher_and_reference_match_reference(
+    backend, logits_gemm, dtype, scales, caps, device, monkeypatch
+):
     """GOPD_LOGITS_GEMM=torch: each model's tiles by torch's GEMMs, not the two-model launch.
     logit-scales: each model multiplies its logits by its own s (as Granite's do), also in the
-    one launch that streams both."""
+    one launch that streams both; teacher-soft-capped: the teacher's logits soft-capped, the
+    reference's scaled, in the one launch (a cap keeps them out of torch's tiles)."""
     if logits_gemm:
         from gopd_kernels.ops import linear_logsoftmax_triton
 
         monkeypatch.setenv("GOPD_LOGITS_GEMM", logits_gemm)
-        monkeypatch.setattr(linear_logsoftmax_triton, "forward_models", None)  # calling it fails
+        if caps == (None, None):
+            monkeypatch.setattr(linear_logsoftmax_triton, "forward_models", None)  # calling it fails
     dev = device if backend == "triton" else torch.device("cpu")
     (teacher, ref), targets = models(dev, dtype=dtype)
     student_logp = -torch.rand(targets.shape, device=dev)
     scores = frozen_logprobs(
         teacher[0], teacher[1], targets, ref[0], ref[1], teacher_bias=teacher[2], ref_bias=ref[2],
         student_logp=student_logp, lam=1.25, temperature=0.7, teacher_logit_scale=scales[0],
-        ref_logit_scale=scales[1], backend=backend,
+        ref_logit_scale=scales[1], teacher_logit_softcap=caps[0], ref_logit_softcap=caps[1], backend=backend,
     )  # fmt: skip
     to64 = lambda t: t.cpu().double()
     atol = 1e-5 if dtype == torch.float32 else 1e-3
-    for got, (h, w, b), s in ((scores.teacher_logp, teacher, scales[0]), (scores.ref_logp, ref, scales[1])):
+    outs = (scores.teacher_logp, scores.ref_logp)
+    for got, (h, w, b), s, c in zip(outs, (teacher, ref), scales, caps, strict=True):
         want = token_logprobs_reference(
-            to64(h), to64(w), targets.cpu(), bias=to64(b), temperature=0.7, logit_scale=s
+            to64(h), to64(w), targets.cpu(), bias=to64(b), temperature=0.7, logit_scale=s, logit_softcap=c
         )
         torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=atol)
         assert got.dtype == torch.float32 and not got.requires_grad

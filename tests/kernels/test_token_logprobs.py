@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
 from gopd_kernels import token_logprobs, token_logprobs_reference
-from gopd_kernels.backend import backward_gemm, logits_gemm, warn_once
+from gopd_kernels.backend import backward_gemm, info_once, logits_gemm, warn_once
 from gopd_kernels.ops import matmul_triton
 from tests.kernels.helpers import (
     FP16_DZ_ROW_REL,
@@ -34,14 +35,17 @@ def _device(backend, device):
 
 
 def check_against_reference(
-    backend, device, n, d, v, dtype, *, temperature, entropy, bias, ignore_frac, seed=0, logit_scale=1.0
-):
+    backend, device, n, d, v, dtype, *, temperature, entropy, bias, ignore_frac, seed=0, logit_scale=1.0,
+    logit_softcap=None,
+):  # fmt: skip
     hidden, weight, b, targets = make_inputs(
         n, d, v, dtype, device, bias=bias, ignore_frac=ignore_frac, seed=seed
     )
     g = torch.Generator().manual_seed(seed + 1)
     upstream = [torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2 if entropy else 1)]
-    kw = dict(temperature=temperature, return_entropy=entropy, logit_scale=logit_scale)
+    kw = dict(
+        temperature=temperature, return_entropy=entropy, logit_scale=logit_scale, logit_softcap=logit_softcap
+    )
     outs, grads = run_with_grads(
         lambda h, w, bb: token_logprobs(h, w, targets, bias=bb, backend=backend, **kw),
         hidden,
@@ -93,6 +97,57 @@ def test_logit_scale(backend, device, dtype, logit_scale):
         backend, _device(backend, device), 130, 17, 1031, dtype,
         temperature=0.7, entropy=True, bias=True, ignore_frac=0.2, logit_scale=logit_scale,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "softcap, scale", [(3.0, 1.0), (30.0, 1.0), (2.0, 0.5)], ids=["tight", "gemma", "scaled"]
+)
+def test_logit_softcap(backend, device, dtype, softcap, scale):
+    """A soft-capped head (Gemma 2's final_logit_softcapping c): softmax(c tanh(s z / c) / tau).
+    Logits of spread ~2 against caps of 3 (most bent), 30 (Gemma 2's, nearly linear) and 2
+    after a scale: log-probs, entropies and gradients against float64."""
+    check_against_reference(
+        backend, _device(backend, device), 130, 17, 1031, dtype, temperature=0.7, entropy=True, bias=True,
+        ignore_frac=0.2, logit_scale=scale, logit_softcap=softcap,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_soft_capped_head_recomputes(backend, device, caplog):
+    """No fold takes a soft-cap: fold=None recomputes the logits and says so; fold=True refuses."""
+    dev = _device(backend, device)
+    hidden, weight, bias, targets = make_inputs(37, 24, 211, torch.float32, dev, bias=True, ignore_frac=0.2)
+    h = hidden.clone().requires_grad_()
+    info_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="gopd_kernels"):
+        logp = token_logprobs(h, weight, targets, bias=bias, logit_softcap=4.0, backend=backend)
+    assert "a frozen soft-capped head is not folded" in caplog.text
+    upstream = torch.randn(37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (logp.double() * upstream.to(dev)).sum().backward()
+    h64 = hidden.cpu().double().requires_grad_()
+    want = token_logprobs_reference(h64, weight.cpu().double(), targets.cpu(), bias=bias.cpu().double(),
+                                    logit_softcap=4.0)  # fmt: skip
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(logp.double().cpu(), want.detach(), atol=1e-5, rtol=1e-5)
+    assert rel_err(h.grad, h64.grad) <= GRAD_REL[torch.float32]
+    with pytest.raises(ValueError, match="fold=True: the frozen-head fold does not take a soft-capped head"):
+        token_logprobs(hidden.clone().requires_grad_(), weight, targets, logit_softcap=4.0, fold=True,
+                       backend=backend)  # fmt: skip
+
+
+@pytest.mark.triton
+def test_a_soft_cap_keeps_the_logits_out_of_cublas_tiles(device, monkeypatch, caplog):
+    """GOPD_LOGITS_GEMM=torch (the default for bf16 on cuBLAS): a soft-capped head's tiles come
+    from the fused kernels, which cap them, and a log line says so."""
+    monkeypatch.setenv("GOPD_LOGITS_GEMM", "torch")
+    warn_once.cache_clear()
+    check_against_reference(
+        "triton", device, 7, 17, 97, torch.float32, temperature=1.0, entropy=False, bias=False,
+        ignore_frac=0.0, logit_softcap=3.0,
+    )  # fmt: skip
+    assert "a soft-capped head's log-probs runs the fused Triton kernels" in caplog.text
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -53,6 +53,8 @@ CASES = {
     "triton float32, entropy, bias, tau, ignored": dict(backend="triton", entropy=True, strided=True),
     "triton bfloat16": dict(backend="triton", dtype=torch.bfloat16),
     "triton float16, entropy": dict(backend="triton", dtype=torch.float16, entropy=True),
+    "torch float32, soft-capped head, entropy": dict(backend="torch", softcap=2.5, entropy=True),
+    "triton float32, soft-capped frozen head (not folded)": dict(backend="triton", softcap=2.5, frozen=True),
     "gopd_loss torch float64, lam 1.25": dict(op="gopd_loss", backend="torch", dtype=torch.float64),
     "gopd_loss triton float32, lam 1.25": dict(op="gopd_loss", backend="triton"),
     "gopd_loss torch float32, DTensor head": dict(op="gopd_loss", backend="torch", dtensor=True),
@@ -70,6 +72,9 @@ CASES = {
         op="gopd_dense_loss", backend="triton", dtype=torch.float16, lam=1.0
     ),
     "frozen_logprobs triton float32": dict(op="frozen_logprobs", backend="triton"),
+    "gopd_dense_loss torch float32, soft-capped student and teacher": dict(
+        op="gopd_dense_loss", backend="torch", softcap=2.5
+    ),
 }
 ERROR_CASES = {
     "targets differ across ranks": (dict(backend="torch", skew_targets=True), "were given different targets"),
@@ -140,7 +145,8 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
         (th, tw, tb), (rh, rw, rb) = dense_heads(len(targets), hidden.dtype, device)
         loss, stats = gopd_dense_loss(
             h, w, th, cut(tw), rh, cut(rw), student_bias=b, teacher_bias=cut(tb), ref_bias=cut(rb),
-            lam=case.get("lam", 1.25), temperature=0.7, mask=targets != -100, **kw,
+            lam=case.get("lam", 1.25), temperature=0.7, mask=targets != -100,
+            student_logit_softcap=case.get("softcap"), teacher_logit_softcap=case.get("softcap"), **kw,
         )  # fmt: skip
         loss.backward()
         out.update(loss=loss.detach(), kl=stats["kl"], kl_teacher=stats["kl_teacher"])
@@ -152,7 +158,7 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
     else:
         res = token_logprobs(
             h, w, targets, bias=b, temperature=0.7, return_entropy=case.get("entropy", False),
-            reduce_hidden_grad=case.get("reduce_hidden_grad", True), **kw,
+            logit_softcap=case.get("softcap"), reduce_hidden_grad=case.get("reduce_hidden_grad", True), **kw,
         )  # fmt: skip
         res = res if isinstance(res, tuple) else (res,)
         sum((r.double() * g).sum() for r, g in zip(res, upstream, strict=False)).backward()
@@ -200,8 +206,9 @@ def test_token_logprobs_matches_the_whole_head(ranks, name):
     hidden, weight, bias, targets, upstream, _ = case_inputs(**case)
     entropy = case.get("entropy", False)
     outs, grads = reference_with_grads(
-        hidden, weight, bias, targets, upstream[: 1 + entropy], temperature=0.7, return_entropy=entropy
-    )
+        hidden, weight, bias, targets, upstream[: 1 + entropy], temperature=0.7, return_entropy=entropy,
+        logit_softcap=case.get("softcap"),
+    )  # fmt: skip
     atol, row_rel = tolerances(hidden.dtype)
     for rank, res in enumerate(r[name] for r in results):
         torch.testing.assert_close(res["logp"].double(), outs[0], atol=atol, rtol=0)
@@ -256,6 +263,7 @@ def test_gopd_dense_loss_matches_the_whole_heads(ranks, name):
     dense = lambda lam, ref: gopd_dense_loss_reference(  # noqa: E731
         leaves[0], leaves[1], th, tw, *ref, student_bias=leaves[2], teacher_bias=tb,
         ref_bias=rb if ref else None, lam=lam, temperature=0.7, mask=mask,
+        student_logit_softcap=case.get("softcap"), teacher_logit_softcap=case.get("softcap"),
     )  # fmt: skip
     loss, _ = dense(case.get("lam", 1.25), (rh, rw))
     kl_teacher = dense(1.0, ())[1][mask].mean()
