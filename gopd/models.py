@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from gopd.config import TrainConfig
 from gopd.fsdp import gathered_weights, is_sharded, root_forward_hidden, whole
 from gopd_kernels.hf import (
+    HeadLogits,
     final_hidden_states,
-    head_logit_scale,
+    head_logits,
     is_peft_model,
     mask_position_ids,
     transformers_model,
@@ -93,9 +94,10 @@ def load_model(
             raise
         raise ValueError(f"attn_implementation={attn_implementation!r}: {exc}") from exc
     model.to(device)
-    scale = head_logit_scale(model, path)  # refuses logits that the fused ops would score wrongly
-    if scale != 1.0:
-        logger.info("%s: its logits are %.6g x its LM head's output; scored so", path, scale)
+    transform = head_logits(model, path)  # refuses logits that the fused ops would score wrongly
+    if transform != HeadLogits():
+        cap = "" if transform.softcap is None else f", soft-capped at {transform.softcap:g}"
+        logger.info("%s: its logits are %g x its LM head's output%s; scored so", path, transform.scale, cap)
     if trainable:
         model.train()
     else:
@@ -331,10 +333,11 @@ def head_bias(model: PreTrainedModel | AdapterFree) -> torch.Tensor | None:
     return getattr(model.get_output_embeddings(), "bias", None)
 
 
-def logit_scale(model: PreTrainedModel | AdapterFree) -> float:
-    """The multiplier s of the model's logits over its head's output (1 for most models, Granite's
-    1 / logits_scaling): gopd_kernels.hf.head_logit_scale, found when load_model checked it."""
-    return head_logit_scale(unwrapped(model))
+def logits_of(model: PreTrainedModel | AdapterFree) -> HeadLogits:
+    """How the model's logits follow from its head's output (a multiplier, Granite's
+    1 / logits_scaling; a soft-cap, Gemma 2's): gopd_kernels.hf.head_logits, found when
+    load_model checked the model. .kwargs(prefix) gives the ops' arguments."""
+    return head_logits(unwrapped(model))
 
 
 @contextmanager

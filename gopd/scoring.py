@@ -17,7 +17,7 @@ from gopd.batching import micro_batch, step_plan
 from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext
 from gopd.fsdp import is_sharded, release
-from gopd.models import Models, final_hidden, frozen_on_device, head_bias, head_weight, logit_scale
+from gopd.models import Models, final_hidden, frozen_on_device, head_bias, head_weight, logits_of
 from gopd.packing import packed_response_hidden
 from gopd.rollout import IGNORE, Rollouts
 from gopd_kernels import frozen_logprobs, token_logprobs
@@ -73,8 +73,8 @@ def score_rollouts(models: Models, rollouts: Rollouts, cfg: TrainConfig, ctx: Di
             t_hidden, head_weight(teacher), part.targets.to(t_hidden.device),
             r_hidden, None if ref is None else head_weight(ref),
             teacher_bias=head_bias(teacher), ref_bias=None if ref is None else head_bias(ref),
-            temperature=cfg.temperature, teacher_logit_scale=logit_scale(teacher),
-            ref_logit_scale=1.0 if ref is None else logit_scale(ref), ignore_index=IGNORE,
+            temperature=cfg.temperature, **logits_of(teacher).kwargs("teacher_"),
+            **({} if ref is None else logits_of(ref).kwargs("ref_")), ignore_index=IGNORE,
             backend=cfg.kernel_backend,
         )  # fmt: skip
         return out.teacher_logp, out.ref_logp
@@ -102,7 +102,7 @@ def student_logprobs(
         hidden = response_hidden(model, part, cfg.pack_sequences)
         targets = part.targets.to(hidden.device)
         return (token_logprobs(hidden, head_weight(model), targets, bias=head_bias(model),
-                               temperature=cfg.temperature, logit_scale=logit_scale(model),
+                               temperature=cfg.temperature, **logits_of(model).kwargs(),
                                ignore_index=IGNORE, backend=cfg.kernel_backend),)  # fmt: skip
 
     old_logp = torch.zeros(rollouts.response_mask.shape)

@@ -20,7 +20,7 @@ from gopd.batching import micro_batch, step_plan
 from gopd.config import TrainConfig
 from gopd.distributed import SINGLE, DistContext, all_reduce_grads, broadcast_from_owners
 from gopd.fsdp import is_sharded, release
-from gopd.models import Models, frozen_on_device, head_bias, head_weight, logit_scale
+from gopd.models import Models, frozen_on_device, head_bias, head_weight, logits_of
 from gopd.optim import LossScale, MasterWeightAdamW, ScaledAdamW, partition
 from gopd.rollout import IGNORE, Rollouts
 from gopd.scoring import Scores, response_hidden, student_logprobs
@@ -87,7 +87,7 @@ def _sampled_loss(models, part, scores, idx, cfg, num_tokens):
     here = lambda t: None if t is None else t[idx, cols].to(dev)  # noqa: E731  (this micro-batch's rows)
     return gopd_loss(
         hidden, head_weight(student), part.targets.to(dev), here(scores.teacher_logp), here(scores.ref_logp),
-        bias=head_bias(student), lam=cfg.lam, temperature=cfg.temperature, logit_scale=logit_scale(student),
+        bias=head_bias(student), lam=cfg.lam, temperature=cfg.temperature, **logits_of(student).kwargs(),
         old_logp=here(scores.old_logp),
         rollout_logp=part.rollout_logp.to(dev),
         clip_ratio=tuple(cfg.clip_ratio), is_cap=cfg.is_cap, loss_agg=cfg.loss_agg,
@@ -106,8 +106,8 @@ def _dense_loss(models, part, teacher, ref, cfg, num_tokens):
         r_hidden, None if ref is None else head_weight(ref),
         student_bias=head_bias(models.student), teacher_bias=head_bias(teacher),
         ref_bias=None if ref is None else head_bias(ref),
-        lam=cfg.lam, temperature=cfg.temperature, student_logit_scale=logit_scale(models.student),
-        teacher_logit_scale=logit_scale(teacher), ref_logit_scale=1.0 if ref is None else logit_scale(ref),
+        lam=cfg.lam, temperature=cfg.temperature, **logits_of(models.student).kwargs("student_"),
+        **logits_of(teacher).kwargs("teacher_"), **({} if ref is None else logits_of(ref).kwargs("ref_")),
         mask=part.response_mask.to(hidden.device),
         loss_agg=cfg.loss_agg, num_tokens=num_tokens, backend=cfg.kernel_backend, fold=cfg.loss_fold,
     )  # fmt: skip

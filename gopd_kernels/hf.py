@@ -8,14 +8,15 @@ The usual way to score a sequence,
 holds the [B, T, V] logits (and their float32 copy and gradient). sequence_logprobs gives
 the same log-probs from the decoder's hidden states and the head's weight through
 token_logprobs, for any transformers model whose logits are its head applied to its final
-hidden states, times a scale at most (Granite's logits_scaling, Cohere's logit_scale), which
-head_logit_scale reads; it refuses the others (soft-capped logits among them), once per
-model. transformers itself is not imported: models are read through their own attributes.
+hidden states, times a scale (Granite's logits_scaling, Cohere's logit_scale) and soft-capped
+(Gemma 2's final_logit_softcapping) at most, which head_logits reads; it refuses the others,
+once per model. transformers itself is not imported: models are read through their own attributes.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -24,13 +25,32 @@ from gopd_kernels.ops.vocab_parallel import local_rows, vocab_shard
 
 IGNORE = -100
 # config attributes by which transformers models transform their logits (read off transformers
-# 5.24's modeling code). A soft-cap, c tanh(z / c) (Gemma 2 / 3n, Mistral Large 4, nanochat), is
-# not a multiplier: refused. A multiplier is taken (head_logit_scale), its direction read off the
-# model's own forward, since the names do not fix it: Granite divides by logits_scaling,
-# HyperCLOVAX multiplies by it; Cohere multiplies by logit_scale, Falcon-H1 by lm_head_multiplier.
+# 5.24's modeling code): a soft-cap, c tanh(z / c) (Gemma 2 / 3n, Mistral Large 4, nanochat), and
+# multipliers, whose direction head_logits reads off the model's own forward, since the names do
+# not fix it: Granite divides by logits_scaling, HyperCLOVAX multiplies by it; Cohere multiplies
+# by logit_scale, Falcon-H1 by lm_head_multiplier.
 LOGIT_SOFTCAPS = ("final_logit_softcapping",)
 LOGIT_SCALES = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier_scale")
-_SCALES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head_logit_scale's answers
+
+
+class HeadLogits(NamedTuple):
+    """How a model's logits follow from its LM head's output z = h W^T + b: s z, or soft-capped,
+    c tanh(s z / c); the fused ops' logit_scale and logit_softcap."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        z = z * self.scale
+        return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+
+    def kwargs(self, prefix: str = "") -> dict:
+        """The ops' keyword arguments: logit_scale and logit_softcap, each after `prefix`
+        ("teacher_", "ref_": frozen_logprobs')."""
+        return {f"{prefix}logit_scale": self.scale, f"{prefix}logit_softcap": self.softcap}
+
+
+_HEAD_LOGITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head_logits' answers
 
 
 def is_peft_model(model) -> bool:
@@ -79,44 +99,35 @@ def _configs(model) -> list:
     return [c for c in (config, None if text is config else text) if c is not None]
 
 
-def _named_scales(model, name: str) -> dict[str, float]:
-    """The logit multipliers the config names ({attribute: value}, values other than 1); a
-    ValueError for a soft-cap."""
-    named = {}
-    for config in _configs(model):
-        for attr in LOGIT_SOFTCAPS:
-            value = getattr(config, attr, None)
-            if value is not None:
-                raise ValueError(
-                    f"{name}: config.{attr}={value} soft-caps the logits (c tanh(z / c)); gopd's fused ops "
-                    "take a head whose logits are linear in its hidden states (times a scale at most)"
-                )
-        for attr in LOGIT_SCALES:
-            value = getattr(config, attr, None)
-            if value is None or value == 1:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}: config.{attr}={value!r} is not a positive logit multiplier")
-            named[attr] = float(value)
-    return named
+def _positive(config, attr: str, name: str) -> float | None:
+    """config.attr as a float > 0, None where unset (or 1 for a multiplier); a ValueError else."""
+    value = getattr(config, attr, None)
+    if value is None or (value == 1 and attr in LOGIT_SCALES):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name}: config.{attr}={value!r} is not a finite number > 0")
+    return float(value)
 
 
-def head_logit_scale(model, name: str = "model", tokens: int = 4) -> float:
-    """s such that the model's logits are s times its LM head applied to final_hidden_states
-    (1 for most models; Granite's 1 / logits_scaling, Cohere's logit_scale), for the fused ops'
-    ``logit_scale``. A ValueError for any other transform: a soft-cap named by the config, or a
-    forward whose logits are not so (a multiplier in a remote model's code, a decoder whose
-    output is not what its head reads).
+def head_logits(model, name: str = "model", tokens: int = 4) -> HeadLogits:
+    """How the model's logits follow from its LM head applied to final_hidden_states: a
+    multiplier s (1 for most models; Granite's 1 / logits_scaling, Cohere's logit_scale) and a
+    soft-cap c (Gemma 2's final_logit_softcapping), for the fused ops' logit_scale and
+    logit_softcap. A ValueError for any other transform (a multiplier in a remote model's code,
+    a decoder whose output is not what its head reads).
 
-    The candidates are 1 and, for each multiplier the config names, its value and its inverse
-    (the names do not say which way it applies); the model's own forward on a few tokens
-    decides: its logits must be within a rounding or two of its dtype of the candidate times
-    the head's (relative to the largest logit), and the scale fitted over all those logits
-    within 1e-3 of the candidate (1e-5 in fp32). Checked once per model object."""
+    The cap is the config's; the candidate multipliers are 1 and, for each the config names, its
+    value and its inverse (the names do not say which way it applies). The model's own forward
+    on a few tokens decides: its logits must be within a rounding or two of its dtype of a
+    candidate's (relative to the largest logit), and the scale fitted over all of them against
+    the candidate's within 1e-3 of 1 (1e-5 in fp32). Checked once per model object."""
     key = transformers_model(model)
-    if key in _SCALES:
-        return _SCALES[key]
-    named = _named_scales(model, name)
+    if key in _HEAD_LOGITS:
+        return _HEAD_LOGITS[key]
+    configs = _configs(model)
+    named = {a: v for c in configs for a in LOGIT_SCALES if (v := _positive(c, a, name)) is not None}
+    caps = {a: v for c in configs for a in LOGIT_SOFTCAPS if (v := _positive(c, a, name)) is not None}
+    softcap = next(iter(caps.values()), None)
     head = key.get_output_embeddings()
     if head is None:
         raise ValueError(f"{name}: the model has no output embeddings (LM head)")
@@ -140,24 +151,28 @@ def head_logit_scale(model, name: str = "model", tokens: int = 4) -> float:
         logits = logits[..., shard.start : shard.start + shard.size]
     logits, ours = logits.double(), ours.double()
     tiny = torch.finfo(torch.float32).tiny
-    # A scale near 1 (a multiplier in code) hides in one logit's rounding, not in the scale
-    # fitted over all of them (least squares), whose rounding noise averages out.
-    fitted = float((logits * ours).sum() / (ours * ours).sum().clamp_min(tiny))
-    candidates = {1.0} | {v for value in named.values() for v in (value, 1.0 / value)}
-    scale = min(candidates, key=lambda c: abs(fitted / c - 1))
-    err = float((logits - scale * ours).abs().max() / logits.abs().max().clamp_min(tiny))
+    largest = logits.abs().max().clamp_min(tiny)
+    scales = {1.0} | {v for value in named.values() for v in (value, 1.0 / value)}
+    off = lambda c: float((logits - c.apply(ours)).abs().max() / largest)  # noqa: E731
+    found = min((HeadLogits(s, softcap) for s in sorted(scales)), key=off)
+    predicted = found.apply(ours)
+    # A multiplier near 1 (in code) hides in one logit's rounding, not in the scale fitted over
+    # all of them (least squares), whose rounding noise averages out.
+    fitted = float((logits * predicted).sum() / (predicted * predicted).sum().clamp_min(tiny))
+    err = off(found)
     fp32 = head.weight.dtype == torch.float32
-    if err > (1e-4 if fp32 else 1e-2) or abs(fitted / scale - 1) > (1e-5 if fp32 else 1e-3):  # 16-bit: 4e-3
-        times = f" (times {scale:.6g})" if scale != 1 else ""
-        names = "".join(f"; config.{attr}={value}" for attr, value in named.items())
+    if err > (1e-4 if fp32 else 1e-2) or abs(fitted - 1) > (1e-5 if fp32 else 1e-3):  # 16-bit: 4e-3
+        how = f" times {found.scale:.6g}" if found.scale != 1 else ""
+        how += f", soft-capped at {softcap:.6g}" if softcap is not None else ""
+        names = "".join(f"; config.{attr}={value}" for attr, value in (named | caps).items())
         raise ValueError(
-            f"{name}: the model's logits are not its LM head applied to its final hidden states{times} "
-            f"(off by {err:.2g} of the largest logit, a fitted scale of {fitted:.6g}, on {tokens} tokens"
-            f"{names}): its forward transforms them (a scale, a softcap), which gopd's fused ops, "
-            "reading the head's weight, would miss"
+            f"{name}: the model's logits are not its LM head applied to its final hidden states{how} "
+            f"(off by {err:.2g} of the largest logit, a fitted scale of {fitted * found.scale:.6g}, on "
+            f"{tokens} tokens{names}): its forward transforms them, which gopd's fused ops, reading "
+            "the head's weight, would miss"
         )
-    _SCALES[key] = scale
-    return scale
+    _HEAD_LOGITS[key] = found
+    return found
 
 
 def sequence_logprobs(
@@ -189,13 +204,13 @@ def sequence_logprobs(
         raise ValueError(
             f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}"
         )
-    scale = head_logit_scale(model)
+    transform = head_logits(model)
     head = transformers_model(model).get_output_embeddings()
     hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]
     targets = input_ids[:, 1:].long()
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE)
     return token_logprobs(
-        hidden, head.weight, targets, bias=head.bias, temperature=temperature, logit_scale=scale,
+        hidden, head.weight, targets, bias=head.bias, temperature=temperature, **transform.kwargs(),
         ignore_index=IGNORE, return_entropy=return_entropy, backend=backend,
     )  # fmt: skip

@@ -126,7 +126,7 @@ def test_scaled_logits_are_the_models_own(backend, family, value, scale, device)
     as the model's materialised logits give them, at a temperature."""
     dev = device if backend == "triton" else torch.device("cpu")
     model = tiny_scaled(family, value).to(dev)
-    assert hf.head_logit_scale(model) == scale
+    assert hf.head_logits(model) == (scale, None)
     ids, mask = (t.to(dev) for t in left_padded_batch())
     want = grads(model, lambda: naive(model, ids, mask, 0.7))
     got = grads(model, lambda: sequence_logprobs(model, ids, mask, temperature=0.7, return_entropy=True,
@@ -141,18 +141,57 @@ def test_a_scale_the_config_names_but_the_forward_ignores_is_not_applied():
     """Qwen3's forward reads no logit_scale: set on its config anyway, the forward decides (1)."""
     model = tiny_qwen3(seed=3)
     model.config.logit_scale = 0.5
-    assert hf.head_logit_scale(model) == 1.0
+    assert hf.head_logits(model) == (1.0, None)
     ids, mask = left_padded_batch()
     torch.testing.assert_close(sequence_logprobs(model, ids, mask), naive(model, ids, mask)[0])
 
 
-def test_soft_capped_logits_are_refused_by_name():
+def tiny_gemma2(softcap: float | None = 30.0) -> transformers.Gemma2ForCausalLM:
+    """Gemma 2 soft-caps its logits, c tanh(z / c), c = config.final_logit_softcapping (30)."""
     config = transformers.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                       head_dim=16)  # fmt: skip
+                                       head_dim=16, final_logit_softcapping=softcap)  # fmt: skip
+    torch.manual_seed(0)
     model = transformers.Gemma2ForCausalLM(config).eval()
-    with pytest.raises(ValueError, match=r"config\.final_logit_softcapping=30\.0 soft-caps the logits"):
-        sequence_logprobs(model, *left_padded_batch())
+    with torch.no_grad():  # logits of tens, where a cap of 30 bends them: tiny models' are below 1
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_soft_capped_logits_are_the_models_own(backend, device):
+    """Gemma 2's cap, from its config, checked against its forward: values, entropies and every
+    parameter's gradient as its materialised (capped) logits give them, at a temperature."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    model = tiny_gemma2().to(dev)
+    assert hf.head_logits(model) == (1.0, 30.0)
+    ids, mask = (t.to(dev) for t in left_padded_batch())
+    raw = model.lm_head(hf.final_hidden_states(model, ids, mask)).abs().max()
+    assert raw > 30  # the cap bends the largest logits
+    want = grads(model, lambda: naive(model, ids, mask, 0.7))
+    got = grads(model, lambda: sequence_logprobs(model, ids, mask, temperature=0.7, return_entropy=True,
+                                                 backend=backend))  # fmt: skip
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    for name, g in want[2].items():
+        assert rel_err(got[2][name], g) < 1e-4, name
+
+
+def test_a_cap_the_forward_does_not_apply_is_refused(monkeypatch):
+    """A config naming a cap that the forward does not apply (here another one than it applies)."""
+    model = tiny_gemma2()
+    forward = type(model).forward
+
+    def capped_at_20(self, *args, **kwargs):  # the forward reads the config: cap at 20 whatever it says
+        monkeypatch.setattr(self.config, "final_logit_softcapping", 20.0)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            monkeypatch.setattr(self.config, "final_logit_softcapping", 30.0)
+
+    monkeypatch.setattr(type(model), "forward", capped_at_20)
+    with pytest.raises(ValueError, match=r"final hidden states, soft-capped at 30 \(off by .*softcapping=30"):
+        hf.head_logits(model)
 
 
 def test_unnamed_scales_are_refused_by_the_forward(monkeypatch):
@@ -176,8 +215,10 @@ def test_a_named_scale_that_does_not_explain_the_logits_is_refused(monkeypatch):
         return out
 
     monkeypatch.setattr(type(model), "forward", forward_by_four)
-    with pytest.raises(ValueError, match=r"\(times 0\.333333\) .*a fitted scale of 0\.25.*logits_scaling=3"):
-        hf.head_logit_scale(model)
+    with pytest.raises(
+        ValueError, match=r"states times 0\.333333 .*a fitted scale of 0\.25.*logits_scaling=3"
+    ):
+        hf.head_logits(model)
 
 
 @pytest.mark.parametrize("dtype, scaling", [(torch.bfloat16, 1.004), (torch.float32, 1.0001)], ids=str)
@@ -189,7 +230,7 @@ def test_a_scale_within_one_logits_rounding_is_refused(dtype, scaling, monkeypat
     model = tiny_granite(scaling).to(dtype)
     with pytest.raises(ValueError, match=r"a fitted scale of 0\.99"):
         sequence_logprobs(model, ids, mask, backend="torch")
-    assert hf.head_logit_scale(tiny_granite(1.0).to(dtype)) == 1.0  # the same model unscaled passes
+    assert hf.head_logits(tiny_granite(1.0).to(dtype)).scale == 1.0  # the same model unscaled passes
 
 
 def test_a_plain_granite_passes():
@@ -205,7 +246,7 @@ def test_the_check_runs_once_per_model():
     ids, mask = left_padded_batch()
     sequence_logprobs(model, ids, mask, backend="torch")
     sequence_logprobs(model, ids, mask, backend="torch")
-    hf.head_logit_scale(model)
+    hf.head_logits(model)
     assert len(calls) == 1
 
 

@@ -70,6 +70,35 @@ def give_heads_a_bias(monkeypatch, student: bool, frozen: bool) -> None:
     monkeypatch.setattr(gopd.models, "load_model", with_bias)
 
 
+def transformed_model_dir(path: Path, family: str, seed: int, value: float) -> str:
+    """A tiny model with the tiny models' tokenizer whose forward transforms its logits: a
+    Granite that divides them by logits_scaling = value (its logit scale: 1 / value), or a
+    Gemma 2 that soft-caps them at final_logit_softcapping = value, its head scaled up so that
+    its largest logits reach about 5, which caps of 5 to 12 bend (by 24 % to 3 %)."""
+    import torch
+    import transformers
+
+    tokenizer = build_tokenizer(ALPHABET)
+    name = {"granite": "Granite", "gemma2": "Gemma2"}[family]
+    extra = (
+        {"logits_scaling": value}
+        if family == "granite"
+        else {"final_logit_softcapping": value, "head_dim": 16}
+    )
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **extra,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
+    if family == "gemma2":
+        with torch.no_grad():
+            model.lm_head.weight.mul_(10.0)  # tied: the embeddings too (Gemma scales them by sqrt(D))
+    return str(save(model, tokenizer, path))
+
+
 def base_config(tiny: dict, tmp_path: Path, **overrides):
     from gopd.config import TrainConfig
 

@@ -14,7 +14,7 @@ from gopd.models import check_same_tokenizer, final_hidden, head_weight, load_mo
 from gopd.rollout import HFRolloutEngine, left_pad, response_mask, stop_ids
 from gopd.scoring import response_hidden
 from gopd_kernels import token_logprobs
-from tests.trainer.conftest import base_config, give_heads_a_bias, make_model_dir
+from tests.trainer.conftest import base_config, give_heads_a_bias, make_model_dir, transformed_model_dir
 
 
 def test_tokenizer_mismatch_is_refused(tiny, tmp_path):
@@ -37,28 +37,32 @@ def test_training_refuses_a_teacher_with_another_tokenizer(tiny, tmp_path):
         load_models(base_config(tiny, tmp_path, teachers=str(other)))
 
 
-def test_logit_softcapping_models_are_refused(tiny, tmp_path):
+def test_a_cap_the_forward_does_not_apply_is_refused(tiny, tmp_path):
+    """A Qwen3 whose config names a soft-cap its forward ignores (its logits, below 1, bent 8 %)."""
     model = load_model(str(tiny["student"]), torch.float32, torch.device("cpu"), trainable=False)
-    model.config.final_logit_softcapping = 30.0
+    model.config.final_logit_softcapping = 0.5
     model.save_pretrained(tmp_path / "capped")
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    with pytest.raises(
+        ValueError, match=r"capped: .* soft-capped at 0\.5 \(off by .*final_logit_softcapping"
+    ):
         load_model(str(tmp_path / "capped"), torch.float32, torch.device("cpu"), trainable=False)
 
 
-def test_load_model_takes_scaled_logits_and_says_so(tmp_path, caplog):
-    """Granite divides its logits by logits_scaling: its scale, 1 / 4, is found and logged
-    (gopd_kernels.hf's tests: the forward decides the direction; the stages' tests: scored so)."""
-    from transformers import GraniteConfig, GraniteForCausalLM
+@pytest.mark.parametrize(
+    "family, value, transform, said",
+    [("granite", 4.0, (0.25, None), "0.25 x its LM head's output; scored so"),
+     ("gemma2", 8.0, (1.0, 8.0), "1 x its LM head's output, soft-capped at 8; scored so")],
+)  # fmt: skip
+def test_load_model_takes_transformed_logits_and_says_so(tmp_path, caplog, family, value, transform, said):
+    """Granite divides its logits by logits_scaling, Gemma 2 soft-caps them: found and logged
+    (gopd_kernels.hf's tests: the forward decides; the stages' tests: scored and trained so)."""
+    from gopd.models import logits_of
 
-    from gopd.models import logit_scale
-
-    config = GraniteConfig(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0)  # fmt: skip
-    GraniteForCausalLM(config).save_pretrained(tmp_path / "granite")
+    path = transformed_model_dir(tmp_path / family, family, 0, value)
     with caplog.at_level(logging.INFO, logger="gopd"):
-        model = load_model(str(tmp_path / "granite"), torch.float32, torch.device("cpu"), trainable=False)
-    assert logit_scale(model) == 0.25
-    assert "granite: its logits are 0.25 x its LM head's output; scored so" in caplog.text
+        model = load_model(path, torch.float32, torch.device("cpu"), trainable=False)
+    assert logits_of(model) == transform
+    assert f"{family}: its logits are {said}" in caplog.text
 
 
 def test_a_plain_bf16_model_passes_the_logits_check(tiny):

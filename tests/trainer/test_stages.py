@@ -10,16 +10,14 @@ import pytest
 import torch
 
 from gopd.data import PromptSampler, load_examples
-from gopd.demo.task import ALPHABET
-from gopd.demo.tiny import build_tokenizer, save
-from gopd.models import head_weight, load_models, logit_scale
+from gopd.models import head_weight, load_models, logits_of
 from gopd.rollout import make_engine
 from gopd.scoring import response_hidden, score_rollouts, student_logprobs
 from gopd.update import make_optimizer, make_scheduler, policy_update, update_step
 from gopd_kernels import frozen_logprobs
 from gopd_kernels.hf import mask_position_ids
 from gopd_kernels.reference import policy_loss_reference
-from tests.trainer.conftest import base_config, give_heads_a_bias
+from tests.trainer.conftest import base_config, give_heads_a_bias, transformed_model_dir
 
 
 def rollouts_for(cfg, models, n=8):
@@ -297,22 +295,6 @@ def test_loss_fold_reaches_the_loss_and_both_paths_agree(tiny, tmp_path, objecti
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-4)
 
 
-def granite_dir(path, seed: int, logits_scaling: float):
-    """A tiny Granite with the tiny models' tokenizer: its forward divides its logits by
-    logits_scaling, so its logit scale is 1 / logits_scaling."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    tokenizer = build_tokenizer(ALPHABET)
-    config = GraniteConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
-        logits_scaling=logits_scaling, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return str(save(GraniteForCausalLM(config), tokenizer, path))
-
-
 def own_log_softmax(model, ro, temperature: float) -> torch.Tensor:
     """[B, R, V] float64: the model's own logits (its forward, scale included) at the response
     positions, log-softmaxed at the temperature; with the graph to its parameters."""
@@ -321,19 +303,31 @@ def own_log_softmax(model, ro, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits[:, ro.prompt_len - 1 : -1].double() / temperature, -1)
 
 
-@pytest.mark.parametrize("objective", ["sampled", "dense"])
-def test_scaled_logits_are_scored_and_trained_as_the_models_forward_gives_them(tiny, tmp_path, objective):
-    """Student, teacher and reference Granites with three logits_scaling values: the scores, the
-    loss and the gradient's norm as the models' materialised logits give them (no IS weight:
-    these rollouts were sampled at another temperature)."""
-    root = tmp_path / "granite"
+@pytest.mark.parametrize(
+    "family, objective",
+    [("granite", "sampled"), ("granite", "dense"), ("gemma2", "sampled"), ("gemma2", "dense")],
+)
+def test_transformed_logits_are_scored_and_trained_as_the_models_forward_gives_them(
+    tiny, tmp_path, family, objective
+):
+    """Student, teacher and reference with three logit transforms each (Granites: logits_scaling
+    4, 8, 2; Gemma 2s: soft-caps 8, 5, 12, their largest logits about 5, which the caps bend): the
+    scores, the loss and the gradient's norm as the models' materialised logits give them (no
+    IS weight: these rollouts were sampled at another temperature)."""
+    root = tmp_path / family
     roles = (("student", 0, 4.0), ("teachers", 1, 8.0), ("reference", 2, 2.0))
-    paths = {role: granite_dir(root / role, seed, scaling) for role, seed, scaling in roles}
+    if family == "gemma2":
+        roles = (("student", 0, 8.0), ("teachers", 1, 5.0), ("reference", 2, 12.0))
+    paths = {role: transformed_model_dir(root / role, family, seed, value) for role, seed, value in roles}
     cfg = base_config(tiny, tmp_path, **paths, lam=1.25, temperature=0.7, objective=objective, grad_clip=None,
                       is_cap=None)  # fmt: skip
     models = load_models(cfg)
     teacher, ref = models.teachers["default"], models.reference
-    assert [logit_scale(m) for m in (models.student, teacher, ref)] == [0.25, 0.125, 0.5]
+    transforms = [logits_of(m) for m in (models.student, teacher, ref)]
+    if family == "granite":
+        assert transforms == [(0.25, None), (0.125, None), (0.5, None)]
+    else:
+        assert transforms == [(1.0, 8.0), (1.0, 5.0), (1.0, 12.0)]
     ro = rollouts_for(cfg, models)
     valid = ro.response_mask
     at_targets = lambda logp: logp.gather(-1, ro.responses[..., None]).squeeze(-1)  # noqa: E731
