@@ -38,6 +38,9 @@
 #   bash benchmarks/gpu_session.sh vocab-parallel  # heads split by vocabulary (vocab_group): their
 #                                          # tests with the compiled kernels, 2 and 3 ranks over
 #                                          # gloo on the one GPU (~2 minutes, never run on a GPU)
+#   bash benchmarks/gpu_session.sh softcap # logit scales and soft-caps (Gemma 2's): their tests with
+#                                          # the compiled kernels, and token_logprobs of a
+#                                          # soft-capped head beside Liger's and CCE's (~2 minutes)
 #   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA, one update step
 #                                          # through a 28-layer Qwen3-0.6B shape, the micro-batch
 #                                          # layouts (~5 minutes)
@@ -56,7 +59,7 @@
 # limit; every finished shape is already saved, so a part cut short is rerun with --op and
 # --n for what is missing.
 set -uo pipefail
-part=${1:?usage: gpu_session.sh lease|liger-sm90|first|fold|gemm|stages|fp16-torch|small|vocab-parallel|trainer|fp32|tune|check|token|frozen|loss|dense}
+part=${1:?usage: gpu_session.sh lease|liger-sm90|first|fold|gemm|stages|fp16-torch|small|vocab-parallel|softcap|trainer|fp32|tune|check|token|frozen|loss|dense}
 out=${OUT:-/tmp/gopd-gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/log.txt") 2>&1
@@ -192,6 +195,17 @@ vocab-parallel)  # every case of tests/kernels/test_vocab_parallel.py, its Trito
     # (benchmarks.vocab_parallel) needs a GPU per rank (NCCL) and is not run on one card.
     timeout 150 python3 -m pytest -q -p no:benchmark tests/kernels/test_vocab_parallel.py
     ;;
+softcap)  # heads that scale or soft-cap their logits (new 2026-11-28, never run on a GPU): the
+    # compiled kernels against float64, then token_logprobs of a soft-capped head (c = 30) beside
+    # the peers' softcap arguments; predicted: gopd's fused kernels a few % over their uncapped
+    # time (one more exp per logit, in the epilogue), since a cap keeps bf16 off cuBLAS tiles
+    status=0
+    timeout 150 python3 -m pytest -q -p no:benchmark -m "triton or cuda" -k "softcap or soft_cap or logit_scale \
+        or transforms or scaled or capped" tests/kernels || status=1
+    timeout --signal=INT 200 python3 -m benchmarks.report --op token_logprobs_softcap,token_logprobs \
+        --n 16384 --d 4096 --v 151936 --dtype bfloat16 || status=1
+    (exit $status)
+    ;;
 fp16-torch)  # the torch backend's fp16 heads on fp16 tensor cores with scaled dL/dz tiles (new;
     # before, float32 GEMMs): the T4's and V100's path, run here on the H100's cuBLAS. Predicted:
     # GEMMs at fp16's rate, and a host sync per tile (the scale) that costs a few ms. gopd's
@@ -302,7 +316,7 @@ token) report token_logprobs,token_logprobs_fwd ;;
 frozen) report token_logprobs_frozen_head,gopd_loss_frozen_head ;;
 loss) report gopd_loss,frozen_scoring ;;
 dense) report gopd_dense_loss,gopd_dense_loss_exopd ;;
-*) echo "unknown part $part: lease, liger-sm90, first, fold, gemm, stages, small, trainer, fp32, tune, check, token, frozen, loss or dense"; exit 2 ;;
+*) echo "unknown part $part: see the usage line"; exit 2 ;;
 esac
 status=$?
 find benchmarks/results -type f -newer "$stamp" > "$stamp.list"

@@ -133,20 +133,24 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
-def _cce_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _cce_logp(
+    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, softcap: float | None = None
+) -> torch.Tensor:
     from cut_cross_entropy import linear_cross_entropy
 
     impl = "cce" if h.is_cuda else "torch_compile"
-    return -linear_cross_entropy(h, w, y, reduction="none", impl=impl).float()
+    return -linear_cross_entropy(h, w, y, reduction="none", impl=impl, softcap=softcap).float()
 
 
 def _liger_flce_logp(
-    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, accum_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+    h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, accum_dtype: torch.dtype | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:  # fmt: skip
     """accum_dtype: what Liger sums dW in across its token chunks (None: the head's dtype)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return -LigerFusedLinearCrossEntropyLoss(reduction="none", accum_dtype=accum_dtype)(w, h, y).float()
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none", accum_dtype=accum_dtype, softcap=softcap)
+    return -loss(w, h, y).float()
 
 
 def _liger_scaled_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -195,6 +199,29 @@ def _logprob_impls(frozen_head: bool = False) -> dict[str, Impl]:
                              lambda x: _liger_scaled_logp(*_student(x)), needs="liger_kernel"),
         "cce": Impl("cut_cross_entropy.linear_cross_entropy(reduction='none'), negated",
                     lambda x: _cce_logp(*_student(x)), needs="cut_cross_entropy"),
+    }  # fmt: skip
+
+
+GEMMA_SOFTCAP = 30.0  # Gemma 2's final_logit_softcapping: logits c tanh(z / c)
+
+
+def _softcap_logp(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ref.token_logprobs_reference(h, w, y, logit_softcap=GEMMA_SOFTCAP)
+
+
+def _softcap_impls() -> dict[str, Impl]:
+    """token_logprobs' implementations for a soft-capped head: each peer with its softcap argument."""
+    c = GEMMA_SOFTCAP
+    return {
+        "naive": Impl("materialised [N, V] logits, c tanh(z / c), log_softmax, gather",
+                      lambda x: _softcap_logp(*_student(x))),
+        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_softcap_logp)(*_student(x))),
+        **_ours("token_logprobs", lambda x, b: gk.token_logprobs(*_student(x), logit_softcap=c, backend=b)),
+        "liger": Impl(f"LigerFusedLinearCrossEntropyLoss(reduction='none', softcap={c}), negated",
+                      lambda x: _liger_flce_logp(*_student(x), softcap=c),
+                      needs="liger_kernel", cuda_only=TRITON_ONLY),
+        "cce": Impl(f"cut_cross_entropy.linear_cross_entropy(reduction='none', softcap={c}), negated",
+                    lambda x: _cce_logp(*_student(x), softcap=c), needs="cut_cross_entropy"),
     }  # fmt: skip
 
 
@@ -356,6 +383,10 @@ OPS: dict[str, Op] = {
     "token_logprobs": Op(
         "log-probs of N sampled tokens, forward + backward with a random per-token upstream gradient",
         True, lambda n, d, v: 6 * n * d * v, _upstream, _logprob_impls()),
+    "token_logprobs_softcap": Op(
+        f"log-probs of N sampled tokens of a soft-capped head (logits {GEMMA_SOFTCAP:g} tanh(z / "
+        f"{GEMMA_SOFTCAP:g}), Gemma 2's), forward + backward with a random per-token upstream gradient",
+        True, lambda n, d, v: 6 * n * d * v, _upstream, _softcap_impls()),
     "token_logprobs_frozen_head": Op(
         "log-probs of N sampled tokens, forward + backward to the hidden states only (frozen LM "
         "head, as under LoRA), random per-token upstream gradient",
