@@ -10,7 +10,8 @@ from gopd_kernels.ops.linear_logsoftmax_torch import LIVE_TILES, tile_shape
 
 
 @pytest.mark.parametrize("entropy", [False, True])
-def test_gradcheck_float64(entropy, monkeypatch):
+@pytest.mark.parametrize("scale, softcap", [(1.0, None), (0.7, 1.5)], ids=["plain", "scaled-and-soft-capped"])
+def test_gradcheck_float64(entropy, scale, softcap, monkeypatch):
     monkeypatch.setenv("GOPD_WORKSPACE_MB", str(2 * 3 * 4 * 8 / 2**20))  # tiles of 3 x 4: many chunks
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
@@ -19,7 +20,8 @@ def test_gradcheck_float64(entropy, monkeypatch):
     targets = torch.tensor([0, 10, -100, 3, 7])
 
     def fn(h, w, b):
-        out = token_logprobs(h, w, targets, bias=b, temperature=0.6, return_entropy=entropy, backend="torch")
+        out = token_logprobs(h, w, targets, bias=b, temperature=0.6, logit_scale=scale, logit_softcap=softcap,
+                             return_entropy=entropy, backend="torch")  # fmt: skip
         return out if entropy else (out,)
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-7)
