@@ -251,9 +251,9 @@ def kernel_variants() -> list[KernelVariant]:
     # dz in the GEMM operand's dtype.
     rows = "gopd_kernels.ops.fold_rows_triton"
     row_ints = (("V", VOCAB), ("stride_zm", VOCAB), ("stride_dzm", VOCAB))
-    row = lambda kernel, pointers, **constexprs: KernelVariant(
-        rows, kernel, "CONFIGS", None, "float32", pointers, constexprs, ints=row_ints, hot=True,
-        needs_mma=False,
+    row = lambda kernel, pointers, floats=(), **constexprs: KernelVariant(
+        rows, kernel, "CONFIGS", None, "float32", pointers, constexprs, floats=floats, ints=row_ints,
+        hot=True, needs_mma=False,
     )  # fmt: skip
     f32 = lambda *names: {f"{n}_ptr": "fp32" for n in names}
     for target in (True, False):  # the sampled fold's log-softmax; the dense fold's lse (y_ptr unused: lse)
@@ -261,9 +261,12 @@ def kernel_variants() -> list[KernelVariant]:
         out.append(row("row_log_softmax_kernel", f32("z", "s", "lse") | y, HAS_TARGET=target))
     out.append(row("row_dense_kl_kernel", f32("a", "c", "t", "lse_c", "lse_t", "kl", "kl_t", "lse_a", "u"),
                    WITH_TEACHER=True))  # fmt: skip
-    for dz in ("bf16", "fp32"):
-        out.append(row("row_logit_grads_kernel", f32("z", "lse", "c") | {"y_ptr": "i64", "dz_ptr": dz}))
-        out.append(row("row_dense_grads_kernel", f32("a", "c", "lse_a", "u", "coef") | {"dz_ptr": dz}))
+    for dz, softcap in (("bf16", False), ("bf16", True), ("fp32", False)):  # a soft-capped head's too
+        out.append(row("row_logit_grads_kernel", f32("z", "lse", "c") | {"y_ptr": "i64", "dz_ptr": dz},
+                       floats=("cap",), SOFTCAP=softcap))  # fmt: skip
+    for dz, softcap in (("bf16", False), ("bf16", True), ("fp32", False)):
+        out.append(row("row_dense_grads_kernel", f32("a", "c", "lse_a", "u", "coef") | {"dz_ptr": dz},
+                       floats=("cap",), SOFTCAP=softcap))  # fmt: skip
     return out
 
 

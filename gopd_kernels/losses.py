@@ -182,8 +182,9 @@ def gopd_loss(
     fold setting: its frozen-head fold is the other way to need 2 GEMMs (see token_logprobs).
 
     logit_scale, logit_softcap: the student's logit multiplier and soft-cap, as in token_logprobs.
-    A soft-capped head does not fold (fold=True is an error; a log line says where fold=None
-    would have folded).
+    A soft-capped trained head folds as any other (each chunk's logits capped in place, dz taken
+    on to the raw ones in the row work); a frozen one recomputes (token_logprobs' folds take no
+    cap).
 
     vocab_group, reduce_hidden_grad: a vocabulary-parallel head, as in token_logprobs (weight
     and bias this rank's rows; everything per token the same on every rank, and so the loss).
@@ -197,7 +198,7 @@ def gopd_loss(
     """
     lam = check_lam(lam)
     logit_temperature(temperature, logit_scale)  # both checked before any kernel runs
-    capped = logit_cap(temperature, logit_softcap) is not None
+    cap = logit_cap(temperature, logit_softcap)  # c / tau, the fold's; token_logprobs takes c itself
     hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     check_per_token(
         teacher_logp, "teacher_logp", targets if isinstance(targets, torch.Tensor) else teacher_logp
@@ -230,10 +231,9 @@ def gopd_loss(
     # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
     # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
     # 10.2-11.7 s and 314 MiB.
-    unfoldable = "vocab_group" if vocab_group is not None else ("softcap" if capped else None)
     fold_on = _fold_backend(
         fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias,
-        op="gopd_loss", unfoldable=unfoldable,
+        op="gopd_loss", unfoldable=None if vocab_group is None else "vocab_group",
     )  # fmt: skip
     if fold_on == "triton" and fold is None:
         info_once(
@@ -243,8 +243,8 @@ def gopd_loss(
         )
     if fold_on:
         loss, s = _folded_policy_loss(
-            hidden, weight, bias, targets, temperature, logit_scale, ignore_index, per_token_inputs, terms,
-            loss_agg, num_tokens, fold_on,
+            hidden, weight, bias, targets, temperature, logit_scale, cap, ignore_index, per_token_inputs,
+            terms, loss_agg, num_tokens, fold_on,
         )  # fmt: skip
         _, adv, clipped, is_weight = terms(s, *per_token_inputs)
     else:
@@ -291,7 +291,6 @@ def _policy_terms(s, teacher, ref, old, rollout, lam, clip_ratio, is_cap):
 
 UNFOLDABLE = {  # heads whose losses never fold, and why
     "vocab_group": "a vocabulary-parallel head (vocab_group): the folded gradient needs whole rows",
-    "softcap": "a soft-capped head (logit_softcap): the folds take no soft-cap",
 }
 
 
@@ -305,7 +304,7 @@ def _fold_backend(
     fold=True folds on either backend, fold=False never, and nothing folds when no gradient
     is wanted; fold=None asks folds_by_default(resolved backend), each loss's measured rule.
     unfoldable: a key of UNFOLDABLE for a head that never folds (a vocabulary-parallel one, whose
-    fold's dZ would need whole rows; a soft-capped one): fold=True is then an error, and where
+    fold's dZ would need whole rows): fold=True is then an error, and where
     fold=None would have folded a log line says so. op: the loss's name, for both."""
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
@@ -355,8 +354,8 @@ def _dense_folds_by_default(*heads: torch.Tensor | None):
 
 
 def _folded_policy_loss(
-    hidden, weight, bias, targets, temperature, logit_scale, ignore_index, per_token_inputs, terms, loss_agg,
-    num_tokens, backend,
+    hidden, weight, bias, targets, temperature, logit_scale, cap, ignore_index, per_token_inputs, terms,
+    loss_agg, num_tokens, backend,
 ):  # fmt: skip
     """(loss, s) with FoldedTokenLoss: each row chunk's loss and dL/ds are known in its one pass."""
     inv_temp = 1.0 / check_token_inputs(
@@ -375,7 +374,7 @@ def _folded_policy_loss(
     loss, s = FoldedTokenLoss.apply(
         rows.take(hidden).contiguous(), weight, bias, rows.take(targets).long().contiguous(), inv_temp,
         chunk_loss, fold_workspace_bytes(weight, rows=FOLD_ROWS[backend]),
-        implementation("fold_rows", backend),
+        implementation("fold_rows", backend), cap,
     )  # fmt: skip
     return loss, rows.put(s)
 
@@ -443,7 +442,7 @@ def gopd_dense_loss(
     s (h W^T + b) / tau with its own bias b when given (Phi-style heads) and its own logit
     multiplier s (``student_logit_scale``, ``teacher_logit_scale``, ``ref_logit_scale``: see
     token_logprobs' logit_scale; 1 for most models), soft-capped where a ``*_logit_softcap`` c is
-    given, c tanh(s (h W^T + b) / c) (Gemma 2's; never folded: fold=True is then an error).
+    given, c tanh(s (h W^T + b) / c) (Gemma 2's), folded or not.
 
     Hidden sizes may differ between the models; V must be the same. Returns
     ``(loss, stats)`` with stats "kl" (mean KL(p_s || q)), "kl_teacher" (mean KL(p_s || p_T)),
@@ -517,10 +516,9 @@ def gopd_dense_loss(
     shard = vocab_shard(
         vocab_group, reduce_hidden_grad, student_hidden, student_weight, student_bias, mask, "mask"
     )
-    unfoldable = "vocab_group" if shard is not None else ("softcap" if any(caps) else None)
     fold_on = _fold_backend(
         fold, backend, student_hidden, student_weight, folds_by_default, student_bias,
-        op="gopd_dense_loss", unfoldable=unfoldable,
+        op="gopd_dense_loss", unfoldable=None if shard is None else "vocab_group",
     )  # fmt: skip
     if fold_on:
         weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
@@ -528,7 +526,7 @@ def gopd_dense_loss(
         ws_bytes = fold_workspace_bytes(student_weight, live=2, rows=DENSE_FOLD_ROWS[fold_on])
         rows_impl = implementation("fold_rows", fold_on)
         loss, kl, kl_teacher = FoldedDenseKL.apply(
-            *heads, lam, inv_temps, weights, with_teacher_kl, ws_bytes, rows_impl
+            *heads, lam, inv_temps, weights, with_teacher_kl, ws_bytes, rows_impl, caps
         )
         kl = rows.put(kl)
     else:

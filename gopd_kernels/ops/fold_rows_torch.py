@@ -15,19 +15,37 @@ import torch
 from gopd_kernels.ops.dense_kl_torch import _lse_partials
 from gopd_kernels.ops.matmul_torch import tile_dtype
 
+CAP_TILES = 1  # logit_grads over soft-capped logits: one more tile, for da/dz
 
-def log_softmax(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def log_softmax(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """(s, state): state = (sum exp(z - m), m, z_y) per row; z then holds exp(z - m)."""
     z_y = z.gather(1, targets[:, None]).squeeze(1)
     m = z.amax(dim=1)
     sum_e = z.sub_(m[:, None]).exp_().sum(dim=1)  # in place: the tile now holds exp(z - m)
-    return z_y - m - sum_e.log(), sum_e
+    return z_y - m - sum_e.log(), (sum_e, m, z_y)
 
 
 def logit_grads(
-    z: torch.Tensor, targets: torch.Tensor, sum_e: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    state: tuple,
+    c: torch.Tensor,
+    dtype: torch.dtype,
+    cap: float | None = None,
 ) -> torch.Tensor:
-    dz = z.mul_((-c / sum_e)[:, None]).scatter_add_(1, targets[:, None], c[:, None])  # c (1[v = y] - p)
-    return dz.to(tile_dtype(dtype))
+    """c (1[v = y] - p) from z = exp(z - m) (log_softmax's); for soft-capped logits (cap) times
+    1 - (z / cap)^2, each z read back as m + log exp(z - m) through one more tile (0 where the
+    exponential underflowed, whose p is 0 too; the target's from z_y itself)."""
+    sum_e, m, z_y = state
+    if cap is None:
+        dz = z.mul_((-c / sum_e)[:, None]).scatter_add_(1, targets[:, None], c[:, None])  # c (1[v = y] - p)
+        return dz.to(tile_dtype(dtype))
+    da_dz = torch.log(z).add_(m[:, None]).div_(cap).square_().neg_().add_(1.0).clamp_(min=0.0)
+    dz = z.mul_((-c / sum_e)[:, None]).mul_(da_dz)
+    del da_dz
+    target_grad = c * (1.0 - (z_y / cap) ** 2)
+    return dz.scatter_add_(1, targets[:, None], target_grad[:, None]).to(tile_dtype(dtype))
 
 
 def lse(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -43,7 +61,11 @@ def dense_kl(
     lse_t: torch.Tensor | None,
     coef: torch.Tensor | None,
     dtype: torch.dtype,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """cap: a holds a soft-capped student's logits; dz is taken on to the raw ones, times
+    1 - (a / cap)^2, through one more tile."""
+    da_dz = None if cap is None or coef is None else torch.div(a, cap).square_().neg_().add_(1.0)
     m_a = a.amax(dim=1)
     diff = torch.sub(a, c, out=c)  # a - c
     if z_t is not None:
@@ -57,4 +79,6 @@ def dense_kl(
     if coef is None:
         return kl, kl_t, None
     dz = diff.addcmul_(e, -u[:, None]).mul_((coef / s_a)[:, None])  # e (a - c - u) coef / s_a
+    if da_dz is not None:
+        dz.mul_(da_dz)
     return kl, kl_t, dz.to(tile_dtype(dtype))

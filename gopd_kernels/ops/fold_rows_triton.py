@@ -37,6 +37,7 @@ from gopd_kernels.backend import interpreter_enabled
 from gopd_kernels.ops.matmul_torch import tile_dtype
 from gopd_kernels.ops.matmul_triton import matmul
 
+CAP_TILES = 0  # logit_grads over soft-capped logits: da/dz in the same pass, no more memory
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
 CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8)]
 
@@ -71,9 +72,11 @@ def row_log_softmax_kernel(
 
 @triton.jit
 def row_logit_grads_kernel(
-    z_ptr, y_ptr, lse_ptr, c_ptr, dz_ptr, V, stride_zm, stride_dzm, BLOCK_V: tl.constexpr
-):
-    """dz = c (1[v = y] - exp(z - lse)), over z's own row (dz_ptr: z_ptr; module doc)."""
+    z_ptr, y_ptr, lse_ptr, c_ptr, dz_ptr, V, stride_zm, stride_dzm, cap, SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """dz = c (1[v = y] - exp(z - lse)), over z's own row (dz_ptr: z_ptr; module doc); for
+    soft-capped logits z = cap tanh(raw / cap) (SOFTCAP), times dz/draw = 1 - (z / cap)^2."""
     row = tl.program_id(0)
     z_row = z_ptr + row.to(tl.int64) * stride_zm
     dz_row = dz_ptr + row.to(tl.int64) * stride_dzm
@@ -85,6 +88,8 @@ def row_logit_grads_kernel(
         v = v0 + cols
         z = tl.load(z_row + v, mask=v < V, other=float("-inf"))
         dz = tl.where(v == y, c, 0.0) - c * tl.exp(z - lse)
+        if SOFTCAP:
+            dz = dz * (1.0 - (z / cap) * (z / cap))
         tl.debug_barrier()  # every warp has read this block before any overwrites it
         tl.store(dz_row + v, dz.to(dz_ptr.dtype.element_ty), mask=v < V)
 
@@ -142,10 +147,12 @@ def row_dense_kl_kernel(
 
 @triton.jit
 def row_dense_grads_kernel(
-    a_ptr, c_ptr, lse_a_ptr, u_ptr, coef_ptr, dz_ptr, V, stride_zm, stride_dzm, BLOCK_V: tl.constexpr
-):
+    a_ptr, c_ptr, lse_a_ptr, u_ptr, coef_ptr, dz_ptr, V, stride_zm, stride_dzm, cap, SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
     """dz = coef p_s (a - c - u), p_s = exp(a - lse(a)): the dense loss's gradient on a,
-    written over a's own row as row_logit_grads_kernel's over z."""
+    written over a's own row as row_logit_grads_kernel's over z; times 1 - (a / cap)^2 for a
+    soft-capped student (SOFTCAP)."""
     row = tl.program_id(0)
     off = row.to(tl.int64) * stride_zm
     dz_row = dz_ptr + row.to(tl.int64) * stride_dzm
@@ -158,6 +165,8 @@ def row_dense_grads_kernel(
         a = tl.load(a_ptr + off + v0 + cols, mask=ok, other=0.0)
         c = tl.load(c_ptr + off + v0 + cols, mask=ok, other=0.0)
         dz = coef * tl.exp(a - lse_a) * (a - c - u)
+        if SOFTCAP:
+            dz = dz * (1.0 - (a / cap) * (a / cap))
         tl.debug_barrier()  # every warp has read this block of a before any overwrites it
         tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 
@@ -200,18 +209,25 @@ def lse(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def logit_grads(
-    z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, dtype: torch.dtype
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    c: torch.Tensor,
+    dtype: torch.dtype,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """dz [rows, V] in matmul_torch.tile_dtype(dtype) (fp32 or bf16; fp32 for an fp16 operand,
     scaled at the GEMM) <- c (1[v = y] - exp(z - lse)); c [rows] fp32,
     z fp32 with a unit column stride. Written over z, which is consumed (module doc): dz is
-    a view of z's memory, row t in the first bytes of z's row t."""
+    a view of z's memory, row t in the first bytes of z's row t. cap: z holds soft-capped
+    logits, cap tanh(raw / cap), and dz is taken on to the raw ones (times 1 - (z / cap)^2)."""
     rows, vocab = z.shape
     dz = _written_over(z, tile_dtype(dtype))
     if rows:
         row_logit_grads_kernel[(rows,)](
-            z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), **_launch_config(vocab)
-        )
+            z, targets, lse, c, dz, vocab, z.stride(0), dz.stride(0), cap or 1.0, SOFTCAP=cap is not None,
+            **_launch_config(vocab),
+        )  # fmt: skip
     return dz
 
 
@@ -223,11 +239,13 @@ def dense_kl(
     lse_t: torch.Tensor | None,
     coef: torch.Tensor | None,
     dtype: torch.dtype,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The dense fold's rows: (KL(p_s || q), KL(p_s || p_T) when z_t is given, and, when coef
     [rows] is, dz in tile_dtype(dtype) = coef p_s (a - c - E_ps[a - c])) from fp32 tiles a, c, z_t
     [rows, V] (unit column strides) and the log-sum-exps of c and z_t. dz is written over a
-    (consumed, as z in logit_grads); c and z_t are left as they are."""
+    (consumed, as z in logit_grads); c and z_t are left as they are. cap: a holds a soft-capped
+    student's logits, and dz is taken on to the raw ones (as logit_grads')."""
     rows, vocab = a.shape
     f32 = dict(dtype=torch.float32, device=a.device)
     kl, lse_a, u = (torch.empty(rows, **f32) for _ in range(3))
@@ -243,8 +261,9 @@ def dense_kl(
     dz = _written_over(a, tile_dtype(dtype))
     if rows:
         row_dense_grads_kernel[(rows,)](
-            a, c, lse_a, u, coef, dz, vocab, a.stride(0), dz.stride(0), **_launch_config(vocab)
-        )
+            a, c, lse_a, u, coef, dz, vocab, a.stride(0), dz.stride(0), cap or 1.0, SOFTCAP=cap is not None,
+            **_launch_config(vocab),
+        )  # fmt: skip
     return kl, kl_t, dz
 
 

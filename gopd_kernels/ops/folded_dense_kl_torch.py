@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from gopd_kernels.ops.dense_kl import NO_CAPS
 from gopd_kernels.ops.dense_kl_torch import _target_tile, add_ref_logits, scaled_heads
 from gopd_kernels.ops.folded_loss_torch import (
     HeadGrad,
@@ -53,9 +54,12 @@ class FoldedDenseKL(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hs, ws, bs, ht, wt, bt, hr, wr, br, lam, inv_temps, row_weights, with_teacher_kl, ws_bytes,
-        rows_impl,
+        rows_impl, caps=NO_CAPS,
     ):  # fmt: skip
-        """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
+        """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton).
+        caps: the three heads' soft-caps / tau (dense_kl.Caps): each tile capped where it is
+        built (a capped reference's through the tile of a, free until a is formed), the
+        student's dz taken on to its raw logits by the row work (rows_impl.CAP_TILES more)."""
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         rows, vocab = hs.shape[0], ws.shape[0]
         acc = compute_dtype(hs.dtype)
@@ -65,7 +69,8 @@ class FoldedDenseKL(torch.autograd.Function):
         (hs_, ws_, bs_), (ht_, wt_, bt_) = ((h, operand(w), b) for h, w, b in (student, teacher))
         ref = None if ref is None else (ref[0], operand(ref[1]), ref[2])
         live = 3 if with_teacher_kl else 2
-        chunk = fold_rows(ws_bytes, rows, vocab, acc, live)
+        cap_tiles = rows_impl.CAP_TILES if caps[0] is not None else 0
+        chunk = fold_rows(ws_bytes, rows, vocab, acc, live + cap_tiles)
         dh = HiddenGrad(hs, acc, chunk) if need_dh else None
         dw = HeadGrad(ws, hs_, ws_.dtype, acc, chunk, rows_impl) if need_dw else None
         db = torch.zeros(vocab, **like) if need_db else None
@@ -86,17 +91,19 @@ class FoldedDenseKL(torch.autograd.Function):
                 lse_t = None
                 ref_rows = None if ref is None else (ref[0][r0:r1], ref[1], ref[2])
                 if with_teacher_kl:
-                    lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temps[1], bt_), a)
+                    lse_t = rows_impl.lse(logits_tile(zt, ht_[r0:r1], wt_, inv_temps[1], bt_, cap=caps[1]), a)
                     torch.mul(zt, lam, out=c)
                     if ref_rows is not None:
-                        add_ref_logits(c, ref_rows, lam, inv_temps[2])
+                        add_ref_logits(c, ref_rows, lam, inv_temps[2], caps[2], a)
                 else:
-                    _target_tile(c, (ht_[r0:r1], wt_, bt_), ref_rows, lam, inv_temps)
+                    _target_tile(c, (ht_[r0:r1], wt_, bt_), ref_rows, lam, inv_temps, caps, a)
                 lse_c = rows_impl.lse(c, a)
-                logits_tile(a, hs_[r0:r1], ws_, inv_temps[0], bs_)
+                logits_tile(a, hs_[r0:r1], ws_, inv_temps[0], bs_, cap=caps[0])
                 coef_rows = coef[r0:r1] if wants_dz else None  # None: no dz
                 z_t = zt if with_teacher_kl else None
-                kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype)
+                kl[r0:r1], kl_t_rows, dz = rows_impl.dense_kl(
+                    a, c, z_t, lse_c, lse_t, coef_rows, ws_.dtype, caps[0]
+                )
                 if kl_t is not None:
                     kl_t[r0:r1] = kl_t_rows
                 if dz is None:
@@ -113,4 +120,4 @@ class FoldedDenseKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_kl_t):
-        return *scale_saved_grads(ctx, grad_loss), *(None,) * 12
+        return *scale_saved_grads(ctx, grad_loss), *(None,) * 13

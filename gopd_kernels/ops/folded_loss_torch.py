@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from gopd_kernels.backend import dw_sum, warn_once, workspace_bytes
+from gopd_kernels.ops.linear_logsoftmax_torch import soft_cap_
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_add, mm_into, operand, scaled_operand, tile_dtype
 
 # Rows per chunk unless GOPD_WORKSPACE_MB says otherwise, by who does the row work. torch
@@ -206,13 +207,16 @@ class FoldedTokenLoss(torch.autograd.Function):
     -> (loss, logp [M]).
 
     logp is returned detached (for statistics); the loss is differentiable w.r.t. hidden, weight
-    and bias (db = the column sums of dL/dz, in fp32 across the chunks).
+    and bias (db = the column sums of dL/dz, in fp32 across the chunks). cap: a soft-capped
+    head's cap / tau: each chunk's logits are capped in place, and dz taken on to the raw ones
+    by the row work (rows_impl.CAP_TILES more tiles for it: the torch rows' one halves the chunk).
     """
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int, rows_impl
-    ):
+        ctx, hidden, weight, bias, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int, rows_impl,
+        cap=None,
+    ):  # fmt: skip
         """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         rows, dim = hidden.shape
@@ -220,7 +224,7 @@ class FoldedTokenLoss(torch.autograd.Function):
         acc = compute_dtype(hidden.dtype)
         h, w = operand(hidden), operand(weight)
         b = None if bias is None else bias.to(acc) * inv_temp
-        chunk = fold_rows(ws_bytes, rows, vocab, acc)
+        chunk = fold_rows(ws_bytes, rows, vocab, acc, 1 + (rows_impl.CAP_TILES if cap is not None else 0))
         dh = HiddenGrad(hidden, acc, chunk) if need_dh else None
         dw = HeadGrad(weight, h, w.dtype, acc, chunk, rows_impl) if need_dw else None
         db = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_db else None
@@ -233,6 +237,8 @@ class FoldedTokenLoss(torch.autograd.Function):
             # headline shape) alive through the cast.
             buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
             for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf):
+                if cap is not None:
+                    soft_cap_(z, cap)
                 s, state = rows_impl.log_softmax(z, y)
                 logp[r0:r1] = s
                 with torch.enable_grad():
@@ -244,7 +250,7 @@ class FoldedTokenLoss(torch.autograd.Function):
                 (c,) = torch.autograd.grad(part, s_leaf)
                 c = c * inv_temp  # through z = raw logits * inv_temp
                 # c (1[v = y] - p), a GEMM operand
-                dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype)
+                dz = rows_impl.logit_grads(z, y, state, c.to(acc), w.dtype, cap)
                 add_chunk_grads(dz, h, w, (r0, r1), dh, dw, db)
                 del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next
 
@@ -256,4 +262,4 @@ class FoldedTokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
-        return *scale_saved_grads(ctx, grad_loss), None, None, None, None, None
+        return *scale_saved_grads(ctx, grad_loss), None, None, None, None, None, None

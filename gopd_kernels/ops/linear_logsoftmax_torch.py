@@ -84,10 +84,15 @@ def logits_tile(
     if col_bias is not None:
         out.add_(col_bias)
     if cap is not None:
-        out.div_(cap).tanh_().mul_(cap)
+        soft_cap_(out, cap)
     if row_shift is not None:
         out.sub_(row_shift[:, None])
     return out
+
+
+def soft_cap_(z: torch.Tensor, cap: float) -> torch.Tensor:
+    """z <- cap tanh(z / cap), in place: a soft-capped head's logits from its raw ones."""
+    return z.div_(cap).tanh_().mul_(cap)
 
 
 def cap_grad(capped: torch.Tensor, cap: float, out: torch.Tensor) -> torch.Tensor:

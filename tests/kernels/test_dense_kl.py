@@ -36,7 +36,7 @@ def run(fn, student, teacher, ref, dtype, scale, **kw):
 
 def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=True, loss_agg="token-mean",
             use_ref=True, n=(3, 5), v=211, dims=(16, 24, 20), fold=None, logit_scales=None,
-            logit_softcaps=None):  # fmt: skip
+            logit_softcaps=None, teacher_kl=True):  # fmt: skip
     student, teacher, ref = heads(n, v, dims, device=device, dtype=dtype)
     m = None
     if mask:
@@ -51,8 +51,8 @@ def compare(backend, device, lam, *, dtype=torch.float32, temperature=0.8, mask=
         names = ("student_logit_softcap", "teacher_logit_softcap", "ref_logit_softcap")
         kw.update(zip(names, logit_softcaps, strict=True))
     ref = ref if use_ref else None
-    (loss, stats), dh, dw = run(lambda *a, **k: gopd_dense_loss(*a, backend=backend, fold=fold, **k),
-                                student, teacher, ref, dtype, 1.3, **kw)  # fmt: skip
+    ours = lambda *a, **k: gopd_dense_loss(*a, backend=backend, fold=fold, teacher_kl=teacher_kl, **k)  # noqa: E731
+    (loss, stats), dh, dw = run(ours, student, teacher, ref, dtype, 1.3, **kw)
     cpu64 = lambda hd: None if hd is None else tuple(t.cpu().double() for t in hd)
     kw["mask"] = None if m is None else m.cpu()
     (ref_loss, ref_kl), ref_dh, ref_dw = run(gopd_dense_loss_reference, cpu64(student), cpu64(teacher),
@@ -130,21 +130,28 @@ def test_backends_match_reference_odd_shapes(backend, lam, device):
     compare(backend, dev, lam, n=(1, 7), v=97, dims=(17, 16, 33), temperature=1.4)
 
 
+CAPS = {  # soft-caps (student, teacher, reference) and whether the KL to the teacher is reported
+    "scaled": (None, True), "capped-student-and-teacher": ((3.0, 2.5, None), True),
+    "capped-teacher-and-ref": ((None, 2.5, 4.0), True), "all-capped": ((3.0, 2.5, 4.0), True),
+    "capped-ref-no-teacher-kl": ((None, None, 4.0), False),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "fold, softcaps",  # no fold takes a soft-cap
-    [(True, None), (False, None), (None, (3.0, 2.5, None)), (False, (None, 2.5, 4.0))],
-    ids=["scaled-folded", "scaled", "capped-student-and-teacher", "capped-teacher-and-ref"],
-)
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "recomputed"])
+@pytest.mark.parametrize("caps", CAPS, ids=list(CAPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_each_model_transforms_its_own_logits(backend, fold, softcaps, dtype, device):
+def test_each_model_transforms_its_own_logits(backend, fold, caps, dtype, device):
     """Three logit multipliers (as Granite's 1 / logits_scaling, per model), and soft-caps (as
-    Gemma 2's) on some of the heads, against logits of spread ~2: the student's in its gradient
-    too, the teacher's and the reference's in q and in the KL to the teacher."""
+    Gemma 2's) on some of the heads, against logits of spread ~2, folded and recomputed: the
+    student's in its gradient too, the teacher's and the reference's in q and in the KL to the
+    teacher (a capped reference's tile built in scratch both with and without it)."""
     dev = device if backend == "triton" else torch.device("cpu")
+    softcaps, teacher_kl = CAPS[caps]
     stats, _ = compare(backend, dev, 1.25, dtype=dtype, n=(2, 7), v=97, dims=(17, 16, 33), temperature=0.9,
-                       fold=fold, logit_scales=(0.5, 2.0, 0.25), logit_softcaps=softcaps)  # fmt: skip
-    assert "kl_teacher" in stats
+                       fold=fold, logit_scales=(0.5, 2.0, 0.25), logit_softcaps=softcaps,
+                       teacher_kl=teacher_kl)  # fmt: skip
+    assert ("kl_teacher" in stats) == teacher_kl
 
 
 @pytest.mark.triton
@@ -263,10 +270,6 @@ BAD = {
     "ref-scale-bool": (lambda s, t, r: (s, t, r, {"ref_logit_scale": True}), "ref_logit_scale"),
     "ref-cap-alone": (lambda s, t, r: (s, t, None, {"ref_logit_softcap": 30.0}), "ref_logit_softcap=30.0 is"),
     "teacher-cap-zero": (lambda s, t, r: (s, t, r, {"teacher_logit_softcap": 0.0}), "teacher_logit_softcap"),
-    "fold-with-cap": (
-        lambda s, t, r: (s, t, r, {"student_logit_softcap": 30.0, "fold": True}),
-        "fold=True does not apply to a soft-capped head",
-    ),
 }
 
 

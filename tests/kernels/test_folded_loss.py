@@ -149,27 +149,37 @@ def test_frozen_head_takes_the_frozen_head_path_not_the_fold(tiny_chunks, monkey
 
 @pytest.mark.triton
 @pytest.mark.parametrize("v", [1, 97, 211, 2053], ids=lambda v: f"V{v}")  # one column, primes
-def test_row_passes_match_torch(v, device, narrow_row_blocks):
+@pytest.mark.parametrize("cap", [None, 40.0], ids=["plain", "soft-capped"])
+def test_row_passes_match_torch(v, cap, device, narrow_row_blocks):
     """fold_rows_triton against fold_rows_torch's in-place ops, on rows whose logits span
     ~100 nats and climb along the row (the running maximum moves from block to block), and
-    targets at both ends of the vocabulary; dz in bf16 and fp32, written over z's rows."""
+    targets at both ends of the vocabulary; dz in bf16 and fp32, written over z's rows. Soft-
+    capped: the same logits through 40 tanh(z / 40), dz taken on to the raw logits."""
     from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
 
     g = torch.Generator().manual_seed(v)
     z = (torch.randn(5, v, generator=g) * 30 + torch.linspace(0, 60, v)).double()
     z[1] += 1000.0  # large logits: the log-sum-exp must shift by the maximum
+    if cap is not None:
+        z = torch.tanh(z / cap) * cap
     y = torch.randint(0, v, (5,), generator=g)
     y[0], y[-1] = 0, v - 1
     c = torch.randn(5, generator=g).double()
-    want_s, sum_e = fold_rows_torch.log_softmax(z.clone(), y)
-    want_dz = fold_rows_torch.logit_grads(torch.softmax(z, 1) * sum_e[:, None], y, sum_e, c, torch.float64)
+    e = z.clone()
+    want_s, state = fold_rows_torch.log_softmax(e, y)
+    want_dz = fold_rows_torch.logit_grads(e, y, state, c, torch.float64, cap)
+    p = torch.softmax(z, 1)  # the same by autograd's own algebra
+    by_hand = c[:, None] * (torch.nn.functional.one_hot(y, v) - p)
+    if cap is not None:
+        by_hand = by_hand * (1 - (z / cap) ** 2)
+    torch.testing.assert_close(want_dz, by_hand, atol=1e-12, rtol=1e-9)
     zf = z.float().to(device)
     s, lse = fold_rows_triton.log_softmax(zf, y.to(device))
     torch.testing.assert_close(s.double().cpu(), want_s, atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(lse.double().cpu(), torch.logsumexp(z, 1), atol=1e-4, rtol=1e-6)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):  # fp32 z near 1000: ulp 6e-5
         z_consumed = zf.clone()
-        dz = fold_rows_triton.logit_grads(z_consumed, y.to(device), lse, c.float().to(device), dtype)
+        dz = fold_rows_triton.logit_grads(z_consumed, y.to(device), lse, c.float().to(device), dtype, cap)
         assert dz.dtype == dtype and dz.shape == (5, v)
         assert dz.data_ptr() == z_consumed.data_ptr()  # no second [rows, V] buffer
         torch.testing.assert_close(dz.double().cpu(), want_dz, atol=tol * c.abs().max().item(), rtol=0)
