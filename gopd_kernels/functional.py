@@ -54,7 +54,8 @@ def token_logprobs(
             transformers model's, checked against its forward.
         logit_softcap: c > 0 for a model that soft-caps its logits, c tanh(s (h W^T + b) / c)
             (Gemma 2's ``final_logit_softcapping``), before the temperature; None: no cap. A
-            soft-capped frozen head is not folded.
+            soft-capped frozen head folds too: x = (f'_y W_y - E_p[f' W]) / tau,
+            f' = 1 - (a / cap)^2 of the capped logits a.
         ignore_index: positions with this target get log-prob 0.0 (and entropy 0.0), no
             gradient, and no compute (they are removed before the kernels run).
         return_entropy: also return the entropy of softmax(logits / tau) per position.
@@ -103,7 +104,7 @@ def token_logprobs(
         raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     backend = resolve_backend(backend, hidden.device)
     check_backend_dtype(backend, hidden.dtype)
-    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy, cap is not None)
+    fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy)
 
     rows = RowSelection(targets != ignore_index)
     logp, entropy = LinearTokenLogprobs.apply(

@@ -182,9 +182,8 @@ def gopd_loss(
     fold setting: its frozen-head fold is the other way to need 2 GEMMs (see token_logprobs).
 
     logit_scale, logit_softcap: the student's logit multiplier and soft-cap, as in token_logprobs.
-    A soft-capped trained head folds as any other (each chunk's logits capped in place, dz taken
-    on to the raw ones in the row work); a frozen one recomputes (token_logprobs' folds take no
-    cap).
+    A soft-capped head folds as any other (each chunk's logits capped in place, dz taken on to
+    the raw ones in the row work; a frozen one through token_logprobs' frozen-head fold).
 
     vocab_group, reduce_hidden_grad: a vocabulary-parallel head, as in token_logprobs (weight
     and bias this rank's rows; everything per token the same on every rank, and so the loss).

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.ops.folded_loss_torch import fold_rows, logit_chunks
+from gopd_kernels.ops.linear_logsoftmax_torch import soft_cap_
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand, scaled_operand
 
 
@@ -36,26 +37,30 @@ def forward(
     inv_temp: float,
     ws_bytes: int,
     rows_impl,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [M, D], weight [V, D], bias [V] | None, targets [M] valid ids ->
     (s [M], lse [M], x = ds/dh [M, D]), in the compute dtype; rows_impl: fold_rows_torch or
-    _triton."""
+    _triton. cap: a soft-capped head's cap / tau (each chunk capped in place; the row work's
+    dz taken on to the raw logits, so x = (f'_y W_y - E_p[f' W]) / tau)."""
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     acc = compute_dtype(hidden.dtype)
     h, w = operand(hidden), operand(weight)
     b = None if bias is None else bias.to(acc) * inv_temp
-    chunk = fold_rows(ws_bytes, rows, vocab, acc)
+    chunk = fold_rows(ws_bytes, rows, vocab, acc, 1 + (rows_impl.CAP_TILES if cap is not None else 0))
     buf = torch.empty(min(chunk, rows) * vocab, dtype=acc, device=hidden.device)
     s = torch.empty(rows, dtype=acc, device=hidden.device)
     lse = torch.empty_like(s)
     x = torch.empty(rows, dim, dtype=acc, device=hidden.device)
     for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf):
+        if cap is not None:
+            soft_cap_(z, cap)
         lse[r0:r1] = z.gather(1, y[:, None]).squeeze(1)  # z_y, before the row pass may overwrite z
         s[r0:r1], state = rows_impl.log_softmax(z, y)
         lse[r0:r1] -= s[r0:r1]  # z_y - s
         c = torch.full((r1 - r0,), inv_temp, dtype=acc, device=hidden.device)
-        dz = rows_impl.logit_grads(z, y, state, c, w.dtype)  # (1[v = y] - p) / tau, a GEMM operand
+        dz = rows_impl.logit_grads(z, y, state, c, w.dtype, cap)  # (1[v = y] - p) / tau, a GEMM operand
         dz, alpha = scaled_operand(dz, w)  # fp16: scaled (fp32 from the torch rows)
         mm_into(x[r0:r1], dz, w, alpha)
         del dz  # a view of the chunk (Triton rows) or a bf16 copy (torch rows): gone before the next

@@ -140,12 +140,12 @@ def forward(
     """hidden [M, D], weight [V, D], targets [M] int64 in [0, V) -> (logp, lse, entropy|None).
 
     expected_weight: an optional [M, D] float32 buffer, filled with E_p[W] (frozen-head backward;
-    not with a soft-cap). cap: a soft-capped head's cap / tau (module doc).
+    for a soft-capped head E_p[f' W], f' = 1 - (a / cap)^2 per column). cap: a soft-capped head's
+    cap / tau (module doc).
     """
-    if cap is not None and expected_weight is not None:
-        raise ValueError("the frozen-head fold does not take a soft-capped head")
     rows, vocab = hidden.shape[0], weight.shape[0]
-    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype)
+    live = LIVE_TILES + (cap is not None and expected_weight is not None)  # and f'
+    row_chunk, vocab_chunk = tile_shape(rows, vocab, workspace_bytes, hidden.dtype, live)
     n_slices = -(-vocab // vocab_chunk)
     acc = compute_dtype(hidden.dtype)
     h = operand(hidden)
@@ -156,12 +156,13 @@ def forward(
     ew = expected_weight  # sum_v exp(z_v - m[k]) W_v over the slices so far; m[k] only grows
     if ew is not None:
         ew.zero_()
-    ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device)
+    ws = TileWorkspace(row_chunk, vocab_chunk, acc, hidden.device, live)
     for k, (c0, c1) in enumerate(_chunks(vocab, vocab_chunk)):
         w = operand(weight[c0:c1])
         b = bias[c0:c1].to(acc) * inv_temp if bias is not None else None
         for r0, r1 in _chunks(rows, row_chunk):
             z = logits_tile(ws.tile(0, r1 - r0, c1 - c0), h[r0:r1], w, inv_temp, b, cap=cap)
+            da_dz = None if live == LIVE_TILES else cap_grad(z, cap, ws.tile(2, r1 - r0, c1 - c0))
             sel, col = _targets_in(targets[r0:r1], c0, c1)
             zy[k, r0 + sel] = z[sel, col]
             m_k = z.amax(dim=1)
@@ -173,7 +174,7 @@ def forward(
             m[k, r0:r1] = m_k
             s[k, r0:r1] = e.sum(dim=1)
             if ew is not None:
-                e_op, alpha = scaled_operand(e, w)
+                e_op, alpha = scaled_operand(e if da_dz is None else e.mul_(da_dz), w)
                 mm_add(ew[r0:r1], e_op, w, alpha)
             if t is not None:
                 t[k, r0:r1] = e.mul_(u).sum(dim=1)
@@ -190,12 +191,17 @@ def frozen_head_forward(
     targets: torch.Tensor,
     inv_temp: float,
     workspace_bytes: int,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [M], lse [M], x = dlogp/dh = (W_y - E_p[W]) / tau [M, D]) for a frozen head (see
-    the module doc): the backward is dh = g_l x, no logits, no GEMM."""
+    the module doc): the backward is dh = g_l x, no logits, no GEMM. A soft-capped head's
+    (cap): x = (f'_y W_y - E_p[f' W]) / tau, f' = 1 - (a / cap)^2 of its capped logits a."""
     x = torch.empty(hidden.shape, dtype=compute_dtype(hidden.dtype), device=hidden.device)
-    logp, lse, _ = forward(hidden, weight, bias, targets, inv_temp, False, workspace_bytes, x)
-    return logp, lse, x.sub_(weight[targets].to(x.dtype)).mul_(-inv_temp)
+    logp, lse, _ = forward(hidden, weight, bias, targets, inv_temp, False, workspace_bytes, x, cap=cap)
+    w_y = weight[targets].to(x.dtype)
+    if cap is not None:  # the target's capped logit: logp + lse
+        w_y.mul_((1.0 - ((logp + lse).to(x.dtype) / cap) ** 2)[:, None])
+    return logp, lse, x.sub_(w_y).mul_(-inv_temp)
 
 
 def backward(

@@ -36,7 +36,6 @@ def folds_frozen_head(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     with_entropy: bool,
-    capped: bool = False,
 ) -> bool:
     """Whether token_logprobs computes dlogp/dh in its forward (the frozen-head fold above).
 
@@ -50,8 +49,7 @@ def folds_frozen_head(
     is scaled into fp16 at the GEMM, one more pass per chunk). fold=True on a head that is not
     frozen, or with the entropy, is an error; fold=False always recomputes. A vocabulary-parallel
     head folds the same way, each rank over its rows, the ranks' x merged in the forward
-    (VocabShard.merge_fold). A soft-capped head (`capped`) does not fold: fold=True is an error,
-    and where fold=None would have folded, a log line says the logits are recomputed.
+    (VocabShard.merge_fold). A soft-capped head folds too (x = (f'_y W_y - E_p[f' W]) / tau).
     """
     if fold is not None and not isinstance(fold, bool):
         raise ValueError(f"fold must be True, False or None, got {fold!r}")
@@ -67,15 +65,6 @@ def folds_frozen_head(
         )
     if fold is False or not can_fold:
         return False
-    if capped:
-        if fold:
-            raise ValueError(
-                "fold=True: the frozen-head fold does not take a soft-capped head (logit_softcap)"
-            )
-        info_once(
-            "token_logprobs: a frozen soft-capped head is not folded; the backward recomputes its logits"
-        )
-        return False
     if fold or backend == "torch":
         return True
     folds = cublas_half(hidden, weight)
@@ -88,15 +77,15 @@ def folds_frozen_head(
     return folds
 
 
-def _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend):
+def _frozen_head_forward(hidden, weight, bias, targets, inv_temp, backend, cap=None):
     """(logp, lse, x = dlogp/dh) by the backend's frozen-head fold (module doc)."""
     if backend == "torch":
         impl = implementation("linear_logsoftmax", backend)
         ws = workspace_bytes(backend, weight)
-        return impl.frozen_head_forward(hidden, weight, bias, targets, inv_temp, ws)
+        return impl.frozen_head_forward(hidden, weight, bias, targets, inv_temp, ws, cap)
     ws = fold_workspace_bytes(weight, rows=FOLD_ROWS[backend])
     rows_impl = implementation("fold_rows", backend)
-    return folded_frozen_head_torch.forward(hidden, weight, bias, targets, inv_temp, ws, rows_impl)
+    return folded_frozen_head_torch.forward(hidden, weight, bias, targets, inv_temp, ws, rows_impl, cap)
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
@@ -124,9 +113,10 @@ class LinearTokenLogprobs(torch.autograd.Function):
             return empty, empty.clone() if with_entropy else None
         if fold:  # a shard folds its own rows, on a valid stand-in id where the target is another's
             y = targets if shard is None else targets.clamp(min=0)
-            logp, lse, x = _frozen_head_forward(hidden, weight, bias, y, inv_temp, backend)
-            if shard is not None:
-                logp, x = shard.merge_fold(targets, logp, lse, x, weight[y], inv_temp)
+            logp, lse, x = _frozen_head_forward(hidden, weight, bias, y, inv_temp, backend, cap)
+            if shard is not None:  # the stand-in's W_y' as it enters x: times f'_y' for a capped head
+                w_y = weight[y] if cap is None else weight[y] * (1.0 - ((logp + lse) / cap) ** 2)[:, None]
+                logp, x = shard.merge_fold(targets, logp, lse, x, w_y, inv_temp)
             ctx.save_for_backward(x)
             ctx.hidden_dtype = hidden.dtype
             return logp, None

@@ -54,7 +54,10 @@ CASES = {
     "triton bfloat16": dict(backend="triton", dtype=torch.bfloat16),
     "triton float16, entropy": dict(backend="triton", dtype=torch.float16, entropy=True),
     "torch float32, soft-capped head, entropy": dict(backend="torch", softcap=2.5, entropy=True),
-    "triton float32, soft-capped frozen head (not folded)": dict(backend="triton", softcap=2.5, frozen=True),
+    "triton float32, soft-capped frozen head, folded": dict(
+        backend="triton", softcap=2.5, frozen=True, fold=True
+    ),
+    "torch float32, soft-capped frozen head (folded)": dict(backend="torch", softcap=2.5, frozen=True),
     "gopd_loss torch float64, lam 1.25": dict(op="gopd_loss", backend="torch", dtype=torch.float64),
     "gopd_loss triton float32, lam 1.25": dict(op="gopd_loss", backend="triton"),
     "gopd_loss torch float32, DTensor head": dict(op="gopd_loss", backend="torch", dtensor=True),
