@@ -27,6 +27,7 @@ from gopd_kernels.validation import (
     check_choice,
     check_lm_head,
     check_matching_head,
+    check_ref_settings,
     check_token_inputs,
     logit_cap,
     logit_temperature,
@@ -479,10 +480,9 @@ def gopd_dense_loss(
         raise ValueError(f"ref_hidden / ref_weight are required when lam != 1 (got lam={lam})")
     if ref_hidden is not None:
         check_lm_head(ref_hidden, ref_weight, ref_bias, names=head_names("ref"))
-    elif ref_bias is not None or ref_logit_scale != 1.0 or ref_logit_softcap is not None:
-        given = "ref_bias" if ref_bias is not None else f"ref_logit_scale={ref_logit_scale}"
-        given = f"ref_logit_softcap={ref_logit_softcap}" if ref_logit_softcap is not None else given
-        raise ValueError(f"{given} is given without ref_hidden / ref_weight")
+    check_ref_settings(
+        ref_hidden, ref_bias=ref_bias, ref_logit_scale=ref_logit_scale, ref_logit_softcap=ref_logit_softcap
+    )
     lead = student_hidden.shape[:-1]
     for name, h, w in (("teacher", teacher_hidden, teacher_weight), ("ref", ref_hidden, ref_weight)):
         if h is not None:

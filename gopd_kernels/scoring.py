@@ -23,6 +23,7 @@ from gopd_kernels.validation import (
     check_backend_dtype,
     check_lm_head,
     check_matching_head,
+    check_ref_settings,
     check_targets,
     logit_cap,
     logit_temperature,
@@ -95,12 +96,12 @@ def frozen_logprobs(
     caps = [logit_cap(temperature, teacher_logit_softcap, "teacher_logit_softcap")]
     ref_temperature = logit_temperature(temperature, ref_logit_scale, "ref_logit_scale")
     ref_cap = logit_cap(temperature, ref_logit_softcap, "ref_logit_softcap")
+    check_ref_settings(
+        ref_hidden, ref_bias=ref_bias, ref_logit_scale=ref_logit_scale, ref_logit_softcap=ref_logit_softcap
+    )
     if ref_hidden is not None:
         temperatures.append(ref_temperature)
         caps.append(ref_cap)
-    elif ref_logit_scale != 1.0 or ref_cap is not None:
-        given = f"ref_logit_softcap={ref_logit_softcap}" if ref_cap else f"ref_logit_scale={ref_logit_scale}"
-        raise ValueError(f"{given} is given without ref_hidden / ref_weight")
     lam = check_lam(lam)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("ref_hidden and ref_weight must be given together")

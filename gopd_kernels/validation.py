@@ -48,6 +48,18 @@ def logit_cap(temperature: float, softcap: float | None, name: str = "logit_soft
     return cap
 
 
+def check_ref_settings(ref_hidden: torch.Tensor | None, **settings) -> None:
+    """Where there is no reference (ref_hidden None), a ValueError naming the first of its
+    settings given anyway (a bias; a logit scale other than 1; a soft-cap): never ignored."""
+    if ref_hidden is not None:
+        return
+    for name, value in settings.items():
+        if value is None or (name.endswith("_logit_scale") and value == 1.0):
+            continue
+        given = name if isinstance(value, torch.Tensor) else f"{name}={value}"
+        raise ValueError(f"{given} is given without ref_hidden / ref_weight")
+
+
 def check_lm_head(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.ops.dense_kl_torch import _lse_partials
+from gopd_kernels.ops.linear_logsoftmax_torch import cap_grad
 from gopd_kernels.ops.matmul_torch import tile_dtype
 
 CAP_TILES = 1  # logit_grads over soft-capped logits: one more tile, for da/dz
@@ -41,10 +42,11 @@ def logit_grads(
     if cap is None:
         dz = z.mul_((-c / sum_e)[:, None]).scatter_add_(1, targets[:, None], c[:, None])  # c (1[v = y] - p)
         return dz.to(tile_dtype(dtype))
-    da_dz = torch.log(z).add_(m[:, None]).div_(cap).square_().neg_().add_(1.0).clamp_(min=0.0)
+    logits = torch.log(z).add_(m[:, None])
+    da_dz = cap_grad(logits, cap, out=logits).clamp_(min=0.0)
     dz = z.mul_((-c / sum_e)[:, None]).mul_(da_dz)
-    del da_dz
-    target_grad = c * (1.0 - (z_y / cap) ** 2)
+    del logits, da_dz
+    target_grad = c * cap_grad(z_y, cap)
     return dz.scatter_add_(1, targets[:, None], target_grad[:, None]).to(tile_dtype(dtype))
 
 
@@ -65,7 +67,7 @@ def dense_kl(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """cap: a holds a soft-capped student's logits; dz is taken on to the raw ones, times
     1 - (a / cap)^2, through one more tile."""
-    da_dz = None if cap is None or coef is None else torch.div(a, cap).square_().neg_().add_(1.0)
+    da_dz = None if cap is None or coef is None else cap_grad(a, cap)
     m_a = a.amax(dim=1)
     diff = torch.sub(a, c, out=c)  # a - c
     if z_t is not None:

@@ -36,6 +36,7 @@ import triton.language as tl
 from gopd_kernels.backend import interpreter_enabled
 from gopd_kernels.ops.matmul_torch import tile_dtype
 from gopd_kernels.ops.matmul_triton import matmul
+from gopd_kernels.ops.triton_common import soft_cap_slope
 
 CAP_TILES = 0  # logit_grads over soft-capped logits: da/dz in the same pass, no more memory
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
@@ -89,7 +90,7 @@ def row_logit_grads_kernel(
         z = tl.load(z_row + v, mask=v < V, other=float("-inf"))
         dz = tl.where(v == y, c, 0.0) - c * tl.exp(z - lse)
         if SOFTCAP:
-            dz = dz * (1.0 - (z / cap) * (z / cap))
+            dz = dz * soft_cap_slope(z, cap)
         tl.debug_barrier()  # every warp has read this block before any overwrites it
         tl.store(dz_row + v, dz.to(dz_ptr.dtype.element_ty), mask=v < V)
 
@@ -166,7 +167,7 @@ def row_dense_grads_kernel(
         c = tl.load(c_ptr + off + v0 + cols, mask=ok, other=0.0)
         dz = coef * tl.exp(a - lse_a) * (a - c - u)
         if SOFTCAP:
-            dz = dz * (1.0 - (a / cap) * (a / cap))
+            dz = dz * soft_cap_slope(a, cap)
         tl.debug_barrier()  # every warp has read this block of a before any overwrites it
         tl.store(dz_row + v0 + cols, dz.to(dz_ptr.dtype.element_ty), mask=ok)
 

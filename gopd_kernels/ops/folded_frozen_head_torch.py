@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from gopd_kernels.ops.folded_loss_torch import fold_rows, logit_chunks
-from gopd_kernels.ops.linear_logsoftmax_torch import soft_cap_
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand, scaled_operand
 
 
@@ -53,9 +52,7 @@ def forward(
     s = torch.empty(rows, dtype=acc, device=hidden.device)
     lse = torch.empty_like(s)
     x = torch.empty(rows, dim, dtype=acc, device=hidden.device)
-    for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf):
-        if cap is not None:
-            soft_cap_(z, cap)
+    for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, cap):
         lse[r0:r1] = z.gather(1, y[:, None]).squeeze(1)  # z_y, before the row pass may overwrite z
         s[r0:r1], state = rows_impl.log_softmax(z, y)
         lse[r0:r1] -= s[r0:r1]  # z_y - s

@@ -57,15 +57,18 @@ def fold_rows(ws_bytes: int, rows: int, vocab: int, acc: torch.dtype, live: int 
     return max(1, min(rows, ws_bytes // (live * vocab * acc.itemsize)))
 
 
-def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tensor):
+def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tensor, cap: float | None = None):
     """Yield (r0, r1, y, z) per chunk of rows: z = (h W^T + b) / tau for rows r0:r1, their
-    fp32 logits over the whole vocabulary, written into buf (b already divided by tau)."""
+    fp32 logits over the whole vocabulary, written into buf (b already divided by tau);
+    soft-capped, cap tanh(z / cap), when cap (cap / tau) is given."""
     rows, vocab = h.shape[0], w.shape[0]
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
         z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
         if b is not None:
             z.add_(b)
+        if cap is not None:
+            soft_cap_(z, cap)
         yield r0, r1, targets[r0:r1], z
 
 
@@ -236,9 +239,7 @@ class FoldedTokenLoss(torch.autograd.Function):
             # dH and dW are cast below: a view left in a local kept the tile (1.2 GB at the H100
             # headline shape) alive through the cast.
             buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
-            for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf):
-                if cap is not None:
-                    soft_cap_(z, cap)
+            for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, cap):
                 s, state = rows_impl.log_softmax(z, y)
                 logp[r0:r1] = s
                 with torch.enable_grad():

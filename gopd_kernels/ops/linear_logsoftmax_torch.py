@@ -95,8 +95,9 @@ def soft_cap_(z: torch.Tensor, cap: float) -> torch.Tensor:
     return z.div_(cap).tanh_().mul_(cap)
 
 
-def cap_grad(capped: torch.Tensor, cap: float, out: torch.Tensor) -> torch.Tensor:
-    """out <- d capped / d raw = 1 - (capped / cap)^2, from a soft-capped tile."""
+def cap_grad(capped: torch.Tensor, cap: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """d capped / d raw = 1 - (capped / cap)^2 of soft-capped logits (a tile, or one per row),
+    into `out` when given (capped itself: in place)."""
     return torch.div(capped, cap, out=out).square_().neg_().add_(1.0)
 
 
@@ -200,7 +201,7 @@ def frozen_head_forward(
     logp, lse, _ = forward(hidden, weight, bias, targets, inv_temp, False, workspace_bytes, x, cap=cap)
     w_y = weight[targets].to(x.dtype)
     if cap is not None:  # the target's capped logit: logp + lse
-        w_y.mul_((1.0 - ((logp + lse).to(x.dtype) / cap) ** 2)[:, None])
+        w_y.mul_(cap_grad((logp + lse).to(x.dtype), cap)[:, None])
     return logp, lse, x.sub_(w_y).mul_(-inv_temp)
 
 

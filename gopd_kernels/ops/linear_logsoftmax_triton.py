@@ -45,6 +45,8 @@ from gopd_kernels.ops.triton_common import (
     grouped_tile,
     launch,
     make_pruner,
+    soft_cap,
+    soft_cap_slope,
     token_bucket,
 )
 from gopd_kernels.ops.vocab_partials import merge_vocab_partials
@@ -109,20 +111,6 @@ def logits_tile(
 
 
 @triton.jit
-def soft_cap(x, cap):
-    """cap tanh(x / cap). By exp, which the interpreter runs too (libdevice's tanh it does not):
-    (1 - e^-2|t|) / (1 + e^-2|t|), and below |t| = 1/8, where that cancels, tanh's odd series
-    to t^7 (5e-7 relative at most on either side)."""
-    t = x / cap
-    a = tl.abs(t)
-    e = tl.exp(-2.0 * a)
-    t2 = t * t
-    series = a * (1.0 + t2 * (-1.0 / 3.0 + t2 * (2.0 / 15.0 + t2 * (-17.0 / 315.0))))
-    th = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
-    return cap * tl.where(t < 0, -th, th)
-
-
-@triton.jit
 def capped(z, cols, V, cap, SOFTCAP: tl.constexpr):
     """A logit tile as softmax reads it: z, or for a soft-capped head cap tanh(z / cap) (cap and z
     both already / tau), columns past V still -inf."""
@@ -134,7 +122,7 @@ def capped(z, cols, V, cap, SOFTCAP: tl.constexpr):
 @triton.jit
 def cap_grad(z, cols, V, cap):
     """d capped / d raw from the capped tile z itself: 1 - (z / cap)^2 (0 past V)."""
-    return tl.where(cols[None, :] < V, 1.0 - (z / cap) * (z / cap), 0.0)
+    return tl.where(cols[None, :] < V, soft_cap_slope(z, cap), 0.0)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ import torch
 from gopd_kernels.backend import implementation, info_once, workspace_bytes
 from gopd_kernels.ops import folded_frozen_head_torch
 from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, fold_workspace_bytes
+from gopd_kernels.ops.linear_logsoftmax_torch import cap_grad
 from gopd_kernels.ops.matmul_torch import cublas_half
 
 
@@ -115,7 +116,7 @@ class LinearTokenLogprobs(torch.autograd.Function):
             y = targets if shard is None else targets.clamp(min=0)
             logp, lse, x = _frozen_head_forward(hidden, weight, bias, y, inv_temp, backend, cap)
             if shard is not None:  # the stand-in's W_y' as it enters x: times f'_y' for a capped head
-                w_y = weight[y] if cap is None else weight[y] * (1.0 - ((logp + lse) / cap) ** 2)[:, None]
+                w_y = weight[y] if cap is None else weight[y] * cap_grad(logp + lse, cap)[:, None]
                 logp, x = shard.merge_fold(targets, logp, lse, x, w_y, inv_temp)
             ctx.save_for_backward(x)
             ctx.hidden_dtype = hidden.dtype

@@ -115,3 +115,23 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
     return pid_m, pid_n
+
+
+@triton.jit
+def soft_cap(x, cap):
+    """cap tanh(x / cap): a soft-capped head's logits. By exp, which the interpreter runs too
+    (libdevice's tanh it does not): (1 - e^-2|t|) / (1 + e^-2|t|), and below |t| = 1/8, where
+    that cancels, tanh's odd series to t^7 (5e-7 relative at most on either side)."""
+    t = x / cap
+    a = tl.abs(t)
+    e = tl.exp(-2.0 * a)
+    t2 = t * t
+    series = a * (1.0 + t2 * (-1.0 / 3.0 + t2 * (2.0 / 15.0 + t2 * (-17.0 / 315.0))))
+    th = tl.where(a < 0.125, series, (1.0 - e) / (1.0 + e))
+    return cap * tl.where(t < 0, -th, th)
+
+
+@triton.jit
+def soft_cap_slope(capped, cap):
+    """d capped / d raw = 1 - (capped / cap)^2, read off soft-capped logits themselves."""
+    return 1.0 - (capped / cap) * (capped / cap)

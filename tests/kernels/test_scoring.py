@@ -140,6 +140,9 @@ def test_no_graph_even_when_inputs_require_grad():
         (lambda t, r, y: (t, r, y, {"student_logp": torch.zeros(3)}), "student_logp"),
         (lambda t, r, y: (t, r, torch.full(y.shape, 5000), {}), "targets"),
         (lambda t, r, y: (t, r, y, {"lam": -1.0}), "lam"),
+        (lambda t, r, y: (t, None, y, {"ref_bias": r[2]}), "ref_bias is given without ref_hidden"),
+        (lambda t, r, y: (t, None, y, {"ref_logit_scale": 0.5}), "ref_logit_scale=0.5 is given without"),
+        (lambda t, r, y: (t, None, y, {"ref_logit_softcap": 30.0}), "ref_logit_softcap=30.0 is given"),
     ],
 )
 def test_bad_inputs(change, match):
