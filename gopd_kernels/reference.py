@@ -129,7 +129,8 @@ def policy_loss_reference(
 def _aggregate_reference(loss, valid, loss_agg, num_tokens):
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     if loss_agg == "token-mean":
-        return loss.sum() / (num_tokens if num_tokens is not None else valid.sum())
+        # no valid token (a micro-batch of padding): 0, as the ops give, not 0 / 0
+        return loss.sum() / (num_tokens if num_tokens is not None else valid.sum().clamp_min(1))
     per_seq = []
     for b in range(loss.shape[0]):
         n = int(valid[b].sum())

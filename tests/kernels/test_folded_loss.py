@@ -11,7 +11,7 @@ import torch
 
 from gopd_kernels import gopd_loss, token_logprobs
 from gopd_kernels import losses as losses_module
-from gopd_kernels.losses import aggregate_token_losses, gopd_advantage
+from gopd_kernels.losses import LOSS_AGGS, aggregate_token_losses, gopd_advantage
 from gopd_kernels.ops import linear_logsoftmax_torch
 from gopd_kernels.reference import gopd_loss_reference
 from tests.kernels.helpers import cublas_half_as_on_cuda, make_inputs, rel_err
@@ -66,15 +66,18 @@ def test_gradient_of_one_input_only(tiny_chunks, grad_of):
     assert other is None
 
 
-def test_all_positions_ignored_gives_zero_loss_and_gradients():
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_all_positions_ignored_gives_zero_loss_and_gradients(loss_agg):
     data = batch(b=2, t=4, d=16, v=97)
     targets = torch.full_like(data["targets"], -100)
     h = data["hidden"].clone().requires_grad_()
     w = data["weight"].clone().requires_grad_()
-    loss, stats = gopd_loss(h, w, targets, data["teacher"], data["ref"], lam=1.25, backend="torch")
+    args = (h, w, targets, data["teacher"], data["ref"])
+    loss, stats = gopd_loss(*args, lam=1.25, loss_agg=loss_agg, backend="torch")
     loss.backward()
     assert loss.item() == 0 and stats["num_tokens"] == 0
     assert not h.grad.any() and not w.grad.any()
+    assert gopd_loss_reference(*args, lam=1.25, loss_agg=loss_agg).item() == 0  # 0, not 0 / 0
 
 
 @pytest.mark.parametrize("first_with_grad", [1, None])
