@@ -39,8 +39,8 @@
 #                                          # tests with the compiled kernels, 2 and 3 ranks over
 #                                          # gloo on the one GPU (~2 minutes, never run on a GPU)
 #   bash benchmarks/gpu_session.sh softcap # logit scales and soft-caps (Gemma 2's): their tests with
-#                                          # the compiled kernels, and token_logprobs of a
-#                                          # soft-capped head beside Liger's and CCE's (~2 minutes)
+#                                          # the compiled kernels, token_logprobs and gopd_loss of
+#                                          # a soft-capped head beside Liger's and CCE's (~8 minutes)
 #   bash benchmarks/gpu_session.sh trainer # a bf16 LoRA student trained on CUDA, one update step
 #                                          # through a 28-layer Qwen3-0.6B shape, the micro-batch
 #                                          # layouts (~5 minutes)
@@ -196,13 +196,15 @@ vocab-parallel)  # every case of tests/kernels/test_vocab_parallel.py, its Trito
     timeout 150 python3 -m pytest -q -p no:benchmark tests/kernels/test_vocab_parallel.py
     ;;
 softcap)  # heads that scale or soft-cap their logits (new 2026-11-28, never run on a GPU): the
-    # compiled kernels against float64, then token_logprobs of a soft-capped head (c = 30) beside
-    # the peers' softcap arguments; predicted: gopd's fused kernels a few % over their uncapped
-    # time (one more exp per logit, in the epilogue), since a cap keeps bf16 off cuBLAS tiles
+    # compiled kernels against float64, then token_logprobs and gopd_loss of a soft-capped head
+    # (c = 30) beside the peers' softcap arguments, and uncapped; predicted: token_logprobs' fused
+    # kernels a few % over their uncapped time (one more exp per logit, in the epilogue), since a
+    # cap keeps bf16 off cuBLAS tiles; gopd_loss's fold one more pass over each chunk's logits
     status=0
     timeout 150 python3 -m pytest -q -p no:benchmark -m "triton or cuda" -k "softcap or soft_cap or logit_scale \
         or transforms or scaled or capped" tests/kernels || status=1
-    timeout --signal=INT 200 python3 -m benchmarks.report --op token_logprobs_softcap,token_logprobs \
+    timeout --signal=INT 330 python3 -m benchmarks.report \
+        --op token_logprobs_softcap,token_logprobs,gopd_loss_softcap,gopd_loss \
         --n 16384 --d 4096 --v 151936 --dtype bfloat16 || status=1
     (exit $status)
     ;;

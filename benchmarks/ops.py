@@ -225,7 +225,7 @@ def _softcap_impls() -> dict[str, Impl]:
     }  # fmt: skip
 
 
-# --- gopd_loss: the on-policy G-OPD policy-gradient loss ------------------------------------
+# --- gopd_loss: the on-policy G-OPD policy-gradient loss (of a soft-capped head too) --------
 
 
 def _loss_inputs(x: dict, g: torch.Generator) -> None:
@@ -242,8 +242,12 @@ def _naive_gopd_loss(h, w, y, teacher_logp, ref_logp):
     return ref.gopd_loss_reference(h, w, y, teacher_logp, ref_logp, lam=LAM)
 
 
-def _cce_gopd_loss(x: dict) -> torch.Tensor:
-    s = _cce_logp(*_student(x))
+def _naive_softcap_gopd_loss(h, w, y, teacher_logp, ref_logp):
+    return ref.gopd_loss_reference(h, w, y, teacher_logp, ref_logp, lam=LAM, logit_softcap=GEMMA_SOFTCAP)
+
+
+def _cce_gopd_loss(x: dict, softcap: float | None = None) -> torch.Tensor:
+    s = _cce_logp(*_student(x), softcap=softcap)
     adv = gk.gopd_advantage(s.detach(), x["teacher_logp"], x["ref_logp"], lam=LAM)
     return -(adv * torch.exp(s - s.detach())).mean()
 
@@ -276,18 +280,37 @@ def _liger_gopd_loss(x: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _loss_args(x: dict) -> tuple:
+    return x["h"], x["w"], x["targets"], x["teacher_logp"], x["ref_logp"]
+
+
 def _loss_impls() -> dict[str, Impl]:
-    args = lambda x: (x["h"], x["w"], x["targets"], x["teacher_logp"], x["ref_logp"])
     return {
         "naive": Impl("materialised logits, then the loss (gopd_loss_reference)",
-                      lambda x: _naive_gopd_loss(*args(x))),
-        "torch-compile": Impl("torch.compile of naive", lambda x: _compiled(_naive_gopd_loss)(*args(x))),
-        **_ours("gopd_loss", lambda x, b, f=None: gk.gopd_loss(*args(x), lam=LAM, backend=b, fold=f)[0],
+                      lambda x: _naive_gopd_loss(*_loss_args(x))),
+        "torch-compile": Impl("torch.compile of naive",
+                              lambda x: _compiled(_naive_gopd_loss)(*_loss_args(x))),
+        **_ours("gopd_loss", lambda x, b, f=None: gk.gopd_loss(*_loss_args(x), lam=LAM, backend=b, fold=f)[0],
                 True),
         "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
                       _liger_gopd_loss, needs="liger_kernel"),
         "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",
                     _cce_gopd_loss, needs="cut_cross_entropy"),
+    }  # fmt: skip
+
+
+def _softcap_loss_impls() -> dict[str, Impl]:
+    """gopd_loss of a soft-capped head; Liger's GRPO loss takes no softcap, so only CCE's log-probs."""
+    c = GEMMA_SOFTCAP
+    return {
+        "naive": Impl(f"materialised logits capped at {c:g}, then the loss (gopd_loss_reference)",
+                      lambda x: _naive_softcap_gopd_loss(*_loss_args(x))),
+        "torch-compile": Impl("torch.compile of naive",
+                              lambda x: _compiled(_naive_softcap_gopd_loss)(*_loss_args(x))),
+        **_ours("gopd_loss", lambda x, b, f=None: gk.gopd_loss(*_loss_args(x), lam=LAM, logit_softcap=c,
+                                                               backend=b, fold=f)[0], True),
+        "cce": Impl(f"linear_cross_entropy(reduction='none', softcap={c:g}) log-probs, then the loss",
+                    lambda x: _cce_gopd_loss(x, softcap=c), needs="cut_cross_entropy"),
     }  # fmt: skip
 
 
@@ -394,6 +417,10 @@ OPS: dict[str, Op] = {
     "gopd_loss": Op(
         f"on-policy G-OPD policy-gradient loss, lam={LAM}, token-mean; teacher/ref log-probs given",
         True, lambda n, d, v: 6 * n * d * v, _loss_inputs, _loss_impls()),
+    "gopd_loss_softcap": Op(
+        f"gopd_loss (lam={LAM}, on-policy, token-mean) of a soft-capped head (logits {GEMMA_SOFTCAP:g} "
+        f"tanh(z / {GEMMA_SOFTCAP:g}), Gemma 2's); teacher/ref log-probs given",
+        True, lambda n, d, v: 6 * n * d * v, _loss_inputs, _softcap_loss_impls()),
     "gopd_loss_frozen_head": Op(
         f"gopd_loss (lam={LAM}) with a frozen LM head (the trainer's freeze_lm_head, or LoRA): "
         "gradient to the hidden states only",

@@ -92,7 +92,7 @@ PRESETS = {
     "cpu": lambda: (
         _grid(["token_logprobs"], [1024, 2048, 4096, 8192, 16384], [1024], [V_QWEN], ["float32"])
         + _grid(["token_logprobs"], [1024], [1024], [32000, 128256, 256000], ["float32"])
-        + _grid(["token_logprobs_softcap"], [2048], [1024], [V_QWEN], ["float32"])
+        + _grid(["token_logprobs_softcap", "gopd_loss_softcap"], [2048], [1024], [V_QWEN], ["float32"])
         + _grid(["token_logprobs"], [2048], [512, 2048, 4096], [V_QWEN], ["float32"])
         + _grid(["token_logprobs_fwd", "token_logprobs_frozen_head", "frozen_scoring"], [1024, 4096], [1024],
                 [V_QWEN], ["float32"])
