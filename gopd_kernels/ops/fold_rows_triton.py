@@ -39,6 +39,7 @@ from gopd_kernels.ops.matmul_triton import matmul
 from gopd_kernels.ops.triton_common import soft_cap_slope
 
 CAP_TILES = 0  # logit_grads over soft-capped logits: da/dz in the same pass, no more memory
+DENSE_CAP_TILES = 0  # dense_kl's too
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
 CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8)]
 
@@ -198,9 +199,11 @@ def _log_softmax(z: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.T
     return s, lse
 
 
-def log_softmax(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def log_softmax(
+    z: torch.Tensor, targets: torch.Tensor, cap: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, lse) [rows] of fp32 logits z [rows, V] (unit column stride), targets [rows] in [0, V).
-    z is left as it is."""
+    z is left as it is, capped or not (cap: the contract's; logit_grads is what reads it)."""
     return _log_softmax(z, targets)
 
 

@@ -54,7 +54,7 @@ def forward(
     x = torch.empty(rows, dim, dtype=acc, device=hidden.device)
     for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, cap):
         lse[r0:r1] = z.gather(1, y[:, None]).squeeze(1)  # z_y, before the row pass may overwrite z
-        s[r0:r1], state = rows_impl.log_softmax(z, y)
+        s[r0:r1], state = rows_impl.log_softmax(z, y, cap)
         lse[r0:r1] -= s[r0:r1]  # z_y - s
         c = torch.full((r1 - r0,), inv_temp, dtype=acc, device=hidden.device)
         dz = rows_impl.logit_grads(z, y, state, c, w.dtype, cap)  # (1[v = y] - p) / tau, a GEMM operand

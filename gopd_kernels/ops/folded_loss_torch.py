@@ -52,9 +52,9 @@ def fold_workspace_bytes(weight: torch.Tensor, live: int = 1, rows: int = FOLD_R
     return workspace_bytes("torch", weight, default=live * rows * weight.shape[0] * 4)
 
 
-def fold_rows(ws_bytes: int, rows: int, vocab: int, acc: torch.dtype, live: int = 1) -> int:
+def fold_rows(ws_bytes: int, rows: int, vocab: int, acc: torch.dtype, live: float = 1) -> int:
     """Rows per chunk (1 to `rows`) such that `live` full-vocabulary tiles fit in ws_bytes."""
-    return max(1, min(rows, ws_bytes // (live * vocab * acc.itemsize)))
+    return max(1, min(rows, int(ws_bytes // (live * vocab * acc.itemsize))))
 
 
 def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tensor, cap: float | None = None):
@@ -212,7 +212,7 @@ class FoldedTokenLoss(torch.autograd.Function):
     logp is returned detached (for statistics); the loss is differentiable w.r.t. hidden, weight
     and bias (db = the column sums of dL/dz, in fp32 across the chunks). cap: a soft-capped
     head's cap / tau: each chunk's logits are capped in place, and dz taken on to the raw ones
-    by the row work (rows_impl.CAP_TILES more tiles for it: the torch rows' one halves the chunk).
+    by the row work (rows_impl.CAP_TILES more tiles for it: the torch rows' block scratch).
     """
 
     @staticmethod
@@ -240,7 +240,7 @@ class FoldedTokenLoss(torch.autograd.Function):
             # headline shape) alive through the cast.
             buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
             for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, cap):
-                s, state = rows_impl.log_softmax(z, y)
+                s, state = rows_impl.log_softmax(z, y, cap)
                 logp[r0:r1] = s
                 with torch.enable_grad():
                     s_leaf = s.detach().requires_grad_(need_dh or need_dw or need_db)

@@ -169,7 +169,7 @@ def test_row_passes_match_torch(v, cap, device, narrow_row_blocks):
     y[0], y[-1] = 0, v - 1
     c = torch.randn(5, generator=g).double()
     e = z.clone()
-    want_s, state = fold_rows_torch.log_softmax(e, y)
+    want_s, state = fold_rows_torch.log_softmax(e, y, cap)
     want_dz = fold_rows_torch.logit_grads(e, y, state, c, torch.float64, cap)
     p = torch.softmax(z, 1)  # the same by autograd's own algebra
     by_hand = c[:, None] * (torch.nn.functional.one_hot(y, v) - p)
@@ -177,7 +177,7 @@ def test_row_passes_match_torch(v, cap, device, narrow_row_blocks):
         by_hand = by_hand * (1 - (z / cap) ** 2)
     torch.testing.assert_close(want_dz, by_hand, atol=1e-12, rtol=1e-9)
     zf = z.float().to(device)
-    s, lse = fold_rows_triton.log_softmax(zf, y.to(device))
+    s, lse = fold_rows_triton.log_softmax(zf, y.to(device), cap)
     torch.testing.assert_close(s.double().cpu(), want_s, atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(lse.double().cpu(), torch.logsumexp(z, 1), atol=1e-4, rtol=1e-6)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):  # fp32 z near 1000: ulp 6e-5

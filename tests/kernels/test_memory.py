@@ -136,3 +136,31 @@ def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
     held = (n * d + v * d) * 2 + models * (n * d + v * d) * 4 + n * d * 2 + v * d * 6
     bound = held + live * rows * v * 4 + rows * d * 4 + 32 * n * 4
     assert peak <= bound < peak + n * d * 2, (peak / 2**10, bound / 2**10)  # fp32 dH: 4 more bytes
+
+
+@pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"])
+def test_soft_capped_fold_stays_in_its_workspace(trained_head, monkeypatch):
+    """A soft-capped head's fold (gopd_loss, torch rows) reads each logit and its exponential
+    together, the latter a column block at a time through a scratch that the chunk's rows make
+    room for (fold_rows_torch.CAP_TILES): under one workspace, capped and plain peak alike,
+    where a scratch left out of the budget would add 1 / CAP_BLOCKS of a tile (here 32 KiB)."""
+    import gopd_kernels as gk
+    from gopd_kernels.ops import fold_rows_torch
+
+    pytest.importorskip("torch.profiler._memory_profiler", reason="torch's private allocation timeline")
+    n, d, v, rows = 256, 32, 2053, 32
+    tile = rows * v * 4
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(tile / 2**20))
+    hidden, weight, _, targets = make_inputs(n, d, v, bias=False)
+    logp_t = torch.randn(n)
+
+    def step(cap):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trained_head)
+        gk.gopd_loss(h, w, targets, logp_t, logit_softcap=cap, backend="torch", fold=True)[0].backward()
+
+    peaks = {}
+    for cap in (None, 30.0):
+        step(cap)  # warm
+        peaks[cap] = profiled_peak_bytes(lambda cap=cap: step(cap))
+    scratch = tile / fold_rows_torch.CAP_BLOCKS
+    assert peaks[30.0] < peaks[None] + scratch / 2, {k: p / 2**10 for k, p in peaks.items()}
