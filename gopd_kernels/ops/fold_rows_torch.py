@@ -16,14 +16,14 @@ from gopd_kernels.ops.dense_kl_torch import _lse_partials
 from gopd_kernels.ops.linear_logsoftmax_torch import cap_grad
 from gopd_kernels.ops.matmul_torch import tile_dtype
 
-# Soft-capped logits: logit_grads needs each logit z and exp(z - m) together. It takes the
-# exponentials again a column block at a time through a scratch of 1 / CAP_BLOCKS of a tile,
-# rather than hold a second tile (which halved the chunk) or read z back from exp(z - m) by a
-# log pass: measured on the AMD VM (gopd_loss, N = 2048, D = 1024, V = 151936, fp32), that log
-# took 0.95 s and the halved chunk's GEMMs 0.9 s more of a 12.1 s step.
+# Soft-capped logits: the gradient's 1 - (z / cap)^2 needs each logit z beside exp(z - m).
+# logit_grads and dense_kl then take the exponentials a column block at a time through a
+# scratch of 1 / CAP_BLOCKS of a tile (the CAP_TILES the folds budget), rather than hold a
+# second tile (which halved the chunk) or read z back from exp(z - m) by a log pass: measured
+# on the AMD VM (gopd_loss, N = 2048, D = 1024, V = 151936, fp32), that log took 0.95 s and
+# the halved chunk's GEMMs 0.9 s more of a 12.1 s step (under the profiler).
 CAP_BLOCKS = 8
-CAP_TILES = 1 / CAP_BLOCKS  # logit_grads over soft-capped logits: the block scratch
-DENSE_CAP_TILES = 1  # dense_kl over a soft-capped student: one more tile, for da/dz
+CAP_TILES = 1 / CAP_BLOCKS
 
 
 def log_softmax(
@@ -36,15 +36,19 @@ def log_softmax(
     if cap is None:
         sum_e = z.sub_(m[:, None]).exp_().sum(dim=1)  # in place: the tile now holds exp(z - m)
     else:
-        sum_e = sum(e.sum(dim=1) for _, e in _exp_blocks(z, m))
+        sum_e = sum(e.sum(dim=1) for _, e in _exp_blocks(z, m, _block_scratch(z)))
     return z_y - m - sum_e.log(), (sum_e, m, z_y)
 
 
-def _exp_blocks(z: torch.Tensor, m: torch.Tensor):
-    """(columns, exp(z[:, columns] - m)) over CAP_BLOCKS column blocks of z, each exponential
-    in one scratch of a block's size (valid until the next block)."""
-    width = -(-z.shape[1] // CAP_BLOCKS)
-    scratch = torch.empty(z.shape[0], width, dtype=z.dtype, device=z.device)
+def _block_scratch(z: torch.Tensor) -> torch.Tensor:
+    """[rows, ceil(V / CAP_BLOCKS)]: where _exp_blocks writes each block's exponentials."""
+    return torch.empty(z.shape[0], -(-z.shape[1] // CAP_BLOCKS), dtype=z.dtype, device=z.device)
+
+
+def _exp_blocks(z: torch.Tensor, m: torch.Tensor, scratch: torch.Tensor):
+    """(columns, exp(z[:, columns] - m)) over the column blocks of z, each exponential in
+    `scratch` (_block_scratch(z); valid until the next block)."""
+    width = scratch.shape[1]
     for c0 in range(0, z.shape[1], width):
         cols = slice(c0, min(c0 + width, z.shape[1]))
         yield cols, torch.sub(z[:, cols], m[:, None], out=scratch[:, : cols.stop - c0]).exp_()
@@ -65,7 +69,7 @@ def logit_grads(
     if cap is None:
         dz = z.mul_(minus_c_over_sum).scatter_add_(1, targets[:, None], c[:, None])  # c (1[v = y] - p)
         return dz.to(tile_dtype(dtype))
-    for cols, e in _exp_blocks(z, m):
+    for cols, e in _exp_blocks(z, m, _block_scratch(z)):
         block = z[:, cols]
         cap_grad(block, cap, out=block).clamp_(min=0.0).mul_(e).mul_(minus_c_over_sum)
     target_grad = c * cap_grad(z_y, cap)
@@ -88,8 +92,9 @@ def dense_kl(
     cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """cap: a holds a soft-capped student's logits; dz is taken on to the raw ones, times
-    1 - (a / cap)^2, through one more tile."""
-    da_dz = None if cap is None or coef is None else cap_grad(a, cap)
+    1 - (a / cap)^2 (_capped_dense_kl)."""
+    if cap is not None and coef is not None:
+        return _capped_dense_kl(a, c, z_t, lse_c, lse_t, coef, dtype, cap)
     m_a = a.amax(dim=1)
     diff = torch.sub(a, c, out=c)  # a - c
     if z_t is not None:
@@ -103,6 +108,27 @@ def dense_kl(
     if coef is None:
         return kl, kl_t, None
     dz = diff.addcmul_(e, -u[:, None]).mul_((coef / s_a)[:, None])  # e (a - c - u) coef / s_a
-    if da_dz is not None:
-        dz.mul_(da_dz)
     return kl, kl_t, dz.to(tile_dtype(dtype))
+
+
+def _capped_dense_kl(a, c, z_t, lse_c, lse_t, coef, dtype, cap):
+    """dense_kl's rows for a soft-capped student, a kept (its 1 - (a / cap)^2 is read last):
+    two passes of column blocks, each taking e = exp(a - m_a) into the block scratch, the
+    first for the row sums, the second for dz (written over c)."""
+    m_a, scratch = a.amax(dim=1), _block_scratch(a)  # one scratch for both passes
+    s_a, u = torch.zeros_like(m_a), torch.zeros_like(m_a)
+    u_t = None if z_t is None else torch.zeros_like(m_a)
+    for cols, e in _exp_blocks(a, m_a, scratch):
+        s_a += e.sum(dim=1)
+        u += c[:, cols].sub_(a[:, cols]).neg_().mul_(e).sum(dim=1)  # the tile c now holds e (a - c)
+        if z_t is not None:
+            u_t += z_t[:, cols].sub_(a[:, cols]).neg_().mul_(e).sum(dim=1)
+    lse_a = m_a + s_a.log()
+    u.div_(s_a)  # E_ps[a - c]
+    kl = (u - lse_a + lse_c).clamp_(min=0.0)
+    kl_t = None if z_t is None else (u_t.div_(s_a) - lse_a + lse_t).clamp_(min=0.0)
+    scale = (coef / s_a)[:, None]
+    for cols, e in _exp_blocks(a, m_a, scratch):  # e (a - c - u) coef / s_a (1 - (a / cap)^2)
+        block = a[:, cols]
+        c[:, cols].addcmul_(e, -u[:, None]).mul_(scale).mul_(cap_grad(block, cap, out=block))
+    return kl, kl_t, c.to(tile_dtype(dtype))

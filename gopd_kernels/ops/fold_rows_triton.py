@@ -38,8 +38,7 @@ from gopd_kernels.ops.matmul_torch import tile_dtype
 from gopd_kernels.ops.matmul_triton import matmul
 from gopd_kernels.ops.triton_common import soft_cap_slope
 
-CAP_TILES = 0  # logit_grads over soft-capped logits: da/dz in the same pass, no more memory
-DENSE_CAP_TILES = 0  # dense_kl's too
+CAP_TILES = 0  # logit_grads and dense_kl over soft-capped logits: da/dz in the same pass, no more memory
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
 CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8)]
 

@@ -139,24 +139,31 @@ def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
 
 
 @pytest.mark.parametrize("trained_head", [True, False], ids=["trained-head", "frozen-head"])
-def test_soft_capped_fold_stays_in_its_workspace(trained_head, monkeypatch):
-    """A soft-capped head's fold (gopd_loss, torch rows) reads each logit and its exponential
-    together, the latter a column block at a time through a scratch that the chunk's rows make
-    room for (fold_rows_torch.CAP_TILES): under one workspace, capped and plain peak alike,
-    where a scratch left out of the budget would add 1 / CAP_BLOCKS of a tile (here 32 KiB)."""
+@pytest.mark.parametrize("op", ["gopd_loss", "gopd_dense_loss"])
+def test_soft_capped_fold_stays_in_its_workspace(op, trained_head, monkeypatch):
+    """A soft-capped head's fold (torch rows) reads each logit and its exponential together,
+    the latter a column block at a time through a scratch that the chunk's rows make room for
+    (fold_rows_torch.CAP_TILES): under one workspace, capped and plain peak alike, where a
+    scratch left out of the budget would add 1 / CAP_BLOCKS of a tile (here 32 KiB)."""
     import gopd_kernels as gk
     from gopd_kernels.ops import fold_rows_torch
 
     pytest.importorskip("torch.profiler._memory_profiler", reason="torch's private allocation timeline")
     n, d, v, rows = 256, 32, 2053, 32
-    tile = rows * v * 4
-    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(tile / 2**20))
+    tile, live = rows * v * 4, 1 if op == "gopd_loss" else 2  # the dense fold: a's tile and the target's
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(live * tile / 2**20))
     hidden, weight, _, targets = make_inputs(n, d, v, bias=False)
+    t_hidden, t_weight, _, _ = make_inputs(n, d, v, bias=False, seed=1)
     logp_t = torch.randn(n)
 
     def step(cap):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trained_head)
-        gk.gopd_loss(h, w, targets, logp_t, logit_softcap=cap, backend="torch", fold=True)[0].backward()
+        if op == "gopd_loss":
+            loss, _ = gk.gopd_loss(h, w, targets, logp_t, logit_softcap=cap, backend="torch", fold=True)
+        else:
+            loss, _ = gk.gopd_dense_loss(h, w, t_hidden, t_weight, student_logit_softcap=cap,
+                                         teacher_kl=False, backend="torch", fold=True)  # fmt: skip
+        loss.backward()
 
     peaks = {}
     for cap in (None, 30.0):
