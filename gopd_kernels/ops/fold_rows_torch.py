@@ -101,14 +101,23 @@ def dense_kl(
         torch.sub(a, z_t, out=z_t)  # a - z_T
     e = a.sub_(m_a[:, None]).exp_()  # p_s * s_a
     s_a = e.sum(dim=1)
-    lse_a = m_a + s_a.log()
-    u = diff.mul_(e).sum(dim=1).div_(s_a)  # E_ps[a - c]; the tile c now holds e (a - c)
-    kl = (u - lse_a + lse_c).clamp_(min=0.0)
-    kl_t = None if z_t is None else (z_t.mul_(e).sum(dim=1).div_(s_a) - lse_a + lse_t).clamp_(min=0.0)
+    u_sum = diff.mul_(e).sum(dim=1)  # the tile c now holds e (a - c)
+    ut_sum = None if z_t is None else z_t.mul_(e).sum(dim=1)
+    u, kl, kl_t = _row_kls(m_a, s_a, u_sum, ut_sum, lse_c, lse_t)
     if coef is None:
         return kl, kl_t, None
     dz = diff.addcmul_(e, -u[:, None]).mul_((coef / s_a)[:, None])  # e (a - c - u) coef / s_a
     return kl, kl_t, dz.to(tile_dtype(dtype))
+
+
+def _row_kls(m_a, s_a, u_sum, ut_sum, lse_c, lse_t):
+    """(E_ps[a - c], KL(p_s || q), KL(p_s || p_T) or None) per row from the row sums of
+    e = exp(a - m_a) (s_a), e (a - c) (u_sum) and e (a - z_T) (ut_sum, None: not wanted)."""
+    lse_a = m_a + s_a.log()
+    u = u_sum.div_(s_a)
+    kl = (u - lse_a + lse_c).clamp_(min=0.0)
+    kl_t = None if ut_sum is None else (ut_sum.div_(s_a) - lse_a + lse_t).clamp_(min=0.0)
+    return u, kl, kl_t
 
 
 def _capped_dense_kl(a, c, z_t, lse_c, lse_t, coef, dtype, cap):
@@ -123,10 +132,7 @@ def _capped_dense_kl(a, c, z_t, lse_c, lse_t, coef, dtype, cap):
         u += c[:, cols].sub_(a[:, cols]).neg_().mul_(e).sum(dim=1)  # the tile c now holds e (a - c)
         if z_t is not None:
             u_t += z_t[:, cols].sub_(a[:, cols]).neg_().mul_(e).sum(dim=1)
-    lse_a = m_a + s_a.log()
-    u.div_(s_a)  # E_ps[a - c]
-    kl = (u - lse_a + lse_c).clamp_(min=0.0)
-    kl_t = None if z_t is None else (u_t.div_(s_a) - lse_a + lse_t).clamp_(min=0.0)
+    u, kl, kl_t = _row_kls(m_a, s_a, u, u_t, lse_c, lse_t)
     scale = (coef / s_a)[:, None]
     for cols, e in _exp_blocks(a, m_a, scratch):  # e (a - c - u) coef / s_a (1 - (a / cap)^2)
         block = a[:, cols]
