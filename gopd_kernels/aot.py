@@ -1,12 +1,19 @@
-"""Compile every Triton kernel ahead of time for sm_80 (A100) and sm_90 (H100), no GPU needed.
+"""Compile every Triton kernel ahead of time for sm_80 (A100) and sm_90 (H100), no GPU needed,
+and the paths training runs for sm_89 (L4, RTX 4090), sm_100 (B200) and sm_120 (RTX 5090).
 
 For each kernel, input dtype, target and launch config that the runtime pruning can pick,
 this reports the shared memory the compiled kernel uses, the tensor-core instructions in
-its PTX (``mma.sync`` on sm_80, ``wgmma`` on sm_90) and, read off the machine code
-(SASS) with cuobjdump, its registers per thread, register spills and tensor-core
-instructions (HMMA / HGMMA). The interpreter accepts code that the GPU compiler rejects
-(small or non-power-of-two dots, mixed dtypes), so this is the proof that the kernels
-build for real GPUs.
+its PTX (``mma.sync`` on sm_80/89/120, ``wgmma`` on sm_90, ``tcgen05.mma`` on sm_100) and,
+read off the machine code (SASS) with cuobjdump, its registers per thread, register spills
+and tensor-core instructions (HMMA / HGMMA / UTCHMMA). The interpreter accepts code that
+the GPU compiler rejects (small or non-power-of-two dots, mixed dtypes), so this is the
+proof that the kernels build for real GPUs.
+
+The three further targets differ from those two where a kernel can break: 99 KiB of shared
+memory per block on sm_89 and sm_120 (sm_86's A10G, A40 and RTX 3090 have the same limit),
+so the pruning keeps other configs there, and Blackwell's tensor-core instructions on
+sm_100. For them the default run compiles the paths training runs in bf16 (a third of the
+compiles of every variant there), ``--targets`` every variant.
 
 Each kernel is compiled as the JIT would specialise it at the GPU benchmark's shape
 (LAUNCH_SHAPE: contiguous tensors, D = 4096, V = 151936, an odd token count): integer
@@ -15,7 +22,8 @@ do the (aligned) pointers. Without those hints loads cannot be vectorised and ev
 element needs its own 64-bit address: the registers then spill where the real launch
 does not, and the report would describe a kernel that never runs.
 
-    python -m gopd_kernels.aot            # a table; exit status 1 if anything fails
+    python -m gopd_kernels.aot                      # a table; exit status 1 if anything fails
+    python -m gopd_kernels.aot --targets 86,100     # every variant for these targets instead
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions).
 """
@@ -29,12 +37,17 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
-TARGETS = (80, 90)
+TARGETS = (80, 90)  # every kernel variant
+HOT_TARGETS = (89, 100, 120)  # the hot bf16 variants (module doc)
 # sm_75 (Turing: T4) is compiled only to show why the backend keeps Triton off it
 # (backend.MIN_TRITON_CAPABILITY): its mma.sync would be the pattern sm_80's is.
 MMA_SYNC = r"\bmma\.sync\.aligned\.\S+"
-MMA_PATTERN = {75: MMA_SYNC, 80: MMA_SYNC, 90: r"\bwgmma\.mma_async\.\S+"}
-SASS_MMA_NAME = {80: "HMMA", 90: "HGMMA"}
+MMA_PATTERN = {
+    **dict.fromkeys((75, 80, 86, 89, 120), MMA_SYNC),
+    90: r"\bwgmma\.mma_async\.\S+",
+    100: r"\btcgen05\.mma\.\S+",
+}
+SASS_MMA_NAME = {**dict.fromkeys((80, 86, 89, 120), "HMMA"), 90: "HGMMA", 100: "UTCHMMA"}
 SASS_MMA = {t: rf"\b{name}\b" for t, name in SASS_MMA_NAME.items()}
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 HALF = ("bfloat16", "float16")
@@ -376,21 +389,37 @@ class AotResult:
     needs_mma: bool = True  # False for the row passes, which have no dot
 
 
-def jobs():
-    """(variant, target, config index, limit) for every config the runtime pruning may pick."""
-
+def pruned_configs(variant: KernelVariant, target: int) -> list:
+    """The configs the runtime pruning (triton_common.make_pruner) keeps for `variant` on a
+    `target` GPU, as indices into its module's list; empty where it would fall back."""
     import torch
 
     from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT, fitting_configs
 
+    configs = _module_configs(variant)
+    if variant.tile is None:
+        return list(range(len(configs)))
+    elem = getattr(torch, variant.operand_dtype).itemsize
+    kept = fitting_configs(configs, *variant.tile, elem, SHARED_MEMORY_LIMIT[target])
+    return [configs.index(cfg) for cfg in kept]
+
+
+def is_hot_bf16(variant: KernelVariant) -> bool:
+    """A path training runs, for a bf16 model (fp16 heads on these GPUs are rare, and their
+    kernels differ from bf16's in the operand type and the dZ scale only)."""
+    return variant.hot and variant.operand_dtype == "bfloat16" and "fp16" not in variant.pointers.values()
+
+
+def jobs(targets: tuple[int, ...] = TARGETS, hot_targets: tuple[int, ...] = HOT_TARGETS):
+    """(variant, target, config index, limit) for every config the runtime pruning may pick:
+    every variant on `targets`, the hot bf16 ones on `hot_targets`."""
+    from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT
+
     for variant in kernel_variants():
-        configs = _module_configs(variant)
-        elem = getattr(torch, variant.operand_dtype).itemsize
-        for target in TARGETS:
-            limit = SHARED_MEMORY_LIMIT[target]
-            kept = fitting_configs(configs, *variant.tile, elem, limit) if variant.tile else configs
-            for cfg in kept or configs[-1:]:
-                yield variant, target, configs.index(cfg), limit
+        for target in targets + (hot_targets if is_hot_bf16(variant) else ()):
+            kept = pruned_configs(variant, target) or [len(_module_configs(variant)) - 1]  # the fallback
+            for index in kept:
+                yield variant, target, index, SHARED_MEMORY_LIMIT[target]
 
 
 def _run(job) -> AotResult:
@@ -472,14 +501,26 @@ def _module_configs(variant: KernelVariant) -> list:
     return getattr(importlib.import_module(variant.module), variant.configs)
 
 
-def check_all(workers: int = 2) -> list[AotResult]:
+def check_all(workers: int = 2, targets: tuple[int, ...] | None = None) -> list[AotResult]:
+    """Compile jobs() in `workers` processes: the default targets, or every variant on `targets`."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("gopd_kernels.aot must run without TRITON_INTERPRET=1")
-    todo = list(jobs())
+    todo = list(jobs() if targets is None else jobs(targets, ()))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_run, todo))
+
+
+def _targets(text: str) -> tuple[int, ...]:
+    try:
+        targets = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        targets = ()
+    unknown = [t for t in targets if t not in SASS_MMA_NAME]
+    if not targets or unknown:
+        raise argparse.ArgumentTypeError(f"--targets takes some of {sorted(SASS_MMA_NAME)}, got {text!r}")
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,11 +530,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--turing", action="store_true", help="print turing_evidence() as JSON and stop")
+    parser.add_argument(
+        "--targets",
+        type=_targets,
+        help=f"comma-separated compute capabilities ({', '.join(map(str, sorted(SASS_MMA_NAME)))}): "
+        "every variant for these instead of the default run",
+    )
     args = parser.parse_args(argv)
     if args.turing:
         print(json.dumps(turing_evidence()))
         return 0
-    results = check_all(args.workers)
+    results = check_all(args.workers, args.targets)
     uncovered = sorted(set(jit_kernels()) - {v.kernel for v in kernel_variants()})
     spilling = hot_paths_that_spill(results)
     if args.json:

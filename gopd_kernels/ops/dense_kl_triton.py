@@ -46,6 +46,7 @@ from gopd_kernels.ops.vocab_partials import merge_dense_kl_partials
 DENSE_CONFIGS = [
     config(8, 3, BLOCK_M=128, BLOCK_V=64, BLOCK_D=64),
     config(8, 3, BLOCK_M=128, BLOCK_V=32, BLOCK_D=64),
+    config(8, 4, BLOCK_M=64, BLOCK_V=32, BLOCK_D=64),  # ExOPD's without spills on sm_120; fp32 on sm_100
     config(8, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=32),
     config(8, 4, BLOCK_M=128, BLOCK_V=64, BLOCK_D=32),
     config(4, 4, BLOCK_M=64, BLOCK_V=64, BLOCK_D=32),

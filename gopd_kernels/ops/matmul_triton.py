@@ -43,6 +43,7 @@ CONFIGS = [  # 8 warps for 128 x 128 tiles: on 4 warps the dW accumulation spill
     config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
     config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32),
     config(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),
+    config(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32),  # fp32 within 99 KiB (sm_86, sm_89, sm_120)
 ]
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)
 GROUP_M = 8

@@ -3,7 +3,8 @@
 Configs are listed once per kernel family; on a GPU the autotuner picks among those that
 fit the device's shared memory for the input dtype, under the interpreter one small config
 runs (the interpreter cannot time kernels, and small tiles keep it fast). The AOT test
-compiles every (config, dtype, sm_80/sm_90) combination that this pruning can let through.
+compiles every (config, dtype, sm_80/sm_90) combination that this pruning can let through,
+and the hot paths' for sm_89, sm_100 and sm_120 (gopd_kernels.aot).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.backend import interpreter_enabled
+from gopd_kernels.backend import interpreter_enabled, warn_once
 
-# Bytes of shared memory a block may use (opt-in maximum): H100 227 KiB, A100 163 KiB.
-SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
+# Bytes of shared memory a block may use (opt-in maximum) by compute capability: A100 163 KiB;
+# H100 and B200 227 KiB; 99 KiB on sm_86 (A10G, A40, RTX 3090), sm_89 (L4, L40S, RTX 4090) and
+# sm_120 (RTX 5090, RTX PRO 6000). The runtime reads the device's own; these serve the AOT check.
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 DOT_PRECISION = {  # fp32 inputs take 3xTF32 on tensor cores: ~fp32 accuracy, not plain TF32
     torch.float32: "tf32x3",
@@ -63,7 +66,13 @@ def make_pruner(a_rows: str, b_rows: str, k: str, elem_arg: str):
     def prune(configs, named_args, **_):
         t = named_args[elem_arg]
         elem = 2 if t.dtype in (torch.bfloat16, torch.float16) else 4
-        kept = fitting_configs(configs, a_rows, b_rows, k, elem, device_shared_limit(t.device.index or 0))
+        limit = device_shared_limit(t.device.index or 0)
+        kept = fitting_configs(configs, a_rows, b_rows, k, elem, limit)
+        if not kept:  # no GPU gopd_kernels.aot checks gets here: say so, and try the last config
+            warn_once(
+                f"no Triton launch config fits {limit // 1024} KiB of shared memory per block by its "
+                f"estimate ({t.dtype} operands, {configs[-1]}); trying that last one"
+            )
         return kept or configs[-1:]
 
     return prune

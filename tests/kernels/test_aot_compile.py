@@ -1,6 +1,7 @@
-"""Every Triton kernel compiles for sm_80 and sm_90, uses tensor-core MMA (the row passes of the
-folded loss, which have no dot, excepted) and fits shared memory, and every path training
-runs keeps a launch config that does not spill registers.
+"""Every Triton kernel compiles for sm_80 and sm_90, and every path training runs in bf16/fp16
+for sm_89, sm_100 and sm_120 too, uses tensor-core MMA (the row passes of the folded loss,
+which have no dot, excepted) and fits shared memory, and every path training runs keeps a
+launch config that does not spill registers.
 
 Runs `python -m gopd_kernels.aot` in a child process without TRITON_INTERPRET (which
 would replace the kernels by interpreted functions), at every launch config the runtime
@@ -10,6 +11,7 @@ report rests on: Triton's argument specialisation and the cuobjdump parsing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -21,6 +23,9 @@ import pytest
 from gopd_kernels import aot
 
 slow_aot = [pytest.mark.aot, pytest.mark.slow]
+# each target's tensor-core instruction in PTX: Ampere's and the 99 KiB parts' mma.sync,
+# Hopper's wgmma, datacenter Blackwell's tcgen05
+PTX_MMA = {80: "mma.sync", 89: "mma.sync", 120: "mma.sync", 90: "wgmma", 100: "tcgen05.mma"}
 
 
 @pytest.mark.parametrize("value", [1, 2, 16, 17, 4096, 151936, 16383, 2**31 - 16, 2**33])
@@ -134,7 +139,7 @@ def test_all_configs_compile_with_tensor_cores_within_shared_memory(aot_report):
         if not r["needs_mma"]:  # the folded loss's row passes: memory-bound, and must not spill
             assert r["kernel"].startswith("row_") and r["spill_stores"] == 0, r
             continue
-        assert any(("wgmma" if r["target"] == 90 else "mma.sync") in m for m in r["mma"]), r
+        assert any(m.startswith(PTX_MMA[r["target"]]) for m in r["mma"]), r
         assert r["sass_mma"] > 0, r  # and the machine code runs on the tensor cores
 
 
@@ -160,8 +165,34 @@ def test_each_kernel_dtype_and_target_has_configs(aot_report):
     assert {*tile_kernels, "matmul_kernel", "row_log_softmax_kernel", "row_logit_grads_kernel"} <= kernels
     for kernel in tile_kernels:
         for dtype in ("bfloat16", "float16", "float32"):
-            for target in (80, 90):
+            for target in aot.TARGETS:
                 assert per[(kernel, dtype, target)] >= 1, (kernel, dtype, target)
+        for target in aot.HOT_TARGETS:  # the hot paths, in bf16
+            assert per[(kernel, "bfloat16", target)] >= 1, (kernel, target)
+    assert {r["target"] for r in aot_report["results"] if r["operand_dtype"] == "float32"} == set(aot.TARGETS)
+
+
+def test_targets_name_what_can_be_compiled():
+    from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT
+
+    assert set(aot.TARGETS + aot.HOT_TARGETS) <= set(aot.SASS_MMA_NAME) == set(SHARED_MEMORY_LIMIT)
+    assert set(aot.SASS_MMA_NAME) <= set(aot.MMA_PATTERN) and set(PTX_MMA) <= set(aot.SASS_MMA_NAME)
+    assert aot._targets("86,100") == (86, 100)
+    for bad in ("87", "sm_90", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="--targets takes some of"):
+            aot._targets(bad)
+
+
+def test_pruning_keeps_configs_for_every_variant_and_target():
+    """On every target the runtime pruning keeps a config of each variant by its own estimate,
+    never the fallback of the last config (which the AOT run then compiles against the limit)."""
+    for target in (*aot.TARGETS, *aot.HOT_TARGETS):
+        for v in aot.kernel_variants():
+            assert aot.pruned_configs(v, target), (v.kernel, v.operand_dtype, target)
+    for v in aot.kernel_variants():  # and 99 KiB keeps fewer of the widest kernels' configs
+        if v.kernel in ("vocab_partials_kernel", "matmul_kernel") and v.operand_dtype == "bfloat16":
+            for target in (89, 120):
+                assert len(aot.pruned_configs(v, target)) < len(aot.pruned_configs(v, 90)), v.kernel
 
 
 @pytest.mark.aot

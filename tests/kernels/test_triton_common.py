@@ -70,3 +70,28 @@ def test_autotuned_keeps_its_picks_on_disk(monkeypatch):
     assert triton_common.autotuned("k", ["c"], ["M_BUCKET"], prune, restore_value=["c_ptr"]) == ("tuned", "k")
     assert seen == {"configs": ["c"], "key": ["M_BUCKET"], "prune_configs_by": {"early_config_prune": prune},
                     "cache_results": True, "restore_value": ["c_ptr"]}  # fmt: skip
+
+
+def test_pruner_keeps_what_fits_the_devices_shared_memory(monkeypatch, caplog):
+    """A GPU with 99 KiB per block (L4, RTX 4090, RTX 5090) gets only the configs that fit it;
+    where none does, the last is tried, and a log line says so."""
+    from gopd_kernels.ops import matmul_triton, triton_common
+
+    prune = triton_common.make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr")
+    configs = matmul_triton.CONFIGS
+    half, single = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    kib = lambda cfg, elem: triton_common.estimated_shared_bytes(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_K", elem)
+    for limit in (232448, 101376):
+        monkeypatch.setattr(triton_common, "device_shared_limit", lambda index, limit=limit: limit)
+        for t in (half, single):
+            kept = prune(configs, {"a_ptr": t})
+            assert kept and all(kib(c, t.element_size()) * 1.1 <= limit for c in kept)
+            assert [c for c in configs if c not in kept] == [
+                c for c in configs if kib(c, t.element_size()) * 1.1 > limit
+            ]
+    assert len(prune(configs, {"a_ptr": single})) < len(configs)  # 99 KiB drops the widest fp32 tiles
+    monkeypatch.setattr(triton_common, "device_shared_limit", lambda index: 32 * 1024)
+    triton_common.warn_once.cache_clear()  # it says a message once per process
+    with caplog.at_level("WARNING", logger="gopd_kernels"):
+        assert prune(configs, {"a_ptr": single}) == configs[-1:]
+    assert "no Triton launch config fits 32 KiB" in caplog.text
