@@ -1,5 +1,5 @@
-"""Command line: `gopd train`, `gopd eval`, `gopd export`, `gopd demo`, `gopd prepare` (also
-`python -m gopd ...`)."""
+"""Command line: `gopd train`, `gopd eval`, `gopd export`, `gopd demo`, `gopd prepare`, `gopd env`
+(also `python -m gopd ...`)."""
 
 from __future__ import annotations
 
@@ -103,6 +103,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         lams=args.lam,
         weak_teacher=args.weak_teacher,
     )
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from gopd_kernels.environment import report
+
+    print(report())
     return 0
 
 
@@ -279,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-date", help="only problems from contests on or before this day (YYYY-MM-DD)")
     p.add_argument("--public-only", action="store_true", help="only the public test cases (a quick check)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "env",
+        help="versions, devices and the kernels' choices on them: for bug reports",
+        description="Print the versions of gopd and the packages it uses, each CUDA device with the backend "
+        "'auto' picks there and the launch configs its shared memory admits, and the GOPD_* / TRITON_* "
+        "settings in force, each checked (gopd_kernels.environment).",
+    )
+    p.set_defaults(func=cmd_env)
     return parser
 
 

@@ -1,0 +1,156 @@
+"""What a bug report needs: versions, devices, and what gopd_kernels chooses on each device.
+
+    gopd env                                  # or: python -m gopd_kernels.environment
+
+For each CUDA device: its compute capability and memory, the backend ``"auto"`` picks there
+(and why not Triton, where it does not), the shared memory a block may use against the launch
+configs the autotuner's pruning keeps for bf16 (triton_common.make_pruner), whether
+gopd_kernels.aot compiles for its target in the test suite, and how the torch backend's bf16
+and fp16 GEMMs run. Then the GOPD_* and TRITON_* settings in force, each checked as the ops
+check it: a bad value shows its error here instead of at the first step. Nothing is compiled.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+from gopd_kernels import backend
+from gopd_kernels.ops import matmul_torch
+
+PACKAGES = ("gopd", "torch", "triton", "transformers", "peft", "vllm", "liger-kernel", "cut-cross-entropy")
+SETTINGS = (
+    "GOPD_WORKSPACE_MB",
+    "GOPD_LOGITS_GEMM",
+    "GOPD_BACKWARD_GEMM",
+    "GOPD_DW_SUM",
+    "TRITON_INTERPRET",
+    "TRITON_CACHE_DIR",
+    "CUDA_VISIBLE_DEVICES",
+)
+GEMM_MODES = {
+    "addmm": "16-bit operands, fp32 results accumulated in place",
+    "mm": "16-bit operands, fp32 results added (one more pass)",
+    None: "upcast to fp32 GEMMs",
+}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed version of each package gopd uses (None: not installed); nothing imported."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def setting_lines() -> list[str]:
+    """Each setting's value, and whether the ops accept it (the error they would raise if not)."""
+    checks = {  # what reads each GOPD_* variable, called as the ops call it
+        "GOPD_WORKSPACE_MB": lambda: backend.workspace_bytes("torch", torch.empty(0)),
+        "GOPD_LOGITS_GEMM": backend.logits_gemm,
+        "GOPD_BACKWARD_GEMM": backend.backward_gemm,
+        "GOPD_DW_SUM": lambda: backend.dw_sum(torch.empty(0, dtype=torch.bfloat16)),
+    }
+    lines, unset = [], []
+    for name in SETTINGS:
+        value = os.environ.get(name)
+        if value is None:
+            unset.append(name)
+            continue
+        try:
+            if name in checks:
+                checks[name]()
+            lines.append(f"  {name}={value}")
+        except ValueError as exc:
+            lines.append(f"  {name}={value}: INVALID, the ops will raise: {exc}")
+    return lines + ([f"  unset: {', '.join(unset)}"] if unset else [])
+
+
+def aot_coverage(capability: tuple[int, int]) -> str:
+    """What gopd_kernels.aot's test run compiles for this compute capability."""
+    from gopd_kernels import aot
+
+    target = capability[0] * 10 + capability[1]
+    if target in aot.TARGETS:
+        return f"sm_{target}: every kernel compiled ahead of time by the test suite"
+    if target in aot.HOT_TARGETS:
+        return f"sm_{target}: the bf16 training paths compiled ahead of time by the test suite"
+    if target in aot.SASS_MMA_NAME:
+        return f"sm_{target}: not in the test suite (python -m gopd_kernels.aot --targets {target} checks it)"
+    return f"sm_{target}: never compiled ahead of time by gopd_kernels.aot"
+
+
+def pruned_config_counts(shared_limit: int, elem_bytes: int = 2) -> str:
+    """How many of each kernel family's launch configs fit `shared_limit` bytes per block."""
+    from gopd_kernels.ops import dense_kl_triton, linear_logsoftmax_triton, matmul_triton
+    from gopd_kernels.ops.triton_common import fitting_configs
+
+    families = {
+        "token tiles": (linear_logsoftmax_triton.TILE_CONFIGS, ("BLOCK_M", "BLOCK_V", "BLOCK_D")),
+        "dense tiles": (dense_kl_triton.DENSE_CONFIGS, ("BLOCK_M", "BLOCK_V", "BLOCK_D")),
+        "GEMMs": (matmul_triton.CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    }
+    counts = []
+    for family, (configs, tile) in families.items():
+        kept = fitting_configs(configs, *tile, elem_bytes, shared_limit)
+        counts.append(f"{family} {len(kept)}/{len(configs)}")
+    return ", ".join(counts)
+
+
+def cuda_device_lines(index: int) -> list[str]:
+    device = torch.device("cuda", index)
+    props = torch.cuda.get_device_properties(index)
+    capability = backend.cuda_capability(device)
+    lines = [
+        f"cuda:{index}: {torch.cuda.get_device_name(index)}, compute capability "
+        f"{capability[0]}.{capability[1]}, {props.total_memory / 2**30:.1f} GiB"
+    ]
+    chosen = backend.resolve_backend("auto", device)
+    if chosen == "triton":
+        shared = getattr(props, "shared_memory_per_block_optin", None)
+        lines.append(f"  backend auto: triton; {aot_coverage(capability)}")
+        if shared is not None:
+            lines.append(
+                f"  shared memory per block {shared // 1024} KiB; launch configs kept for bf16: "
+                f"{pruned_config_counts(shared)}"
+            )
+    else:
+        why = backend._triton_unsupported(device) if backend.triton_importable() else "triton not importable"
+        lines.append(f"  backend auto: torch ({why})")
+    for dtype in (torch.bfloat16, torch.float16):
+        mode = matmul_torch.half_gemm_mode(device, dtype)
+        lines.append(f"  torch backend {str(dtype).removeprefix('torch.')} GEMMs: {GEMM_MODES[mode]}")
+    return lines
+
+
+def report() -> str:
+    """The whole report, as printed by `gopd env`."""
+    versions = package_versions()
+    lines = [
+        f"python {platform.python_version()} ({sys.executable}), {platform.platform()}",
+        ", ".join(f"{name} {version or '(not installed)'}" for name, version in versions.items()),
+        f"torch CUDA build: {torch.version.cuda or 'none'}; CPU threads: {torch.get_num_threads()} of "
+        f"{os.cpu_count()}",
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            lines += cuda_device_lines(index)
+    else:
+        triton = (
+            "through the interpreter" if backend.interpreter_enabled() else "off (TRITON_INTERPRET is not 1)"
+        )
+        lines.append(f"no CUDA device: backend auto runs the torch twin; Triton kernels {triton}")
+    lines.append("settings:")
+    lines += setting_lines()
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

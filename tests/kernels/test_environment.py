@@ -1,0 +1,100 @@
+"""`gopd env`'s report: versions, each device's backend and launch configs, settings checked."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from gopd_kernels import aot, backend, environment
+from gopd_kernels.ops import matmul_torch
+
+
+def test_the_report_names_versions_devices_and_settings(monkeypatch):
+    for name in environment.SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GOPD_DW_SUM", "pair")
+    text = environment.report()
+    assert f"torch {torch.__version__}" in text
+    assert "transformers " in text and "liger-kernel " in text
+    if not torch.cuda.is_available():
+        assert "no CUDA device: backend auto runs the torch twin" in text
+    assert "  GOPD_DW_SUM=pair\n" in text
+    assert "unset: GOPD_WORKSPACE_MB, GOPD_LOGITS_GEMM, GOPD_BACKWARD_GEMM, TRITON_INTERPRET" in text
+
+
+def test_a_bad_setting_is_shown_with_the_error_the_ops_would_raise(monkeypatch):
+    monkeypatch.setenv("GOPD_LOGITS_GEMM", "tritn")
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", "lots")
+    monkeypatch.setenv("GOPD_BACKWARD_GEMM", "torch")
+    lines = environment.setting_lines()
+    assert (
+        "  GOPD_LOGITS_GEMM=tritn: INVALID, the ops will raise: GOPD_LOGITS_GEMM must be one of"
+        in "\n".join(lines)
+    )
+    assert any(
+        line.startswith("  GOPD_WORKSPACE_MB=lots: INVALID") and "number of MiB" in line for line in lines
+    )
+    assert "  GOPD_BACKWARD_GEMM=torch" in lines
+
+
+def _fake_gpu(monkeypatch, name: str, capability: tuple[int, int], shared: int) -> None:
+    props = types.SimpleNamespace(total_memory=24 * 2**30, shared_memory_per_block_optin=shared)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+    monkeypatch.setattr(backend, "cuda_capability", lambda device: capability)
+    monkeypatch.setattr(matmul_torch, "half_gemm_mode", lambda device, dtype: "addmm")
+
+
+@pytest.mark.parametrize(
+    ("name", "capability", "shared", "coverage"),
+    [
+        ("NVIDIA H100", (9, 0), 232448, "sm_90: every kernel compiled ahead of time"),
+        ("NVIDIA L4", (8, 9), 101376, "sm_89: the bf16 training paths compiled ahead of time"),
+        ("NVIDIA B200", (10, 0), 232448, "sm_100: the bf16 training paths"),
+        (
+            "NVIDIA A10G",
+            (8, 6),
+            101376,
+            "sm_86: not in the test suite (python -m gopd_kernels.aot --targets 86",
+        ),
+        ("Jetson AGX Orin", (8, 7), 166912, "sm_87: never compiled ahead of time"),
+    ],
+)
+def test_a_gpu_gets_its_backend_coverage_and_configs(monkeypatch, name, capability, shared, coverage):
+    pytest.importorskip("triton")
+    _fake_gpu(monkeypatch, name, capability, shared)
+    lines = environment.cuda_device_lines(0)
+    assert lines[0] == f"cuda:0: {name}, compute capability {capability[0]}.{capability[1]}, 24.0 GiB"
+    assert lines[1].startswith(f"  backend auto: triton; {coverage}")
+    assert lines[2].startswith(
+        f"  shared memory per block {shared // 1024} KiB; launch configs kept for bf16: "
+    )
+    target = {101376: 89, 166912: 80, 232448: 90}[shared]  # the AOT check's pruning at that limit
+    for family, kernel in (("token tiles", "vocab_partials_kernel"), ("GEMMs", "matmul_kernel")):
+        variant = next(
+            v for v in aot.kernel_variants() if v.kernel == kernel and v.operand_dtype == "bfloat16"
+        )
+        total = len(aot._module_configs(variant))
+        assert f"{family} {len(aot.pruned_configs(variant, target))}/{total}" in lines[2]
+    assert lines[3:] == [
+        f"  torch backend {d} GEMMs: {environment.GEMM_MODES['addmm']}" for d in ("bfloat16", "float16")
+    ]
+
+
+def test_an_older_gpu_runs_the_torch_backend_and_says_why(monkeypatch):
+    _fake_gpu(monkeypatch, "Tesla T4", (7, 5), 65536)
+    monkeypatch.setattr(matmul_torch, "half_gemm_mode", lambda device, dtype: None)
+    lines = environment.cuda_device_lines(0)
+    assert lines[1].startswith(
+        "  backend auto: torch (Tesla T4 has compute capability 7.5, and the Triton kernels need"
+    )
+    assert lines[2] == f"  torch backend bfloat16 GEMMs: {environment.GEMM_MODES[None]}"
+
+
+def test_gopd_env_prints_the_report(capsys):
+    from gopd.cli import main
+
+    assert main(["env"]) == 0
+    assert f"torch {torch.__version__}" in capsys.readouterr().out
