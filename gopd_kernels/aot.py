@@ -293,7 +293,7 @@ def compile_variant(variant: KernelVariant, target: int, config_index: int, sass
     from triton.compiler import ASTSource
 
     kernel = getattr(importlib.import_module(variant.module), variant.kernel)
-    cfg = _module_configs(variant)[config_index]
+    cfg = module_configs(variant)[config_index]
     constexprs = {**variant.constexprs, **cfg.kwargs}
     signature, divisible = {}, []
     for name in kernel.arg_names:
@@ -389,18 +389,19 @@ class AotResult:
     needs_mma: bool = True  # False for the row passes, which have no dot
 
 
-def pruned_configs(variant: KernelVariant, target: int) -> list:
-    """The configs the runtime pruning (triton_common.make_pruner) keeps for `variant` on a
-    `target` GPU, as indices into its module's list; empty where it would fall back."""
+def pruned_configs(variant: KernelVariant, shared_limit: int) -> list:
+    """The configs the runtime pruning (triton_common.make_pruner) keeps for `variant` on a GPU
+    whose blocks may use `shared_limit` bytes, as indices into its module's list; empty where
+    it would fall back."""
     import torch
 
-    from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT, fitting_configs
+    from gopd_kernels.ops.triton_common import fitting_configs
 
-    configs = _module_configs(variant)
+    configs = module_configs(variant)
     if variant.tile is None:
         return list(range(len(configs)))
     elem = getattr(torch, variant.operand_dtype).itemsize
-    kept = fitting_configs(configs, *variant.tile, elem, SHARED_MEMORY_LIMIT[target])
+    kept = fitting_configs(configs, *variant.tile, elem, shared_limit)
     return [configs.index(cfg) for cfg in kept]
 
 
@@ -417,14 +418,15 @@ def jobs(targets: tuple[int, ...] = TARGETS, hot_targets: tuple[int, ...] = HOT_
 
     for variant in kernel_variants():
         for target in targets + (hot_targets if is_hot_bf16(variant) else ()):
-            kept = pruned_configs(variant, target) or [len(_module_configs(variant)) - 1]  # the fallback
+            limit = SHARED_MEMORY_LIMIT[target]
+            kept = pruned_configs(variant, limit) or [len(module_configs(variant)) - 1]  # the fallback
             for index in kept:
-                yield variant, target, index, SHARED_MEMORY_LIMIT[target]
+                yield variant, target, index, limit
 
 
 def _run(job) -> AotResult:
     variant, target, index, limit = job
-    cfg = _module_configs(variant)[index]
+    cfg = module_configs(variant)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
     base = dict(
@@ -483,7 +485,7 @@ def turing_evidence() -> dict:
     variants = [v for v in kernel_variants() if v.kernel == "matmul_kernel" and v.pointers["b_ptr"] == "fp16"]
     mm = next(v for v in variants if v.pointers["a_ptr"] == "bf16")  # a bf16 dZ (cuBLAS tiles')
     fp16 = dataclasses.replace(mm, pointers=mm.pointers | {"a_ptr": "fp16", "c_ptr": "fp32"})
-    narrowest = -1 % len(_module_configs(mm))
+    narrowest = -1 % len(module_configs(mm))
     out = {"fp16_mma": compile_variant(fp16, 75, narrowest, sass=False)["mma"]}
     try:
         compile_variant(mm, 75, narrowest, sass=False)
@@ -495,7 +497,7 @@ def turing_evidence() -> dict:
     return out
 
 
-def _module_configs(variant: KernelVariant) -> list:
+def module_configs(variant: KernelVariant) -> list:
     import importlib
 
     return getattr(importlib.import_module(variant.module), variant.configs)

@@ -32,6 +32,11 @@ SETTINGS = (
     "TRITON_CACHE_DIR",
     "CUDA_VISIBLE_DEVICES",
 )
+CONFIG_FAMILIES = {  # the kernels whose config lists the report counts
+    "token tiles": "vocab_partials_kernel",
+    "dense tiles": "dense_kl_partials_kernel",
+    "GEMMs": "matmul_kernel",
+}
 GEMM_MODES = {
     "addmm": "16-bit operands, fp32 results accumulated in place",
     "mm": "16-bit operands, fp32 results added (one more pass)",
@@ -87,20 +92,17 @@ def aot_coverage(capability: tuple[int, int]) -> str:
     return f"sm_{target}: never compiled ahead of time by gopd_kernels.aot"
 
 
-def pruned_config_counts(shared_limit: int, elem_bytes: int = 2) -> str:
-    """How many of each kernel family's launch configs fit `shared_limit` bytes per block."""
-    from gopd_kernels.ops import dense_kl_triton, linear_logsoftmax_triton, matmul_triton
-    from gopd_kernels.ops.triton_common import fitting_configs
+def pruned_config_counts(shared_limit: int) -> str:
+    """How many of each kernel family's launch configs the pruning keeps for a bf16 model on a
+    GPU whose blocks may use `shared_limit` bytes."""
+    from gopd_kernels import aot
 
-    families = {
-        "token tiles": (linear_logsoftmax_triton.TILE_CONFIGS, ("BLOCK_M", "BLOCK_V", "BLOCK_D")),
-        "dense tiles": (dense_kl_triton.DENSE_CONFIGS, ("BLOCK_M", "BLOCK_V", "BLOCK_D")),
-        "GEMMs": (matmul_triton.CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    }
     counts = []
-    for family, (configs, tile) in families.items():
-        kept = fitting_configs(configs, *tile, elem_bytes, shared_limit)
-        counts.append(f"{family} {len(kept)}/{len(configs)}")
+    for family, kernel in CONFIG_FAMILIES.items():
+        variant = next(v for v in aot.kernel_variants() if v.kernel == kernel and aot.is_hot_bf16(v))
+        counts.append(
+            f"{family} {len(aot.pruned_configs(variant, shared_limit))}/{len(aot.module_configs(variant))}"
+        )
     return ", ".join(counts)
 
 

@@ -186,13 +186,17 @@ def test_targets_name_what_can_be_compiled():
 def test_pruning_keeps_configs_for_every_variant_and_target():
     """On every target the runtime pruning keeps a config of each variant by its own estimate,
     never the fallback of the last config (which the AOT run then compiles against the limit)."""
+    from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT as LIMIT
+
     for target in (*aot.TARGETS, *aot.HOT_TARGETS):
         for v in aot.kernel_variants():
-            assert aot.pruned_configs(v, target), (v.kernel, v.operand_dtype, target)
+            assert aot.pruned_configs(v, LIMIT[target]), (v.kernel, v.operand_dtype, target)
     for v in aot.kernel_variants():  # and 99 KiB keeps fewer of the widest kernels' configs
         if v.kernel in ("vocab_partials_kernel", "matmul_kernel") and v.operand_dtype == "bfloat16":
             for target in (89, 120):
-                assert len(aot.pruned_configs(v, target)) < len(aot.pruned_configs(v, 90)), v.kernel
+                assert len(aot.pruned_configs(v, LIMIT[target])) < len(aot.pruned_configs(v, LIMIT[90])), (
+                    v.kernel
+                )
 
 
 @pytest.mark.aot
