@@ -406,8 +406,8 @@ def pruned_configs(variant: KernelVariant, shared_limit: int) -> list:
 
 
 def is_hot_bf16(variant: KernelVariant) -> bool:
-    """A path training runs, for a bf16 model (fp16 heads on these GPUs are rare, and their
-    kernels differ from bf16's in the operand type and the dZ scale only)."""
+    """A path training runs, for a bf16 model: what HOT_TARGETS compile (fp16 heads are rare on
+    those GPUs, and their kernels differ from bf16's in the operand type and the dZ scale only)."""
     return variant.hot and variant.operand_dtype == "bfloat16" and "fp16" not in variant.pointers.values()
 
 
