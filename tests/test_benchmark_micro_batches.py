@@ -25,14 +25,16 @@ def test_bad_arguments_name_themselves(name):
 
 
 def test_the_layouts_agree_and_the_table_says_so(capsys):
-    """Three fresh processes, one small step each: the padded layout (the trainer's stages
-    patched back to untrimmed consecutive rows) and gopd's two reach the same loss and gradient."""
+    """A fresh process per layout, one small step each: the padded layout (the trainer's stages
+    patched back to untrimmed consecutive rows) and gopd's five reach the same loss and gradient."""
     micro_batches.main(
         ["--rows", "6", "--cap", "48", "--micro", "2", "--rounds", "1", "--repeats", "1", "--no-save"]
     )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("| padded", "| grouped", "| tokens"))]
     assert len(rows) == 3 and "DISAGREES" not in out and "failed" not in out
+    table = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ")]
+    assert table == ["| layout"] + [f"| {layout}" for layout in micro_batches.LAYOUTS]  # each layout ran
     padded = micro_batches.step_rollouts(6, 48, pad=0).sequences.numel()
     assert rows[0].startswith(f"| padded | 3 / {padded} |")  # 3 micro-batches at the step's full width
     tokens = [int(row.split("|")[2].split("/")[1]) for row in rows]
