@@ -166,10 +166,31 @@ def scaled_operand(tile: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tenso
     return (tile * s).to(torch.float16), 1.0 / s
 
 
+@functools.cache
+def say_tf32(device: torch.device, precision: str) -> None:
+    """Say once when fp32 GEMMs on `device` run as TF32: on Ampere and newer GPUs under
+    torch.set_float32_matmul_precision below "highest" (`precision`), which gopd's torch GEMMs
+    follow, as every torch GEMM does. TF32 keeps 10 of fp32's 23 mantissa bits per operand,
+    so an fp32 head's logits are then ~1e-3 off in relative terms."""
+    from gopd_kernels.backend import cuda_capability
+
+    if device.type == "cuda" and precision != "highest" and cuda_capability(device) >= (8, 0):
+        logger.warning(
+            "torch.get_float32_matmul_precision() is %r: gopd's fp32 GEMMs on torch (an fp32 head's "
+            "logit tiles and gradients on %s) run as TF32, as that setting asks, ~1e-3 relative error in "
+            "the logits; 'highest' gives fp32 GEMMs, and the Triton backend's own GEMMs (its default for "
+            "fp32 heads) keep ~fp32 accuracy with 3xTF32 whatever the setting",
+            precision,
+            device,
+        )
+
+
 def _gemm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
     """out <- beta * out + alpha * a @ b (beta 0 or 1), out in the compute dtype; a, b operands of
     one dtype: the compute dtype itself, or bf16 or fp16 (operand())."""
     if a.dtype == out.dtype:
+        if a.dtype == torch.float32:
+            say_tf32(out.device, torch.get_float32_matmul_precision())
         return out.addmm_(a, b, beta=beta, alpha=alpha)  # beta = 0: the old contents are ignored
     if half_gemm_mode(out.device, a.dtype) == "addmm":
         _addmm_fp32_(out, a, b, beta=beta, alpha=alpha)

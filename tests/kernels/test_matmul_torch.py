@@ -130,6 +130,36 @@ def test_fp16_upcast_is_said_once_on_a_gpu_only(monkeypatch, fresh_probe, caplog
     assert said in caplog.text
 
 
+def test_tf32_fp32_gemms_are_said_once_on_ampere_and_newer(monkeypatch, caplog):
+    """torch.set_float32_matmul_precision("high") makes torch's fp32 GEMMs TF32 on Ampere and
+    newer GPUs, gopd's torch GEMMs included: said once per device and setting, never on a CPU,
+    a T4 or under "highest"; and every fp32 GEMM asks."""
+    from gopd_kernels import backend
+
+    gpu = torch.device("cuda", 0)
+    capability = {"cap": (8, 9)}
+    monkeypatch.setattr(backend, "cuda_capability", lambda device: capability["cap"])
+    matmul_torch.say_tf32.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="gopd_kernels"):
+        for device, precision in ((gpu, "highest"), (torch.device("cpu"), "high")):
+            matmul_torch.say_tf32(device, precision)
+        capability["cap"] = (7, 5)  # a T4: no TF32
+        matmul_torch.say_tf32(gpu, "medium")
+        assert caplog.text == ""
+        capability["cap"] = (9, 0)
+        for _ in range(3):
+            matmul_torch.say_tf32(gpu, "high")
+    assert caplog.text.count("torch.get_float32_matmul_precision() is 'high'") == 1
+    assert "run as TF32" in caplog.text and "cuda:0" in caplog.text
+    asked = []
+    monkeypatch.setattr(matmul_torch, "say_tf32", lambda device, precision: asked.append((device, precision)))
+    out, a = torch.empty(3, 4), torch.ones(3, 5)
+    matmul_torch.mm_into(out, a, torch.ones(5, 4))
+    matmul_torch.mm_add(out, a, torch.ones(5, 4))
+    matmul_torch.mm_into(out.double(), a.double(), torch.ones(5, 4, dtype=torch.float64))  # not fp32
+    assert asked == [(out.device, torch.get_float32_matmul_precision())] * 2
+
+
 @pytest.mark.parametrize("top", [3e-9, 1e-3, 1.0, 7e3, 6e4])
 def test_scaled_operand_puts_an_fp16_tile_just_under_its_top(top):
     """An fp32 tile becomes an fp16 operand times a power of two s that lifts its largest entry
