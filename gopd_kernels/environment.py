@@ -135,11 +135,17 @@ def cuda_device_lines(index: int) -> list[str]:
 def report() -> str:
     """The whole report, as printed by `gopd env`."""
     versions = package_versions()
+    precision = torch.get_float32_matmul_precision()
     lines = [
         f"python {platform.python_version()} ({sys.executable}), {platform.platform()}",
         ", ".join(f"{name} {version or '(not installed)'}" for name, version in versions.items()),
         f"torch CUDA build: {torch.version.cuda or 'none'}; CPU threads: {torch.get_num_threads()} of "
-        f"{os.cpu_count()}",
+        f"{os.cpu_count()}; float32 matmul precision: {precision}"
+        + (
+            ""
+            if precision == "highest"
+            else " (torch's fp32 GEMMs, gopd's torch ones included, run as TF32 on Ampere and newer)"
+        ),
     ]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

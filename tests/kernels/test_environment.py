@@ -15,12 +15,16 @@ def test_the_report_names_versions_devices_and_settings(monkeypatch):
     for name in environment.SETTINGS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GOPD_DW_SUM", "pair")
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
     text = environment.report()
     assert f"torch {torch.__version__}" in text
     assert "transformers " in text and "liger-kernel " in text
     if not torch.cuda.is_available():
         assert "no CUDA device: backend auto runs the torch twin" in text
     assert "  GOPD_DW_SUM=pair\n" in text
+    assert "float32 matmul precision: highest\n" in text
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert "float32 matmul precision: high (torch's fp32 GEMMs" in environment.report()
     assert "unset: GOPD_WORKSPACE_MB, GOPD_LOGITS_GEMM, GOPD_BACKWARD_GEMM, TRITON_INTERPRET" in text
 
 
