@@ -129,9 +129,9 @@ def _capped_dense_kl(a, c, z_t, lse_c, lse_t, coef, dtype, cap):
     u_t = None if z_t is None else torch.zeros_like(m_a)
     for cols, e in _exp_blocks(a, m_a, scratch):
         s_a += e.sum(dim=1)
-        u += c[:, cols].sub_(a[:, cols]).neg_().mul_(e).sum(dim=1)  # the tile c now holds e (a - c)
+        u += torch.sub(a[:, cols], c[:, cols], out=c[:, cols]).mul_(e).sum(dim=1)  # c now holds e (a - c)
         if z_t is not None:
-            u_t += z_t[:, cols].sub_(a[:, cols]).neg_().mul_(e).sum(dim=1)
+            u_t += torch.sub(a[:, cols], z_t[:, cols], out=z_t[:, cols]).mul_(e).sum(dim=1)
     u, kl, kl_t = _row_kls(m_a, s_a, u, u_t, lse_c, lse_t)
     scale = (coef / s_a)[:, None]
     for cols, e in _exp_blocks(a, m_a, scratch):  # e (a - c - u) coef / s_a (1 - (a / cap)^2)
