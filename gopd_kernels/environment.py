@@ -97,9 +97,9 @@ def pruned_config_counts(shared_limit: int) -> str:
     GPU whose blocks may use `shared_limit` bytes."""
     from gopd_kernels import aot
 
-    counts = []
+    counts, variants = [], aot.kernel_variants()
     for family, kernel in CONFIG_FAMILIES.items():
-        variant = next(v for v in aot.kernel_variants() if v.kernel == kernel and aot.is_hot_bf16(v))
+        variant = next(v for v in variants if v.kernel == kernel and aot.is_hot_bf16(v))
         counts.append(
             f"{family} {len(aot.pruned_configs(variant, shared_limit))}/{len(aot.module_configs(variant))}"
         )
