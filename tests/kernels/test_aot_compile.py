@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for sm_80 and sm_90, and every path training runs in bf16/fp16
+"""Every Triton kernel compiles for sm_80 and sm_90, and every path training runs in bf16
 for sm_89, sm_100 and sm_120 too, uses tensor-core MMA (the row passes of the folded loss,
 which have no dot, excepted) and fits shared memory, and every path training runs keeps a
 launch config that does not spill registers.
