@@ -4,8 +4,9 @@
 interpreter is on (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
 ``"torch"``: the same chunked algorithm in plain PyTorch, on any device.
 ``"auto"``: Triton for CUDA tensors when Triton imports and the GPU is an Ampere or newer
-(compute capability >= 8.0), the torch twin otherwise. When it has to fall back on a CUDA
-tensor it says so in a log line, once.
+(compute capability >= 8.0), or, under ROCm's torch, an AMD Instinct the kernels are compiled
+and checked for (AMD_TRITON_ARCHS: MI210 / MI250X, MI300X / MI325X, MI350X / MI355X); the
+torch twin otherwise. When it has to fall back on a CUDA tensor it says so in a log line, once.
 
 Why not older GPUs (T4, V100): compiled ahead of time for sm_75 (Triton 3.9, as
 gopd_kernels.aot does for sm_80/sm_90), no kernel gets a tensor-core instruction (bf16,
@@ -91,6 +92,10 @@ def triton_importable() -> bool:
 
 
 MIN_TRITON_CAPABILITY = (8, 0)
+# AMD GPUs (by gfx name) that gopd_kernels.aot compiles every kernel for: CDNA2 (MI210, MI250X),
+# CDNA3 (MI300X, MI325X), CDNA4 (MI350X, MI355X). Others (RDNA's wave32 parts, MI100) run the
+# torch twin on hipBLAS.
+AMD_TRITON_ARCHS = ("gfx90a", "gfx942", "gfx950")
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
@@ -98,8 +103,23 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+def amd_arch(device: torch.device) -> str | None:
+    """The gfx name of a "cuda" device under ROCm's torch (e.g. "gfx942"), None under CUDA's."""
+    if torch.version.hip is None:
+        return None
+    return torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+
+
 def _triton_unsupported(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run well on this CUDA device, or None."""
+    """Why the Triton kernels cannot run well on this CUDA (or ROCm) device, or None."""
+    arch = amd_arch(device)
+    if arch is not None:
+        if arch in AMD_TRITON_ARCHS:
+            return None
+        return (
+            f"{torch.cuda.get_device_name(device)} ({arch}) is not among the AMD GPUs the Triton kernels "
+            f"are compiled and checked for ({', '.join(AMD_TRITON_ARCHS)})"
+        )
     cap = cuda_capability(device)
     if cap >= MIN_TRITON_CAPABILITY:
         return None
@@ -135,7 +155,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if why is None:
             return "triton"
         warn_once(
-            f"backend='auto': {why}; running the torch backend instead (cuBLAS GEMMs, on fp16 "
+            f"backend='auto': {why}; running the torch backend instead (cuBLAS / hipBLAS GEMMs, on fp16 "
             "tensor cores for fp16 heads, with scaled gradient tiles)"
         )
     return "torch"

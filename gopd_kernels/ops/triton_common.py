@@ -2,9 +2,10 @@
 
 Configs are listed once per kernel family; on a GPU the autotuner picks among those that
 fit the device's shared memory for the input dtype, under the interpreter one small config
-runs (the interpreter cannot time kernels, and small tiles keep it fast). The AOT test
-compiles every (config, dtype, sm_80/sm_90) combination that this pruning can let through,
-and the hot paths' for sm_89, sm_100 and sm_120 (gopd_kernels.aot).
+runs (the interpreter cannot time kernels, and small tiles keep it fast). On AMD GPUs (ROCm's
+torch) every config runs in two pipeline stages (amd_configs). The AOT test compiles every
+(config, dtype, sm_80/sm_90) combination that this pruning can let through, and the hot
+paths' for sm_100, sm_120 and AMD's gfx942 (gopd_kernels.aot).
 """
 
 from __future__ import annotations
@@ -15,15 +16,26 @@ import torch
 import triton
 import triton.language as tl
 
-from gopd_kernels.backend import interpreter_enabled, warn_once
+from gopd_kernels.backend import amd_arch, interpreter_enabled, warn_once
+
+# ROCm's torch: "cuda" devices are AMD GPUs, and Triton compiles for them through its HIP backend
+ON_HIP = torch.version.hip is not None
 
 # Bytes of shared memory a block may use (opt-in maximum) by compute capability: A100 163 KiB;
 # H100 and B200 227 KiB; 99 KiB on sm_86 (A10G, A40, RTX 3090), sm_89 (L4, L40S, RTX 4090) and
 # sm_120 (RTX 5090, RTX PRO 6000). The runtime reads the device's own; these serve the AOT check.
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+# AMD Instinct (by gfx name): 64 KiB of LDS per workgroup on CDNA2/3 (MI250X, MI300X), 160 KiB
+# on CDNA4 (MI355X).
+SHARED_MEMORY_LIMIT = {
+    80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376,
+    "gfx90a": 65536, "gfx942": 65536, "gfx950": 163840,
+}  # fmt: skip
 
-DOT_PRECISION = {  # fp32 inputs take 3xTF32 on tensor cores: ~fp32 accuracy, not plain TF32
-    torch.float32: "tf32x3",
+# fp32 inputs take 3xTF32 on NVIDIA tensor cores (~fp32 accuracy, not plain TF32). AMD's matrix
+# cores multiply fp32 natively (v_mfma_*_f32), and Triton's HIP backend has no tf32x3.
+FP32_DOT_PRECISION = {"cuda": "tf32x3", "hip": "ieee"}
+DOT_PRECISION = {
+    torch.float32: FP32_DOT_PRECISION["hip" if torch.version.hip else "cuda"],
     torch.bfloat16: "ieee",
     torch.float16: "ieee",
 }
@@ -43,21 +55,55 @@ def config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
     return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
 
 
-def estimated_shared_bytes(cfg: triton.Config, a_rows: str, b_rows: str, k: str, elem_bytes: int) -> int:
-    """Pipelined operand tiles: stages x (A tile + B tile)."""
+# Pipeline stages whose operand tiles wait in registers instead of shared memory (LDS): one on
+# CDNA2/3, whose Triton pipeliner keeps stages - 1 tiles in LDS; none on NVIDIA GPUs and CDNA4
+# (gfx950), which keep `stages` (what gopd_kernels.aot's compiles measure).
+STAGES_IN_REGISTERS = {"gfx90a": 1, "gfx942": 1}
+AMD_STAGES = 2
+
+
+def amd_configs(configs: list) -> list:
+    """A family's configs as they run on AMD GPUs: the same tiles and warps in AMD_STAGES
+    pipeline stages, as AMD's own tuned Triton GEMM configs take. The NVIDIA lists' 3 and 4
+    stages would keep only the narrowest tiles within MI300X's 64 KiB of LDS."""
+    out = {}
+    for c in configs:
+        out.setdefault(
+            (tuple(sorted(c.kwargs.items())), c.num_warps), config(c.num_warps, AMD_STAGES, **c.kwargs)
+        )
+    return list(out.values())
+
+
+def estimated_shared_bytes(
+    cfg: triton.Config, a_rows: str, b_rows: str, k: str, elem_bytes: int, stages_in_registers: int = 0
+) -> int:
+    """Pipelined operand tiles: (stages - stages_in_registers) x (A tile + B tile)."""
     kw = cfg.kwargs
-    return cfg.num_stages * (kw[a_rows] + kw[b_rows]) * kw[k] * elem_bytes
+    return max(1, cfg.num_stages - stages_in_registers) * (kw[a_rows] + kw[b_rows]) * kw[k] * elem_bytes
 
 
-def fitting_configs(configs, a_rows, b_rows, k, elem_bytes, limit):
+def fitting_configs(configs, a_rows, b_rows, k, elem_bytes, limit, stages_in_registers: int = 0):
     """The configs whose pipelined tiles fit `limit` bytes (with 10% headroom for the epilogue)."""
-    return [c for c in configs if estimated_shared_bytes(c, a_rows, b_rows, k, elem_bytes) * 1.1 <= limit]
+    return [
+        c
+        for c in configs
+        if estimated_shared_bytes(c, a_rows, b_rows, k, elem_bytes, stages_in_registers) * 1.1 <= limit
+    ]
 
 
 @functools.cache
 def device_shared_limit(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
+    device = torch.device("cuda", device_index)
+    arch = amd_arch(device)
+    if arch is not None:  # ROCm's torch has no opt-in figure; the LDS of the gfx names Triton runs on
+        return SHARED_MEMORY_LIMIT[arch]
+    props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT[80])
+
+
+@functools.cache
+def device_stages_in_registers(device_index: int) -> int:
+    return STAGES_IN_REGISTERS.get(amd_arch(torch.device("cuda", device_index)), 0)
 
 
 def make_pruner(a_rows: str, b_rows: str, k: str, elem_arg: str):
@@ -66,8 +112,9 @@ def make_pruner(a_rows: str, b_rows: str, k: str, elem_arg: str):
     def prune(configs, named_args, **_):
         t = named_args[elem_arg]
         elem = 2 if t.dtype in (torch.bfloat16, torch.float16) else 4
-        limit = device_shared_limit(t.device.index or 0)
-        kept = fitting_configs(configs, a_rows, b_rows, k, elem, limit)
+        index = t.device.index or 0
+        limit = device_shared_limit(index)
+        kept = fitting_configs(configs, a_rows, b_rows, k, elem, limit, device_stages_in_registers(index))
         if not kept:  # no GPU gopd_kernels.aot checks gets here: say so, and try the last config
             warn_once(
                 f"no Triton launch config fits {limit // 1024} KiB of shared memory per block by its "
@@ -87,6 +134,7 @@ def autotuned(kernel, configs: list, key: list[str], prune, **kwargs):
     unset, torch.compile sets it to inductor's directory for the rest of its process: picks
     made after a torch.compile land there, unseen by processes without one."""
     prune_by = {"early_config_prune": prune}
+    configs = amd_configs(configs) if ON_HIP else configs
     return triton.autotune(configs, key=key, prune_configs_by=prune_by, cache_results=True, **kwargs)(kernel)
 
 

@@ -6,7 +6,8 @@ shipped block shapes (128 x 256 logit tiles, 64-deep steps, 256 x 128 GEMM tiles
 compiled ahead of time but never run in the tests. Each test pins one config: under the
 interpreter as the module's INTERPRET_CONFIG, on a GPU as the autotuner's only config (a
 config whose tiles do not fit the device's shared memory for the dtype is skipped there, as
-the pruner would drop it). Shapes are odd in every dimension the blocks cover: 130 rows,
+the pruner would drop it). The configs are the autotuners' own lists: on an AMD GPU, the
+two-stage ones (triton_common.amd_configs). Shapes are odd in every dimension the blocks cover: 130 rows,
 D = 72 and 40, V = 1031.
 """
 
@@ -19,7 +20,7 @@ from gopd_kernels import frozen_logprobs, token_logprobs_reference
 from gopd_kernels.backend import interpreter_enabled
 from gopd_kernels.ops import dense_kl_triton, matmul_triton
 from gopd_kernels.ops import linear_logsoftmax_triton as tiles
-from gopd_kernels.ops.triton_common import device_shared_limit, fitting_configs
+from gopd_kernels.ops.triton_common import device_shared_limit, device_stages_in_registers, fitting_configs
 from tests.kernels.helpers import make_inputs, rel_err
 from tests.kernels.test_dense_kl import compare as compare_dense
 from tests.kernels.test_token_logprobs import check_against_reference
@@ -39,7 +40,9 @@ def pin(monkeypatch, modules, tuned_kernels, cfg, family, dtype):
             monkeypatch.setattr(module, "INTERPRET_CONFIG", dict(cfg.kwargs))
         return
     elem = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    if not fitting_configs([cfg], *BLOCKS[family], elem, device_shared_limit(0)):
+    if not fitting_configs(
+        [cfg], *BLOCKS[family], elem, device_shared_limit(0), device_stages_in_registers(0)
+    ):
         pytest.skip(f"{cfg} does not fit this GPU's shared memory in {dtype}")
     for tuned in tuned_kernels:
         monkeypatch.setattr(tuned, "configs", [cfg])
@@ -50,7 +53,12 @@ def _ids(configs):
     return [str(k) for k in range(len(configs))]
 
 
-@pytest.mark.parametrize("cfg", tiles.TILE_CONFIGS, ids=_ids(tiles.TILE_CONFIGS))
+TILE_CONFIGS = tiles.vocab_partials_kernel_tuned.configs
+MATMUL_CONFIGS = matmul_triton.matmul_kernel_tuned.configs
+DENSE_CONFIGS = dense_kl_triton.dense_kl_partials_kernel_tuned.configs
+
+
+@pytest.mark.parametrize("cfg", TILE_CONFIGS, ids=_ids(TILE_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_token_logprobs_in_every_tile_config(cfg, dtype, device, monkeypatch):
     """Forward (one model) and the backward's logit gradient, with the entropy, a bias, a
@@ -71,7 +79,7 @@ def test_token_logprobs_in_every_tile_config(cfg, dtype, device, monkeypatch):
         torch.testing.assert_close(got.double().cpu(), want, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("cfg", matmul_triton.CONFIGS, ids=_ids(matmul_triton.CONFIGS))
+@pytest.mark.parametrize("cfg", MATMUL_CONFIGS, ids=_ids(MATMUL_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matmul_in_every_config(cfg, dtype, device, monkeypatch):
     """out (+)= a @ b with odd M, N, K, a transposed operand, an fp32 accumulator and an output
@@ -88,7 +96,7 @@ def test_matmul_in_every_config(cfg, dtype, device, monkeypatch):
     assert rel_err(out, want) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("cfg", dense_kl_triton.DENSE_CONFIGS, ids=_ids(dense_kl_triton.DENSE_CONFIGS))
+@pytest.mark.parametrize("cfg", DENSE_CONFIGS, ids=_ids(DENSE_CONFIGS))
 def test_dense_loss_in_every_config(cfg, device, monkeypatch):
     """The dense loss's streaming forward and recomputing backward (lam = 1.25, three models of
     hidden sizes 72, 40 and 24) against float64."""

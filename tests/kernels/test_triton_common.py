@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -95,3 +97,55 @@ def test_pruner_keeps_what_fits_the_devices_shared_memory(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="gopd_kernels"):
         assert prune(configs, {"a_ptr": single}) == configs[-1:]
     assert "no Triton launch config fits 32 KiB" in caplog.text
+
+
+def test_amd_configs_keep_every_tile_in_two_stages():
+    from gopd_kernels.ops import linear_logsoftmax_triton, matmul_triton, triton_common
+
+    for configs in (matmul_triton.CONFIGS, linear_logsoftmax_triton.TILE_CONFIGS):
+        amd = triton_common.amd_configs(configs)
+        tiles = lambda cs: {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in cs}
+        assert tiles(amd) == tiles(configs) and len(amd) == len(tiles(configs))  # each tile once
+        assert {c.num_stages for c in amd} == {triton_common.AMD_STAGES}
+
+
+def test_the_estimate_counts_the_stages_a_target_keeps_in_shared_memory():
+    """Against what gopd_kernels.aot measured (Triton 3.9): the 128 x 256 x 64 bf16 backward GEMM
+    in 3 stages compiled to 98304 bytes of LDS on gfx942 and gfx90a (two tiles: the third waits
+    in registers), to 154288 on gfx950 and 147456 plus its epilogue on NVIDIA (three tiles)."""
+    from gopd_kernels.ops import triton_common
+
+    cfg = triton_common.config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64)
+    tile = ("BLOCK_M", "BLOCK_N", "BLOCK_K", 2)
+    for arch in ("gfx90a", "gfx942"):
+        held_back = triton_common.STAGES_IN_REGISTERS[arch]
+        assert triton_common.estimated_shared_bytes(cfg, *tile, held_back) == 98304
+    assert "gfx950" not in triton_common.STAGES_IN_REGISTERS
+    assert triton_common.estimated_shared_bytes(cfg, *tile) == 147456 <= 154288 <= 147456 * 1.1
+
+
+@pytest.mark.parametrize(("arch", "kept_fp32"), [("gfx942", 2), ("gfx950", 3)])
+def test_pruner_on_an_amd_gpu_keeps_the_wide_tiles_that_fit_its_lds(monkeypatch, arch, kept_fp32):
+    """Under ROCm's torch the pruner reads the LDS of the device's gfx name and keeps each tile
+    whose two stages fit: every bf16 GEMM tile on MI300X's 64 KiB (one stage in LDS), where
+    NVIDIA's 3-4 stage configs kept the narrowest three; fp32 drops the widest."""
+    import types
+
+    from gopd_kernels.ops import matmul_triton, triton_common
+
+    props = types.SimpleNamespace(gcnArchName=f"{arch}:sramecc+:xnack-")
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    for cached in (triton_common.device_shared_limit, triton_common.device_stages_in_registers):
+        cached.cache_clear()
+        monkeypatch.setattr(triton_common, cached.__name__, functools.cache(cached.__wrapped__))
+    prune = triton_common.make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr")
+    amd = triton_common.amd_configs(matmul_triton.CONFIGS)
+    assert triton_common.device_shared_limit(0) == triton_common.SHARED_MEMORY_LIMIT[arch]
+    assert prune(amd, {"a_ptr": torch.empty(1, dtype=torch.bfloat16)}) == amd
+    assert len(prune(amd, {"a_ptr": torch.empty(1)})) == kept_fp32
+    if arch == "gfx942":
+        nvidia = triton_common.fitting_configs(
+            matmul_triton.CONFIGS, "BLOCK_M", "BLOCK_N", "BLOCK_K", 2, 65536
+        )
+        assert len(nvidia) == 3
