@@ -1,19 +1,24 @@
 """Compile every Triton kernel ahead of time for sm_80 (A100) and sm_90 (H100), no GPU needed,
-and the paths training runs for sm_89 (L4, RTX 4090), sm_100 (B200) and sm_120 (RTX 5090).
+the paths training runs for sm_100 (B200) and sm_120 (RTX 5090) in bf16, and for AMD's gfx942
+(MI300X, MI325X) in bf16 and fp32.
 
 For each kernel, input dtype, target and launch config that the runtime pruning can pick,
 this reports the shared memory the compiled kernel uses, the tensor-core instructions in
-its PTX (``mma.sync`` on sm_80/89/120, ``wgmma`` on sm_90, ``tcgen05.mma`` on sm_100) and,
+its PTX (``mma.sync`` on sm_80/86/89/120, ``wgmma`` on sm_90, ``tcgen05.mma`` on sm_100) and,
 read off the machine code (SASS) with cuobjdump, its registers per thread, register spills
-and tensor-core instructions (HMMA / HGMMA / UTCHMMA). The interpreter accepts code that
-the GPU compiler rejects (small or non-power-of-two dots, mixed dtypes), so this is the
-proof that the kernels build for real GPUs.
+and tensor-core instructions (HMMA / HGMMA / UTCHMMA). For AMD targets the ISA listing is
+the machine code: its MFMA instructions, vector registers, spilled ones and scratch bytes.
+The interpreter accepts code that the GPU compiler rejects (small or non-power-of-two dots,
+mixed dtypes), so this is the proof that the kernels build for real GPUs.
 
-The three further targets differ from those two where a kernel can break: 99 KiB of shared
-memory per block on sm_89 and sm_120 (sm_86's A10G, A40 and RTX 3090 have the same limit),
-so the pruning keeps other configs there, and Blackwell's tensor-core instructions on
-sm_100. For them the default run compiles the paths training runs in bf16 (a third of the
-compiles of every variant there), ``--targets`` every variant.
+The further targets differ from those two where a kernel can break: 99 KiB of shared memory
+per block on sm_120 (and on sm_86 / sm_89: A10G, RTX 3090, L4, RTX 4090), so the pruning keeps
+other configs there; Blackwell's tensor-core instructions on sm_100; on AMD, 64 KiB of LDS
+(160 KiB on gfx950), two-stage configs (triton_common.amd_configs), and fp32 dots in fp32
+MFMA where NVIDIA's take 3xTF32, which Triton's HIP backend does not have. For sm_100 and
+sm_120 the default run compiles the paths training runs in bf16 (a third of the compiles of
+every variant there), for gfx942 those paths in bf16 and fp32; ``--targets`` compiles every
+variant (86, 89, gfx90a: MI210 / MI250X, gfx950: MI350X / MI355X are compiled only so).
 
 Each kernel is compiled as the JIT would specialise it at the GPU benchmark's shape
 (LAUNCH_SHAPE: contiguous tensors, D = 4096, V = 151936, an odd token count): integer
@@ -24,6 +29,7 @@ does not, and the report would describe a kernel that never runs.
 
     python -m gopd_kernels.aot                      # a table; exit status 1 if anything fails
     python -m gopd_kernels.aot --targets 86,100     # every variant for these targets instead
+    python -m gopd_kernels.aot --targets gfx90a,gfx942,gfx950
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions).
 """
@@ -37,18 +43,31 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
+from gopd_kernels.backend import AMD_TRITON_ARCHS as AMD_TARGETS
+
+# A target is a compute capability (int) for NVIDIA, a gfx name (str) for AMD: AMD_TARGETS are
+# CDNA2 (MI210 / MI250X), CDNA3 (MI300X / MI325X), CDNA4 (MI350X / MI355X), through Triton's HIP
+# backend (wavefronts of 64).
 TARGETS = (80, 90)  # every kernel variant
-HOT_TARGETS = (89, 100, 120)  # the hot bf16 variants (module doc)
+HOT_TARGETS = (100, 120)  # the hot bf16 variants (module doc)
+AMD_HOT_TARGETS = ("gfx942",)  # the hot bf16 and fp32 variants (module doc)
 # sm_75 (Turing: T4) is compiled only to show why the backend keeps Triton off it
 # (backend.MIN_TRITON_CAPABILITY): its mma.sync would be the pattern sm_80's is.
 MMA_SYNC = r"\bmma\.sync\.aligned\.\S+"
+MFMA = r"\bv_mfma_\w+"  # AMD's matrix-core instructions, read off the ISA listing (no PTX stage)
 MMA_PATTERN = {
     **dict.fromkeys((75, 80, 86, 89, 120), MMA_SYNC),
     90: r"\bwgmma\.mma_async\.\S+",
     100: r"\btcgen05\.mma\.\S+",
+    **dict.fromkeys(AMD_TARGETS, MFMA),
 }
-SASS_MMA_NAME = {**dict.fromkeys((80, 86, 89, 120), "HMMA"), 90: "HGMMA", 100: "UTCHMMA"}
-SASS_MMA = {t: rf"\b{name}\b" for t, name in SASS_MMA_NAME.items()}
+SASS_MMA_NAME = {
+    **dict.fromkeys((80, 86, 89, 120), "HMMA"),
+    90: "HGMMA",
+    100: "UTCHMMA",
+    **dict.fromkeys(AMD_TARGETS, "MFMA"),
+}
+SASS_MMA = {t: MFMA if t in AMD_TARGETS else rf"\b{name}\b" for t, name in SASS_MMA_NAME.items()}
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 HALF = ("bfloat16", "float16")
 
@@ -131,7 +150,10 @@ TILE = ("BLOCK_M", "BLOCK_V", "BLOCK_D")
 
 
 def _precision(dt: str) -> str:
-    return "tf32x3" if dt == "float32" else "ieee"
+    """DOT_PRECISION on NVIDIA targets (compile_variant swaps in AMD's)."""
+    from gopd_kernels.ops.triton_common import FP32_DOT_PRECISION
+
+    return FP32_DOT_PRECISION["cuda"] if dt == "float32" else "ieee"
 
 
 def _logit_grad_dtype(dt: str, scaled: bool = True) -> str:
@@ -283,7 +305,7 @@ def kernel_variants() -> list[KernelVariant]:
     return out
 
 
-def compile_variant(variant: KernelVariant, target: int, config_index: int, sass: bool = True) -> dict:
+def compile_variant(variant: KernelVariant, target: int | str, config_index: int, sass: bool = True) -> dict:
     """Shared memory and PTX tensor-core instructions of one compiled config, and with `sass`
     what sass_usage reads off its machine code."""
     import importlib
@@ -292,9 +314,14 @@ def compile_variant(variant: KernelVariant, target: int, config_index: int, sass
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from gopd_kernels.ops.triton_common import FP32_DOT_PRECISION
+
     kernel = getattr(importlib.import_module(variant.module), variant.kernel)
-    cfg = module_configs(variant)[config_index]
+    amd = target in AMD_TARGETS
+    cfg = module_configs(variant, amd)[config_index]
     constexprs = {**variant.constexprs, **cfg.kwargs}
+    if amd and constexprs.get("DOT_PRECISION") == FP32_DOT_PRECISION["cuda"]:
+        constexprs["DOT_PRECISION"] = FP32_DOT_PRECISION["hip"]  # what the runtime launches on ROCm
     signature, divisible = {}, []
     for name in kernel.arg_names:
         if name in constexprs:
@@ -315,9 +342,16 @@ def compile_variant(variant: KernelVariant, target: int, config_index: int, sass
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
-        target=GPUTarget("cuda", target, 32),
+        target=GPUTarget("hip", target, 64) if amd else GPUTarget("cuda", target, 32),
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
+    if amd:  # the ISA listing is the machine code: the MFMA list, registers and spills all come from it
+        isa = compiled.asm["amdgcn"]
+        return {
+            "shared": compiled.metadata.shared,
+            "mma": sorted(set(re.findall(MFMA, isa))),
+            **amd_usage(isa),
+        }
     mma = sorted(set(re.findall(MMA_PATTERN[target], compiled.asm["ptx"])))
     usage = sass_usage(compiled.asm["cubin"], target) if sass else {}
     return {"shared": compiled.metadata.shared, "mma": mma, **usage}
@@ -367,6 +401,29 @@ def parse_sass_usage(res_usage: str, sass: str, target: int) -> dict:
     }
 
 
+def amd_usage(isa: str) -> dict:
+    """sass_usage's figures for an AMD target, from the ISA listing's code-object metadata:
+    registers per lane (vector and accumulation registers), scratch bytes per lane, spilled
+    vector registers (to scratch memory; spilled scalar registers go to vector-register lanes,
+    cheap, and are not counted) and the MFMA instructions."""
+    fields = {}
+    for name in ("TotalNumVgprs", "ScratchSize"):
+        found = re.search(rf"^; {name}: (\d+)", isa, re.M)
+        if found is None:
+            raise ValueError(f"no '; {name}:' line in the AMD ISA listing")
+        fields[name] = int(found.group(1))
+    spilled = re.search(r"\.vgpr_spill_count:\s+(\d+)", isa)
+    if spilled is None:
+        raise ValueError("no .vgpr_spill_count in the AMD ISA listing's metadata")
+    return {
+        "registers": fields["TotalNumVgprs"],
+        "stack": fields["ScratchSize"],
+        "spill_stores": int(spilled.group(1)),
+        "spill_loads": int(spilled.group(1)),
+        "sass_mma": len(re.findall(MFMA, isa)),
+    }
+
+
 @dataclass
 class AotResult:
     kernel: str
@@ -374,7 +431,7 @@ class AotResult:
     features: str
     hot: bool
     pointers: str
-    target: int
+    target: int | str
     config: str
     shared: int
     shared_limit: int
@@ -389,44 +446,57 @@ class AotResult:
     needs_mma: bool = True  # False for the row passes, which have no dot
 
 
-def pruned_configs(variant: KernelVariant, shared_limit: int) -> list:
+def pruned_configs(variant: KernelVariant, shared_limit: int, target: int | str | None = None) -> list:
     """The configs the runtime pruning (triton_common.make_pruner) keeps for `variant` on a GPU
-    whose blocks may use `shared_limit` bytes, as indices into its module's list; empty where
-    it would fall back."""
+    whose blocks may use `shared_limit` bytes, as indices into module_configs(variant, amd) (amd:
+    `target` is AMD's); empty where it would fall back."""
     import torch
 
-    from gopd_kernels.ops.triton_common import fitting_configs
+    from gopd_kernels.ops.triton_common import STAGES_IN_REGISTERS, fitting_configs
 
-    configs = module_configs(variant)
+    configs = module_configs(variant, target in AMD_TARGETS)
     if variant.tile is None:
         return list(range(len(configs)))
     elem = getattr(torch, variant.operand_dtype).itemsize
-    kept = fitting_configs(configs, *variant.tile, elem, shared_limit)
+    kept = fitting_configs(configs, *variant.tile, elem, shared_limit, STAGES_IN_REGISTERS.get(target, 0))
     return [configs.index(cfg) for cfg in kept]
 
 
-def is_hot_bf16(variant: KernelVariant) -> bool:
-    """A path training runs, for a bf16 model: what HOT_TARGETS compile (fp16 heads are rare on
-    those GPUs, and their kernels differ from bf16's in the operand type and the dZ scale only)."""
-    return variant.hot and variant.operand_dtype == "bfloat16" and "fp16" not in variant.pointers.values()
+def target_name(target: int | str) -> str:
+    """sm_90 for a compute capability, the gfx name itself for AMD."""
+    return target if isinstance(target, str) else f"sm_{target}"
 
 
-def jobs(targets: tuple[int, ...] = TARGETS, hot_targets: tuple[int, ...] = HOT_TARGETS):
+def is_hot(variant: KernelVariant, dtypes: tuple[str, ...] = ("bfloat16",)) -> bool:
+    """A path training runs, for a model of one of `dtypes`: bf16 is what HOT_TARGETS compile,
+    bf16 and fp32 (whose dots are AMD's own) what AMD_HOT_TARGETS compile. fp16 heads are rare
+    on those GPUs, and their kernels differ from bf16's in the operand type and the dZ scale only."""
+    return variant.hot and variant.operand_dtype in dtypes and "fp16" not in variant.pointers.values()
+
+
+def jobs(
+    targets: tuple = TARGETS, hot_targets: tuple = HOT_TARGETS, amd_hot_targets: tuple = AMD_HOT_TARGETS
+):
     """(variant, target, config index, limit) for every config the runtime pruning may pick:
-    every variant on `targets`, the hot bf16 ones on `hot_targets`."""
+    every variant on `targets`, the hot bf16 ones on `hot_targets`, the hot bf16 and fp32 ones
+    on `amd_hot_targets`."""
     from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT
 
     for variant in kernel_variants():
-        for target in targets + (hot_targets if is_hot_bf16(variant) else ()):
+        hot = (hot_targets if is_hot(variant) else ()) + (
+            amd_hot_targets if is_hot(variant, ("bfloat16", "float32")) else ()
+        )
+        for target in targets + hot:
             limit = SHARED_MEMORY_LIMIT[target]
-            kept = pruned_configs(variant, limit) or [len(module_configs(variant)) - 1]  # the fallback
+            fallback = len(module_configs(variant, target in AMD_TARGETS)) - 1
+            kept = pruned_configs(variant, limit, target) or [fallback]
             for index in kept:
                 yield variant, target, index, limit
 
 
 def _run(job) -> AotResult:
     variant, target, index, limit = job
-    cfg = module_configs(variant)[index]
+    cfg = module_configs(variant, target in AMD_TARGETS)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
     base = dict(
@@ -452,7 +522,7 @@ def hot_paths_that_spill(results: list[AotResult], dtypes: tuple[str, ...] = HAL
     best: dict[str, int] = {}
     for r in results:
         if r.hot and r.operand_dtype in dtypes:
-            key = f"{r.kernel} [{r.features}] {r.operand_dtype} sm_{r.target}"
+            key = f"{r.kernel} [{r.features}] {r.operand_dtype} {target_name(r.target)}"
             best[key] = min(best.get(key, 1 << 30), r.spill_stores if r.spill_stores >= 0 else 1 << 30)
     return sorted(k for k, spills in best.items() if spills > 0)
 
@@ -497,10 +567,15 @@ def turing_evidence() -> dict:
     return out
 
 
-def module_configs(variant: KernelVariant) -> list:
+def module_configs(variant: KernelVariant, amd: bool = False) -> list:
+    """The launch configs of `variant`'s family; with `amd`, as the autotuner sees them on an AMD
+    GPU (triton_common.amd_configs; the row passes launch their one config as it is)."""
     import importlib
 
-    return getattr(importlib.import_module(variant.module), variant.configs)
+    from gopd_kernels.ops.triton_common import amd_configs
+
+    configs = getattr(importlib.import_module(variant.module), variant.configs)
+    return amd_configs(configs) if amd and variant.tile is not None else configs
 
 
 def check_all(workers: int = 2, targets: tuple[int, ...] | None = None) -> list[AotResult]:
@@ -509,19 +584,16 @@ def check_all(workers: int = 2, targets: tuple[int, ...] | None = None) -> list[
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("gopd_kernels.aot must run without TRITON_INTERPRET=1")
-    todo = list(jobs() if targets is None else jobs(targets, ()))
+    todo = list(jobs() if targets is None else jobs(targets, (), ()))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_run, todo))
 
 
-def _targets(text: str) -> tuple[int, ...]:
-    try:
-        targets = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        targets = ()
-    unknown = [t for t in targets if t not in SASS_MMA_NAME]
-    if not targets or unknown:
-        raise argparse.ArgumentTypeError(f"--targets takes some of {sorted(SASS_MMA_NAME)}, got {text!r}")
+def _targets(text: str) -> tuple[int | str, ...]:
+    targets = tuple(int(t) if t.isdigit() else t for t in text.split(","))
+    if not text or any(t not in SASS_MMA_NAME for t in targets):
+        known = ", ".join(map(str, SASS_MMA_NAME))
+        raise argparse.ArgumentTypeError(f"--targets takes some of {known}, got {text!r}")
     return targets
 
 
@@ -535,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets",
         type=_targets,
-        help=f"comma-separated compute capabilities ({', '.join(map(str, sorted(SASS_MMA_NAME)))}): "
-        "every variant for these instead of the default run",
+        help="comma-separated compute capabilities and AMD gfx names "
+        f"({', '.join(map(str, SASS_MMA_NAME))}): every variant for these instead of the default run",
     )
     args = parser.parse_args(argv)
     if args.turing:
@@ -552,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             mark = "ok  " if r.ok else "FAIL"
             mma = f"{SASS_MMA_NAME[r.target]} x{r.sass_mma}" if r.sass_mma > 0 else "no tensor-core MMA"
             mma = mma if r.needs_mma else "(no dot)"
-            print(f"{mark} sm_{r.target} {r.kernel:24s} {r.operand_dtype:8s} {r.features:32s} "
+            print(f"{mark} {target_name(r.target):6s} {r.kernel:24s} {r.operand_dtype:8s} {r.features:32s} "
                   f"{'hot' if r.hot else '   '} {r.shared / 1024:6.1f}/{r.shared_limit / 1024:.0f} KiB "
                   f"reg {r.registers:3d} spill {r.spill_stores:4d}/{r.spill_loads:<4d} {mma:10s} "
                   f"{r.config} {r.error}")  # fmt: skip

@@ -2,7 +2,8 @@
 
     gopd env                                  # or: python -m gopd_kernels.environment
 
-For each CUDA device: its compute capability and memory, the backend ``"auto"`` picks there
+For each CUDA device (AMD's too, under ROCm's torch): its compute capability or gfx name and
+its memory, the backend ``"auto"`` picks there
 (and why not Triton, where it does not), the shared memory a block may use against the launch
 configs the autotuner's pruning keeps for bf16 (triton_common.make_pruner), whether
 gopd_kernels.aot compiles for its target in the test suite, and how the torch backend's bf16
@@ -78,51 +79,59 @@ def setting_lines() -> list[str]:
     return lines + ([f"  unset: {', '.join(unset)}"] if unset else [])
 
 
-def aot_coverage(capability: tuple[int, int]) -> str:
-    """What gopd_kernels.aot's test run compiles for this compute capability."""
+def device_target(device: torch.device) -> int | str:
+    """gopd_kernels.aot's name for a device's target: its gfx name on AMD, else 10 major + minor."""
+    capability = backend.cuda_capability(device)
+    return backend.amd_arch(device) or capability[0] * 10 + capability[1]
+
+
+def aot_coverage(target: int | str) -> str:
+    """What gopd_kernels.aot's test run compiles for this target."""
     from gopd_kernels import aot
 
-    target = capability[0] * 10 + capability[1]
+    name = aot.target_name(target)
     if target in aot.TARGETS:
-        return f"sm_{target}: every kernel compiled ahead of time by the test suite"
+        return f"{name}: every kernel compiled ahead of time by the test suite"
     if target in aot.HOT_TARGETS:
-        return f"sm_{target}: the bf16 training paths compiled ahead of time by the test suite"
+        return f"{name}: the bf16 training paths compiled ahead of time by the test suite"
+    if target in aot.AMD_HOT_TARGETS:
+        return f"{name}: the training paths (bf16, fp32) compiled ahead of time by the test suite"
     if target in aot.SASS_MMA_NAME:
-        return f"sm_{target}: not in the test suite (python -m gopd_kernels.aot --targets {target} checks it)"
-    return f"sm_{target}: never compiled ahead of time by gopd_kernels.aot"
+        return f"{name}: not in the test suite (python -m gopd_kernels.aot --targets {target} checks it)"
+    return f"{name}: never compiled ahead of time by gopd_kernels.aot"
 
 
-def pruned_config_counts(shared_limit: int) -> str:
+def pruned_config_counts(shared_limit: int, target: int | str | None = None) -> str:
     """How many of each kernel family's launch configs the pruning keeps for a bf16 model on a
-    GPU whose blocks may use `shared_limit` bytes."""
+    GPU (of `target`, where it matters: AMD's) whose blocks may use `shared_limit` bytes."""
     from gopd_kernels import aot
 
-    counts, variants = [], aot.kernel_variants()
+    counts, variants, amd = [], aot.kernel_variants(), target in aot.AMD_TARGETS
     for family, kernel in CONFIG_FAMILIES.items():
-        variant = next(v for v in variants if v.kernel == kernel and aot.is_hot_bf16(v))
-        counts.append(
-            f"{family} {len(aot.pruned_configs(variant, shared_limit))}/{len(aot.module_configs(variant))}"
-        )
+        variant = next(v for v in variants if v.kernel == kernel and aot.is_hot(v))
+        kept = aot.pruned_configs(variant, shared_limit, target)
+        counts.append(f"{family} {len(kept)}/{len(aot.module_configs(variant, amd))}")
     return ", ".join(counts)
 
 
 def cuda_device_lines(index: int) -> list[str]:
     device = torch.device("cuda", index)
     props = torch.cuda.get_device_properties(index)
-    capability = backend.cuda_capability(device)
+    capability, target = backend.cuda_capability(device), device_target(device)
+    kind = target if isinstance(target, str) else f"compute capability {capability[0]}.{capability[1]}"
     lines = [
-        f"cuda:{index}: {torch.cuda.get_device_name(index)}, compute capability "
-        f"{capability[0]}.{capability[1]}, {props.total_memory / 2**30:.1f} GiB"
+        f"cuda:{index}: {torch.cuda.get_device_name(index)}, {kind}, {props.total_memory / 2**30:.1f} GiB"
     ]
     chosen = backend.resolve_backend("auto", device)
     if chosen == "triton":
-        shared = getattr(props, "shared_memory_per_block_optin", None)
-        lines.append(f"  backend auto: triton; {aot_coverage(capability)}")
-        if shared is not None:
-            lines.append(
-                f"  shared memory per block {shared // 1024} KiB; launch configs kept for bf16: "
-                f"{pruned_config_counts(shared)}"
-            )
+        from gopd_kernels.ops.triton_common import device_shared_limit
+
+        shared = device_shared_limit(index)  # what the autotuner's pruning reads
+        lines.append(f"  backend auto: triton; {aot_coverage(target)}")
+        lines.append(
+            f"  shared memory per block {shared // 1024} KiB; launch configs kept for bf16: "
+            f"{pruned_config_counts(shared, target)}"
+        )
     else:
         why = backend._triton_unsupported(device) if backend.triton_importable() else "triton not importable"
         lines.append(f"  backend auto: torch ({why})")
@@ -139,7 +148,9 @@ def report() -> str:
     lines = [
         f"python {platform.python_version()} ({sys.executable}), {platform.platform()}",
         ", ".join(f"{name} {version or '(not installed)'}" for name, version in versions.items()),
-        f"torch CUDA build: {torch.version.cuda or 'none'}; CPU threads: {torch.get_num_threads()} of "
+        f"torch CUDA build: {torch.version.cuda or 'none'}"
+        + (f", ROCm (HIP) build: {torch.version.hip}" if torch.version.hip else "")
+        + f"; CPU threads: {torch.get_num_threads()} of "
         f"{os.cpu_count()}; float32 matmul precision: {precision}"
         + (
             ""

@@ -1,7 +1,8 @@
-"""Every Triton kernel compiles for sm_80 and sm_90, and every path training runs in bf16
-for sm_89, sm_100 and sm_120 too, uses tensor-core MMA (the row passes of the folded loss,
-which have no dot, excepted) and fits shared memory, and every path training runs keeps a
-launch config that does not spill registers.
+"""Every Triton kernel compiles for sm_80 and sm_90, every path training runs in bf16 for
+sm_100 and sm_120 too, and in bf16 and fp32 for AMD's gfx942 (MI300X), uses
+tensor-core MMA (or AMD's MFMA; the row passes of the folded loss, which have no dot,
+excepted) and fits shared memory, and every path training runs keeps a launch config that
+does not spill registers.
 
 Runs `python -m gopd_kernels.aot` in a child process without TRITON_INTERPRET (which
 would replace the kernels by interpreted functions), at every launch config the runtime
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -24,8 +26,11 @@ from gopd_kernels import aot
 
 slow_aot = [pytest.mark.aot, pytest.mark.slow]
 # each target's tensor-core instruction in PTX: Ampere's and the 99 KiB parts' mma.sync,
-# Hopper's wgmma, datacenter Blackwell's tcgen05
-PTX_MMA = {80: "mma.sync", 89: "mma.sync", 120: "mma.sync", 90: "wgmma", 100: "tcgen05.mma"}
+# Hopper's wgmma, datacenter Blackwell's tcgen05; AMD's MFMA in its ISA listing
+PTX_MMA = {
+    80: "mma.sync", 89: "mma.sync", 120: "mma.sync", 90: "wgmma", 100: "tcgen05.mma",
+    "gfx90a": "v_mfma_", "gfx942": "v_mfma_", "gfx950": "v_mfma_",
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("value", [1, 2, 16, 17, 4096, 151936, 16383, 2**31 - 16, 2**33])
@@ -169,7 +174,26 @@ def test_each_kernel_dtype_and_target_has_configs(aot_report):
                 assert per[(kernel, dtype, target)] >= 1, (kernel, dtype, target)
         for target in aot.HOT_TARGETS:  # the hot paths, in bf16
             assert per[(kernel, "bfloat16", target)] >= 1, (kernel, target)
-    assert {r["target"] for r in aot_report["results"] if r["operand_dtype"] == "float32"} == set(aot.TARGETS)
+        for target in aot.AMD_HOT_TARGETS:  # the hot paths, in bf16 and in fp32 (AMD's own fp32 dots)
+            for dtype in ("bfloat16", "float32"):
+                assert per[(kernel, dtype, target)] >= 1, (kernel, dtype, target)
+    fp32_targets = {r["target"] for r in aot_report["results"] if r["operand_dtype"] == "float32"}
+    assert fp32_targets == set(aot.TARGETS + aot.AMD_HOT_TARGETS)
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+def test_fp32_dots_on_amd_multiply_fp32(aot_report):
+    """Triton's HIP backend has no 3xTF32 (NVIDIA's fp32 path): on AMD an fp32 head's dots take
+    fp32 MFMA, which multiply fp32 operands as they are (not xf32, not split into bf16)."""
+    amd_fp32 = [
+        r
+        for r in aot_report["results"]
+        if r["target"] in aot.AMD_TARGETS and r["operand_dtype"] == "float32" and r["needs_mma"]
+    ]
+    assert amd_fp32
+    for r in amd_fp32:
+        assert r["mma"] and all(re.fullmatch(r"v_mfma_f32_\d+x\d+x\d+_?f32", m) for m in r["mma"]), r
 
 
 def test_targets_name_what_can_be_compiled():
@@ -178,7 +202,8 @@ def test_targets_name_what_can_be_compiled():
     assert set(aot.TARGETS + aot.HOT_TARGETS) <= set(aot.SASS_MMA_NAME) == set(SHARED_MEMORY_LIMIT)
     assert set(aot.SASS_MMA_NAME) <= set(aot.MMA_PATTERN) and set(PTX_MMA) <= set(aot.SASS_MMA_NAME)
     assert aot._targets("86,100") == (86, 100)
-    for bad in ("87", "sm_90", ""):
+    assert aot._targets("gfx942,90") == ("gfx942", 90)
+    for bad in ("87", "sm_90", "", "gfx1100"):
         with pytest.raises(argparse.ArgumentTypeError, match="--targets takes some of"):
             aot._targets(bad)
 
@@ -188,9 +213,9 @@ def test_pruning_keeps_configs_for_every_variant_and_target():
     never the fallback of the last config (which the AOT run then compiles against the limit)."""
     from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT as LIMIT
 
-    for target in (*aot.TARGETS, *aot.HOT_TARGETS):
+    for target in (*aot.TARGETS, *aot.HOT_TARGETS, *aot.AMD_TARGETS):
         for v in aot.kernel_variants():
-            assert aot.pruned_configs(v, LIMIT[target]), (v.kernel, v.operand_dtype, target)
+            assert aot.pruned_configs(v, LIMIT[target], target), (v.kernel, v.operand_dtype, target)
     for v in aot.kernel_variants():  # and 99 KiB keeps fewer of the widest kernels' configs
         if v.kernel in ("vocab_partials_kernel", "matmul_kernel") and v.operand_dtype == "bfloat16":
             for target in (89, 120):

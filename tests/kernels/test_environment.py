@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -43,19 +44,35 @@ def test_a_bad_setting_is_shown_with_the_error_the_ops_would_raise(monkeypatch):
     assert "  GOPD_BACKWARD_GEMM=torch" in lines
 
 
-def _fake_gpu(monkeypatch, name: str, capability: tuple[int, int], shared: int) -> None:
-    props = types.SimpleNamespace(total_memory=24 * 2**30, shared_memory_per_block_optin=shared)
+def _fake_gpu(
+    monkeypatch, name: str, capability: tuple[int, int], shared: int, arch: str | None = None
+) -> None:
+    """A device as torch would describe it; `arch`: an AMD GPU's gfx name, under ROCm's torch."""
+    props = types.SimpleNamespace(total_memory=24 * 2**30, gcnArchName=f"{arch}:sramecc+:xnack-")
+    if arch is None:  # ROCm's torch has no opt-in figure; triton_common knows each gfx name's LDS
+        props.shared_memory_per_block_optin = shared
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482" if arch else None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
     monkeypatch.setattr(backend, "cuda_capability", lambda device: capability)
     monkeypatch.setattr(matmul_torch, "half_gemm_mode", lambda device, dtype: "addmm")
+    if backend.triton_importable():  # the pruning's device figures are cached per device index
+        from gopd_kernels.ops import triton_common
+
+        for cached in (triton_common.device_shared_limit, triton_common.device_stages_in_registers):
+            monkeypatch.setattr(triton_common, cached.__name__, functools.cache(cached.__wrapped__))
 
 
 @pytest.mark.parametrize(
     ("name", "capability", "shared", "coverage"),
     [
         ("NVIDIA H100", (9, 0), 232448, "sm_90: every kernel compiled ahead of time"),
-        ("NVIDIA L4", (8, 9), 101376, "sm_89: the bf16 training paths compiled ahead of time"),
+        (
+            "NVIDIA L4",
+            (8, 9),
+            101376,
+            "sm_89: not in the test suite (python -m gopd_kernels.aot --targets 89",
+        ),
         ("NVIDIA B200", (10, 0), 232448, "sm_100: the bf16 training paths"),
         (
             "NVIDIA A10G",
@@ -78,7 +95,7 @@ def test_a_gpu_gets_its_backend_coverage_and_configs(monkeypatch, name, capabili
     from gopd_kernels.ops.triton_common import estimated_shared_bytes
 
     for family, kernel in environment.CONFIG_FAMILIES.items():  # bf16 tiles within the limit, 10 % spare
-        variant = next(v for v in aot.kernel_variants() if v.kernel == kernel and aot.is_hot_bf16(v))
+        variant = next(v for v in aot.kernel_variants() if v.kernel == kernel and aot.is_hot(v))
         configs = aot.module_configs(variant)
         fit = sum(estimated_shared_bytes(c, *variant.tile, 2) * 1.1 <= shared for c in configs)
         assert f"{family} {fit}/{len(configs)}" in lines[2]
@@ -87,6 +104,47 @@ def test_a_gpu_gets_its_backend_coverage_and_configs(monkeypatch, name, capabili
     assert lines[3:] == [
         f"  torch backend {d} GEMMs: {environment.GEMM_MODES['addmm']}" for d in ("bfloat16", "float16")
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "arch", "coverage", "kept"),
+    [
+        (
+            "AMD Instinct MI300X",
+            "gfx942",
+            "gfx942: the training paths (bf16, fp32) compiled",
+            "GEMMs 5/5",
+        ),
+        (
+            "AMD Instinct MI355X",
+            "gfx950",
+            "gfx950: not in the test suite (python -m gopd_kernels.aot",
+            "GEMMs 5/5",
+        ),
+    ],
+)
+def test_an_amd_gpu_gets_its_gfx_name_lds_and_two_stage_configs(monkeypatch, name, arch, coverage, kept):
+    """Under ROCm's torch: the gfx name instead of a compute capability, its LDS from
+    triton_common (64 KiB on MI300X, 160 KiB on MI355X), the two-stage AMD configs counted."""
+    pytest.importorskip("triton")
+    from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT
+
+    _fake_gpu(monkeypatch, name, (9, 4), 0, arch=arch)
+    lines = environment.cuda_device_lines(0)
+    assert lines[0] == f"cuda:0: {name}, {arch}, 24.0 GiB"
+    assert lines[1].startswith(f"  backend auto: triton; {coverage}")
+    assert lines[2].startswith(f"  shared memory per block {SHARED_MEMORY_LIMIT[arch] // 1024} KiB; ")
+    assert kept in lines[2]  # every bf16 GEMM tile fits in two stages, where NVIDIA's stages kept 3 of 6
+    assert "ROCm (HIP) build: 6.4.43482" in environment.report()
+
+
+def test_an_amd_gpu_triton_is_not_compiled_for_runs_the_torch_backend(monkeypatch):
+    _fake_gpu(monkeypatch, "AMD Radeon RX 7900 XTX", (11, 0), 0, arch="gfx1100")
+    lines = environment.cuda_device_lines(0)
+    assert lines[0] == "cuda:0: AMD Radeon RX 7900 XTX, gfx1100, 24.0 GiB"
+    assert lines[1].startswith(
+        "  backend auto: torch (AMD Radeon RX 7900 XTX (gfx1100) is not among the AMD GPUs"
+    )
 
 
 def test_an_older_gpu_runs_the_torch_backend_and_says_why(monkeypatch):
