@@ -402,10 +402,10 @@ def parse_sass_usage(res_usage: str, sass: str, target: int) -> dict:
 
 
 def amd_usage(isa: str) -> dict:
-    """sass_usage's figures for an AMD target, from the ISA listing's code-object metadata:
-    registers per lane (vector and accumulation registers), scratch bytes per lane, spilled
-    vector registers (to scratch memory; spilled scalar registers go to vector-register lanes,
-    cheap, and are not counted) and the MFMA instructions."""
+    """sass_usage's figures for an AMD target, from the ISA listing and its code-object metadata:
+    registers per lane (vector and accumulation registers), scratch bytes per lane, the vector
+    registers spilled to scratch memory (scalar ones go to vector-register lanes, cheap, and
+    are not counted), and the MFMA instructions."""
     fields = {}
     for name in ("TotalNumVgprs", "ScratchSize"):
         found = re.search(rf"^; {name}: (\d+)", isa, re.M)
@@ -419,7 +419,7 @@ def amd_usage(isa: str) -> dict:
         "registers": fields["TotalNumVgprs"],
         "stack": fields["ScratchSize"],
         "spill_stores": int(spilled.group(1)),
-        "spill_loads": int(spilled.group(1)),
+        "spill_loads": -1,
         "sass_mma": len(re.findall(MFMA, isa)),
     }
 
@@ -439,10 +439,10 @@ class AotResult:
     ok: bool
     error: str = ""
     registers: int = -1
-    stack: int = -1  # bytes of local memory per thread
-    spill_stores: int = -1  # STL instructions in SASS
-    spill_loads: int = -1  # LDL instructions in SASS
-    sass_mma: int = -1  # HMMA (sm_80) / HGMMA (sm_90) instructions in SASS
+    stack: int = -1  # bytes of local memory (AMD: scratch) per thread
+    spill_stores: int = -1  # STL instructions in SASS; on AMD, spilled vector registers
+    spill_loads: int = -1  # LDL instructions in SASS; -1 on AMD (its metadata counts registers only)
+    sass_mma: int = -1  # HMMA (sm_80) / HGMMA (sm_90) / ... instructions in SASS, MFMA in AMD's ISA
     needs_mma: bool = True  # False for the row passes, which have no dot
 
 
@@ -578,7 +578,7 @@ def module_configs(variant: KernelVariant, amd: bool = False) -> list:
     return amd_configs(configs) if amd and variant.tile is not None else configs
 
 
-def check_all(workers: int = 2, targets: tuple[int, ...] | None = None) -> list[AotResult]:
+def check_all(workers: int = 2, targets: tuple | None = None) -> list[AotResult]:
     """Compile jobs() in `workers` processes: the default targets, or every variant on `targets`."""
     import os
 

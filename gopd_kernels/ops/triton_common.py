@@ -35,7 +35,7 @@ SHARED_MEMORY_LIMIT = {
 # cores multiply fp32 natively (v_mfma_*_f32), and Triton's HIP backend has no tf32x3.
 FP32_DOT_PRECISION = {"cuda": "tf32x3", "hip": "ieee"}
 DOT_PRECISION = {
-    torch.float32: FP32_DOT_PRECISION["hip" if torch.version.hip else "cuda"],
+    torch.float32: FP32_DOT_PRECISION["hip" if ON_HIP else "cuda"],
     torch.bfloat16: "ieee",
     torch.float16: "ieee",
 }
@@ -64,8 +64,8 @@ AMD_STAGES = 2
 
 def amd_configs(configs: list) -> list:
     """A family's configs as they run on AMD GPUs: the same tiles and warps in AMD_STAGES
-    pipeline stages, as AMD's own tuned Triton GEMM configs take. The NVIDIA lists' 3 and 4
-    stages would keep only the narrowest tiles within MI300X's 64 KiB of LDS."""
+    pipeline stages, as the HIP configs of Triton's own matmul tutorial take. The NVIDIA lists'
+    3 and 4 stages would keep only the narrowest tiles within MI300X's 64 KiB of LDS."""
     out = {}
     for c in configs:
         out.setdefault(
@@ -95,7 +95,7 @@ def fitting_configs(configs, a_rows, b_rows, k, elem_bytes, limit, stages_in_reg
 def device_shared_limit(device_index: int) -> int:
     device = torch.device("cuda", device_index)
     arch = amd_arch(device)
-    if arch is not None:  # ROCm's torch has no opt-in figure; the LDS of the gfx names Triton runs on
+    if arch is not None:  # not the opt-in figure, which ROCm's torch need not report: the gfx name's LDS
         return SHARED_MEMORY_LIMIT[arch]
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT[80])

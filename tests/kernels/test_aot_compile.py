@@ -101,6 +101,26 @@ def test_parse_sass_usage_counts_spills_and_tensor_core_instructions():
         aot.parse_sass_usage("no usage here", SASS, 90)
 
 
+AMD_ISA = """
+	v_mfma_f32_32x32x8_bf16 v[0:15], v[18:19], v[30:31], 0
+	scratch_store_dwordx2 off, v[2:3], s0 offset:16
+	v_mfma_f32_32x32x8_bf16 v[0:15], v[24:25], v[32:33], v[0:15]
+; TotalNumVgprs: 256
+; ScratchSize: 224
+    .sgpr_spill_count: 39
+    .vgpr_spill_count: 55
+"""
+
+
+def test_amd_usage_reads_registers_spills_and_mfma_off_the_isa_listing():
+    got = aot.amd_usage(AMD_ISA)
+    assert got == {"registers": 256, "stack": 224, "spill_stores": 55, "spill_loads": -1, "sass_mma": 2}
+    with pytest.raises(ValueError, match="vgpr_spill_count"):
+        aot.amd_usage(AMD_ISA.replace(".vgpr_spill_count", ".other"))
+    with pytest.raises(ValueError, match="TotalNumVgprs"):
+        aot.amd_usage("v_mfma_f32_32x32x8_bf16")
+
+
 def test_hot_paths_that_spill_needs_one_spill_free_config_per_path():
     def result(spills, dtype="bfloat16", hot=True, features="-"):
         return aot.AotResult("k", dtype, features, hot, "", 90, "", 0, 1, [], True, spill_stores=spills)
