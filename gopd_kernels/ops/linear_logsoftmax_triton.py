@@ -55,8 +55,8 @@ from gopd_kernels.ops.vocab_partials import merge_vocab_partials
 # the fp32 tile and its exponentials at once, so a tile over 64 fp32 values per thread
 # (128 x 128 on 4 warps) spills registers; `python -m gopd_kernels.aot` reports spills
 # per config, and every hot path keeps at least one spill-free config on sm_80 and sm_90 (the
-# 3xTF32 fp32 ones need the narrow 64-deep-or-less tiles at the end), and in bf16 on sm_89,
-# sm_100 and sm_120.
+# 3xTF32 fp32 ones need the narrow 64-deep-or-less tiles at the end), in bf16 on sm_89,
+# sm_100 and sm_120, and in two stages on AMD's gfx90a, gfx942 and gfx950 in every dtype.
 TILE_CONFIGS = [
     config(8, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),  # the backward's widest; forward spills
     config(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),

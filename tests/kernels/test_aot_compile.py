@@ -219,7 +219,9 @@ def test_fp32_dots_on_amd_multiply_fp32(aot_report):
 def test_targets_name_what_can_be_compiled():
     from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT
 
-    assert set(aot.TARGETS + aot.HOT_TARGETS) <= set(aot.SASS_MMA_NAME) == set(SHARED_MEMORY_LIMIT)
+    default = aot.TARGETS + aot.HOT_TARGETS + aot.AMD_HOT_TARGETS
+    assert set(default) <= set(aot.SASS_MMA_NAME) == set(SHARED_MEMORY_LIMIT)
+    assert set(aot.AMD_HOT_TARGETS) <= set(aot.AMD_TARGETS) <= set(aot.SASS_MMA_NAME)
     assert set(aot.SASS_MMA_NAME) <= set(aot.MMA_PATTERN) and set(PTX_MMA) <= set(aot.SASS_MMA_NAME)
     assert aot._targets("86,100") == (86, 100)
     assert aot._targets("gfx942,90") == ("gfx942", 90)
