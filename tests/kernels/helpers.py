@@ -120,3 +120,14 @@ def run_gloo_ranks(out_dir, world: int, fn, *args) -> list:
 
     mp.spawn(_gloo_rank, args=(world, str(out_dir), fn, args), nprocs=world, join=True)
     return [torch.load(f"{out_dir}/rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def fresh_device_caches(monkeypatch) -> None:
+    """triton_common's per-device figures (shared memory, stages kept in registers) are cached per
+    device index: give a test with a fake device empty caches of its own, restored after it."""
+    import functools
+
+    from gopd_kernels.ops import triton_common
+
+    for cached in (triton_common.device_shared_limit, triton_common.device_stages_in_registers):
+        monkeypatch.setattr(triton_common, cached.__name__, functools.cache(cached.__wrapped__))

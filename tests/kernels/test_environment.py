@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import types
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from gopd_kernels import aot, backend, environment
 from gopd_kernels.ops import matmul_torch
+from tests.kernels.helpers import fresh_device_caches
 
 
 def test_the_report_names_versions_devices_and_settings(monkeypatch):
@@ -49,18 +49,15 @@ def _fake_gpu(
 ) -> None:
     """A device as torch would describe it; `arch`: an AMD GPU's gfx name, under ROCm's torch."""
     props = types.SimpleNamespace(total_memory=24 * 2**30, gcnArchName=f"{arch}:sramecc+:xnack-")
-    if arch is None:  # ROCm's torch has no opt-in figure; triton_common knows each gfx name's LDS
+    if arch is None:  # ROCm's torch need not report NVIDIA's opt-in figure; triton_common knows the LDS
         props.shared_memory_per_block_optin = shared
     monkeypatch.setattr(torch.version, "hip", "6.4.43482" if arch else None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
     monkeypatch.setattr(backend, "cuda_capability", lambda device: capability)
     monkeypatch.setattr(matmul_torch, "half_gemm_mode", lambda device, dtype: "addmm")
-    if backend.triton_importable():  # the pruning's device figures are cached per device index
-        from gopd_kernels.ops import triton_common
-
-        for cached in (triton_common.device_shared_limit, triton_common.device_stages_in_registers):
-            monkeypatch.setattr(triton_common, cached.__name__, functools.cache(cached.__wrapped__))
+    if backend.triton_importable():
+        fresh_device_caches(monkeypatch)
 
 
 @pytest.mark.parametrize(

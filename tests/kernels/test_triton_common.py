@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ pytest.importorskip("triton")
 
 from gopd_kernels.ops.linear_logsoftmax_triton import vocab_slices  # noqa: E402
 from gopd_kernels.ops.triton_common import token_bucket  # noqa: E402
-from tests.kernels.helpers import autotuned_kernels  # noqa: E402
+from tests.kernels.helpers import autotuned_kernels, fresh_device_caches  # noqa: E402
 
 # Arguments that carry a token count (rows of H, or of dZ: M, and K in dW += dZ^T H).
 TOKEN_COUNTS = {"M", "K"}
@@ -111,8 +109,9 @@ def test_amd_configs_keep_every_tile_in_two_stages():
 
 def test_the_estimate_counts_the_stages_a_target_keeps_in_shared_memory():
     """Against what gopd_kernels.aot measured (Triton 3.9): the 128 x 256 x 64 bf16 backward GEMM
-    in 3 stages compiled to 98304 bytes of LDS on gfx942 and gfx90a (two tiles: the third waits
-    in registers), to 154288 on gfx950 and 147456 plus its epilogue on NVIDIA (three tiles)."""
+    (dH's, accumulating) in 3 stages compiled to 98304 bytes of LDS on gfx942 and gfx90a (two
+    tiles: the third waits in registers) and to 154288 on gfx950 (three tiles and an epilogue,
+    within the estimate's 10 % headroom, as NVIDIA's)."""
     from gopd_kernels.ops import triton_common
 
     cfg = triton_common.config(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64)
@@ -136,9 +135,7 @@ def test_pruner_on_an_amd_gpu_keeps_the_wide_tiles_that_fit_its_lds(monkeypatch,
     props = types.SimpleNamespace(gcnArchName=f"{arch}:sramecc+:xnack-")
     monkeypatch.setattr(torch.version, "hip", "6.4.43482")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    for cached in (triton_common.device_shared_limit, triton_common.device_stages_in_registers):
-        cached.cache_clear()
-        monkeypatch.setattr(triton_common, cached.__name__, functools.cache(cached.__wrapped__))
+    fresh_device_caches(monkeypatch)
     prune = triton_common.make_pruner("BLOCK_M", "BLOCK_N", "BLOCK_K", "a_ptr")
     amd = triton_common.amd_configs(matmul_triton.CONFIGS)
     assert triton_common.device_shared_limit(0) == triton_common.SHARED_MEMORY_LIMIT[arch]
