@@ -67,7 +67,7 @@ SASS_MMA_NAME = {
     100: "UTCHMMA",
     **dict.fromkeys(AMD_TARGETS, "MFMA"),
 }
-SASS_MMA = {t: MFMA if t in AMD_TARGETS else rf"\b{name}\b" for t, name in SASS_MMA_NAME.items()}
+SASS_MMA = {t: rf"\b{name}\b" for t, name in SASS_MMA_NAME.items() if t not in AMD_TARGETS}  # amd_usage: MFMA
 TRITON_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 HALF = ("bfloat16", "float16")
 
@@ -318,7 +318,7 @@ def compile_variant(variant: KernelVariant, target: int | str, config_index: int
 
     kernel = getattr(importlib.import_module(variant.module), variant.kernel)
     amd = target in AMD_TARGETS
-    cfg = module_configs(variant, amd)[config_index]
+    cfg = module_configs(variant, target)[config_index]
     constexprs = {**variant.constexprs, **cfg.kwargs}
     if amd and constexprs.get("DOT_PRECISION") == FP32_DOT_PRECISION["cuda"]:
         constexprs["DOT_PRECISION"] = FP32_DOT_PRECISION["hip"]  # what the runtime launches on ROCm
@@ -349,7 +349,7 @@ def compile_variant(variant: KernelVariant, target: int | str, config_index: int
         isa = compiled.asm["amdgcn"]
         return {
             "shared": compiled.metadata.shared,
-            "mma": sorted(set(re.findall(MFMA, isa))),
+            "mma": sorted(set(re.findall(MMA_PATTERN[target], isa))),
             **amd_usage(isa),
         }
     mma = sorted(set(re.findall(MMA_PATTERN[target], compiled.asm["ptx"])))
@@ -448,13 +448,13 @@ class AotResult:
 
 def pruned_configs(variant: KernelVariant, shared_limit: int, target: int | str | None = None) -> list:
     """The configs the runtime pruning (triton_common.make_pruner) keeps for `variant` on a GPU
-    whose blocks may use `shared_limit` bytes, as indices into module_configs(variant, amd) (amd:
-    `target` is AMD's); empty where it would fall back."""
+    (of `target`, where it matters: AMD's) whose blocks may use `shared_limit` bytes, as indices
+    into module_configs(variant, target); empty where it would fall back."""
     import torch
 
     from gopd_kernels.ops.triton_common import STAGES_IN_REGISTERS, fitting_configs
 
-    configs = module_configs(variant, target in AMD_TARGETS)
+    configs = module_configs(variant, target)
     if variant.tile is None:
         return list(range(len(configs)))
     elem = getattr(torch, variant.operand_dtype).itemsize
@@ -488,7 +488,7 @@ def jobs(
         )
         for target in targets + hot:
             limit = SHARED_MEMORY_LIMIT[target]
-            fallback = len(module_configs(variant, target in AMD_TARGETS)) - 1
+            fallback = len(module_configs(variant, target)) - 1
             kept = pruned_configs(variant, limit, target) or [fallback]
             for index in kept:
                 yield variant, target, index, limit
@@ -496,7 +496,7 @@ def jobs(
 
 def _run(job) -> AotResult:
     variant, target, index, limit = job
-    cfg = module_configs(variant, target in AMD_TARGETS)[index]
+    cfg = module_configs(variant, target)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
     base = dict(
@@ -567,15 +567,15 @@ def turing_evidence() -> dict:
     return out
 
 
-def module_configs(variant: KernelVariant, amd: bool = False) -> list:
-    """The launch configs of `variant`'s family; with `amd`, as the autotuner sees them on an AMD
-    GPU (triton_common.amd_configs; the row passes launch their one config as it is)."""
+def module_configs(variant: KernelVariant, target: int | str | None = None) -> list:
+    """The launch configs of `variant`'s family as the autotuner sees them on `target`: on AMD
+    ones triton_common.amd_configs (the row passes launch their one config as it is)."""
     import importlib
 
     from gopd_kernels.ops.triton_common import amd_configs
 
     configs = getattr(importlib.import_module(variant.module), variant.configs)
-    return amd_configs(configs) if amd and variant.tile is not None else configs
+    return amd_configs(configs) if target in AMD_TARGETS and variant.tile is not None else configs
 
 
 def check_all(workers: int = 2, targets: tuple | None = None) -> list[AotResult]:

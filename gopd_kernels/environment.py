@@ -106,11 +106,11 @@ def pruned_config_counts(shared_limit: int, target: int | str | None = None) -> 
     GPU (of `target`, where it matters: AMD's) whose blocks may use `shared_limit` bytes."""
     from gopd_kernels import aot
 
-    counts, variants, amd = [], aot.kernel_variants(), target in aot.AMD_TARGETS
+    counts, variants = [], aot.kernel_variants()
     for family, kernel in CONFIG_FAMILIES.items():
         variant = next(v for v in variants if v.kernel == kernel and aot.is_hot(v))
         kept = aot.pruned_configs(variant, shared_limit, target)
-        counts.append(f"{family} {len(kept)}/{len(aot.module_configs(variant, amd))}")
+        counts.append(f"{family} {len(kept)}/{len(aot.module_configs(variant, target))}")
     return ", ".join(counts)
 
 

@@ -179,7 +179,7 @@ def say_tf32(device: torch.device, precision: str) -> None:
             "torch.get_float32_matmul_precision() is %r: gopd's fp32 GEMMs on torch (an fp32 head's "
             "logit tiles and gradients on %s) run as TF32, as that setting asks, ~1e-3 relative error in "
             "the logits; 'highest' gives fp32 GEMMs, and the Triton backend's own GEMMs (its default for "
-            "fp32 heads) keep ~fp32 accuracy with 3xTF32 whatever the setting",
+            "fp32 heads) keep ~fp32 accuracy whatever the setting (3xTF32; fp32 MFMA on AMD GPUs)",
             precision,
             device,
         )
