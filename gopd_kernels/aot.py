@@ -6,7 +6,9 @@ For each kernel, input dtype, target and launch config that the runtime pruning 
 this reports the shared memory the compiled kernel uses, the tensor-core instructions in
 its PTX (``mma.sync`` on sm_80/86/89/120, ``wgmma`` on sm_90, ``tcgen05.mma`` on sm_100) and,
 read off the machine code (SASS) with cuobjdump, its registers per thread, register spills
-and tensor-core instructions (HMMA / HGMMA / UTCHMMA). For AMD targets the ISA listing is
+and tensor-core instructions (HMMA / HGMMA / UTCHMMA: counted in the first config of each
+kernel variant and target, and in every config that spills; ``--sass-listing all`` counts
+them in every config, for ~0.25 s each). For AMD targets the ISA listing is
 the machine code: its MFMA instructions, vector registers, spilled ones and scratch bytes.
 The interpreter accepts code that the GPU compiler rejects (small or non-power-of-two dots,
 mixed dtypes), so this is the proof that the kernels build for real GPUs.
@@ -30,6 +32,7 @@ does not, and the report would describe a kernel that never runs.
     python -m gopd_kernels.aot                      # a table; exit status 1 if anything fails
     python -m gopd_kernels.aot --targets 86,100     # every variant for these targets instead
     python -m gopd_kernels.aot --targets gfx90a,gfx942,gfx950
+    python -m gopd_kernels.aot --sass-listing all   # every config's SASS read, not the first's
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions).
 """
@@ -127,6 +130,7 @@ class KernelVariant:
     hot: bool = False
     # A GEMM kernel must compile to tensor-core instructions; the row passes have no dot.
     needs_mma: bool = True
+    layout: str = ""  # which of a GEMM's launches (shapes and strides) `ints` describe
 
     @property
     def features(self) -> str:
@@ -137,11 +141,13 @@ class KernelVariant:
             "HAS_BIAS_S",
             "HAS_REF",
             "TEACHER_KL",
+            "SOFTCAP",
             "ACCUMULATE",
             "SCALED",
             "PAIR",
         )
-        return ",".join(f for f in flags if self.constexprs.get(f)) or "-"
+        on = [f for f in flags if self.constexprs.get(f)]
+        return ",".join(on + ([self.layout] if self.layout else [])) or "-"
 
 
 LLS = "gopd_kernels.ops.linear_logsoftmax_triton"
@@ -268,7 +274,7 @@ def kernel_variants() -> list[KernelVariant]:
                 {"a_ptr": a, "b_ptr": model, "c_ptr": c, "lo_ptr": c, "alpha_ptr": "fp32"},
                 dict(ACCUMULATE=layout == "dH", SCALED=a == "fp16", PAIR=False, DOT_PRECISION=_precision(dt),
                      GROUP_M=8),
-                ints=tuple(layouts[layout].items()), hot=True,
+                ints=tuple(layouts[layout].items()), hot=True, layout=layout,
             ))  # fmt: skip
     # The folds' dW over a chunk of FOLD_ROWS rows, bf16: dz^T with dz written over the chunk's
     # fp32 logits (a row stride of 2V bf16 elements, fold_rows_triton); one chunk rounds its fp32
@@ -280,7 +286,7 @@ def kernel_variants() -> list[KernelVariant]:
             mm, "matmul_kernel", "CONFIGS", ("BLOCK_M", "BLOCK_N", "BLOCK_K"), "bfloat16",
             {"a_ptr": "bf16", "b_ptr": "bf16", "c_ptr": "bf16", "lo_ptr": "bf16", "alpha_ptr": "fp32"},
             dict(ACCUMULATE=pair, SCALED=False, PAIR=pair, DOT_PRECISION="ieee", GROUP_M=8),
-            ints=tuple(fold_dw.items()), hot=True,
+            ints=tuple(fold_dw.items()), hot=True, layout="fold dW",
         ))  # fmt: skip
     # The folded losses' row passes over a chunk's fp32 logits [rows, V] (fold_rows_triton);
     # dz in the GEMM operand's dtype.
@@ -305,9 +311,10 @@ def kernel_variants() -> list[KernelVariant]:
     return out
 
 
-def compile_variant(variant: KernelVariant, target: int | str, config_index: int, sass: bool = True) -> dict:
-    """Shared memory and PTX tensor-core instructions of one compiled config, and with `sass`
-    what sass_usage reads off its machine code."""
+def compile_variant(variant: KernelVariant, target: int | str, config_index: int, sass: str = "full") -> dict:
+    """Shared memory and PTX tensor-core instructions of one compiled config, and what
+    sass_usage reads off its machine code: `sass` "full" (the whole listing), "usage" (the
+    listing only where the frame shows spills) or "none"."""
     import importlib
 
     import triton
@@ -353,7 +360,7 @@ def compile_variant(variant: KernelVariant, target: int | str, config_index: int
             **amd_usage(isa),
         }
     mma = sorted(set(re.findall(MMA_PATTERN[target], compiled.asm["ptx"])))
-    usage = sass_usage(compiled.asm["cubin"], target) if sass else {}
+    usage = {} if sass == "none" else sass_usage(compiled.asm["cubin"], target, listing=sass == "full")
     return {"shared": compiled.metadata.shared, "mma": mma, **usage}
 
 
@@ -368,36 +375,69 @@ def _cuda_tool(name: str) -> str:
     return path
 
 
-def sass_usage(cubin: bytes, target: int) -> dict:
+def sass_usage(cubin: bytes, target: int, listing: bool = True) -> dict:
     """What the GPU will execute, read off the cubin with cuobjdump: registers per thread,
     stack bytes, register spills (local-memory STL / LDL instructions) and tensor-core
-    instructions in SASS (HGMMA is wgmma on sm_90; HMMA the sm_80 mma.sync path)."""
+    instructions in SASS (HGMMA is wgmma on sm_90; HMMA the sm_80 mma.sync path).
+
+    The SASS listing is most of the cost (0.2-0.3 s a config against 1.5 ms for the resource
+    usage). Without `listing` it is read only where the resource usage shows local memory,
+    the one place spills can go; elsewhere they are 0 and the tensor-core count is -1 (not
+    read: the PTX's MMA instructions are, and ptxas has no other lowering for them)."""
     import subprocess
     import tempfile
+
+    def cuobjdump(flag: str) -> str:
+        cmd = [_cuda_tool("cuobjdump"), flag, f.name]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        listing = [
-            subprocess.run(
-                [_cuda_tool("cuobjdump"), flag, f.name], capture_output=True, text=True, check=True
-            ).stdout
-            for flag in ("-res-usage", "-sass")
-        ]
-    return parse_sass_usage(*listing, target)
+        res_usage = cuobjdump("-res-usage")
+        if not listing and not local_memory(res_usage):
+            return parse_sass_usage(res_usage, None, target)
+        return parse_sass_usage(res_usage, cuobjdump("-sass"), target)
 
 
-def parse_sass_usage(res_usage: str, sass: str, target: int) -> dict:
-    """The figures of sass_usage from cuobjdump's -res-usage and -sass listings."""
-    regs = re.search(r"REG:(\d+) STACK:(\d+)", res_usage)
-    if regs is None:
-        raise ValueError(f"no REG:/STACK: line in cuobjdump -res-usage output: {res_usage[-300:]!r}")
+RES_USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+
+
+def _res_usage(res_usage: str) -> re.Match:
+    found = RES_USAGE.search(res_usage)
+    if found is None:
+        raise ValueError(f"no REG:/STACK:/LOCAL: line in cuobjdump -res-usage output: {res_usage[-300:]!r}")
+    return found
+
+
+def local_memory(res_usage: str) -> bool:
+    """Whether the kernel has a stack frame or local memory: where register spills go (STL / LDL
+    address nothing else). Checked over the 542 NVIDIA configs of the default run (2026-11-28):
+    a frame exactly where the SASS listing holds spills; the AOT test checks it again on
+    those it reads."""
+    found = _res_usage(res_usage)
+    return int(found.group(2)) > 0 or int(found.group(3)) > 0
+
+
+def parse_sass_usage(res_usage: str, sass: str | None, target: int) -> dict:
+    """The figures of sass_usage from cuobjdump's -res-usage and -sass listings; without the
+    listing (None) for a kernel with no local memory: no spills, tensor-core count not read."""
+    found = _res_usage(res_usage)
+    if sass is None:
+        if local_memory(res_usage):
+            raise ValueError("a kernel with local memory needs its SASS listing to count its spills")
+        spill_stores = spill_loads = 0
+        sass_mma = -1
+    else:
+        spill_stores = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass))
+        spill_loads = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass))
+        sass_mma = len(re.findall(SASS_MMA[target], sass))
     return {
-        "registers": int(regs.group(1)),
-        "stack": int(regs.group(2)),
-        "spill_stores": len(re.findall(r"\bSTL(?:\.\w+)*\b", sass)),
-        "spill_loads": len(re.findall(r"\bLDL(?:\.\w+)*\b", sass)),
-        "sass_mma": len(re.findall(SASS_MMA[target], sass)),
+        "registers": int(found.group(1)),
+        "stack": int(found.group(2)),
+        "spill_stores": spill_stores,
+        "spill_loads": spill_loads,
+        "sass_mma": sass_mma,
     }
 
 
@@ -475,11 +515,16 @@ def is_hot(variant: KernelVariant, dtypes: tuple[str, ...] = ("bfloat16",)) -> b
 
 
 def jobs(
-    targets: tuple = TARGETS, hot_targets: tuple = HOT_TARGETS, amd_hot_targets: tuple = AMD_HOT_TARGETS
+    targets: tuple = TARGETS,
+    hot_targets: tuple = HOT_TARGETS,
+    amd_hot_targets: tuple = AMD_HOT_TARGETS,
+    listing: str = "first",
 ):
-    """(variant, target, config index, limit) for every config the runtime pruning may pick:
-    every variant on `targets`, the hot bf16 ones on `hot_targets`, the hot bf16 and fp32 ones
-    on `amd_hot_targets`."""
+    """(variant, target, config index, limit, full listing) for every config the runtime
+    pruning may pick: every variant on `targets`, the hot bf16 ones on `hot_targets`, the hot
+    bf16 and fp32 ones on `amd_hot_targets`. The SASS listing is read for the first config of
+    each variant and target (`listing` "first": the proof that the machine code runs on the
+    tensor cores; the others' PTX is checked), or for every config ("all")."""
     from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT
 
     for variant in kernel_variants():
@@ -491,11 +536,11 @@ def jobs(
             fallback = len(module_configs(variant, target)) - 1
             kept = pruned_configs(variant, limit, target) or [fallback]
             for index in kept:
-                yield variant, target, index, limit
+                yield variant, target, index, limit, listing == "all" or index == kept[0]
 
 
 def _run(job) -> AotResult:
-    variant, target, index, limit = job
+    variant, target, index, limit, listing = job
     cfg = module_configs(variant, target)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
@@ -505,11 +550,13 @@ def _run(job) -> AotResult:
         needs_mma=variant.needs_mma,
     )  # fmt: skip
     try:
-        r = compile_variant(variant, target, index)
+        r = compile_variant(variant, target, index, sass="full" if listing else "usage")
     except Exception as exc:  # a compile failure is a result to report, not a crash
         msg = f"{type(exc).__name__}: {str(exc)[:300]}"
         return AotResult(**base, shared=-1, mma=[], ok=False, error=msg)
-    ok = r["shared"] <= limit and (not variant.needs_mma or (bool(r["mma"]) and r["sass_mma"] > 0))
+    # sass_mma -1: the listing was not read; the PTX's MMA instructions stand for it
+    tensor_cores = bool(r["mma"]) and r["sass_mma"] != 0
+    ok = r["shared"] <= limit and (not variant.needs_mma or tensor_cores)
     return AotResult(**base, **r, ok=ok)
 
 
@@ -556,9 +603,9 @@ def turing_evidence() -> dict:
     mm = next(v for v in variants if v.pointers["a_ptr"] == "bf16")  # a bf16 dZ (cuBLAS tiles')
     fp16 = dataclasses.replace(mm, pointers=mm.pointers | {"a_ptr": "fp16", "c_ptr": "fp32"})
     narrowest = -1 % len(module_configs(mm))
-    out = {"fp16_mma": compile_variant(fp16, 75, narrowest, sass=False)["mma"]}
+    out = {"fp16_mma": compile_variant(fp16, 75, narrowest, sass="none")["mma"]}
     try:
-        compile_variant(mm, 75, narrowest, sass=False)
+        compile_variant(mm, 75, narrowest, sass="none")
         out["bf16_dz_fp16_head_backward"] = "ok"
     except Exception as exc:  # the point is which error: ptxas's first line says it
         first = re.search(r"\.ptx, line \d+; error\s*:\s*(.+)", str(exc))
@@ -578,13 +625,13 @@ def module_configs(variant: KernelVariant, target: int | str | None = None) -> l
     return amd_configs(configs) if target in AMD_TARGETS and variant.tile is not None else configs
 
 
-def check_all(workers: int = 2, targets: tuple | None = None) -> list[AotResult]:
+def check_all(workers: int = 2, targets: tuple | None = None, listing: str = "first") -> list[AotResult]:
     """Compile jobs() in `workers` processes: the default targets, or every variant on `targets`."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("gopd_kernels.aot must run without TRITON_INTERPRET=1")
-    todo = list(jobs() if targets is None else jobs(targets, (), ()))
+    todo = list(jobs(listing=listing) if targets is None else jobs(targets, (), (), listing))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(_run, todo))
 
@@ -605,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     parser.add_argument("--turing", action="store_true", help="print turing_evidence() as JSON and stop")
     parser.add_argument(
+        "--sass-listing",
+        choices=("first", "all"),
+        default="first",
+        help="NVIDIA targets: read the SASS listing of the first config of each kernel variant (and "
+        "of every config with spills to count), or of every config (~0.25 s more each)",
+    )
+    parser.add_argument(
         "--targets",
         type=_targets,
         help="comma-separated compute capabilities and AMD gfx names "
@@ -614,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.turing:
         print(json.dumps(turing_evidence()))
         return 0
-    results = check_all(args.workers, args.targets)
+    results = check_all(args.workers, args.targets, args.sass_listing)
     uncovered = sorted(set(jit_kernels()) - {v.kernel for v in kernel_variants()})
     spilling = hot_paths_that_spill(results)
     if args.json:
@@ -623,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             mark = "ok  " if r.ok else "FAIL"
             mma = f"{SASS_MMA_NAME[r.target]} x{r.sass_mma}" if r.sass_mma > 0 else "no tensor-core MMA"
+            if r.sass_mma == -1 and r.mma:  # the listing not read: the PTX's instruction
+                mma = "PTX " + r.mma[0].split(".")[0]
             mma = mma if r.needs_mma else "(no dot)"
             print(f"{mark} {target_name(r.target):6s} {r.kernel:24s} {r.operand_dtype:8s} {r.features:32s} "
                   f"{'hot' if r.hot else '   '} {r.shared / 1024:6.1f}/{r.shared_limit / 1024:.0f} KiB "

@@ -24,7 +24,6 @@ import pytest
 
 from gopd_kernels import aot
 
-slow_aot = [pytest.mark.aot, pytest.mark.slow]
 # each target's tensor-core instruction in PTX: Ampere's and the 99 KiB parts' mma.sync,
 # Hopper's wgmma, datacenter Blackwell's tcgen05; AMD's MFMA in its ISA listing
 PTX_MMA = {
@@ -101,6 +100,19 @@ def test_parse_sass_usage_counts_spills_and_tensor_core_instructions():
         aot.parse_sass_usage("no usage here", SASS, 90)
 
 
+def test_the_listing_is_skipped_only_where_no_spill_can_be():
+    """Spills go to local memory (a stack frame): without one the SASS listing need not be read
+    to know there are none. With one, counting them needs the listing."""
+    assert aot.local_memory(RES_USAGE)
+    no_frame = RES_USAGE.replace("STACK:240", "STACK:0")
+    assert not aot.local_memory(no_frame)
+    assert aot.local_memory(no_frame.replace("LOCAL:0", "LOCAL:8"))
+    got = aot.parse_sass_usage(no_frame, None, 90)
+    assert got == {"registers": 255, "stack": 0, "spill_stores": 0, "spill_loads": 0, "sass_mma": -1}
+    with pytest.raises(ValueError, match="needs its SASS listing"):
+        aot.parse_sass_usage(RES_USAGE, None, 90)
+
+
 AMD_ISA = """
 	v_mfma_f32_32x32x8_bf16 v[0:15], v[18:19], v[30:31], 0
 	scratch_store_dwordx2 off, v[2:3], s0 offset:16
@@ -159,13 +171,31 @@ def test_all_configs_compile_with_tensor_cores_within_shared_memory(aot_report):
     assert results
     failures = [r for r in results if not r["ok"]]
     assert not failures, failures
+    variants, listed = set(), set()  # (variant, target): all, and those whose machine code was read
     for r in results:
         assert r["shared"] <= r["shared_limit"]
         if not r["needs_mma"]:  # the folded loss's row passes: memory-bound, and must not spill
             assert r["kernel"].startswith("row_") and r["spill_stores"] == 0, r
             continue
         assert any(m.startswith(PTX_MMA[r["target"]]) for m in r["mma"]), r
-        assert r["sass_mma"] > 0, r  # and the machine code runs on the tensor cores
+        assert r["sass_mma"] != 0, r  # and the machine code runs on the tensor cores
+        variant = (r["kernel"], r["operand_dtype"], r["features"], r["pointers"], r["target"])
+        variants.add(variant)
+        if r["sass_mma"] > 0:
+            listed.add(variant)
+    assert variants == listed, variants - listed  # each one's first config at least (aot.jobs)
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+def test_spills_are_where_the_frame_says(aot_report):
+    """The premise of reading the SASS listing only where a config has local memory: among the
+    configs whose listing was read (each variant's first, every one with a frame), STL / LDL
+    spills appear exactly where cuobjdump reports a stack frame."""
+    listed = [r for r in aot_report["results"] if isinstance(r["target"], int) and r["sass_mma"] >= 0]
+    assert any(r["stack"] > 0 for r in listed) and any(r["stack"] == 0 for r in listed)
+    for r in listed:
+        assert (r["stack"] > 0) == (r["spill_stores"] + r["spill_loads"] > 0), r
 
 
 @pytest.mark.aot
