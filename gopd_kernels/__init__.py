@@ -7,7 +7,13 @@ chunked PyTorch twin everywhere else.
 
 from gopd_kernels.functional import token_logprobs
 from gopd_kernels.hf import sequence_logprobs
-from gopd_kernels.losses import aggregate_token_losses, gopd_advantage, gopd_dense_loss, gopd_loss
+from gopd_kernels.losses import (
+    aggregate_token_losses,
+    gopd_advantage,
+    gopd_dense_loss,
+    gopd_loss,
+    token_logprob_loss,
+)
 from gopd_kernels.reference import token_logprobs_reference
 from gopd_kernels.scoring import FrozenScores, frozen_logprobs
 
@@ -19,6 +25,7 @@ __all__ = [
     "gopd_dense_loss",
     "gopd_loss",
     "sequence_logprobs",
+    "token_logprob_loss",
     "token_logprobs",
     "token_logprobs_reference",
 ]

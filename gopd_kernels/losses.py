@@ -8,6 +8,8 @@ lam the reward scale (1 = OPD, > 1 = ExOPD reward extrapolation), tau the temper
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable, Sequence
 from numbers import Real
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,8 @@ if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some to
     from torch.distributed import ProcessGroup
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# loss_fn(s [n], *per_token [n] | None) -> [n] per-token losses (token_logprob_loss)
+TokenLossFn = Callable[..., torch.Tensor]
 
 
 def check_lam(lam: float) -> float:
@@ -45,14 +49,13 @@ def check_lam(lam: float) -> float:
     return float(lam)
 
 
-def check_per_token(t: torch.Tensor | None, name: str, like: torch.Tensor) -> None:
-    """A float tensor with the shape and device of `like` (None passes)."""
+def check_per_token(t: torch.Tensor | None, name: str, like: torch.Tensor, floating: bool = True) -> None:
+    """A tensor (a float one unless not `floating`) with the shape and device of `like` (None passes)."""
     if t is None:
         return
-    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-        raise ValueError(
-            f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
-        )
+    if not isinstance(t, torch.Tensor) or (floating and not t.dtype.is_floating_point):
+        kind = "a floating-point tensor" if floating else "a tensor or None"
+        raise ValueError(f"{name} must be {kind}, got {getattr(t, 'dtype', type(t).__name__)}")
     if t.shape != like.shape:
         raise ValueError(f"{name} shape {tuple(t.shape)} must equal {tuple(like.shape)}")
     if t.device != like.device:
@@ -136,6 +139,124 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.disable  # as token_logprobs
+def token_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: TokenLossFn,
+    per_token: Sequence[torch.Tensor | None] = (),
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    loss_agg: str = "token-mean",
+    num_tokens: float | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    fold: bool | None = None,
+    vocab_group: ProcessGroup | None = None,
+    reduce_hidden_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any per-token loss of the sampled tokens' log-probs, fused from the hidden states, its
+    gradient folded into the forward as gopd_loss's is.
+
+        s_t  = log softmax(s (h W^T + b) / tau)[y_t]          (as token_logprobs; never [N, V])
+        l_t  = loss_fn(s, *per_token)_t                         (l_t from s_t and per_token[.][t])
+        loss = aggregate(l, valid = targets != ignore_index, loss_agg, num_tokens)
+
+    loss_fn takes the valid tokens' log-probs, 1-D float32 (float64 for float64 inputs,
+    differentiable), and the per_token tensors at the same tokens (each given with targets'
+    shape, or None, passed on as None), and returns one loss per token: a PPO / GRPO / DAPO
+    clipped surrogate with your own advantages, CISPO, a weighted NLL. When folded it gets a
+    chunk of rows at a time, so a token's loss may depend on its own log-prob and inputs
+    only (a sequence-level ratio such as GSPO's needs token_logprobs and autograd): a probe
+    on synthetic log-probs checks this, and the shape, before any kernel runs.
+
+    Folded, each chunk's dL/ds comes from autograd on loss_fn as soon as its log-softmax is
+    known: 3 GEMMs and one fp32 [rows, V] chunk, instead of token_logprobs' recomputing
+    backward (4 GEMMs) under a loss written on its output. fold, the backends and the
+    defaults are gopd_loss's (see there): a trained head folds on the torch backend and, for
+    bf16 and fp16 heads, on Triton; a frozen one takes token_logprobs' frozen-head fold; a
+    vocabulary-parallel one recomputes. bias, temperature, logit_scale, logit_softcap,
+    ignore_index, vocab_group and reduce_hidden_grad are token_logprobs'; loss_agg and
+    num_tokens aggregate_token_losses'.
+
+    Returns ``(loss, logp)``: the 0-d loss, differentiable w.r.t. hidden, weight and bias
+    (gradients in their dtypes, accumulated in fp32), and the log-probs with targets' shape,
+    detached, 0 at ignored positions.
+    """
+    if isinstance(per_token, torch.Tensor) or not isinstance(per_token, Sequence):
+        raise ValueError(
+            f"per_token must be a list or tuple of tensors (or None), got {type(per_token).__name__}"
+        )
+    for i, t in enumerate(per_token):
+        check_per_token(t, f"per_token[{i}]", targets, floating=False)
+    return _token_loss(
+        "token_logprob_loss", hidden, weight, targets, loss_fn, per_token, bias=bias, temperature=temperature,
+        logit_scale=logit_scale, logit_softcap=logit_softcap, loss_agg=loss_agg, num_tokens=num_tokens,
+        ignore_index=ignore_index, backend=backend, fold=fold, vocab_group=vocab_group,
+        reduce_hidden_grad=reduce_hidden_grad, probe=True,
+    )  # fmt: skip
+
+
+def _token_loss(
+    op: str, hidden, weight, targets, loss_fn, per_token, *, bias, temperature, logit_scale, logit_softcap,
+    loss_agg, num_tokens, ignore_index, backend, fold, vocab_group, reduce_hidden_grad, probe=False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """token_logprob_loss's (loss, detached logp) for `op` (the name its log lines and errors
+    give), with `probe` its check of loss_fn (gopd_loss's own needs none)."""
+    cap = logit_cap(temperature, logit_softcap)  # c / tau, the fold's; token_logprobs takes c itself
+    hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
+    # every check before any kernel runs; a vocabulary-parallel head's ids, of the whole
+    # vocabulary, are held to it in token_logprobs (its one path)
+    vocab = weight.shape[0] if vocab_group is None else sys.maxsize
+    temperature_over_scale = check_token_inputs(
+        hidden, weight, bias, targets, ignore_index, temperature, vocab, logit_scale
+    )
+    check_choice(loss_agg, LOSS_AGGS, "loss_agg")
+    _check_num_tokens(num_tokens, loss_agg)
+    mask = targets != ignore_index
+    weights_all = token_loss_weights(mask, loss_agg, num_tokens)  # [B, T] checks before any kernel
+    rows = RowSelection(mask)
+    inputs = [None if t is None else rows.take(t) for t in per_token]
+    if probe:
+        _check_per_token_loss(
+            loss_fn, inputs, torch.promote_types(hidden.dtype, torch.float32), hidden.device
+        )
+    # Unless fold=True, a frozen head (dH only) takes token_logprobs' frozen-head fold instead: also
+    # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
+    # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
+    # 10.2-11.7 s and 314 MiB.
+    fold_on = _fold_backend(
+        fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias,
+        op=op, unfoldable=None if vocab_group is None else "vocab_group",
+    )  # fmt: skip
+    if fold_on == "triton" and fold is None:
+        info_once(
+            f"{op}: the gradient is folded into the forward ({weight.dtype} head, Triton backend): "
+            "on an H100 (bf16) 1.4x faster than recomputing the logits, for about twice the memory; "
+            "fold=False is the leanest"
+        )
+    if fold_on:
+        check_backend_dtype(fold_on, hidden.dtype)
+        loss, s = FoldedTokenLoss.apply(
+            rows.take(hidden).contiguous(), weight, bias, rows.take(targets).long().contiguous(),
+            1.0 / temperature_over_scale, _chunk_loss(loss_fn, inputs, rows.take(weights_all)),
+            fold_workspace_bytes(weight, rows=FOLD_ROWS[fold_on]), implementation("fold_rows", fold_on), cap,
+        )  # fmt: skip
+        return loss, rows.put(s)
+    logp = token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
+        logit_softcap=logit_softcap, ignore_index=ignore_index, backend=backend, fold=fold,
+        vocab_group=vocab_group, reduce_hidden_grad=reduce_hidden_grad,
+    )  # fmt: skip
+    s = rows.take(logp)
+    loss = (_per_token_losses(loss_fn, s, inputs) * rows.take(weights_all).to(s.dtype)).sum()
+    return loss, logp.detach()
+
+
+@torch.compiler.disable  # as token_logprobs
 def gopd_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -197,9 +318,6 @@ def gopd_loss(
     rollout mismatch mean(o - r) (with rollout_logp), and the valid-token count.
     """
     lam = check_lam(lam)
-    logit_temperature(temperature, logit_scale)  # both checked before any kernel runs
-    cap = logit_cap(temperature, logit_softcap)  # c / tau, the fold's; token_logprobs takes c itself
-    hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     check_per_token(
         teacher_logp, "teacher_logp", targets if isinstance(targets, torch.Tensor) else teacher_logp
     )
@@ -220,42 +338,17 @@ def gopd_loss(
             raise ValueError(
                 "is_cap is set but rollout_logp is None: the truncated IS weight needs rollout_logp"
             )
-    check_choice(loss_agg, LOSS_AGGS, "loss_agg")
-    _check_num_tokens(num_tokens, loss_agg)
-
     terms = lambda s, teacher, ref, old, rollout: _policy_terms(
         s, teacher, ref, old, rollout, lam, (clip_low, clip_high), is_cap
     )
     per_token_inputs = (teacher_logp, ref_logp, old_logp, rollout_logp)
-    # Unless fold=True, a frozen head (dH only) takes token_logprobs' frozen-head fold instead: also
-    # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
-    # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
-    # 10.2-11.7 s and 314 MiB.
-    fold_on = _fold_backend(
-        fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias,
-        op="gopd_loss", unfoldable=None if vocab_group is None else "vocab_group",
+    loss, s = _token_loss(
+        "gopd_loss", hidden, weight, targets, lambda *a: terms(*a)[0], per_token_inputs, bias=bias,
+        temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap, loss_agg=loss_agg,
+        num_tokens=num_tokens, ignore_index=ignore_index, backend=backend, fold=fold, vocab_group=vocab_group,
+        reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
-    if fold_on == "triton" and fold is None:
-        info_once(
-            f"gopd_loss: the gradient is folded into the forward ({weight.dtype} head, Triton backend): "
-            "on an H100 (bf16) 1.4x faster than recomputing the logits, for about twice the memory; "
-            "fold=False is the leanest"
-        )
-    if fold_on:
-        loss, s = _folded_policy_loss(
-            hidden, weight, bias, targets, temperature, logit_scale, cap, ignore_index, per_token_inputs,
-            terms, loss_agg, num_tokens, fold_on,
-        )  # fmt: skip
-        _, adv, clipped, is_weight = terms(s, *per_token_inputs)
-    else:
-        s = token_logprobs(
-            hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
-            logit_softcap=logit_softcap, ignore_index=ignore_index, backend=backend, fold=fold,
-            vocab_group=vocab_group,
-            reduce_hidden_grad=reduce_hidden_grad,
-        )  # fmt: skip
-        per_token, adv, clipped, is_weight = terms(s, *per_token_inputs)
-        loss = aggregate_token_losses(per_token, targets != ignore_index, loss_agg, num_tokens)
+    _, adv, clipped, is_weight = terms(s, *per_token_inputs)
     mask = targets != ignore_index
     stats = {
         "advantage": _masked_mean(adv, mask),
@@ -353,30 +446,52 @@ def _dense_folds_by_default(*heads: torch.Tensor | None):
     return folds
 
 
-def _folded_policy_loss(
-    hidden, weight, bias, targets, temperature, logit_scale, cap, ignore_index, per_token_inputs, terms,
-    loss_agg, num_tokens, backend,
-):  # fmt: skip
-    """(loss, s) with FoldedTokenLoss: each row chunk's loss and dL/ds are known in its one pass."""
-    inv_temp = 1.0 / check_token_inputs(
-        hidden, weight, bias, targets, ignore_index, temperature, logit_scale=logit_scale
-    )
-    check_backend_dtype(backend, hidden.dtype)
-    mask = targets != ignore_index
-    rows = RowSelection(mask)
-    inputs = [None if t is None else rows.take(t) for t in per_token_inputs]
-    weights = rows.take(token_loss_weights(mask, loss_agg, num_tokens))
+def _chunk_loss(loss_fn: TokenLossFn, inputs: list, weights: torch.Tensor):
+    """FoldedTokenLoss's token_loss: rows r0:r1's part of the aggregated loss from their log-probs."""
 
     def chunk_loss(s: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        per_token = terms(s, *(None if t is None else t[r0:r1] for t in inputs))[0]
+        per_token = _per_token_losses(loss_fn, s, [None if t is None else t[r0:r1] for t in inputs])
         return (per_token * weights[r0:r1].to(s.dtype)).sum()
 
-    loss, s = FoldedTokenLoss.apply(
-        rows.take(hidden).contiguous(), weight, bias, rows.take(targets).long().contiguous(), inv_temp,
-        chunk_loss, fold_workspace_bytes(weight, rows=FOLD_ROWS[backend]),
-        implementation("fold_rows", backend), cap,
-    )  # fmt: skip
-    return loss, rows.put(s)
+    return chunk_loss
+
+
+def _per_token_losses(loss_fn: TokenLossFn, s: torch.Tensor, inputs: list) -> torch.Tensor:
+    """loss_fn(s, *inputs), checked to be one loss per log-prob (a shape error, no device sync)."""
+    out = loss_fn(s, *inputs)
+    if not isinstance(out, torch.Tensor) or out.shape != s.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"loss_fn must return one loss per log-prob, shape {tuple(s.shape)}; got {got}")
+    return out
+
+
+PROBE_TOKENS = 8
+
+
+def _check_per_token_loss(loss_fn: TokenLossFn, inputs: list, dtype: torch.dtype, device) -> None:
+    """Before any kernel runs: loss_fn gives one loss per log-prob, and a token's loss does not
+    move when the other tokens are dropped (the fold hands it a chunk of rows at a time, so a
+    loss that mixes tokens, e.g. a sequence mean, would come out silently wrong). Probed on
+    synthetic log-probs with the first valid tokens' inputs (one device sync); a check, not a
+    proof."""
+    if not callable(loss_fn):
+        raise ValueError(
+            f"loss_fn must be callable (log-probs, *per_token) -> per-token losses, got {loss_fn!r}"
+        )
+    count = min([PROBE_TOKENS] + [t.shape[0] for t in inputs if t is not None])
+    s = -torch.linspace(0.05, 4.0, PROBE_TOKENS, dtype=dtype, device=device)[:count]
+    cut = lambda n: [None if t is None else t[:n] for t in inputs]
+    with torch.no_grad():
+        full = _per_token_losses(loss_fn, s, cut(count))
+        half = count // 2
+        if half and not torch.allclose(
+            _per_token_losses(loss_fn, s[:half], cut(half)), full[:half], rtol=1e-5, atol=1e-6, equal_nan=True
+        ):
+            raise ValueError(
+                "loss_fn must give each token a loss of its own log-prob and per_token inputs only: "
+                "its losses moved when other tokens were left out (a sequence or batch statistic of "
+                "the log-probs?); compute such a loss from token_logprobs instead"
+            )
 
 
 def _check_clip_ratio(clip_ratio) -> tuple[float, float]:

@@ -122,12 +122,13 @@ def test_frozen_head_takes_the_frozen_head_path_not_the_fold(tiny_chunks, monkey
     backward scales it; the loss's fold (full-vocabulary rows, also 2 GEMMs) is not used. dH
     against the float64 reference, off-policy with clipping, IS and a temperature."""
 
-    def no_fold(*args):
-        raise AssertionError("a frozen head must not take the fold")
+    class NoFold:
+        def apply(*args):
+            raise AssertionError("a frozen head must not take the fold")
 
     gathers = []
     frozen_forward = linear_logsoftmax_torch.frozen_head_forward
-    monkeypatch.setattr(losses_module, "_folded_policy_loss", no_fold)
+    monkeypatch.setattr(losses_module, "FoldedTokenLoss", NoFold)
     monkeypatch.setattr(linear_logsoftmax_torch, "frozen_head_forward",
                         lambda *a: gathers.append(1) or frozen_forward(*a))  # fmt: skip
     data = batch(b=2, t=9, d=17, v=211, seed=8)
