@@ -314,6 +314,72 @@ def _softcap_loss_impls() -> dict[str, Impl]:
     }  # fmt: skip
 
 
+# --- policy_loss: a per-token loss of the caller's, through token_logprob_loss ------------------
+
+CLIP = (0.2, 0.28)  # DAPO's clip-higher
+
+
+def _policy_inputs(x: dict, g: torch.Generator) -> None:
+    """Per-token advantages, and pre-update log-probs 0.2 off the current ones so that the clip acts."""
+    n = x["n"]
+    x["advantages"] = _per_token(x, torch.randn(n, generator=g))
+    with torch.no_grad():
+        s = gk.token_logprobs(x["hidden"], x["weight"], x["targets"])
+    x["old_logp"] = s + _per_token(x, torch.randn(n, generator=g) * 0.2)
+
+
+def clipped_surrogate(s: torch.Tensor, advantages: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """PPO's clipped surrogate per token, DAPO's clip range (CLIP)."""
+    ratio = torch.exp(s - old_logp.to(s.dtype))
+    adv = advantages.to(s.dtype)
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP[0], 1 + CLIP[1]))
+
+
+def _naive_policy_loss(h, w, y, advantages, old_logp):
+    return clipped_surrogate(ref.token_logprobs_reference(h, w, y), advantages, old_logp).mean()
+
+
+def _policy_args(x: dict) -> tuple:
+    return x["h"], x["w"], x["targets"], x["advantages"], x["old_logp"]
+
+
+def _liger_policy_loss(x: dict) -> torch.Tensor:
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    # One token per "sequence" (Liger's advantages are per sequence); "dapo" normalises by the
+    # batch's tokens: the token mean.
+    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", chunk_size=1024,
+                                       epsilon_low=CLIP[0], epsilon_high=CLIP[1], compiled=True)  # fmt: skip
+    ones = torch.ones(x["n"], 1, dtype=torch.long, device=x["h"].device)
+    with _static_shapes(x):
+        out = loss_fn(x["h"].unsqueeze(1), x["w"], x["targets"].unsqueeze(1), ones, x["advantages"],
+                      old_per_token_logps=x["old_logp"].unsqueeze(1))  # fmt: skip
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _policy_impls() -> dict[str, Impl]:
+    def ours(x, backend, fold=None):
+        h, w, y, adv, old = _policy_args(x)
+        return gk.token_logprob_loss(h, w, y, clipped_surrogate, (adv, old), backend=backend, fold=fold)[0]
+
+    def then_loss(logp: Callable[..., torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+        return lambda x: clipped_surrogate(logp(*_student(x)), x["advantages"], x["old_logp"]).mean()
+
+    return {
+        "naive": Impl("materialised logits, then the loss", lambda x: _naive_policy_loss(*_policy_args(x))),
+        "torch-compile": Impl("torch.compile of naive",
+                              lambda x: _compiled(_naive_policy_loss)(*_policy_args(x))),
+        **_ours("token_logprob_loss", ours, True),
+        "gopd-unfolded": Impl("gopd_kernels.token_logprobs, then the loss in PyTorch (its backward "
+                              "recomputes the logits): what token_logprob_loss folds",
+                              then_loss(gk.token_logprobs)),
+        "liger": Impl("LigerFusedLinearGRPOLoss(loss_type='dapo'), one token per sequence",
+                      _liger_policy_loss, needs="liger_kernel"),
+        "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",
+                    then_loss(_cce_logp), needs="cut_cross_entropy"),
+    }  # fmt: skip
+
+
 # --- gopd_dense_loss at lam = 1: the full-vocabulary reverse KL to the teacher ----------------
 
 
@@ -425,6 +491,10 @@ OPS: dict[str, Op] = {
         f"gopd_loss (lam={LAM}) with a frozen LM head (the trainer's freeze_lm_head, or LoRA): "
         "gradient to the hidden states only",
         True, lambda n, d, v: 4 * n * d * v, _loss_inputs, _loss_impls(), frozen_head=True),
+    "policy_loss": Op(
+        f"a per-token loss of the caller's: PPO's clipped surrogate (clip {CLIP[0]:g} / {CLIP[1]:g}) with "
+        "per-token advantages, off-policy, token-mean (token_logprob_loss)",
+        True, lambda n, d, v: 6 * n * d * v, _policy_inputs, _policy_impls()),
     "gopd_dense_loss": Op(
         "dense G-OPD at lam=1, KL(p_s || p_T) over the full vocabulary (the only lam a reverse-KL "
         "peer can do); student and teacher of hidden size D",
@@ -494,7 +564,7 @@ def float64_reference(op: Op, x: dict, rows: int | None = None) -> tuple:
     return out, (torch.cat(dhs) if dhs else None), dw
 
 
-ROW_INPUTS = ("hidden", "targets", "upstream", "teacher_logp", "ref_logp", "old_logp")
+ROW_INPUTS = ("hidden", "targets", "upstream", "teacher_logp", "ref_logp", "old_logp", "advantages")
 MODEL_INPUTS = ("teacher", "ref")  # (hidden states, head): the hidden states are rows
 
 

@@ -97,6 +97,7 @@ PRESETS = {
         + _grid(["token_logprobs_fwd", "token_logprobs_frozen_head", "frozen_scoring"], [1024, 4096], [1024],
                 [V_QWEN], ["float32"])
         + _grid(["gopd_loss"], [2048, 8192, 16384], [1024], [V_QWEN], ["float32"])
+        + _grid(["policy_loss"], [2048, 8192], [1024], [V_QWEN], ["float32"])
         + _grid(["gopd_loss_frozen_head"], [1024, 4096], [1024], [V_QWEN], ["float32"])
         + _grid(["gopd_dense_loss", "gopd_dense_loss_exopd"], [512, 1024], [1024], [V_QWEN], ["float32"])
     ),

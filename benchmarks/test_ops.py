@@ -3,6 +3,7 @@
     pytest benchmarks --benchmark-only                        # CPU: fp32, D=256, V=32000
     pytest benchmarks --benchmark-only -k "gopd_loss"         # one op
     pytest benchmarks --benchmark-only --benchmark-group-by=param:shape
+    pytest benchmarks --benchmark-disable                     # the checks only, each case run once
 
 Each case is first checked against the float64 naive reference (an assertion: a wrong
 implementation fails rather than being timed), then timed in this process. Peak memory and
@@ -44,4 +45,5 @@ def test_op(benchmark, op_name, impl_name, shape):
     benchmark.group = f"{op_name} N={n} D={d} V={v}"
     benchmark.extra_info["flops"] = op.flops(n, d, v)
     benchmark.pedantic(lambda: (run(), sync()), rounds=3 if CUDA else 2, warmup_rounds=0, iterations=1)
-    benchmark.extra_info["tflops_per_s"] = op.flops(n, d, v) / benchmark.stats.stats.median / 1e12
+    if benchmark.stats is not None:  # None under --benchmark-disable: the check above, one untimed run
+        benchmark.extra_info["tflops_per_s"] = op.flops(n, d, v) / benchmark.stats.stats.median / 1e12
