@@ -321,7 +321,7 @@ def compile_variant(variant: KernelVariant, target: int | str, config_index: int
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from gopd_kernels.ops.triton_common import FP32_DOT_PRECISION
+    from gopd_kernels.ops.triton_common import FP32_DOT_PRECISION, LAUNCH_OPTIONS
 
     kernel = getattr(importlib.import_module(variant.module), variant.kernel)
     amd = target in AMD_TARGETS
@@ -350,7 +350,7 @@ def compile_variant(variant: KernelVariant, target: int | str, config_index: int
     compiled = triton.compile(
         src,
         target=GPUTarget("hip", target, 64) if amd else GPUTarget("cuda", target, 32),
-        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **LAUNCH_OPTIONS},
     )
     if amd:  # the ISA listing is the machine code: the MFMA list, registers and spills all come from it
         isa = compiled.asm["amdgcn"]

@@ -36,7 +36,7 @@ import triton.language as tl
 from gopd_kernels.backend import interpreter_enabled
 from gopd_kernels.ops.matmul_torch import tile_dtype
 from gopd_kernels.ops.matmul_triton import matmul
-from gopd_kernels.ops.triton_common import soft_cap_slope
+from gopd_kernels.ops.triton_common import LAUNCH_OPTIONS, soft_cap_slope
 
 CAP_TILES = 0  # logit_grads and dense_kl over soft-capped logits: da/dz in the same pass, no more memory
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
@@ -177,7 +177,7 @@ def _launch_config(vocab: int) -> dict:
     block = cfg.kwargs["BLOCK_V"]
     if interpreter_enabled():  # numpy per step: a narrow block for small test vocabularies
         block = min(block, triton.next_power_of_2(vocab))
-    return dict(BLOCK_V=block, num_warps=cfg.num_warps)
+    return dict(BLOCK_V=block, num_warps=cfg.num_warps, **LAUNCH_OPTIONS)
 
 
 def _written_over(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

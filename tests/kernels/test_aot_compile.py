@@ -277,6 +277,22 @@ def test_pruning_keeps_configs_for_every_variant_and_target():
 
 
 @pytest.mark.aot
+def test_the_compile_names_fp_fusion_so_triton_does_not_warn():
+    """As the runtime's launches do (triton_common.LAUNCH_OPTIONS): Triton 3.9 warns at the first
+    compile of a process where FP fusion is left to its default, which 3.10 turns off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    code = (
+        "from gopd_kernels import aot; "
+        "v = next(v for v in aot.kernel_variants() if v.kernel == 'matmul_kernel'); "
+        "print(aot.compile_variant(v, 80, 0, sass='none')['mma'])"
+    )
+    cmd = [sys.executable, "-W", "always", "-c", code]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "mma.sync" in proc.stdout, proc.stderr[-3000:]
+    assert "FP_FUSION" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.aot
 def test_turing_gets_no_tensor_cores_from_triton():
     """The premise of backend.MIN_TRITON_CAPABILITY (T4, V100 run the torch backend). If this
     fails, Triton has gained a Turing tensor-core path: measure it, then revisit the gate."""

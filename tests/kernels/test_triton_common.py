@@ -72,6 +72,27 @@ def test_autotuned_keeps_its_picks_on_disk(monkeypatch):
                     "cache_results": True, "restore_value": ["c_ptr"]}  # fmt: skip
 
 
+def test_gpu_launches_name_fp_fusion(monkeypatch):
+    """FP fusion is named at each compiled launch (Triton 3.10 turns its default off; 3.9 warns
+    where it is left unset): the tuned kernel gets it, the interpreter's raw one need not."""
+    from gopd_kernels.ops import fold_rows_triton, triton_common
+
+    calls = []
+
+    class Kernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, kwargs))
+
+    for interpreted in (False, True):
+        monkeypatch.setattr(triton_common, "interpreter_enabled", lambda interpreted=interpreted: interpreted)
+        triton_common.launch(Kernel("raw"), Kernel("tuned"), (1,), {"BLOCK": 16}, 1, M=2)
+    assert calls == [("tuned", {"M": 2, "enable_fp_fusion": True}), ("raw", {"M": 2, "BLOCK": 16})]
+    assert fold_rows_triton._launch_config(151936)["enable_fp_fusion"] is True  # the row passes' launches
+
+
 def test_pruner_keeps_what_fits_the_devices_shared_memory(monkeypatch, caplog):
     """A GPU with 99 KiB per block (L4, RTX 4090, RTX 5090) gets only the configs that fit it;
     where none does, the last is tried, and a log line says so."""
