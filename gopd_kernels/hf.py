@@ -10,17 +10,21 @@ the same log-probs from the decoder's hidden states and the head's weight throug
 token_logprobs, for any transformers model whose logits are its head applied to its final
 hidden states, times a scale (Granite's logits_scaling, Cohere's logit_scale) and soft-capped
 (Gemma 2's final_logit_softcapping) at most, which head_logits reads; it refuses the others,
-once per model. transformers itself is not imported: models are read through their own attributes.
+once per model. sequence_loss gives a per-token loss of those log-probs through
+token_logprob_loss (its gradient folded into the forward). transformers itself is not
+imported: models are read through their own attributes.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from gopd_kernels.functional import token_logprobs
+from gopd_kernels.losses import TokenLossFn, check_token_loss, token_logprob_loss
 from gopd_kernels.ops.vocab_parallel import local_rows, vocab_shard
 
 IGNORE = -100
@@ -190,6 +194,51 @@ def sequence_logprobs(
     included). 0.0 where attention_mask[:, 1:] is 0 (padding, left or right). With
     return_entropy, also the entropy of each of those next-token distributions (0 at padding).
     temperature and backend as token_logprobs'."""
+    targets = _next_targets(input_ids, attention_mask)
+    hidden, head, transform = _final_hidden(model, input_ids, attention_mask)
+    return token_logprobs(
+        hidden, head.weight, targets, bias=head.bias, temperature=temperature, **transform.kwargs(),
+        ignore_index=IGNORE, return_entropy=return_entropy, backend=backend,
+    )  # fmt: skip
+
+
+def sequence_loss(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    loss_fn: TokenLossFn,
+    per_token: Sequence[torch.Tensor | None] = (),
+    *,
+    loss_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    loss_agg: str = "token-mean",
+    num_tokens: float | None = None,
+    backend: str = "auto",
+    fold: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprob_loss of a transformers model's next tokens: loss_fn(s, *per_token) per
+    predicted token input_ids[:, t + 1], aggregated over those where attention_mask[:, 1:] and
+    loss_mask (a [B, T - 1] bool: the response tokens, say) are both set, without the [B, T, V]
+    logits, its gradient folded as token_logprob_loss's (the model's parameters get it).
+    per_token tensors are [B, T - 1], aligned with the predicted tokens; loss_agg and
+    num_tokens, temperature, backend and fold as token_logprob_loss's. Returns (loss, logp):
+    logp [B, T - 1] detached, 0 where a token does not count."""
+    targets = _next_targets(input_ids, attention_mask, loss_mask)
+    dtype = transformers_model(model).get_output_embeddings().weight.dtype
+    check_token_loss(loss_fn, per_token, targets, IGNORE, dtype)  # before the model runs
+    hidden, head, transform = _final_hidden(model, input_ids, attention_mask)
+    return token_logprob_loss(
+        hidden, head.weight, targets, loss_fn, per_token, bias=head.bias, temperature=temperature,
+        **transform.kwargs(), loss_agg=loss_agg, num_tokens=num_tokens, ignore_index=IGNORE, backend=backend,
+        fold=fold,
+    )  # fmt: skip
+
+
+def _next_targets(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """input_ids[:, 1:], the tokens each position predicts, IGNORE where attention_mask[:, 1:]
+    is 0 or loss_mask ([B, T - 1]) is False; the inputs checked first."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got {got}")
@@ -204,13 +253,21 @@ def sequence_logprobs(
         raise ValueError(
             f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}"
         )
-    transform = head_logits(model)
-    head = transformers_model(model).get_output_embeddings()
-    hidden = final_hidden_states(model, input_ids, attention_mask)[:, :-1]
     targets = input_ids[:, 1:].long()
+    if loss_mask is not None:
+        if not isinstance(loss_mask, torch.Tensor) or loss_mask.shape != targets.shape:
+            got = tuple(loss_mask.shape) if isinstance(loss_mask, torch.Tensor) else type(loss_mask).__name__
+            raise ValueError(
+                f"loss_mask must be a tensor of shape {tuple(targets.shape)} (B, T - 1), got {got}"
+            )
+        targets = targets.masked_fill(~loss_mask.to(device=targets.device, dtype=torch.bool), IGNORE)
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE)
-    return token_logprobs(
-        hidden, head.weight, targets, bias=head.bias, temperature=temperature, **transform.kwargs(),
-        ignore_index=IGNORE, return_entropy=return_entropy, backend=backend,
-    )  # fmt: skip
+    return targets
+
+
+def _final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """(hidden states [B, T - 1, D] that predict input_ids[:, 1:], the LM head, head_logits)."""
+    transform = head_logits(model)
+    head = transformers_model(model).get_output_embeddings()
+    return final_hidden_states(model, input_ids, attention_mask)[:, :-1], head, transform

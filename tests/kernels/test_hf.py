@@ -270,6 +270,63 @@ def test_the_check_ignores_dropout_and_keeps_the_mode():
     assert model.training
 
 
+def clipped(s, advantages, old):
+    ratio = torch.exp(s - old)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.28))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("fold", [None, False])
+def test_sequence_loss_is_the_loss_of_the_models_own_logprobs(backend, fold, device):
+    """sequence_loss as the model's materialised logits give it: the loss over the response
+    tokens (loss_mask) of left-padded rows, its log-probs, and every parameter's gradient."""
+    model = tiny_qwen3(seed=3).to(device)
+    ids, mask = (t.to(device) for t in left_padded_batch())
+    g = torch.Generator().manual_seed(4)
+    advantages, noise = (torch.randn(3, 8, generator=g).to(device) for _ in range(2))
+    response = torch.zeros(3, 8, dtype=torch.bool, device=device)
+    response[:, 4:] = True  # the last 4 predicted tokens of each row
+    counts = mask[:, 1:].bool() & response
+    with torch.no_grad():
+        old = naive(model, ids, mask, 0.7)[0] + 0.2 * noise
+
+    model.zero_grad()
+    logp = naive(model, ids, mask, 0.7)[0]
+    want = torch.where(counts, clipped(logp, advantages, old), 0.0).sum() / counts.sum()
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    loss, got_logp = hf.sequence_loss(model, ids, mask, clipped, (advantages, old), loss_mask=response,
+                                      temperature=0.7, backend=backend, fold=fold)  # fmt: skip
+    loss.backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_logp, torch.where(counts, logp, 0.0).detach(), atol=1e-5, rtol=1e-5)
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, want_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(loss_mask=torch.ones(3, 9, dtype=torch.bool)), "loss_mask must be a tensor of shape"),
+        (dict(loss_fn=lambda s, a, o: s.sum()), "one loss per log-prob"),
+        (dict(per_token=(torch.zeros(3, 9), torch.zeros(3, 8))), r"per_token\[0\] shape"),
+    ],
+)
+def test_sequence_loss_checks_before_the_model_runs(change, match, monkeypatch):
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model ran before the check")
+
+    monkeypatch.setattr(hf, "final_hidden_states", no_forward)
+    ids, mask = left_padded_batch()
+    args = dict(loss_fn=clipped, per_token=(torch.zeros(3, 8), torch.zeros(3, 8)), loss_mask=None) | change
+    with pytest.raises(ValueError, match=match):
+        hf.sequence_loss(
+            tiny_qwen3(), ids, mask, args["loss_fn"], args["per_token"], loss_mask=args["loss_mask"]
+        )
+
+
 def _tensor_parallel_rank(rank: int, world: int, path: str) -> dict:
     """One rank of a model loaded with transformers' tensor-parallel plan (its LM head's rows
     sharded, a DTensor): sequence_logprobs against the model's own logits, with gradients."""
