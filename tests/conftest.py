@@ -50,3 +50,9 @@ def narrow_row_blocks(monkeypatch):
     from gopd_kernels.ops import fold_rows_triton
 
     monkeypatch.setattr(fold_rows_triton, "CONFIGS", [triton.Config({"BLOCK_V": 16}, num_warps=1)])
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """The folds' workspace as 3 rows of V = 211 fp32 logits: many chunks, the last one short."""
+    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))

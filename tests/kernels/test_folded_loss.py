@@ -18,12 +18,6 @@ from tests.kernels.helpers import cublas_half_as_on_cuda, make_inputs, rel_err
 from tests.kernels.test_losses import batch, compare, run_loss
 
 
-@pytest.fixture
-def tiny_chunks(monkeypatch):
-    """A workspace of 3 rows of V=211 fp32 logits: many chunks, the last one short."""
-    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))
-
-
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_many_chunks_match_reference(tiny_chunks, loss_agg):
     data = batch(b=3, t=8, d=17, v=211, seed=5)

@@ -56,12 +56,6 @@ def assert_matches(got, want, trained=("hidden", "weight", "bias")):
             assert rel_err(g.cpu(), w) <= 1e-4, name
 
 
-@pytest.fixture
-def tiny_chunks(monkeypatch):
-    """3 rows of V = 211 fp32 logits per chunk: many chunks, the last one short."""
-    monkeypatch.setenv("GOPD_WORKSPACE_MB", str(3 * 211 * 4 / 2**20))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fold", [None, True, False])
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
