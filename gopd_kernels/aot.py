@@ -520,11 +520,12 @@ def jobs(
     amd_hot_targets: tuple = AMD_HOT_TARGETS,
     listing: str = "first",
 ):
-    """(variant, target, config index, limit, full listing) for every config the runtime
-    pruning may pick: every variant on `targets`, the hot bf16 ones on `hot_targets`, the hot
-    bf16 and fp32 ones on `amd_hot_targets`. The SASS listing is read for the first config of
-    each variant and target (`listing` "first": the proof that the machine code runs on the
-    tensor cores; the others' PTX is checked), or for every config ("all")."""
+    """(variant, target, config index, limit, sass) for every config the runtime pruning may
+    pick: every variant on `targets`, the hot bf16 ones on `hot_targets`, the hot bf16 and fp32
+    ones on `amd_hot_targets`. sass, compile_variant's: "full" (the SASS listing read) for the
+    first config of each variant and target (`listing` "first": the proof that the machine code
+    runs on the tensor cores; the others' PTX is checked) or for every config ("all"), else
+    "usage"."""
     from gopd_kernels.ops.triton_common import SHARED_MEMORY_LIMIT
 
     for variant in kernel_variants():
@@ -536,11 +537,17 @@ def jobs(
             fallback = len(module_configs(variant, target)) - 1
             kept = pruned_configs(variant, limit, target) or [fallback]
             for index in kept:
-                yield variant, target, index, limit, listing == "all" or index == kept[0]
+                yield (
+                    variant,
+                    target,
+                    index,
+                    limit,
+                    "full" if listing == "all" or index == kept[0] else "usage",
+                )
 
 
 def _run(job) -> AotResult:
-    variant, target, index, limit, listing = job
+    variant, target, index, limit, sass = job
     cfg = module_configs(variant, target)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
@@ -550,7 +557,7 @@ def _run(job) -> AotResult:
         needs_mma=variant.needs_mma,
     )  # fmt: skip
     try:
-        r = compile_variant(variant, target, index, sass="full" if listing else "usage")
+        r = compile_variant(variant, target, index, sass)
     except Exception as exc:  # a compile failure is a result to report, not a crash
         msg = f"{type(exc).__name__}: {str(exc)[:300]}"
         return AotResult(**base, shared=-1, mma=[], ok=False, error=msg)
