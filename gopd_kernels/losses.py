@@ -211,11 +211,13 @@ def _token_loss(
     check_choice(loss_agg, LOSS_AGGS, "loss_agg")
     _check_num_tokens(num_tokens, loss_agg)
     if probe:
-        check_token_loss(loss_fn, per_token, targets, ignore_index, hidden.dtype)
+        _check_per_token_inputs(per_token, targets)
     mask = targets != ignore_index
     weights_all = token_loss_weights(mask, loss_agg, num_tokens)  # [B, T] checks before any kernel
     rows = RowSelection(mask)
     inputs = [None if t is None else rows.take(t) for t in per_token]
+    if probe:  # check_token_loss, on this selection
+        _probe_token_loss(loss_fn, inputs, hidden.dtype, hidden.device)
     # Unless fold=True, a frozen head (dH only) takes token_logprobs' frozen-head fold instead: also
     # 2 GEMMs, and on the torch backend in tiles instead of full-vocabulary rows. Measured (Intel VM,
     # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
@@ -468,26 +470,38 @@ def check_token_loss(
     dtype: torch.dtype = torch.float32,
 ) -> None:
     """token_logprob_loss's checks of loss_fn and per_token, which need no kernel: per_token a
-    sequence of tensors (or None) of targets' shape; loss_fn one loss per log-prob, and a
-    token's loss unmoved when the other tokens are dropped (the fold hands it a chunk of rows
-    at a time, so a loss that mixes tokens, e.g. a sequence mean, would come out silently
-    wrong). Probed on synthetic log-probs (of `dtype`'s compute dtype) with the first valid
-    tokens' inputs (one device sync); a check, not a proof."""
+    sequence of tensors (or None) of targets' shape (_check_per_token_inputs); loss_fn one loss
+    per log-prob, and a token's loss unmoved when the other tokens are dropped
+    (_probe_token_loss, on the first valid tokens' inputs)."""
+    _check_per_token_inputs(per_token, targets)
+    rows = RowSelection(targets != ignore_index)
+    _probe_token_loss(
+        loss_fn, [None if t is None else rows.take(t) for t in per_token], dtype, targets.device
+    )
+
+
+def _check_per_token_inputs(per_token: Sequence[torch.Tensor | None], targets: torch.Tensor) -> None:
     if isinstance(per_token, torch.Tensor) or not isinstance(per_token, Sequence):
         raise ValueError(
             f"per_token must be a list or tuple of tensors (or None), got {type(per_token).__name__}"
         )
     for i, t in enumerate(per_token):
         check_per_token(t, f"per_token[{i}]", targets, floating=False)
+
+
+def _probe_token_loss(loss_fn: TokenLossFn, inputs: list, dtype: torch.dtype, device) -> None:
+    """loss_fn gives one loss per log-prob, and a token's loss does not move when the other
+    tokens are dropped (the fold hands it a chunk of rows at a time, so a loss that mixes
+    tokens, e.g. a sequence mean, would come out silently wrong). Probed on synthetic log-probs
+    (of `dtype`'s compute dtype) with `inputs`, the valid tokens' per-token inputs (one device
+    sync); a check, not a proof."""
     if not callable(loss_fn):
         raise ValueError(
             f"loss_fn must be callable (log-probs, *per_token) -> per-token losses, got {loss_fn!r}"
         )
-    rows = RowSelection(targets != ignore_index)
-    inputs = [None if t is None else rows.take(t) for t in per_token]
     count = min([PROBE_TOKENS] + [t.shape[0] for t in inputs if t is not None])
     acc = torch.promote_types(dtype, torch.float32)
-    s = -torch.linspace(0.05, 4.0, PROBE_TOKENS, dtype=acc, device=targets.device)[:count]
+    s = -torch.linspace(0.05, 4.0, PROBE_TOKENS, dtype=acc, device=device)[:count]
     cut = lambda n: [None if t is None else t[:n] for t in inputs]
     with torch.no_grad():
         full = _per_token_losses(loss_fn, s, cut(count))
