@@ -264,20 +264,25 @@ def _static_shapes(x: dict):
     return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
 
 
-def _liger_gopd_loss(x: dict) -> torch.Tensor:
+def _liger_grpo_loss(x: dict, advantages: torch.Tensor, **settings) -> torch.Tensor:
+    """LigerFusedLinearGRPOLoss on the student's rows, one token per "sequence": Liger's
+    advantages are per sequence, ours per token. `settings` are its loss_type and clip range."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    # One token per "sequence": Liger's advantages are per sequence, G-OPD's per token. With
-    # loss_type "grpo" the loss is then the token mean, as ours.
-    n = x["n"]
-    adv = gk.gopd_advantage(x["old_logp"], x["teacher_logp"], x["ref_logp"], lam=LAM)
-    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", chunk_size=1024,
-                                       compiled=True)  # fmt: skip
+    loss_fn = LigerFusedLinearGRPOLoss(
+        beta=0.0, use_ref_model=False, chunk_size=1024, compiled=True, **settings
+    )
+    ones = torch.ones(x["n"], 1, dtype=torch.long, device=x["h"].device)
     with _static_shapes(x):
-        out = loss_fn(x["h"].unsqueeze(1), x["w"], x["targets"].unsqueeze(1),
-                      torch.ones(n, 1, dtype=torch.long, device=x["h"].device), adv,
+        out = loss_fn(x["h"].unsqueeze(1), x["w"], x["targets"].unsqueeze(1), ones, advantages,
                       old_per_token_logps=x["old_logp"].unsqueeze(1))  # fmt: skip
     return out[0] if isinstance(out, tuple) else out
+
+
+def _liger_gopd_loss(x: dict) -> torch.Tensor:
+    # With one token per sequence, loss_type "grpo" is the token mean, as ours.
+    adv = gk.gopd_advantage(x["old_logp"], x["teacher_logp"], x["ref_logp"], lam=LAM)
+    return _liger_grpo_loss(x, adv, loss_type="grpo")
 
 
 def _loss_args(x: dict) -> tuple:
@@ -344,17 +349,8 @@ def _policy_args(x: dict) -> tuple:
 
 
 def _liger_policy_loss(x: dict) -> torch.Tensor:
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    # One token per "sequence" (Liger's advantages are per sequence); "dapo" normalises by the
-    # batch's tokens: the token mean.
-    loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo", chunk_size=1024,
-                                       epsilon_low=CLIP[0], epsilon_high=CLIP[1], compiled=True)  # fmt: skip
-    ones = torch.ones(x["n"], 1, dtype=torch.long, device=x["h"].device)
-    with _static_shapes(x):
-        out = loss_fn(x["h"].unsqueeze(1), x["w"], x["targets"].unsqueeze(1), ones, x["advantages"],
-                      old_per_token_logps=x["old_logp"].unsqueeze(1))  # fmt: skip
-    return out[0] if isinstance(out, tuple) else out
+    # "dapo" normalises by the batch's tokens: the token mean.
+    return _liger_grpo_loss(x, x["advantages"], loss_type="dapo", epsilon_low=CLIP[0], epsilon_high=CLIP[1])
 
 
 def _policy_impls() -> dict[str, Impl]:
