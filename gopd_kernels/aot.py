@@ -297,9 +297,11 @@ def kernel_variants() -> list[KernelVariant]:
         hot=True, needs_mma=False,
     )  # fmt: skip
     f32 = lambda *names: {f"{n}_ptr": "fp32" for n in names}
-    for target in (True, False):  # the sampled fold's log-softmax; the dense fold's lse (y_ptr unused: lse)
+    # the sampled fold's log-softmax, with and without the entropy; the dense fold's lse (y_ptr unused: lse)
+    for target, entropy in ((True, False), (True, True), (False, False)):
         y = {"y_ptr": "i64" if target else "fp32"}
-        out.append(row("row_log_softmax_kernel", f32("z", "s", "lse") | y, HAS_TARGET=target))
+        out.append(row("row_log_softmax_kernel", f32("z", "s", "lse", "h") | y, HAS_TARGET=target,
+                       WITH_ENTROPY=entropy))  # fmt: skip
     out.append(row("row_dense_kl_kernel", f32("a", "c", "t", "lse_c", "lse_t", "kl", "kl_t", "lse_a", "u"),
                    WITH_TEACHER=True))  # fmt: skip
     for dz, softcap in (("bf16", False), ("bf16", True), ("fp32", False)):  # a soft-capped head's too

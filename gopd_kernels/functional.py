@@ -10,7 +10,7 @@ from gopd_kernels.backend import resolve_backend
 from gopd_kernels.ops.token_logprobs import LinearTokenLogprobs, folds_frozen_head
 from gopd_kernels.ops.vocab_parallel import local_head, vocab_shard
 from gopd_kernels.selection import RowSelection
-from gopd_kernels.validation import check_backend_dtype, check_token_inputs, logit_cap
+from gopd_kernels.validation import check_backend_dtype, check_flag, check_token_inputs, logit_cap
 
 if TYPE_CHECKING:  # annotations only: torch.distributed is missing from some torch builds
     from torch.distributed import ProcessGroup
@@ -100,8 +100,7 @@ def token_logprobs(
     temperature = check_token_inputs(
         hidden, weight, bias, targets, ignore_index, temperature, vocab, logit_scale
     )  # tau / s from here on
-    if not isinstance(return_entropy, bool):
-        raise ValueError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    check_flag(return_entropy, "return_entropy")
     backend = resolve_backend(backend, hidden.device)
     check_backend_dtype(backend, hidden.dtype)
     fold = folds_frozen_head(fold, backend, hidden, weight, bias, return_entropy)

@@ -215,14 +215,16 @@ def sequence_loss(
     num_tokens: float | None = None,
     backend: str = "auto",
     fold: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """token_logprob_loss of a transformers model's next tokens: loss_fn(s, *per_token) per
     predicted token input_ids[:, t + 1], aggregated over those where attention_mask[:, 1:] and
     loss_mask (a [B, T - 1] bool: the response tokens, say) are both set, without the [B, T, V]
     logits, its gradient folded as token_logprob_loss's (the model's parameters get it).
     per_token tensors are [B, T - 1], aligned with the predicted tokens; loss_agg and
-    num_tokens, temperature, backend and fold as token_logprob_loss's. Returns (loss, logp):
-    logp [B, T - 1] detached, 0 where a token does not count."""
+    num_tokens, temperature, backend, fold and return_entropy as token_logprob_loss's. Returns
+    (loss, logp), or (loss, logp, entropy) with return_entropy: logp (and entropy) [B, T - 1]
+    detached, 0 where a token does not count."""
     targets = _next_targets(input_ids, attention_mask, loss_mask)
     dtype = transformers_model(model).get_output_embeddings().weight.dtype
     check_token_loss(loss_fn, per_token, targets, IGNORE, dtype)  # before the model runs
@@ -230,7 +232,7 @@ def sequence_loss(
     return token_logprob_loss(
         hidden, head.weight, targets, loss_fn, per_token, bias=head.bias, temperature=temperature,
         **transform.kwargs(), loss_agg=loss_agg, num_tokens=num_tokens, ignore_index=IGNORE, backend=backend,
-        fold=fold,
+        fold=fold, return_entropy=return_entropy,
     )  # fmt: skip
 
 

@@ -19,7 +19,7 @@ from gopd_kernels.backend import implementation, info_once, resolve_backend
 from gopd_kernels.functional import token_logprobs
 from gopd_kernels.ops.dense_kl import DenseGopdKL
 from gopd_kernels.ops.folded_dense_kl_torch import DENSE_FOLD_ROWS, FoldedDenseKL
-from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes
+from gopd_kernels.ops.folded_loss_torch import FOLD_ROWS, FoldedTokenLoss, fold_workspace_bytes, row_tiles
 from gopd_kernels.ops.matmul_torch import cublas_half
 from gopd_kernels.ops.token_logprobs import head_requires_grad
 from gopd_kernels.ops.vocab_parallel import local_head, vocab_shard
@@ -27,6 +27,7 @@ from gopd_kernels.selection import RowSelection
 from gopd_kernels.validation import (
     check_backend_dtype,
     check_choice,
+    check_flag,
     check_lm_head,
     check_matching_head,
     check_ref_settings,
@@ -157,7 +158,8 @@ def token_logprob_loss(
     fold: bool | None = None,
     vocab_group: ProcessGroup | None = None,
     reduce_hidden_grad: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Any per-token loss of the sampled tokens' log-probs, fused from the hidden states, its
     gradient folded into the forward as gopd_loss's is.
 
@@ -182,24 +184,33 @@ def token_logprob_loss(
     ignore_index, vocab_group and reduce_hidden_grad are token_logprobs'; loss_agg and
     num_tokens aggregate_token_losses'.
 
-    Returns ``(loss, logp)``: the 0-d loss, differentiable w.r.t. hidden, weight and bias
-    (gradients in their dtypes, accumulated in fp32), and the log-probs with targets' shape,
-    detached, 0 at ignored positions.
+    return_entropy: also return each token's entropy H_t of softmax(z_t / tau), detached (to
+    watch for entropy collapse; not a loss term): from the fold's own read of each chunk's
+    logits (with the torch rows, a few more passes over it), or token_logprobs' when unfolded.
+    With it a frozen head folds here rather than in token_logprobs' frozen-head fold, which
+    has no entropy (both 2 GEMMs).
+
+    Returns ``(loss, logp)``, or ``(loss, logp, entropy)`` with return_entropy: the 0-d loss,
+    differentiable w.r.t. hidden, weight and bias (gradients in their dtypes, accumulated in
+    fp32), and the log-probs (and entropies) with targets' shape, detached, 0 at ignored
+    positions.
     """
-    return _token_loss(
+    loss, logp, entropy = _token_loss(
         "token_logprob_loss", hidden, weight, targets, loss_fn, per_token, bias=bias, temperature=temperature,
         logit_scale=logit_scale, logit_softcap=logit_softcap, loss_agg=loss_agg, num_tokens=num_tokens,
         ignore_index=ignore_index, backend=backend, fold=fold, vocab_group=vocab_group,
-        reduce_hidden_grad=reduce_hidden_grad, probe=True,
+        reduce_hidden_grad=reduce_hidden_grad, return_entropy=return_entropy, probe=True,
     )  # fmt: skip
+    return (loss, logp, entropy) if return_entropy else (loss, logp)
 
 
 def _token_loss(
     op: str, hidden, weight, targets, loss_fn, per_token, *, bias, temperature, logit_scale, logit_softcap,
-    loss_agg, num_tokens, ignore_index, backend, fold, vocab_group, reduce_hidden_grad, probe=False,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """token_logprob_loss's (loss, detached logp) for `op` (the name its log lines and errors
-    give), with `probe` its check of loss_fn (gopd_loss's own needs none)."""
+    loss_agg, num_tokens, ignore_index, backend, fold, vocab_group, reduce_hidden_grad, return_entropy,
+    probe=False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """token_logprob_loss's (loss, detached logp, detached entropy or None) for `op` (the name its
+    log lines and errors give), with `probe` its check of loss_fn (gopd_loss's own needs none)."""
     cap = logit_cap(temperature, logit_softcap)  # c / tau, the fold's; token_logprobs takes c itself
     hidden, weight, bias, vocab_group = local_head(hidden, weight, bias, vocab_group)
     # every check before any kernel runs; a vocabulary-parallel head's ids, of the whole
@@ -210,6 +221,7 @@ def _token_loss(
     )
     check_choice(loss_agg, LOSS_AGGS, "loss_agg")
     _check_num_tokens(num_tokens, loss_agg)
+    check_flag(return_entropy, "return_entropy")
     if probe:
         _check_per_token_inputs(per_token, targets)
     mask = targets != ignore_index
@@ -223,7 +235,7 @@ def _token_loss(
     # N = 4096, D = 1024, V = 151936, fp32, 2 runs each): 9.1-9.5 s and 85 MiB against this fold's
     # 10.2-11.7 s and 314 MiB.
     fold_on = _fold_backend(
-        fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias), bias,
+        fold, backend, hidden, weight, _policy_folds_by_default(hidden, weight, bias, return_entropy), bias,
         op=op, unfoldable=None if vocab_group is None else "vocab_group",
     )  # fmt: skip
     if fold_on == "triton" and fold is None:
@@ -234,20 +246,25 @@ def _token_loss(
         )
     if fold_on:
         check_backend_dtype(fold_on, hidden.dtype)
-        loss, s = FoldedTokenLoss.apply(
+        rows_impl = implementation("fold_rows", fold_on)
+        # by default FOLD_ROWS rows a chunk, with room for the row work's scratch (a soft cap, the
+        # entropy) on top: not a chunk of fewer rows, which costs a pass of the fp32 dW more
+        live = row_tiles(rows_impl, 1, cap is not None, return_entropy)
+        loss, s, entropy = FoldedTokenLoss.apply(
             rows.take(hidden).contiguous(), weight, bias, rows.take(targets).long().contiguous(),
             1.0 / temperature_over_scale, _chunk_loss(loss_fn, inputs, rows.take(weights_all)),
-            fold_workspace_bytes(weight, rows=FOLD_ROWS[fold_on]), implementation("fold_rows", fold_on), cap,
+            fold_workspace_bytes(weight, live, FOLD_ROWS[fold_on]), rows_impl, cap, return_entropy,
         )  # fmt: skip
-        return loss, rows.put(s)
-    logp = token_logprobs(
+        return loss, rows.put(s), None if entropy is None else rows.put(entropy)
+    out = token_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, logit_scale=logit_scale,
-        logit_softcap=logit_softcap, ignore_index=ignore_index, backend=backend, fold=fold,
-        vocab_group=vocab_group, reduce_hidden_grad=reduce_hidden_grad,
+        logit_softcap=logit_softcap, ignore_index=ignore_index, return_entropy=return_entropy,
+        backend=backend, fold=fold, vocab_group=vocab_group, reduce_hidden_grad=reduce_hidden_grad,
     )  # fmt: skip
+    logp, entropy = out if return_entropy else (out, None)
     s = rows.take(logp)
     loss = (_per_token_losses(loss_fn, s, inputs) * rows.take(weights_all).to(s.dtype)).sum()
-    return loss, logp.detach()
+    return loss, logp.detach(), None if entropy is None else entropy.detach()
 
 
 @torch.compiler.disable  # as token_logprobs
@@ -274,6 +291,7 @@ def gopd_loss(
     fold: bool | None = None,
     vocab_group: ProcessGroup | None = None,
     reduce_hidden_grad: bool = True,
+    return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The G-OPD policy-gradient loss on sampled tokens, fused from the student's hidden states.
 
@@ -306,10 +324,14 @@ def gopd_loss(
     The loss's own fold does not apply (its dZ needs whole rows): fold=True is an error, and a
     trained head recomputes; a frozen head still takes token_logprobs' frozen-head fold.
 
+    return_entropy: stats["entropy"], the student's mean entropy over the valid tokens (as
+    token_logprob_loss's return_entropy: a statistic, from the same read of the logits).
+
     Returns ``(loss, stats)``; stats holds detached 0-d tensors (no device sync): the mean
     advantage, the reverse-KL estimate mean(s - T), the reward mean(T - R) (with a
     reference), the clip fraction, the importance weight's mean and max (with is_cap), the
-    rollout mismatch mean(o - r) (with rollout_logp), and the valid-token count.
+    rollout mismatch mean(o - r) (with rollout_logp), the entropy (with return_entropy), and
+    the valid-token count.
     """
     lam = check_lam(lam)
     check_per_token(
@@ -336,11 +358,11 @@ def gopd_loss(
         s, teacher, ref, old, rollout, lam, (clip_low, clip_high), is_cap
     )
     per_token_inputs = (teacher_logp, ref_logp, old_logp, rollout_logp)
-    loss, s = _token_loss(
+    loss, s, entropy = _token_loss(
         "gopd_loss", hidden, weight, targets, lambda *a: terms(*a)[0], per_token_inputs, bias=bias,
         temperature=temperature, logit_scale=logit_scale, logit_softcap=logit_softcap, loss_agg=loss_agg,
         num_tokens=num_tokens, ignore_index=ignore_index, backend=backend, fold=fold, vocab_group=vocab_group,
-        reduce_hidden_grad=reduce_hidden_grad,
+        reduce_hidden_grad=reduce_hidden_grad, return_entropy=return_entropy,
     )  # fmt: skip
     _, adv, clipped, is_weight = terms(s, *per_token_inputs)
     mask = targets != ignore_index
@@ -355,6 +377,8 @@ def gopd_loss(
     if rollout_logp is not None:
         o = s.detach() if old_logp is None else old_logp.to(s.dtype)
         stats["rollout_mismatch"] = _masked_mean(o - rollout_logp.to(s.dtype), mask)
+    if entropy is not None:
+        stats["entropy"] = _masked_mean(entropy, mask)
     if is_weight is not None:
         stats["is_weight_mean"] = _masked_mean(is_weight, mask)
         stats["is_weight_max"] = torch.where(mask, is_weight, torch.zeros_like(is_weight)).max().detach()
@@ -407,9 +431,11 @@ def _fold_backend(
     return resolved
 
 
-def _policy_folds_by_default(hidden, weight, bias=None):
+def _policy_folds_by_default(hidden, weight, bias=None, with_entropy: bool = False):
     """gopd_loss with fold=None folds a trained head (a frozen one takes token_logprobs'
-    frozen-head fold, leaner on CPUs; measured above): always on the torch backend; on the Triton
+    frozen-head fold, leaner on CPUs, measured above; with_entropy, which that fold does not
+    give, it folds here by the same rule: also 2 GEMMs, not the recomputing 3): always on the
+    torch backend; on the Triton
     backend for bf16 and fp16 heads where torch has their GEMM with an fp32 result (cuBLAS),
     the fold's 3 GEMMs. Measured on an H100 (N = 16384, D = 4096, V = 151936, bf16): 104.0 ms
     and 5132 MiB against the recomputing backward's 145.8 ms and 2523 MiB (2026-11-27; the
@@ -420,7 +446,10 @@ def _policy_folds_by_default(hidden, weight, bias=None):
     cuBLAS's plain fp32)."""
 
     def folds(backend: str) -> bool:
-        return head_requires_grad(weight, bias) and (backend == "torch" or cublas_half(hidden, weight, bias))
+        frozen_with_entropy = with_entropy and hidden.requires_grad
+        return (head_requires_grad(weight, bias) or frozen_with_entropy) and (
+            backend == "torch" or cublas_half(hidden, weight, bias)
+        )
 
     return folds
 
@@ -632,8 +661,7 @@ def gopd_dense_loss(
         )
     check_choice(loss_agg, LOSS_AGGS, "loss_agg")
     _check_num_tokens(num_tokens, loss_agg)
-    if not isinstance(teacher_kl, bool):
-        raise ValueError(f"teacher_kl must be a bool, got {type(teacher_kl).__name__}")
+    check_flag(teacher_kl, "teacher_kl")
     backend = resolve_backend(backend, student_hidden.device)
     check_backend_dtype(backend, student_hidden.dtype, "student_hidden")
 

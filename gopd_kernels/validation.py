@@ -161,6 +161,12 @@ def check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
     return value
 
 
+def check_flag(value: bool, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_backend_dtype(backend: str, dtype: torch.dtype, name: str = "hidden") -> None:
     """float64 has no Triton kernels (no float64 tensor cores); say so rather than cast."""
     if backend == "triton" and dtype in TORCH_ONLY_DTYPES:

@@ -4,6 +4,7 @@ A folded loss (folded_loss_torch) forms each row chunk's fp32 logits z [rows, V]
 GEMM, then needs, per row t with target y_t,
 
     s_t   = z_ty - lse_t,      lse_t = log sum_v exp(z_tv)            (row_log_softmax)
+    H_t   = lse_t - sum_v p_tv z_tv   (entropy, when asked; the same read)
     dz_tv = c_t (1[v = y_t] - exp(z_tv - lse_t))                      (row_logit_grads)
 
 with c_t = dL/ds_t from the loss. In PyTorch that is some ten passes over the fp32 tile
@@ -38,37 +39,57 @@ from gopd_kernels.ops.matmul_torch import tile_dtype
 from gopd_kernels.ops.matmul_triton import matmul
 from gopd_kernels.ops.triton_common import LAUNCH_OPTIONS, soft_cap_slope
 
-CAP_TILES = 0  # logit_grads and dense_kl over soft-capped logits: da/dz in the same pass, no more memory
+# logit_grads and dense_kl over soft-capped logits (da/dz), and the entropy: in the same passes, no
+# more memory
+SCRATCH_TILES = 0
 # One config, not tuned: columns per step (8 KB of fp32 per row and step) over 8 warps.
 CONFIGS = [triton.Config({"BLOCK_V": 2048}, num_warps=8)]
 
 
 @triton.jit
-def _row_lse(z_row, V, BLOCK_V: tl.constexpr):
-    """log sum_v exp(z_v) of one fp32 row: an online maximum per lane, then across lanes."""
+def _row_stats(z_row, V, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(lse, H) of one fp32 row: log sum_v exp(z_v) by an online maximum per lane, then across
+    lanes; with WITH_ENTROPY its softmax's entropy H = log S - E_p[z - m] the same way, from
+    t = sum e (z - m) per lane, rescaled as m moves (vocab_partials' form; else H = 0)."""
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per-lane running maximum
     acc = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp(z - m)
+    t = tl.zeros([BLOCK_V], tl.float32)  # per-lane sum of exp(z - m) (z - m)
     for v0 in range(0, V, BLOCK_V):
         z = tl.load(z_row + v0 + cols, mask=v0 + cols < V, other=float("-inf"))
         m_new = tl.maximum(m, z)
         seen = m_new > float("-inf")  # a lane past V so far: nothing to rescale (avoids inf - inf)
-        acc = tl.where(seen, acc * tl.exp(m - m_new) + tl.exp(z - m_new), 0.0)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        if WITH_ENTROPY:  # e (z - m) is 0 where e is (past V: 0 * inf)
+            shift = tl.where(acc > 0, m - m_new, 0.0) * acc
+            t = tl.where(seen, alpha * (t + shift) + tl.where(e > 0, e * (z - m_new), 0.0), 0.0)
+        acc = tl.where(seen, acc * alpha + e, 0.0)
         m = m_new
     m_row = tl.max(m, axis=0)
-    return m_row + tl.log(tl.sum(acc * tl.exp(m - m_row), axis=0))
+    a = tl.exp(m - m_row)  # 0 for lanes never past V
+    sum_e = tl.sum(acc * a, axis=0)
+    lse = m_row + tl.log(sum_e)
+    entropy = 0.0
+    if WITH_ENTROPY:
+        centred = tl.sum(a * (t + tl.where(acc > 0, m - m_row, 0.0) * acc), axis=0) / sum_e
+        entropy = tl.maximum(tl.log(sum_e) - centred, 0.0)
+    return lse, entropy
 
 
 @triton.jit
 def row_log_softmax_kernel(
-    z_ptr, y_ptr, s_ptr, lse_ptr, V, stride_zm, HAS_TARGET: tl.constexpr, BLOCK_V: tl.constexpr
-):
+    z_ptr, y_ptr, s_ptr, lse_ptr, h_ptr, V, stride_zm, HAS_TARGET: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0)
     z_row = z_ptr + row.to(tl.int64) * stride_zm
-    lse = _row_lse(z_row, V, BLOCK_V)
+    lse, entropy = _row_stats(z_row, V, WITH_ENTROPY, BLOCK_V)
     tl.store(lse_ptr + row, lse)
     if HAS_TARGET:
         tl.store(s_ptr + row, tl.load(z_row + tl.load(y_ptr + row)) - lse)
+    if WITH_ENTROPY:
+        tl.store(h_ptr + row, entropy)
 
 
 @triton.jit
@@ -186,24 +207,29 @@ def _written_over(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return z.view(dtype)[:, : z.shape[1]]
 
 
-def _log_softmax(z: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_softmax(
+    z: torch.Tensor, targets: torch.Tensor | None, entropy: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = z.shape
     lse = torch.empty(rows, dtype=torch.float32, device=z.device)
     s = torch.empty_like(lse) if targets is not None else lse
     if rows:
         row_log_softmax_kernel[(rows,)](
-            z, lse if targets is None else targets, s, lse, vocab, z.stride(0),
-            HAS_TARGET=targets is not None, **_launch_config(vocab),
+            z, lse if targets is None else targets, s, lse, lse if entropy is None else entropy, vocab,
+            z.stride(0), HAS_TARGET=targets is not None, WITH_ENTROPY=entropy is not None,
+            **_launch_config(vocab),
         )  # fmt: skip
     return s, lse
 
 
 def log_softmax(
-    z: torch.Tensor, targets: torch.Tensor, cap: float | None = None
+    z: torch.Tensor, targets: torch.Tensor, cap: float | None = None, entropy: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, lse) [rows] of fp32 logits z [rows, V] (unit column stride), targets [rows] in [0, V).
-    z is left as it is, capped or not (cap: the contract's; logit_grads is what reads it)."""
-    return _log_softmax(z, targets)
+    z is left as it is, capped or not (cap: the contract's; logit_grads is what reads it).
+    entropy: a [rows] fp32 buffer given to receive each row's entropy H = lse - E_p[z], from
+    the same read of z."""
+    return _log_softmax(z, targets, entropy)
 
 
 def lse(z: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:

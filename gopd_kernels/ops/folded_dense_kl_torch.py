@@ -29,6 +29,7 @@ from gopd_kernels.ops.folded_loss_torch import (
     HiddenGrad,
     add_chunk_grads,
     fold_rows,
+    row_tiles,
     save_folded_grads,
     scale_saved_grads,
 )
@@ -59,7 +60,7 @@ class FoldedDenseKL(torch.autograd.Function):
         """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton).
         caps: the three heads' soft-caps / tau (dense_kl.Caps): each tile capped where it is
         built (a capped reference's through the tile of a, free until a is formed), the
-        student's dz taken on to its raw logits by the row work (rows_impl.CAP_TILES more)."""
+        student's dz taken on to its raw logits by the row work (rows_impl.SCRATCH_TILES more)."""
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         rows, vocab = hs.shape[0], ws.shape[0]
         acc = compute_dtype(hs.dtype)
@@ -69,8 +70,7 @@ class FoldedDenseKL(torch.autograd.Function):
         (hs_, ws_, bs_), (ht_, wt_, bt_) = ((h, operand(w), b) for h, w, b in (student, teacher))
         ref = None if ref is None else (ref[0], operand(ref[1]), ref[2])
         live = 3 if with_teacher_kl else 2
-        cap_tiles = rows_impl.CAP_TILES if caps[0] is not None else 0
-        chunk = fold_rows(ws_bytes, rows, vocab, acc, live + cap_tiles)
+        chunk = fold_rows(ws_bytes, rows, vocab, acc, row_tiles(rows_impl, live, caps[0] is not None))
         dh = HiddenGrad(hs, acc, chunk) if need_dh else None
         dw = HeadGrad(ws, hs_, ws_.dtype, acc, chunk, rows_impl) if need_dw else None
         db = torch.zeros(vocab, **like) if need_db else None

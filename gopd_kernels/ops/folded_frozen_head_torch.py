@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from gopd_kernels.ops.folded_loss_torch import fold_rows, logit_chunks
+from gopd_kernels.ops.folded_loss_torch import fold_rows, logit_chunks, row_tiles
 from gopd_kernels.ops.matmul_torch import compute_dtype, mm_into, operand, scaled_operand
 
 
@@ -47,7 +47,7 @@ def forward(
     acc = compute_dtype(hidden.dtype)
     h, w = operand(hidden), operand(weight)
     b = None if bias is None else bias.to(acc) * inv_temp
-    chunk = fold_rows(ws_bytes, rows, vocab, acc, 1 + (rows_impl.CAP_TILES if cap is not None else 0))
+    chunk = fold_rows(ws_bytes, rows, vocab, acc, row_tiles(rows_impl, 1, cap is not None))
     buf = torch.empty(min(chunk, rows) * vocab, dtype=acc, device=hidden.device)
     s = torch.empty(rows, dtype=acc, device=hidden.device)
     lse = torch.empty_like(s)

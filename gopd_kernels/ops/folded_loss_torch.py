@@ -47,14 +47,20 @@ FOLD_ROWS = {"torch": 512, "triton": 2048}
 TokenLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def fold_workspace_bytes(weight: torch.Tensor, live: int = 1, rows: int = FOLD_ROWS["torch"]) -> int:
+def fold_workspace_bytes(weight: torch.Tensor, live: float = 1, rows: int = FOLD_ROWS["torch"]) -> int:
     """Budget for `live` fp32 [rows, V] tiles, unless GOPD_WORKSPACE_MB says otherwise."""
-    return workspace_bytes("torch", weight, default=live * rows * weight.shape[0] * 4)
+    return workspace_bytes("torch", weight, default=int(live * rows * weight.shape[0] * 4))
 
 
 def fold_rows(ws_bytes: int, rows: int, vocab: int, acc: torch.dtype, live: float = 1) -> int:
     """Rows per chunk (1 to `rows`) such that `live` full-vocabulary tiles fit in ws_bytes."""
     return max(1, min(rows, int(ws_bytes // (live * vocab * acc.itemsize))))
+
+
+def row_tiles(rows_impl, live: int = 1, capped: bool = False, with_entropy: bool = False) -> float:
+    """Full-vocabulary tiles a chunk holds: `live` logit tiles, and the scratch (a fraction of a
+    tile) that the row work takes for a soft-capped tile or the entropy (rows_impl.SCRATCH_TILES)."""
+    return live + (rows_impl.SCRATCH_TILES if capped or with_entropy else 0)
 
 
 def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tensor, cap: float | None = None):
@@ -207,18 +213,20 @@ def scale_saved_grads(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None
 
 class FoldedTokenLoss(torch.autograd.Function):
     """(hidden [M, D], weight [V, D], bias [V] | None, targets [M] valid ids, inv_temp, token_loss)
-    -> (loss, logp [M]).
+    -> (loss, logp [M], entropy [M] | None).
 
-    logp is returned detached (for statistics); the loss is differentiable w.r.t. hidden, weight
-    and bias (db = the column sums of dL/dz, in fp32 across the chunks). cap: a soft-capped
-    head's cap / tau: each chunk's logits are capped in place, and dz taken on to the raw ones
-    by the row work (rows_impl.CAP_TILES more tiles for it: the torch rows' block scratch).
+    logp is returned detached (for statistics), and with with_entropy the entropy of each
+    row's softmax, from the log-softmax's read of its logits (detached: a statistic, not a
+    loss term); the loss is differentiable w.r.t. hidden, weight and bias (db = the column
+    sums of dL/dz, in fp32 across the chunks). cap: a soft-capped head's cap / tau: each
+    chunk's logits are capped in place, and dz taken on to the raw ones by the row work
+    (rows_impl.SCRATCH_TILES more tiles for it, as for the entropy: the torch rows' block scratch).
     """
 
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, targets, inv_temp: float, token_loss: TokenLoss, ws_bytes: int, rows_impl,
-        cap=None,
+        cap=None, with_entropy: bool = False,
     ):  # fmt: skip
         """rows_impl: the module doing each chunk's row work (fold_rows_torch or fold_rows_triton)."""
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -227,11 +235,12 @@ class FoldedTokenLoss(torch.autograd.Function):
         acc = compute_dtype(hidden.dtype)
         h, w = operand(hidden), operand(weight)
         b = None if bias is None else bias.to(acc) * inv_temp
-        chunk = fold_rows(ws_bytes, rows, vocab, acc, 1 + (rows_impl.CAP_TILES if cap is not None else 0))
+        chunk = fold_rows(ws_bytes, rows, vocab, acc, row_tiles(rows_impl, 1, cap is not None, with_entropy))
         dh = HiddenGrad(hidden, acc, chunk) if need_dh else None
         dw = HeadGrad(weight, h, w.dtype, acc, chunk, rows_impl) if need_dw else None
         db = torch.zeros(vocab, dtype=acc, device=hidden.device) if need_db else None
         logp = torch.empty(rows, dtype=acc, device=hidden.device)
+        entropy = torch.empty_like(logp) if with_entropy else None
         loss = torch.zeros((), dtype=acc, device=hidden.device)
 
         def fold_chunks() -> None:
@@ -240,7 +249,7 @@ class FoldedTokenLoss(torch.autograd.Function):
             # headline shape) alive through the cast.
             buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
             for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, cap):
-                s, state = rows_impl.log_softmax(z, y, cap)
+                s, state = rows_impl.log_softmax(z, y, cap, None if entropy is None else entropy[r0:r1])
                 logp[r0:r1] = s
                 with torch.enable_grad():
                     s_leaf = s.detach().requires_grad_(need_dh or need_dw or need_db)
@@ -258,9 +267,9 @@ class FoldedTokenLoss(torch.autograd.Function):
         fold_chunks()
         dh = None if dh is None else dh.dh  # its fp32 scratch gone before dW's cast
         save_folded_grads(ctx, (dh, hidden), (None if dw is None else dw.result(), weight), (db, bias))
-        ctx.mark_non_differentiable(logp)
-        return loss, logp
+        ctx.mark_non_differentiable(*(t for t in (logp, entropy) if t is not None))
+        return loss, logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logp):
-        return *scale_saved_grads(ctx, grad_loss), None, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
+        return *scale_saved_grads(ctx, grad_loss), None, None, None, None, None, None, None

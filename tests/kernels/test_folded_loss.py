@@ -91,7 +91,7 @@ def test_chunks_without_a_gradient_leave_dw_to_the_others_or_zero(first_with_gra
         return (s * row_w[r0:r1]).sum() if r0 >= grad_from else torch.zeros(())
 
     h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-    loss, _ = FoldedTokenLoss.apply(h, w, None, y, 1.0, token_loss, 3 * 211 * 4, fold_rows_torch)
+    loss, *_ = FoldedTokenLoss.apply(h, w, None, y, 1.0, token_loss, 3 * 211 * 4, fold_rows_torch)
     loss.backward()
     h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
     s = token_logprobs_reference(h2, w2, y)
@@ -152,7 +152,9 @@ def test_row_passes_match_torch(v, cap, device, narrow_row_blocks):
     """fold_rows_triton against fold_rows_torch's in-place ops, on rows whose logits span
     ~100 nats and climb along the row (the running maximum moves from block to block), and
     targets at both ends of the vocabulary; dz in bf16 and fp32, written over z's rows. Soft-
-    capped: the same logits through 40 tanh(z / 40), dz taken on to the raw logits."""
+    capped: the same logits through 40 tanh(z / 40), dz taken on to the raw logits. The
+    entropy, when asked, from the same pass, against the float64 softmax's; asking for it
+    changes nothing else."""
     from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
 
     g = torch.Generator().manual_seed(v)
@@ -171,10 +173,21 @@ def test_row_passes_match_torch(v, cap, device, narrow_row_blocks):
     if cap is not None:
         by_hand = by_hand * (1 - (z / cap) ** 2)
     torch.testing.assert_close(want_dz, by_hand, atol=1e-12, rtol=1e-9)
+    want_h = -(p * torch.log_softmax(z, 1)).sum(1)
+    e, h = z.clone(), torch.full((5,), torch.nan, dtype=torch.float64)
+    s_h, state_h = fold_rows_torch.log_softmax(e, y, cap, entropy=h)
+    torch.testing.assert_close(h, want_h, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(s_h, want_s, atol=1e-12, rtol=0)
+    torch.testing.assert_close(fold_rows_torch.logit_grads(e, y, state_h, c, torch.float64, cap), want_dz,
+                               atol=1e-12, rtol=1e-9)  # fmt: skip
     zf = z.float().to(device)
     s, lse = fold_rows_triton.log_softmax(zf, y.to(device), cap)
     torch.testing.assert_close(s.double().cpu(), want_s, atol=1e-4, rtol=1e-6)
     torch.testing.assert_close(lse.double().cpu(), torch.logsumexp(z, 1), atol=1e-4, rtol=1e-6)
+    h = torch.full((5,), torch.nan, device=device)
+    s_h, lse_h = fold_rows_triton.log_softmax(zf, y.to(device), cap, entropy=h)
+    assert torch.equal(s_h, s) and torch.equal(lse_h, lse)
+    torch.testing.assert_close(h.double().cpu(), want_h, atol=1e-4, rtol=1e-5)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 1e-2)):  # fp32 z near 1000: ulp 6e-5
         z_consumed = zf.clone()
         dz = fold_rows_triton.logit_grads(z_consumed, y.to(device), lse, c.float().to(device), dtype, cap)

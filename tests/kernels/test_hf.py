@@ -279,7 +279,8 @@ def clipped(s, advantages, old):
 @pytest.mark.parametrize("fold", [None, False])
 def test_sequence_loss_is_the_loss_of_the_models_own_logprobs(backend, fold, device):
     """sequence_loss as the model's materialised logits give it: the loss over the response
-    tokens (loss_mask) of left-padded rows, its log-probs, and every parameter's gradient."""
+    tokens (loss_mask) of left-padded rows, its log-probs (and entropies, return_entropy), and
+    every parameter's gradient."""
     model = tiny_qwen3(seed=3).to(device)
     ids, mask = (t.to(device) for t in left_padded_batch())
     g = torch.Generator().manual_seed(4)
@@ -291,17 +292,20 @@ def test_sequence_loss_is_the_loss_of_the_models_own_logprobs(backend, fold, dev
         old = naive(model, ids, mask, 0.7)[0] + 0.2 * noise
 
     model.zero_grad()
-    logp = naive(model, ids, mask, 0.7)[0]
+    logp, entropy = naive(model, ids, mask, 0.7)
     want = torch.where(counts, clipped(logp, advantages, old), 0.0).sum() / counts.sum()
     want.backward()
     want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()
-    loss, got_logp = hf.sequence_loss(model, ids, mask, clipped, (advantages, old), loss_mask=response,
-                                      temperature=0.7, backend=backend, fold=fold)  # fmt: skip
+    loss, got_logp, got_entropy = hf.sequence_loss(
+        model, ids, mask, clipped, (advantages, old), loss_mask=response, temperature=0.7, backend=backend,
+        fold=fold, return_entropy=True,
+    )  # fmt: skip
     loss.backward()
     torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_logp, torch.where(counts, logp, 0.0).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_entropy, torch.where(counts, entropy, 0.0).detach(), atol=1e-5, rtol=1e-5)
     for name, p in model.named_parameters():
         assert rel_err(p.grad, want_grads[name]) < 1e-4, name
 

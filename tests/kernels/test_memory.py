@@ -143,8 +143,9 @@ def test_fold_rounds_dh_per_chunk_without_an_fp32_copy(op, monkeypatch):
 def test_soft_capped_fold_stays_in_its_workspace(op, trained_head, monkeypatch):
     """A soft-capped head's fold (torch rows) reads each logit and its exponential together,
     the latter a column block at a time through a scratch that the chunk's rows make room for
-    (fold_rows_torch.CAP_TILES): under one workspace, capped and plain peak alike, where a
-    scratch left out of the budget would add 1 / CAP_BLOCKS of a tile (here 32 KiB)."""
+    (fold_rows_torch.SCRATCH_TILES), as does gopd_loss's entropy (return_entropy): under one
+    workspace, capped, with the entropy and plain peak alike, where a scratch left out of the
+    budget would add 1 / CAP_BLOCKS of a tile (here 32 KiB)."""
     import gopd_kernels as gk
     from gopd_kernels.ops import fold_rows_torch
 
@@ -156,18 +157,21 @@ def test_soft_capped_fold_stays_in_its_workspace(op, trained_head, monkeypatch):
     t_hidden, t_weight, _, _ = make_inputs(n, d, v, bias=False, seed=1)
     logp_t = torch.randn(n)
 
-    def step(cap):
+    def step(cap, entropy):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(trained_head)
         if op == "gopd_loss":
-            loss, _ = gk.gopd_loss(h, w, targets, logp_t, logit_softcap=cap, backend="torch", fold=True)
+            loss, _ = gk.gopd_loss(h, w, targets, logp_t, logit_softcap=cap, backend="torch", fold=True,
+                                   return_entropy=entropy)  # fmt: skip
         else:
             loss, _ = gk.gopd_dense_loss(h, w, t_hidden, t_weight, student_logit_softcap=cap,
                                          teacher_kl=False, backend="torch", fold=True)  # fmt: skip
         loss.backward()
 
     peaks = {}
-    for cap in (None, 30.0):
-        step(cap)  # warm
-        peaks[cap] = profiled_peak_bytes(lambda cap=cap: step(cap))
+    cases = [(None, False), (30.0, False)] + ([(None, True), (30.0, True)] if op == "gopd_loss" else [])
+    for case in cases:
+        step(*case)  # warm
+        peaks[case] = profiled_peak_bytes(lambda case=case: step(*case))
     scratch = tile / fold_rows_torch.CAP_BLOCKS
-    assert peaks[30.0] < peaks[None] + scratch / 2, {k: p / 2**10 for k, p in peaks.items()}
+    for case in cases[1:]:
+        assert peaks[case] < peaks[(None, False)] + scratch / 2, {k: p / 2**10 for k, p in peaks.items()}

@@ -177,6 +177,7 @@ BAD = {
     "num_tokens": (dict(num_tokens=0), "num_tokens must be a number > 0"),
     "temperature": (dict(temperature=0.0), "temperature"),
     "targets": (dict(targets=torch.full((2, 5), 97)), "outside"),
+    "return_entropy": (dict(return_entropy=1), "return_entropy must be a bool"),
 }
 
 
@@ -200,3 +201,92 @@ def test_bad_inputs_fail_before_any_kernel(case, fold, monkeypatch):
         token_logprob_loss(
             h, data["weight"], args["targets"], args["loss_fn"], args["per_token"], fold=fold, **kw
         )
+
+
+# -- return_entropy: each token's entropy, detached, from the fold's own read of the logits --
+
+
+def with_entropy(data, loss_fn, per_token, bias=None, trained=("hidden", "weight", "bias"), **kw):
+    """ours(...) twice, with and without return_entropy: (the first's results, its entropy,
+    the second's results); the entropy checked detached, 0 where a token is ignored."""
+    results = []
+    for flag in (True, False):
+        leaf = lambda t, name: None if t is None else t.detach().clone().requires_grad_(name in trained)
+        h, w, b = leaf(data["hidden"], "hidden"), leaf(data["weight"], "weight"), leaf(bias, "bias")
+        out = token_logprob_loss(h, w, data["targets"], loss_fn, per_token, bias=b, return_entropy=flag, **kw)
+        assert len(out) == (3 if flag else 2)
+        out[0].backward()
+        results.append((out[0].detach(), out[1], h.grad, w.grad, None if b is None else b.grad, *out[2:]))
+    entropy = results[0][5]
+    assert not entropy.requires_grad and entropy.shape == data["targets"].shape
+    assert (entropy[data["targets"] == -100] == 0).all()
+    return results[0][:5], entropy, results[1]
+
+
+def reference_entropy(data, bias=None, **kw):
+    h, w = data["hidden"].detach().cpu().double(), data["weight"].detach().cpu().double()
+    b = None if bias is None else bias.detach().cpu().double()
+    return token_logprobs_reference(h, w, data["targets"].cpu(), bias=b, return_entropy=True, **kw)[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fold", [None, True, False])
+@pytest.mark.parametrize("cap", [None, 3.0], ids=["plain", "soft-capped"])
+def test_entropy_matches_reference_and_changes_nothing_else(backend, fold, cap, tiny_chunks, device):
+    """Folded (in many chunks) or not, soft-capped or not, with a bias, a temperature and a
+    logit scale: the entropy of softmax(z / tau) against float64, and the loss, log-probs
+    and gradients as without it."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    data = batch(b=3, t=7, d=17, v=211, device=dev, seed=21)
+    advantages = torch.randn(3, 7, generator=torch.Generator().manual_seed(22)).to(dev)
+    bias = (torch.randn(211, generator=torch.Generator().manual_seed(23)) * 0.5).to(dev)
+    kw = dict(temperature=0.8, logit_scale=1.5, logit_softcap=cap)
+    per_token = (advantages, data["old"])
+    got, entropy, without = with_entropy(data, clipped_surrogate, per_token, bias, backend=backend, fold=fold,
+                                         **kw)  # fmt: skip
+    want = reference_entropy(data, bias, **kw)
+    assert want[data["targets"] != -100].min() > 1.0  # far from 0: a wrong entropy shows
+    torch.testing.assert_close(entropy.double().cpu(), want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, without, strict=True):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_with_a_frozen_head_folds_the_loss(backend, device, monkeypatch):
+    """token_logprobs' frozen-head fold has no entropy: with return_entropy a frozen head folds
+    the loss instead (also 2 GEMMs), where the other would have run; the gradient as the
+    reference's."""
+    dev = device if backend == "triton" else torch.device("cpu")
+    dtype = torch.float32 if backend == "torch" else torch.bfloat16  # Triton's frozen fold: half heads
+    data = batch(b=2, t=9, d=16, v=97, device=dev, seed=24)
+    data = dict(data, hidden=data["hidden"].to(dtype), weight=data["weight"].to(dtype))
+
+    def unfolded(*args, **kwargs):
+        raise AssertionError("the frozen head went through token_logprobs")
+
+    monkeypatch.setattr(losses_module, "token_logprobs", unfolded)
+    monkeypatch.setattr(losses_module, "cublas_half", lambda *ts: True)  # as on a GPU (CPU torch has none)
+    weights = torch.rand(2, 9, generator=torch.Generator().manual_seed(25)).to(dev)
+    h = data["hidden"].clone().requires_grad_()
+    loss, _, entropy = token_logprob_loss(
+        h, data["weight"], data["targets"], weighted_nll, [weights], backend=backend, return_entropy=True
+    )
+    loss.backward()
+    want = reference(data, weighted_nll, [weights])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(entropy.double().cpu(), reference_entropy(data), atol=tol, rtol=tol)
+    assert rel_err(h.grad.double().cpu(), want[2]) <= (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_gopd_loss_reports_the_mean_entropy(tiny_chunks):
+    data = batch(b=3, t=7, d=16, v=211, seed=26)
+    valid = data["targets"] != -100
+    want = reference_entropy(data)[valid].mean()
+    for fold in (True, False):
+        h = data["hidden"].clone().requires_grad_()
+        _, stats = gopd_loss(h, data["weight"], data["targets"], data["teacher"], backend="torch", fold=fold,
+                             return_entropy=True)  # fmt: skip
+        torch.testing.assert_close(stats["entropy"].double(), want, atol=1e-5, rtol=1e-5)
+        _, stats = gopd_loss(h, data["weight"], data["targets"], data["teacher"], backend="torch", fold=fold)
+        assert "entropy" not in stats

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from gopd_kernels import frozen_logprobs, gopd_dense_loss, gopd_loss, token_logprobs
-from gopd_kernels.reference import gopd_dense_loss_reference, gopd_loss_reference
+from gopd_kernels.reference import gopd_dense_loss_reference, gopd_loss_reference, token_logprobs_reference
 from tests.kernels.helpers import (
     GRAD_ROW_REL,
     VALUE_ATOL,
@@ -154,10 +154,10 @@ def run_case(rank: int, world: int, op="token_logprobs", **case):
         loss.backward()
         out.update(loss=loss.detach(), kl=stats["kl"], kl_teacher=stats["kl_teacher"])
     elif op == "gopd_loss":
-        loss, _ = gopd_loss(h, w, targets, teacher[0].to(h.dtype), teacher[1].to(h.dtype), bias=b, lam=1.25,
-                            temperature=0.7, **kw)  # fmt: skip
+        loss, stats = gopd_loss(h, w, targets, teacher[0].to(h.dtype), teacher[1].to(h.dtype), bias=b,
+                                lam=1.25, temperature=0.7, return_entropy=True, **kw)  # fmt: skip
         loss.backward()
-        out["loss"] = loss.detach()
+        out.update(loss=loss.detach(), entropy=stats["entropy"])
     else:
         res = token_logprobs(
             h, w, targets, bias=b, temperature=0.7, return_entropy=case.get("entropy", False),
@@ -245,9 +245,13 @@ def test_gopd_loss_matches_the_whole_head(ranks, name):
         *leaves[:2], targets, t_logp, r_logp, bias=leaves[2], lam=1.25, temperature=0.7
     )
     loss.backward()
+    _, entropy = token_logprobs_reference(
+        *leaves[:2], targets, bias=leaves[2], temperature=0.7, return_entropy=True
+    )
     atol, row_rel = tolerances(hidden.dtype)
     for res in (r[name] for r in results):
         assert abs(float(res["loss"]) - loss.item()) <= atol
+        assert abs(float(res["entropy"]) - entropy[targets != -100].mean().item()) <= atol
         assert row_rel_err(res["dh"], leaves[0].grad) <= row_rel
     assert row_rel_err(torch.cat([r[name]["dw"] for r in results]), leaves[1].grad) <= row_rel
     assert row_rel_err(torch.cat([r[name]["db"] for r in results]), leaves[2].grad) <= row_rel
