@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from gopd.data import PromptSampler, load_examples
-from gopd.models import head_weight, load_models, logits_of
-from gopd.rollout import make_engine
+from gopd.models import head_bias, head_weight, load_models, logits_of
+from gopd.rollout import IGNORE, make_engine
 from gopd.scoring import response_hidden, score_rollouts, student_logprobs
 from gopd.update import make_optimizer, make_scheduler, policy_update, update_step
-from gopd_kernels import frozen_logprobs
+from gopd_kernels import frozen_logprobs, token_logprobs
 from gopd_kernels.hf import mask_position_ids
 from gopd_kernels.reference import policy_loss_reference
 from tests.trainer.conftest import base_config, give_heads_a_bias, transformed_model_dir
@@ -190,6 +190,22 @@ def test_one_update_per_batch_is_on_policy(tiny, tmp_path, monkeypatch):
     updates, calls, _, (_, _, scheduler) = _updates(tiny, tmp_path, monkeypatch)
     assert len(updates) == 1 and updates[0][2] and not calls  # no extra forward for o
     assert scheduler.last_epoch == 1 and updates[0][1]["clip_frac"] == 0
+
+
+def test_an_update_logs_the_students_entropy_over_the_response_tokens(tiny, tmp_path, monkeypatch):
+    """The logged entropy is the student's, before the update, over the sampled tokens: as
+    token_logprobs gives it from the same student (loaded afresh, as it was)."""
+    updates, _, _, (ro, _, _) = _updates(tiny, tmp_path, monkeypatch)
+    cfg = base_config(tiny, tmp_path, prompts_per_step=8, lr=0.05)
+    student = load_models(cfg).student
+    with torch.no_grad():
+        hidden = response_hidden(student, ro)
+        _, entropy = token_logprobs(
+            hidden, head_weight(student), ro.targets, bias=head_bias(student), temperature=cfg.temperature,
+            **logits_of(student).kwargs(), ignore_index=IGNORE, return_entropy=True,
+        )  # fmt: skip
+    want = float(entropy[ro.targets != IGNORE].mean())
+    assert want > 0.1 and updates[0][1]["entropy"] == pytest.approx(want, rel=1e-4)
 
 
 def test_mini_batches_and_epochs_each_take_an_update_off_policy_after_the_first(tiny, tmp_path, monkeypatch):
