@@ -297,6 +297,9 @@ def _loss_impls() -> dict[str, Impl]:
                               lambda x: _compiled(_naive_gopd_loss)(*_loss_args(x))),
         **_ours("gopd_loss", lambda x, b, f=None: gk.gopd_loss(*_loss_args(x), lam=LAM, backend=b, fold=f)[0],
                 True),
+        "gopd-entropy": Impl("gopd_kernels.gopd_loss(return_entropy=True), as the trainer calls it: the "
+                             "student's entropy from the loss's own pass over the logits",
+                             lambda x: gk.gopd_loss(*_loss_args(x), lam=LAM, return_entropy=True)[0]),
         "liger": Impl("LigerFusedLinearGRPOLoss, one token per sequence, advantage from pre-update log-probs",
                       _liger_gopd_loss, needs="liger_kernel"),
         "cce": Impl("linear_cross_entropy(reduction='none') log-probs, then the loss in PyTorch",

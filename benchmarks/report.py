@@ -424,6 +424,7 @@ OURS_STYLE = {
     "gopd-torch": {"linewidth": 2.5, "color": "black", "linestyle": "--"},
     "gopd-fold": {"linewidth": 2.5, "color": "black", "linestyle": ":"},
     "gopd-recompute": {"linewidth": 2.5, "color": "black", "linestyle": "-."},
+    "gopd-entropy": {"linewidth": 1.5, "color": "black", "linestyle": "--"},
 }
 
 
