@@ -369,5 +369,5 @@ def test_transformed_logits_are_scored_and_trained_as_the_models_forward_gives_t
     loss, stats, stepped = policy_update(models, ro, scores, sgd, make_scheduler(sgd, cfg, 3), cfg)
     assert stepped
     if objective == "dense":  # the sampled loss on-policy is -mean(A), whatever the student's scale
-        assert loss == pytest.approx(float(want_loss), abs=1e-7)  # fp32 sums: KL ~ 2e-3 of lse ~ 3
+        assert loss == pytest.approx(want_loss.item(), abs=1e-7)  # fp32 sums: KL ~ 2e-3 of lse ~ 3
     assert stats["grad_norm"] == pytest.approx(float(want_norm), rel=1e-4)
