@@ -15,6 +15,7 @@ import torch
 from gopd_kernels.ops.dense_kl_torch import _lse_partials
 from gopd_kernels.ops.linear_logsoftmax_torch import cap_grad
 from gopd_kernels.ops.matmul_torch import tile_dtype
+from gopd_kernels.ops.vocab_partials import merge_vocab_partials
 
 # Soft-capped logits: the gradient's 1 - (z / cap)^2 needs each logit z beside exp(z - m).
 # logit_grads and dense_kl then take the exponentials a column block at a time through a
@@ -39,19 +40,20 @@ def log_softmax(
         sum_e = z.sub_(m[:, None]).exp_().sum(dim=1)
     elif cap is None:  # the same, a block at a time: each e = exp(z - m) dotted with z - m first
         sum_e, centred = _exp_in_place(z.sub_(m[:, None]), _block_scratch(z))
-        entropy.copy_(_entropy(sum_e, centred))
+        entropy.copy_(_entropy(m, sum_e, centred, z_y))
     else:  # z stays (logit_grads reads it): e from _exp_blocks, sum e z less m sum e (|z| <= cap / tau)
         sums = [(e.sum(dim=1), None if entropy is None else _row_dot(e, z[:, cols]))
                 for cols, e in _exp_blocks(z, m, _block_scratch(z))]  # fmt: skip
         sum_e = sum(s for s, _ in sums)
         if entropy is not None:
-            entropy.copy_(_entropy(sum_e, sum(t for _, t in sums) - m * sum_e))
+            entropy.copy_(_entropy(m, sum_e, sum(t for _, t in sums) - m * sum_e, z_y))
     return z_y - m - sum_e.log(), (sum_e, m, z_y)
 
 
-def _entropy(sum_e: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
-    """H = lse - E_p[z] = log S - E_p[z - m] per row from S = sum e and sum e (z - m)."""
-    return (sum_e.log() - centred / sum_e).clamp_(min=0.0)
+def _entropy(m: torch.Tensor, sum_e: torch.Tensor, centred: torch.Tensor, z_y: torch.Tensor) -> torch.Tensor:
+    """H = lse - E_p[z] per row from the row's partials, m, S = sum e and sum e (z - m): those of
+    one vocabulary slice, merged as every other path merges them (vocab_partials)."""
+    return merge_vocab_partials(m[None], sum_e[None], centred[None], z_y[None])[2]
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

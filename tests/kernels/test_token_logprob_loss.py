@@ -40,10 +40,10 @@ def reference(data, loss_fn, per_token, bias=None, loss_agg="token-mean", num_to
 def ours(data, loss_fn, per_token, bias=None, trained=("hidden", "weight", "bias"), **kw):
     leaf = lambda t, name: None if t is None else t.detach().clone().requires_grad_(name in trained)
     h, w, b = leaf(data["hidden"], "hidden"), leaf(data["weight"], "weight"), leaf(bias, "bias")
-    loss, logp = token_logprob_loss(h, w, data["targets"], loss_fn, per_token, bias=b, **kw)
+    loss, logp, *entropy = token_logprob_loss(h, w, data["targets"], loss_fn, per_token, bias=b, **kw)
     assert not logp.requires_grad and logp.shape == data["targets"].shape
     loss.backward()
-    return loss.detach(), logp, h.grad, w.grad, None if b is None else b.grad
+    return loss.detach(), logp, h.grad, w.grad, None if b is None else b.grad, *entropy
 
 
 def assert_matches(got, want, trained=("hidden", "weight", "bias")):
@@ -206,21 +206,18 @@ def test_bad_inputs_fail_before_any_kernel(case, fold, monkeypatch):
 # -- return_entropy: each token's entropy, detached, from the fold's own read of the logits --
 
 
-def with_entropy(data, loss_fn, per_token, bias=None, trained=("hidden", "weight", "bias"), **kw):
-    """ours(...) twice, with and without return_entropy: (the first's results, its entropy,
-    the second's results); the entropy checked detached, 0 where a token is ignored."""
-    results = []
-    for flag in (True, False):
-        leaf = lambda t, name: None if t is None else t.detach().clone().requires_grad_(name in trained)
-        h, w, b = leaf(data["hidden"], "hidden"), leaf(data["weight"], "weight"), leaf(bias, "bias")
-        out = token_logprob_loss(h, w, data["targets"], loss_fn, per_token, bias=b, return_entropy=flag, **kw)
-        assert len(out) == (3 if flag else 2)
-        out[0].backward()
-        results.append((out[0].detach(), out[1], h.grad, w.grad, None if b is None else b.grad, *out[2:]))
-    entropy = results[0][5]
+def with_entropy(data, loss_fn, per_token, bias=None, **kw):
+    """ours(...) with and without return_entropy: (the first's results, its entropy, the
+    second's results); the entropy checked detached, 0 where a token is ignored."""
+    got, without = (
+        ours(data, loss_fn, per_token, bias, return_entropy=True, **kw),
+        ours(data, loss_fn, per_token, bias, **kw),
+    )
+    assert len(got) == 6 and len(without) == 5  # (loss, logp, entropy) and (loss, logp), with 3 gradients
+    entropy = got[5]
     assert not entropy.requires_grad and entropy.shape == data["targets"].shape
     assert (entropy[data["targets"] == -100] == 0).all()
-    return results[0][:5], entropy, results[1]
+    return got[:5], entropy, without
 
 
 def reference_entropy(data, bias=None, **kw):
