@@ -33,6 +33,11 @@ does not, and the report would describe a kernel that never runs.
     python -m gopd_kernels.aot --targets 86,100     # every variant for these targets instead
     python -m gopd_kernels.aot --targets gfx90a,gfx942,gfx950
     python -m gopd_kernels.aot --sass-listing all   # every config's SASS read, not the first's
+    python -m gopd_kernels.aot --reuse-record R --write-record R   # R: tests/kernels/aot_record.json
+
+The record keeps each compiled config's figures under Triton's cache key of its compile (see
+job_key); a run that reuses it compiles only the configs whose keys it lacks, and CHECKED of
+the recorded ones again, which must match: the test suite's way to this check in seconds.
 
 Must run without TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functions).
 """
@@ -40,9 +45,11 @@ Must run without TRITON_INTERPRET=1 (the interpreter replaces @triton.jit functi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -313,13 +320,10 @@ def kernel_variants() -> list[KernelVariant]:
     return out
 
 
-def compile_variant(variant: KernelVariant, target: int | str, config_index: int, sass: str = "full") -> dict:
-    """Shared memory and PTX tensor-core instructions of one compiled config, and what
-    sass_usage reads off its machine code: `sass` "full" (the whole listing), "usage" (the
-    listing only where the frame shows spills) or "none"."""
+def compile_inputs(variant: KernelVariant, target: int | str, config_index: int) -> tuple:
+    """(source, GPU target, options) of one config's compile, as the JIT would specialise it."""
     import importlib
 
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -349,12 +353,19 @@ def compile_variant(variant: KernelVariant, target: int | str, config_index: int
                 divisible.append(name)
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("hip", target, 64) if amd else GPUTarget("cuda", target, 32),
-        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **LAUNCH_OPTIONS},
-    )
-    if amd:  # the ISA listing is the machine code: the MFMA list, registers and spills all come from it
+    gpu = GPUTarget("hip", target, 64) if amd else GPUTarget("cuda", target, 32)
+    return src, gpu, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **LAUNCH_OPTIONS}
+
+
+def compile_variant(variant: KernelVariant, target: int | str, config_index: int, sass: str = "full") -> dict:
+    """Shared memory and PTX tensor-core instructions of one compiled config, and what
+    sass_usage reads off its machine code: `sass` "full" (the whole listing), "usage" (the
+    listing only where the frame shows spills) or "none"."""
+    import triton
+
+    src, gpu, options = compile_inputs(variant, target, config_index)
+    compiled = triton.compile(src, target=gpu, options=options)
+    if target in AMD_TARGETS:  # the ISA listing is the machine code: MFMA, registers and spills
         isa = compiled.asm["amdgcn"]
         return {
             "shared": compiled.metadata.shared,
@@ -486,6 +497,7 @@ class AotResult:
     spill_loads: int = -1  # LDL instructions in SASS; -1 on AMD (its metadata counts registers only)
     sass_mma: int = -1  # HMMA (sm_80) / HGMMA (sm_90) / ... instructions in SASS, MFMA in AMD's ISA
     needs_mma: bool = True  # False for the row passes, which have no dot
+    source: str = "compiled"  # or "record" (its figures from the record), "checked" (both, compared)
 
 
 def pruned_configs(variant: KernelVariant, shared_limit: int, target: int | str | None = None) -> list:
@@ -549,24 +561,113 @@ def jobs(
 
 
 def _run(job) -> AotResult:
-    variant, target, index, limit, sass = job
+    variant, target, index, _limit, sass = job
+    try:
+        return job_result(job, compile_variant(variant, target, index, sass))
+    except Exception as exc:  # a compile failure is a result to report, not a crash
+        return job_result(job, None, f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+def job_result(job, measured: dict | None, error: str = "", source: str = "compiled") -> AotResult:
+    """The AotResult of a job from what compile_variant measured (None: it failed with `error`)."""
+    variant, target, index, limit, _sass = job
     cfg = module_configs(variant, target)[index]
     desc = f"{dict(cfg.kwargs)} warps={cfg.num_warps} stages={cfg.num_stages}"
     pointers = ",".join(f"{k}:{v}" for k, v in variant.pointers.items())
     base = dict(
         kernel=variant.kernel, operand_dtype=variant.operand_dtype, features=variant.features,
         hot=variant.hot, pointers=pointers, target=target, config=desc, shared_limit=limit,
-        needs_mma=variant.needs_mma,
+        needs_mma=variant.needs_mma, source=source,
     )  # fmt: skip
-    try:
-        r = compile_variant(variant, target, index, sass)
-    except Exception as exc:  # a compile failure is a result to report, not a crash
-        msg = f"{type(exc).__name__}: {str(exc)[:300]}"
-        return AotResult(**base, shared=-1, mma=[], ok=False, error=msg)
+    if measured is None:
+        return AotResult(**base, shared=-1, mma=[], ok=False, error=error)
     # sass_mma -1: the listing was not read; the PTX's MMA instructions stand for it
-    tensor_cores = bool(r["mma"]) and r["sass_mma"] != 0
-    ok = r["shared"] <= limit and (not variant.needs_mma or tensor_cores)
-    return AotResult(**base, **r, ok=ok)
+    tensor_cores = bool(measured["mma"]) and measured["sass_mma"] != 0
+    ok = not error and measured["shared"] <= limit and (not variant.needs_mma or tensor_cores)
+    return AotResult(**base, **measured, ok=ok, error=error)
+
+
+FIGURES = ("shared", "mma", "registers", "stack", "spill_stores", "spill_loads", "sass_mma")
+
+
+def figures(result: AotResult) -> dict:
+    """What compile_variant measured for a result: what a record keeps."""
+    return {k: getattr(result, k) for k in FIGURES}
+
+
+# --- The record: a compile's measurements under Triton's own cache key -------------------------
+# A cold compile of every job takes ~2.3 s a config on a 2-core CPU (~13 min for the 659 of the
+# default run, a third of the test suite). A job whose key is in the record (a full run's, kept
+# in the repository) takes the recorded figures; every other one compiles, and a sample of the
+# recorded ones compiles again each run and must match them.
+
+
+@functools.cache
+def _reader_hash() -> str:
+    """The code that turns a compile into figures: a change to it invalidates every record."""
+    import hashlib
+    import inspect
+
+    parts = [inspect.getsource(f) for f in (compile_variant, sass_usage, parse_sass_usage, local_memory,
+                                              _res_usage, amd_usage)]  # fmt: skip
+    return hashlib.sha256(repr((parts, MMA_PATTERN, SASS_MMA)).encode()).hexdigest()
+
+
+@functools.cache
+def _backend(gpu):
+    from triton.compiler import make_backend
+
+    return make_backend(gpu)
+
+
+def job_key(job) -> str:
+    """Equal keys, equal figures: Triton's cache key of the job's compile (Triton's build, the
+    kernel's source with every function it calls, its signature, constexprs and divisibility
+    hints, the target with its assembler's version, the options, the environment variables
+    Triton reads), how its machine code is read (sass) and the code that reads it."""
+    import hashlib
+
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.compiler import get_cache_key
+
+    variant, target, index, _limit, sass = job
+    src, gpu, options = compile_inputs(variant, target, index)
+    backend = _backend(gpu)
+    # the options name FP fusion (LAUNCH_OPTIONS): Triton's default for it is never read
+    env = {k: v for k, v in get_cache_invalidating_env_vars().items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    key = get_cache_key(src, backend, backend.parse_options(dict(options, **src.parse_options())), env)
+    return hashlib.sha256(f"{key}-{sass}-{_reader_hash()}".encode()).hexdigest()[:32]
+
+
+def reuse_plan(keys: list[str], record: dict, checked: int) -> tuple[list[int], list[int]]:
+    """(jobs to compile, recorded jobs among them to check against the record) by index: every
+    job not in the record, and up to `checked` of the recorded ones, evenly spread over the job
+    list (which runs variant by variant, target by target), at least one if any is recorded."""
+    recorded = [i for i, k in enumerate(keys) if k in record]
+    checked = recorded[:: -(-len(recorded) // checked)] if recorded and checked > 0 else []
+    fresh = set(range(len(keys))) - set(recorded)
+    return sorted(fresh | set(checked)), checked
+
+
+def read_record(path: str) -> dict:
+    """{job key: measured figures} from a record file; {} where there is none."""
+    import os
+
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+def write_record(path: str, todo: list, results: list[AotResult]) -> None:
+    """Keep the figures of every job that compiled, under its key, one job a line."""
+    import triton
+
+    rows = {job_key(job): figures(r) for job, r in zip(todo, results, strict=True) if not r.error}
+    about = json.dumps({"written_by": "gopd_kernels.aot --write-record", "triton": triton.__version__})
+    lines = ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(rows.items()))
+    with open(path, "w") as f:
+        f.write(f'{about[:-1]},\n"results": {{\n{lines}\n}}}}\n')
 
 
 def hot_paths_that_spill(results: list[AotResult], dtypes: tuple[str, ...] = HALF) -> list[str]:
@@ -634,15 +735,40 @@ def module_configs(variant: KernelVariant, target: int | str | None = None) -> l
     return amd_configs(configs) if target in AMD_TARGETS and variant.tile is not None else configs
 
 
-def check_all(workers: int = 2, targets: tuple | None = None, listing: str = "first") -> list[AotResult]:
-    """Compile jobs() in `workers` processes: the default targets, or every variant on `targets`."""
+def todo_jobs(targets: tuple | None = None, listing: str = "first") -> list:
+    """jobs() of the default run, or of every variant on `targets`."""
+    return list(jobs(listing=listing) if targets is None else jobs(targets, (), (), listing))
+
+
+CHECKED = 12  # recorded jobs compiled again each run that reuses a record
+
+
+def check_all(
+    workers: int = 2,
+    targets: tuple | None = None,
+    listing: str = "first",
+    record: dict | None = None,
+    checked: int = CHECKED,
+) -> list[AotResult]:
+    """Compile todo_jobs(targets, listing) in `workers` processes. With a `record` (read_record),
+    a job under a recorded key takes the recorded figures instead, but for `checked` of them,
+    compiled again: one whose figures differ from the record's fails."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("gopd_kernels.aot must run without TRITON_INTERPRET=1")
-    todo = list(jobs(listing=listing) if targets is None else jobs(targets, (), (), listing))
+    todo = todo_jobs(targets, listing)
+    keys = [job_key(job) for job in todo] if record else []
+    to_compile, to_check = reuse_plan(keys, record, checked) if record else (range(len(todo)), [])
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_run, todo))
+        compiled = dict(zip(to_compile, pool.map(_run, [todo[i] for i in to_compile]), strict=True))
+    for i in to_check:
+        r, want = compiled[i], record[keys[i]]
+        r.source = "checked"
+        if not r.error and figures(r) != want:
+            r.ok, r.error = False, f"compiled to {figures(r)} where the record says {want}"
+    return [compiled[i] if i in compiled else job_result(job, record[keys[i]], source="record")
+            for i, job in enumerate(todo)]  # fmt: skip
 
 
 def _targets(text: str) -> tuple[int | str, ...]:
@@ -673,13 +799,35 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated compute capabilities and AMD gfx names "
         f"({', '.join(map(str, SASS_MMA_NAME))}): every variant for these instead of the default run",
     )
+    parser.add_argument(
+        "--reuse-record",
+        metavar="PATH",
+        help="take the figures of the jobs recorded in PATH (--write-record's) instead of compiling "
+        "them, but for --check of them, compiled again and compared; compile the others",
+    )
+    parser.add_argument(
+        "--check", type=int, default=CHECKED, help=f"recorded jobs compiled again (default {CHECKED})"
+    )
+    parser.add_argument(
+        "--write-record",
+        metavar="PATH",
+        help="write every compiled job's figures under its key to PATH (with --reuse-record PATH: "
+        "compiles only the jobs whose kernels or configs changed)",
+    )
     args = parser.parse_args(argv)
     if args.turing:
         print(json.dumps(turing_evidence()))
         return 0
-    results = check_all(args.workers, args.targets, args.sass_listing)
+    record = read_record(args.reuse_record) if args.reuse_record else None
+    results = check_all(args.workers, args.targets, args.sass_listing, record, args.check)
+    if args.write_record:
+        write_record(args.write_record, todo_jobs(args.targets, args.sass_listing), results)
     uncovered = sorted(set(jit_kernels()) - {v.kernel for v in kernel_variants()})
     spilling = hot_paths_that_spill(results)
+    sources = Counter(r.source for r in results)
+    if args.reuse_record:
+        print(f"{sources['record']} of {len(results)} jobs' figures from {args.reuse_record}, "
+              f"{sources['checked']} of those compiled again to check them", file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps({"results": [asdict(r) for r in results], "uncovered": uncovered}))
     else:

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from collections import Counter
 
 import pytest
@@ -144,18 +145,109 @@ def test_hot_paths_that_spill_needs_one_spill_free_config_per_path():
     assert aot.hot_paths_that_spill([result(3, dtype="float32")], ("float32",)) == ["k [-] float32 sm_90"]
 
 
+RECORD = os.path.join(os.path.dirname(__file__), "aot_record.json")
+
+
 @pytest.fixture(scope="module")
 def aot_report() -> dict:
+    """The default run's report. Jobs under a key in RECORD take its figures (but for
+    aot.CHECKED of them, compiled again and compared), the others compile; GOPD_AOT_FULL=1
+    compiles them all (~13 min cold on a 2-core CPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    reuse = [] if os.environ.get("GOPD_AOT_FULL") == "1" else ["--reuse-record", RECORD]
     proc = subprocess.run(
-        [sys.executable, "-m", "gopd_kernels.aot", "--json"],
+        [sys.executable, "-m", "gopd_kernels.aot", "--json", *reuse],
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1200,
     )
     assert proc.stdout, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    fresh = sum(r["source"] == "compiled" for r in report["results"])
+    if reuse and fresh:
+        warnings.warn(
+            f"{fresh} of {len(report['results'])} AOT jobs are not in {RECORD} and compiled (~2 s each): "
+            f"update it with python -m gopd_kernels.aot --reuse-record {RECORD} --write-record {RECORD}",
+            stacklevel=1,
+        )
+    return report
+
+
+def test_the_reuse_plan_compiles_every_unrecorded_job_and_checks_a_spread_of_recorded_ones():
+    keys = [f"k{i}" for i in range(30)]
+    record = dict.fromkeys(keys[:25])
+    to_compile, to_check = aot.reuse_plan(keys, record, 12)
+    assert to_check == list(range(0, 25, 3))  # every third of the 25 recorded: 9 <= 12
+    assert to_compile == sorted(to_check + list(range(25, 30)))
+    assert aot.reuse_plan(keys, record, 100)[1] == list(range(25))
+    assert aot.reuse_plan(keys, dict.fromkeys(keys[:1]), 12) == ([0, *range(1, 30)], [0])
+    assert aot.reuse_plan(keys, record, 0) == (list(range(25, 30)), [])
+
+
+def test_a_recorded_job_compiled_again_to_other_figures_fails(monkeypatch):
+    """check_all's reuse, with stand-ins for the compile (a thread pool runs them) and the keys."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = aot.todo_jobs()[:4]
+    real = dict(shared=1024, mma=["mma.sync.x"], registers=96, stack=0, spill_stores=0, spill_loads=0,
+                sass_mma=-1)  # fmt: skip
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(aot, "todo_jobs", lambda *args: todo)
+    monkeypatch.setattr(aot, "job_key", lambda job: str(todo.index(job)))
+    monkeypatch.setattr(aot, "ProcessPoolExecutor", ThreadPoolExecutor)
+    monkeypatch.setattr(aot, "_run", lambda job: aot.job_result(job, dict(real)))
+    record = {"0": real, "1": real, "2": dict(real, registers=128)}  # job 3 is not recorded
+    results = aot.check_all(record=record, checked=3)
+    got = [(r.source, r.ok) for r in results]
+    assert got == [("checked", True), ("checked", True), ("checked", False), ("compiled", True)]
+    assert "where the record says" in results[2].error
+    results = aot.check_all(record=record, checked=1)
+    assert [(r.source, r.ok) for r in results] == [("checked", True), ("record", True), ("record", True),
+                                                   ("compiled", True)]  # fmt: skip
+    assert aot.figures(results[2]) == record["2"]  # the record's figures, as they are
+
+
+KEYS = """
+import json
+from gopd_kernels import aot
+todo = aot.todo_jobs()
+variant, target, index, limit, sass = todo[0]
+print(json.dumps({
+    "keys": [aot.job_key(job) for job in todo],
+    "again": aot.job_key(todo[0]),
+    "other_listing": aot.job_key((variant, target, index, limit, "usage" if sass == "full" else "full")),
+    "other_limit": aot.job_key((variant, target, index, limit + 1, sass)),
+}))
+"""
+
+
+@pytest.mark.aot
+def test_job_keys_tell_apart_what_changes_the_machine_code():
+    """Triton's cache key of each job (aot.job_key; in a child process: the interpreter's
+    kernels have no key): every job of the default run its own, the same again for the same
+    job, another for another way of reading its machine code, the same for another limit."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", KEYS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(set(got["keys"])) == len(got["keys"]) == len(aot.todo_jobs())
+    assert got["again"] == got["other_limit"] == got["keys"][0] != got["other_listing"]
+
+
+def test_a_written_record_reads_back_and_a_result_rebuilds_from_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(aot, "job_key", lambda job: f"{job[0].kernel} {job[1]} {job[2]}")  # see above
+    todo = aot.todo_jobs()[:3]
+    fig = lambda i: dict(shared=1024 * i, mma=["mma.sync.x"], registers=90 + i, stack=0, spill_stores=0,
+                         spill_loads=0, sass_mma=4)  # fmt: skip
+    made = [aot.job_result(job, fig(i)) for i, job in enumerate(todo)]
+    made[2] = aot.job_result(todo[2], None, "CompilationError: no")  # a failed compile is not kept
+    aot.write_record(str(tmp_path / "r.json"), todo, made)
+    record = aot.read_record(str(tmp_path / "r.json"))
+    assert record == {aot.job_key(job): aot.figures(r) for job, r in zip(todo[:2], made[:2], strict=True)}
+    rebuilt = aot.job_result(todo[1], record[aot.job_key(todo[1])], source="record")
+    assert (rebuilt.ok, rebuilt.source, aot.figures(rebuilt)) == (True, "record", aot.figures(made[1]))
+    assert aot.read_record(str(tmp_path / "none.json")) == {}
 
 
 @pytest.mark.aot
@@ -184,6 +276,19 @@ def test_all_configs_compile_with_tensor_cores_within_shared_memory(aot_report):
         if r["sass_mma"] > 0:
             listed.add(variant)
     assert variants == listed, variants - listed  # each one's first config at least (aot.jobs)
+
+
+@pytest.mark.aot
+@pytest.mark.slow
+def test_recorded_figures_are_those_a_fresh_compile_gives(aot_report):
+    """Where the report took figures from the record, some of those jobs compiled again, each to
+    the recorded figures (aot.check_all fails a job that differs; the test above sees it too)."""
+    sources = Counter(r["source"] for r in aot_report["results"])
+    if sources["record"]:
+        assert sources["checked"] >= 1
+    for r in aot_report["results"]:
+        if r["source"] == "checked":
+            assert r["ok"] and not r["error"], r
 
 
 @pytest.mark.aot
