@@ -207,6 +207,12 @@ def _written_over(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return z.view(dtype)[:, : z.shape[1]]
 
 
+def tile(flat: torch.Tensor, rows: int, vocab: int) -> torch.Tensor:
+    """A chunk's [rows, V] logit tile over the first rows * V elements of `flat`: row-major, the
+    kernels' unit column stride."""
+    return flat[: rows * vocab].view(rows, vocab)
+
+
 def _log_softmax(
     z: torch.Tensor, targets: torch.Tensor | None, entropy: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,7 +86,7 @@ class FoldedDenseKL(torch.autograd.Function):
             buf = torch.empty(live, chunk * vocab, **like)
             for r0 in range(0, rows, chunk):
                 r1 = min(rows, r0 + chunk)
-                a, c, zt = (buf[k, : (r1 - r0) * vocab].view(r1 - r0, vocab) for k in (0, 1, live - 1))
+                a, c, zt = (rows_impl.tile(buf[k], r1 - r0, vocab) for k in (0, 1, live - 1))
                 # c (and z_T) first, with the tile of a as scratch for their log-sum-exps
                 lse_t = None
                 ref_rows = None if ref is None else (ref[0][r0:r1], ref[1], ref[2])

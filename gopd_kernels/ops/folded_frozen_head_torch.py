@@ -52,7 +52,7 @@ def forward(
     s = torch.empty(rows, dtype=acc, device=hidden.device)
     lse = torch.empty_like(s)
     x = torch.empty(rows, dim, dtype=acc, device=hidden.device)
-    for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, cap):
+    for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, rows_impl, cap):
         lse[r0:r1] = z.gather(1, y[:, None]).squeeze(1)  # z_y, before the row pass may overwrite z
         s[r0:r1], state = rows_impl.log_softmax(z, y, cap)
         lse[r0:r1] -= s[r0:r1]  # z_y - s

@@ -63,14 +63,16 @@ def row_tiles(rows_impl, live: int = 1, capped: bool = False, with_entropy: bool
     return live + (rows_impl.SCRATCH_TILES if capped or with_entropy else 0)
 
 
-def logit_chunks(h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tensor, cap: float | None = None):
+def logit_chunks(
+    h, w, b, targets, inv_temp: float, chunk: int, buf: torch.Tensor, rows_impl, cap: float | None = None
+):
     """Yield (r0, r1, y, z) per chunk of rows: z = (h W^T + b) / tau for rows r0:r1, their
-    fp32 logits over the whole vocabulary, written into buf (b already divided by tau);
-    soft-capped, cap tanh(z / cap), when cap (cap / tau) is given."""
+    fp32 logits over the whole vocabulary, written into buf in rows_impl's tile layout (b
+    already divided by tau); soft-capped, cap tanh(z / cap), when cap (cap / tau) is given."""
     rows, vocab = h.shape[0], w.shape[0]
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
-        z = mm_into(buf[: (r1 - r0) * vocab].view(r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
+        z = mm_into(rows_impl.tile(buf, r1 - r0, vocab), h[r0:r1], w.T, alpha=inv_temp)
         if b is not None:
             z.add_(b)
         if cap is not None:
@@ -248,7 +250,7 @@ class FoldedTokenLoss(torch.autograd.Function):
             # dH and dW are cast below: a view left in a local kept the tile (1.2 GB at the H100
             # headline shape) alive through the cast.
             buf = torch.empty(chunk * vocab, dtype=acc, device=hidden.device)
-            for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, cap):
+            for r0, r1, y, z in logit_chunks(h, w, b, targets, inv_temp, chunk, buf, rows_impl, cap):
                 s, state = rows_impl.log_softmax(z, y, cap, None if entropy is None else entropy[r0:r1])
                 logp[r0:r1] = s
                 with torch.enable_grad():

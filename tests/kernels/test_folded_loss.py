@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gopd_kernels import gopd_loss, token_logprobs
+from gopd_kernels import gopd_dense_loss, gopd_loss, token_logprobs
 from gopd_kernels import losses as losses_module
 from gopd_kernels.losses import LOSS_AGGS, aggregate_token_losses, gopd_advantage
-from gopd_kernels.ops import linear_logsoftmax_torch
+from gopd_kernels.ops import fold_rows_torch, linear_logsoftmax_torch
 from gopd_kernels.reference import gopd_loss_reference
 from tests.kernels.helpers import cublas_half_as_on_cuda, make_inputs, rel_err
 from tests.kernels.test_losses import batch, compare, run_loss
@@ -140,6 +140,43 @@ def test_frozen_head_takes_the_frozen_head_path_not_the_fold(tiny_chunks, monkey
     assert gathers == [1]
     torch.testing.assert_close(loss.double(), want.detach(), atol=1e-5, rtol=1e-5)
     assert rel_err(h.grad, h64.grad) <= 1e-4
+
+
+def _fold_outputs(op: str, data: dict) -> list[torch.Tensor]:
+    """A torch-backend fold's loss, a statistic and gradients, float64, in many chunks."""
+    h = data["hidden"].double().requires_grad_()
+    w = data["weight"].double().requires_grad_()
+    if op == "dense":
+        kw = dict(lam=1.25, temperature=0.8, mask=data["targets"] != -100, fold=True, teacher_kl=True)
+        t_hidden, t_weight = data["t_hidden"], data["t_weight"]
+        loss, stats = gopd_dense_loss(h, w, t_hidden, t_weight, t_hidden.flip(0), t_weight.flip(0),
+                                      backend="torch", **kw)  # fmt: skip
+        stat = stats["kl_teacher"]  # the third tile's
+    else:
+        kw = dict(lam=1.25, temperature=0.8, backend="torch", fold=True, return_entropy=op != "plain")
+        if op == "capped":
+            kw["logit_softcap"] = 3.0
+        loss, stats = gopd_loss(h, w, data["targets"], data["teacher"], data["ref"], **kw)
+        stat = stats.get("entropy", stats["reward"])
+    (loss * 0.7).backward()
+    return [loss, stat, h.grad, w.grad]
+
+
+@pytest.mark.parametrize("op", ["plain", "entropy", "capped", "dense"])
+def test_the_torch_rows_tile_layouts_agree(op, tiny_chunks, monkeypatch):
+    """fold_rows_torch.tile: column-major tiles on CPUs, row-major elsewhere. The folds (the
+    loss's, with the entropy, soft-capped with it, the dense one's with its three tiles) give
+    the same results in either layout."""
+    data = batch(b=2, t=9, d=17, v=211, seed=9)
+    g = torch.Generator().manual_seed(9)
+    data["t_hidden"] = torch.randn(2, 9, 13, generator=g, dtype=torch.float64)
+    data["t_weight"] = torch.randn(211, 13, generator=g, dtype=torch.float64)
+    assert fold_rows_torch.tile(torch.empty(12), 3, 4).stride() == (1, 3)  # column-major here
+    column_major = _fold_outputs(op, data)
+    row_major = lambda flat, rows, vocab: flat[: rows * vocab].view(rows, vocab)  # noqa: E731
+    monkeypatch.setattr(fold_rows_torch, "tile", row_major)
+    for got, want in zip(column_major, _fold_outputs(op, data), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 # -- the fold on the Triton backend: torch's GEMMs, fold_rows_triton's row passes ----------
