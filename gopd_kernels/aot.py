@@ -644,9 +644,9 @@ def reuse_plan(keys: list[str], record: dict, checked: int) -> tuple[list[int], 
     job not in the record, and up to `checked` of the recorded ones, evenly spread over the job
     list (which runs variant by variant, target by target), at least one if any is recorded."""
     recorded = [i for i, k in enumerate(keys) if k in record]
-    checked = recorded[:: -(-len(recorded) // checked)] if recorded and checked > 0 else []
+    sample = recorded[:: -(-len(recorded) // checked)] if recorded and checked > 0 else []
     fresh = set(range(len(keys))) - set(recorded)
-    return sorted(fresh | set(checked)), checked
+    return sorted(fresh | set(sample)), sample
 
 
 def read_record(path: str) -> dict:
