@@ -12,7 +12,7 @@ import torch
 from gopd_kernels import gopd_dense_loss, gopd_loss, token_logprobs
 from gopd_kernels import losses as losses_module
 from gopd_kernels.losses import LOSS_AGGS, aggregate_token_losses, gopd_advantage
-from gopd_kernels.ops import fold_rows_torch, linear_logsoftmax_torch
+from gopd_kernels.ops import fold_rows_torch, fold_rows_triton, linear_logsoftmax_torch
 from gopd_kernels.reference import gopd_loss_reference
 from tests.kernels.helpers import cublas_half_as_on_cuda, make_inputs, rel_err
 from tests.kernels.test_losses import batch, compare, run_loss
@@ -173,8 +173,7 @@ def test_the_torch_rows_tile_layouts_agree(op, tiny_chunks, monkeypatch):
     data["t_weight"] = torch.randn(211, 13, generator=g, dtype=torch.float64)
     assert fold_rows_torch.tile(torch.empty(12), 3, 4).stride() == (1, 3)  # column-major here
     column_major = _fold_outputs(op, data)
-    row_major = lambda flat, rows, vocab: flat[: rows * vocab].view(rows, vocab)  # noqa: E731
-    monkeypatch.setattr(fold_rows_torch, "tile", row_major)
+    monkeypatch.setattr(fold_rows_torch, "tile", fold_rows_triton.tile)  # row-major
     for got, want in zip(column_major, _fold_outputs(op, data), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
 
@@ -192,7 +191,6 @@ def test_row_passes_match_torch(v, cap, device, narrow_row_blocks):
     capped: the same logits through 40 tanh(z / 40), dz taken on to the raw logits. The
     entropy, when asked, from the same pass, against the float64 softmax's; asking for it
     changes nothing else."""
-    from gopd_kernels.ops import fold_rows_torch, fold_rows_triton
 
     g = torch.Generator().manual_seed(v)
     z = (torch.randn(5, v, generator=g) * 30 + torch.linspace(0, 60, v)).double()
